@@ -1,0 +1,153 @@
+"""Resumable extraction of per-sample gradients and JVP embeddings into a `VectorStore`.
+
+Rows go through fixed batches [b * batch_size, (b + 1) * batch_size): after a crash, only the batches
+not marked done are recomputed, and since a batch is always computed from the same rows with the same
+padding, the resumed store is byte-identical to an uninterrupted one. The store's manifest records the
+model (id and revision), the formatted dataset's fingerprint and the full configuration; a store made
+for anything else is refused (`StoreMismatchError`) rather than silently mixed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import torch
+from datasets import Dataset
+from torch import Tensor, nn
+from transformers.utils.logging import tqdm
+
+from .formatting import pad_batch
+from .gradients import GradientConfig, PerSampleGradients
+from .jvp import JVPConfig, JVPEmbedder
+from .models import model_identity
+from .store import StoreSpec, VectorStore, fingerprint_dataset
+
+
+def _tensor_digest(tensor: Tensor) -> str:
+    return hashlib.sha256(tensor.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def _run(
+    store: VectorStore,
+    formatted: Dataset,
+    batch_size: int,
+    pad_token_id: int,
+    compute: Callable[[dict[str, Tensor], list[int]], Tensor],
+    description: str,
+    show_progress: bool,
+) -> VectorStore:
+    pending = store.pending_batches(batch_size)
+    progress = tqdm(total=len(store), initial=len(store) - sum(end - start for start, end in pending),
+                    desc=description, unit="rows", disable=not show_progress)
+    with progress:
+        for start, end in pending:
+            rows = formatted.select(range(start, end))
+            batch = pad_batch(list(rows), pad_token_id)
+            store.write(start, compute(batch, rows["row_id"]))
+            progress.update(end - start)
+    store.update_manifest()
+    return store
+
+
+def _pad_token_id(model: nn.Module, pad_token_id: int | None) -> int:
+    if pad_token_id is not None:
+        return pad_token_id
+    config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
+    return config.pad_token_id if config.pad_token_id is not None else 0
+
+
+def extract_gradients(
+    model: nn.Module,
+    formatted: Dataset,
+    output_dir: str | Path,
+    config: GradientConfig | None = None,
+    preconditioner: Tensor | None = None,
+    pad_token_id: int | None = None,
+    overwrite: bool = False,
+    show_progress: bool = True,
+) -> VectorStore:
+    """Per-sample gradients of every formatted row, written to (or resumed in) a store at `output_dir`.
+
+    Args:
+        model: a PEFT LoRA causal LM (or any causal LM with `config.parameters="pattern"`).
+        formatted: `format_dataset(...).dataset` (columns row_id, input_ids, attention_mask, labels).
+        output_dir: store directory; an existing store with the same identity is resumed.
+        config: gradient settings (its batch_size fixes the batch boundaries).
+        preconditioner: [raw_dim] optimizer preconditioner (e.g. `affine_step(optimizer, ...).scale`),
+            applied to every row; its digest is part of the store identity.
+        pad_token_id: padding id (default: the model config's, else 0; padding is masked either way).
+        overwrite: replace a store whose identity differs instead of refusing it.
+        show_progress: show a progress bar.
+
+    Returns:
+        The completed VectorStore: float32 [len(formatted), output_dim], row_ids = formatted["row_id"].
+    """
+    config = config or GradientConfig()
+    gradients = PerSampleGradients(model, config)
+    model_id, revision = model_identity(model)
+    spec = StoreSpec(
+        kind="gradients",
+        model_id=model_id,
+        model_revision=revision,
+        dataset_fingerprint=fingerprint_dataset(formatted),
+        config={
+            **asdict(config),
+            "parameter_names_digest": hashlib.sha256("\n".join(gradients.parameter_names).encode()).hexdigest(),
+            "preconditioner_digest": None if preconditioner is None else _tensor_digest(preconditioner),
+        },
+        num_rows=len(formatted),
+        dim=gradients.output_dim,
+    )
+    store = VectorStore.create_or_open(output_dir, spec, row_ids=formatted["row_id"], overwrite=overwrite)
+    return _run(
+        store,
+        formatted,
+        config.batch_size,
+        _pad_token_id(model, pad_token_id),
+        lambda batch, row_ids: gradients.compute(batch, preconditioner=preconditioner, row_ids=row_ids),
+        "Per-sample gradients",
+        show_progress,
+    )
+
+
+def extract_jvp_embeddings(
+    model: nn.Module,
+    formatted: Dataset,
+    output_dir: str | Path,
+    config: JVPConfig | None = None,
+    pad_token_id: int | None = None,
+    overwrite: bool = False,
+    show_progress: bool = True,
+) -> VectorStore:
+    """JVP embeddings of every formatted row, written to (or resumed in) a store at `output_dir`.
+
+    Args: as `extract_gradients`, with a `JVPConfig`.
+
+    Returns:
+        The completed VectorStore: float32 [len(formatted), output_dim].
+    """
+    config = config or JVPConfig()
+    embedder = JVPEmbedder(model, config)
+    model_id, revision = model_identity(model)
+    spec = StoreSpec(
+        kind="jvp_embeddings",
+        model_id=model_id,
+        model_revision=revision,
+        dataset_fingerprint=fingerprint_dataset(formatted),
+        config=asdict(config),
+        num_rows=len(formatted),
+        dim=embedder.output_dim,
+    )
+    store = VectorStore.create_or_open(output_dir, spec, row_ids=formatted["row_id"], overwrite=overwrite)
+    return _run(
+        store,
+        formatted,
+        config.batch_size,
+        _pad_token_id(model, pad_token_id),
+        lambda batch, row_ids: embedder.embed(batch),
+        "JVP embeddings",
+        show_progress,
+    )

@@ -1,0 +1,345 @@
+"""Turn instruction rows into `input_ids` / `attention_mask` / `labels` with the prompt masked.
+
+Accepted row formats (detected from the columns):
+- chat: a `messages` column of [{"role", "content"}, ...] (Tulu / open-instruct style); every assistant
+  turn is a response, everything else is prompt;
+- prompt/completion: `prompt` + `completion` columns;
+- prompt/answer: `prompt` + `answer` columns (the form of the target files in ../shared/data); any other
+  response column can be named with `FormattingConfig.response_column` (e.g. GSM8K's `solution`).
+Prompt/response rows become a user turn and an assistant turn and go through the tokenizer's chat template
+too, so pool and target share one format.
+
+Labels are -100 on prompt tokens and padding. Rows that end with no label token are never passed on to
+produce a NaN loss later: they are skipped and reported (`FormattedDataset.skipped`), or refused when
+`on_skip="error"`.
+
+Truncation policy (`truncation="prompt_left"`, the default): an over-long row first loses prompt tokens
+from the left (its oldest context), never response tokens, then, if still too long, response tokens from
+the right. `"drop"` skips over-long rows and `"error"` refuses them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Literal
+
+import torch
+from datasets import Dataset
+from transformers import PreTrainedTokenizerBase
+from transformers.utils.logging import tqdm
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+FORMATS = ("chat", "prompt_completion", "prompt_answer")
+
+
+class FormattingError(ValueError):
+    """A dataset or row that cannot be formatted; the message names the row, column or option."""
+
+
+@dataclass
+class FormattingConfig:
+    """How rows become token ids and labels.
+
+    Attributes:
+        max_length: maximum tokens per row (prompt + response), after the chat template.
+        truncation: policy for over-long rows: "prompt_left" (drop prompt tokens from the left, then
+            response tokens from the right), "drop" (skip and report the row) or "error".
+        response_column: response column of prompt/response rows; None picks `completion`, else `answer`.
+        prompt_column: prompt column of prompt/response rows.
+        messages_column: column holding chat messages.
+        chat_template: Jinja template overriding (or supplying) the tokenizer's own.
+        use_chat_template: False formats prompt/response rows as `prompt + response + eos` with no
+            template (chat rows always need a template).
+        on_skip: "report" skips rows with no label token left and logs their ids; "error" raises.
+        show_progress: show a progress bar while tokenising.
+    """
+
+    max_length: int = 1024
+    truncation: Literal["prompt_left", "drop", "error"] = "prompt_left"
+    response_column: str | None = None
+    prompt_column: str = "prompt"
+    messages_column: str = "messages"
+    chat_template: str | None = None
+    use_chat_template: bool = True
+    on_skip: Literal["report", "error"] = "report"
+    show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_length < 2:
+            raise ValueError(f"FormattingConfig.max_length must be >= 2, got {self.max_length}.")
+        if self.truncation not in ("prompt_left", "drop", "error"):
+            raise ValueError(
+                f"FormattingConfig.truncation={self.truncation!r}: use 'prompt_left', 'drop' or 'error'."
+            )
+        if self.on_skip not in ("report", "error"):
+            raise ValueError(f"FormattingConfig.on_skip={self.on_skip!r}: use 'report' or 'error'.")
+
+
+@dataclass
+class FormattedDataset:
+    """The result of `format_dataset`.
+
+    Attributes:
+        dataset: columns `row_id` (index of the row in the input), `input_ids`, `attention_mask`,
+            `labels` (lists of ints) and `num_label_tokens`.
+        skipped: {input row index: reason} for rows that produced no training signal.
+        format: the detected row format, one of FORMATS.
+    """
+
+    dataset: Dataset
+    skipped: dict[int, str] = field(default_factory=dict)
+    format: str = "chat"
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+
+def detect_format(column_names: Iterable[str], config: FormattingConfig | None = None) -> str:
+    """Return the row format ("chat", "prompt_completion" or "prompt_answer") implied by the columns."""
+    config = config or FormattingConfig()
+    columns = set(column_names)
+    if config.messages_column in columns:
+        return "chat"
+    if config.prompt_column in columns:
+        if config.response_column is not None:
+            if config.response_column not in columns:
+                raise FormattingError(
+                    f"response_column={config.response_column!r} is not a column; columns: {sorted(columns)}."
+                )
+            return "prompt_completion" if config.response_column == "completion" else "prompt_answer"
+        if "completion" in columns:
+            return "prompt_completion"
+        if "answer" in columns:
+            return "prompt_answer"
+    raise FormattingError(
+        f"Cannot tell the row format from columns {sorted(columns)}: expected a "
+        f"{config.messages_column!r} column (chat), or {config.prompt_column!r} with 'completion' or "
+        f"'answer' (or FormattingConfig.response_column naming the response column)."
+    )
+
+
+def _response_column(row_format: str, config: FormattingConfig) -> str:
+    if config.response_column is not None:
+        return config.response_column
+    return "completion" if row_format == "prompt_completion" else "answer"
+
+
+def _as_messages(row: dict[str, Any], row_id: int, row_format: str, config: FormattingConfig) -> list[dict]:
+    if row_format == "chat":
+        if config.messages_column not in row:
+            raise FormattingError(f"Row {row_id} has no {config.messages_column!r} field; its keys: {sorted(row)}.")
+        messages = row[config.messages_column]
+        if not isinstance(messages, list) or not messages:
+            raise FormattingError(f"Row {row_id}: column {config.messages_column!r} must be a non-empty list.")
+        for turn, message in enumerate(messages):
+            if not isinstance(message, dict) or "role" not in message or "content" not in message:
+                raise FormattingError(
+                    f"Row {row_id}, message {turn}: each message needs 'role' and 'content' keys, got {message!r}."
+                )
+        return [{"role": m["role"], "content": m["content"] or ""} for m in messages]
+    response_column = _response_column(row_format, config)
+    for column in (config.prompt_column, response_column):
+        if column not in row:
+            raise FormattingError(f"Row {row_id} has no {column!r} field (format {row_format!r}); its keys: {sorted(row)}.")
+    prompt, response = row[config.prompt_column], row[response_column]
+    return [
+        {"role": "user", "content": "" if prompt is None else str(prompt)},
+        {"role": "assistant", "content": "" if response is None else str(response)},
+    ]
+
+
+def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], generation_prompt: bool) -> str:
+    if not messages:
+        return ""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def _tokenize_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict], row_id: int) -> tuple[list[int], list[int]]:
+    """Token ids of the whole conversation and labels that keep only the assistant turns.
+
+    Response spans are located in the rendered text (characters), then mapped to tokens through the
+    offsets of one tokenisation of the whole text: tokens can merge across a turn boundary (a newline
+    followed by indentation, say), so token-level prefixes of partial renders need not line up.
+    A token belongs to the response when it starts inside it.
+    """
+    text = _render(tokenizer, messages, generation_prompt=False)
+    spans = []
+    for turn, message in enumerate(messages):
+        # An empty response would only teach the end-of-turn tokens: treat it as carrying no label.
+        if message["role"] != "assistant" or not str(message["content"]).strip():
+            continue
+        prompt = _render(tokenizer, messages[:turn], generation_prompt=True)
+        prefix = _render(tokenizer, messages[: turn + 1], generation_prompt=False)
+        # Locating responses by prefix lengths is only sound for templates that render a conversation
+        # as the concatenation of its turns; refuse the others rather than mislabel tokens.
+        if not text.startswith(prefix) or not prefix.startswith(prompt):
+            raise FormattingError(
+                f"Row {row_id}: the chat template is not prefix-consistent at turn {turn} (rendering the first "
+                f"{turn + 1} turns is not a prefix of the whole conversation), so the response tokens cannot be "
+                f"located. Pass FormattingConfig.chat_template with a template that renders turns in order."
+            )
+        spans.append((len(prompt), len(prefix)))
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    input_ids = list(encoded["input_ids"])
+    labels = [
+        token if any(start <= offset[0] < end for start, end in spans) else IGNORE_INDEX
+        for token, offset in zip(input_ids, encoded["offset_mapping"])
+    ]
+    return input_ids, labels
+
+
+def _tokenize_plain(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> tuple[list[int], list[int]]:
+    prompt_ids = tokenizer(messages[0]["content"], add_special_tokens=True)["input_ids"]
+    response_ids = tokenizer(messages[1]["content"], add_special_tokens=False)["input_ids"]
+    if messages[1]["content"] and tokenizer.eos_token_id is not None:
+        response_ids = response_ids + [tokenizer.eos_token_id]
+    return prompt_ids + response_ids, [IGNORE_INDEX] * len(prompt_ids) + response_ids
+
+
+def _truncate(
+    input_ids: list[int], labels: list[int], row_id: int, config: FormattingConfig
+) -> tuple[list[int], list[int]] | str:
+    """Apply the truncation policy; returns the kept ids and labels, or a skip reason."""
+    excess = len(input_ids) - config.max_length
+    if excess <= 0:
+        return input_ids, labels
+    if config.truncation == "error":
+        raise FormattingError(
+            f"Row {row_id} has {len(input_ids)} tokens > max_length={config.max_length}; raise max_length or "
+            f"use truncation='prompt_left' or 'drop'."
+        )
+    if config.truncation == "drop":
+        return "too_long"
+    first_label = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
+    cut_left = min(excess, first_label)
+    input_ids, labels = input_ids[cut_left:], labels[cut_left:]
+    return input_ids[: config.max_length], labels[: config.max_length]
+
+
+def _rows(dataset: Dataset | list[dict]) -> tuple[list[str], Iterable[dict]]:
+    if isinstance(dataset, Dataset):
+        return dataset.column_names, iter(dataset)
+    if isinstance(dataset, list):
+        columns = sorted({key for row in dataset for key in row}) if dataset else []
+        return columns, iter(dataset)
+    raise TypeError(f"Expected a datasets.Dataset or a list of dicts, got {type(dataset).__name__}.")
+
+
+def format_dataset(
+    dataset: Dataset | list[dict],
+    tokenizer: PreTrainedTokenizerBase,
+    config: FormattingConfig | None = None,
+) -> FormattedDataset:
+    """Tokenise rows into `input_ids`, `attention_mask` and `labels` (prompt and padding masked with -100).
+
+    Args:
+        dataset: rows in one of the accepted formats (see module docstring).
+        tokenizer: the model's tokenizer; needs a chat template unless `config.use_chat_template` is False
+            or `config.chat_template` supplies one.
+        config: formatting options.
+
+    Returns:
+        FormattedDataset whose rows keep their input index in `row_id`; skipped rows are listed with a reason.
+
+    Raises:
+        FormattingError: empty dataset, unknown format, malformed row, missing chat template, or every row
+            skipped (and any skip when `config.on_skip == "error"`).
+    """
+    config = config or FormattingConfig()
+    columns, rows = _rows(dataset)
+    num_rows = len(dataset)
+    if num_rows == 0:
+        raise FormattingError("The dataset is empty: nothing to format.")
+    row_format = detect_format(columns, config)
+    if config.chat_template is not None:
+        tokenizer = _with_template(tokenizer, config.chat_template)
+    use_template = config.use_chat_template
+    if use_template and not getattr(tokenizer, "chat_template", None):
+        raise FormattingError(
+            f"Tokenizer {getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__!r} has no chat "
+            f"template. Pass FormattingConfig(chat_template=...) or, for prompt/response rows, "
+            f"FormattingConfig(use_chat_template=False) to format them as prompt + response + eos."
+        )
+    if use_template and not getattr(tokenizer, "is_fast", False):
+        raise FormattingError(
+            f"{type(tokenizer).__name__} is a slow tokenizer: response masking needs character offsets. Load the "
+            f"fast tokenizer (AutoTokenizer.from_pretrained(..., use_fast=True))."
+        )
+    if not use_template and row_format == "chat":
+        raise FormattingError("Chat rows need a chat template: set FormattingConfig.use_chat_template=True.")
+
+    output: dict[str, list] = {"row_id": [], "input_ids": [], "attention_mask": [], "labels": [], "num_label_tokens": []}
+    skipped: dict[int, str] = {}
+    for row_id, row in enumerate(tqdm(rows, total=num_rows, desc="Formatting", disable=not config.show_progress)):
+        messages = _as_messages(row, row_id, row_format, config)
+        if use_template:
+            input_ids, labels = _tokenize_chat(tokenizer, messages, row_id)
+        else:
+            input_ids, labels = _tokenize_plain(tokenizer, messages)
+        if not any(label != IGNORE_INDEX for label in labels):
+            skipped[row_id] = "no_label_tokens"
+            continue
+        truncated = _truncate(input_ids, labels, row_id, config)
+        if isinstance(truncated, str):
+            skipped[row_id] = truncated
+            continue
+        input_ids, labels = truncated
+        num_labels = sum(label != IGNORE_INDEX for label in labels[1:])  # the first token is never predicted
+        if num_labels == 0:
+            skipped[row_id] = "truncated_away"
+            continue
+        output["row_id"].append(row_id)
+        output["input_ids"].append(input_ids)
+        output["attention_mask"].append([1] * len(input_ids))
+        output["labels"].append(labels)
+        output["num_label_tokens"].append(num_labels)
+
+    if skipped:
+        examples = ", ".join(f"{row_id} ({reason})" for row_id, reason in list(skipped.items())[:10])
+        message = f"{len(skipped)} of {num_rows} rows produce no label token and are skipped: {examples}"
+        if config.on_skip == "error" or len(skipped) == num_rows:
+            raise FormattingError(
+                message + (". Every row was skipped." if len(skipped) == num_rows else ".")
+                + " Check for empty responses and raise max_length if rows were truncated away."
+            )
+        logger.warning(message + ("..." if len(skipped) > 10 else ""))
+    return FormattedDataset(dataset=Dataset.from_dict(output), skipped=skipped, format=row_format)
+
+
+def _with_template(tokenizer: PreTrainedTokenizerBase, chat_template: str) -> PreTrainedTokenizerBase:
+    import copy
+
+    tokenizer = copy.copy(tokenizer)
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def pad_batch(
+    rows: list[dict[str, list[int]]], pad_token_id: int, pad_to_multiple_of: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Right-pad formatted rows into a batch.
+
+    Args:
+        rows: dicts with `input_ids` and `labels` (lists of ints of equal length per row).
+        pad_token_id: id written into padding positions (they are masked anyway).
+        pad_to_multiple_of: round the padded length up to this multiple.
+
+    Returns:
+        {"input_ids": LongTensor[B, T], "attention_mask": LongTensor[B, T], "labels": LongTensor[B, T]} with
+        padding masked (attention 0, label -100).
+    """
+    length = max(len(row["input_ids"]) for row in rows)
+    if pad_to_multiple_of:
+        length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
+    input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+    for i, row in enumerate(rows):
+        n = len(row["input_ids"])
+        input_ids[i, :n] = torch.tensor(row["input_ids"])
+        attention_mask[i, :n] = 1
+        labels[i, :n] = torch.tensor(row["labels"])
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

@@ -1,0 +1,157 @@
+"""JVP embeddings: cheap per-sample features for the landmark approximation (ALGORITHMS.md 1.5).
+
+The causal LM is truncated to its first B decoder blocks plus the final norm. T fixed Gaussian tangents
+v_1..v_T over the truncated blocks' parameters are drawn once (seeded). A sample's embedding is the
+forward-mode derivative, in each direction v_i, of the hidden state at its last real token, concatenated
+over the T directions ([T * hidden]) and projected. One `torch.func.jvp` per tangent embeds a whole
+padded batch; SDPA has no forward-mode rule, so the model runs with eager attention while embedding.
+
+The token embedding table gets no tangent: its derivative would only touch the rows of the tokens present,
+and a tangent over a vocabulary-sized matrix would cost more memory than the blocks themselves.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, jvp
+
+from .gradients import causal_lm_parts
+from .projection import derive_seed, make_projector
+
+
+@dataclass
+class JVPConfig:
+    """JVP embedding settings.
+
+    Attributes:
+        num_blocks: decoder blocks kept in the truncated model (B).
+        num_tangents: number of random tangent directions (T).
+        projection: projection kind for the [T * hidden] vectors ("gaussian", "countsketch", "srht", "none").
+        projection_dim: output dimension; when T * hidden <= projection_dim the vectors are kept as they are.
+        seed: seed for the tangents and the projection.
+        batch_size: rows per batch in the extraction loops.
+    """
+
+    num_blocks: int = 4
+    num_tangents: int = 2
+    projection: str = "gaussian"
+    projection_dim: int = 4096
+    seed: int = 0
+    batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        if self.num_blocks < 1 or self.num_tangents < 1:
+            raise ValueError(f"JVPConfig needs num_blocks >= 1 and num_tangents >= 1, got {self.num_blocks}, {self.num_tangents}.")
+
+
+def truncated_decoder(model: nn.Module, num_blocks: int) -> nn.Module:
+    """A view of the model's decoder with only its first `num_blocks` blocks (parameters shared, not copied)."""
+    decoder, _ = causal_lm_parts(model)
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"{type(decoder).__name__} has no `layers` ModuleList: JVP embeddings need a Llama/Qwen2-style decoder.")
+    if num_blocks > len(layers):
+        raise ValueError(f"JVPConfig.num_blocks={num_blocks} exceeds the model's {len(layers)} blocks.")
+    truncated = copy.copy(decoder)
+    # copy.copy shares the submodule dict; give the view its own before replacing `layers`.
+    truncated._modules = dict(decoder._modules)
+    truncated.layers = nn.ModuleList(list(layers[:num_blocks]))
+    return truncated
+
+
+@contextmanager
+def eager_attention(model: nn.Module) -> Iterator[None]:
+    """Switch the model to eager attention for the duration (forward-mode AD has no SDPA rule)."""
+    decoder, _ = causal_lm_parts(model)
+    config = decoder.config
+    previous = config._attn_implementation
+    if previous == "eager":
+        yield
+        return
+    decoder.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        decoder.set_attn_implementation(previous)
+
+
+class JVPEmbedder:
+    """Batched JVP embeddings of a causal LM.
+
+    Example:
+        >>> embedder = JVPEmbedder(model, JVPConfig(num_blocks=4))
+        >>> vectors = embedder.embed(batch)      # [B, output_dim]
+
+    Attributes:
+        raw_dim: T * hidden size, the length before projection.
+        output_dim: the embedding length after projection.
+    """
+
+    def __init__(self, model: nn.Module, config: JVPConfig | None = None):
+        self.model = model
+        self.config = config or JVPConfig()
+        self.decoder = truncated_decoder(model, self.config.num_blocks)
+        self.parameters = {
+            name: parameter.detach()
+            for name, parameter in self.decoder.named_parameters()
+            if not name.startswith("embed_tokens") and parameter.is_floating_point()
+        }
+        generator = torch.Generator(device="cpu").manual_seed(derive_seed(self.config.seed, "jvp-tangents"))
+        self.tangents = [
+            {
+                name: torch.randn(p.shape, generator=generator, dtype=torch.float32).to(device=p.device, dtype=p.dtype)
+                for name, p in self.parameters.items()
+            }
+            for _ in range(self.config.num_tangents)
+        ]
+        hidden = model.config.get_text_config().hidden_size if hasattr(model.config, "get_text_config") else model.config.hidden_size
+        self.raw_dim = self.config.num_tangents * hidden
+        if self.raw_dim <= self.config.projection_dim or self.config.projection == "none":
+            self._projector = None
+            self.output_dim = self.raw_dim
+        else:
+            self._projector = make_projector(
+                self.config.projection, self.raw_dim, self.config.projection_dim, derive_seed(self.config.seed, "jvp-projection")
+            )
+            self.output_dim = self._projector.output_dim
+
+    def hidden_states(self, parameters: dict[str, Tensor], input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Final-norm hidden state of the truncated model at each row's last real token: [B, hidden]."""
+        hidden = functional_call(
+            self.decoder,
+            parameters,
+            args=(),
+            kwargs={"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False},
+            strict=False,
+        ).last_hidden_state
+        last = attention_mask.sum(1) - 1  # right padding: the last real token of each row
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+    def raw(self, batch: dict[str, Tensor]) -> Tensor:
+        """Unprojected JVP embeddings [B, T * hidden] (rows right-padded, see `pad_batch`)."""
+        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+        if bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()):
+            raise ValueError("JVP embeddings expect right-padded rows (attention_mask of ones then zeros).")
+
+        def last_hidden(parameters: dict[str, Tensor]) -> Tensor:
+            return self.hidden_states(parameters, input_ids, attention_mask)
+
+        outputs = []
+        with eager_attention(self.model), torch.no_grad():
+            for tangent in self.tangents:
+                _, derivative = jvp(last_hidden, (self.parameters,), (tangent,))
+                outputs.append(derivative)
+        return torch.cat(outputs, dim=1)
+
+    def embed(self, batch: dict[str, Tensor]) -> Tensor:
+        """Projected JVP embeddings, float32 [B, output_dim]."""
+        raw = self.raw(batch)
+        if not bool(torch.isfinite(raw).all()):
+            raise ValueError("Non-finite JVP embeddings: check the model's dtype (fp16 overflows) and inputs.")
+        return (raw if self._projector is None else self._projector.project(raw)).float()

