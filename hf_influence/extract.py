@@ -145,7 +145,7 @@ def extract_jvp_embeddings(
     return _run(
         store,
         formatted,
-        config.batch_size,
+        config.jvp_batch_size,
         _pad_token_id(model, pad_token_id),
         lambda batch, row_ids: embedder.embed(batch),
         "JVP embeddings",

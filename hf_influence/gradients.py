@@ -48,8 +48,9 @@ class GradientConfig:
         projection: "countsketch", "srht", "gaussian", "factored" (LoGra: per-layer projection of the two
             factors, for "pattern" only; never materialises out x in per sample) or "none".
         projection_dim: output dimension k of the projection (ignored for "none" and "factored").
-        factored_dims: (k_out, k_in) per layer for "factored"; each layer contributes k_out * k_in (+ k_out
-            for a bias).
+        factored_out_dim: k_out, the projected output side of each layer for "factored".
+        factored_in_dim: k_in, the projected input side; each layer contributes k_out * k_in (+ k_out for
+            a bias).
         seed: projection seed; the same seed gives the same projection in every process.
         batch_size: rows per batch in the extraction loops.
     """
@@ -59,7 +60,8 @@ class GradientConfig:
     normalize: bool = True
     projection: str = "countsketch"
     projection_dim: int = 8192
-    factored_dims: tuple[int, int] = (16, 16)
+    factored_out_dim: int = 16
+    factored_in_dim: int = 16
     seed: int = 0
     batch_size: int = 8
 
@@ -211,7 +213,7 @@ class PerSampleGradients:
         self._factored: list[FactoredProjector] | None = None
         self._projector: Projector | None = None
         if self.config.projection == "factored":
-            k_out, k_in = self.config.factored_dims
+            k_out, k_in = self.config.factored_out_dim, self.config.factored_in_dim
             self._factored = [
                 FactoredProjector(
                     layer.module.out_features, layer.module.in_features, k_out, k_in, derive_seed(self.config.seed, layer.name)

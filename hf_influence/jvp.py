@@ -32,18 +32,21 @@ class JVPConfig:
     Attributes:
         num_blocks: decoder blocks kept in the truncated model (B).
         num_tangents: number of random tangent directions (T).
-        projection: projection kind for the [T * hidden] vectors ("gaussian", "countsketch", "srht", "none").
-        projection_dim: output dimension; when T * hidden <= projection_dim the vectors are kept as they are.
-        seed: seed for the tangents and the projection.
-        batch_size: rows per batch in the extraction loops.
+        jvp_projection: projection kind for the [T * hidden] vectors ("gaussian", "countsketch", "srht", "none").
+        jvp_projection_dim: output dimension; when T * hidden <= it, the vectors are kept as they are.
+        jvp_seed: seed for the tangents and the projection.
+        jvp_batch_size: rows per batch in the extraction loops.
+
+    Field names carry a `jvp_` prefix where GradientConfig has the same setting, so both can be flags of
+    one command.
     """
 
     num_blocks: int = 4
     num_tangents: int = 2
-    projection: str = "gaussian"
-    projection_dim: int = 4096
-    seed: int = 0
-    batch_size: int = 16
+    jvp_projection: str = "gaussian"
+    jvp_projection_dim: int = 4096
+    jvp_seed: int = 0
+    jvp_batch_size: int = 16
 
     def __post_init__(self) -> None:
         if self.num_blocks < 1 or self.num_tangents < 1:
@@ -102,7 +105,7 @@ class JVPEmbedder:
             for name, parameter in self.decoder.named_parameters()
             if not name.startswith("embed_tokens") and parameter.is_floating_point()
         }
-        generator = torch.Generator(device="cpu").manual_seed(derive_seed(self.config.seed, "jvp-tangents"))
+        generator = torch.Generator(device="cpu").manual_seed(derive_seed(self.config.jvp_seed, "jvp-tangents"))
         self.tangents = [
             {
                 name: torch.randn(p.shape, generator=generator, dtype=torch.float32).to(device=p.device, dtype=p.dtype)
@@ -112,12 +115,12 @@ class JVPEmbedder:
         ]
         hidden = model.config.get_text_config().hidden_size if hasattr(model.config, "get_text_config") else model.config.hidden_size
         self.raw_dim = self.config.num_tangents * hidden
-        if self.raw_dim <= self.config.projection_dim or self.config.projection == "none":
+        if self.raw_dim <= self.config.jvp_projection_dim or self.config.jvp_projection == "none":
             self._projector = None
             self.output_dim = self.raw_dim
         else:
             self._projector = make_projector(
-                self.config.projection, self.raw_dim, self.config.projection_dim, derive_seed(self.config.seed, "jvp-projection")
+                self.config.jvp_projection, self.raw_dim, self.config.jvp_projection_dim, derive_seed(self.config.jvp_seed, "jvp-projection")
             )
             self.output_dim = self._projector.output_dim
 

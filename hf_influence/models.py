@@ -148,20 +148,18 @@ class LoraSettings:
     """LoRA adapter settings for gradient extraction (PEFT `LoraConfig` underneath).
 
     Attributes:
-        r: adapter rank.
-        alpha: scaling numerator (scale = alpha / r).
-        target_modules: module names or "all-linear" (PEFT semantics).
-        dropout: adapter dropout (inactive during extraction, which runs in eval mode).
-        init_lora_weights: PEFT's init; "gaussian" gives non-zero B so that tests see both factors move.
-        seed: seed for the adapter initialisation.
+        lora_r: adapter rank.
+        lora_alpha: scaling numerator (scale = lora_alpha / lora_r).
+        lora_target_modules: module names, or ["all-linear"] for every Linear layer but the LM head (PEFT).
+        lora_dropout: adapter dropout (inactive during extraction, which runs in eval mode).
+        lora_seed: seed for the adapter initialisation.
     """
 
-    r: int = 8
-    alpha: int = 16
-    target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    dropout: float = 0.0
-    init_lora_weights: bool | str = True
-    seed: int = 0
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    lora_dropout: float = 0.0
+    lora_seed: int = 0
 
 
 def add_lora(model: PreTrainedModel, settings: LoraSettings | None = None):
@@ -170,15 +168,14 @@ def add_lora(model: PreTrainedModel, settings: LoraSettings | None = None):
 
     settings = settings or LoraSettings()
     config = LoraConfig(
-        r=settings.r,
-        lora_alpha=settings.alpha,
-        target_modules=settings.target_modules,
-        lora_dropout=settings.dropout,
-        init_lora_weights=settings.init_lora_weights,
+        r=settings.lora_r,
+        lora_alpha=settings.lora_alpha,
+        target_modules="all-linear" if settings.lora_target_modules in ("all-linear", ["all-linear"]) else settings.lora_target_modules,
+        lora_dropout=settings.lora_dropout,
         task_type="CAUSAL_LM",
     )
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(settings.seed)
+        torch.manual_seed(settings.lora_seed)
         peft_model = get_peft_model(model, config)
     peft_model.eval()
     return peft_model

@@ -39,7 +39,7 @@ ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 def lora_model(arch="llama", target_modules=ATTENTION, seed=0, dtype=torch.float32, **tiny_kwargs):
     """A tiny model with LoRA whose A and B are both random (B = 0 at PEFT init would hide A's gradient)."""
     model, tokenizer = tiny_causal_lm(arch, seed=seed, dtype=dtype, **tiny_kwargs)
-    model = add_lora(model, LoraSettings(r=4, alpha=8, target_modules=target_modules, seed=seed))
+    model = add_lora(model, LoraSettings(lora_r=4, lora_alpha=8, lora_target_modules=target_modules, lora_seed=seed))
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, parameter in model.named_parameters():

@@ -82,7 +82,7 @@ def test_killed_process_resumes_byte_identical(tmp_path):
                     os.kill(os.getpid(), signal.SIGKILL)
                 return original(self, batch)
             JVPEmbedder.embed = embed
-        extract_jvp_embeddings(model, formatted, sys.argv[1], JVPConfig(num_blocks=1, batch_size=4, projection_dim=16), show_progress=False)
+        extract_jvp_embeddings(model, formatted, sys.argv[1], JVPConfig(num_blocks=1, jvp_batch_size=4, jvp_projection_dim=16), show_progress=False)
     """)
     path = tmp_path / "script.py"
     path.write_text(script)
@@ -116,7 +116,7 @@ def test_mismatched_store_is_refused(tmp_path):
 def test_jvp_store(tmp_path):
     model, tokenizer = lora_model("qwen2")
     formatted = format_dataset(ROWS, tokenizer).dataset
-    config = JVPConfig(num_blocks=2, num_tangents=2, projection_dim=16, batch_size=4)
+    config = JVPConfig(num_blocks=2, num_tangents=2, jvp_projection_dim=16, jvp_batch_size=4)
     store = extract_jvp_embeddings(model, formatted, tmp_path / "e", config, show_progress=False)
     _, batch = formatted_batch(tokenizer, CHAT_ROWS[:4])
     torch.testing.assert_close(torch.from_numpy(store.read(0, 4)), JVPEmbedder(model, config).embed(batch))

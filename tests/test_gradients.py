@@ -88,7 +88,7 @@ def test_factored_projection_equals_projected_full_gradient():
     model, tokenizer = tiny_causal_lm("qwen2", dtype=torch.float64)
     _, batch = formatted_batch(tokenizer)
     config = dict(parameters="pattern", parameter_pattern="v_proj", normalize=True)
-    factored = PerSampleGradients(model, GradientConfig(projection="factored", factored_dims=(4, 8), **config))
+    factored = PerSampleGradients(model, GradientConfig(projection="factored", factored_out_dim=4, factored_in_dim=8, **config))
     full = PerSampleGradients(model, GradientConfig(projection="none", **config))
     vectors = factored.compute(batch)
     raw = full.raw(batch)

@@ -13,7 +13,7 @@ from hf_influence.testing import tiny_causal_lm
 def test_jvp_matches_central_finite_difference(arch):
     model, tokenizer = tiny_causal_lm(arch, dtype=torch.float64, num_layers=3)
     _, batch = formatted_batch(tokenizer)
-    embedder = JVPEmbedder(model, JVPConfig(num_blocks=2, num_tangents=2, projection="none"))
+    embedder = JVPEmbedder(model, JVPConfig(num_blocks=2, num_tangents=2, jvp_projection="none"))
     jvp_vectors = embedder.raw(batch)
     epsilon = 1e-5
     finite_differences = []
@@ -36,7 +36,7 @@ def test_jvp_matches_central_finite_difference(arch):
 def test_batched_equals_one_at_a_time(arch):
     model, tokenizer = tiny_causal_lm(arch)
     formatted, batch = formatted_batch(tokenizer)
-    embedder = JVPEmbedder(model, JVPConfig(num_blocks=1, num_tangents=3, projection="gaussian", projection_dim=40))
+    embedder = JVPEmbedder(model, JVPConfig(num_blocks=1, num_tangents=3, jvp_projection="gaussian", jvp_projection_dim=40))
     batched = embedder.embed(batch)
     assert batched.shape == (len(formatted), 40)
     singles = torch.cat([embedder.embed(pad_batch([row], tokenizer.pad_token_id)) for row in formatted])
@@ -59,9 +59,9 @@ def test_truncated_model_matches_the_first_blocks_and_leaves_the_model_intact():
 def test_seed_determinism_and_eager_switch_is_undone():
     model, tokenizer = tiny_causal_lm("qwen2")
     _, batch = formatted_batch(tokenizer)
-    first = JVPEmbedder(model, JVPConfig(num_blocks=2, seed=3)).embed(batch)
-    second = JVPEmbedder(model, JVPConfig(num_blocks=2, seed=3)).embed(batch)
-    other = JVPEmbedder(model, JVPConfig(num_blocks=2, seed=4)).embed(batch)
+    first = JVPEmbedder(model, JVPConfig(num_blocks=2, jvp_seed=3)).embed(batch)
+    second = JVPEmbedder(model, JVPConfig(num_blocks=2, jvp_seed=3)).embed(batch)
+    other = JVPEmbedder(model, JVPConfig(num_blocks=2, jvp_seed=4)).embed(batch)
     assert torch.equal(first, second)
     assert not torch.allclose(first, other)
     assert model.config._attn_implementation == "sdpa"

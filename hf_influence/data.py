@@ -1,0 +1,50 @@
+"""Read pool and target rows from local files or the Hub into a `datasets.Dataset`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from datasets import Dataset, load_dataset
+
+_LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def load_rows(source: str | os.PathLike | Dataset, split: str = "train", limit: int | None = None) -> Dataset:
+    """Load rows from a jsonl / json / parquet / csv file (optionally .gz), a folder of them, or a Hub id.
+
+    Args:
+        source: a path, a Hub dataset id (`owner/name`, optionally `owner/name:config`), or a Dataset
+            (returned as is, truncated to `limit`).
+        split: split to read from a Hub dataset.
+        limit: keep only the first `limit` rows.
+
+    Raises:
+        FileNotFoundError: a path-like source that does not exist (naming it).
+        ValueError: an unsupported file extension.
+    """
+    if isinstance(source, Dataset):
+        dataset = source
+    else:
+        path = Path(source)
+        if path.exists():
+            files = sorted(p for p in path.iterdir() if _builder(p)) if path.is_dir() else [path]
+            if not files:
+                raise ValueError(f"{path} holds no .jsonl/.json/.parquet/.csv file.")
+            builder = _builder(files[0])
+            if builder is None:
+                raise ValueError(f"Unsupported file {path}: use .jsonl, .json, .parquet or .csv (optionally .gz).")
+            dataset = load_dataset(builder, data_files=[str(f) for f in files], split="train")
+        elif str(source).startswith((".", "/", "~")) or Path(str(source)).suffix in _LOCAL_BUILDERS or str(source).endswith(".gz"):
+            raise FileNotFoundError(f"No such data file: {source}")
+        else:
+            name, _, config = str(source).partition(":")
+            dataset = load_dataset(name, config or None, split=split)
+    if limit is not None:
+        dataset = dataset.select(range(min(limit, len(dataset))))
+    return dataset
+
+
+def _builder(path: Path) -> str | None:
+    suffixes = [s for s in path.suffixes if s != ".gz"]
+    return _LOCAL_BUILDERS.get(suffixes[-1]) if suffixes else None
