@@ -271,9 +271,9 @@ class PerSampleGradients:
         finally:
             self.model.train(was_training)
         factors = {}
-        for layer, delta in zip(self.layers, deltas):
-            x = captured[layer.name][0]
-            factors[layer.name] = (torch.zeros_like(outputs[0]) if delta is None else delta, x)
+        for layer, output, delta in zip(self.layers, outputs, deltas):
+            # A layer the loss does not reach (unused=None) has an exactly zero gradient.
+            factors[layer.name] = (torch.zeros_like(output) if delta is None else delta, captured[layer.name][0])
         return factors, losses.detach()
 
     def raw(self, batch: dict[str, Tensor]) -> Tensor:

