@@ -30,18 +30,35 @@ def _tensor_digest(tensor: Tensor) -> str:
     return hashlib.sha256(tensor.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
-def _run(
-    store: VectorStore,
+def _extract(
+    kind: str,
+    model: nn.Module,
     formatted: Dataset,
+    output_dir: str | Path,
+    config_record: dict,
+    dim: int,
     batch_size: int,
-    pad_token_id: int,
+    pad_token_id: int | None,
     compute: Callable[[dict[str, Tensor], list[int]], Tensor],
-    description: str,
+    overwrite: bool,
     show_progress: bool,
 ) -> VectorStore:
+    """Open (or resume) the store identified by model, data and config, and fill its pending batches."""
+    model_id, revision = model_identity(model)
+    spec = StoreSpec(
+        kind=kind,
+        model_id=model_id,
+        model_revision=revision,
+        dataset_fingerprint=fingerprint_dataset(formatted),
+        config=config_record,
+        num_rows=len(formatted),
+        dim=dim,
+    )
+    store = VectorStore.create_or_open(output_dir, spec, row_ids=formatted["row_id"], overwrite=overwrite)
+    pad_token_id = _pad_token_id(model, pad_token_id)
     pending = store.pending_batches(batch_size)
     progress = tqdm(total=len(store), initial=len(store) - sum(end - start for start, end in pending),
-                    desc=description, unit="rows", disable=not show_progress)
+                    desc=kind.replace("_", " "), unit="rows", disable=not show_progress)
     with progress:
         for start, end in pending:
             rows = formatted.select(range(start, end))
@@ -87,29 +104,15 @@ def extract_gradients(
     """
     config = config or GradientConfig()
     gradients = PerSampleGradients(model, config)
-    model_id, revision = model_identity(model)
-    spec = StoreSpec(
-        kind="gradients",
-        model_id=model_id,
-        model_revision=revision,
-        dataset_fingerprint=fingerprint_dataset(formatted),
-        config={
-            **asdict(config),
-            "parameter_names_digest": hashlib.sha256("\n".join(gradients.parameter_names).encode()).hexdigest(),
-            "preconditioner_digest": None if preconditioner is None else _tensor_digest(preconditioner),
-        },
-        num_rows=len(formatted),
-        dim=gradients.output_dim,
-    )
-    store = VectorStore.create_or_open(output_dir, spec, row_ids=formatted["row_id"], overwrite=overwrite)
-    return _run(
-        store,
-        formatted,
-        config.batch_size,
-        _pad_token_id(model, pad_token_id),
-        lambda batch, row_ids: gradients.compute(batch, preconditioner=preconditioner, row_ids=row_ids),
-        "Per-sample gradients",
-        show_progress,
+    config_record = {
+        **asdict(config),
+        "parameter_names_digest": hashlib.sha256("\n".join(gradients.parameter_names).encode()).hexdigest(),
+        "preconditioner_digest": None if preconditioner is None else _tensor_digest(preconditioner),
+    }
+    return _extract(
+        "gradients", model, formatted, output_dir, config_record, gradients.output_dim, config.batch_size,
+        pad_token_id, lambda batch, row_ids: gradients.compute(batch, preconditioner=preconditioner, row_ids=row_ids),
+        overwrite, show_progress,
     )
 
 
@@ -131,23 +134,7 @@ def extract_jvp_embeddings(
     """
     config = config or JVPConfig()
     embedder = JVPEmbedder(model, config)
-    model_id, revision = model_identity(model)
-    spec = StoreSpec(
-        kind="jvp_embeddings",
-        model_id=model_id,
-        model_revision=revision,
-        dataset_fingerprint=fingerprint_dataset(formatted),
-        config=asdict(config),
-        num_rows=len(formatted),
-        dim=embedder.output_dim,
-    )
-    store = VectorStore.create_or_open(output_dir, spec, row_ids=formatted["row_id"], overwrite=overwrite)
-    return _run(
-        store,
-        formatted,
-        config.jvp_batch_size,
-        _pad_token_id(model, pad_token_id),
-        lambda batch, row_ids: embedder.embed(batch),
-        "JVP embeddings",
-        show_progress,
+    return _extract(
+        "jvp_embeddings", model, formatted, output_dir, asdict(config), embedder.output_dim, config.jvp_batch_size,
+        pad_token_id, lambda batch, row_ids: embedder.embed(batch), overwrite, show_progress,
     )
