@@ -104,15 +104,20 @@ def test_factored_projection_equals_projected_full_gradient():
     torch.testing.assert_close(vectors, expected.float(), rtol=1e-5, atol=1e-6)
 
 
-def test_normalised_projected_gradients_preserve_cosines():
+@pytest.mark.parametrize("projection", ["countsketch", "srht", "gaussian"])
+def test_projected_real_gradients_preserve_cosines(projection):
+    """JL on real per-sample gradients: 24 demo rows of four domains, all 276 pairs."""
+    from hf_influence.demo import demo_pool
+
     model, tokenizer = lora_model("llama", "all-linear")
-    _, batch = formatted_batch(tokenizer)
-    raw = PerSampleGradients(model, GradientConfig(projection="none", normalize=True)).compute(batch)
-    projected = PerSampleGradients(model, GradientConfig(projection="countsketch", projection_dim=2048)).compute(batch)
-    assert torch.allclose(raw.norm(dim=1), torch.ones(raw.shape[0]), atol=1e-5)
-    cos_true = raw @ raw.T
-    cos_projected = projected @ projected.T
-    assert (cos_true - cos_projected).abs().max() < 4 / 2048**0.5
+    rows = [{"messages": m} for m in demo_pool(6, seed=0)["messages"]]
+    _, batch = formatted_batch(tokenizer, rows)
+    exact = PerSampleGradients(model, GradientConfig(projection="none", normalize=True)).compute(batch)
+    projected = PerSampleGradients(model, GradientConfig(projection=projection, projection_dim=2048, seed=7)).compute(batch)
+    assert torch.allclose(exact.norm(dim=1), torch.ones(exact.shape[0]), atol=1e-5)
+    cos_exact, cos_projected = exact @ exact.T, projected @ projected.T
+    assert cos_exact.std() > 0.05, "the rows must not all be alike for this check to mean anything"
+    assert (cos_exact - cos_projected).abs().max() < 4 / 2048**0.5
 
 
 def test_preconditioner_is_applied_before_normalisation():
