@@ -20,6 +20,7 @@ the right. `"drop"` skips over-long rows and `"error"` refuses them.
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal
@@ -310,8 +311,6 @@ def format_dataset(
 
 
 def _with_template(tokenizer: PreTrainedTokenizerBase, chat_template: str) -> PreTrainedTokenizerBase:
-    import copy
-
     tokenizer = copy.copy(tokenizer)
     tokenizer.chat_template = chat_template
     return tokenizer

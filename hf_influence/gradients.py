@@ -313,7 +313,7 @@ class PerSampleGradients:
             factors, _ = self.raw_factors(batch)
             parts, squared_norms = [], 0.0
             for layer, projector in zip(self.layers, self._factored):
-                delta, x = factors[layer.name]
+                delta, x = (t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in factors[layer.name])
                 has_bias = layer.module.bias is not None
                 projected = projector.project_factors(delta, x)
                 if has_bias:
@@ -323,6 +323,9 @@ class PerSampleGradients:
             vectors, norms = torch.cat(parts, dim=1), torch.as_tensor(squared_norms).sqrt()
         else:
             gradients = self.raw(batch)
+            # Half-precision models: accumulate norms and projections in float32.
+            if gradients.dtype in (torch.float16, torch.bfloat16):
+                gradients = gradients.float()
             if preconditioner is not None:
                 if preconditioner.shape != (self.raw_dim,):
                     raise GradientError(
@@ -331,13 +334,13 @@ class PerSampleGradients:
                 gradients = gradients * preconditioner.to(gradients)
             norms = gradients.norm(dim=1)
             vectors = self._projector.project(gradients)
-        _check_finite(vectors, norms, row_ids)
+        _check_finite(vectors, norms, row_ids, self.config.normalize)
         if self.config.normalize:
             vectors = vectors / norms.unsqueeze(1)
         return vectors.float()
 
 
-def _check_finite(vectors: Tensor, norms: Tensor, row_ids: list[int]) -> None:
+def _check_finite(vectors: Tensor, norms: Tensor, row_ids: list[int], normalize: bool) -> None:
     bad = ~torch.isfinite(vectors).all(dim=1) | ~torch.isfinite(norms)
     if bool(bad.any()):
         rows = [row_ids[i] for i in torch.nonzero(bad).flatten().tolist()]
@@ -345,6 +348,6 @@ def _check_finite(vectors: Tensor, norms: Tensor, row_ids: list[int]) -> None:
             f"Non-finite (NaN/inf) gradients for rows {rows}: check the model's dtype (fp16 overflows) and these rows."
         )
     zero = norms == 0
-    if bool(zero.any()):
+    if normalize and bool(zero.any()):
         rows = [row_ids[i] for i in torch.nonzero(zero).flatten().tolist()]
         raise GradientError(f"Rows {rows} have an exactly zero gradient: they cannot be normalised or scored.")

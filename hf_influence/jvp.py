@@ -163,7 +163,7 @@ class JVPEmbedder:
 
     def embed(self, batch: dict[str, Tensor]) -> Tensor:
         """Projected JVP embeddings, float32 [B, output_dim]."""
-        raw = self.raw(batch)
+        raw = self.raw(batch).float()
         if not bool(torch.isfinite(raw).all()):
             raise ValueError("Non-finite JVP embeddings: check the model's dtype (fp16 overflows) and inputs.")
-        return (raw if self._projector is None else self._projector.project(raw)).float()
+        return raw if self._projector is None else self._projector.project(raw)

@@ -171,3 +171,13 @@ def test_row_without_labels_is_refused():
     batch = pad_batch(rows, tokenizer.pad_token_id)
     with pytest.raises(GradientError, match=r"rows \[1\] have no label"):
         PerSampleGradients(model, GradientConfig(projection="none")).compute(batch)
+
+
+def test_bfloat16_model_gives_float32_vectors_close_to_float32_model():
+    model, tokenizer = lora_model("llama")
+    _, batch = formatted_batch(tokenizer)
+    config = GradientConfig(projection="countsketch", projection_dim=256)
+    reference = PerSampleGradients(model, config).compute(batch)
+    half = PerSampleGradients(model.to(torch.bfloat16), config).compute(batch)
+    assert half.dtype == torch.float32
+    assert torch.nn.functional.cosine_similarity(half, reference).min() > 0.98
