@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -180,7 +179,3 @@ def add_lora(model: PreTrainedModel, settings: LoraSettings | None = None):
     peft_model.eval()
     return peft_model
 
-
-def clear_cached_model() -> None:
-    """Delete the cached offline copy of the default model (it is rebuilt on the next load)."""
-    shutil.rmtree(cache_dir() / "SmolLM2-135M-Instruct-fp32", ignore_errors=True)
