@@ -14,7 +14,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
-import torch
 from datasets import Dataset
 from torch import Tensor, nn
 from transformers.utils.logging import tqdm
