@@ -1,0 +1,92 @@
+"""LM-pooled embeddings, the representation of the RDS+ baseline (Ivison et al., 2025).
+
+Each formatted row (prompt and response tokens) goes through the causal LM's decoder; the last hidden
+state (after the final norm) is pooled with a position-weighted mean, where the t-th real token
+(1-based) weighs t and padding weighs 0: later tokens have seen more of the row, so they say more
+about it. Rows are then L2-normalised, and pool rows are scored against targets by cosine similarity.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+from torch import Tensor, nn
+from transformers.utils.logging import tqdm
+
+from .formatting import pad_batch
+from .gradients import causal_lm_parts
+
+
+def lm_pooled_embeddings(
+    model: nn.Module,
+    formatted: Dataset,
+    batch_size: int = 8,
+    pad_token_id: int | None = None,
+    show_progress: bool = True,
+) -> Tensor:
+    """Position-weighted mean of the last hidden state of every formatted row, unit L2 norm.
+
+    Args:
+        model: a causal LM, possibly PEFT-wrapped (its adapters are used as they are).
+        formatted: `format_dataset(...).dataset` (columns input_ids, labels, ...).
+        batch_size: rows per forward pass.
+        pad_token_id: id written into padding (default 0): right padding is masked and never attended
+            by real tokens, so its value does not change the result.
+        show_progress: show a progress bar.
+
+    Returns:
+        float32 [len(formatted), hidden_size] on the CPU, one unit-norm row per formatted row.
+    """
+    if batch_size < 1 or len(formatted) == 0:
+        raise ValueError(f"Need batch_size >= 1 and at least one row, got {batch_size=} and {len(formatted)} rows.")
+    decoder, _ = causal_lm_parts(model)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    embeddings = []
+    try:
+        with torch.no_grad(), tqdm(total=len(formatted), desc="LM embeddings", unit="rows",
+                                   disable=not show_progress) as progress:
+            for start in range(0, len(formatted), batch_size):
+                rows = list(formatted.select(range(start, min(start + batch_size, len(formatted)))))
+                batch = pad_batch(rows, 0 if pad_token_id is None else pad_token_id)
+                mask = batch["attention_mask"].to(device)
+                hidden = decoder(input_ids=batch["input_ids"].to(device), attention_mask=mask,
+                                 use_cache=False).last_hidden_state
+                # Right padding: the running count of real tokens is each real token's 1-based position.
+                weights = (mask.cumsum(1) * mask).float()
+                pooled = torch.einsum("bt,bth->bh", weights, hidden.float()) / weights.sum(1, keepdim=True)
+                embeddings.append(F.normalize(pooled, dim=1).cpu())
+                progress.update(len(rows))
+    finally:
+        model.train(was_training)
+    return torch.cat(embeddings)
+
+
+def cosine_scores(pool_embeddings: Tensor, target_embeddings: Tensor, chunk_rows: int = 65536) -> Tensor:
+    """Cosine similarity of every pool embedding with every target embedding.
+
+    Args:
+        pool_embeddings: [n, e]; may stay on the CPU, rows are moved `chunk_rows` at a time to the
+            targets' device.
+        target_embeddings: [m, e].
+        chunk_rows: pool rows normalised and multiplied per step.
+
+    Returns:
+        [n, m] in [-1, 1], float32 (or the inputs' wider float type) on target_embeddings' device.
+    """
+    pool_shape, target_shape = tuple(pool_embeddings.shape), tuple(target_embeddings.shape)
+    if len(pool_shape) != 2 or len(target_shape) != 2 or pool_shape[1] != target_shape[1]:
+        raise ValueError(
+            f"Expected pool [n, e] and target [m, e] embeddings, got {pool_shape} and {target_shape}."
+        )
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}.")
+    dtype = torch.promote_types(torch.promote_types(pool_embeddings.dtype, target_embeddings.dtype), torch.float32)
+    target = F.normalize(target_embeddings.to(dtype), dim=1)
+    scores = torch.empty(pool_embeddings.shape[0], target.shape[0], dtype=dtype, device=target.device)
+    for start in range(0, pool_embeddings.shape[0], chunk_rows):
+        chunk = pool_embeddings[start : start + chunk_rows].to(device=target.device, dtype=dtype)
+        scores[start : start + chunk.shape[0]] = F.normalize(chunk, dim=1) @ target.T
+    return scores

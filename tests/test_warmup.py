@@ -1,0 +1,225 @@
+"""Warm-up training (TRL SFTTrainer under the hood) and loading a Trainer checkpoint's optimizer state."""
+
+import copy
+import functools
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import CHAT_ROWS, lora_model
+
+from hf_influence.formatting import IGNORE_INDEX, format_dataset, pad_batch
+from hf_influence.gradients import PerSampleGradients
+from hf_influence.optimizers import affine_step
+from hf_influence.testing import tiny_causal_lm
+from hf_influence.warmup import (
+    WarmupConfig,
+    WarmupResult,
+    load_optimizer_state,
+    warmup,
+    warmup_rows,
+)
+
+POOL_ROWS = CHAT_ROWS * 8  # 40 rows
+
+
+def config(**overrides):
+    settings = {"warmup_learning_rate": 1e-3, "warmup_batch_size": 2, "warmup_show_progress": False}
+    settings.update(overrides)
+    return WarmupConfig(**settings)
+
+
+def lora_state(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters() if "lora_" in name}
+
+
+def base_state(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters() if "lora_" not in name}
+
+
+def optimizer_state(optimizer):
+    return [
+        {key: value.clone() if torch.is_tensor(value) else value for key, value in optimizer.state[p].items()}
+        for group in optimizer.param_groups
+        for p in group["params"]
+    ]
+
+
+@pytest.fixture(scope="module")
+def pool():
+    _, tokenizer = lora_model()
+    return format_dataset(POOL_ROWS, tokenizer, config=None).dataset
+
+
+def test_warmup_trains_lora_and_feeds_affine_step():
+    model, tokenizer = lora_model()
+    formatted = format_dataset(CHAT_ROWS, tokenizer).dataset
+    lora_before, base_before = lora_state(model), base_state(model)
+    flags_before = {name: p.requires_grad for name, p in model.named_parameters()}
+    random.seed(123)
+    np.random.seed(123)
+    torch.manual_seed(123)
+    expected_random = (random.random(), np.random.rand(), torch.rand(1))
+    random.seed(123)
+    np.random.seed(123)
+    torch.manual_seed(123)
+
+    result = warmup(model, tokenizer, formatted, config(warmup_fraction=1.0))
+
+    # The caller's random streams are untouched by the trainer's set_seed.
+    assert (random.random(), np.random.rand()) == expected_random[:2]
+    assert torch.equal(torch.rand(1), expected_random[2])
+    assert isinstance(result, WarmupResult)
+    assert result.row_ids == [0, 1, 2, 3, 4]
+    assert result.steps == 3 == len(result.losses)  # ceil(5 rows / batch 2), one epoch, logged every step
+    assert all(np.isfinite(result.losses))
+    # LoRA weights moved, the base model did not; eval mode and requires_grad flags are as before.
+    assert all(not torch.equal(lora_before[n], p) for n, p in model.named_parameters() if "lora_" in n)
+    assert all(torch.equal(base_before[n], p) for n, p in model.named_parameters() if "lora_" not in n)
+    assert not model.training and not any(m.training for m in model.modules())
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags_before
+    # TRL's fused-LM-head patch of the base model's forward is removed again.
+    assert "forward" not in model.get_base_model().__dict__ and "forward" not in model.__dict__
+
+    optimizer = result.optimizer
+    assert type(optimizer) is torch.optim.AdamW
+    tracked = PerSampleGradients(model).parameters
+    held = [p for group in optimizer.param_groups for p in group["params"]]
+    assert {id(p) for p in held} == {id(p) for p in tracked} and len(held) == len(tracked)
+    assert {group["lr"] for group in optimizer.param_groups} == {1e-3}
+    assert all(float(optimizer.state[p]["step"]) == 3 for p in tracked)
+    step = affine_step(optimizer, tracked)
+    assert step.kind == "adamw" and step.lr == 1e-3
+    assert step.scale.shape == step.drift.shape == (sum(p.numel() for p in tracked),)
+    assert torch.isfinite(step.scale).all() and torch.isfinite(step.drift).all()
+    assert (step.scale > 0).all() and step.drift.abs().sum() > 0
+
+
+def test_slice_size_cap_max_steps_and_accumulation(pool):
+    model, tokenizer = lora_model()
+    settings = config(
+        warmup_fraction=0.25, warmup_max_rows=6, warmup_max_steps=2, warmup_gradient_accumulation_steps=2, warmup_seed=3
+    )
+    result = warmup(model, tokenizer, pool, settings)
+    assert len(result.row_ids) == 6 and result.row_ids == sorted(set(result.row_ids))
+    assert set(result.row_ids) <= set(pool["row_id"])
+    assert result.steps == 2 == len(result.losses)
+    assert all(float(state["step"]) == 2 for state in result.optimizer.state.values())
+    # The slice: round(fraction * n), at least one row, capped by warmup_max_rows.
+    assert len(warmup_rows(40, WarmupConfig(warmup_fraction=0.25))) == 10
+    assert len(warmup_rows(40, WarmupConfig(warmup_fraction=0.001))) == 1
+    assert warmup_rows(40, settings) == result.row_ids  # row_id == position here: no row was skipped
+
+
+def test_same_seed_reproduces_and_other_seed_changes_slice(pool):
+    runs = []
+    for seed in (0, 0, 1):
+        model, tokenizer = lora_model()
+        result = warmup(model, tokenizer, pool, config(warmup_fraction=0.1, warmup_max_steps=2, warmup_seed=seed))
+        runs.append((result, lora_state(model)))
+    (first, first_lora), (second, second_lora), (other, _) = runs
+    assert first.row_ids == second.row_ids and first.losses == second.losses
+    assert all(torch.equal(first_lora[name], second_lora[name]) for name in first_lora)
+    for a, b in zip(optimizer_state(first.optimizer), optimizer_state(second.optimizer)):
+        assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in ("exp_avg", "exp_avg_sq", "step"))
+    assert other.row_ids != first.row_ids
+
+
+def test_first_step_loss_is_our_response_only_token_mean():
+    """The trainer's loss uses our labels exactly: prompt and padding masked, mean over response tokens."""
+    model, tokenizer = lora_model()
+    formatted = format_dataset(CHAT_ROWS, tokenizer).dataset
+    batch = pad_batch(list(formatted), tokenizer.pad_token_id)
+    reference = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        logits = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    targets = batch["labels"][:, 1:]
+    masked = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+    all_tokens = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, IGNORE_INDEX)
+    unmasked = F.cross_entropy(logits.flatten(0, 1), all_tokens.flatten(), ignore_index=IGNORE_INDEX)
+    assert (targets == IGNORE_INDEX).sum() > (all_tokens == IGNORE_INDEX).sum()  # the prompt mask matters
+    assert abs(masked.item() - unmasked.item()) > 1e-3
+
+    # One batch holding every row, so the first step sees exactly `batch` (row order does not change a token mean).
+    result = warmup(model, tokenizer, formatted, config(warmup_fraction=1.0, warmup_batch_size=8, warmup_max_steps=1))
+    assert result.steps == 1
+    assert result.losses[0] == pytest.approx(masked.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("warmup_fraction", 0.0),
+        ("warmup_fraction", 1.5),
+        ("warmup_max_rows", 0),
+        ("warmup_epochs", 0.0),
+        ("warmup_max_steps", 0),
+        ("warmup_learning_rate", -1e-5),
+        ("warmup_learning_rate", float("nan")),
+        ("warmup_batch_size", 0),
+        ("warmup_gradient_accumulation_steps", 0),
+        ("warmup_weight_decay", -0.1),
+        ("warmup_seed", -1),
+        ("warmup_batch_size", 2.5),
+    ],
+)
+def test_bad_config_values_name_the_field(field, value):
+    with pytest.raises(ValueError, match=f"WarmupConfig.{field}"):
+        WarmupConfig(**{field: value})
+
+
+def test_rejects_non_peft_model_and_missing_columns():
+    model, tokenizer = lora_model()
+    formatted = format_dataset(CHAT_ROWS, tokenizer).dataset
+    plain, _ = tiny_causal_lm()
+    with pytest.raises(ValueError, match="PEFT LoRA model"):
+        warmup(plain, tokenizer, formatted, config())
+    with pytest.raises(ValueError, match="labels"):
+        warmup(model, tokenizer, formatted.remove_columns("labels"), config())
+
+
+def test_load_optimizer_state_round_trip(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model, tokenizer = lora_model()
+    formatted = format_dataset(CHAT_ROWS, tokenizer).dataset.select_columns(["input_ids", "labels"])
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        save_strategy="steps",
+        save_steps=2,
+        per_device_train_batch_size=2,
+        learning_rate=1e-3,
+        weight_decay=0.01,
+        optim="adamw_torch",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        remove_unused_columns=False,
+    )
+    collator = functools.partial(pad_batch, pad_token_id=tokenizer.pad_token_id)
+    trainer = Trainer(model=model, args=args, train_dataset=formatted, data_collator=collator)
+    trainer.train()
+    trained = trainer.optimizer.optimizer
+    model.eval()
+
+    optimizer = load_optimizer_state(model, tmp_path / "checkpoint-2")
+    assert type(optimizer) is torch.optim.AdamW
+    ours = [p for group in optimizer.param_groups for p in group["params"]]
+    theirs = [p for group in trained.param_groups for p in group["params"]]
+    assert [id(p) for p in ours] == [id(p) for p in theirs]
+    for p in theirs:
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(optimizer.state[p][key], trained.state[p][key])
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [g["weight_decay"] for g in trained.param_groups]
+    assert {g["lr"] for g in optimizer.param_groups} == {g["lr"] for g in trained.param_groups}
+    step = affine_step(optimizer, PerSampleGradients(model).parameters)
+    assert torch.isfinite(step.scale).all() and torch.isfinite(step.drift).all()
+
+    with pytest.raises(FileNotFoundError, match="checkpoint-2"):
+        load_optimizer_state(model, tmp_path)
+    other, _ = lora_model(target_modules=["q_proj", "v_proj"])
+    with pytest.raises(ValueError, match="different model"):
+        load_optimizer_state(other, tmp_path / "checkpoint-2")
