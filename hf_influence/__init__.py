@@ -1,22 +1,32 @@
 """hf-influence: pick the training data that helps a language model most on a target task.
 
-Influence Distillation and NN-CIFT, native to the Hugging Face stack. The foundation layer is here:
-formatting, model loading, per-sample LoRA gradients, projections, JVP embeddings and resumable stores.
+Influence Distillation and NN-CIFT, native to the Hugging Face stack. Importing the package registers
+`datasets.Dataset.select_by_influence` (an existing attribute of that name is never overwritten).
 """
 
+from .distillation import LandmarkRegressor, robust_weights, select_landmarks
+from .embeddings import cosine_scores, lm_pooled_embeddings
 from .extract import extract_gradients, extract_jvp_embeddings
 from .formatting import FormattedDataset, FormattingConfig, FormattingError, format_dataset, pad_batch
 from .gradients import GradientConfig, GradientError, PerSampleGradients, per_sample_losses
+from .hessian import TargetHessian
+from .influence import METHODS, SelectionConfig, register_dataset_method, register_method, select_by_influence
 from .jvp import JVPConfig, JVPEmbedder
 from .models import DEFAULT_MODEL, LoraSettings, add_lora, load_model
 from .optimizers import AffineStep, OptimizerStateError, affine_step
 from .projection import make_projector
+from .scores import ScoreTable, ScoreTableError
+from .selection import SelectionError, resolve_budget, select_indices, weighted_sample
 from .store import StoreMismatchError, StoreSpec, VectorStore
+from .warmup import WarmupConfig, WarmupResult, load_optimizer_state, warmup
+
+register_dataset_method()
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_MODEL",
+    "METHODS",
     "AffineStep",
     "FormattedDataset",
     "FormattingConfig",
@@ -25,19 +35,38 @@ __all__ = [
     "GradientError",
     "JVPConfig",
     "JVPEmbedder",
+    "LandmarkRegressor",
     "LoraSettings",
     "OptimizerStateError",
     "PerSampleGradients",
+    "ScoreTable",
+    "ScoreTableError",
+    "SelectionConfig",
+    "SelectionError",
     "StoreMismatchError",
     "StoreSpec",
+    "TargetHessian",
     "VectorStore",
+    "WarmupConfig",
+    "WarmupResult",
     "add_lora",
     "affine_step",
+    "cosine_scores",
     "extract_gradients",
     "extract_jvp_embeddings",
     "format_dataset",
+    "lm_pooled_embeddings",
     "load_model",
+    "load_optimizer_state",
     "make_projector",
     "pad_batch",
     "per_sample_losses",
+    "register_method",
+    "resolve_budget",
+    "robust_weights",
+    "select_by_influence",
+    "select_indices",
+    "select_landmarks",
+    "warmup",
+    "weighted_sample",
 ]

@@ -116,8 +116,21 @@ class LandmarkRegressor:
         # Scaling the ridge by the mean diagonal makes it unit-free (the linear kernel's scale is arbitrary).
         gram.diagonal().add_(ridge * gram.diagonal().mean())
         targets = landmark_scores.double().reshape(landmark_scores.shape[0], -1)
+        self.gram = gram
         self.alpha = torch.linalg.solve(gram, targets)
         return self
+
+    def transfer_matrix(self, pool_embeddings: Tensor, chunk_rows: int = 65536) -> Tensor:
+        """
+        C [n, k] (float64) with P_hat = C P_L: C = K(E_S, E_L) (K_LL + ridge I)^-1. It is the landmark
+        factor of the second-order term, Q ~ C Q_L C^T (ALGORITHMS.md 1.2).
+        """
+        inverse = torch.linalg.inv(self.gram)
+        parts = []
+        for start in range(0, pool_embeddings.shape[0], chunk_rows):
+            chunk = pool_embeddings[start : start + chunk_rows].to(device=self.gram.device, dtype=torch.float64)
+            parts.append(self._kernel(chunk) @ inverse)
+        return torch.cat(parts)
 
     def _kernel(self, embeddings: Tensor) -> Tensor:
         if self.kernel == "rbf":

@@ -10,9 +10,9 @@ for anything else is refused (`StoreMismatchError`) rather than silently mixed.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
 
 from datasets import Dataset
 from torch import Tensor, nn

@@ -15,9 +15,9 @@ embedder binds to the module structure at construction: build it after wrapping 
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from torch import Tensor, nn

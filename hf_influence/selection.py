@@ -1,0 +1,292 @@
+"""Selection rules: turn an influence score matrix into the pool rows to train on (ALGORITHMS.md 1.6).
+
+`scores` is a float matrix [n, m]: row i is pool sample i, column j is target sample j, higher means
+pool sample i helps target j more. Rules:
+
+- round_robin:      in each round visit the targets in a seeded random order; each takes its best pool
+                    row not selected yet; stop exactly at the budget (the RDS+ "max" rule).
+- round_robin_task: the same over target tasks, after averaging the columns within each task.
+- mean_top_k:       mean over targets, then the top-budget rows.
+- less:             LESS's rule: mean within each task, max over tasks, then the top-budget rows.
+
+Pool scores may have millions of rows, so every rule streams: `scores` is a Tensor [n, m] or an
+iterable of (start, chunk) pairs, chunk [rows, m] holding rows start..start+rows-1, consecutive from 0.
+A Tensor is cut into chunks internally, so both inputs run the same code and give identical results.
+Memory stays O(chunk * m + m * budget): a target skips only rows somebody else already took and at
+most budget rows are ever taken, so its pick always lies among its best `budget` rows; each target
+(or task) keeps just those candidates while streaming, and the top-k rules keep the best `budget` keys.
+
+Ties always go to the lower row index (stable sorts; torch.topk is not stable on ties), and every
+random choice comes from a CPU torch.Generator seeded with `seed`, so results are reproducible.
+"""
+
+import math
+import numbers
+from collections.abc import Hashable, Iterable, Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+RULES = ("round_robin", "round_robin_task", "mean_top_k", "less")
+
+# A Tensor input is read in chunks of about this many scores, so that the candidate merge (a sort of
+# budget + chunk rows per column) never needs more than one chunk of temporaries.
+_CHUNK_ELEMENTS = 2**22
+
+ScoreInput = Tensor | Iterable[tuple[int, Tensor]]
+
+
+class SelectionError(ValueError):
+    """Bad input to a selection rule; the message names the argument, pool row or target column."""
+
+
+def resolve_budget(budget: float, pool_size: int) -> int:
+    """
+    Turn a budget into a row count.
+
+    budget: an int count, 1 <= budget <= pool_size, or a float fraction of the pool in (0, 1].
+    pool_size: number of pool rows n (>= 1).
+    Returns: the count; a fraction f gives max(1, round(f * pool_size)).
+    """
+    if isinstance(pool_size, bool) or not isinstance(pool_size, numbers.Integral) or pool_size < 0:
+        raise SelectionError(f"pool_size must be a non-negative int, got {pool_size!r}")
+    if pool_size == 0:
+        raise SelectionError(f"budget {budget!r}: cannot select from an empty pool (0 rows)")
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
+        raise SelectionError(
+            f"budget must be an int count or a float fraction, got {budget!r} (pool of {pool_size} rows)"
+        )
+    if isinstance(budget, numbers.Integral):
+        if budget < 1:
+            raise SelectionError(f"budget must be at least 1, got {budget} (pool of {pool_size} rows)")
+        if budget > pool_size:
+            raise SelectionError(f"budget {budget} is larger than the pool ({pool_size} rows)")
+        return int(budget)
+    if not 0 < budget <= 1:  # also false for NaN
+        raise SelectionError(f"budget fraction must be in (0, 1], got {budget} (pool of {pool_size} rows)")
+    return max(1, round(float(budget) * int(pool_size)))
+
+
+def _count(budget: int, pool_size: int | None) -> int:
+    """Check an int budget against the pool size, or only its type and sign while the size is unknown."""
+    # The rules take row counts only: a streamed pool has no size to resolve a fraction against.
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Integral):
+        raise SelectionError(f"budget must be an int row count (see resolve_budget for fractions), got {budget!r}")
+    if pool_size is None:
+        if budget < 1:
+            raise SelectionError(f"budget must be at least 1, got {budget}")
+        return int(budget)
+    return resolve_budget(budget, pool_size)
+
+
+def _generator(seed: int) -> torch.Generator:
+    # CPU generator: CUDA streams differ, and selections must not depend on where the scores live.
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise SelectionError(f"seed must be an int, got {seed!r}")
+    return torch.Generator(device="cpu").manual_seed(int(seed))
+
+
+def _chunks(scores: ScoreInput, num_rows: int | None) -> Iterator[tuple[int, Tensor]]:
+    """Validate the input and yield (start, chunk [rows, m]) in order, chunks promoted to >= float32."""
+    pairs = scores
+    if isinstance(scores, Tensor):
+        if scores.dim() != 2:
+            raise SelectionError(f"scores must be a 2-D [pool, targets] tensor, got shape {tuple(scores.shape)}")
+        if num_rows is not None and num_rows != len(scores):
+            raise SelectionError(f"num_rows is {num_rows} but scores has {len(scores)} rows")
+        step = max(1, _CHUNK_ELEMENTS // max(1, scores.shape[1]))
+        pairs = ((start, scores[start : start + step]) for start in range(0, len(scores), step))
+    expected, width = 0, None
+    for item in pairs:
+        if not isinstance(item, tuple) or len(item) != 2:
+            raise SelectionError(f"streamed scores must be (start, chunk) pairs, got {type(item).__name__}")
+        start, chunk = item
+        chunk = torch.as_tensor(chunk)
+        if start != expected:
+            raise SelectionError(
+                f"scores chunk starts at row {start}, expected {expected} (chunks must be consecutive)"
+            )
+        if chunk.dim() != 2:
+            raise SelectionError(f"scores chunk at row {start} must be 2-D [rows, targets], got {tuple(chunk.shape)}")
+        if width is None:
+            width = chunk.shape[1]
+            if width == 0:
+                raise SelectionError("scores has no target columns")
+        elif chunk.shape[1] != width:
+            raise SelectionError(f"scores chunk at row {start} has {chunk.shape[1]} target columns, expected {width}")
+        bad = ~torch.isfinite(chunk)
+        if bad.any():
+            row, col = bad.nonzero()[0].tolist()
+            raise SelectionError(
+                f"scores has a non-finite value ({chunk[row, col].item()}) at pool row {start + row}, target column {col}"
+            )
+        yield start, chunk.to(torch.promote_types(chunk.dtype, torch.float32))
+        expected += len(chunk)
+
+
+def _task_plan(target_groups: Sequence[Hashable], width: int) -> tuple[list[tuple[Tensor, Tensor]], Tensor]:
+    """
+    Plan the per-task column means: tasks are the sorted distinct labels.
+
+    Returns: steps, a list of (tasks, columns) LongTensor pairs, step k adding each listed task's k-th
+    column (in column order); and counts [tasks], float, the number of columns per task.
+    """
+    if len(target_groups) != width:
+        raise SelectionError(f"target_groups has {len(target_groups)} labels but scores has {width} target columns")
+    try:
+        labels = sorted(set(target_groups))
+    except TypeError as error:
+        raise SelectionError(f"target_groups labels must be sortable against each other: {error}") from None
+    position = {label: task for task, label in enumerate(labels)}
+    members = [[] for _ in labels]
+    for column, label in enumerate(target_groups):
+        members[position[label]].append(column)
+    steps = []
+    for k in range(max(len(columns) for columns in members)):
+        tasks = [task for task, columns in enumerate(members) if len(columns) > k]
+        steps.append((torch.tensor(tasks), torch.tensor([members[task][k] for task in tasks])))
+    return steps, torch.tensor([float(len(columns)) for columns in members])
+
+
+def _task_means(by_target: Tensor, steps: list[tuple[Tensor, Tensor]], counts: Tensor) -> Tensor:
+    """Mean of by_target [m, rows] (a transposed chunk) over each task's targets -> [tasks, rows]."""
+    # Targets are added one at a time in a fixed order, so a row's mean is bit-identical whatever the
+    # chunk size; a sum() or matmul over the targets may reduce in a different order for 1 row than for many.
+    device = by_target.device
+    sums = by_target[steps[0][1].to(device)]  # every task has a first target; indexing copies
+    for tasks, columns in steps[1:]:
+        sums[tasks.to(device)] += by_target[columns.to(device)]
+    return sums / counts.to(by_target).unsqueeze(1)
+
+
+def _keep_best(
+    kept: Tensor | None, kept_rows: Tensor | None, keys: Tensor, start: int, k: int
+) -> tuple[Tensor, Tensor]:
+    """
+    Merge a chunk's keys [c, rows] (pool rows start..) into the kept best keys [c, <=k] of every column c.
+
+    kept, kept_rows: the best keys so far and their pool rows, or None before the first chunk.
+    Returns: the best min(k, seen rows) keys per column, descending, and their pool rows (both [c, .]).
+    """
+    # Columns lie along dim 0 so that each one sorts as a contiguous row (several times faster than dim 0).
+    rows = torch.arange(start, start + keys.shape[1], device=keys.device).expand_as(keys)
+    if kept is not None:
+        keys, rows = torch.cat([kept, keys], dim=1), torch.cat([kept_rows, rows], dim=1)
+    # Kept rows all precede the chunk's rows and are themselves ordered by row on ties, so a stable
+    # descending sort of the concatenation leaves every tie in increasing row order.
+    values, order = keys.sort(dim=1, descending=True, stable=True)
+    return values[:, :k], rows.gather(1, order[:, :k])
+
+
+def _round_robin(candidates: Tensor, budget: int, seed: int) -> Tensor:
+    """
+    Run the round-robin on each column's candidate rows [c, K], best first, K >= budget or K = n.
+
+    Returns: LongTensor [budget] of pool rows in picking order.
+    """
+    generator = _generator(seed)
+    candidates = candidates.cpu().numpy()
+    pointer = [0] * len(candidates)
+    taken, picked = set(), []
+    while len(picked) < budget:
+        for column in torch.randperm(len(candidates), generator=generator).tolist():
+            # Everything a column skips was taken, so it never runs past its K candidates.
+            row = int(candidates[column, pointer[column]])
+            while row in taken:
+                pointer[column] += 1
+                row = int(candidates[column, pointer[column]])
+            taken.add(row)
+            picked.append(row)
+            if len(picked) == budget:
+                break
+    return torch.tensor(picked, dtype=torch.long)
+
+
+def select_indices(
+    scores: ScoreInput,
+    budget: int,
+    rule: str = "round_robin",
+    seed: int = 0,
+    target_groups: Sequence[Hashable] | None = None,
+    num_rows: int | None = None,
+) -> Tensor:
+    """
+    Choose `budget` distinct pool rows from influence scores.
+
+    scores: float Tensor [n, m] (pool rows x target columns, higher = more helpful), or an iterable of
+        (start, chunk [rows, m]) pairs covering rows 0..n-1 consecutively; both give identical results.
+    budget: number of rows to select, 1 <= budget <= n (an int; see resolve_budget for fractions).
+    rule: one of RULES (see the module docstring).
+    seed: seeds the round-robin visiting order; the top-k rules are deterministic anyway.
+    target_groups: m hashable task labels, one per target column. Required for "round_robin_task",
+        optional for "less" (default: every column its own task), not accepted by the other rules.
+    num_rows: n, optional; when given, the budget is checked before streaming and the stream must have n rows.
+    Returns: LongTensor [budget] of pool row indices (CPU) in selection order: picking order for the
+        round-robin rules, descending key (ties by lower row) for the top-k rules.
+    """
+    if rule not in RULES:
+        raise SelectionError(f"rule must be one of {RULES}, got {rule!r}")
+    if rule == "round_robin_task" and target_groups is None:
+        raise SelectionError("rule 'round_robin_task' needs target_groups (one task label per target column)")
+    if rule in ("round_robin", "mean_top_k") and target_groups is not None:
+        raise SelectionError(f"rule {rule!r} does not use target_groups; use 'round_robin_task' or 'less'")
+    _count(budget, num_rows)  # fail before streaming; without num_rows the size is checked at the end
+    _generator(seed)  # validates the seed before streaming, too
+    plan = kept = kept_rows = None
+    seen = 0
+    for start, chunk in _chunks(scores, num_rows):
+        if plan is None and rule != "round_robin":  # the targets are known from the first chunk on
+            width = chunk.shape[1]
+            groups = [0] * width if rule == "mean_top_k" else target_groups
+            plan = _task_plan(list(range(width)) if groups is None else groups, width)
+        keys = chunk.T.contiguous()  # [targets, rows]
+        if rule != "round_robin":
+            keys = _task_means(keys, *plan)
+        if rule == "less":
+            keys = keys.amax(dim=0, keepdim=True)
+        kept, kept_rows = _keep_best(kept, kept_rows, keys, start, budget)
+        seen += len(chunk)
+    if num_rows is not None and seen != num_rows:
+        raise SelectionError(f"num_rows is {num_rows} but the scores stream had {seen} rows")
+    _count(budget, seen)
+    if rule in ("mean_top_k", "less"):
+        return kept_rows[0].cpu()
+    return _round_robin(kept_rows, budget, seed)
+
+
+def weighted_sample(weights: Tensor, budget: int, seed: int = 0) -> Tensor:
+    """
+    Draw `budget` distinct rows without replacement, each draw proportional to the remaining weights.
+
+    weights: [n] non-negative finite weights (any real dtype); rows of weight 0 are never drawn.
+    budget: number of rows, 1 <= budget <= number of positive weights.
+    Returns: LongTensor [budget] of row indices (CPU) in drawing order.
+    """
+    weights = torch.as_tensor(weights).detach().cpu().double()
+    if weights.dim() != 1:
+        raise SelectionError(f"weights must be 1-D [pool], got shape {tuple(weights.shape)}")
+    budget = _count(budget, len(weights))
+    bad = ~torch.isfinite(weights) | (weights < 0)
+    if bad.any():
+        row = int(bad.nonzero()[0])
+        raise SelectionError(f"weights must be finite and >= 0, row {row} has {weights[row].item()}")
+    positive = int((weights > 0).sum())
+    if positive < budget:
+        raise SelectionError(f"only {positive} rows have a positive weight, budget is {budget}")
+    # Exponential race (Efraimidis-Spirakis): the row with the smallest Exp(1) / w_i is drawn first with
+    # probability w_i / sum(w), and by memorylessness the order of the keys is the draw order. Unlike
+    # torch.multinomial it has no 2**24 category limit.
+    race = torch.empty(len(weights), dtype=torch.float64).exponential_(generator=_generator(seed))
+    keys = torch.where(weights > 0, race / weights, math.inf)
+    return keys.sort(stable=True).indices[:budget]
+
+
+def random_indices(num_rows: int, budget: int, seed: int = 0) -> Tensor:
+    """
+    Uniformly random subset of the pool (the random baseline).
+
+    num_rows: pool size n. budget: subset size, 1 <= budget <= n.
+    Returns: LongTensor [budget] of distinct row indices (CPU), in random order.
+    """
+    budget = _count(budget, num_rows)
+    return torch.randperm(num_rows, generator=_generator(seed))[:budget]
