@@ -60,7 +60,7 @@ class SelectionConfig:
             (sample rows with probability proportional to the robust weights); None: the method's default.
         target_task_column: target column naming each row's task (for "round_robin_task" and "less");
             None uses "task" when the target has it, else every target row is its own task.
-        optimizer: where the Adam state comes from when no optimizer object is passed: "warmup" (a short
+        optimizer_state: where the Adam state comes from when no optimizer object is passed: "warmup" (a short
             LoRA AdamW run on a slice of the pool) or "gd" (plain gradient descent, no preconditioning).
         num_landmarks: landmark rows with exact gradients (capped at the pool size).
         landmark_selection: "uniform" (seeded random) or "kmeans++" on the JVP embeddings.
@@ -69,8 +69,8 @@ class SelectionConfig:
         order: 1 (first-order influence) or 2 (adds the target-Hessian term to the robust weights).
         hessian: "exact" (double backward) or "gauss_newton", for order 2.
         robust_lambda: lambda of the robust-weights objective (the paper's running example uses 0.02).
-        step_size: eta of the one-step objective; None uses the optimizer's learning rate (required for "gd"
-            with order 2).
+        step_size: eta of the one-step objective; None uses the optimizer's learning rate (required for
+            optimizer_state="gd" with order 2).
         selection_seed: seed of landmarks, selection order and random baselines.
         work_dir: folder for the resumable stores (embeddings, gradients); None uses a temporary folder.
             Re-running with the same folder resumes after a crash and reuses finished stores.
@@ -80,7 +80,7 @@ class SelectionConfig:
     method: str = "influence_distillation"
     selection: str | None = None
     target_task_column: str | None = None
-    optimizer: str = "warmup"
+    optimizer_state: str = "warmup"
     num_landmarks: int = 4096
     landmark_selection: str = "uniform"
     kernel: str = "rbf"
@@ -95,7 +95,7 @@ class SelectionConfig:
 
     def __post_init__(self) -> None:
         choices = {
-            "method": tuple(METHODS), "selection": (None, *RULES, "weighted"), "optimizer": ("warmup", "gd"),
+            "method": tuple(METHODS), "selection": (None, *RULES, "weighted"), "optimizer_state": ("warmup", "gd"),
             "landmark_selection": ("uniform", "kmeans++"), "kernel": ("rbf", "linear"), "order": (1, 2),
             "hessian": HESSIAN_KINDS,
         }
@@ -176,7 +176,7 @@ def register_method(name: str, default_selection: str, needs_model: bool = True)
 
 def _optimizer_step(context: Context, tracked: PerSampleGradients) -> AffineStep | None:
     """The affine step of the optimizer used for influence (None: plain GD), after the warm-up if asked."""
-    if context.optimizer is None and context.config.optimizer == "warmup":
+    if context.optimizer is None and context.config.optimizer_state == "warmup":
         with context.timed("warmup"):
             context.optimizer = warmup(context.model, context.tokenizer, context.pool,
                                        context.configs[WarmupConfig]).optimizer
@@ -250,7 +250,7 @@ def _step_size(context: Context, step: AffineStep | None) -> float:
     if context.config.step_size is not None:
         return context.config.step_size
     if step is None:
-        raise ValueError("order=2 with optimizer='gd' needs step_size (the learning rate eta of the one-step objective).")
+        raise ValueError("order=2 with optimizer_state='gd' needs step_size (the learning rate eta of the one-step objective).")
     return step.lr
 
 

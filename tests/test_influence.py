@@ -1,0 +1,175 @@
+"""select_by_influence end to end on tiny models: landmarks = pool reproduces exact ID, API contract, errors."""
+
+import datasets
+import pytest
+import torch
+from conftest import lora_model
+
+import hf_influence
+from hf_influence import ScoreTable, SelectionError, select_by_influence
+from hf_influence.demo import demo_pool, demo_target
+from hf_influence.formatting import FormattingError
+from hf_influence.influence import register_dataset_method
+from hf_influence.testing import tiny_causal_lm
+
+# Small and quiet: 1 JVP block (the tiny model has 2), short warm-up, small projections.
+FAST = {"num_blocks": 1, "warmup_fraction": 0.25, "warmup_show_progress": False, "show_progress": False,
+        "projection_dim": 512, "jvp_projection_dim": 256}
+
+
+@pytest.fixture(scope="module")
+def pool():
+    return demo_pool(5, seed=0)  # 20 rows, 4 domains
+
+
+@pytest.fixture(scope="module")
+def target():
+    return demo_target("math", 3, seed=1)
+
+
+@pytest.fixture
+def model():
+    return lora_model(seed=0)
+
+
+def _select(pool, target, model, **options):
+    network, tokenizer = model
+    return select_by_influence(pool, target, model=network, tokenizer=tokenizer, return_scores=True,
+                               **{**FAST, **options})
+
+
+@pytest.mark.parametrize("optimizer_state", ["warmup", "gd"])
+@pytest.mark.parametrize("order", [1, 2])
+def test_landmarks_equal_to_the_pool_reproduce_exact_influence(pool, target, model, optimizer_state, order):
+    options = {"budget": 6, "optimizer_state": optimizer_state, "order": order, "step_size": 1e-3}
+    selected, table = _select(pool, target, model, num_landmarks=len(pool), **options)
+    exact_selected, exact_table = _select(pool, target, model, method="influence_distillation_exact", **options)
+    scores, rows, targets = table.to_matrix()
+    exact_scores, exact_rows, exact_targets = exact_table.to_matrix()
+    assert rows == exact_rows and targets == exact_targets
+    torch.testing.assert_close(scores, exact_scores, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(table.weights, exact_table.weights, rtol=1e-4, atol=1e-4)
+    assert selected["id"] == exact_selected["id"]
+    assert bool(table.landmark_mask.all())
+
+
+def test_fewer_landmarks_track_exact_scores(pool, target, model):
+    _, table = _select(pool, target, model, budget=4, num_landmarks=8)
+    _, exact = _select(pool, target, model, budget=4, method="influence_distillation_exact")
+    assert int(table.landmark_mask.sum()) == 8
+    scores, exact_scores = table.to_matrix()[0], exact.to_matrix()[0]
+    landmarks = table.landmark_mask
+    torch.testing.assert_close(scores[landmarks], exact_scores[landmarks], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(scores[~landmarks], exact_scores[~landmarks])
+
+
+def test_selection_contract(pool, target, model):
+    selected, table = _select(pool, target, model, budget=0.25)
+    assert len(selected) == 5 and selected.column_names == pool.column_names
+    assert len(set(selected["id"])) == 5
+    again, _ = _select(pool, target, model, budget=0.25)
+    assert again["id"] == selected["id"]
+    provenance = table.provenance
+    assert provenance["method"] == "influence_distillation" and provenance["budget"] == 5
+    assert provenance["model_id"] and provenance["pool_fingerprint"] and provenance["target_fingerprint"]
+    assert provenance["selected_pool_row_ids"] == [pool["id"].index(i) for i in selected["id"]]
+    assert provenance["configs"]["SelectionConfig"]["num_landmarks"] == 4096
+    assert len(table) == len(pool) * len(target)
+
+
+def test_score_table_round_trip(pool, target, model, tmp_path):
+    _, table = _select(pool, target, model, budget=3, num_landmarks=6)
+    loaded = ScoreTable.load(table.save(tmp_path / "scores"))
+    assert loaded.provenance == table.provenance
+    assert loaded.dataset.to_dict() == table.dataset.to_dict()
+
+
+@pytest.mark.parametrize("method", ["less", "rds", "random"])
+def test_baselines(pool, target, model, method):
+    selected, table = _select(pool, target, model, budget=4, method=method)
+    assert len(set(selected["id"])) == 4
+    scores = table.to_matrix()[0]
+    assert scores.shape == ((len(pool), 1) if method == "random" else (len(pool), len(target)))
+    if method == "less":  # cosine similarities
+        assert float(scores.abs().max()) <= 1.0 + 1e-5
+    if method == "random":
+        other, _ = _select(pool, target, model, budget=4, method=method, selection_seed=1)
+        assert other["id"] != selected["id"]
+
+
+@pytest.mark.parametrize("selection", ["round_robin_task", "mean_top_k", "less", "weighted"])
+def test_selection_rules(pool, target, model, selection):
+    selected, table = _select(pool, target, model, budget=5, num_landmarks=8, selection=selection)
+    assert len(set(selected["id"])) == 5
+    if selection == "weighted":
+        weights = table.weights
+        chosen = [pool["id"].index(i) for i in selected["id"]]
+        assert bool((weights[chosen] > 0).all())
+        assert weights.sum().item() == pytest.approx(len(pool), rel=1e-4)
+
+
+def test_users_models_are_left_as_they_were(pool, target):
+    peft_model, tokenizer = lora_model(seed=0)
+    before = {name: p.detach().clone() for name, p in peft_model.named_parameters()}
+    select_by_influence(pool, target, model=peft_model, tokenizer=tokenizer, budget=3, **FAST)
+    for name, parameter in peft_model.named_parameters():
+        assert torch.equal(parameter, before[name]), name
+    base, tokenizer = tiny_causal_lm("llama", seed=0)
+    base_before = {name: p.detach().clone() for name, p in base.named_parameters()}
+    select_by_influence(pool, target, model=base, tokenizer=tokenizer, budget=3, **FAST)
+    assert {name: p for name, p in base.named_parameters()}.keys() == base_before.keys()
+    assert not any("lora" in name for name, _ in base.named_modules())
+
+
+def test_dataset_method_is_registered_without_overwriting(pool, target, model, monkeypatch):
+    network, tokenizer = model
+    selected = pool.select_by_influence(target, model=network, tokenizer=tokenizer, budget=3, **FAST)
+    assert len(selected) == 3
+    sentinel = object()
+    monkeypatch.setattr(datasets.Dataset, "select_by_influence", sentinel)
+    register_dataset_method()
+    assert datasets.Dataset.select_by_influence is sentinel
+
+
+def test_work_dir_makes_a_rerun_reuse_its_stores(pool, target, model, tmp_path):
+    first, table = _select(pool, target, model, budget=4, num_landmarks=8, work_dir=str(tmp_path))
+    assert (tmp_path / "jvp").is_dir() and (tmp_path / "landmark_gradients").is_dir()
+    second, again = _select(pool, target, model, budget=4, num_landmarks=8, work_dir=str(tmp_path))
+    assert first["id"] == second["id"]
+    torch.testing.assert_close(table.to_matrix()[0], again.to_matrix()[0])
+
+
+def test_bad_inputs(pool, target, model):
+    network, tokenizer = model
+
+    def run(pool_rows=pool, target_rows=target, **options):
+        return select_by_influence(pool_rows, target_rows, model=network, tokenizer=tokenizer,
+                                   **{**FAST, "budget": 3, **options})
+
+    with pytest.raises(SelectionError, match="pool is empty"):
+        run(pool_rows=pool.select([]))
+    with pytest.raises(SelectionError, match="target is empty"):
+        run(target_rows=[])
+    with pytest.raises(SelectionError, match="budget 50 is larger than the pool"):
+        run(budget=50)
+    empty_answer = target.map(lambda row, index: {"solution": "" if index == 1 else row["solution"]},
+                              with_indices=True)
+    with pytest.raises(ValueError, match=r"Target rows cannot be scored.*1"):
+        run(target_rows=empty_answer, response_column="solution")
+    with pytest.raises(FormattingError):
+        run(target_rows=target.remove_columns(["prompt"]))
+    with pytest.raises(TypeError, match="num_landmark"):
+        run(num_landmark=3)
+    with pytest.raises(ValueError, match="method"):
+        run(method="magic")
+    with pytest.raises(ValueError, match="weighted"):
+        run(method="less", selection="weighted")
+    with pytest.raises(ValueError, match="tokenizer"):
+        select_by_influence(pool, target, model=network, budget=3)
+    with pytest.raises(ValueError, match="step_size"):
+        run(optimizer_state="gd", order=2)
+
+
+def test_public_api_exports():
+    for name in ("select_by_influence", "ScoreTable", "SelectionConfig", "register_method", "warmup"):
+        assert hasattr(hf_influence, name)
