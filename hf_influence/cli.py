@@ -3,7 +3,8 @@
 Each subcommand parses its dataclasses with `transformers.HfArgumentParser`, so every config field is a
 flag (`--projection_dim 4096`) and `--config FILE.yaml` supplies defaults that flags override.
 
-    hf-influence demo        extract gradients + JVP embeddings on the embedded default model and data
+    hf-influence demo        select from a generated multi-domain pool for a math target (ID vs random)
+    hf-influence select      select --budget rows of --pool for --target (any method)
     hf-influence gradients   per-sample LoRA gradients of a dataset into a resumable store
     hf-influence embed       JVP embeddings of a dataset into a resumable store
 """
@@ -14,20 +15,24 @@ import inspect
 import json
 import re
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import yaml
+from datasets import Dataset
 from transformers import HfArgumentParser
 
 from .data import load_rows
 from .extract import extract_gradients, extract_jvp_embeddings
 from .formatting import FormattingConfig, format_dataset
 from .gradients import GradientConfig
+from .influence import SelectionConfig, select_by_influence
 from .jvp import JVPConfig
 from .models import DEFAULT_MODEL, LoraSettings, add_lora, load_model
+from .scores import ScoreTable
+from .store import atomic_write_bytes, atomic_write_json
+from .warmup import WarmupConfig
 
 
 @dataclass
@@ -66,19 +71,48 @@ class DataArguments:
 
 @dataclass
 class DemoArguments:
-    """The embedded demo data.
+    """The embedded demo: a generated multi-domain pool and a math target.
 
     Attributes:
         rows_per_domain: pool rows generated per domain (math, code, qa, classification).
         target_rows: math target rows.
+        demo_budget: rows to select (int) or share of the pool (float in (0, 1]).
         output: output folder.
         data_seed: data seed.
     """
 
-    rows_per_domain: int = field(default=12, metadata={"help": "Pool rows per demo domain."})
+    rows_per_domain: int = field(default=16, metadata={"help": "Pool rows per demo domain."})
     target_rows: int = field(default=8, metadata={"help": "Rows of the math target."})
+    demo_budget: str = field(default="16", metadata={"help": "Rows (int) or pool share (float) to select."})
     output: str = field(default="runs/demo", metadata={"help": "Output folder."})
     data_seed: int = field(default=0, metadata={"help": "Data seed."})
+
+
+@dataclass
+class SelectArguments:
+    """Pool, target, budget and where the selection goes.
+
+    Attributes:
+        pool: candidate training rows: jsonl/json/parquet/csv file (optionally .gz), a folder, or a Hub dataset id.
+        target: rows of the task to improve, same forms.
+        budget: rows to select (an integer) or a share of the pool (a float in (0, 1]).
+        output: output folder: selected.jsonl, scores/ (the score table), report.json.
+        pool_split: split of a Hub pool dataset.
+        target_split: split of a Hub target dataset.
+        pool_limit: use only the first N pool rows.
+        target_limit: use only the first N target rows.
+        group_column: pool column summarised in the report (share of each value in the selection vs the pool).
+    """
+
+    pool: str | None = field(default=None, metadata={"help": "Pool file, folder or Hub dataset id."})
+    target: str | None = field(default=None, metadata={"help": "Target file, folder or Hub dataset id."})
+    budget: str = field(default="0.05", metadata={"help": "Rows (int) or pool share (float in (0, 1])."})
+    output: str = field(default="runs/select", metadata={"help": "Output folder."})
+    pool_split: str = field(default="train", metadata={"help": "Split of a Hub pool dataset."})
+    target_split: str = field(default="test", metadata={"help": "Split of a Hub target dataset."})
+    pool_limit: int | None = field(default=None, metadata={"help": "Use only the first N pool rows."})
+    target_limit: int | None = field(default=None, metadata={"help": "Use only the first N target rows."})
+    group_column: str = field(default="source", metadata={"help": "Pool column summarised in the report."})
 
 
 def _attribute_docs(dataclass_type: type) -> dict[str, str]:
@@ -126,74 +160,117 @@ def _load(model_args: ModelArguments):
     return load_model(model_args.model, revision=model_args.revision, dtype=dtype)
 
 
-def _cosine_to_mean(vectors: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cosine of each row of `vectors` [n, d] with the mean of `targets` [m, d]: [n]."""
-    centre = targets.mean(0)
-    return (vectors @ centre) / (vectors.norm(dim=1) * centre.norm()).clamp_min(1e-12)
+def _budget(text: str) -> int | float:
+    """'100' -> 100 rows, '0.05' -> 5% of the pool."""
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            raise SystemExit(f"--budget must be an integer (rows) or a float in (0, 1] (pool share), got {text!r}.")
+
+
+def _group_shares(rows: Dataset, column: str) -> dict[str, float]:
+    if column not in rows.column_names or len(rows) == 0:
+        return {}
+    values = [str(value) for value in rows[column]]
+    return {value: values.count(value) / len(values) for value in sorted(set(values))}
+
+
+def _selection_options(configs: tuple) -> dict:
+    """The fields of the parsed config dataclasses as select_by_influence keyword options."""
+    return {name: value for config in configs for name, value in asdict(config).items()}
+
+
+def _write_selection(output: Path, selected: Dataset, table: ScoreTable, report: dict) -> None:
+    """selected.jsonl, scores/ and report.json under output, each written atomically."""
+    output.mkdir(parents=True, exist_ok=True)
+    lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in selected)
+    atomic_write_bytes(output / "selected.jsonl", lines.encode())
+    table.save(output / "scores")
+    atomic_write_json(output / "report.json", report)
+
+
+def _print_report(report: dict) -> None:
+    seconds = report["seconds"]
+    print(f"\n{report['method']}: selected {report['selected_rows']} of {report['pool_rows']} pool rows "
+          f"for {report['target_rows']} target rows in {seconds.get('total', 0.0):.1f} s")
+    print("  stages: " + ", ".join(f"{stage} {value:.1f} s" for stage, value in seconds.items() if stage != "total"))
+    if report["selected_share"]:
+        print(f"\n  {'group':<32}{'pool share':>12}{'selected share':>16}")
+        for group, share in sorted(report["pool_share"].items(), key=lambda item: -report["selected_share"].get(item[0], 0)):
+            print(f"  {group:<32}{share:>12.3f}{report['selected_share'].get(group, 0.0):>16.3f}")
+
+
+def _select_and_report(pool: Dataset, target: Dataset, model, tokenizer, budget, options: dict, group_column: str):
+    selected, table = select_by_influence(pool, target, model=model, tokenizer=tokenizer, budget=budget,
+                                          return_scores=True, **options)
+    report = {
+        "method": table.provenance["method"], "model_id": table.provenance["model_id"],
+        "pool_rows": len(pool), "target_rows": len(target), "selected_rows": len(selected),
+        "seconds": table.provenance["details"].get("seconds", {}),
+        "pool_share": _group_shares(pool, group_column), "selected_share": _group_shares(selected, group_column),
+    }
+    return selected, table, report
+
+
+SELECT_CONFIGS = (SelectionConfig, FormattingConfig, GradientConfig, JVPConfig, WarmupConfig, LoraSettings)
 
 
 def run_demo(argv: list[str]) -> dict:
-    """Main job: gradients and JVP embeddings of the demo pool and a math target on the default model."""
+    """Main job: Influence Distillation vs random on a generated multi-domain pool for a math target."""
     from .demo import demo_pool, demo_target
 
-    demo, model_args, lora, formatting, gradient_config, jvp_config = _parse(
-        argv,
-        (DemoArguments, ModelArguments, LoraSettings, FormattingConfig, GradientConfig, JVPConfig),
-        "Extract per-sample LoRA gradients and JVP embeddings of a generated multi-domain pool and a math "
-        "target on the embedded default model, and summarise how each domain aligns with the target.",
+    demo, model_args, *configs = _parse(
+        argv, (DemoArguments, ModelArguments, *SELECT_CONFIGS),
+        "Select training rows for a math target from a generated multi-domain pool (math, code, extractive QA, "
+        "classification) with Influence Distillation on the embedded default model, and compare with random.",
     )
-    output = Path(demo.output)
+    options = _selection_options(configs)
+    if options["num_landmarks"] == SelectionConfig.num_landmarks:  # not set: a quarter of the pool, to show KRR
+        options["num_landmarks"] = demo.rows_per_domain
+    if options["response_column"] is None:
+        options["response_column"] = "solution"  # the math target's worked answer (pool rows are chat rows)
     model, tokenizer = _load(model_args)
     pool = demo_pool(demo.rows_per_domain, seed=demo.data_seed)
     target = demo_target("math", demo.target_rows, seed=demo.data_seed + 1)
-    formatted_pool = format_dataset(pool, tokenizer, formatting)
-    target_formatting = FormattingConfig(**{**asdict(formatting), "response_column": "solution"})
-    formatted_target = format_dataset(target, tokenizer, target_formatting)
-
-    started = time.perf_counter()
-    embeddings = extract_jvp_embeddings(model, formatted_pool.dataset, output / "pool_jvp", jvp_config)
-    target_embeddings = extract_jvp_embeddings(model, formatted_target.dataset, output / "target_jvp", jvp_config)
-    jvp_seconds = time.perf_counter() - started
-    model = add_lora(model, lora)
-    started = time.perf_counter()
-    pool_gradients = extract_gradients(model, formatted_pool.dataset, output / "pool_gradients", gradient_config)
-    target_gradients = extract_gradients(model, formatted_target.dataset, output / "target_gradients", gradient_config)
-    gradient_seconds = time.perf_counter() - started
-
-    gradient_cosine = _cosine_to_mean(pool_gradients.to_tensor(), target_gradients.to_tensor())
-    jvp_cosine = _cosine_to_mean(embeddings.to_tensor(), target_embeddings.to_tensor())
-    sources = [pool[int(i)]["source"] for i in pool_gradients.row_ids]
-    rows = []
-    for source in sorted(set(sources)):
-        members = torch.tensor([s == source for s in sources])
-        rows.append({
-            "source": source,
-            "rows": int(members.sum()),
-            "gradient_cosine_to_target": float(gradient_cosine[members].mean()),
-            "jvp_cosine_to_target": float(jvp_cosine[members].mean()),
-        })
-    total_rows = len(pool_gradients) + len(target_gradients)
-    summary = {
-        "model": model_args.model,
-        "pool_rows": len(pool),
-        "target_rows": len(target),
-        "skipped_pool_rows": formatted_pool.skipped,
-        "gradient_dim": pool_gradients.dim,
-        "jvp_dim": embeddings.dim,
-        "gradient_rows_per_s": total_rows / gradient_seconds,
-        "jvp_rows_per_s": total_rows / jvp_seconds,
-        "by_source": rows,
-    }
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"\nModel {model_args.model}: {len(pool)} pool rows, {len(target)} math target rows")
-    print(f"Gradients: {pool_gradients.dim}-d, {summary['gradient_rows_per_s']:.1f} rows/s;"
-          f" JVP embeddings: {embeddings.dim}-d, {summary['jvp_rows_per_s']:.1f} rows/s")
-    print(f"\n{'source':<24}{'rows':>6}{'grad cos to target':>22}{'JVP cos to target':>20}")
-    for row in sorted(rows, key=lambda r: -r["gradient_cosine_to_target"]):
-        print(f"{row['source']:<24}{row['rows']:>6}{row['gradient_cosine_to_target']:>22.4f}{row['jvp_cosine_to_target']:>20.4f}")
-    print(f"\nStores and summary.json in {output}/")
+    output = Path(demo.output)
+    summary = {}
+    for method in (options["method"], "random"):
+        selected, table, report = _select_and_report(pool, target, model, tokenizer, _budget(demo.demo_budget),
+                                                     {**options, "method": method}, "source")
+        _write_selection(output / method, selected, table, report)
+        _print_report(report)
+        summary[method] = {"in_domain_share": report["selected_share"].get("demo/math", 0.0),
+                           "seconds": report["seconds"].get("total")}
+    print(f"\nShare of the selection from the target's domain (demo/math; pool share "
+          f"{_group_shares(pool, 'source')['demo/math']:.2f}):")
+    for method, row in summary.items():
+        print(f"  {method:<28}{row['in_domain_share']:.2f}")
+    atomic_write_json(output / "summary.json", summary)
+    print(f"\nSelections, score tables and reports in {output}/")
     return summary
+
+
+def run_select(argv: list[str]) -> dict:
+    """Select --budget rows of --pool for --target; write selected.jsonl, the score table and a report."""
+    args, model_args, *configs = _parse(
+        argv, (SelectArguments, ModelArguments, *SELECT_CONFIGS),
+        "Select the pool rows that help most on the target (Influence Distillation by default; --method for "
+        "influence_distillation_exact, less, rds, random).",
+    )
+    if not args.pool or not args.target:
+        raise SystemExit("--pool and --target are required: a jsonl/json/parquet/csv file, a folder, or a Hub id.")
+    pool = load_rows(args.pool, split=args.pool_split, limit=args.pool_limit)
+    target = load_rows(args.target, split=args.target_split, limit=args.target_limit)
+    model, tokenizer = _load(model_args)
+    selected, table, report = _select_and_report(pool, target, model, tokenizer, _budget(args.budget),
+                                                 _selection_options(configs), args.group_column)
+    _write_selection(Path(args.output), selected, table, report)
+    _print_report(report)
+    print(f"\nselected.jsonl, scores/ and report.json in {args.output}/")
+    return report
 
 
 def _formatted_input(data: DataArguments, formatting: FormattingConfig, tokenizer):
@@ -229,7 +306,7 @@ def run_embed(argv: list[str]) -> None:
     print(f"{len(store)} rows x {store.dim} JVP embedding store in {data.output} ({len(formatted.skipped)} rows skipped)")
 
 
-COMMANDS = {"demo": run_demo, "gradients": run_gradients, "embed": run_embed}
+COMMANDS = {"demo": run_demo, "select": run_select, "gradients": run_gradients, "embed": run_embed}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -40,3 +40,45 @@ def test_gradients_command_on_a_local_model_and_file(tmp_path, capsys):
     assert manifest["num_rows"] == 5 and manifest["config"]["projection_dim"] == 64
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
         cli.main(["gradients", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "missing.jsonl")])
+
+
+FAST_FLAGS = ["--num_blocks", "1", "--projection_dim", "128", "--jvp_projection_dim", "64", "--warmup_fraction", "0.25",
+              "--show_progress", "false", "--warmup_show_progress", "false"]
+
+
+@pytest.fixture
+def tiny_model_folder(tmp_path):
+    model, tokenizer = tiny_causal_lm("llama")
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    return str(tmp_path / "model")
+
+
+def test_select_command_writes_rows_scores_and_report(tmp_path, tiny_model_folder, capsys):
+    from hf_influence import ScoreTable
+    from hf_influence.demo import demo_pool, demo_target
+
+    demo_pool(4, seed=0).to_json(tmp_path / "pool.jsonl")
+    demo_target("code", 3, seed=1).to_json(tmp_path / "target.jsonl")
+    output = tmp_path / "selection"
+    report = cli.run_select(["--pool", str(tmp_path / "pool.jsonl"), "--target", str(tmp_path / "target.jsonl"),
+                             "--budget", "0.25", "--output", str(output), "--model", tiny_model_folder,
+                             "--num_landmarks", "8", *FAST_FLAGS])
+    rows = [json.loads(line) for line in (output / "selected.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and set(rows[0]) == {"id", "source", "messages"}
+    table = ScoreTable.load(output / "scores")
+    assert table.provenance["selected_pool_row_ids"] and int(table.landmark_mask.sum()) == 8
+    assert json.loads((output / "report.json").read_text()) == report
+    assert sum(report["pool_share"].values()) == pytest.approx(1.0)
+    assert "selected share" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="budget"):
+        cli.run_select(["--pool", str(tmp_path / "pool.jsonl"), "--target", str(tmp_path / "target.jsonl"),
+                        "--budget", "lots", "--model", tiny_model_folder])
+
+
+def test_demo_command_compares_with_random(tmp_path, tiny_model_folder, capsys):
+    summary = cli.run_demo(["--model", tiny_model_folder, "--rows_per_domain", "4", "--target_rows", "2",
+                            "--demo_budget", "4", "--output", str(tmp_path / "demo"), *FAST_FLAGS])
+    assert set(summary) == {"influence_distillation", "random"}
+    assert (tmp_path / "demo" / "influence_distillation" / "selected.jsonl").exists()
+    assert "Share of the selection from the target's domain" in capsys.readouterr().out
