@@ -122,6 +122,16 @@ def test_predict_chunked_equals_unchunked_and_keeps_shape():
         LandmarkRegressor().fit(x[:50], exact[:50], kernel="cosine")
 
 
+@pytest.mark.parametrize("kernel", ["rbf", "linear"])
+def test_transfer_matrix_reproduces_predictions(kernel):
+    x, exact = smooth_problem(n=300)
+    landmarks = select_landmarks(x.shape[0], 40, seed=1)
+    regressor = LandmarkRegressor().fit(x[landmarks], exact[landmarks], kernel=kernel, ridge=0.01)
+    transfer = regressor.transfer_matrix(x, chunk_rows=70)
+    assert transfer.shape == (300, 40)
+    torch.testing.assert_close(transfer @ exact[landmarks], regressor.predict(x), rtol=1e-8, atol=1e-8)
+
+
 @pytest.mark.parametrize("method", ["uniform", "kmeans++"])
 def test_select_landmarks_deterministic_unique_sorted(method):
     embeddings = torch.randn(300, 5, generator=generator(0))
