@@ -8,6 +8,7 @@ fetched with pip (no dependencies), dequantized once to float32 and cached as an
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -19,6 +20,8 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .store import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +98,7 @@ def smollm2_offline_folder() -> Path:
     """
     target = cache_dir() / "SmolLM2-135M-Instruct-fp32"
     if (target / "config.json").exists():
+        _drop_gguf_quantization_config(target / "config.json")
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".smollm2-build-") as workdir:
@@ -103,8 +107,12 @@ def smollm2_offline_folder() -> Path:
 
         gguf_model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        # save_pretrained refuses GGUF-loaded models: copy the weights into a plain model first.
-        model = LlamaForCausalLM(gguf_model.config)
+        # save_pretrained refuses GGUF-loaded models: copy the weights into a plain model first. The weights
+        # are dequantized fp32, so the GGUF quantization_config must go too (Trainer refuses to train on it).
+        config = gguf_model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = LlamaForCausalLM(config)
         model.load_state_dict(gguf_model.state_dict(), strict=True)
         build = Path(workdir) / "model"
         model.save_pretrained(build)
@@ -116,6 +124,14 @@ def smollm2_offline_folder() -> Path:
             if not (target / "config.json").exists():
                 raise
     return target
+
+
+def _drop_gguf_quantization_config(config_path: Path) -> None:
+    """Repair caches built before the GGUF quantization_config was dropped (the weights are plain fp32)."""
+    config = json.loads(config_path.read_text())
+    if "quantization_config" in config:
+        del config["quantization_config"]
+        atomic_write_json(config_path, config)
 
 
 def _fetch_smollm2_gguf(workdir: Path) -> Path:

@@ -49,6 +49,10 @@ class WarmupConfig:
         warmup_max_rows: cap on the number of warm-up rows; None for no cap.
         warmup_epochs: passes over the warm-up rows (may be fractional); ignored when warmup_max_steps > 0.
         warmup_max_steps: number of optimizer steps; -1 trains for warmup_epochs instead.
+        warmup_min_steps: with warmup_max_steps=-1, train at least this many steps (cycling the slice): from
+            PEFT's B = 0 start, one or two steps leave the second moment of most LoRA A coordinates at ~0, and
+            Adam's preconditioner a2 / (sqrt(v) + eps) then blows up there (measured: a 1-step warm-up on the
+            demo made selection worse than random; 8 steps fixed it).
         warmup_learning_rate: AdamW learning rate, constant during warm-up (LESS uses 2e-5).
         warmup_batch_size: rows per device batch.
         warmup_gradient_accumulation_steps: batches accumulated per optimizer step.
@@ -61,6 +65,7 @@ class WarmupConfig:
     warmup_max_rows: int | None = None
     warmup_epochs: float = 1.0
     warmup_max_steps: int = -1
+    warmup_min_steps: int = 10
     warmup_learning_rate: float = 2e-5
     warmup_batch_size: int = 4
     warmup_gradient_accumulation_steps: int = 1
@@ -86,6 +91,8 @@ class WarmupConfig:
             fail("warmup_epochs", "a finite number > 0")
         if not is_int(self.warmup_max_steps) or (self.warmup_max_steps != -1 and self.warmup_max_steps < 1):
             fail("warmup_max_steps", "-1 (train for warmup_epochs) or an integer >= 1")
+        if not is_int(self.warmup_min_steps) or self.warmup_min_steps < 0:
+            fail("warmup_min_steps", "an integer >= 0")
         if (
             not is_number(self.warmup_learning_rate)
             or not math.isfinite(self.warmup_learning_rate)
@@ -210,6 +217,15 @@ def warmup(
     return WarmupResult(optimizer=optimizer, row_ids=row_ids, losses=losses, steps=steps)
 
 
+def _max_steps(config: WarmupConfig, num_rows: int) -> int:
+    """The Trainer's max_steps: warmup_max_steps, else -1 (epochs) unless the epochs give < warmup_min_steps."""
+    if config.warmup_max_steps > 0:
+        return int(config.warmup_max_steps)
+    per_epoch = math.ceil(num_rows / (config.warmup_batch_size * config.warmup_gradient_accumulation_steps))
+    epoch_steps = math.ceil(config.warmup_epochs * per_epoch)
+    return int(config.warmup_min_steps) if epoch_steps < config.warmup_min_steps else -1
+
+
 def _make_trainer(model, tokenizer, train_dataset, config, output_dir, device, model_dtype):
     from transformers import PrinterCallback
     from trl import SFTConfig, SFTTrainer
@@ -218,7 +234,7 @@ def _make_trainer(model, tokenizer, train_dataset, config, output_dir, device, m
     args = SFTConfig(
         output_dir=output_dir,
         num_train_epochs=float(config.warmup_epochs),
-        max_steps=int(config.warmup_max_steps),
+        max_steps=_max_steps(config, len(train_dataset)),
         learning_rate=float(config.warmup_learning_rate),
         # Constant lr (no warm-up ratio, no decay): the optimizer's final lr is then exactly warmup_learning_rate,
         # the eta of the affine step taken from it, and every parameter group has the same lr (affine_step refuses

@@ -26,7 +26,8 @@ POOL_ROWS = CHAT_ROWS * 8  # 40 rows
 
 
 def config(**overrides):
-    settings = {"warmup_learning_rate": 1e-3, "warmup_batch_size": 2, "warmup_show_progress": False}
+    settings = {"warmup_learning_rate": 1e-3, "warmup_batch_size": 2, "warmup_show_progress": False,
+                "warmup_min_steps": 0}
     settings.update(overrides)
     return WarmupConfig(**settings)
 
@@ -97,6 +98,13 @@ def test_warmup_trains_lora_and_feeds_affine_step():
     assert (step.scale > 0).all() and step.drift.abs().sum() > 0
 
 
+def test_min_steps_cycles_a_small_slice(pool):
+    model, tokenizer = lora_model(seed=0)
+    result = warmup(model, tokenizer, pool.select(range(5)), config(warmup_fraction=1.0, warmup_min_steps=7))
+    assert result.steps == 7 == len(result.losses)  # one epoch would be ceil(5 / 2) = 3 steps
+    assert result.row_ids == [0, 1, 2, 3, 4]
+
+
 def test_slice_size_cap_max_steps_and_accumulation(pool):
     model, tokenizer = lora_model()
     settings = config(
@@ -156,6 +164,7 @@ def test_first_step_loss_is_our_response_only_token_mean():
         ("warmup_max_rows", 0),
         ("warmup_epochs", 0.0),
         ("warmup_max_steps", 0),
+        ("warmup_min_steps", -1),
         ("warmup_learning_rate", -1e-5),
         ("warmup_learning_rate", float("nan")),
         ("warmup_batch_size", 0),
