@@ -143,7 +143,7 @@ def _lora_layers(model: nn.Module) -> list[TrackedLayer]:
 
 
 def _pattern_layers(model: nn.Module, pattern: str) -> list[TrackedLayer]:
-    decoder, lm_head = causal_lm_parts(model)
+    decoder, _ = causal_lm_parts(model)
     regex = re.compile(pattern)
     layers = [
         TrackedLayer(name, module)

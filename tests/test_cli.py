@@ -42,7 +42,7 @@ def test_gradients_command_on_a_local_model_and_file(tmp_path, capsys):
         cli.main(["gradients", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "missing.jsonl")])
 
 
-FAST_FLAGS = ["--num_blocks", "1", "--projection_dim", "128", "--jvp_projection_dim", "64", "--warmup_fraction", "0.25",
+FAST_FLAGS = ["--num_blocks", "1", "--warmup_min_steps", "2", "--projection_dim", "128", "--jvp_projection_dim", "64", "--warmup_fraction", "0.25",
               "--show_progress", "false", "--warmup_show_progress", "false"]
 
 

@@ -13,7 +13,8 @@ from hf_influence.influence import register_dataset_method
 from hf_influence.testing import tiny_causal_lm
 
 # Small and quiet: 1 JVP block (the tiny model has 2), short warm-up, small projections.
-FAST = {"num_blocks": 1, "warmup_fraction": 0.25, "warmup_show_progress": False, "show_progress": False,
+FAST = {"num_blocks": 1, "warmup_fraction": 0.25, "warmup_min_steps": 2, "warmup_show_progress": False,
+        "show_progress": False,
         "projection_dim": 512, "jvp_projection_dim": 256}
 
 
@@ -38,11 +39,18 @@ def _select(pool, target, model, **options):
                                **{**FAST, **options})
 
 
-@pytest.mark.parametrize("optimizer_state", ["warmup", "gd"])
-@pytest.mark.parametrize("order", [1, 2])
-def test_landmarks_equal_to_the_pool_reproduce_exact_influence(pool, target, model, optimizer_state, order):
-    options = {"budget": 6, "optimizer_state": optimizer_state, "order": order, "step_size": 1e-3}
-    selected, table = _select(pool, target, model, num_landmarks=len(pool), **options)
+@pytest.mark.parametrize(
+    ("optimizer_state", "order", "hessian", "landmark_selection", "kernel"),
+    [("warmup", 1, "exact", "uniform", "rbf"), ("gd", 1, "exact", "kmeans++", "linear"),
+     ("warmup", 2, "exact", "uniform", "rbf"), ("gd", 2, "exact", "uniform", "rbf"),
+     ("warmup", 2, "gauss_newton", "kmeans++", "rbf")],
+)
+def test_landmarks_equal_to_the_pool_reproduce_exact_influence(pool, target, model, optimizer_state, order, hessian,
+                                                               landmark_selection, kernel):
+    options = {"budget": 6, "optimizer_state": optimizer_state, "order": order, "step_size": 1e-3,
+               "hessian": hessian}
+    selected, table = _select(pool, target, model, num_landmarks=len(pool), landmark_selection=landmark_selection,
+                              kernel=kernel, **options)
     exact_selected, exact_table = _select(pool, target, model, method="influence_distillation_exact", **options)
     scores, rows, targets = table.to_matrix()
     exact_scores, exact_rows, exact_targets = exact_table.to_matrix()
