@@ -477,45 +477,95 @@ def select_by_influence(
         options["method"] = method
     configs = split_options(options)
     config: SelectionConfig = configs[SelectionConfig]
-    pool, target = _as_dataset(pool, "pool"), _as_dataset(target, "target")
+    pool = _as_dataset(pool, "pool")
     budget_rows = resolve_budget(budget, len(pool))
-    function, default_rule, needs_model = METHODS[config.method]
-    rule = config.selection or default_rule
+    rule = config.selection or METHODS[config.method][1]
     if rule == "weighted" and config.method not in ("influence_distillation", "influence_distillation_exact"):
         raise ValueError(f"selection='weighted' needs robust weights; method {config.method!r} has none.")
     start = time.perf_counter()
+    run = _compute(pool, target, model, tokenizer, optimizer, configs, budget_rows)
+    output = run.output
+    with _Timer(run.details.setdefault("seconds", {}), "selection"):
+        if rule == "weighted":
+            chosen = weighted_sample(output.weights, budget_rows, seed=config.selection_seed)
+        else:
+            groups = run.target_tasks if rule in ("round_robin_task", "less") else None
+            chosen = select_indices(output.scores, budget_rows, rule=rule, seed=config.selection_seed,
+                                    target_groups=groups)
+    selected_rows = [run.pool_row_ids[i] for i in chosen.tolist()]
+    selected = pool.select(selected_rows)
+    if not return_scores:
+        return selected
+    run.details["seconds"]["total"] = time.perf_counter() - start
+    return selected, run.score_table(selection=rule, budget=budget_rows, selected_pool_row_ids=selected_rows)
+
+
+@dataclass
+class ScoreRun:
+    """The scores of one method run, before selection.
+
+    Attributes:
+        output: the method's scores [n, m] over the usable pool rows, weights [n], landmark mask [n].
+        pool_row_ids: [n] the pool row (index into the given pool) of each score row.
+        target_names: [m] target sample ids.
+        target_tasks: [m] task of each target column (None when the target has no task column).
+        skipped: {pool row: reason} for pool rows formatting could not use.
+        configs: every config used.
+        provenance: model id and revision, method, configs, fingerprints, skipped rows.
+        details: stage timings ("seconds") and method details (e.g. num_landmarks).
+    """
+
+    output: MethodOutput
+    pool_row_ids: list[int]
+    target_names: list[str]
+    target_tasks: list[str] | None
+    skipped: dict
+    configs: dict
+    provenance: dict
+    details: dict
+
+    def score_table(self, **provenance: Any) -> ScoreTable:
+        """The ScoreTable of this run, with extra provenance fields (e.g. the selection)."""
+        record = provenance_record(**self.provenance, **provenance, details=self.details)
+        return ScoreTable.from_matrix(self.output.scores, self.pool_row_ids, self.target_names,
+                                      weights=self.output.weights, landmark_mask=self.output.landmark_mask,
+                                      provenance=record)
+
+
+def compute_scores(pool: Dataset | list[dict] | str, target: Dataset | list[dict] | str,
+                   model: str | nn.Module | None = None, method: str | None = None, tokenizer=None,
+                   optimizer: torch.optim.Optimizer | None = None, **options: Any) -> ScoreRun:
+    """Run a method's scoring without selecting: the arguments of `select_by_influence` without budget.
+
+    Returns:
+        ScoreRun; `run.output.scores` is [usable pool rows, target rows] (`run.pool_row_ids` maps rows back).
+    """
+    if method is not None:
+        options["method"] = method
+    return _compute(_as_dataset(pool, "pool"), target, model, tokenizer, optimizer, split_options(options), None)
+
+
+def _compute(pool: Dataset, target, model, tokenizer, optimizer, configs: dict, budget_rows: int | None) -> ScoreRun:
+    config = configs[SelectionConfig]
+    target = _as_dataset(target, "target")
+    function, _, needs_model = METHODS[config.method]
     if needs_model:
         model, tokenizer, restore = _prepare_model(model, tokenizer, configs)
     else:
         model, restore = None, lambda: None
     try:
-        run = _run_method(function, pool, target, model, tokenizer, optimizer, budget_rows, configs)
+        output, context, pool_row_ids, target_names, tasks, skipped = _run_method(
+            function, pool, target, model, tokenizer, optimizer, budget_rows, configs)
     finally:
         restore()
-    output, context, pool_row_ids, target_names, tasks, skipped = run
-    with context.timed("selection"):
-        if rule == "weighted":
-            chosen = weighted_sample(output.weights, budget_rows, seed=config.selection_seed)
-        else:
-            groups = tasks if rule in ("round_robin_task", "less") else None
-            chosen = select_indices(output.scores, budget_rows, rule=rule, seed=config.selection_seed,
-                                    target_groups=groups)
-    selected_rows = [pool_row_ids[i] for i in chosen.tolist()]
-    selected = pool.select(selected_rows)
-    if not return_scores:
-        return selected
     model_id, revision = model_identity(model) if model is not None else (None, None)
-    context.details["seconds"]["total"] = time.perf_counter() - start
-    provenance = provenance_record(
-        model_id=model_id, model_revision=revision, method=config.method, selection=rule, budget=budget_rows,
-        configs={config_type.__name__: asdict(value) for config_type, value in configs.items()},
-        pool_fingerprint=fingerprint_dataset(pool), target_fingerprint=fingerprint_dataset(target),
-        skipped_pool_rows={str(row): reason for row, reason in skipped.items()},
-        selected_pool_row_ids=selected_rows, details=context.details,
-    )
-    table = ScoreTable.from_matrix(output.scores, pool_row_ids, target_names, weights=output.weights,
-                                   landmark_mask=output.landmark_mask, provenance=provenance)
-    return selected, table
+    provenance = {
+        "model_id": model_id, "model_revision": revision, "method": config.method,
+        "configs": {config_type.__name__: asdict(value) for config_type, value in configs.items()},
+        "pool_fingerprint": fingerprint_dataset(pool), "target_fingerprint": fingerprint_dataset(target),
+        "skipped_pool_rows": {str(row): reason for row, reason in skipped.items()},
+    }
+    return ScoreRun(output, pool_row_ids, target_names, tasks, skipped, configs, provenance, context.details)
 
 
 def _run_method(function, pool, target, model, tokenizer, optimizer, budget_rows, configs):
@@ -534,7 +584,7 @@ def _run_method(function, pool, target, model, tokenizer, optimizer, budget_rows
         logger.warning("%d pool rows are skipped and cannot be selected: %s", len(formatted_pool.skipped),
                        dict(list(formatted_pool.skipped.items())[:10]))
     usable = len(formatted_pool.dataset)
-    if budget_rows > usable:
+    if budget_rows is not None and budget_rows > usable:
         raise SelectionError(f"budget {budget_rows} is larger than the {usable} usable pool rows "
                              f"({len(formatted_pool.skipped)} of {len(pool)} were skipped by formatting).")
     with tempfile.TemporaryDirectory(prefix="hf_influence_") as scratch:
