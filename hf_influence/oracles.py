@@ -10,6 +10,8 @@ what a distilled network is only valid for.
 - `DeliftOracle`: DELIFT's in-context utility. With a valuation LM, for target j with prompt x_j and response y_j,
   u(i, j) = d(y_j | x_j) - d(y_j | example_i, x_j), where d is the mean negative log-likelihood (nats per token)
   of y_j's tokens: u > 0 means showing pool example i in context made y_j more likely.
+- `MethodOracle`: any scoring method of `select_by_influence` (Influence Distillation first order, exact or
+  with landmarks; LESS; RDS+) on the block, with the method's model, warm-up and options.
 - `SelectITOracle`: SelectIT's self-reflection score (Liu et al., 2024), pointwise: the LM rates each
   (instruction, response) pair on a 1..K scale under several rating prompts, and the score is read from the
   next-token probabilities of the K rating digits.
@@ -33,7 +35,7 @@ from .embeddings import cosine_scores
 from .encoders import DEFAULT_ENCODER, TEXT_FORMAT, encode_rows, encoder_identity, load_encoder, prompt_and_response
 from .formatting import IGNORE_INDEX, FormattingConfig, FormattingError, format_dataset, pad_batch
 from .gradients import causal_lm_parts, per_sample_losses
-from .models import model_identity
+from .models import DEFAULT_MODEL, model_identity
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -122,6 +124,49 @@ class DeliftSEOracle(Oracle):
         encoder_id, revision = encoder_identity(self.encoder)
         return {"name": self.name, "pointwise": self.pointwise, "encoder_id": encoder_id,
                 "encoder_revision": revision, "text_format": TEXT_FORMAT, "response_column": self.response_column}
+
+
+class MethodOracle(Oracle):
+    """A registered selection method's scores as an oracle, e.g. Influence Distillation or LESS.
+
+    Args:
+        method: a method of `hf_influence.select_by_influence` that scores pairs ("influence_distillation_exact",
+            the default: first-order ID with every block row's gradient; "influence_distillation"; "less"; "rds").
+        model, tokenizer, optimizer: as for `select_by_influence` (model None: the embedded default).
+        **options: fields of the selection config dataclasses (e.g. max_length, projection_dim, warmup_*).
+            The warm-up is seeded and the model is restored after each block, so blocks are consistent.
+    """
+
+    pointwise = False
+
+    def __init__(self, method: str = "influence_distillation_exact", model=None, tokenizer=None,
+                 optimizer: torch.optim.Optimizer | None = None, **options: Any):
+        from .influence import METHODS, split_options
+
+        if method not in METHODS or method == "random":
+            raise ValueError(f"MethodOracle needs a scoring method of {sorted(set(METHODS) - {'random'})}, "
+                             f"got {method!r}")
+        self.name, self.model, self.tokenizer, self.optimizer = method, model, tokenizer, optimizer
+        self.options = {**options, "method": method}
+        self.configs = split_options(dict(self.options))  # validates the options now, not at the first block
+
+    def _compute(self, pool_rows: Rows, target_rows: Rows) -> Tensor:
+        from .influence import compute_scores
+
+        pool = pool_rows if isinstance(pool_rows, Dataset) else Dataset.from_list(list(pool_rows))
+        target = target_rows if isinstance(target_rows, Dataset) else Dataset.from_list(list(target_rows))
+        run = compute_scores(pool, target, model=self.model, tokenizer=self.tokenizer, optimizer=self.optimizer,
+                             **self.options)
+        if run.skipped:
+            raise FormattingError(f"Pool rows cannot be scored by {self.name} (row: reason): {run.skipped}")
+        self.last_details = run.details
+        return run.output.scores
+
+    def identity(self) -> dict[str, Any]:
+        model = self.model or DEFAULT_MODEL
+        model = model if isinstance(model, str) else model_identity(model)[0]
+        return {"name": self.name, "pointwise": False, "model_id": model,
+                "configs": {type(c).__name__: dataclasses.asdict(c) for c in self.configs.values()}}
 
 
 class _LMOracle(Oracle):

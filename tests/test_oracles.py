@@ -239,3 +239,27 @@ def test_invalid_settings_are_refused(tiny):
                            show_progress=False)
     assert plain.rating_text(TARGETS[0], "Rate it.")[0] == "Rate it.\n\nInstruction: What is 12 plus 7?\n\nResponse: 19\nThe answer is:\n"
     assert plain.compute_block(TARGETS).shape == (len(TARGETS), 1)
+
+
+def test_method_oracle_is_the_methods_score_matrix():
+    from conftest import lora_model
+
+    from hf_influence import select_by_influence
+    from hf_influence.demo import demo_pool, demo_target
+    from hf_influence.oracles import MethodOracle
+
+    pool, target = demo_pool(2, seed=0), demo_target("code", 3, seed=1)
+    model, tokenizer = lora_model(seed=0)
+    options = {"optimizer_state": "gd", "projection_dim": 256, "show_progress": False}
+    oracle = MethodOracle("less", model=model, tokenizer=tokenizer, **options)
+    block = oracle.compute_block(pool, target)
+    assert block.shape == (len(pool), len(target)) and block.dtype == torch.float32
+    _, table = select_by_influence(pool, target, model=model, tokenizer=tokenizer, budget=2, method="less",
+                                   return_scores=True, **options)
+    torch.testing.assert_close(block, table.to_matrix()[0])
+    torch.testing.assert_close(oracle.compute_block(pool.select([3, 1]), target), block[[3, 1]])
+    assert oracle.identity()["name"] == "less"
+    with pytest.raises(ValueError, match="scoring method"):
+        MethodOracle("random")
+    with pytest.raises(TypeError, match="Unknown option"):
+        MethodOracle("less", no_such_option=1)
