@@ -10,10 +10,12 @@ from .extract import extract_gradients, extract_jvp_embeddings
 from .formatting import FormattedDataset, FormattingConfig, FormattingError, format_dataset, pad_batch
 from .gradients import GradientConfig, GradientError, PerSampleGradients, per_sample_losses
 from .hessian import TargetHessian
-from .hub import load_score_table, push_score_table
+from .hub import load_score_table, push_influence_network, push_score_table
 from .influence import METHODS, SelectionConfig, register_dataset_method, register_method, select_by_influence
 from .jvp import JVPConfig, JVPEmbedder
 from .models import DEFAULT_MODEL, LoraSettings, add_lora, load_model
+from .network import InfluenceNetwork
+from .nn_cift import NNCIFTConfig, NNCIFTResult, nn_cift
 from .optimizers import AffineStep, OptimizerStateError, affine_step
 from .projection import make_projector
 from .scores import ScoreTable, ScoreTableError
@@ -34,10 +36,13 @@ __all__ = [
     "FormattingError",
     "GradientConfig",
     "GradientError",
+    "InfluenceNetwork",
     "JVPConfig",
     "JVPEmbedder",
     "LandmarkRegressor",
     "LoraSettings",
+    "NNCIFTConfig",
+    "NNCIFTResult",
     "OptimizerStateError",
     "PerSampleGradients",
     "ScoreTable",
@@ -61,8 +66,10 @@ __all__ = [
     "load_optimizer_state",
     "load_score_table",
     "make_projector",
+    "nn_cift",
     "pad_batch",
     "per_sample_losses",
+    "push_influence_network",
     "push_score_table",
     "register_method",
     "resolve_budget",

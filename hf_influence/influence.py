@@ -39,6 +39,7 @@ from .gradients import GradientConfig, PerSampleGradients
 from .hessian import HESSIAN_KINDS, TargetHessian
 from .jvp import JVPConfig
 from .models import DEFAULT_MODEL, LoraSettings, add_lora, load_model, model_identity
+from .nn_cift import NNCIFTConfig, nn_cift
 from .optimizers import AffineStep, affine_step
 from .scores import ScoreTable, provenance_record
 from .selection import RULES, SelectionError, resolve_budget, select_indices, weighted_sample
@@ -54,7 +55,8 @@ class SelectionConfig:
 
     Attributes:
         method: registered method: "influence_distillation" (landmarks), "influence_distillation_exact"
-            (gradients of every pool row), "less", "rds" (RDS+ embeddings) or "random".
+            (gradients of every pool row), "less", "rds" (RDS+ embeddings), "nn_cift" (an oracle distilled into
+            an InfluenceNetwork, see NNCIFTConfig) or "random".
         selection: "round_robin" (each target sample in turn takes its best remaining row), "round_robin_task"
             (the same over target tasks), "mean_top_k", "less" (mean within task, max over tasks), "weighted"
             (sample rows with probability proportional to the robust weights); None: the method's default.
@@ -109,7 +111,7 @@ class SelectionConfig:
             raise ValueError("SelectionConfig.kernel_ridge must be >= 0 and robust_lambda > 0")
 
 
-CONFIG_TYPES = (SelectionConfig, FormattingConfig, GradientConfig, JVPConfig, WarmupConfig, LoraSettings)
+CONFIG_TYPES = (SelectionConfig, FormattingConfig, GradientConfig, JVPConfig, WarmupConfig, LoraSettings, NNCIFTConfig)
 
 
 @dataclass
@@ -123,6 +125,8 @@ class Context:
     configs: dict[type, Any]
     optimizer: torch.optim.Optimizer | None
     work_dir: Path
+    raw_pool: Dataset | None = None  # the user's pool rows behind `pool` (same order), for text-based methods
+    raw_target: Dataset | None = None
     details: dict = field(default_factory=dict)
 
     @property
@@ -348,6 +352,21 @@ def rds(context: Context) -> MethodOutput:
         pool = lm_pooled_embeddings(context.model, context.pool, pad_token_id=pad, show_progress=show)
         target = lm_pooled_embeddings(context.model, context.target, pad_token_id=pad, show_progress=show)
     return MethodOutput(cosine_scores(pool, target, chunk_rows=context.config.chunk_rows))
+
+
+@register_method("nn_cift", default_selection="round_robin")
+def nn_cift_method(context: Context) -> MethodOutput:
+    """NN-CIFT: an oracle (NNCIFTConfig.oracle) on a u-block, an InfluenceNetwork fitted on it predicts the rest."""
+    oracle_options = {name: value for config_type, config in context.configs.items()
+                      if config_type not in (SelectionConfig, NNCIFTConfig) for name, value in asdict(config).items()}
+    result = nn_cift(context.raw_pool, context.raw_target, context.configs[NNCIFTConfig], model=context.model,
+                     tokenizer=context.tokenizer, optimizer=context.optimizer, **oracle_options)
+    context.details.setdefault("seconds", {}).update(result.seconds)
+    context.details.update(block_rows=len(result.block_rows), block_columns=len(result.block_columns),
+                           evaluation=result.evaluation)
+    block_mask = torch.zeros(len(context.pool), dtype=torch.bool)
+    block_mask[result.block_rows] = True
+    return MethodOutput(result.scores, landmark_mask=block_mask)
 
 
 @register_method("random", default_selection="mean_top_k", needs_model=False)
@@ -589,7 +608,8 @@ def _run_method(function, pool, target, model, tokenizer, optimizer, budget_rows
                              f"({len(formatted_pool.skipped)} of {len(pool)} were skipped by formatting).")
     with tempfile.TemporaryDirectory(prefix="hf_influence_") as scratch:
         context = Context(model, tokenizer, formatted_pool.dataset, formatted_target.dataset, configs, optimizer,
-                          Path(config.work_dir or scratch))
+                          Path(config.work_dir or scratch), raw_pool=pool.select(formatted_pool.dataset["row_id"]),
+                          raw_target=target)
         output = function(context)
     tasks = _target_tasks(target, formatted_target.dataset, config.target_task_column)
     return (output, context, formatted_pool.dataset["row_id"], _target_names(target, formatted_target.dataset),

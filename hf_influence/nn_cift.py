@@ -1,0 +1,209 @@
+"""NN-CIFT (ALGORITHMS.md 2): distil an expensive influence oracle into a small InfluenceNetwork.
+
+1. Embed every pool and target row with a sentence encoder (cached, batched).
+2. Run the oracle on a seeded random block: u of the pool rows x u of the target columns (u = 0.05).
+3. Fit an InfluenceNetwork on the block (validation split, early stopping).
+4. Predict every (pool, target) pair through the network's factorisation; the block keeps its true values.
+
+`nn_cift(...)` returns the network (shareable with `push_influence_network`), the full score matrix and the
+cost split; `method="nn_cift"` in `select_by_influence` runs it and selects from its scores.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from datasets import Dataset
+from torch import Tensor
+
+from .encoders import DEFAULT_ENCODER, encode_rows, encoder_identity, load_encoder
+from .network import InfluenceNetwork
+from .oracles import DeliftOracle, DeliftSEOracle, MethodOracle, Oracle, SelectITOracle
+
+ORACLES = ("influence_distillation_exact", "influence_distillation", "less", "rds", "delift", "delift_se", "selectit")
+
+
+@dataclass
+class NNCIFTConfig:
+    """NN-CIFT: which oracle to distil, on how large a block, into which network.
+
+    Attributes:
+        oracle: "influence_distillation_exact" (first-order ID, default), "influence_distillation", "less",
+            "rds", "delift" (in-context utility with the valuation model), "delift_se" (embedding cosine) or
+            "selectit" (pointwise self-rating).
+        block_fraction: u, the share of pool rows and of target columns the oracle scores (0.05 in the paper,
+            i.e. 0.25% of the pairs).
+        min_block_rows: lower bound on the block's pool rows (a network cannot learn from a handful).
+        encoder: sentence-transformers encoder of the rows' text (Hub id or folder).
+        encoder_batch_size: rows per encoder call.
+        network_hidden_sizes: hidden layer widths of the InfluenceNetwork.
+        network_epochs: maximum training epochs.
+        network_learning_rate: Adam learning rate.
+        network_batch_size: pairs per training step.
+        network_patience: epochs without validation improvement before early stopping.
+        nn_cift_seed: seed of the block and of the network.
+        evaluation_fraction: if > 0, the oracle also scores a fresh evaluation block (this share of the rows
+            and of the columns, plus the training block's), and the network is evaluated on its quadrants
+            Q1..Q4 (costs extra oracle calls; the figures go into the network's metrics and card).
+    """
+
+    oracle: str = "influence_distillation_exact"
+    block_fraction: float = 0.05
+    min_block_rows: int = 32
+    encoder: str = DEFAULT_ENCODER
+    encoder_batch_size: int = 64
+    network_hidden_sizes: list[int] = field(default_factory=lambda: [100])
+    network_epochs: int = 20
+    network_learning_rate: float = 1e-4
+    network_batch_size: int = 64
+    network_patience: int = 3
+    nn_cift_seed: int = 0
+    evaluation_fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.oracle not in ORACLES:
+            raise ValueError(f"NNCIFTConfig.oracle must be one of {list(ORACLES)}, got {self.oracle!r}")
+        if not 0 < self.block_fraction <= 1:
+            raise ValueError(f"NNCIFTConfig.block_fraction must be in (0, 1], got {self.block_fraction}")
+        if self.min_block_rows < 1:
+            raise ValueError(f"NNCIFTConfig.min_block_rows must be >= 1, got {self.min_block_rows}")
+
+
+@dataclass
+class NNCIFTResult:
+    """What `nn_cift` returns.
+
+    Attributes:
+        network: the fitted InfluenceNetwork.
+        scores: [n, m] predicted scores (oracle units) with the block's true values in place; [n, 1] pointwise.
+        block_rows: [u_n] pool rows the oracle scored; block_columns: [u_m] target columns it scored.
+        block_labels: [u_n, u_m] the oracle's values on the block.
+        pool_embeddings: [n, e]; target_embeddings: [m, e].
+        seconds: cost split {"embed", "oracle", "fit", "predict"} (and "evaluation" when evaluated).
+        evaluation: `network.evaluate` quadrant figures (None without config.evaluation_fraction).
+        evaluation_pairs: (predicted, true) values of the evaluated Q4 pairs, for plots (None without).
+    """
+
+    network: InfluenceNetwork
+    scores: Tensor
+    block_rows: Tensor
+    block_columns: Tensor
+    block_labels: Tensor
+    pool_embeddings: Tensor
+    target_embeddings: Tensor
+    seconds: dict[str, float]
+    evaluation: dict | None = None
+    evaluation_pairs: tuple[Tensor, Tensor] | None = None
+
+
+def make_oracle(config: NNCIFTConfig, model=None, tokenizer=None, optimizer=None, show_progress: bool = True,
+                **options) -> Oracle:
+    """The oracle named by `config.oracle`; `options` go to method oracles (select_by_influence options)."""
+    if config.oracle == "delift_se":
+        return DeliftSEOracle(encoder=config.encoder, batch_size=config.encoder_batch_size,
+                              show_progress=show_progress)
+    if config.oracle in ("delift", "selectit"):
+        if model is None or isinstance(model, str) or tokenizer is None:
+            raise ValueError(f"oracle={config.oracle!r} needs a loaded valuation model and its tokenizer.")
+        oracle_class = DeliftOracle if config.oracle == "delift" else SelectITOracle
+        return oracle_class(model, tokenizer, show_progress=show_progress)
+    return MethodOracle(config.oracle, model=model, tokenizer=tokenizer, optimizer=optimizer,
+                        show_progress=show_progress, **options)
+
+
+def block_indices(num_rows: int, num_columns: int, config: NNCIFTConfig) -> tuple[Tensor, Tensor]:
+    """Seeded random block: (sorted pool rows [u_n], sorted target columns [u_m])."""
+    generator = torch.Generator().manual_seed(config.nn_cift_seed)
+    rows = min(num_rows, max(config.min_block_rows, math.ceil(config.block_fraction * num_rows)))
+    columns = min(num_columns, max(1, math.ceil(config.block_fraction * num_columns)))
+    return (torch.randperm(num_rows, generator=generator)[:rows].sort().values,
+            torch.randperm(num_columns, generator=generator)[:columns].sort().values)
+
+
+def nn_cift(pool: Dataset, target: Dataset, config: NNCIFTConfig | None = None, oracle: Oracle | None = None,
+            model=None, tokenizer=None, optimizer=None, show_progress: bool = True, **options) -> NNCIFTResult:
+    """Distil `oracle` (default: `make_oracle(config, model, ...)`) on a block and predict every pair.
+
+    Args:
+        pool: [n] pool rows (chat or prompt/response); target: [m] target rows.
+        config: NN-CIFT settings.
+        oracle: an Oracle instance (overrides config.oracle).
+        model, tokenizer, optimizer, **options: for the default oracle (see `make_oracle`).
+
+    Returns:
+        NNCIFTResult with scores [n, m] ([n, 1] for a pointwise oracle).
+    """
+    config = config or NNCIFTConfig()
+    oracle = oracle or make_oracle(config, model, tokenizer, optimizer, show_progress=show_progress, **options)
+    seconds = {}
+    start = time.perf_counter()
+    encoder = load_encoder(config.encoder)
+    pool_embeddings = encode_rows(pool, encoder, batch_size=config.encoder_batch_size, show_progress=show_progress)
+    target_embeddings = encode_rows(target, encoder, batch_size=config.encoder_batch_size,
+                                    show_progress=show_progress)
+    seconds["embed"] = time.perf_counter() - start
+    rows, columns = block_indices(len(pool), 1 if oracle.pointwise else len(target), config)
+    start = time.perf_counter()
+    labels = oracle.compute_block(pool.select(rows.tolist()),
+                                  None if oracle.pointwise else target.select(columns.tolist()))
+    seconds["oracle"] = time.perf_counter() - start
+    encoder_id, _ = encoder_identity(encoder)
+    network = InfluenceNetwork(
+        kind="pointwise" if oracle.pointwise else "pairwise", embedding_dim=pool_embeddings.shape[1],
+        hidden_sizes=list(config.network_hidden_sizes), embedding_model=encoder_id, oracle=oracle.name,
+        valuation_model=oracle.identity().get("model_id"), seed=config.nn_cift_seed,
+    )
+    start = time.perf_counter()
+    network.fit(pool_embeddings[rows], None if oracle.pointwise else target_embeddings[columns],
+                labels[:, 0] if oracle.pointwise else labels, epochs=config.network_epochs,
+                batch_size=config.network_batch_size, lr=config.network_learning_rate,
+                patience=config.network_patience, seed=config.nn_cift_seed)
+    seconds["fit"] = time.perf_counter() - start
+    start = time.perf_counter()
+    if oracle.pointwise:
+        scores = network.predict(pool_embeddings).reshape(-1, 1)
+        scores[rows] = labels
+    else:
+        scores = network.predict(pool_embeddings, target_embeddings)
+        scores[rows.unsqueeze(1), columns.unsqueeze(0)] = labels
+    seconds["predict"] = time.perf_counter() - start
+    result = NNCIFTResult(network, scores, rows, columns, labels, pool_embeddings, target_embeddings, seconds)
+    if config.evaluation_fraction > 0:
+        start = time.perf_counter()
+        _evaluate(result, oracle, pool, target, config)
+        seconds["evaluation"] = time.perf_counter() - start
+    return result
+
+
+def _evaluate(result: NNCIFTResult, oracle: Oracle, pool: Dataset, target: Dataset, config: NNCIFTConfig) -> None:
+    """Score the training block's rows and columns plus fresh ones with the oracle; fill the Q1..Q4 figures."""
+    generator = torch.Generator().manual_seed(config.nn_cift_seed + 1)
+
+    def with_fresh(seen: Tensor, size: int) -> Tensor:
+        unseen = torch.ones(size, dtype=torch.bool)
+        unseen[seen] = False
+        candidates = unseen.nonzero().flatten()
+        count = min(len(candidates), max(1, math.ceil(config.evaluation_fraction * size)))
+        fresh = candidates[torch.randperm(len(candidates), generator=generator)[:count]]
+        return torch.cat([seen, fresh])
+
+    rows = with_fresh(result.block_rows, len(pool))
+    columns = result.block_columns if oracle.pointwise else with_fresh(result.block_columns, len(target))
+    labels = oracle.compute_block(pool.select(rows.tolist()),
+                                  None if oracle.pointwise else target.select(columns.tolist()))
+    seen_rows = torch.arange(len(result.block_rows))
+    if oracle.pointwise:
+        result.evaluation = result.network.evaluate(result.pool_embeddings[rows], None, labels[:, 0], seen_rows)
+        unseen = slice(len(seen_rows), None)
+        result.evaluation_pairs = (result.network.predict(result.pool_embeddings[rows][unseen]), labels[unseen, 0])
+        return
+    seen_columns = torch.arange(len(result.block_columns))
+    result.evaluation = result.network.evaluate(result.pool_embeddings[rows], result.target_embeddings[columns],
+                                                labels, seen_rows, seen_columns)
+    unseen_rows, unseen_columns = slice(len(seen_rows), None), slice(len(seen_columns), None)
+    predicted = result.network.predict(result.pool_embeddings[rows][unseen_rows],
+                                       result.target_embeddings[columns][unseen_columns])
+    result.evaluation_pairs = (predicted.flatten(), labels[unseen_rows, unseen_columns].flatten())

@@ -1,0 +1,95 @@
+"""NN-CIFT end to end: oracle on a block, InfluenceNetwork fit and predict, selection, and the Hub round trip."""
+
+import datasets
+import hub_server
+import pytest
+import torch
+from conftest import lora_model
+from huggingface_hub import HfApi, ModelCard
+
+from hf_influence import select_by_influence
+from hf_influence.demo import demo_pool, demo_target
+from hf_influence.hub import push_influence_network
+from hf_influence.network import InfluenceNetwork
+from hf_influence.nn_cift import NNCIFTConfig, block_indices, nn_cift
+from hf_influence.oracles import DeliftSEOracle
+
+local_hub = hub_server.local_hub
+
+
+@pytest.fixture(scope="module")
+def rows():
+    pool = demo_pool(20, seed=0)  # 80 rows, 4 domains
+    target = datasets.concatenate_datasets([demo_target(domain, 4, seed=1) for domain in ("math", "code", "qa")])
+    return pool, target.rename_column("answer", "completion").remove_columns(["solution"])
+
+
+@pytest.fixture(scope="module")
+def distilled(rows):
+    pool, target = rows
+    config = NNCIFTConfig(oracle="delift_se", block_fraction=0.4, min_block_rows=8, network_epochs=200,
+                          network_learning_rate=3e-3, network_patience=20, evaluation_fraction=0.4)
+    return nn_cift(pool, target, config, show_progress=False)
+
+
+def test_block_keeps_the_oracle_values_and_the_rest_is_predicted(rows, distilled):
+    pool, target = rows
+    assert distilled.scores.shape == (len(pool), len(target))
+    assert len(distilled.block_rows) == 32 and len(distilled.block_columns) == 5
+    exact = DeliftSEOracle(show_progress=False).compute_block(pool, target)
+    block = distilled.scores[distilled.block_rows.unsqueeze(1), distilled.block_columns.unsqueeze(0)]
+    torch.testing.assert_close(block, exact[distilled.block_rows][:, distilled.block_columns])
+    torch.testing.assert_close(distilled.block_labels, block)
+    assert set(distilled.seconds) == {"embed", "oracle", "fit", "predict", "evaluation"}
+
+
+def test_network_learns_the_embedding_oracle(distilled):
+    q4 = distilled.evaluation["Q4"]
+    print({name: {key: round(value, 3) for key, value in quadrant.items() if isinstance(value, float)}
+           for name, quadrant in distilled.evaluation.items() if name.startswith("Q")})
+    assert q4["mse"] < 0.5 * q4["mean_baseline_mse"]
+    assert q4["spearman"] > 0.6
+    predicted, true = distilled.evaluation_pairs
+    assert predicted.shape == true.shape and predicted.numel() > 0
+
+
+def test_block_indices_are_seeded_and_bounded():
+    config = NNCIFTConfig(block_fraction=0.05, min_block_rows=10, nn_cift_seed=3)
+    rows, columns = block_indices(1000, 40, config)
+    assert len(rows) == 50 and len(columns) == 2 and torch.equal(rows, rows.sort().values)
+    again, _ = block_indices(1000, 40, config)
+    assert torch.equal(rows, again)
+    assert len(block_indices(30, 1, config)[0]) == 10
+
+
+def test_select_by_influence_with_nn_cift(rows):
+    pool, target = rows
+    model, tokenizer = lora_model(seed=0)
+    selected, table = select_by_influence(
+        pool, target, model=model, tokenizer=tokenizer, budget=6, method="nn_cift", return_scores=True,
+        oracle="less", block_fraction=0.3, min_block_rows=8, optimizer_state="gd", projection_dim=256,
+        show_progress=False, network_epochs=5)
+    assert len(set(selected["id"])) == 6
+    details = table.provenance["details"]
+    assert details["block_rows"] == 24 and set(details["seconds"]) >= {"embed", "oracle", "fit", "predict"}
+    assert int(table.landmark_mask.sum()) == 24
+
+
+def test_network_push_and_pull_through_the_hub(local_hub, distilled):
+    repo_id = f"{local_hub.user}/delift-se-minilm"
+    push_influence_network(distilled.network, repo_id, training={"block_rows": 32, "block_columns": 5,
+                                                                 "block_fraction": 0.4},
+                           evaluation=distilled.evaluation, plot=distilled.evaluation_pairs)
+    loaded = InfluenceNetwork.from_pretrained(repo_id)
+    assert loaded.config == distilled.network.config
+    torch.testing.assert_close(loaded.predict(distilled.pool_embeddings, distilled.target_embeddings),
+                               distilled.network.predict(distilled.pool_embeddings, distilled.target_embeddings))
+    card = ModelCard.load(repo_id)
+    assert {"hf-influence", "nn-cift"} <= set(card.data.tags)
+    for text in ("delift_se", "sentence-transformers/all-MiniLM-L6-v2", "| Q4 |", "predicted_vs_true.svg",
+                 "Valid only for the same oracle"):
+        assert text in card.text
+    card.validate()
+    assert "predicted_vs_true.svg" in HfApi().list_repo_files(repo_id)
+    with pytest.raises(ValueError, match="dimension|embedding"):
+        loaded.predict(torch.randn(3, 17), torch.randn(2, 17))
