@@ -5,33 +5,44 @@ flag (`--projection_dim 4096`) and `--config FILE.yaml` supplies defaults that f
 
     hf-influence demo        select from a generated multi-domain pool for a math target (ID vs random)
     hf-influence select      select --budget rows of --pool for --target (any method)
+    hf-influence fit-network distil an influence oracle into an InfluenceNetwork (NN-CIFT) on --pool x --target
+    hf-influence predict     score --pool x --target with a saved or Hub InfluenceNetwork (and select --budget)
+    hf-influence push        push an InfluenceNetwork (--network) or a score table (--scores) to the Hub
     hf-influence gradients   per-sample LoRA gradients of a dataset into a resumable store
     hf-influence embed       JVP embeddings of a dataset into a resumable store
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import re
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import yaml
 from datasets import Dataset
+from safetensors.torch import load_file, save_file
 from transformers import HfArgumentParser
 
 from .data import load_rows
+from .encoders import encode_rows, encoder_identity, load_encoder
 from .extract import extract_gradients, extract_jvp_embeddings
 from .formatting import FormattingConfig, format_dataset
 from .gradients import GradientConfig
+from .hub import push_influence_network, push_score_table
 from .influence import SelectionConfig, select_by_influence
 from .jvp import JVPConfig
 from .models import DEFAULT_MODEL, LoraSettings, add_lora, load_model
-from .scores import ScoreTable
-from .store import atomic_write_bytes, atomic_write_json
+from .network import InfluenceNetwork
+from .nn_cift import NNCIFTConfig, nn_cift
+from .scores import ScoreTable, json_safe, provenance_record
+from .selection import resolve_budget, select_indices
+from .store import atomic_write_bytes, atomic_write_json, fingerprint_dataset
 from .warmup import WarmupConfig
 
 
@@ -215,7 +226,8 @@ def _select_and_report(pool: Dataset, target: Dataset, model, tokenizer, budget,
     return selected, table, report
 
 
-SELECT_CONFIGS = (SelectionConfig, FormattingConfig, GradientConfig, JVPConfig, WarmupConfig, LoraSettings)
+SELECT_CONFIGS = (SelectionConfig, FormattingConfig, GradientConfig, JVPConfig, WarmupConfig, LoraSettings,
+                  NNCIFTConfig)
 
 
 def run_demo(argv: list[str]) -> dict:
@@ -306,7 +318,140 @@ def run_embed(argv: list[str]) -> None:
     print(f"{len(store)} rows x {store.dim} JVP embedding store in {data.output} ({len(formatted.skipped)} rows skipped)")
 
 
-COMMANDS = {"demo": run_demo, "select": run_select, "gradients": run_gradients, "embed": run_embed}
+@dataclass
+class HubArguments:
+    """An InfluenceNetwork or score table to load or push.
+
+    Attributes:
+        network: InfluenceNetwork folder (a fit-network output folder, or its network/ subfolder) or Hub repo id.
+        scores: score-table folder (score tables are pushed with `--scores`).
+        repo_id: Hub repo to push to (model repo for a network, dataset repo for a score table).
+        config_name: config of the score table in its dataset repo (one per target set).
+        private: create the repo private.
+    """
+
+    network: str | None = field(default=None, metadata={"help": "InfluenceNetwork folder or Hub repo id."})
+    scores: str | None = field(default=None, metadata={"help": "Score-table folder."})
+    repo_id: str | None = field(default=None, metadata={"help": "Hub repo to push to."})
+    config_name: str = field(default="default", metadata={"help": "Config name of a pushed score table."})
+    private: bool = field(default=False, metadata={"help": "Create a private repo."})
+
+
+def _load_pool_and_target(args: SelectArguments) -> tuple[Dataset, Dataset]:
+    if not args.pool or not args.target:
+        raise SystemExit("--pool and --target are required: a jsonl/json/parquet/csv file, a folder, or a Hub id.")
+    return (load_rows(args.pool, split=args.pool_split, limit=args.pool_limit),
+            load_rows(args.target, split=args.target_split, limit=args.target_limit))
+
+
+def run_fit_network(argv: list[str]) -> dict:
+    """NN-CIFT: the oracle on a block, an InfluenceNetwork fitted on it; writes network/, scores/, report.json."""
+    args, model_args, *configs = _parse(
+        argv, (SelectArguments, ModelArguments, *SELECT_CONFIGS),
+        "Distil an influence oracle (--oracle) into an InfluenceNetwork from a u-block (--block_fraction) of "
+        "--pool x --target, predict every pair, and save the network, the score table and a report.",
+    )
+    pool, target = _load_pool_and_target(args)
+    options = _selection_options(configs)
+    nn_config = NNCIFTConfig(**{f.name: options.pop(f.name) for f in dataclasses.fields(NNCIFTConfig)})
+    needs_model = nn_config.oracle != "delift_se"
+    model, tokenizer = _load(model_args) if needs_model else (None, None)
+    for name in [f.name for f in dataclasses.fields(SelectionConfig)] + ["method"]:
+        options.pop(name, None)
+    result = nn_cift(pool, target, nn_config, model=model, tokenizer=tokenizer,
+                     show_progress=options.pop("show_progress"), **options)
+    output = Path(args.output)
+    result.network.save_pretrained(output / "network")
+    training = {"block_rows": len(result.block_rows), "block_columns": len(result.block_columns),
+                "block_fraction": nn_config.block_fraction}
+    report = {"oracle": nn_config.oracle, "pool_rows": len(pool), "target_rows": len(target), "training": training,
+              "seconds": result.seconds, "evaluation": result.evaluation}
+    if result.evaluation_pairs is not None:
+        save_file({"predicted": result.evaluation_pairs[0].contiguous(), "true": result.evaluation_pairs[1].contiguous()},
+                  str(output / "evaluation_pairs.safetensors"))
+    targets = [str(i) for i in (target["id"] if "id" in target.column_names else range(len(target)))]
+    mask = torch.zeros(len(pool), dtype=torch.bool)
+    mask[result.block_rows] = True
+    table = ScoreTable.from_matrix(result.scores, list(range(len(pool))), targets if result.scores.shape[1] > 1
+                                   else ["pointwise"], landmark_mask=mask, provenance=provenance_record(
+                                       method="nn_cift", oracle=nn_config.oracle, configs=asdict(nn_config),
+                                       pool_fingerprint=fingerprint_dataset(pool),
+                                       target_fingerprint=fingerprint_dataset(target), details=report))
+    table.save(output / "scores")
+    atomic_write_json(output / "report.json", json_safe(report))
+    print(f"\nInfluenceNetwork ({nn_config.oracle}) fitted on a {training['block_rows']} x {training['block_columns']} "
+          f"block of {len(pool)} x {len(target)}: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items()))
+    for name, quadrant in (result.evaluation or {}).items():
+        if name.startswith("Q"):
+            print(f"  {name}: MSE {quadrant['mse']:.4f} (mean baseline {quadrant['mean_baseline_mse']:.4f}), "
+                  f"Spearman {quadrant['spearman']:.3f}")
+    print(f"network/, scores/ and report.json in {output}/")
+    return report
+
+
+def run_predict(argv: list[str]) -> dict:
+    """Score --pool x --target with an InfluenceNetwork; writes scores/ (and selected.jsonl with --budget)."""
+    hub_args, args, selection = _parse(
+        argv, (HubArguments, SelectArguments, SelectionConfig),
+        "Predict influence for every (pool, target) pair with a saved or Hub InfluenceNetwork, using the "
+        "encoder it was trained with, and select --budget rows (round-robin over targets by default).",
+    )
+    if not hub_args.network:
+        raise SystemExit("--network is required: an InfluenceNetwork folder or Hub repo id.")
+    pool, target = _load_pool_and_target(args)
+    folder = Path(hub_args.network)
+    network = InfluenceNetwork.from_pretrained(str(folder / "network" if (folder / "network").is_dir() else folder))
+    encoder = load_encoder(network.embedding_model)
+    start = time.perf_counter()
+    pool_embeddings = encode_rows(pool, encoder)
+    target_embeddings = encode_rows(target, encoder)
+    scores = network.predict(pool_embeddings, None if network.kind == "pointwise" else target_embeddings,
+                             embedding_model=encoder_identity(encoder)[0]).reshape(len(pool), -1)
+    seconds = time.perf_counter() - start
+    budget = resolve_budget(_budget(args.budget), len(pool))
+    chosen = select_indices(scores, budget, rule=selection.selection or "round_robin", seed=selection.selection_seed)
+    output = Path(args.output)
+    targets = [str(i) for i in (target["id"] if "id" in target.column_names else range(len(target)))]
+    table = ScoreTable.from_matrix(scores, list(range(len(pool))), targets if scores.shape[1] > 1 else ["pointwise"],
+                                   provenance=provenance_record(method="nn_cift_predict", network=network.config,
+                                                                pool_fingerprint=fingerprint_dataset(pool),
+                                                                target_fingerprint=fingerprint_dataset(target)))
+    selected = pool.select(chosen.tolist())
+    report = {"method": "nn_cift_predict", "model_id": hub_args.network, "pool_rows": len(pool),
+              "target_rows": len(target), "selected_rows": len(selected), "seconds": {"total": seconds},
+              "pool_share": _group_shares(pool, args.group_column),
+              "selected_share": _group_shares(selected, args.group_column)}
+    _write_selection(output, selected, table, report)
+    _print_report(report)
+    return report
+
+
+def run_push(argv: list[str]) -> str:
+    """Push an InfluenceNetwork (--network, a fit-network folder) or a score table (--scores) to --repo_id."""
+    (hub_args,) = _parse(argv, (HubArguments,), "Push an InfluenceNetwork (with its card and plot) or a score "
+                                                "table (as a dataset repo config) to the Hugging Face Hub.")
+    if not hub_args.repo_id or not (hub_args.network or hub_args.scores):
+        raise SystemExit("push needs --repo_id and one of --network (a fit-network folder) or --scores.")
+    if hub_args.scores:
+        url = push_score_table(ScoreTable.load(hub_args.scores), hub_args.repo_id, config_name=hub_args.config_name,
+                               private=hub_args.private)
+    else:
+        folder = Path(hub_args.network)
+        report = json.loads((folder / "report.json").read_text()) if (folder / "report.json").exists() else {}
+        pairs_file = folder / "evaluation_pairs.safetensors"
+        plot = None
+        if pairs_file.exists():
+            pairs = load_file(str(pairs_file))
+            plot = (pairs["predicted"], pairs["true"])
+        network = InfluenceNetwork.from_pretrained(str(folder / "network" if (folder / "network").is_dir() else folder))
+        url = push_influence_network(network, hub_args.repo_id, training=report.get("training", {}),
+                                     evaluation=report.get("evaluation"), plot=plot, private=hub_args.private)
+    print(f"pushed to {url}")
+    return url
+
+
+COMMANDS = {"demo": run_demo, "select": run_select, "fit-network": run_fit_network, "predict": run_predict,
+            "push": run_push, "gradients": run_gradients, "embed": run_embed}
 
 
 def main(argv: list[str] | None = None) -> None:

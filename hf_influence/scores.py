@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import secrets
 import shutil
@@ -56,15 +57,28 @@ class ScoreTableError(ValueError):
 def provenance_record(**fields: Any) -> dict[str, Any]:
     """The given provenance fields plus `hf_influence_version` and `format_version` (always set here).
 
+    Non-finite floats (e.g. an undefined Spearman correlation) become None: strict JSON has no NaN.
+
     Raises:
         ScoreTableError: a field's value cannot be written as strict JSON (the error names the key).
     """
     # Imported at call time: the package's __init__ may import this module before defining __version__.
     from . import __version__
 
-    record = {**fields, "hf_influence_version": __version__, "format_version": FORMAT_VERSION}
+    record = json_safe({**fields, "hf_influence_version": __version__, "format_version": FORMAT_VERSION})
     _check_json(record)
     return record
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with every non-finite float (NaN, inf) inside dicts / lists / tuples replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
 
 
 @dataclass

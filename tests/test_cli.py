@@ -2,11 +2,14 @@
 
 import json
 
+import hub_server
 import pytest
 
 from hf_influence import cli
 from hf_influence.gradients import GradientConfig
 from hf_influence.testing import tiny_causal_lm
+
+local_hub = hub_server.local_hub
 
 
 def test_every_config_field_has_help(capsys):
@@ -82,3 +85,25 @@ def test_demo_command_compares_with_random(tmp_path, tiny_model_folder, capsys):
     assert set(summary) == {"influence_distillation", "random"}
     assert (tmp_path / "demo" / "influence_distillation" / "selected.jsonl").exists()
     assert "Share of the selection from the target's domain" in capsys.readouterr().out
+
+
+def test_fit_network_push_and_predict(tmp_path, local_hub, capsys):
+    from hf_influence.demo import demo_pool, demo_target
+
+    demo_pool(10, seed=0).to_json(tmp_path / "pool.jsonl")
+    demo_target("math", 6, seed=1).to_json(tmp_path / "target.jsonl")
+    data = ["--pool", str(tmp_path / "pool.jsonl"), "--target", str(tmp_path / "target.jsonl")]
+    run = tmp_path / "nn"
+    report = cli.run_fit_network([*data, "--output", str(run), "--oracle", "delift_se", "--block_fraction", "0.5",
+                                  "--min_block_rows", "8", "--evaluation_fraction", "0.3", "--network_epochs", "3",
+                                  "--show_progress", "false"])
+    assert report["training"]["block_rows"] == 20 and "Q4" in report["evaluation"]
+    assert (run / "network" / "model.safetensors").exists() and (run / "evaluation_pairs.safetensors").exists()
+    repo_id = f"{local_hub.user}/cli-network"
+    cli.run_push(["--network", str(run), "--repo_id", repo_id])
+    cli.run_push(["--scores", str(run / "scores"), "--repo_id", f"{local_hub.user}/cli-scores",
+                  "--config_name", "math"])
+    predicted = cli.run_predict(["--network", repo_id, *data, "--budget", "5", "--output", str(tmp_path / "pred")])
+    assert predicted["selected_rows"] == 5
+    assert len((tmp_path / "pred" / "selected.jsonl").read_text().splitlines()) == 5
+    assert "pushed to" in capsys.readouterr().out
