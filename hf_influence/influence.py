@@ -58,7 +58,8 @@ class SelectionConfig:
             (gradients of every pool row), "less", "rds" (RDS+ embeddings), "nn_cift" (an oracle distilled into
             an InfluenceNetwork, see NNCIFTConfig) or "random".
         selection: "round_robin" (each target sample in turn takes its best remaining row), "round_robin_task"
-            (the same over target tasks), "mean_top_k", "less" (mean within task, max over tasks), "weighted"
+            (the same over target tasks), "mean_top_k", "less" (mean within task, max over tasks),
+            "facility_location" (lazy greedy coverage of the targets, as DELIFT; in memory), "weighted"
             (sample rows with probability proportional to the robust weights); None: the method's default.
         target_task_column: target column naming each row's task (for "round_robin_task" and "less");
             None uses "task" when the target has it, else every target row is its own task.
@@ -97,7 +98,7 @@ class SelectionConfig:
 
     def __post_init__(self) -> None:
         choices = {
-            "method": tuple(METHODS), "selection": (None, *RULES, "weighted"), "optimizer_state": ("warmup", "gd"),
+            "method": tuple(METHODS), "selection": (None, *RULES, "facility_location", "weighted"), "optimizer_state": ("warmup", "gd"),
             "landmark_selection": ("uniform", "kmeans++"), "kernel": ("rbf", "linear"), "order": (1, 2),
             "hessian": HESSIAN_KINDS,
         }

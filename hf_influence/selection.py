@@ -20,6 +20,7 @@ Ties always go to the lower row index (stable sorts; torch.topk is not stable on
 random choice comes from a CPU torch.Generator seeded with `seed`, so results are reproducible.
 """
 
+import heapq
 import math
 import numbers
 from collections.abc import Hashable, Iterable, Iterator, Sequence
@@ -224,8 +225,13 @@ def select_indices(
     Returns: LongTensor [budget] of pool row indices (CPU) in selection order: picking order for the
         round-robin rules, descending key (ties by lower row) for the top-k rules.
     """
+    if rule == "facility_location":
+        if target_groups is not None:
+            raise SelectionError("rule 'facility_location' does not use target_groups")
+        matrix = scores if isinstance(scores, Tensor) else torch.cat([chunk for _, chunk in _chunks(scores, num_rows)])
+        return facility_location(matrix, budget)
     if rule not in RULES:
-        raise SelectionError(f"rule must be one of {RULES}, got {rule!r}")
+        raise SelectionError(f"rule must be one of {(*RULES, 'facility_location')}, got {rule!r}")
     if rule == "round_robin_task" and target_groups is None:
         raise SelectionError("rule 'round_robin_task' needs target_groups (one task label per target column)")
     if rule in ("round_robin", "mean_top_k") and target_groups is not None:
@@ -252,6 +258,43 @@ def select_indices(
     if rule in ("mean_top_k", "less"):
         return kept_rows[0].cpu()
     return _round_robin(kept_rows, budget, seed)
+
+
+def facility_location(scores: Tensor, budget: int) -> Tensor:
+    """
+    Greedy facility location (DELIFT's subset objective over the targets): maximise
+    F(S) = sum_j max_{i in S} s'_ij with s' = scores - min(scores) >= 0, by lazy greedy.
+
+    F is monotone submodular, so greedy is within 1 - 1/e of the optimum, and a row's gain can only shrink as
+    S grows: a stale gain is an upper bound, and a row whose refreshed gain still tops the heap is the greedy
+    choice without re-evaluating the others. Holds the [n, m] matrix in memory (not streaming).
+
+    scores: [n, m]; returns LongTensor [budget] in picking order (ties by lower row).
+    """
+    if scores.dim() != 2 or scores.shape[0] == 0:
+        raise SelectionError(f"facility_location needs a non-empty [n, m] score matrix, got {list(scores.shape)}")
+    _count(budget, scores.shape[0])
+    values = scores.detach().double().cpu()
+    if not bool(torch.isfinite(values).all()):
+        row, column = (~torch.isfinite(values)).nonzero()[0].tolist()
+        raise SelectionError(f"non-finite score at pool row {row}, target column {column}")
+    values = values - values.min()
+    covered = torch.zeros(values.shape[1], dtype=torch.float64)
+    gains = values.sum(1)
+    # heapq is a min-heap: store (-gain, row) so the largest gain, then the lowest row, pops first.
+    heap = [(-gain, row) for row, gain in enumerate(gains.tolist())]
+    heapq.heapify(heap)
+    chosen: list[int] = []
+    while len(chosen) < budget:
+        _, row = heapq.heappop(heap)
+        gain = float((values[row] - covered).clamp_min(0.0).sum())
+        # (-gain, row) orders by gain, then lower row; stale entries only overestimate their gains.
+        if not heap or (-gain, row) <= heap[0]:
+            chosen.append(row)
+            covered = torch.maximum(covered, values[row])
+        else:
+            heapq.heappush(heap, (-gain, row))
+    return torch.tensor(chosen, dtype=torch.long)
 
 
 def weighted_sample(weights: Tensor, budget: int, seed: int = 0) -> Tensor:

@@ -395,3 +395,35 @@ def test_random_indices():
         random_indices(7, 8)
     with pytest.raises(SelectionError, match="empty pool"):
         random_indices(0, 1)
+
+
+def _greedy_facility_location(scores, budget):
+    values = scores.double() - scores.double().min()
+    covered, chosen = torch.zeros(values.shape[1], dtype=torch.float64), []
+    for _ in range(budget):
+        gains = (values - covered).clamp_min(0).sum(1)
+        gains[chosen] = -1.0
+        best = int(torch.argmax(gains))  # first maximum: the lowest row among ties
+        chosen.append(best)
+        covered = torch.maximum(covered, values[best])
+    return chosen
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_facility_location_lazy_greedy_equals_plain_greedy(seed):
+    from hf_influence.selection import facility_location
+
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.randn(40, 6, generator=generator)
+    chosen = facility_location(scores, 12)
+    assert chosen.tolist() == _greedy_facility_location(scores, 12)
+    assert select_indices(scores, 12, rule="facility_location").tolist() == chosen.tolist()
+    assert select_indices(((s, scores[s:s + 7]) for s in range(0, 40, 7)), 12, rule="facility_location",
+                          num_rows=40).tolist() == chosen.tolist()
+
+
+def test_facility_location_covers_every_target_first():
+    # Row i is the only good row for target i: greedy coverage takes one per target before any second pick.
+    scores = torch.eye(4) * 10 + torch.arange(4.0).unsqueeze(0) * 0.01
+    scores = torch.cat([scores, scores[:1] * 0.9])
+    assert sorted(select_indices(scores, 4, rule="facility_location").tolist()) == [0, 1, 2, 3]
