@@ -10,8 +10,9 @@ Linear(input, 100) -> ReLU -> Linear(100, 1) by default (77k parameters for e=38
   in oracle units), seeded split of the PAIRS into train / validation, Adam + MSE, early stopping that
   restores the best weights.
 - predict / top_candidates: the first layer factorises, W1 [e_i ; e_j] + b1 = (A e_i + b1) + B e_j, so
-  both sides are projected once and each pair costs an add, a ReLU and a dot product, tiled so the
-  work buffer stays in cache. top_candidates streams the pool and never holds the [n, m] matrix.
+  both sides are projected once and each pair costs an add, a ReLU and a dot product (fused as a max:
+  relu(p + q) = max(p, -q) + q), tiled so the work buffer stays in cache. top_candidates streams the
+  pool and never holds the [n, m] matrix.
 - evaluate: MSE, Spearman and top-k overlap on the quadrants Q1..Q4 of seen / unseen rows and columns,
   next to 'predict the mean' and 'random' baselines.
 - Hub: config.json holds the constructor arguments (oracle, valuation model and encoder included),
@@ -97,9 +98,11 @@ def _first_non_finite(values: Tensor) -> tuple[int, ...] | None:
 
 @contextlib.contextmanager
 def _one_thread():
-    """Run torch on one intra-op thread inside the block, restoring the previous count after it."""
-    # Training steps on 64 pairs are far too small to split across threads: measured on a 2-core CPU,
-    # 0.3 ms per step on one thread against 1.2-19 ms on two when another process holds a core.
+    """Run torch on one CPU intra-op thread inside the block (or decorated call), then restore the count."""
+    # The work here comes as many small ops (a 64-pair training step, a 1 MB inference tile), each of which
+    # would be a parallel region ending in a barrier. Measured on a 2-core CPU shared with another process:
+    # a training step 0.3 ms on one thread against 1.2-19 ms on two, and the factorised predict 36M pairs/s
+    # on one thread against 1.7M on two, as every barrier waits for a descheduled thread.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -205,8 +208,8 @@ class InfluenceNetwork(
         """
         if encoder_id is not None and encoder_id != self.embedding_model:
             raise ValueError(
-                f"embeddings from encoder {encoder_id!r}, but this network was trained on {self.embedding_model!r} "
-                f"embeddings: its predictions are meaningless for another encoder"
+                f"embeddings from encoder {encoder_id!r}, but this network records embedding_model="
+                f"{self.embedding_model!r}: its predictions are meaningless for another encoder's embeddings"
             )
         if embeddings.ndim != 2 or embeddings.shape[1] != self.embedding_dim:
             raise ValueError(
@@ -392,6 +395,7 @@ class InfluenceNetwork(
         return embeddings
 
     @torch.no_grad()
+    @_one_thread()
     def predict(
         self,
         pool_embeddings: Tensor,
@@ -405,6 +409,7 @@ class InfluenceNetwork(
 
         chunk_rows pool rows are moved to the network's device and projected at a time (pool_embeddings may
         be a CPU or memory-mapped tensor); beyond the [n, m] result, memory is O(chunk_rows * h + m * h).
+        On a CPU it runs on one thread (see _one_thread): >= 30M pairs/s for e=384, h=100 on one core.
         embedding_model: the encoder id of the embeddings; when given it must match the network's.
         Equals the plain forward on concatenated pairs, de-normalised, to float rounding.
         """
@@ -430,6 +435,7 @@ class InfluenceNetwork(
         return scores
 
     @torch.no_grad()
+    @_one_thread()
     def top_candidates(
         self,
         pool_embeddings: Tensor,
@@ -496,6 +502,8 @@ class InfluenceNetwork(
         Returns {"k": k, "Q1": {...}, ...}; the result is also kept as the network's metrics.
         """
         label_min, label_scale = self._require_fitted()
+        if self.kind == "pairwise" and seen_columns is None:
+            raise ValueError("evaluating a pairwise network needs seen_columns (the training block's target columns)")
         predictions = self.predict(pool_embeddings, target_embeddings).cpu().double()
         labels = torch.as_tensor(labels).cpu().double()
         if self.kind == "pointwise":
@@ -534,7 +542,8 @@ class InfluenceNetwork(
                 "random_baseline_topk_overlap": topk_overlap(random, true, k),
             }
             # config.json must stay strict JSON (the Hub parses it): an undefined correlation is stored as null.
-            metrics[name] = {key: None if isinstance(value, float) and math.isnan(value) else value for key, value in results[name].items()}
+            metrics[name] = {key: None if isinstance(value, float) and math.isnan(value) else value
+                             for key, value in results[name].items()}
         self.metrics = metrics
         return results
 
@@ -542,7 +551,7 @@ class InfluenceNetwork(
     # Hub: the config is always the network's own, weights are safetensors only, loading is strict
 
     def save_pretrained(self, save_directory, **kwargs):
-        """save_pretrained of PyTorchModelHubMixin, always with this network's current config (label range, metrics)."""
+        """PyTorchModelHubMixin.save_pretrained, always with this network's current config (label range, metrics)."""
         kwargs["config"] = self.config
         return super().save_pretrained(save_directory, **kwargs)
 
