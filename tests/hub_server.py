@@ -1002,6 +1002,9 @@ def point_clients_at(hub: LocalHub, home, monkeypatch: pytest.MonkeyPatch) -> No
     transformers_hub = sys.modules.get("transformers.utils.hub")
     if transformers_hub is not None and hasattr(transformers_hub, "HF_MODULES_CACHE"):
         monkeypatch.setattr(transformers_hub, "HF_MODULES_CACHE", modules_cache)
+    # transformers' shared HfApi keeps the endpoint of whenever it was first made (e.g. by an earlier offline load).
+    if transformers_hub is not None and hasattr(transformers_hub, "_hf_api"):
+        monkeypatch.setattr(transformers_hub, "_hf_api", None)
 
 
 def _drop_client_state() -> None:
