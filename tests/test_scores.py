@@ -183,8 +183,8 @@ def test_provenance_record_adds_versions_and_checks_json():
                       "format_version": 1}
     with pytest.raises(ScoreTableError, match="Provenance field 'config' is not JSON-serialisable"):
         provenance_record(config={"dtype": torch.float32})
-    with pytest.raises(ScoreTableError, match="Provenance field 'ridge'"):
-        provenance_record(ridge=float("nan"))
+    # Strict JSON has no NaN / inf: they become null (e.g. an undefined Spearman correlation).
+    assert provenance_record(ridge=float("nan"), metrics={"q4": [1.0, float("inf")]})["metrics"] == {"q4": [1.0, None]}
 
 
 def test_large_table_is_built_and_read_without_per_row_python():
