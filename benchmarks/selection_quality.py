@@ -157,6 +157,7 @@ def run_methods(pool, target, model, tokenizer, budget, args, work_dir: Path) ->
                 selection_seed=args.seed, work_dir=str(folder), show_progress=False, warmup_show_progress=False,
             )
             seconds = time.perf_counter() - start
+        print(f"{method}: {seconds:.1f} s", flush=True)
         results[method] = {"in_domain_share": in_domain_share(selected["source"]), "seconds": seconds,
                            "selected": len(selected), "selection_rule": table.provenance["selection"],
                            "stage_seconds": table.provenance["details"].get("seconds", {}),

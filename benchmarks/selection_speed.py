@@ -66,6 +66,7 @@ def run(method: str, pool, target, model, tokenizer, args, work_dir: Path) -> di
             selection_seed=args.seed, work_dir=str(work_dir), show_progress=False, warmup_show_progress=False,
         )
         seconds = time.perf_counter() - start
+    print(f"{method}: {seconds:.1f} s", flush=True)
     return {"seconds": seconds, "stage_seconds": table.provenance["details"]["seconds"], "load_average": load.record,
             "selected": table.provenance["selected_pool_row_ids"], "mean_scores": mean_scores(table)}
 
