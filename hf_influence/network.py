@@ -97,14 +97,21 @@ def _first_non_finite(values: Tensor) -> tuple[int, ...] | None:
 
 
 @contextlib.contextmanager
-def _one_thread():
-    """Run torch on one CPU intra-op thread inside the block (or decorated call), then restore the count."""
+def _torch_threads(count: int | None):
+    """Run torch on `count` CPU intra-op threads inside the block, then restore the count; None: leave it."""
     # The work here comes as many small ops (a 64-pair training step, a 1 MB inference tile), each of which
     # would be a parallel region ending in a barrier. Measured on a 2-core CPU shared with another process:
     # a training step 0.3 ms on one thread against 1.2-19 ms on two, and the factorised predict 36M pairs/s
-    # on one thread against 1.7M on two, as every barrier waits for a descheduled thread.
+    # on one thread against 1.7M on two, as every barrier waits for a descheduled thread. Hence the
+    # default of 1; torch's thread count is process-wide, so a caller running torch work in other Python
+    # threads at the same time passes None.
+    if count is None:
+        yield
+        return
+    if count < 1:
+        raise ValueError(f"num_threads must be >= 1 or None (leave torch's setting), got {count}")
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(count)
     try:
         yield
     finally:
@@ -237,6 +244,7 @@ class InfluenceNetwork(
         lr: float = 1e-4,
         patience: int = 3,
         seed: int | None = None,
+        num_threads: int | None = 1,
     ) -> dict:
         """
         Train from scratch on an oracle block (the paper's recipe plus a validation split and early stopping).
@@ -248,6 +256,7 @@ class InfluenceNetwork(
         pairs are split at random into train / validation; Adam on the MSE for at most `epochs`, stopping
         after `patience` epochs without a lower validation loss and restoring the best epoch's weights.
         seed: None uses the network's seed; the seed used is stored. The same seed gives the same network.
+        num_threads: torch CPU threads while training (see _torch_threads); None leaves torch's setting.
         Returns {"train_loss": [per epoch], "validation_loss": [per epoch], "best_epoch", "best_validation_loss",
         "stopped_early", "train_pairs", "validation_pairs"} (losses: MSE in normalised units).
         """
@@ -285,7 +294,7 @@ class InfluenceNetwork(
         history = {"train_loss": [], "validation_loss": [], "train_pairs": len(train),
                    "validation_pairs": len(validation)}
         best_loss, best_epoch, best_state = math.inf, -1, None
-        with _one_thread():
+        with _torch_threads(num_threads):
             for epoch in range(epochs):
                 order = train[torch.randperm(len(train), generator=generator)]
                 history["train_loss"].append(self._train_epoch(pool, target, order, normalised, optimizer, batch_size))
@@ -395,13 +404,13 @@ class InfluenceNetwork(
         return embeddings
 
     @torch.no_grad()
-    @_one_thread()
     def predict(
         self,
         pool_embeddings: Tensor,
         target_embeddings: Tensor | None = None,
         chunk_rows: int = 16384,
         embedding_model: str | None = None,
+        num_threads: int | None = 1,
     ) -> Tensor:
         """
         Predicted influence in oracle units: [n, m] for pool_embeddings [n, e] x target_embeddings [m, e]
@@ -409,10 +418,15 @@ class InfluenceNetwork(
 
         chunk_rows pool rows are moved to the network's device and projected at a time (pool_embeddings may
         be a CPU or memory-mapped tensor); beyond the [n, m] result, memory is O(chunk_rows * h + m * h).
-        On a CPU it runs on one thread (see _one_thread): >= 30M pairs/s for e=384, h=100 on one core.
+        On a CPU it runs on one thread by default (see _torch_threads): >= 30M pairs/s for e=384, h=100 on
+        one core. num_threads: torch CPU threads while predicting; None leaves torch's setting.
         embedding_model: the encoder id of the embeddings; when given it must match the network's.
         Equals the plain forward on concatenated pairs, de-normalised, to float rounding.
         """
+        with _torch_threads(num_threads):
+            return self._predict(pool_embeddings, target_embeddings, chunk_rows, embedding_model)
+
+    def _predict(self, pool_embeddings, target_embeddings, chunk_rows, embedding_model) -> Tensor:
         label_min, label_scale = self._require_fitted()
         pool = self._inference_embeddings(pool_embeddings, embedding_model)
         parameter = self.output.weight
@@ -435,7 +449,6 @@ class InfluenceNetwork(
         return scores
 
     @torch.no_grad()
-    @_one_thread()
     def top_candidates(
         self,
         pool_embeddings: Tensor,
@@ -443,6 +456,7 @@ class InfluenceNetwork(
         k: int,
         chunk_rows: int = 16384,
         embedding_model: str | None = None,
+        num_threads: int | None = 1,
     ) -> tuple[Tensor, Tensor]:
         """
         The k pool rows with the highest predicted influence for every target, streamed over the pool:
@@ -450,8 +464,12 @@ class InfluenceNetwork(
 
         pool_embeddings [n, e], target_embeddings [m, e] (pairwise networks only), 1 <= k <= n.
         Returns (values [m, k] in oracle units, pool row indices [m, k]), best first, as
-        predict(...).topk(k, dim=0) transposed.
+        predict(...).topk(k, dim=0) transposed. num_threads: as in predict.
         """
+        with _torch_threads(num_threads):
+            return self._top_candidates(pool_embeddings, target_embeddings, k, chunk_rows, embedding_model)
+
+    def _top_candidates(self, pool_embeddings, target_embeddings, k, chunk_rows, embedding_model):
         if self.kind != "pairwise":
             raise ValueError("top_candidates needs a pairwise network; rank a pointwise predict() with topk")
         pool = self._inference_embeddings(pool_embeddings, embedding_model)

@@ -44,6 +44,8 @@ class NNCIFTConfig:
         network_learning_rate: Adam learning rate.
         network_batch_size: pairs per training step.
         network_patience: epochs without validation improvement before early stopping.
+        network_num_threads: torch CPU threads while the network trains and predicts (1 is fastest for its
+            many small ops on a CPU; None leaves torch's process-wide setting alone).
         nn_cift_seed: seed of the block and of the network.
         evaluation_fraction: if > 0, the oracle also scores a fresh evaluation block (this share of the rows
             and of the columns, plus the training block's), and the network is evaluated on its quadrants
@@ -60,6 +62,7 @@ class NNCIFTConfig:
     network_learning_rate: float = 1e-4
     network_batch_size: int = 64
     network_patience: int = 3
+    network_num_threads: int | None = 1
     nn_cift_seed: int = 0
     evaluation_fraction: float = 0.0
 
@@ -70,6 +73,8 @@ class NNCIFTConfig:
             raise ValueError(f"NNCIFTConfig.block_fraction must be in (0, 1], got {self.block_fraction}")
         if self.min_block_rows < 1:
             raise ValueError(f"NNCIFTConfig.min_block_rows must be >= 1, got {self.min_block_rows}")
+        if self.network_num_threads is not None and self.network_num_threads < 1:
+            raise ValueError(f"NNCIFTConfig.network_num_threads must be >= 1 or None, got {self.network_num_threads}")
 
 
 @dataclass
@@ -160,14 +165,14 @@ def nn_cift(pool: Dataset, target: Dataset, config: NNCIFTConfig | None = None, 
     network.fit(pool_embeddings[rows], None if oracle.pointwise else target_embeddings[columns],
                 labels[:, 0] if oracle.pointwise else labels, epochs=config.network_epochs,
                 batch_size=config.network_batch_size, lr=config.network_learning_rate,
-                patience=config.network_patience, seed=config.nn_cift_seed)
+                patience=config.network_patience, seed=config.nn_cift_seed, num_threads=config.network_num_threads)
     seconds["fit"] = time.perf_counter() - start
     start = time.perf_counter()
     if oracle.pointwise:
-        scores = network.predict(pool_embeddings).reshape(-1, 1)
+        scores = network.predict(pool_embeddings, num_threads=config.network_num_threads).reshape(-1, 1)
         scores[rows] = labels
     else:
-        scores = network.predict(pool_embeddings, target_embeddings)
+        scores = network.predict(pool_embeddings, target_embeddings, num_threads=config.network_num_threads)
         scores[rows.unsqueeze(1), columns.unsqueeze(0)] = labels
     seconds["predict"] = time.perf_counter() - start
     result = NNCIFTResult(network, scores, rows, columns, labels, pool_embeddings, target_embeddings, seconds)

@@ -69,6 +69,27 @@ def test_factorised_predict_equals_the_plain_forward(kind, hidden_sizes, chunk_r
     torch.testing.assert_close(predicted, _brute_force(network, pool, target).detach(), rtol=1e-5, atol=1e-5)
 
 
+def test_num_threads_is_applied_inside_and_restored_after(monkeypatch):
+    generator = torch.Generator().manual_seed(0)
+    pool, target = torch.randn(20, 8, generator=generator), torch.randn(5, 8, generator=generator)
+    network = InfluenceNetwork(embedding_dim=8, label_min=0.0, label_max=1.0)
+    seen, real_scorer = [], network._pair_scorer
+
+    def recording_scorer(target_block):
+        seen.append(torch.get_num_threads())
+        return real_scorer(target_block)
+
+    monkeypatch.setattr(network, "_pair_scorer", recording_scorer)
+    threads = torch.get_num_threads()
+    reference = network.predict(pool, target)
+    torch.testing.assert_close(network.predict(pool, target, num_threads=None), reference)
+    network.top_candidates(pool, target, k=3, num_threads=2)
+    assert seen == [1, threads, 2]
+    assert torch.get_num_threads() == threads
+    with pytest.raises(ValueError, match="num_threads must be >= 1 or None"):
+        network.predict(pool, target, num_threads=0)
+
+
 @pytest.mark.parametrize(("k", "chunk_rows"), [(1, 16384), (5, 3), (5, 8), (50, 7), (50, 50)])
 def test_top_candidates_equal_topk_of_the_full_prediction(k, chunk_rows):
     generator = torch.Generator().manual_seed(1)
