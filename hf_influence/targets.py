@@ -1,0 +1,145 @@
+"""Target tasks of the data-selection literature (GSM8K, MMLU, BBH, TyDiQA, SQuAD, Codex) as prompt/response rows.
+
+LESS and Influence Distillation select for a handful of held-out examples of the task, not its test set. Each
+task here knows its Hub dataset and the few-shot split the papers use; `load_target` turns any of the schemas
+below into rows with `prompt`, `response`, `task` and `id` columns that `select_by_influence` and the trainer
+read directly:
+
+- Hub schemas: GSM8K (question / answer), MMLU (question / choices / answer index), BBH (input / target),
+  TyDiQA GoldP and SQuAD (context / question / answers.text), HumanEval (prompt / canonical_solution);
+- the schema of ../shared/data/targets (prompt / answer, GSM8K rows also carry `solution`).
+
+The schema is recognised from the columns, so a local file in a Hub schema works as well as the Hub itself.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from datasets import Dataset
+
+from .data import load_rows
+
+
+@dataclass(frozen=True)
+class TargetTask:
+    """Where a target task lives and which column groups its rows into subtasks.
+
+    Attributes:
+        hub_id: Hub dataset id (`owner/name`, optionally `owner/name:config`).
+        split: split holding the few-shot rows used as the selection target.
+        local_file: file of the same rows in the shared offline data folder (None: none there).
+        task_column: source column naming the subtask of a row (BBH subtask, MMLU subject, TyDiQA language).
+    """
+
+    hub_id: str
+    split: str
+    local_file: str | None
+    task_column: str | None
+
+
+TARGET_TASKS: dict[str, TargetTask] = {
+    "gsm8k": TargetTask("openai/gsm8k:main", "train", "targets/gsm8k_train.jsonl.gz", None),
+    "mmlu": TargetTask("cais/mmlu:all", "dev", "targets/mmlu_dev.jsonl.gz", "subject"),
+    "bbh": TargetTask("lukaemon/bbh", "test", "targets/bbh.jsonl.gz", "subtask"),
+    "tydiqa": TargetTask("google-research-datasets/tydiqa:secondary_task", "validation",
+                         "targets/tydiqa_oneshot.jsonl.gz", "lang"),
+    "squad": TargetTask("rajpurkar/squad", "validation", None, None),
+    "codex": TargetTask("openai/openai_humaneval", "test", None, None),
+}
+
+MMLU_LETTERS = "ABCDEFGHIJ"
+
+
+def _first_answer(answers) -> str:
+    texts = answers["text"] if isinstance(answers, dict) else answers
+    if not texts:
+        raise ValueError("a row has no reference answer (answers.text is empty)")
+    return texts[0]
+
+
+def _reading_prompt(row: dict) -> str:
+    return f"{row['context']}\n\nQuestion: {row['question']}\nAnswer:"
+
+
+def _mmlu_prompt(row: dict) -> str:
+    options = "\n".join(f"{MMLU_LETTERS[i]}. {choice}" for i, choice in enumerate(row["choices"]))
+    return f"{row['question']}\n{options}\nAnswer:"
+
+
+# (name, required columns, prompt builder, response builder), tried in order: the first whose columns are all
+# present defines the schema. MMLU's `answer` is an index, GSM8K's a worked solution: MMLU goes first.
+SCHEMAS: list[tuple[str, tuple[str, ...], Callable[[dict], str], Callable[[dict], str]]] = [
+    ("shared (prompt / solution)", ("prompt", "solution"), lambda row: row["prompt"], lambda row: row["solution"]),
+    ("shared (prompt / answer)", ("prompt", "answer"), lambda row: row["prompt"], lambda row: str(row["answer"])),
+    ("HumanEval", ("prompt", "canonical_solution"), lambda row: row["prompt"], lambda row: row["canonical_solution"]),
+    ("MMLU", ("question", "choices", "answer"), _mmlu_prompt, lambda row: MMLU_LETTERS[int(row["answer"])]),
+    ("GSM8K", ("question", "answer"), lambda row: row["question"], lambda row: row["answer"]),
+    ("BBH", ("input", "target"), lambda row: row["input"], lambda row: row["target"]),
+    ("SQuAD / TyDiQA", ("context", "question", "answers"), _reading_prompt, lambda row: _first_answer(row["answers"])),
+]
+
+
+def to_prompt_response(rows: Dataset, task: str, task_column: str | None = None) -> Dataset:
+    """Rows of a known target schema as `id`, `prompt`, `response` and `task` columns.
+
+    Args:
+        rows: a target dataset in one of the schemas of this module.
+        task: task name written to `task` (and used in generated ids).
+        task_column: column whose value becomes the row's task (`{task}/{value}`), for per-subtask selection.
+
+    Raises:
+        ValueError: the columns match no known schema (the message lists the schemas), or a row has no answer.
+    """
+    columns = set(rows.column_names)
+    for name, required, prompt, response in SCHEMAS:
+        if columns.issuperset(required):
+            break
+    else:
+        known = "; ".join(f"{name}: {', '.join(required)}" for name, required, _, _ in SCHEMAS)
+        raise ValueError(f"target columns {sorted(columns)} match no known schema ({known}); "
+                         "map them to prompt/response columns first")
+    if task_column is not None and task_column not in columns:
+        task_column = None  # Hub configs of a task may lack the subtask column the local copy has
+
+    def convert(row: dict, index: int) -> dict:
+        try:
+            converted = {"prompt": prompt(row), "response": response(row)}
+        except (ValueError, KeyError, IndexError, TypeError) as error:
+            raise ValueError(f"{task} row {index} ({name} schema): {error}") from error
+        converted["task"] = task if task_column is None else f"{task}/{row[task_column]}"
+        converted["id"] = str(row["id"]) if "id" in row else f"{task}/{index}"
+        return converted
+
+    return rows.map(convert, with_indices=True, remove_columns=rows.column_names, desc=f"{task} target")
+
+
+def load_target(task: str, source: str | os.PathLike | Dataset | None = None, data_dir: str | os.PathLike | None = None,
+                limit: int | None = None, seed: int = 0) -> Dataset:
+    """The rows of a target task as `id`, `prompt`, `response`, `task` columns.
+
+    Args:
+        task: a key of TARGET_TASKS (gsm8k, mmlu, bbh, tydiqa, squad, codex).
+        source: where to read the rows: a file / folder / Hub id / Dataset in any schema of this module.
+            None: the task's file in `data_dir` when given and present, else its Hub dataset and split.
+        data_dir: the shared offline data folder (with `targets/`).
+        limit: keep `limit` rows, drawn at random with `seed` (few-shot targets are small; a seeded draw
+            keeps every subtask in reach, unlike the first rows).
+        seed: seed of the draw.
+
+    Raises:
+        KeyError: an unknown task (the message lists the known ones).
+    """
+    if task not in TARGET_TASKS:
+        raise KeyError(f"unknown target task {task!r}; known: {sorted(TARGET_TASKS)}")
+    spec = TARGET_TASKS[task]
+    if source is None and data_dir is not None and spec.local_file is not None:
+        local = Path(data_dir) / spec.local_file
+        source = local if local.exists() else None
+    rows = load_rows(spec.hub_id if source is None else source, split=spec.split)
+    if limit is not None and limit < len(rows):
+        rows = rows.shuffle(seed=seed).select(range(limit))
+    return to_prompt_response(rows, task, spec.task_column)
