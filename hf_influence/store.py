@@ -17,9 +17,11 @@ Crash safety rests on two orderings:
   0 are recomputed on resume; since work is split into batches with fixed boundaries
   (:meth:`VectorStore.pending_batches`), a recomputed batch is byte-identical to the original.
 
-Several processes may write one store at once (on one host, where all of them share the page
-cache): each opens it with ``VectorStore.open(path, mode="r+")`` and writes disjoint rows; only
-the process that created the store (rank 0) calls :meth:`VectorStore.update_manifest`.
+Several processes may write one store at once, each its own disjoint rows; only the process that
+created the store (rank 0) calls :meth:`VectorStore.update_manifest`. On one host, where all of
+them share the page cache, ``VectorStore.open(path, mode="r+")`` is enough. Processes on several
+hosts over a network file system open it with ``multi_writer=True`` (see
+:meth:`VectorStore.open`); :mod:`hf_influence.distributed` does this for multi-process extraction.
 """
 
 import copy
@@ -229,11 +231,18 @@ class VectorStore:
     maps, so only the rows asked for are loaded.
     """
 
-    def __init__(self, path: Path, manifest: dict[str, Any], mode: Literal["r", "r+"]) -> None:
+    def __init__(
+        self,
+        path: Path,
+        manifest: dict[str, Any],
+        mode: Literal["r", "r+"],
+        multi_writer: bool = False,
+    ) -> None:
         """Map the files of an existing, complete-on-disk store; use :meth:`open` instead."""
         self._path = path
         self._manifest = manifest
         self._mode = mode
+        self._multi_writer = multi_writer
         self._shards = [
             _open_array(path / _shard_name(index), mode, (rows, self.dim), self.dtype)
             for index, rows in enumerate(_shard_sizes(len(self), manifest["shard_rows"]))
@@ -282,8 +291,22 @@ class VectorStore:
         return cls.open(path, mode="r+")
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], mode: Literal["r", "r+"] = "r") -> "VectorStore":
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        mode: Literal["r", "r+"] = "r",
+        multi_writer: bool = False,
+    ) -> "VectorStore":
         """Open an existing store: ``mode="r"`` to read, ``"r+"`` to also write rows.
+
+        Args:
+            path: Store directory.
+            mode: ``"r"`` or ``"r+"``.
+            multi_writer: The store is written by several processes that may run on different
+                hosts over a network file system. :meth:`write` then writes rows and done flags
+                with positional writes of their exact bytes, each file fsynced, instead of
+                through the memory maps (see :meth:`write`). Rows written by other processes
+                are guaranteed visible only to a store opened after they were written.
 
         Raises ``FileNotFoundError`` when ``path`` has no manifest (no store, or its creation
         has not finished) and ``ValueError`` when the files disagree with the manifest.
@@ -291,7 +314,17 @@ class VectorStore:
         if mode not in ("r", "r+"):
             raise ValueError(f"mode must be 'r' or 'r+', got {mode!r}")
         path = Path(path)
-        return cls(path, _read_manifest(path), mode)
+        return cls(path, _read_manifest(path), mode, multi_writer)
+
+    def check_spec(
+        self,
+        spec: StoreSpec,
+        row_ids: np.ndarray | torch.Tensor | Iterable[int] | None = None,
+    ) -> None:
+        """Raise :class:`StoreMismatchError` unless this store was made for ``spec`` (its
+        identity, :meth:`StoreSpec.identity`) and ``row_ids`` (int [num_rows] or None), the
+        check :meth:`create_or_open` makes before it resumes a store."""
+        _check_identity(self._path, self._manifest, spec, _as_row_ids(row_ids, spec.num_rows))
 
     @property
     def path(self) -> Path:
@@ -380,7 +413,8 @@ class VectorStore:
             rows: Real numbers [n, dim], any float or int dtype (torch tensors on any device,
                 bfloat16 included); cast to the store dtype (float16 rounds to nearest).
 
-        The data is flushed to disk before the done flags are set and flushed. Raises
+        The data is flushed to disk before the done flags are set and flushed (with
+        ``multi_writer``: written with ``pwrite`` and fsynced, in the same order). Raises
         ``ValueError`` for a wrong shape, rows outside the store, or a NaN/inf value (also one
         produced by overflow when casting to float16), naming the first offending row; nothing
         is written then.
@@ -500,8 +534,22 @@ class VectorStore:
             yield self._shards[index], lo, hi, row - start
             row += hi - lo
 
+    # Why positional writes for several hosts: a memory map writes whole pages back, and on a
+    # network file system every host has its own page cache. Two hosts writing different rows of
+    # one page (the rows around a boundary between two processes' batches, or neighbouring done
+    # flags: one 4 KiB page holds 4096 of them) would each write their whole, partly stale page
+    # back, and the later one would erase the other's rows. pwrite sends exactly the bytes
+    # written, which NFS, Lustre and GPFS apply byte-exactly. The flags stay in done.npy rather
+    # than in per-rank or per-batch marker files, so the store's files and bytes do not depend on
+    # how many processes wrote it, a resume with any process count reads one file, and no
+    # directory listing (cached for up to a minute on NFS) decides what is done.
     def _write_data(self, start: int, values: np.ndarray) -> None:
         """Copy ``values`` [n, dim] (store dtype) to rows [start, start + n) and flush them."""
+        if self._multi_writer:
+            row_bytes = self.dim * self.dtype.itemsize
+            for shard, lo, hi, offset in self._pieces(start, start + len(values)):
+                _write_at(shard.filename, shard.offset + lo * row_bytes, values[offset : offset + hi - lo])
+            return
         touched = []
         for shard, lo, hi, offset in self._pieces(start, start + len(values)):
             shard[lo:hi] = values[offset : offset + hi - lo]
@@ -512,6 +560,9 @@ class VectorStore:
 
     def _mark_done(self, start: int, end: int) -> None:
         """Set and flush the done flags of rows [start, end); their data must be flushed first."""
+        if self._multi_writer:
+            _write_at(self._done.filename, self._done.offset + start, np.ones(end - start, np.uint8))
+            return
         self._done[start:end] = 1
         self._done.flush()
 
@@ -539,6 +590,19 @@ def _fsync_dir(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _write_at(path: str, offset: int, values: np.ndarray) -> None:
+    """Write the bytes of ``values`` (C order) into the file at byte ``offset``, then fsync it."""
+    data = memoryview(np.ascontiguousarray(values)).cast("B")
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        while data:
+            written = os.pwrite(fd, data, offset)
+            data, offset = data[written:], offset + written
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _as_numpy(rows: np.ndarray | torch.Tensor) -> np.ndarray:
