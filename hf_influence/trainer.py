@@ -1,0 +1,764 @@
+"""`InfluenceSFTTrainer`: TRL's `SFTTrainer` that selects or weights its training rows by influence.
+
+    args = InfluenceSFTConfig(output_dir="out", influence_mode="select", influence_budget=0.05)
+    trainer = InfluenceSFTTrainer(model, args=args, train_dataset=pool, influence_target=target,
+                                  processing_class=tokenizer, peft_config=LoraConfig(...))
+    trainer.train()
+
+Modes (`InfluenceSFTConfig.influence_mode`):
+
+- "select": before training, score the pool (`select_by_influence` with the trainer's own model and tokenizer,
+  or a given `ScoreTable` with no model pass) and train on the selected rows only. TRL prepares just those
+  rows, so packing and padding-free work as in a plain SFTTrainer given `pool.select(selected)`.
+- "weight": train on the whole pool with per-sample loss weights w_i: the Influence Distillation robust
+  weights (from a ScoreTable or `compute_scores`), or a weight column of the pool.
+- "online": re-select every `influence_reselect_steps` optimizer steps from the current model and the
+  trainer's own AdamW state; a sampler yields exactly the selected rows between re-selections.
+
+Per-sample identity: every pool row carries a row id column (created as the row's position when the pool
+has none; that is what a ScoreTable made by `select_by_influence(pool, ...)` refers to) and, in weight mode,
+a weight column. Both survive TRL's preparation (its maps keep extra columns), `remove_unused_columns`
+(they join the signature columns) and the collator (a wrapper moves them into the batch as tensors);
+`compute_loss` takes them out before the model sees the batch.
+
+Weighted loss, for an optimizer step over the micro-batches of all processes (S = its samples, T = its label
+tokens, l_i = mean token cross-entropy of sample i over its t_i label tokens, s_i = t_i l_i their sum):
+
+    "sample" normalisation:  L = (1/|S|) sum_{i in S} w_i l_i
+    "token" normalisation:   L = (1/|T|) sum_{i in S} w_i s_i       (w = 1: exactly SFTTrainer's loss)
+
+The divisor counts the whole step, not the micro-batch (the trainer's `num_items_in_batch`, counted here
+in samples or tokens), so L and its gradient do not depend on how the step is split into micro-batches.
+Weights are rescaled to mean 1 over the training rows: "sample" then estimates the robust-weights objective
+sum_i w_i l_i / sum_i w_i without bias, and a step of zero-weight rows gives a zero loss rather than 0 / 0.
+
+Multi-process (`accelerate launch`): every rank runs the same selection with the same seed (`selection_seed`
+defaults to the trainer's `seed`; collective steps such as the warm-up run on every rank), then rank 0's
+result is broadcast, so float differences between devices can never split the ranks' data.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from accelerate.utils import is_peft_model
+from datasets import Dataset
+from torch import Tensor
+from torch.utils.data import Sampler
+from trl import SFTConfig, SFTTrainer
+
+from .influence import METHODS, compute_scores, select_by_influence, split_options
+from .scores import ScoreTable, json_safe, provenance_record
+from .selection import SelectionError, resolve_budget, select_indices, weighted_sample
+from .store import atomic_write_bytes
+
+logger = logging.getLogger(__name__)
+
+MODES = ("select", "weight", "online")
+NORMALIZATIONS = ("sample", "token")
+IGNORE_INDEX = -100
+
+
+@dataclass
+class InfluenceSFTConfig(SFTConfig):
+    """`trl.SFTConfig` plus how the training rows are chosen or weighted by influence.
+
+    Every SFTConfig / TrainingArguments field keeps its meaning. The fields added here:
+
+    Attributes:
+        influence_mode: "select" (train on the selected rows only), "weight" (train on the whole pool with
+            per-sample loss weights) or "online" (re-select every influence_reselect_steps steps).
+        influence_budget: rows to select in select and online modes: an int count, or a pool share, a float in
+            (0, 1]. A float > 1 with no fractional part (as a command line gives "100") counts rows.
+        influence_method: a registered method of `select_by_influence` ("influence_distillation", "less",
+            "rds", "nn_cift", ...). Weight mode needs a method with robust weights (the Influence Distillation
+            ones).
+        influence_score_table: local folder or Hub dataset repo id of a ScoreTable to select or weight from,
+            with no model pass; None computes scores from the trainer's model and `influence_target`.
+        influence_score_table_config: config name of a Hub score table (`push_score_table(config_name=...)`).
+        influence_reselect_steps: online mode: optimizer steps between re-selections (each from the current
+            model and optimizer state). The rows trained between two selections are
+            influence_reselect_steps x per_device_train_batch_size x gradient_accumulation_steps x processes;
+            the budget must not exceed that, and a smaller selection is cycled through.
+        influence_options: keyword options of `select_by_influence` / `compute_scores` (fields of
+            SelectionConfig, FormattingConfig, GradientConfig, JVPConfig, WarmupConfig, LoraSettings,
+            NNCIFTConfig, e.g. {"num_landmarks": 1024, "selection": "round_robin"}), or their JSON.
+            selection_seed defaults to `seed`; progress bars follow `disable_tqdm`.
+        influence_row_id_column: pool column of integer row ids (the ids a score table's `pool_row_id`
+            refers to). When the pool has no such column it is created with each row's position.
+        influence_weight_column: weight mode: pool column of non-negative loss weights. Used as the weights
+            when neither influence_target nor a score table is given; otherwise the trainer writes it.
+        influence_loss_normalization: weight mode: "sample" (weighted mean over the step's samples of each
+            sample's mean token loss) or "token" (each label token weighted by its sample's weight, divided by
+            the step's label tokens; unit weights then give exactly SFTTrainer's loss).
+    """
+
+    _VALID_DICT_FIELDS = SFTConfig._VALID_DICT_FIELDS + ["influence_options"]
+
+    influence_mode: str = field(
+        default="select",
+        metadata={"help": "select (train on the selected rows), weight (per-sample loss weights on the whole pool) "
+                          "or online (re-select every influence_reselect_steps steps).", "choices": list(MODES)},
+    )
+    influence_budget: float | str = field(
+        default=0.05,
+        metadata={"help": "Rows to select: an integer count, or a pool share (float in (0, 1])."},
+    )
+    influence_method: str = field(
+        default="influence_distillation",
+        metadata={"help": "Registered selection method (influence_distillation, influence_distillation_exact, less, "
+                          "rds, nn_cift, random)."},
+    )
+    influence_score_table: str | None = field(
+        default=None,
+        metadata={"help": "Local folder or Hub dataset repo id of a score table (no model pass)."},
+    )
+    influence_score_table_config: str = field(
+        default="default", metadata={"help": "Config name of a score table on the Hub."}
+    )
+    influence_reselect_steps: int | None = field(
+        default=None, metadata={"help": "Online mode: optimizer steps between re-selections."}
+    )
+    influence_options: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={"help": "Options of select_by_influence as a JSON object, e.g. '{\"num_landmarks\": 1024}'."},
+    )
+    influence_row_id_column: str = field(
+        default="row_id", metadata={"help": "Pool column of integer row ids (created from positions if missing)."}
+    )
+    influence_weight_column: str = field(
+        default="weight", metadata={"help": "Weight mode: pool column of per-sample loss weights."}
+    )
+    influence_loss_normalization: str = field(
+        default="sample",
+        metadata={"help": "Weight mode: sample (weighted mean of per-sample mean token losses) or token.",
+                  "choices": list(NORMALIZATIONS)},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.influence_mode not in MODES:
+            raise ValueError(f"influence_mode must be one of {list(MODES)}, got {self.influence_mode!r}.")
+        if self.influence_loss_normalization not in NORMALIZATIONS:
+            raise ValueError(f"influence_loss_normalization must be one of {list(NORMALIZATIONS)}, "
+                             f"got {self.influence_loss_normalization!r}.")
+        self.influence_budget = _parse_budget(self.influence_budget)
+        self.influence_options = dict(self.influence_options or {})
+        for reserved, instead in (("method", "influence_method"), ("budget", "influence_budget")):
+            if reserved in self.influence_options:
+                raise ValueError(f"influence_options must not set {reserved!r}: use {instead}.")
+        # Builds the option dataclasses once: unknown names (TypeError) and bad values fail here, not after a
+        # model pass.
+        split_options({**self.influence_options, "method": self.influence_method})
+        online = self.influence_mode == "online"
+        steps = self.influence_reselect_steps
+        if online and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+            raise ValueError(f"influence_mode='online' needs influence_reselect_steps, an integer >= 1 (optimizer "
+                             f"steps between re-selections); got {steps!r}.")
+        if not online and steps is not None:
+            raise ValueError(f"influence_reselect_steps={steps} is only used by influence_mode='online' "
+                             f"(influence_mode is {self.influence_mode!r}).")
+        if online and self.influence_score_table is not None:
+            raise ValueError("influence_mode='online' re-selects from the current model, which a fixed score table "
+                             "cannot do: pass influence_target to the trainer instead of influence_score_table.")
+        for name in ("influence_row_id_column", "influence_weight_column"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"{name} must be a non-empty column name, got {getattr(self, name)!r}.")
+        if self.influence_row_id_column == self.influence_weight_column:
+            raise ValueError("influence_row_id_column and influence_weight_column must be different columns.")
+        if self.influence_mode in ("weight", "online"):
+            for name in ("packing", "padding_free"):
+                if getattr(self, name):
+                    raise ValueError(
+                        f"{name}=True cannot be combined with influence_mode={self.influence_mode!r}: it merges rows "
+                        f"into one sequence, losing the per-sample identity that "
+                        f"{'the loss weights' if self.influence_mode == 'weight' else 'online re-selection'} needs. "
+                        f"Set {name}=False, or use influence_mode='select', which selects before TRL packs.")
+        if self.influence_mode == "weight":
+            if self.loss_type != "nll":
+                raise ValueError(f"influence_mode='weight' weights the negative log-likelihood: loss_type must be "
+                                 f"'nll', got {self.loss_type!r}.")
+            if self.label_smoothing_factor > 0:
+                raise ValueError("influence_mode='weight' does not support label_smoothing_factor > 0 (that loss is "
+                                 "computed from full logits, outside the weighted per-token path).")
+
+
+def _parse_budget(budget: Any) -> int | float:
+    """An int row count or a float share; integral floats > 1 and integer strings count rows."""
+    if isinstance(budget, str):
+        text = budget.strip()
+        try:
+            budget = int(text)
+        except ValueError:
+            try:
+                budget = float(text)
+            except ValueError:
+                raise ValueError(f"influence_budget must be a row count or a pool share, got {budget!r}.") from None
+    if isinstance(budget, bool) or not isinstance(budget, (int, float, np.integer, np.floating)):
+        raise TypeError(f"influence_budget must be an int (rows) or a float in (0, 1] (pool share), got {budget!r}.")
+    if isinstance(budget, (float, np.floating)) and budget > 1 and float(budget).is_integer():
+        budget = int(budget)
+    if isinstance(budget, (int, np.integer)):
+        if budget < 1:
+            raise ValueError(f"influence_budget must be at least 1 row, got {budget}.")
+        return int(budget)
+    if not 0 < budget <= 1:  # also false for NaN
+        raise ValueError(f"influence_budget as a pool share must be in (0, 1], got {budget}.")
+    return float(budget)
+
+
+@dataclass
+class InfluenceSelection:
+    """One selection made by InfluenceSFTTrainer (kept in `trainer.influence_selections`).
+
+    Attributes:
+        step: optimizer steps already taken when it was made (0: before training).
+        row_ids: selected pool row ids in selection order (select and online modes), or the ids of the
+            weighted training rows (weight mode).
+        weights: weight mode: float32 [len(row_ids)] loss weights, rescaled to mean 1; else None.
+        source: "score_table", "target" (scored with the trainer's model) or "weight_column".
+        provenance: how the scores were made: the score table's provenance record (empty for a weight column).
+        statistics: the figures logged as `influence/<name>` (budget, rows, score quantiles, weights, seconds).
+    """
+
+    step: int
+    row_ids: list[int]
+    weights: Tensor | None
+    source: str
+    provenance: dict
+    statistics: dict[str, float]
+
+
+class SelectionSampler(Sampler[int]):
+    """Dataset positions of the current selection, `rows_per_pass` per pass (one pass = one training epoch).
+
+    `positions()` is called once at the start of every pass, i.e. when the trainer begins an epoch, after the
+    previous epoch's last optimizer step; the pass then yields those positions in a seeded random order,
+    cycling through them when there are fewer than `rows_per_pass`.
+    """
+
+    def __init__(self, positions: Callable[[], Sequence[int]], rows_per_pass: int, seed: int):
+        self.positions, self.rows_per_pass, self.seed = positions, rows_per_pass, seed
+        self.passes = 0
+
+    def __len__(self) -> int:
+        return self.rows_per_pass
+
+    def __iter__(self):
+        chosen = list(self.positions())
+        generator = torch.Generator().manual_seed(self.seed + self.passes)
+        self.passes += 1
+        order = torch.randperm(len(chosen), generator=generator).tolist()
+        for k in range(self.rows_per_pass):
+            yield chosen[order[k % len(chosen)]]
+
+
+class PerSampleColumns:
+    """Wraps a data collator: the named per-sample columns bypass it and join the batch as [B] tensors."""
+
+    def __init__(self, collator: Callable, dtypes: dict[str, torch.dtype]):
+        self.collator, self.dtypes = collator, dtypes
+
+    def __call__(self, examples: list[dict]) -> dict:
+        present = [name for name in self.dtypes if name in examples[0]]
+        batch = self.collator([{k: v for k, v in example.items() if k not in self.dtypes} for example in examples])
+        for name in present:
+            batch[name] = torch.tensor([example[name] for example in examples], dtype=self.dtypes[name])
+        return batch
+
+
+class _ScaledLogProbs:
+    """Calls the model and scales each row of the fused LM head's per-token log-probabilities by a factor.
+
+    SFTTrainer.compute_loss reduces `-outputs.log_probs` [B, T-1] (zero off the labels) to a sum divided by
+    num_items_in_batch; with row i scaled by its factor that sum is the weighted one, while TRL keeps its own
+    metrics, normalisation and multi-process scaling.
+    """
+
+    def __init__(self, model: Callable, factors: Tensor):
+        self.model, self.factors = model, factors
+
+    def __call__(self, *args, **kwargs):
+        outputs = self.model(*args, **kwargs)
+        if kwargs.get("fused_lm_head"):
+            outputs.log_probs = outputs.log_probs * self.factors.to(outputs.log_probs)[:, None]
+        return outputs
+
+
+class InfluenceSFTTrainer(SFTTrainer):
+    """SFTTrainer that trains on influence-selected rows, with influence weights, or re-selecting online.
+
+    Args:
+        model, args, data_collator, train_dataset, eval_dataset, processing_class, **kwargs: as SFTTrainer
+            (`peft_config`, `formatting_func`, `callbacks`, ...); `args` must be an InfluenceSFTConfig and
+            `train_dataset` (the pool) a `datasets.Dataset`.
+        influence_target: rows of the task to improve (Dataset, list of dicts, file or Hub id, as
+            `select_by_influence` takes), scored with the trainer's model and tokenizer.
+        influence_score_table: a ScoreTable object to select or weight from, instead of a target.
+
+    Attributes:
+        influence_selections: every InfluenceSelection made, in order.
+
+    Raises:
+        TypeError: `args` is not an InfluenceSFTConfig, or the pool is not a `datasets.Dataset`.
+        ValueError / SelectionError / ScoreTableError: a missing source (no target, score table or weight
+            column), a budget larger than the pool, malformed row ids or weights (the message names the row),
+            settings the mode cannot honour.
+    """
+
+    _tag_names: ClassVar[list[str]] = ["trl", "sft", "hf_influence"]
+    _name = "Influence SFT"
+
+    def __init__(self, model, args: InfluenceSFTConfig | None = None, data_collator=None,
+                 train_dataset: Dataset | None = None, eval_dataset=None, processing_class=None, *,
+                 influence_target=None, influence_score_table: ScoreTable | None = None, **kwargs):
+        if args is None:
+            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
+            args = InfluenceSFTConfig(f"{str(name).split('/')[-1]}-InfluenceSFT")
+        if not isinstance(args, InfluenceSFTConfig):
+            raise TypeError(f"args must be an InfluenceSFTConfig (it adds the influence_* fields), "
+                            f"got {type(args).__name__}.")
+        if not isinstance(train_dataset, Dataset):
+            raise TypeError(f"train_dataset (the pool) must be a datasets.Dataset, got {type(train_dataset).__name__}: "
+                            f"selection needs the row count and random access.")
+        mode = args.influence_mode
+        if mode == "weight" and kwargs.get("compute_loss_func") is not None:
+            raise ValueError("influence_mode='weight' computes its own weighted loss: compute_loss_func must be None.")
+        table = _score_table(args, influence_score_table, influence_target)
+        if mode != "weight" and influence_target is None and table is None:
+            raise ValueError(f"influence_mode={mode!r} needs influence_target (rows of the task to improve) or a "
+                             f"score table (influence_score_table): neither was given.")
+        if (mode == "weight" and influence_target is None and table is None
+                and args.influence_weight_column not in train_dataset.column_names):
+            raise ValueError(
+                f"influence_mode='weight' needs weights: pass influence_target (robust weights are computed), a score "
+                f"table with weights (influence_score_table), or a pool column {args.influence_weight_column!r} "
+                f"(influence_weight_column); the pool has columns {train_dataset.column_names}.")
+        if mode == "weight" and (influence_target is not None or table is not None) \
+                and args.influence_weight_column in train_dataset.column_names:
+            raise ValueError(f"The pool already has a column {args.influence_weight_column!r} but the weights come from "
+                             f"the {'target' if table is None else 'score table'}: rename that column or set "
+                             f"influence_weight_column to a free name.")
+        row_ids = _pool_row_ids(train_dataset, args.influence_row_id_column)
+        self._influence_budget = None if mode == "weight" else resolve_budget(args.influence_budget, len(row_ids))
+        self._influence_pool = train_dataset
+        self._influence_row_ids = row_ids
+        self._influence_target = influence_target
+        self._influence_table = table
+        self._influence_logs: dict[str, float] = {}
+        self._influence_sampler: SelectionSampler | None = None
+        self.influence_selections: list[InfluenceSelection] = []
+        # Select mode prepares only the selected rows, after selection (see _prepare_dataset).
+        self._influence_defer_train = mode == "select"
+        if mode == "weight":
+            self.loss_is_scaled_for_ga = True  # divided by the whole step's count, see get_batch_samples
+        if args.influence_row_id_column not in train_dataset.column_names:
+            train_dataset = train_dataset.add_column(args.influence_row_id_column, row_ids)
+        super().__init__(model, args, data_collator, train_dataset, eval_dataset, processing_class, **kwargs)
+
+        if mode == "online":
+            if not is_peft_model(self.model):
+                raise ValueError("influence_mode='online' re-scores with the trainer's AdamW state on LoRA parameters: "
+                                 "train a PEFT model (pass peft_config=LoraConfig(...) or a PeftModel).")
+            rows_per_pass = (args.influence_reselect_steps * self._train_batch_size
+                             * args.gradient_accumulation_steps * max(1, args.world_size))
+            if self._influence_budget > rows_per_pass:
+                raise ValueError(
+                    f"influence_budget ({self._influence_budget} rows) is larger than the {rows_per_pass} rows trained "
+                    f"between re-selections (influence_reselect_steps x per_device_train_batch_size x "
+                    f"gradient_accumulation_steps x processes): lower the budget or raise influence_reselect_steps.")
+        weight_dtype = {args.influence_weight_column: torch.float32} if mode == "weight" else {}
+        self.data_collator = PerSampleColumns(self.data_collator,
+                                              {args.influence_row_id_column: torch.long, **weight_dtype})
+
+        if mode == "select":
+            selection = self._select(optimizer=None)
+            self.train_dataset = self._prepare_selected(selection.row_ids)
+            selection.statistics["influence/selected_rows"] = float(self._training_row_count())
+        elif mode == "weight":
+            self._attach_weights()
+        else:
+            selection = self._select(optimizer=None)
+            self._influence_sampler = SelectionSampler(
+                self._online_positions, rows_per_pass, seed=args.seed)
+        self._influence_logs.update(self.influence_selections[-1].statistics)
+
+    # ------------------------------------------------------------------------------------------------
+    # Data
+
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        if dataset_name == "train" and self._influence_defer_train:
+            self._influence_defer_train = False
+            return dataset
+        return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+
+    def _prepare_selected(self, selected_ids: list[int]) -> Dataset:
+        """TRL's preparation (tokenising, truncation, packing) of the selected pool rows, in selection order."""
+        position = {row_id: i for i, row_id in enumerate(self._influence_row_ids)}
+        subset = self.train_dataset.select([position[row_id] for row_id in selected_ids])
+        if self._skip_prepare_dataset:
+            return subset
+        return super()._prepare_dataset(subset, self.processing_class, self.args, self.args.packing,
+                                        self._formatting_func, "train")
+
+    def _training_row_count(self) -> int:
+        column = self.args.influence_row_id_column
+        if column in self.train_dataset.column_names:
+            return len(set(self.train_dataset[column]))
+        return self._influence_budget  # packed: rows are merged, TRL only drops rows with no label token
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        for column in (self.args.influence_row_id_column, self.args.influence_weight_column):
+            if column not in self._signature_columns:
+                self._signature_columns.append(column)
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self._influence_sampler is not None:
+            return self._influence_sampler
+        return super()._get_train_sampler(train_dataset)
+
+    # ------------------------------------------------------------------------------------------------
+    # Selection
+
+    def _options(self) -> dict[str, Any]:
+        options = dict(self.args.influence_options)
+        options.setdefault("selection_seed", self.args.seed)
+        show_progress = not self.args.disable_tqdm
+        options.setdefault("show_progress", show_progress)
+        options.setdefault("warmup_show_progress", show_progress)
+        return options
+
+    def _scoring(self):
+        """Context for a model pass: eval mode and the caller's random streams restored afterwards."""
+        return _ScoringContext(self.model, self.accelerator.device)
+
+    def _select(self, optimizer) -> InfluenceSelection:
+        """Select `budget` pool rows (from the score table, or the target with the current model); records it."""
+        start = time.perf_counter()
+        budget = self._influence_budget
+        if self._influence_table is not None:
+            scores, table_ids, _ = self._influence_table.to_matrix()
+            self._check_table_rows(table_ids)
+            if budget > len(table_ids):
+                raise SelectionError(f"influence_budget {budget} is larger than the {len(table_ids)} pool rows the "
+                                     f"score table covers.")
+            provenance = self._influence_table.provenance
+            rule = self._options().get("selection") or METHODS.get(provenance.get("method"), (None, "round_robin"))[1]
+            seed = self._options()["selection_seed"]
+            if rule == "weighted":
+                chosen = weighted_sample(self._table_weights(table_ids), budget, seed=seed)
+            else:
+                chosen = select_indices(scores, budget, rule=rule, seed=seed)
+            selected = [table_ids[i] for i in chosen.tolist()]
+            source, score_ids = "score_table", table_ids
+        else:
+            with self._scoring():
+                _, table = select_by_influence(
+                    self._influence_pool, self._influence_target, model=self.model, budget=budget,
+                    method=self.args.influence_method, tokenizer=self._tokenizer, optimizer=optimizer,
+                    return_scores=True, **self._options())
+            selected = [self._influence_row_ids[p] for p in table.provenance["selected_pool_row_ids"]]
+            scores, positions, _ = table.to_matrix()
+            score_ids = [self._influence_row_ids[p] for p in positions]
+            provenance, source = table.provenance, "target"
+        selected = self._from_main_process(torch.tensor(selected, dtype=torch.long)).tolist()
+        statistics = {"influence/budget": float(budget), "influence/pool_rows": float(len(self._influence_row_ids)),
+                      **_score_statistics(scores, score_ids, selected),
+                      "influence/selection_seconds": time.perf_counter() - start}
+        if self.args.influence_mode == "online":
+            statistics["influence/round"] = float(len(self.influence_selections))
+        selection = InfluenceSelection(self.state.global_step, selected, None, source, provenance, statistics)
+        self.influence_selections.append(selection)
+        return selection
+
+    def _online_positions(self) -> list[int]:
+        """Positions (in the prepared pool) of the rows to train on until the next re-selection."""
+        last = self.influence_selections[-1]
+        if self.state.global_step != last.step:
+            optimizer = None if self._options().get("optimizer_state") == "gd" else _unwrap(self.optimizer)
+            last = self._select(optimizer=optimizer)
+            self._influence_logs.update(last.statistics)
+        position = {row_id: i for i, row_id in enumerate(self.train_dataset[self.args.influence_row_id_column])}
+        positions = [position[row_id] for row_id in last.row_ids if row_id in position]
+        if len(positions) < len(last.row_ids):
+            logger.warning("%d selected rows were dropped by TRL's preparation (no label token left) and are not "
+                           "trained on.", len(last.row_ids) - len(positions))
+        if not positions:
+            raise SelectionError("None of the selected rows survived TRL's dataset preparation: nothing to train on.")
+        return positions
+
+    def _attach_weights(self) -> None:
+        """Weight mode: the weight column of the prepared pool, validated and rescaled to mean 1."""
+        start = time.perf_counter()
+        column, id_column = self.args.influence_weight_column, self.args.influence_row_id_column
+        provenance: dict = {}
+        if self._influence_table is not None:
+            ids = self._influence_table.pool_row_ids
+            self._check_table_rows(ids)
+            weights, source, provenance = self._table_weights(ids), "score_table", self._influence_table.provenance
+        elif self._influence_target is not None:
+            with self._scoring():
+                run = compute_scores(self._influence_pool, self._influence_target, model=self.model,
+                                     method=self.args.influence_method, tokenizer=self._tokenizer, **self._options())
+            if run.output.weights is None:
+                raise ValueError(f"influence_method={self.args.influence_method!r} gives no per-sample weights; "
+                                 f"influence_mode='weight' needs robust weights (influence_distillation or "
+                                 f"influence_distillation_exact).")
+            ids = [self._influence_row_ids[p] for p in run.pool_row_ids]
+            weights, source = run.output.weights.double(), "target"
+            provenance = provenance_record(**run.provenance, details=run.details)
+        else:
+            ids, source = self.train_dataset[id_column], "weight_column"
+            weights = torch.tensor(self.train_dataset[column], dtype=torch.float64)
+        _check_weights(weights, ids, f"{source} weights")
+        weights = self._from_main_process(weights.double())
+        by_id = dict(zip(ids, weights.tolist()))
+        dataset = self.train_dataset
+        if column in dataset.column_names:
+            dataset = dataset.remove_columns(column)
+        keep = [i for i, row_id in enumerate(dataset[id_column]) if row_id in by_id]
+        if len(keep) < len(dataset):
+            logger.warning("%d training rows have no weight (not in the score table, or skipped when scoring) and are "
+                           "left out.", len(dataset) - len(keep))
+            dataset = dataset.select(keep)
+        training_ids = dataset[id_column]
+        raw = torch.tensor([by_id[row_id] for row_id in training_ids], dtype=torch.float64)
+        if not raw.sum() > 0:
+            raise ValueError("Every training row has weight 0: there is nothing to train on.")
+        normalised = (raw * (len(raw) / raw.sum())).float()
+        self.train_dataset = dataset.add_column(column, normalised.tolist())
+        statistics = {"influence/pool_rows": float(len(self._influence_row_ids)),
+                      "influence/weighted_rows": float(len(raw)),
+                      "influence/mean_weight": float(raw.mean()), "influence/max_weight": float(raw.max()),
+                      "influence/zero_weight_share": float((raw == 0).double().mean()),
+                      # Kish's effective sample size: how many equally weighted rows the weights are worth.
+                      "influence/effective_rows": float(raw.sum() ** 2 / (raw**2).sum()),
+                      "influence/selection_seconds": time.perf_counter() - start}
+        self.influence_selections.append(
+            InfluenceSelection(self.state.global_step, training_ids, normalised, source, provenance, statistics))
+
+    def _table_weights(self, ids: list[int]) -> Tensor:
+        weights = self._influence_table.weights.double()
+        if torch.isnan(weights).all():
+            method = self._influence_table.provenance.get("method")
+            raise ValueError(f"The score table has no weights (method {method!r}): weights come from "
+                             f"influence_distillation or influence_distillation_exact runs.")
+        _check_weights(weights, ids, "score table weights")
+        return weights
+
+    def _check_table_rows(self, table_ids: list[int]) -> None:
+        known = set(self._influence_row_ids)
+        unknown = [row_id for row_id in table_ids if row_id not in known]
+        if unknown:
+            raise ValueError(f"The score table has pool_row_id {unknown[0]} ({len(unknown)} ids in all) that no pool "
+                             f"row has in column {self.args.influence_row_id_column!r}: the table was made for "
+                             f"another pool, or set influence_row_id_column to the column its ids refer to.")
+
+    def _from_main_process(self, values: Tensor) -> Tensor:
+        """Rank 0's values on every rank (same shape everywhere); unchanged in a single process."""
+        if self.accelerator.num_processes == 1:
+            return values
+        from accelerate.utils import broadcast
+
+        return broadcast(values.to(self.accelerator.device), from_process=0).cpu()
+
+    # ------------------------------------------------------------------------------------------------
+    # Loss
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The step's micro-batches and, in weight mode, the step's sample or label-token count (all ranks)."""
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.args.influence_mode != "weight" or not batch_samples:
+            return batch_samples, num_items_in_batch
+        if self.args.influence_loss_normalization == "sample":
+            count = sum(len(batch["labels"]) for batch in batch_samples)
+        else:
+            count = sum(int((batch["labels"][..., 1:] != IGNORE_INDEX).sum()) for batch in batch_samples)
+        count = torch.tensor(count, device=device)
+        # As transformers counts tokens: over all ranks when average_tokens_across_devices, in which case
+        # SFTTrainer.compute_loss multiplies the loss by the process count to undo DDP's averaging.
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            count = self.accelerator.gather(count).sum()
+        return batch_samples, count
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs.pop(self.args.influence_row_id_column, None)
+        weights = inputs.pop(self.args.influence_weight_column, None)
+        if self.args.influence_mode != "weight" or weights is None or not self.model.training:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        factors = weights.float()
+        if self.args.influence_loss_normalization == "sample":
+            label_counts = (inputs["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1).clamp(min=1)
+            factors = factors / label_counts
+            if num_items_in_batch is None:  # called outside the training loop: this batch is the step
+                num_items_in_batch = len(factors)
+        return super().compute_loss(_ScaledLogProbs(model, factors), inputs, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
+
+    # ------------------------------------------------------------------------------------------------
+    # Logs and model card
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # Selection statistics join the next training log (train() resets the log history, so not earlier).
+        if self._influence_logs and not any(key.startswith("eval_") for key in logs):
+            logs = {**logs, **self._influence_logs}
+            self._influence_logs = {}
+        super().log(logs, start_time)
+
+    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None,
+                          tags: str | list[str] | None = None):
+        """TRL's model card, tagged `hf_influence`, with the selection's provenance (metadata and a section)."""
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=[*tags, "hf_influence"])
+        if not self.is_world_process_zero() or not self.influence_selections:
+            return
+        from huggingface_hub import ModelCard
+
+        path = Path(self.args.output_dir) / "README.md"
+        card = ModelCard.load(path)
+        summary = self.influence_summary()
+        card.data.hf_influence = json_safe({key: value for key, value in summary.items()
+                                            if key != "provenance" and value is not None})
+        provenance = json.dumps(json_safe(summary["provenance"]), indent=2, sort_keys=True)
+        card.text = card.text.rstrip("\n") + "\n\n" + _card_section(summary, provenance)
+        atomic_write_bytes(path, str(card).encode("utf-8"))
+
+    def influence_summary(self) -> dict[str, Any]:
+        """How the training rows were chosen: mode, method, budget, rows, selection steps, and the provenance of
+        the last selection's scores (JSON-able)."""
+        last = self.influence_selections[-1]
+        return {
+            "mode": self.args.influence_mode,
+            "method": last.provenance.get("method", self.args.influence_method if last.source == "target" else None),
+            "source": last.source,
+            "budget": self._influence_budget,
+            "pool_rows": len(self._influence_row_ids),
+            "training_rows": len(last.row_ids) if self.args.influence_mode != "select" else self._training_row_count(),
+            "loss_normalization": (self.args.influence_loss_normalization
+                                   if self.args.influence_mode == "weight" else None),
+            "selection_steps": [selection.step for selection in self.influence_selections],
+            "model_id": last.provenance.get("model_id"),
+            "model_revision": last.provenance.get("model_revision"),
+            "pool_fingerprint": last.provenance.get("pool_fingerprint"),
+            "target_fingerprint": last.provenance.get("target_fingerprint"),
+            "provenance": last.provenance,
+        }
+
+
+class _ScoringContext:
+    """Eval mode (no dropout) and the random streams as they were, around a model pass made for selection."""
+
+    def __init__(self, model, device: torch.device):
+        self.model = model
+        self.devices = [device.index or 0] if device.type == "cuda" else []
+
+    def __enter__(self):
+        self.was_training = self.model.training
+        self.rng = torch.random.fork_rng(devices=self.devices)
+        self.rng.__enter__()
+        self.model.eval()
+
+    def __exit__(self, *exc):
+        self.model.train(self.was_training)
+        self.rng.__exit__(*exc)
+
+
+def _score_table(args: InfluenceSFTConfig, table: ScoreTable | None, target) -> ScoreTable | None:
+    """The ScoreTable object, or the one named by args.influence_score_table (local folder, else Hub)."""
+    if table is not None and args.influence_score_table is not None:
+        raise ValueError("Pass a score table either as influence_score_table=ScoreTable or in "
+                         "InfluenceSFTConfig.influence_score_table, not both.")
+    if table is not None and not isinstance(table, ScoreTable):
+        raise TypeError(f"influence_score_table must be a ScoreTable, got {type(table).__name__}.")
+    if table is None and args.influence_score_table is not None:
+        location = args.influence_score_table
+        if Path(location).exists():
+            table = ScoreTable.load(location)
+        else:
+            from .hub import load_score_table
+
+            try:
+                table = load_score_table(location, config_name=args.influence_score_table_config)
+            except Exception as error:
+                raise ValueError(f"influence_score_table={location!r} is not a local score-table folder and could not "
+                                 f"be loaded from the Hub: {error}") from error
+    if table is not None and target is not None:
+        raise ValueError("Pass either influence_target (scores computed with the trainer's model) or a score table, "
+                         "not both.")
+    return table
+
+
+def _pool_row_ids(pool: Dataset, column: str) -> list[int]:
+    """The pool's row ids: its `column` (distinct ints), or positions when it has no such column."""
+    if len(pool) == 0:
+        raise ValueError("train_dataset (the pool) is empty.")
+    if column not in pool.column_names:
+        return list(range(len(pool)))
+    ids = pool[column]
+    for position, value in enumerate(ids):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"Pool column {column!r} (influence_row_id_column) must hold integer row ids; row "
+                            f"{position} has {value!r}. Rename the column or set influence_row_id_column.")
+    seen: set[int] = set()
+    for position, value in enumerate(ids):
+        if value in seen:
+            raise ValueError(f"Pool column {column!r} repeats row id {value} (at row {position}): row ids must be "
+                             f"distinct.")
+        seen.add(value)
+    return [int(value) for value in ids]
+
+
+def _check_weights(weights: Tensor, ids: Sequence[int], what: str) -> None:
+    bad = ~torch.isfinite(weights) | (weights < 0)
+    if bool(bad.any()):
+        position = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{what.capitalize()} must be finite and >= 0: pool row id {ids[position]} has "
+                         f"{float(weights[position])} ({int(bad.sum())} bad rows in all).")
+
+
+def _score_statistics(scores: Tensor, score_ids: Sequence[int], selected: Sequence[int]) -> dict[str, float]:
+    """Quantiles of each pool row's mean score over the targets, and the mean over the selected rows."""
+    per_row = scores.double().mean(dim=1).numpy()
+    quantiles = np.quantile(per_row, [0.05, 0.5, 0.95])
+    index = {row_id: i for i, row_id in enumerate(score_ids)}
+    chosen = per_row[[index[row_id] for row_id in selected if row_id in index]]
+    return {"influence/selected_rows": float(len(selected)),
+            "influence/score_q05": float(quantiles[0]), "influence/score_q50": float(quantiles[1]),
+            "influence/score_q95": float(quantiles[2]),
+            "influence/score_mean_selected": float(chosen.mean()) if len(chosen) else math.nan}
+
+
+def _unwrap(optimizer):
+    """The torch optimizer inside accelerate's AcceleratedOptimizer wrapper."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def _card_section(summary: dict[str, Any], provenance: str) -> str:
+    rows = [("mode", summary["mode"]), ("method", summary["method"]), ("scores from", summary["source"]),
+            ("budget (rows)", summary["budget"]), ("pool rows", summary["pool_rows"]),
+            ("training rows", summary["training_rows"]), ("loss normalisation", summary["loss_normalization"]),
+            ("selections at steps", summary["selection_steps"]), ("scoring model", summary["model_id"]),
+            ("pool fingerprint", summary["pool_fingerprint"]), ("target fingerprint", summary["target_fingerprint"])]
+    table = "\n".join(f"| {name} | {value} |" for name, value in rows if value is not None)
+    return (
+        "## Training data selection (hf-influence)\n\n"
+        "The training rows were chosen or weighted by influence with hf-influence's `InfluenceSFTTrainer`.\n\n"
+        f"| | |\n|---|---|\n{table}\n\n"
+        "<details><summary>Score provenance</summary>\n\n"
+        f"```json\n{provenance}\n```\n\n</details>\n"
+    )
+
+
+__all__ = ["InfluenceSFTConfig", "InfluenceSFTTrainer", "InfluenceSelection", "PerSampleColumns", "SelectionSampler"]
+

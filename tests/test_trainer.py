@@ -1,0 +1,365 @@
+"""InfluenceSFTTrainer on tiny models: the weighted loss against a per-sample loop, unit weights against plain
+SFTTrainer, the rows the training loop sees, online re-selection steps, score-table and PEFT sources, errors."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import CHAT_ROWS
+from huggingface_hub import ModelCard
+from peft import LoraConfig, get_peft_model
+from transformers import HfArgumentParser, TrainerCallback
+from trl import SFTConfig, SFTTrainer
+
+from hf_influence import ScoreTable, SelectionError, select_by_influence
+from hf_influence.demo import demo_pool, demo_target
+from hf_influence.formatting import IGNORE_INDEX, format_dataset
+from hf_influence.scores import provenance_record
+from hf_influence.testing import tiny_causal_lm
+from hf_influence.trainer import InfluenceSFTConfig, InfluenceSFTTrainer
+
+# Small and quiet selection options (1 JVP block, a 2-step warm-up, small projections).
+FAST = {"num_blocks": 1, "warmup_fraction": 0.25, "warmup_min_steps": 2, "projection_dim": 256,
+        "jvp_projection_dim": 128}
+# Eight rows whose label counts differ, so micro-batches of a step carry different numbers of label tokens.
+LOSS_ROWS = CHAT_ROWS + CHAT_ROWS[:3]
+RAW_WEIGHTS = [1.0, 2.0, 0.5, 0.0, 3.0, 1.5, 0.25, 4.0]
+LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+
+
+def settings(tmp_path, **overrides):
+    values = {"output_dir": str(tmp_path / "out"), "report_to": "none", "use_cpu": True, "bf16": False,
+              "save_strategy": "no", "disable_tqdm": True, "logging_steps": 1, "activation_checkpointing": False,
+              "max_length": None, "per_device_train_batch_size": 2}
+    values.update(overrides)
+    return values
+
+
+def config(tmp_path, **overrides):
+    return InfluenceSFTConfig(**settings(tmp_path, **overrides))
+
+
+def loss_rows(tokenizer, weights=None):
+    rows = format_dataset(LOSS_ROWS, tokenizer).dataset.remove_columns(["num_label_tokens", "attention_mask"])
+    return rows if weights is None else rows.add_column("weight", weights)
+
+
+class Recording(InfluenceSFTTrainer):
+    """Records (optimizer steps taken, row ids of the micro-batch) for every micro-batch the loop trains on."""
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.args.influence_row_id_column in inputs:  # not in packed batches
+            self.__dict__.setdefault("seen", []).append(
+                (self.state.global_step, inputs[self.args.influence_row_id_column].tolist()))
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def rows_of_steps(self, steps):
+        return [row for step, rows in self.seen if step in steps for row in rows]
+
+
+class GradientRecorder(TrainerCallback):
+    """The gradients of every parameter just before each optimizer step."""
+
+    def __init__(self):
+        self.gradients = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.gradients.append({name: p.grad.detach().clone() for name, p in model.named_parameters()
+                               if p.grad is not None})
+
+
+def per_sample_losses(model, rows):
+    """[(mean token cross-entropy, label-token count)] of each row, one unpadded forward per row."""
+    losses = []
+    for row in rows:
+        input_ids, labels = torch.tensor([row["input_ids"]]), torch.tensor(row["labels"][1:])
+        logits = model(input_ids=input_ids).logits[0, :-1]
+        mask = labels != IGNORE_INDEX
+        losses.append((F.cross_entropy(logits[mask], labels[mask]), int(mask.sum())))
+    return losses
+
+
+def reference(model, pool, step_rows, normalization):
+    """The step's weighted loss and its gradients, from a plain loop over the step's samples."""
+    weights = torch.tensor(pool["weight"], dtype=torch.float64)
+    weights = (weights * len(weights) / weights.sum()).float()  # mean 1 over the training rows
+    model.zero_grad()
+    losses = per_sample_losses(model, [pool[row] for row in step_rows])
+    if normalization == "sample":
+        loss = sum(weights[row] * loss for row, (loss, _) in zip(step_rows, losses)) / len(step_rows)
+    else:
+        total = sum(weights[row] * loss * count for row, (loss, count) in zip(step_rows, losses))
+        loss = total / sum(count for _, count in losses)
+    loss.backward()
+    return float(loss.detach()), {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("normalization", ["sample", "token"])
+@pytest.mark.parametrize(("batch_size", "accumulation"), [(4, 1), (2, 2), (1, 4)])
+def test_weighted_loss_equals_a_per_sample_reference_for_any_micro_batch_split(tmp_path, normalization, batch_size,
+                                                                              accumulation):
+    model, tokenizer = tiny_causal_lm(seed=0)
+    reference_model = copy.deepcopy(model)
+    pool = loss_rows(tokenizer, RAW_WEIGHTS)
+    recorder = GradientRecorder()
+    args = config(tmp_path, influence_mode="weight", influence_loss_normalization=normalization, max_steps=1,
+                  per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation, max_grad_norm=0.0)
+    trainer = Recording(model, args=args, train_dataset=pool, processing_class=tokenizer, callbacks=[recorder])
+    trainer.train()
+
+    step_rows = trainer.rows_of_steps({0})
+    assert len(step_rows) == 4 and len(trainer.seen) == accumulation
+    expected_loss, expected_gradients = reference(reference_model, pool, step_rows, normalization)
+    assert trainer.state.log_history[0]["loss"] == pytest.approx(expected_loss, rel=1e-5)
+    (gradients,) = recorder.gradients
+    assert gradients.keys() == expected_gradients.keys()
+    for name, gradient in gradients.items():
+        torch.testing.assert_close(gradient, expected_gradients[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_unit_weights_reproduce_plain_sft_loss_and_gradients_with_accumulation(tmp_path):
+    model, tokenizer = tiny_causal_lm(seed=0)
+    plain_model = copy.deepcopy(model)
+    pool = loss_rows(tokenizer, [1.0] * len(LOSS_ROWS))
+    common = {"max_steps": 2, "gradient_accumulation_steps": 2, "max_grad_norm": 0.0, "optim": "sgd",
+              "learning_rate": 0.5, "train_sampling_strategy": "sequential"}
+    recorder, plain_recorder = GradientRecorder(), GradientRecorder()
+    trainer = Recording(model, args=config(tmp_path, influence_mode="weight", influence_loss_normalization="token",
+                                           **common), train_dataset=pool, processing_class=tokenizer,
+                        callbacks=[recorder])
+    trainer.train()
+    plain = SFTTrainer(plain_model, args=SFTConfig(**settings(tmp_path, **common)),
+                       train_dataset=pool.select_columns(["input_ids", "labels"]), processing_class=tokenizer,
+                       callbacks=[plain_recorder])
+    plain.train()
+
+    # The premise: the two micro-batches of each step carry different numbers of label tokens.
+    label_counts = [sum(sum(label != IGNORE_INDEX for label in pool[row]["labels"][1:]) for row in rows)
+                    for _, rows in trainer.seen]
+    assert label_counts[0] != label_counts[1] and label_counts[2] != label_counts[3]
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert losses == [entry["loss"] for entry in plain.state.log_history if "loss" in entry]
+    for ours, theirs in zip(recorder.gradients, plain_recorder.gradients, strict=True):
+        assert all(torch.equal(ours[name], theirs[name]) for name in theirs)
+    for (name, parameter), other in zip(model.named_parameters(), plain_model.parameters(), strict=True):
+        assert torch.equal(parameter, other), name
+    # The same rows under "sample" normalisation are a different objective: the check above can tell them apart.
+    step_rows = trainer.rows_of_steps({0})
+    sample_loss, _ = reference(copy.deepcopy(tiny_causal_lm(seed=0)[0]), pool, step_rows, "sample")
+    assert not math.isclose(sample_loss, losses[0], rel_tol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def pool():
+    return demo_pool(4, seed=0)  # 16 chat rows, 4 domains
+
+
+@pytest.fixture(scope="module")
+def target():
+    return demo_target("math", 2, seed=1)
+
+
+def score_table(num_rows, weights=None):
+    scores = torch.randn(num_rows, 2, generator=torch.Generator().manual_seed(3))
+    return ScoreTable.from_matrix(scores, list(range(num_rows)), ["t0", "t1"], weights=weights,
+                                  provenance=provenance_record(method="influence_distillation", model_id="tiny")), scores
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_select_from_a_score_table_folder_trains_on_exactly_the_selected_rows(tmp_path, pool, packing):
+    model, tokenizer = tiny_causal_lm(seed=0)
+    table, scores = score_table(len(pool))
+    table.save(tmp_path / "scores")
+    expected = torch.argsort(scores.mean(dim=1), descending=True)[:6].tolist()
+    forwards = []
+    model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    args = config(tmp_path, influence_score_table=str(tmp_path / "scores"), influence_budget=6,
+                  influence_options={"selection": "mean_top_k"}, num_train_epochs=1, packing=packing,
+                  max_length=64 if packing else None)
+    trainer = Recording(model, args=args, train_dataset=pool, processing_class=tokenizer)
+    assert forwards == []  # no model pass: the scores come from the table
+    assert trainer.influence_selections[0].row_ids == expected
+    trainer.train()
+
+    if packing:  # exactly what SFTTrainer prepares from pool.select(selected)
+        plain = SFTTrainer(tiny_causal_lm(seed=0)[0], args=SFTConfig(**settings(tmp_path, packing=True, max_length=64)),
+                           train_dataset=pool.select(expected), processing_class=tokenizer)
+        assert trainer.train_dataset["input_ids"] == plain.train_dataset["input_ids"]
+        assert "seen" not in trainer.__dict__  # packed rows carry no row id
+    else:
+        assert sorted(trainer.rows_of_steps(range(10))) == sorted(expected)  # each selected row once, no other
+    logged = trainer.state.log_history[0]
+    assert logged["influence/budget"] == 6 and logged["influence/selected_rows"] == 6
+    assert logged["influence/score_q50"] == pytest.approx(float(scores.mean(dim=1).quantile(0.5)), rel=1e-5)
+    assert logged["influence/score_mean_selected"] == pytest.approx(float(scores.mean(dim=1)[expected].mean()))
+
+    trainer.create_model_card()
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    assert "hf_influence" in card.data.tags
+    assert card.data.hf_influence["method"] == "influence_distillation"
+    assert card.data.hf_influence["budget"] == 6 and card.data.hf_influence["source"] == "score_table"
+    assert '"model_id": "tiny"' in card.text
+
+
+def test_select_from_the_target_uses_the_trainers_model_and_restores_its_adapter(tmp_path, pool, target):
+    base, tokenizer = tiny_causal_lm(seed=0)
+    torch.manual_seed(0)
+    model = get_peft_model(base, LoraConfig(**LORA, init_lora_weights=False))  # random A and B
+    expected = select_by_influence(pool, target, model=copy.deepcopy(model), tokenizer=tokenizer, budget=4,
+                                   selection_seed=7, return_scores=True, show_progress=False,
+                                   warmup_show_progress=False, **FAST)[1].provenance["selected_pool_row_ids"]
+    adapter = {name: p.detach().clone() for name, p in model.named_parameters() if "lora_" in name}
+    args = config(tmp_path, influence_budget=4, influence_options=FAST, seed=7, max_steps=1)
+    trainer = Recording(model, args=args, train_dataset=pool, influence_target=target, processing_class=tokenizer)
+
+    assert trainer.influence_selections[0].row_ids == expected
+    assert all(torch.equal(p, adapter[name]) for name, p in model.named_parameters() if "lora_" in name)
+    assert trainer.influence_selections[0].provenance["method"] == "influence_distillation"
+    trainer.train()
+    assert set(trainer.rows_of_steps({0})) <= set(expected)
+
+
+def test_peft_config_select_trains_the_adapter_only(tmp_path, pool, target):
+    model, tokenizer = tiny_causal_lm(seed=0)
+    expected = select_by_influence(pool, target, model=tiny_causal_lm(seed=0)[0], tokenizer=tokenizer, budget=4,
+                                   method="rds", selection_seed=42, show_progress=False,
+                                   return_scores=True)[1].provenance["selected_pool_row_ids"]
+    args = config(tmp_path, influence_budget=4, influence_method="rds", max_steps=2, learning_rate=1e-2)
+    trainer = Recording(model, args=args, train_dataset=pool, influence_target=target, processing_class=tokenizer,
+                        peft_config=LoraConfig(**LORA))
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    trainer.train()
+
+    assert trainer.influence_selections[0].row_ids == expected
+    assert sorted(trainer.rows_of_steps({0, 1})) == sorted(expected)
+    after = dict(trainer.model.named_parameters())
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed == {name for name, p in after.items() if p.requires_grad}  # A moves once B is nonzero (step 2)
+    assert changed and all("lora_" in name for name in changed)
+
+
+class Snapshots(TrainerCallback):
+    """Copies of the model and its torch optimizer (state included) after each optimizer step."""
+
+    def __init__(self):
+        self.after_step = {}
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.after_step[state.global_step] = copy.deepcopy((model, optimizer.optimizer))
+
+
+def test_online_reselects_at_the_stated_steps_from_the_current_model_and_optimizer(tmp_path, pool, target):
+    model, tokenizer = tiny_causal_lm(seed=0)
+    options = {**FAST, "show_progress": False}
+    args = config(tmp_path, influence_mode="online", influence_reselect_steps=2, influence_budget=4,
+                  influence_method="influence_distillation_exact", influence_options=options, max_steps=6,
+                  learning_rate=5e-2, seed=3)
+    snapshots = Snapshots()
+    trainer = Recording(model, args=args, train_dataset=pool, influence_target=target, processing_class=tokenizer,
+                        peft_config=LoraConfig(**LORA), callbacks=[snapshots])
+    trainer.train()
+
+    selections = trainer.influence_selections
+    assert [selection.step for selection in selections] == [0, 2, 4]
+    for selection, steps in zip(selections, [{0, 1}, {2, 3}, {4, 5}], strict=True):
+        assert sorted(trainer.rows_of_steps(steps)) == sorted(selection.row_ids)  # budget = rows per round
+    for selection in selections[1:]:
+        model_then, optimizer_then = snapshots.after_step[selection.step]
+        expected = select_by_influence(pool, target, model=model_then, tokenizer=tokenizer, budget=4,
+                                       method="influence_distillation_exact", optimizer=optimizer_then,
+                                       selection_seed=3, return_scores=True, **options)[1]
+        assert selection.row_ids == expected.provenance["selected_pool_row_ids"]
+    assert selections[1].row_ids != selections[0].row_ids or selections[2].row_ids != selections[1].row_ids
+    rounds = [entry["influence/round"] for entry in trainer.state.log_history if "influence/round" in entry]
+    assert rounds == [0, 1, 2]
+
+
+def test_weights_from_a_score_table_are_rescaled_to_mean_one_and_reach_the_batches(tmp_path, pool):
+    model, tokenizer = tiny_causal_lm(seed=0)
+    raw = torch.rand(len(pool), generator=torch.Generator().manual_seed(5))
+    raw[2] = 0.0
+    table, _ = score_table(len(pool), weights=raw)
+    seen_weights = {}
+
+    class WeightRecording(InfluenceSFTTrainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            seen_weights.update(zip(inputs["row_id"].tolist(), inputs["weight"].tolist()))
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    trainer = WeightRecording(model, args=config(tmp_path, influence_mode="weight", num_train_epochs=1),
+                              train_dataset=pool, influence_score_table=table, processing_class=tokenizer)
+    trainer.train()
+    expected = raw * len(raw) / raw.sum()
+    assert sorted(seen_weights) == list(range(len(pool)))
+    torch.testing.assert_close(torch.tensor([seen_weights[i] for i in range(len(pool))]), expected)
+    logged = trainer.state.log_history[0]
+    assert logged["influence/mean_weight"] == pytest.approx(float(raw.mean()), rel=1e-6)
+    assert logged["influence/zero_weight_share"] == pytest.approx(1 / len(pool))
+
+
+def test_config_parses_from_the_command_line(tmp_path):
+    parser = HfArgumentParser(InfluenceSFTConfig)
+    cpu = ["--output_dir", str(tmp_path), "--use_cpu", "--bf16", "false"]
+    (args,) = parser.parse_args_into_dataclasses(
+        [*cpu, "--influence_mode", "weight", "--influence_budget", "100",
+         "--influence_options", '{"num_landmarks": 8}', "--influence_loss_normalization", "token"])
+    assert args.influence_budget == 100 and isinstance(args.influence_budget, int)
+    assert args.influence_options == {"num_landmarks": 8} and args.influence_loss_normalization == "token"
+    (share,) = parser.parse_args_into_dataclasses([*cpu, "--influence_budget", "0.25"])
+    assert share.influence_budget == 0.25
+    assert "influence_reselect_steps" in parser.format_help()
+
+
+WEIGHT = {"influence_mode": "weight"}
+ONLINE = {"influence_mode": "online", "influence_reselect_steps": 1}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "make", "error", "match"),
+    [
+        ({**WEIGHT, "packing": True, "max_length": 64}, {}, ValueError, "packing=True cannot be combined"),
+        ({**ONLINE, "padding_free": True}, {}, ValueError, "padding_free=True cannot be combined"),
+        ({}, {}, ValueError, "needs influence_target .* or a score table"),
+        ({"influence_budget": 100}, {"target": True}, SelectionError, "larger than the pool"),
+        (WEIGHT, {}, ValueError, "needs weights: .*pool column 'weight'"),
+        (WEIGHT, {"weights": [1.0, 1.0, 1.0, -1.0, 1.0, 1.0, 1.0, 1.0]}, ValueError, "row id 3 has -1.0"),
+        (WEIGHT, {"weights": [1.0, float("nan")] + [1.0] * 6}, ValueError, "row id 1 has nan"),
+        (WEIGHT, {"weights": [0.0] * 8}, ValueError, "Every training row has weight 0"),
+        (WEIGHT, {"table": "no_weights"}, ValueError, "score table has no weights"),
+        (WEIGHT, {"table": "negative_weights"}, ValueError, "pool row id 0 has -1.0"),
+        ({}, {"table": "unknown_rows"}, ValueError, "pool_row_id 8 .* no pool row has"),
+        ({}, {"table": "object", "target": True}, ValueError, "not both"),
+        ({**WEIGHT, "loss_type": "dft"}, {}, ValueError, "loss_type must be 'nll'"),
+        ({"influence_mode": "online"}, {}, ValueError, "needs influence_reselect_steps"),
+        ({"influence_reselect_steps": 2}, {}, ValueError, "only used by influence_mode='online'"),
+        ({"influence_mode": "pick"}, {}, ValueError, "influence_mode must be one of"),
+        ({"influence_budget": 1.5}, {}, ValueError, r"pool share must be in \(0, 1\]"),
+        ({"influence_options": {"num_landmark": 3}}, {}, TypeError, "Unknown option"),
+        ({"influence_options": {"method": "less"}}, {}, ValueError, "use influence_method"),
+        ({**ONLINE, "influence_budget": 4}, {"target": True, "peft": True}, ValueError, "larger than the 2 rows"),
+        (ONLINE, {"target": True}, ValueError, "train a PEFT model"),
+        ({}, {"target": True, "row_ids": ["a"] * 8}, TypeError, "must hold integer row ids"),
+        ({}, {"target": True, "row_ids": [0, 1, 2, 3, 4, 5, 6, 0]}, ValueError, "repeats row id 0"),
+        ({}, {"plain_args": True}, TypeError, "must be an InfluenceSFTConfig"),
+    ],
+)
+def test_clear_errors(tmp_path, overrides, make, error, match):
+    model, tokenizer = tiny_causal_lm(seed=0)
+    pool = loss_rows(tokenizer, make.get("weights"))
+    if "row_ids" in make:
+        pool = pool.remove_columns("row_id").add_column("row_id", make["row_ids"])
+    kwargs = {"processing_class": tokenizer}
+    if make.get("target"):
+        kwargs["influence_target"] = CHAT_ROWS[:2]
+    if make.get("peft"):
+        kwargs["peft_config"] = LoraConfig(**LORA)
+    table = make.get("table")
+    if table is not None:
+        num_rows = 9 if table == "unknown_rows" else len(pool)
+        weights = {"negative_weights": -torch.ones(num_rows), "object": torch.ones(num_rows)}.get(table)
+        kwargs["influence_score_table"] = score_table(num_rows, weights)[0]
+    with pytest.raises(error, match=match):
+        args = SFTConfig(**settings(tmp_path)) if make.get("plain_args") else config(tmp_path, **overrides)
+        InfluenceSFTTrainer(model, args=args, train_dataset=pool, **kwargs)
