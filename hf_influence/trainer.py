@@ -418,9 +418,10 @@ class InfluenceSFTTrainer(SFTTrainer):
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        for column in (self.args.influence_row_id_column, self.args.influence_weight_column):
-            if column not in self._signature_columns:
-                self._signature_columns.append(column)
+        columns = [self.args.influence_row_id_column]
+        if self.args.influence_mode == "weight":
+            columns.append(self.args.influence_weight_column)
+        self._signature_columns += [column for column in columns if column not in self._signature_columns]
 
     def _get_train_sampler(self, train_dataset=None):
         if self._influence_sampler is not None:
@@ -657,7 +658,12 @@ class InfluenceSFTTrainer(SFTTrainer):
 
 
 class _ScoringContext:
-    """Eval mode (no dropout) and the random streams as they were, around a model pass made for selection."""
+    """Eval mode (no dropout) around a model pass made for selection; afterwards the training mode, the
+    requires_grad flags and the random streams as they were.
+
+    The flags matter for a model without adapters: select_by_influence gives it a LoRA adapter for the run, and
+    PEFT's unload() leaves every base weight frozen, so the trainer would then train nothing.
+    """
 
     def __init__(self, model, device: torch.device):
         self.model = model
@@ -665,12 +671,15 @@ class _ScoringContext:
 
     def __enter__(self):
         self.was_training = self.model.training
+        self.flags = [(parameter, parameter.requires_grad) for parameter in self.model.parameters()]
         self.rng = torch.random.fork_rng(devices=self.devices)
         self.rng.__enter__()
         self.model.eval()
 
     def __exit__(self, *exc):
         self.model.train(self.was_training)
+        for parameter, flag in self.flags:
+            parameter.requires_grad_(flag)
         self.rng.__exit__(*exc)
 
 

@@ -2,20 +2,30 @@
 SFTTrainer, the rows the training loop sees, online re-selection steps, score-table and PEFT sources, errors."""
 
 import copy
+import json
 import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
+import hub_server
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import CHAT_ROWS
 from huggingface_hub import ModelCard
 from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file, save_file
 from transformers import HfArgumentParser, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from hf_influence import ScoreTable, SelectionError, select_by_influence
 from hf_influence.demo import demo_pool, demo_target
 from hf_influence.formatting import IGNORE_INDEX, format_dataset
+from hf_influence.hub import push_score_table
+from hf_influence.influence import compute_scores
 from hf_influence.scores import provenance_record
 from hf_influence.testing import tiny_causal_lm
 from hf_influence.trainer import InfluenceSFTConfig, InfluenceSFTTrainer
@@ -26,6 +36,7 @@ FAST = {"num_blocks": 1, "warmup_fraction": 0.25, "warmup_min_steps": 2, "projec
 # Eight rows whose label counts differ, so micro-batches of a step carry different numbers of label tokens.
 LOSS_ROWS = CHAT_ROWS + CHAT_ROWS[:3]
 RAW_WEIGHTS = [1.0, 2.0, 0.5, 0.0, 3.0, 1.5, 0.25, 4.0]
+local_hub = hub_server.local_hub
 LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
 
 
@@ -240,6 +251,19 @@ def test_peft_config_select_trains_the_adapter_only(tmp_path, pool, target):
     assert changed and all("lora_" in name for name in changed)
 
 
+def test_selection_with_a_base_model_leaves_every_weight_trainable(tmp_path, pool, target):
+    model, tokenizer = tiny_causal_lm(seed=0)
+    args = config(tmp_path, influence_budget=4, influence_method="rds", max_steps=1, learning_rate=1e-2)
+    trainer = InfluenceSFTTrainer(model, args=args, train_dataset=pool, influence_target=target,
+                                  processing_class=tokenizer)
+    assert all(p.requires_grad for p in trainer.model.parameters())  # the selection's LoRA adapter is gone
+    assert not any("lora_" in name for name, _ in trainer.model.named_parameters())
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    trainer.train()
+    assert not torch.equal(before["model.layers.0.self_attn.q_proj.weight"],
+                           trainer.model.model.layers[0].self_attn.q_proj.weight)
+
+
 class Snapshots(TrainerCallback):
     """Copies of the model and its torch optimizer (state included) after each optimizer step."""
 
@@ -276,11 +300,17 @@ def test_online_reselects_at_the_stated_steps_from_the_current_model_and_optimiz
     assert rounds == [0, 1, 2]
 
 
-def test_weights_from_a_score_table_are_rescaled_to_mean_one_and_reach_the_batches(tmp_path, pool):
+@pytest.mark.parametrize("source", ["object", "hub"])
+def test_weights_from_a_score_table_are_rescaled_to_mean_one_and_reach_the_batches(tmp_path, pool, source, request):
     model, tokenizer = tiny_causal_lm(seed=0)
     raw = torch.rand(len(pool), generator=torch.Generator().manual_seed(5))
     raw[2] = 0.0
     table, _ = score_table(len(pool), weights=raw)
+    kwargs, overrides = {"influence_score_table": table}, {}
+    if source == "hub":  # through the loopback Hub with the real clients
+        hub = request.getfixturevalue("local_hub")
+        push_score_table(table, f"{hub.user}/scores", config_name="math")
+        kwargs, overrides = {}, {"influence_score_table": f"{hub.user}/scores", "influence_score_table_config": "math"}
     seen_weights = {}
 
     class WeightRecording(InfluenceSFTTrainer):
@@ -288,8 +318,8 @@ def test_weights_from_a_score_table_are_rescaled_to_mean_one_and_reach_the_batch
             seen_weights.update(zip(inputs["row_id"].tolist(), inputs["weight"].tolist()))
             return super().training_step(model, inputs, num_items_in_batch)
 
-    trainer = WeightRecording(model, args=config(tmp_path, influence_mode="weight", num_train_epochs=1),
-                              train_dataset=pool, influence_score_table=table, processing_class=tokenizer)
+    args = config(tmp_path, influence_mode="weight", num_train_epochs=1, **overrides)
+    trainer = WeightRecording(model, args=args, train_dataset=pool, processing_class=tokenizer, **kwargs)
     trainer.train()
     expected = raw * len(raw) / raw.sum()
     assert sorted(seen_weights) == list(range(len(pool)))
@@ -297,6 +327,28 @@ def test_weights_from_a_score_table_are_rescaled_to_mean_one_and_reach_the_batch
     logged = trainer.state.log_history[0]
     assert logged["influence/mean_weight"] == pytest.approx(float(raw.mean()), rel=1e-6)
     assert logged["influence/zero_weight_share"] == pytest.approx(1 / len(pool))
+
+
+def test_weights_from_the_target_are_the_robust_weights_of_compute_scores(tmp_path, pool, target):
+    model, tokenizer = tiny_causal_lm(seed=0)
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(**LORA, init_lora_weights=False))
+    options = {**FAST, "optimizer_state": "gd", "show_progress": False}
+    run = compute_scores(pool, target, model=copy.deepcopy(model), tokenizer=tokenizer,
+                         method="influence_distillation_exact", selection_seed=42, **options)
+    args = config(tmp_path, influence_mode="weight", influence_method="influence_distillation_exact",
+                  influence_options=options, max_steps=1)
+    trainer = InfluenceSFTTrainer(model, args=args, train_dataset=pool, influence_target=target,
+                                  processing_class=tokenizer)
+    (selection,) = trainer.influence_selections
+    assert selection.row_ids == run.pool_row_ids and selection.source == "target"
+    expected = run.output.weights.double()
+    torch.testing.assert_close(selection.weights, (expected * len(expected) / expected.sum()).float())
+    assert trainer.train_dataset["weight"] == selection.weights.tolist()
+    assert selection.provenance["method"] == "influence_distillation_exact"
+    with pytest.raises(ValueError, match="'rds' gives no per-sample weights"):
+        InfluenceSFTTrainer(model, args=config(tmp_path, influence_mode="weight", influence_method="rds"),
+                            train_dataset=pool, influence_target=target, processing_class=tokenizer)
 
 
 def test_config_parses_from_the_command_line(tmp_path):
@@ -363,3 +415,59 @@ def test_clear_errors(tmp_path, overrides, make, error, match):
     with pytest.raises(error, match=match):
         args = SFTConfig(**settings(tmp_path)) if make.get("plain_args") else config(tmp_path, **overrides)
         InfluenceSFTTrainer(model, args=args, train_dataset=pool, **kwargs)
+
+
+def test_two_processes_select_the_same_rows_and_take_the_weighted_step_of_all_their_samples(tmp_path, pool, target):
+    """torchrun, 2 CPU processes (gloo, DDP): this file is the worker (see the end of the file)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "true"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                          "127.0.0.1", "--master-port", str(port), __file__, str(tmp_path)],
+                         env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+
+    # Select mode: one selection for both ranks, the single-process one; each rank trains on its share of it.
+    expected = select_by_influence(pool, target, model=tiny_causal_lm(seed=0)[0], tokenizer=tiny_causal_lm()[1],
+                                   budget=4, method="rds", selection_seed=42, show_progress=False,
+                                   return_scores=True)[1].provenance["selected_pool_row_ids"]
+    assert ranks[0]["selected"] == ranks[1]["selected"] == expected
+    assert sorted(ranks[0]["select_seen"] + ranks[1]["select_seen"]) == sorted(expected)
+    # Weight mode: the step is the 2 x 2 rows of both ranks; after DDP's all-reduce every rank holds the gradient
+    # of the weighted mean over all four, as in one process.
+    step_rows = ranks[0]["weight_seen"] + ranks[1]["weight_seen"]
+    assert len(set(step_rows)) == 4
+    model, tokenizer = tiny_causal_lm(seed=0)
+    expected_loss, expected_gradients = reference(model, loss_rows(tokenizer, RAW_WEIGHTS), step_rows, "sample")
+    assert ranks[0]["loss"] == pytest.approx(expected_loss, rel=1e-5)
+    for rank in (0, 1):
+        gradients = load_file(tmp_path / f"gradients{rank}.safetensors")
+        for name, gradient in expected_gradients.items():
+            torch.testing.assert_close(gradients[name], gradient, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def distributed_worker(output: Path) -> None:
+    """One of the processes of the two-process test: writes what it selected, trained on and its gradients."""
+    model, tokenizer = tiny_causal_lm(seed=0)
+    args = config(output, influence_budget=4, influence_method="rds", num_train_epochs=1)
+    trainer = Recording(model, args=args, train_dataset=demo_pool(4, seed=0),
+                        influence_target=demo_target("math", 2, seed=1), processing_class=tokenizer)
+    trainer.train()
+    record = {"selected": trainer.influence_selections[0].row_ids, "select_seen": trainer.rows_of_steps({0})}
+
+    model, tokenizer = tiny_causal_lm(seed=0)
+    recorder = GradientRecorder()
+    args = config(output, influence_mode="weight", max_steps=1, max_grad_norm=0.0)
+    trainer = Recording(model, args=args, train_dataset=loss_rows(tokenizer, RAW_WEIGHTS), processing_class=tokenizer,
+                        callbacks=[recorder])
+    trainer.train()
+    rank = trainer.accelerator.process_index
+    record.update(weight_seen=trainer.rows_of_steps({0}), loss=trainer.state.log_history[0]["loss"])
+    save_file(recorder.gradients[0], output / f"gradients{rank}.safetensors")
+    (output / f"rank{rank}.json").write_text(json.dumps(record))
+
+
+if __name__ == "__main__":
+    distributed_worker(Path(sys.argv[1]))
