@@ -5,7 +5,9 @@ Influence Distillation and NN-CIFT, native to the Hugging Face stack. Importing 
 """
 
 from .distillation import LandmarkRegressor, robust_weights, select_landmarks
+from .distributed import fill_store, process_state
 from .embeddings import cosine_scores, lm_pooled_embeddings
+from .encoders import extract_sentence_embeddings
 from .extract import extract_gradients, extract_jvp_embeddings
 from .formatting import FormattedDataset, FormattingConfig, FormattingError, format_dataset, pad_batch
 from .gradients import GradientConfig, GradientError, PerSampleGradients, per_sample_losses
@@ -21,6 +23,7 @@ from .projection import make_projector
 from .scores import ScoreTable, ScoreTableError
 from .selection import SelectionError, resolve_budget, select_indices, weighted_sample
 from .store import StoreMismatchError, StoreSpec, VectorStore
+from .targets import TARGET_TASKS, load_target
 from .warmup import WarmupConfig, WarmupResult, load_optimizer_state, warmup
 
 register_dataset_method()
@@ -30,6 +33,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_MODEL",
     "METHODS",
+    "TARGET_TASKS",
     "AffineStep",
     "FormattedDataset",
     "FormattingConfig",
@@ -60,15 +64,19 @@ __all__ = [
     "cosine_scores",
     "extract_gradients",
     "extract_jvp_embeddings",
+    "extract_sentence_embeddings",
+    "fill_store",
     "format_dataset",
     "lm_pooled_embeddings",
     "load_model",
     "load_optimizer_state",
     "load_score_table",
+    "load_target",
     "make_projector",
     "nn_cift",
     "pad_batch",
     "per_sample_losses",
+    "process_state",
     "push_influence_network",
     "push_score_table",
     "register_method",

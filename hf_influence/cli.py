@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from transformers import HfArgumentParser
 
 from .data import load_rows
+from .distributed import process_state
 from .encoders import encode_rows, encoder_identity, load_encoder
 from .extract import extract_gradients, extract_jvp_embeddings
 from .formatting import FormattingConfig, format_dataset
@@ -168,7 +169,15 @@ def _parse(argv: list[str], dataclass_types: tuple, description: str) -> tuple:
 
 def _load(model_args: ModelArguments):
     dtype = getattr(torch, model_args.dtype)
-    return load_model(model_args.model, revision=model_args.revision, dtype=dtype)
+    # Under `accelerate launch` / torchrun each process runs the model on its own device.
+    state = process_state()
+    device = state.device if state is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    return load_model(model_args.model, revision=model_args.revision, dtype=dtype, device=device)
+
+
+def _is_main_process() -> bool:
+    state = process_state()
+    return state is None or state.is_main_process
 
 
 def _budget(text: str) -> int | float:
@@ -303,7 +312,8 @@ def run_gradients(argv: list[str]) -> None:
     if gradient_config.parameters == "lora":
         model = add_lora(model, lora)
     store = extract_gradients(model, formatted.dataset, data.output, gradient_config, overwrite=data.overwrite)
-    print(f"{len(store)} rows x {store.dim} gradient store in {data.output} ({len(formatted.skipped)} rows skipped)")
+    if _is_main_process():
+        print(f"{len(store)} rows x {store.dim} gradient store in {data.output} ({len(formatted.skipped)} rows skipped)")
 
 
 def run_embed(argv: list[str]) -> None:
@@ -315,7 +325,8 @@ def run_embed(argv: list[str]) -> None:
     model, tokenizer = _load(model_args)
     formatted = _formatted_input(data, formatting, tokenizer)
     store = extract_jvp_embeddings(model, formatted.dataset, data.output, jvp_config, overwrite=data.overwrite)
-    print(f"{len(store)} rows x {store.dim} JVP embedding store in {data.output} ({len(formatted.skipped)} rows skipped)")
+    if _is_main_process():
+        print(f"{len(store)} rows x {store.dim} JVP embedding store in {data.output} ({len(formatted.skipped)} rows skipped)")
 
 
 @dataclass

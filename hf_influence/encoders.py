@@ -25,6 +25,7 @@ from datasets import Dataset
 from torch import Tensor
 from transformers.utils.logging import tqdm
 
+from .distributed import fill_store
 from .formatting import FormattingConfig, FormattingError, detect_format
 from .store import StoreSpec, VectorStore, fingerprint_dataset
 
@@ -199,6 +200,10 @@ def encode_rows(
     """
     if batch_size < 1 or len(rows) == 0:
         raise ValueError(f"Need batch_size >= 1 and at least one row, got {batch_size=} and {len(rows)} rows.")
+    if cache_dir is not None:
+        return extract_sentence_embeddings(rows, cache_dir, encoder, batch_size=batch_size, normalize=normalize,
+                                           response_column=response_column, overwrite=overwrite,
+                                           show_progress=show_progress).to_tensor()
     config = FormattingConfig(response_column=response_column)
     texts = row_texts(rows, config)
     if encoder is None or isinstance(encoder, str):
@@ -209,15 +214,48 @@ def encode_rows(
                                     normalize_embeddings=normalize, show_progress_bar=False)
         return embeddings.float().cpu()
 
-    progress = tqdm(total=len(texts), desc="Sentence embeddings", unit="rows", disable=not show_progress)
-    if cache_dir is None:
-        with progress:
-            chunks = []
-            for start in range(0, len(texts), batch_size):
-                chunks.append(encode(start, min(start + batch_size, len(texts))))
-                progress.update(chunks[-1].shape[0])
-        return torch.cat(chunks)
+    with tqdm(total=len(texts), desc="Sentence embeddings", unit="rows", disable=not show_progress) as progress:
+        chunks = []
+        for start in range(0, len(texts), batch_size):
+            chunks.append(encode(start, min(start + batch_size, len(texts))))
+            progress.update(chunks[-1].shape[0])
+    return torch.cat(chunks)
 
+
+def extract_sentence_embeddings(
+    rows: Dataset | list[dict],
+    output_dir: str | Path,
+    encoder: str | SentenceTransformer | None = None,
+    batch_size: int = 64,
+    normalize: bool = True,
+    response_column: str | None = None,
+    overwrite: bool = False,
+    show_progress: bool = True,
+) -> VectorStore:
+    """Sentence-encoder embeddings of every row's `row_text`, written to (or resumed in) a store.
+
+    This is the cache `encode_rows(rows, encoder, cache_dir=output_dir, ...)` keeps, filled by one process or
+    split between the processes of a multi-process launch (see `distributed.fill_store`).
+
+    Args:
+        rows: chat or prompt/response rows (a Dataset or a list of dicts).
+        output_dir: store directory; an existing store with the same identity is resumed.
+        encoder: a loaded SentenceTransformer, or a name for `load_encoder` (default DEFAULT_ENCODER).
+        batch_size: rows per `encoder.encode` call, and the store's batch (resume) granularity.
+        normalize: L2-normalise the rows.
+        response_column: response column of prompt/response rows (default `completion`, else `answer`).
+        overwrite: start afresh instead of refusing a store made for other rows, encoder or settings.
+        show_progress: show a progress bar.
+
+    Returns:
+        The completed VectorStore: float32 [len(rows), embedding_dim] (unit rows when `normalize`), no row ids.
+    """
+    if batch_size < 1 or len(rows) == 0:
+        raise ValueError(f"Need batch_size >= 1 and at least one row, got {batch_size=} and {len(rows)} rows.")
+    config = FormattingConfig(response_column=response_column)
+    texts = row_texts(rows, config)
+    if encoder is None or isinstance(encoder, str):
+        encoder = load_encoder(encoder or DEFAULT_ENCODER)
     model_id, revision = encoder_identity(encoder)
     spec = StoreSpec(
         kind="sentence_embeddings",
@@ -236,12 +274,11 @@ def encode_rows(
         num_rows=len(texts),
         dim=encoder.get_embedding_dimension(),
     )
-    store = VectorStore.create_or_open(cache_dir, spec, overwrite=overwrite)
-    pending = store.pending_batches(batch_size)
-    progress.update(len(store) - sum(end - start for start, end in pending))
-    with progress:
-        for start, end in pending:
-            store.write(start, encode(start, end))
-            progress.update(end - start)
-    store.update_manifest()
-    return store.to_tensor()
+
+    def encode(start: int, end: int) -> Tensor:
+        embeddings = encoder.encode(texts[start:end], batch_size=batch_size, convert_to_tensor=True,
+                                    normalize_embeddings=normalize, show_progress_bar=False)
+        return embeddings.float().cpu()
+
+    return fill_store(output_dir, spec, encode, batch_size, overwrite=overwrite, show_progress=show_progress,
+                      description="Sentence embeddings")

@@ -16,21 +16,17 @@ import hashlib
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from datasets import Dataset
 from torch import Tensor, nn
 
 from .distributed import fill_store
-from .encoders import DEFAULT_ENCODER, TEXT_FORMAT, encoder_identity, load_encoder, row_texts
-from .formatting import FormattingConfig, pad_batch
+from .encoders import extract_sentence_embeddings  # noqa: F401  (public here with the other extractors)
+from .formatting import pad_batch
 from .gradients import GradientConfig, PerSampleGradients
 from .jvp import JVPConfig, JVPEmbedder
 from .models import model_identity
 from .store import StoreSpec, VectorStore, fingerprint_dataset
-
-if TYPE_CHECKING:
-    from sentence_transformers import SentenceTransformer
 
 
 def _tensor_digest(tensor: Tensor) -> str:
@@ -144,65 +140,3 @@ def extract_jvp_embeddings(
         "jvp_embeddings", model, formatted, output_dir, asdict(config), embedder.output_dim, config.jvp_batch_size,
         pad_token_id, lambda batch, row_ids: embedder.embed(batch), overwrite, show_progress,
     )
-
-
-def extract_sentence_embeddings(
-    rows: Dataset | list[dict],
-    output_dir: str | Path,
-    encoder: str | SentenceTransformer | None = None,
-    batch_size: int = 64,
-    normalize: bool = True,
-    response_column: str | None = None,
-    overwrite: bool = False,
-    show_progress: bool = True,
-) -> VectorStore:
-    """Sentence-encoder embeddings of every row's `encoders.row_text`, written to (or resumed in) a store.
-
-    The store is the cache `encoders.encode_rows(rows, encoder, cache_dir=output_dir, ...)` keeps (same identity,
-    same bytes), filled by one process or split between the processes of a multi-process launch.
-
-    Args:
-        rows: chat or prompt/response rows (a Dataset or a list of dicts).
-        output_dir: store directory; an existing store with the same identity is resumed.
-        encoder: a loaded SentenceTransformer, or a name for `encoders.load_encoder` (default DEFAULT_ENCODER).
-        batch_size: rows per `encoder.encode` call, and the store's batch (resume) granularity.
-        normalize: L2-normalise the rows.
-        response_column: response column of prompt/response rows (default `completion`, else `answer`).
-        overwrite: start afresh instead of refusing a store made for other rows, encoder or settings.
-        show_progress: show a progress bar.
-
-    Returns:
-        The completed VectorStore: float32 [len(rows), embedding_dim] (unit rows when `normalize`), no row ids.
-    """
-    if batch_size < 1 or len(rows) == 0:
-        raise ValueError(f"Need batch_size >= 1 and at least one row, got {batch_size=} and {len(rows)} rows.")
-    config = FormattingConfig(response_column=response_column)
-    texts = row_texts(rows, config)
-    if encoder is None or isinstance(encoder, str):
-        encoder = load_encoder(encoder or DEFAULT_ENCODER)
-    model_id, revision = encoder_identity(encoder)
-    # The same spec as encode_rows' cache, so that either can resume (or reuse) the other's store.
-    spec = StoreSpec(
-        kind="sentence_embeddings",
-        model_id=model_id,
-        model_revision=revision,
-        dataset_fingerprint=fingerprint_dataset(rows),
-        config={
-            "text_format": TEXT_FORMAT,
-            "prompt_column": config.prompt_column,
-            "response_column": response_column,
-            "messages_column": config.messages_column,
-            "normalize": normalize,
-            "max_seq_length": encoder.max_seq_length,
-        },
-        num_rows=len(texts),
-        dim=encoder.get_embedding_dimension(),
-    )
-
-    def encode(start: int, end: int) -> Tensor:
-        embeddings = encoder.encode(texts[start:end], batch_size=batch_size, convert_to_tensor=True,
-                                    normalize_embeddings=normalize, show_progress_bar=False)
-        return embeddings.float().cpu()
-
-    return fill_store(output_dir, spec, encode, batch_size, overwrite=overwrite, show_progress=show_progress,
-                      description="Sentence embeddings")
