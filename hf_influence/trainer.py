@@ -387,9 +387,8 @@ class InfluenceSFTTrainer(SFTTrainer):
         elif mode == "weight":
             self._attach_weights()
         else:
-            selection = self._select(optimizer=None)
-            self._influence_sampler = SelectionSampler(
-                self._online_positions, rows_per_pass, seed=args.seed)
+            self._select(optimizer=None)
+            self._influence_sampler = SelectionSampler(self._online_positions, rows_per_pass, seed=args.seed)
         self._influence_logs.update(self.influence_selections[-1].statistics)
 
     # ------------------------------------------------------------------------------------------------
@@ -440,7 +439,7 @@ class InfluenceSFTTrainer(SFTTrainer):
         return options
 
     def _scoring(self):
-        """Context for a model pass: eval mode and the caller's random streams restored afterwards."""
+        """Context for a model pass: eval mode; training mode, requires_grad flags and random streams restored."""
         return _ScoringContext(self.model, self.accelerator.device)
 
     def _select(self, optimizer) -> InfluenceSelection:

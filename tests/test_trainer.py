@@ -1,5 +1,6 @@
 """InfluenceSFTTrainer on tiny models: the weighted loss against a per-sample loop, unit weights against plain
-SFTTrainer, the rows the training loop sees, online re-selection steps, score-table and PEFT sources, errors."""
+SFTTrainer, the rows the training loop sees, online re-selection steps, score-table (folder, object, Hub) and
+PEFT sources, a two-process torchrun run, errors. Run as a script, this file is that run's worker."""
 
 import copy
 import json
