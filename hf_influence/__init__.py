@@ -8,12 +8,20 @@ from .distillation import LandmarkRegressor, robust_weights, select_landmarks
 from .distributed import fill_store, process_state
 from .embeddings import cosine_scores, lm_pooled_embeddings
 from .encoders import extract_sentence_embeddings
+from .evaluation import target_loss
 from .extract import extract_gradients, extract_jvp_embeddings
 from .formatting import FormattedDataset, FormattingConfig, FormattingError, format_dataset, pad_batch
 from .gradients import GradientConfig, GradientError, PerSampleGradients, per_sample_losses
 from .hessian import TargetHessian
 from .hub import load_score_table, push_influence_network, push_score_table
-from .influence import METHODS, SelectionConfig, register_dataset_method, register_method, select_by_influence
+from .influence import (
+    METHODS,
+    SelectionConfig,
+    compute_scores,
+    register_dataset_method,
+    register_method,
+    select_by_influence,
+)
 from .jvp import JVPConfig, JVPEmbedder
 from .models import DEFAULT_MODEL, LoraSettings, add_lora, load_model
 from .network import InfluenceNetwork
@@ -23,7 +31,9 @@ from .projection import make_projector
 from .scores import ScoreTable, ScoreTableError
 from .selection import SelectionError, resolve_budget, select_indices, weighted_sample
 from .store import StoreMismatchError, StoreSpec, VectorStore
+from .streaming import iter_scores, predict_scores, stream_select
 from .targets import TARGET_TASKS, load_target
+from .trainer import InfluenceSelection, InfluenceSFTConfig, InfluenceSFTTrainer
 from .warmup import WarmupConfig, WarmupResult, load_optimizer_state, warmup
 
 register_dataset_method()
@@ -41,6 +51,9 @@ __all__ = [
     "GradientConfig",
     "GradientError",
     "InfluenceNetwork",
+    "InfluenceSFTConfig",
+    "InfluenceSFTTrainer",
+    "InfluenceSelection",
     "JVPConfig",
     "JVPEmbedder",
     "LandmarkRegressor",
@@ -61,12 +74,14 @@ __all__ = [
     "WarmupResult",
     "add_lora",
     "affine_step",
+    "compute_scores",
     "cosine_scores",
     "extract_gradients",
     "extract_jvp_embeddings",
     "extract_sentence_embeddings",
     "fill_store",
     "format_dataset",
+    "iter_scores",
     "lm_pooled_embeddings",
     "load_model",
     "load_optimizer_state",
@@ -76,6 +91,7 @@ __all__ = [
     "nn_cift",
     "pad_batch",
     "per_sample_losses",
+    "predict_scores",
     "process_state",
     "push_influence_network",
     "push_score_table",
@@ -85,6 +101,8 @@ __all__ = [
     "select_by_influence",
     "select_indices",
     "select_landmarks",
+    "stream_select",
+    "target_loss",
     "warmup",
     "weighted_sample",
 ]

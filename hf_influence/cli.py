@@ -10,6 +10,7 @@ flag (`--projection_dim 4096`) and `--config FILE.yaml` supplies defaults that f
     hf-influence push        push an InfluenceNetwork (--network) or a score table (--scores) to the Hub
     hf-influence gradients   per-sample LoRA gradients of a dataset into a resumable store
     hf-influence embed       JVP embeddings of a dataset into a resumable store
+    hf-influence train       select (or weight) pool rows for a target, then fine-tune with InfluenceSFTTrainer
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from .nn_cift import NNCIFTConfig, nn_cift
 from .scores import ScoreTable, json_safe, provenance_record
 from .selection import resolve_budget, select_indices
 from .store import atomic_write_bytes, atomic_write_json, fingerprint_dataset
+from .targets import load_target
 from .warmup import WarmupConfig
 
 
@@ -149,8 +151,10 @@ def _attribute_docs(dataclass_type: type) -> dict[str, str]:
     return docs
 
 
-def _parse(argv: list[str], dataclass_types: tuple, description: str) -> tuple:
+def _parse(argv: list[str], dataclass_types: tuple, description: str, defaults: dict | None = None) -> tuple:
+    """Parse argv into the dataclasses; precedence: flags over the --config YAML over `defaults`."""
     parser = HfArgumentParser(dataclass_types, description=description)
+    parser.set_defaults(**(defaults or {}))
     # The config dataclasses document each field in their docstrings: show that text in --help.
     docs = {name: text for dataclass_type in dataclass_types for name, text in _attribute_docs(dataclass_type).items()}
     for action in parser._actions:
@@ -461,8 +465,120 @@ def run_push(argv: list[str]) -> str:
     return url
 
 
+@dataclass
+class TrainDataArguments:
+    """The pool to train on, the target to select for, and an optional held-out target to measure.
+
+    Attributes:
+        pool: training pool: jsonl/json/parquet/csv file (optionally .gz), a folder, or a Hub dataset id.
+        pool_split: split of a Hub pool dataset.
+        pool_sample: use a seeded random sample of N pool rows (sample_seed); None uses every row.
+        target: target rows (file, folder or Hub id, any schema of hf_influence.targets); None with target_task
+            reads that task's shared offline file under data_dir, else its Hub dataset.
+        target_task: a task of hf_influence.targets.TARGET_TASKS (gsm8k, mmlu, bbh, tydiqa, squad, codex): names
+            the target schema and its subtask column; None reads `target` as prompt/response rows.
+        target_limit: use a seeded random sample of N target rows.
+        eval_target: held-out rows of the task (same forms as target) whose loss is measured before and after
+            training (the mean per-row response-token cross-entropy); None skips the measurement.
+        eval_limit: use a seeded random sample of N held-out rows.
+        data_dir: the shared offline data folder (holds targets/*.jsonl.gz), for target_task without target.
+        sample_seed: seed of the samples (pool_sample, target_limit, eval_limit).
+        use_lora: train a LoRA adapter (lora_* options) rather than every weight.
+    """
+
+    pool: str | None = field(default=None, metadata={"help": "Pool file, folder or Hub dataset id."})
+    pool_split: str = field(default="train", metadata={"help": "Split of a Hub pool dataset."})
+    pool_sample: int | None = field(default=None, metadata={"help": "Seeded random sample of N pool rows."})
+    target: str | None = field(default=None, metadata={"help": "Target file, folder or Hub dataset id."})
+    target_task: str | None = field(default=None, metadata={"help": "gsm8k, mmlu, bbh, tydiqa, squad or codex."})
+    target_limit: int | None = field(default=None, metadata={"help": "Seeded random sample of N target rows."})
+    eval_target: str | None = field(default=None, metadata={"help": "Held-out target rows: loss before/after."})
+    eval_limit: int | None = field(default=None, metadata={"help": "Seeded random sample of N held-out rows."})
+    data_dir: str | None = field(default=None, metadata={"help": "Shared offline data folder (targets/)."})
+    sample_seed: int = field(default=0, metadata={"help": "Seed of the pool / target samples."})
+    use_lora: bool = field(default=True, metadata={"help": "Train a LoRA adapter (lora_* options)."})
+
+
+def _sample(rows: Dataset, count: int | None, seed: int) -> Dataset:
+    return rows if count is None or count >= len(rows) else rows.shuffle(seed=seed).select(range(count))
+
+
+def _train_target(args: TrainDataArguments, source: str | None, limit: int | None, what: str) -> Dataset:
+    if args.target_task is not None:
+        return load_target(args.target_task, source=source, data_dir=args.data_dir, limit=limit, seed=args.sample_seed)
+    if source is None:
+        raise SystemExit(f"--{what} or --target_task is required: a file, folder or Hub id of the task's rows.")
+    return _sample(load_rows(source, split="test" if what == "eval_target" else "train"), limit, args.sample_seed)
+
+
+def run_train(argv: list[str]) -> dict:
+    """Select (or weight) --pool rows for the target and fine-tune with InfluenceSFTTrainer; summary.json."""
+    from peft import LoraConfig
+
+    from .evaluation import target_loss
+    from .trainer import InfluenceSFTConfig, InfluenceSFTTrainer
+
+    data, model_args, lora, config = _parse(
+        argv, (TrainDataArguments, ModelArguments, LoraSettings, InfluenceSFTConfig),
+        "Fine-tune with TRL on the pool rows that help the target most: select --influence_budget rows (or "
+        "weight every row, or re-select online) with --influence_method, then SFT (LoRA by default). Selection "
+        "options go in --influence_options as JSON or a YAML mapping; every SFTConfig option is a flag too.",
+        # SFTConfig defaults to bf16, which transformers refuses without a GPU.
+        defaults=None if torch.cuda.is_available() else {"bf16": False},
+    )
+    if not data.pool:
+        raise SystemExit("--pool is required: a jsonl/json/parquet/csv file, a folder, or a Hub dataset id.")
+    pool = _sample(load_rows(data.pool, split=data.pool_split), data.pool_sample, data.sample_seed)
+    # Without a target the trainer needs a score table or a weight column, and says so if it gets neither.
+    target = _train_target(data, data.target, data.target_limit, "target") if data.target or data.target_task else None
+    model, tokenizer = _load(model_args)
+    peft_config = None
+    if data.use_lora:
+        targets = lora.lora_target_modules
+        peft_config = LoraConfig(r=lora.lora_r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
+                                 target_modules="all-linear" if targets in ("all-linear", ["all-linear"]) else targets,
+                                 task_type="CAUSAL_LM")
+    evaluation = None
+    if data.eval_target or (data.target_task and data.eval_limit):
+        evaluation = _train_target(data, data.eval_target, data.eval_limit, "eval_target")
+    start = time.perf_counter()
+    trainer = InfluenceSFTTrainer(model, args=config, train_dataset=pool, target_dataset=target,
+                                  processing_class=tokenizer, peft_config=peft_config)
+    selection_seconds = time.perf_counter() - start
+    summary = {"influence": json_safe({k: v for k, v in trainer.influence_summary().items() if k != "provenance"}),
+               "selection_seconds": selection_seconds, "pool_rows": len(pool),
+               "target_rows": None if target is None else len(target)}
+    formatting = FormattingConfig(max_length=config.max_length or 1024, show_progress=False)
+    if evaluation is not None:
+        summary["target_loss_before"] = target_loss(trainer.model, tokenizer, evaluation, formatting)
+    start = time.perf_counter()
+    result = trainer.train()
+    summary["train_seconds"] = time.perf_counter() - start
+    summary["train_loss"] = result.training_loss
+    summary["global_steps"] = result.global_step
+    if evaluation is not None:
+        summary["target_loss_after"] = target_loss(trainer.model, tokenizer, evaluation, formatting)
+        summary["eval_rows"] = len(evaluation)
+    trainer.save_model()
+    if trainer.is_world_process_zero():
+        atomic_write_json(Path(config.output_dir) / "summary.json", json_safe(summary))
+        influence = summary["influence"]
+        print(f"\n{influence['mode']} / {influence['method'] or influence['source']}: trained on "
+              f"{influence['training_rows']} of {len(pool)} pool rows, {result.global_step} steps")
+        rows = [("selection (s)", f"{selection_seconds:.1f}"), ("training (s)", f"{summary['train_seconds']:.1f}"),
+                ("train loss", f"{result.training_loss:.4f}")]
+        if evaluation is not None:
+            rows += [("target loss before", f"{summary['target_loss_before']:.4f}"),
+                     ("target loss after", f"{summary['target_loss_after']:.4f}")]
+        for name, value in rows:
+            print(f"  {name:<22}{value:>12}")
+        print(f"model, model card (tagged hf_influence) and summary.json in {config.output_dir}/")
+    return summary
+
+
 COMMANDS = {"demo": run_demo, "select": run_select, "fit-network": run_fit_network, "predict": run_predict,
-            "push": run_push, "gradients": run_gradients, "embed": run_embed}
+            "push": run_push, "gradients": run_gradients, "embed": run_embed,
+            "train": run_train}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,6 +16,7 @@ target-Hessian products on the landmarks, Q ~ C Q_L C^T) -> selection.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import tempfile
@@ -422,8 +423,36 @@ def _prepare_model(model, tokenizer, configs) -> tuple[nn.Module, Any, Callable[
                         parameter.copy_(snapshot[name])
 
         return model, tokenizer, restore
+    # add_lora freezes the base weights and unload() leaves them frozen: put the user's flags back, or a full
+    # fine-tune after selection would silently train nothing.
+    trainable = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
     wrapped = add_lora(model, lora)
-    return wrapped, tokenizer, lambda: wrapped.unload()
+
+    def restore():
+        wrapped.unload()
+        for parameter, flag in trainable:
+            parameter.requires_grad_(flag)
+
+    return wrapped, tokenizer, restore
+
+
+@contextlib.contextmanager
+def _without_input_require_grads(model: nn.Module | None):
+    """Remove transformers' input-require-grads hooks for the block, then put them back.
+
+    Trainers add them for gradient checkpointing with adapters (`enable_input_require_grads`); they call
+    requires_grad_() on the embedding output, which functorch's jvp (JVP embeddings) refuses, and our passes
+    need no gradient flowing into the inputs.
+    """
+    hooked = [module for module in (model.modules() if model is not None else ())
+              if getattr(module, "_require_grads_hooks", None)]
+    for module in hooked:
+        module.disable_input_require_grads()
+    try:
+        yield
+    finally:
+        for module in hooked:
+            module.enable_input_require_grads()
 
 
 def _target_tasks(target: Dataset, formatted_target: Dataset, column: str | None) -> list[str] | None:
@@ -574,8 +603,9 @@ def _compute(pool: Dataset, target, model, tokenizer, optimizer, configs: dict, 
     else:
         model, restore = None, lambda: None
     try:
-        output, context, pool_row_ids, target_names, tasks, skipped = _run_method(
-            function, pool, target, model, tokenizer, optimizer, budget_rows, configs)
+        with _without_input_require_grads(model):
+            output, context, pool_row_ids, target_names, tasks, skipped = _run_method(
+                function, pool, target, model, tokenizer, optimizer, budget_rows, configs)
     finally:
         restore()
     model_id, revision = model_identity(model) if model is not None else (None, None)

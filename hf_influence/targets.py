@@ -2,8 +2,8 @@
 
 LESS and Influence Distillation select for a handful of held-out examples of the task, not its test set. Each
 task here knows its Hub dataset and the few-shot split the papers use; `load_target` turns any of the schemas
-below into rows with `prompt`, `response`, `task` and `id` columns that `select_by_influence` and the trainer
-read directly:
+below into rows with `prompt`, `completion` (TRL's prompt-completion form), `task` and `id` columns that
+`select_by_influence` and the trainer read directly:
 
 - Hub schemas: GSM8K (question / answer), MMLU (question / choices / answer index), BBH (input / target),
   TyDiQA GoldP and SQuAD (context / question / answers.text), HumanEval (prompt / canonical_solution);
@@ -84,7 +84,7 @@ SCHEMAS: list[tuple[str, tuple[str, ...], Callable[[dict], str], Callable[[dict]
 
 
 def to_prompt_response(rows: Dataset, task: str, task_column: str | None = None) -> Dataset:
-    """Rows of a known target schema as `id`, `prompt`, `response` and `task` columns.
+    """Rows of a known target schema as `id`, `prompt`, `completion` and `task` columns.
 
     Args:
         rows: a target dataset in one of the schemas of this module.
@@ -107,7 +107,7 @@ def to_prompt_response(rows: Dataset, task: str, task_column: str | None = None)
 
     def convert(row: dict, index: int) -> dict:
         try:
-            converted = {"prompt": prompt(row), "response": response(row)}
+            converted = {"prompt": prompt(row), "completion": response(row)}
         except (ValueError, KeyError, IndexError, TypeError) as error:
             raise ValueError(f"{task} row {index} ({name} schema): {error}") from error
         converted["task"] = task if task_column is None else f"{task}/{row[task_column]}"
@@ -119,7 +119,7 @@ def to_prompt_response(rows: Dataset, task: str, task_column: str | None = None)
 
 def load_target(task: str, source: str | os.PathLike | Dataset | None = None, data_dir: str | os.PathLike | None = None,
                 limit: int | None = None, seed: int = 0) -> Dataset:
-    """The rows of a target task as `id`, `prompt`, `response`, `task` columns.
+    """The rows of a target task as `id`, `prompt`, `completion`, `task` columns.
 
     Args:
         task: a key of TARGET_TASKS (gsm8k, mmlu, bbh, tydiqa, squad, codex).

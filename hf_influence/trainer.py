@@ -1,7 +1,7 @@
 """`InfluenceSFTTrainer`: TRL's `SFTTrainer` that selects or weights its training rows by influence.
 
     args = InfluenceSFTConfig(output_dir="out", influence_mode="select", influence_budget=0.05)
-    trainer = InfluenceSFTTrainer(model, args=args, train_dataset=pool, influence_target=target,
+    trainer = InfluenceSFTTrainer(model, args=args, train_dataset=pool, target_dataset=target,
                                   processing_class=tokenizer, peft_config=LoraConfig(...))
     trainer.train()
 
@@ -83,7 +83,7 @@ class InfluenceSFTConfig(SFTConfig):
             "rds", "nn_cift", ...). Weight mode needs a method with robust weights (the Influence Distillation
             ones).
         influence_score_table: local folder or Hub dataset repo id of a ScoreTable to select or weight from,
-            with no model pass; None computes scores from the trainer's model and `influence_target`.
+            with no model pass; None computes scores from the trainer's model and `target_dataset`.
         influence_score_table_config: config name of a Hub score table (`push_score_table(config_name=...)`).
         influence_reselect_steps: online mode: optimizer steps between re-selections (each from the current
             model and optimizer state). The rows trained between two selections are
@@ -96,7 +96,7 @@ class InfluenceSFTConfig(SFTConfig):
         influence_row_id_column: pool column of integer row ids (the ids a score table's `pool_row_id`
             refers to). When the pool has no such column it is created with each row's position.
         influence_weight_column: weight mode: pool column of non-negative loss weights. Used as the weights
-            when neither influence_target nor a score table is given; otherwise the trainer writes it.
+            when neither target_dataset nor a score table is given; otherwise the trainer writes it.
         influence_loss_normalization: weight mode: "sample" (weighted mean over the step's samples of each
             sample's mean token loss) or "token" (each label token weighted by its sample's weight, divided by
             the step's label tokens; unit weights then give exactly SFTTrainer's loss).
@@ -169,7 +169,7 @@ class InfluenceSFTConfig(SFTConfig):
                              f"(influence_mode is {self.influence_mode!r}).")
         if online and self.influence_score_table is not None:
             raise ValueError("influence_mode='online' re-selects from the current model, which a fixed score table "
-                             "cannot do: pass influence_target to the trainer instead of influence_score_table.")
+                             "cannot do: pass target_dataset to the trainer instead of influence_score_table.")
         for name in ("influence_row_id_column", "influence_weight_column"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"{name} must be a non-empty column name, got {getattr(self, name)!r}.")
@@ -301,7 +301,7 @@ class InfluenceSFTTrainer(SFTTrainer):
         model, args, data_collator, train_dataset, eval_dataset, processing_class, **kwargs: as SFTTrainer
             (`peft_config`, `formatting_func`, `callbacks`, ...); `args` must be an InfluenceSFTConfig and
             `train_dataset` (the pool) a `datasets.Dataset`.
-        influence_target: rows of the task to improve (Dataset, list of dicts, file or Hub id, as
+        target_dataset: rows of the task to improve (Dataset, list of dicts, file or Hub id, as
             `select_by_influence` takes), scored with the trainer's model and tokenizer.
         influence_score_table: a ScoreTable object to select or weight from, instead of a target.
 
@@ -320,7 +320,7 @@ class InfluenceSFTTrainer(SFTTrainer):
 
     def __init__(self, model, args: InfluenceSFTConfig | None = None, data_collator=None,
                  train_dataset: Dataset | None = None, eval_dataset=None, processing_class=None, *,
-                 influence_target=None, influence_score_table: ScoreTable | None = None, **kwargs):
+                 target_dataset=None, influence_score_table: ScoreTable | None = None, **kwargs):
         if args is None:
             name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
             args = InfluenceSFTConfig(f"{str(name).split('/')[-1]}-InfluenceSFT")
@@ -333,17 +333,17 @@ class InfluenceSFTTrainer(SFTTrainer):
         mode = args.influence_mode
         if mode == "weight" and kwargs.get("compute_loss_func") is not None:
             raise ValueError("influence_mode='weight' computes its own weighted loss: compute_loss_func must be None.")
-        table = _score_table(args, influence_score_table, influence_target)
-        if mode != "weight" and influence_target is None and table is None:
-            raise ValueError(f"influence_mode={mode!r} needs influence_target (rows of the task to improve) or a "
+        table = _score_table(args, influence_score_table, target_dataset)
+        if mode != "weight" and target_dataset is None and table is None:
+            raise ValueError(f"influence_mode={mode!r} needs target_dataset (rows of the task to improve) or a "
                              f"score table (influence_score_table): neither was given.")
-        if (mode == "weight" and influence_target is None and table is None
+        if (mode == "weight" and target_dataset is None and table is None
                 and args.influence_weight_column not in train_dataset.column_names):
             raise ValueError(
-                f"influence_mode='weight' needs weights: pass influence_target (robust weights are computed), a score "
+                f"influence_mode='weight' needs weights: pass target_dataset (robust weights are computed), a score "
                 f"table with weights (influence_score_table), or a pool column {args.influence_weight_column!r} "
                 f"(influence_weight_column); the pool has columns {train_dataset.column_names}.")
-        if mode == "weight" and (influence_target is not None or table is not None) \
+        if mode == "weight" and (target_dataset is not None or table is not None) \
                 and args.influence_weight_column in train_dataset.column_names:
             raise ValueError(f"The pool already has a column {args.influence_weight_column!r} but the weights come from "
                              f"the {'target' if table is None else 'score table'}: rename that column or set "
@@ -352,7 +352,7 @@ class InfluenceSFTTrainer(SFTTrainer):
         self._influence_budget = None if mode == "weight" else resolve_budget(args.influence_budget, len(row_ids))
         self._influence_pool = train_dataset
         self._influence_row_ids = row_ids
-        self._influence_target = influence_target
+        self._influence_target = target_dataset
         self._influence_table = table
         self._influence_logs: dict[str, float] = {}
         self._influence_sampler: SelectionSampler | None = None
@@ -702,7 +702,7 @@ def _score_table(args: InfluenceSFTConfig, table: ScoreTable | None, target) -> 
                 raise ValueError(f"influence_score_table={location!r} is not a local score-table folder and could not "
                                  f"be loaded from the Hub: {error}") from error
     if table is not None and target is not None:
-        raise ValueError("Pass either influence_target (scores computed with the trainer's model) or a score table, "
+        raise ValueError("Pass either target_dataset (scores computed with the trainer's model) or a score table, "
                          "not both.")
     return table
 

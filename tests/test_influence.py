@@ -123,10 +123,23 @@ def test_users_models_are_left_as_they_were(pool, target):
     for name, parameter in peft_model.named_parameters():
         assert torch.equal(parameter, before[name]), name
     base, tokenizer = tiny_causal_lm("llama", seed=0)
+    base.lm_head.weight.requires_grad_(False)  # a user's own freezing is kept, the rest stays trainable
     base_before = {name: p.detach().clone() for name, p in base.named_parameters()}
+    flags_before = {name: p.requires_grad for name, p in base.named_parameters()}
     select_by_influence(pool, target, model=base, tokenizer=tokenizer, budget=3, **FAST)
     assert {name: p for name, p in base.named_parameters()}.keys() == base_before.keys()
+    assert {name: p.requires_grad for name, p in base.named_parameters()} == flags_before
     assert not any("lora" in name for name, _ in base.named_modules())
+
+
+def test_input_require_grads_hooks_are_lifted_for_the_pass_and_restored(pool, target):
+    # Trainers with adapters and gradient checkpointing add these hooks; functorch's jvp refuses them.
+    base, tokenizer = tiny_causal_lm("llama", seed=0)
+    base.enable_input_require_grads()
+    select_by_influence(pool, target, model=base, tokenizer=tokenizer, budget=3, **FAST)
+    assert len(base._require_grads_hooks) == 1
+    embeddings = base.get_input_embeddings()(torch.tensor([[1, 2]]))
+    assert embeddings.requires_grad
 
 
 def test_dataset_method_is_registered_without_overwriting(pool, target, model, monkeypatch):

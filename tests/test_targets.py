@@ -29,14 +29,14 @@ HUB_ROWS = [
 @pytest.mark.parametrize(("task", "row", "prompt", "response", "task_value"), HUB_ROWS, ids=[r[0] for r in HUB_ROWS])
 def test_hub_schemas_become_prompt_response_rows(task, row, prompt, response, task_value, tmp_path):
     converted = to_prompt_response(Dataset.from_list([row, row]), task, TARGET_TASKS[task].task_column)
-    assert sorted(converted.column_names) == ["id", "prompt", "response", "task"]
-    assert converted[0] == {"prompt": prompt, "response": response, "task": task_value,
+    assert sorted(converted.column_names) == ["completion", "id", "prompt", "task"]
+    assert converted[0] == {"prompt": prompt, "completion": response, "task": task_value,
                             "id": row.get("id", f"{task}/0")}
     assert converted[1]["id"] == row.get("id", f"{task}/1")
     # The same rows from a local file in the Hub schema load through load_target.
     path = tmp_path / f"{task}.jsonl"
     Dataset.from_list([row]).to_json(path)
-    assert load_target(task, source=path)[0]["response"] == response
+    assert load_target(task, source=path)[0]["completion"] == response
 
 
 @pytest.mark.skipif(not DATA_DIR.exists(), reason="../shared/data is absent")
@@ -44,11 +44,11 @@ def test_hub_schemas_become_prompt_response_rows(task, row, prompt, response, ta
 def test_shared_offline_targets_load_with_subtasks(task):
     rows = load_target(task, data_dir=DATA_DIR, limit=20, seed=0)
     assert len(rows) == min(20, len(load_target(task, data_dir=DATA_DIR)))
-    assert all(row["prompt"] and row["response"] for row in rows)
+    assert all(row["prompt"] and row["completion"] for row in rows)
     if TARGET_TASKS[task].task_column:
         assert all(row["task"].startswith(f"{task}/") for row in rows)
     if task == "gsm8k":  # the worked solution, not the bare number, is the response
-        assert "####" in rows[0]["response"]
+        assert "####" in rows[0]["completion"]
     again = load_target(task, data_dir=DATA_DIR, limit=20, seed=0)
     assert again["id"] == rows["id"]
     if len(rows) == 20:  # a real draw (tydiqa has 9 rows: all of them, whatever the seed)

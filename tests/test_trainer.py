@@ -224,7 +224,7 @@ def test_select_from_the_target_uses_the_trainers_model_and_restores_its_adapter
                                    warmup_show_progress=False, **FAST)[1].provenance["selected_pool_row_ids"]
     adapter = {name: p.detach().clone() for name, p in model.named_parameters() if "lora_" in name}
     args = config(tmp_path, influence_budget=4, influence_options=FAST, seed=7, max_steps=1)
-    trainer = Recording(model, args=args, train_dataset=pool, influence_target=target, processing_class=tokenizer)
+    trainer = Recording(model, args=args, train_dataset=pool, target_dataset=target, processing_class=tokenizer)
 
     assert trainer.influence_selections[0].row_ids == expected
     assert all(torch.equal(p, adapter[name]) for name, p in model.named_parameters() if "lora_" in name)
@@ -239,7 +239,7 @@ def test_peft_config_select_trains_the_adapter_only(tmp_path, pool, target):
                                    method="rds", selection_seed=42, show_progress=False,
                                    return_scores=True)[1].provenance["selected_pool_row_ids"]
     args = config(tmp_path, influence_budget=4, influence_method="rds", max_steps=2, learning_rate=1e-2)
-    trainer = Recording(model, args=args, train_dataset=pool, influence_target=target, processing_class=tokenizer,
+    trainer = Recording(model, args=args, train_dataset=pool, target_dataset=target, processing_class=tokenizer,
                         peft_config=LoraConfig(**LORA))
     before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
     trainer.train()
@@ -255,7 +255,7 @@ def test_peft_config_select_trains_the_adapter_only(tmp_path, pool, target):
 def test_selection_with_a_base_model_leaves_every_weight_trainable(tmp_path, pool, target):
     model, tokenizer = tiny_causal_lm(seed=0)
     args = config(tmp_path, influence_budget=4, influence_method="rds", max_steps=1, learning_rate=1e-2)
-    trainer = InfluenceSFTTrainer(model, args=args, train_dataset=pool, influence_target=target,
+    trainer = InfluenceSFTTrainer(model, args=args, train_dataset=pool, target_dataset=target,
                                   processing_class=tokenizer)
     assert all(p.requires_grad for p in trainer.model.parameters())  # the selection's LoRA adapter is gone
     assert not any("lora_" in name for name, _ in trainer.model.named_parameters())
@@ -282,7 +282,7 @@ def test_online_reselects_at_the_stated_steps_from_the_current_model_and_optimiz
                   influence_method="influence_distillation_exact", influence_options=options, max_steps=6,
                   learning_rate=5e-2, seed=3)
     snapshots = Snapshots()
-    trainer = Recording(model, args=args, train_dataset=pool, influence_target=target, processing_class=tokenizer,
+    trainer = Recording(model, args=args, train_dataset=pool, target_dataset=target, processing_class=tokenizer,
                         peft_config=LoraConfig(**LORA), callbacks=[snapshots])
     trainer.train()
 
@@ -339,7 +339,7 @@ def test_weights_from_the_target_are_the_robust_weights_of_compute_scores(tmp_pa
                          method="influence_distillation_exact", selection_seed=42, **options)
     args = config(tmp_path, influence_mode="weight", influence_method="influence_distillation_exact",
                   influence_options=options, max_steps=1)
-    trainer = InfluenceSFTTrainer(model, args=args, train_dataset=pool, influence_target=target,
+    trainer = InfluenceSFTTrainer(model, args=args, train_dataset=pool, target_dataset=target,
                                   processing_class=tokenizer)
     (selection,) = trainer.influence_selections
     assert selection.row_ids == run.pool_row_ids and selection.source == "target"
@@ -349,7 +349,7 @@ def test_weights_from_the_target_are_the_robust_weights_of_compute_scores(tmp_pa
     assert selection.provenance["method"] == "influence_distillation_exact"
     with pytest.raises(ValueError, match="'rds' gives no per-sample weights"):
         InfluenceSFTTrainer(model, args=config(tmp_path, influence_mode="weight", influence_method="rds"),
-                            train_dataset=pool, influence_target=target, processing_class=tokenizer)
+                            train_dataset=pool, target_dataset=target, processing_class=tokenizer)
 
 
 def test_config_parses_from_the_command_line(tmp_path):
@@ -374,7 +374,7 @@ ONLINE = {"influence_mode": "online", "influence_reselect_steps": 1}
     [
         ({**WEIGHT, "packing": True, "max_length": 64}, {}, ValueError, "packing=True cannot be combined"),
         ({**ONLINE, "padding_free": True}, {}, ValueError, "padding_free=True cannot be combined"),
-        ({}, {}, ValueError, "needs influence_target .* or a score table"),
+        ({}, {}, ValueError, "needs target_dataset .* or a score table"),
         ({"influence_budget": 100}, {"target": True}, SelectionError, "larger than the pool"),
         (WEIGHT, {}, ValueError, "needs weights: .*pool column 'weight'"),
         (WEIGHT, {"weights": [1.0, 1.0, 1.0, -1.0, 1.0, 1.0, 1.0, 1.0]}, ValueError, "row id 3 has -1.0"),
@@ -405,7 +405,7 @@ def test_clear_errors(tmp_path, overrides, make, error, match):
         pool = pool.remove_columns("row_id").add_column("row_id", make["row_ids"])
     kwargs = {"processing_class": tokenizer}
     if make.get("target"):
-        kwargs["influence_target"] = CHAT_ROWS[:2]
+        kwargs["target_dataset"] = CHAT_ROWS[:2]
     if make.get("peft"):
         kwargs["peft_config"] = LoraConfig(**LORA)
     table = make.get("table")
@@ -454,7 +454,7 @@ def distributed_worker(output: Path) -> None:
     model, tokenizer = tiny_causal_lm(seed=0)
     args = config(output, influence_budget=4, influence_method="rds", num_train_epochs=1)
     trainer = Recording(model, args=args, train_dataset=demo_pool(4, seed=0),
-                        influence_target=demo_target("math", 2, seed=1), processing_class=tokenizer)
+                        target_dataset=demo_target("math", 2, seed=1), processing_class=tokenizer)
     trainer.train()
     record = {"selected": trainer.influence_selections[0].row_ids, "select_seen": trainer.rows_of_steps({0})}
 
