@@ -21,6 +21,7 @@ Reported:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import time
@@ -31,25 +32,44 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import torch
+from safetensors.torch import load_file, save_file
 from selection_quality import DEFAULT_DATA_DIR, load_data, machine
 
 from hf_influence import DEFAULT_MODEL, load_model
 from hf_influence.network import InfluenceNetwork
 from hf_influence.nn_cift import NNCIFTConfig, nn_cift
 from hf_influence.oracles import MethodOracle
+from hf_influence.store import atomic_write_json, fingerprint_dataset
 
 
 class TimedOracle:
-    """Wraps an oracle to record the seconds and the block shape of every call (training and evaluation)."""
+    """Wraps an oracle to record the seconds and the block shape of every call (training and evaluation).
 
-    def __init__(self, oracle):
-        self.oracle, self.calls = oracle, []
+    With a cache folder, each block's labels and its measured seconds are kept (safetensors + JSON, keyed by the
+    rows' fingerprints and the oracle identity), so that reruns that change only the network reuse the oracle
+    work; a reused call reports the seconds measured when it was computed, and says `cached`.
+    """
+
+    def __init__(self, oracle, cache_dir: Path | None = None):
+        self.oracle, self.calls, self.cache_dir = oracle, [], cache_dir
         self.name, self.pointwise = oracle.name, oracle.pointwise
 
     def compute_block(self, pool_rows, target_rows=None):
+        key = hashlib.sha256(json.dumps([fingerprint_dataset(pool_rows), None if target_rows is None else
+                                         fingerprint_dataset(target_rows), self.oracle.identity()],
+                                        sort_keys=True, default=str).encode()).hexdigest()[:16]
+        if self.cache_dir is not None and (self.cache_dir / f"{key}.json").exists():
+            record = json.loads((self.cache_dir / f"{key}.json").read_text())
+            self.calls.append({**record, "cached": True})
+            return load_file(str(self.cache_dir / f"{key}.safetensors"))["labels"]
         start = time.perf_counter()
         block = self.oracle.compute_block(pool_rows, target_rows)
-        self.calls.append({"rows": block.shape[0], "columns": block.shape[1], "seconds": time.perf_counter() - start})
+        record = {"rows": block.shape[0], "columns": block.shape[1], "seconds": time.perf_counter() - start}
+        self.calls.append(record)
+        if self.cache_dir is not None:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            save_file({"labels": block.contiguous()}, str(self.cache_dir / f"{key}.safetensors"))
+            atomic_write_json(self.cache_dir / f"{key}.json", record)
         return block
 
     def identity(self):
@@ -79,6 +99,8 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=200)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--oracle-cache", type=Path, default=None,
+                        help="keep / reuse oracle blocks here (reruns that change only the network)")
     args = parser.parse_args()
     if not (args.data_dir / "pool.jsonl.gz").exists():
         print(f"skipped: {args.data_dir / 'pool.jsonl.gz'} not found")
@@ -87,7 +109,7 @@ def main() -> int:
     model, tokenizer = load_model(DEFAULT_MODEL)
     oracle = TimedOracle(MethodOracle("influence_distillation_exact", model=model, tokenizer=tokenizer,
                                       optimizer_state="gd", max_length=args.max_length, response_column="solution",
-                                      show_progress=False))
+                                      show_progress=False), cache_dir=args.oracle_cache)
     config = NNCIFTConfig(block_fraction=args.block_fraction, evaluation_fraction=args.evaluation_fraction,
                           network_epochs=args.epochs, network_learning_rate=args.learning_rate,
                           network_patience=20, nn_cift_seed=args.seed, min_block_rows=16)

@@ -67,6 +67,37 @@ def split_pairs(num_pairs: int, validation_fraction: float, generator: torch.Gen
     return order[num_validation:], order[:num_validation]
 
 
+def split_held_out(num_rows: int, num_columns: int, validation_fraction: float,
+                   generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """
+    Seeded split of the [num_rows, num_columns] label block (pair index = row * num_columns + column) that holds
+    out whole rows and columns: max(1, round(f * num_rows)) rows and, when num_columns > 1,
+    max(1, round(f * num_columns)) columns. Validation = every pair with a held-out row or column; train = the
+    rest. Unlike split_pairs, the validation loss then measures what selection needs (rows and targets the
+    network never saw), so early stopping stops before the network memorises the block's rows.
+    Returns (train pair indices, validation pair indices), each sorted. Raises ValueError when fewer than
+    MIN_TRAINING_PAIRS remain to train on.
+    """
+    if not 0 < validation_fraction < 1:
+        raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction}")
+    held_rows = torch.randperm(num_rows, generator=generator)[: max(1, round(validation_fraction * num_rows))]
+    held = torch.zeros(num_rows, num_columns, dtype=torch.bool)
+    held[held_rows] = True
+    if num_columns > 1:
+        held_columns = torch.randperm(num_columns, generator=generator)[: max(1, round(validation_fraction
+                                                                                       * num_columns))]
+        held[:, held_columns] = True
+    flat = held.flatten()
+    train, validation = (~flat).nonzero().squeeze(1), flat.nonzero().squeeze(1)
+    if len(train) < MIN_TRAINING_PAIRS:
+        raise ValueError(
+            f"the label block is too small to learn from: holding out rows and columns of the {num_rows} x "
+            f"{num_columns} block leaves {len(train)} training pairs (at least {MIN_TRAINING_PAIRS} needed); "
+            f"score a larger block with the oracle, or use validation_split='pairs'"
+        )
+    return train, validation
+
+
 def topk_overlap(predicted: Tensor, true: Tensor, k: int) -> float:
     """
     Mean over columns of |top-k rows by predicted  intersect  top-k rows by true| / k, for score
@@ -239,6 +270,7 @@ class InfluenceNetwork(
         labels: Tensor,
         *,
         validation_fraction: float = 0.1,
+        validation_split: str = "pairs",
         epochs: int = 20,
         batch_size: int = 64,
         lr: float = 1e-4,
@@ -253,8 +285,10 @@ class InfluenceNetwork(
         target_embeddings: [u_m, e] of its target columns (pairwise); None for a pointwise network.
         labels: [u_n, u_m] oracle values (pairwise) or [u_n] (pointwise), in oracle units.
         Labels are min-max normalised over the block (label_min / label_max are stored, metrics cleared);
-        pairs are split at random into train / validation; Adam on the MSE for at most `epochs`, stopping
-        after `patience` epochs without a lower validation loss and restoring the best epoch's weights.
+        the block is split into train / validation (validation_split "pairs": random pairs, the paper's
+        regime; "held_out": whole rows and columns held out, see split_held_out); Adam on the MSE for at
+        most `epochs`, stopping after `patience` epochs without a lower validation loss and restoring the best
+        epoch's weights.
         seed: None uses the network's seed; the seed used is stored. The same seed gives the same network.
         num_threads: torch CPU threads while training (see _torch_threads); None leaves torch's setting.
         Returns {"train_loss": [per epoch], "validation_loss": [per epoch], "best_epoch", "best_validation_loss",
@@ -285,7 +319,13 @@ class InfluenceNetwork(
         normalised = ((labels - label_min) / (label_max - label_min)).flatten().to(device=pool.device, dtype=pool.dtype)
         seed = self.seed if seed is None else int(seed)
         generator = torch.Generator().manual_seed(seed)
-        train, validation = split_pairs(normalised.numel(), validation_fraction, generator)
+        if validation_split == "pairs":
+            train, validation = split_pairs(normalised.numel(), validation_fraction, generator)
+        elif validation_split == "held_out":
+            train, validation = split_held_out(expected_shape[0], expected_shape[1] if len(expected_shape) == 2
+                                               else 1, validation_fraction, generator)
+        else:
+            raise ValueError(f"validation_split must be 'pairs' or 'held_out', got {validation_split!r}")
 
         # New weights: old metrics no longer describe them.
         self.seed, self.label_min, self.label_max, self.metrics = seed, label_min, label_max, None

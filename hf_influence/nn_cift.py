@@ -44,6 +44,9 @@ class NNCIFTConfig:
         network_learning_rate: Adam learning rate.
         network_batch_size: pairs per training step.
         network_patience: epochs without validation improvement before early stopping.
+        network_validation_split: "pairs" (random validation pairs, the paper's regime) or "held_out"
+            (whole held-out rows and columns of the block, so early stopping tracks generalisation to unseen
+            rows and targets; needs a block large enough to spare them).
         network_num_threads: torch CPU threads while the network trains and predicts (1 is fastest for its
             many small ops on a CPU; None leaves torch's process-wide setting alone).
         nn_cift_seed: seed of the block and of the network.
@@ -62,6 +65,7 @@ class NNCIFTConfig:
     network_learning_rate: float = 1e-4
     network_batch_size: int = 64
     network_patience: int = 3
+    network_validation_split: str = "pairs"
     network_num_threads: int | None = 1
     nn_cift_seed: int = 0
     evaluation_fraction: float = 0.0
@@ -73,6 +77,9 @@ class NNCIFTConfig:
             raise ValueError(f"NNCIFTConfig.block_fraction must be in (0, 1], got {self.block_fraction}")
         if self.min_block_rows < 1:
             raise ValueError(f"NNCIFTConfig.min_block_rows must be >= 1, got {self.min_block_rows}")
+        if self.network_validation_split not in ("pairs", "held_out"):
+            raise ValueError(f"NNCIFTConfig.network_validation_split must be 'pairs' or 'held_out', "
+                             f"got {self.network_validation_split!r}")
         if self.network_num_threads is not None and self.network_num_threads < 1:
             raise ValueError(f"NNCIFTConfig.network_num_threads must be >= 1 or None, got {self.network_num_threads}")
 
@@ -165,7 +172,8 @@ def nn_cift(pool: Dataset, target: Dataset, config: NNCIFTConfig | None = None, 
     network.fit(pool_embeddings[rows], None if oracle.pointwise else target_embeddings[columns],
                 labels[:, 0] if oracle.pointwise else labels, epochs=config.network_epochs,
                 batch_size=config.network_batch_size, lr=config.network_learning_rate,
-                patience=config.network_patience, seed=config.nn_cift_seed, num_threads=config.network_num_threads)
+                patience=config.network_patience, seed=config.nn_cift_seed, num_threads=config.network_num_threads,
+                validation_split=config.network_validation_split)
     seconds["fit"] = time.perf_counter() - start
     start = time.perf_counter()
     if oracle.pointwise:

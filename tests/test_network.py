@@ -9,7 +9,7 @@ import torch
 from huggingface_hub import HfApi
 
 from hf_influence import network as network_module
-from hf_influence.network import InfluenceNetwork, split_pairs
+from hf_influence.network import InfluenceNetwork, split_held_out, split_pairs
 
 local_hub = hub_server.local_hub
 
@@ -192,6 +192,37 @@ def test_early_stopping_restores_the_best_weights():
     scale = network.label_max - network.label_min
     loss = torch.nn.functional.mse_loss(predicted, labels.flatten()[validation]) / scale**2
     assert loss.item() == pytest.approx(history["best_validation_loss"], rel=1e-4)
+
+
+def test_held_out_split_keeps_whole_rows_and_columns_out_of_training():
+    train, validation = split_held_out(20, 10, 0.2, torch.Generator().manual_seed(0))
+    rows_of, columns_of = lambda pairs: set((pairs // 10).tolist()), lambda pairs: set((pairs % 10).tolist())
+    assert len(train) + len(validation) == 200 and not set(train.tolist()) & set(validation.tolist())
+    held_rows, held_columns = set(range(20)) - rows_of(train), set(range(10)) - columns_of(train)
+    assert len(held_rows) == 4 and len(held_columns) == 2
+    # Validation is exactly the pairs that touch a held-out row or column.
+    expected = {r * 10 + c for r in range(20) for c in range(10) if r in held_rows or c in held_columns}
+    assert set(validation.tolist()) == expected
+    pointwise_train, pointwise_validation = split_held_out(20, 1, 0.2, torch.Generator().manual_seed(0))
+    assert len(pointwise_validation) == 4 and len(pointwise_train) == 16
+    with pytest.raises(ValueError, match="too small to learn from.*validation_split='pairs'"):
+        split_held_out(3, 3, 0.5, torch.Generator().manual_seed(0))
+
+
+def test_held_out_validation_loss_is_measured_on_unseen_rows_and_columns():
+    generator = torch.Generator().manual_seed(0)
+    pool, target = _embeddings(40, 8, generator), _embeddings(10, 8, generator)
+    labels = torch.rand(40, 10, generator=generator)
+    network = InfluenceNetwork(embedding_dim=8, hidden_sizes=[16])
+    history = network.fit(pool, target, labels, epochs=5, lr=1e-2, patience=5, seed=3, validation_split="held_out")
+    _, validation = split_held_out(40, 10, 0.1, torch.Generator().manual_seed(3))
+    assert history["validation_pairs"] == len(validation) == 40 * 10 - 36 * 9
+    predicted = network.predict(pool, target).flatten()[validation]
+    scale = network.label_max - network.label_min
+    loss = torch.nn.functional.mse_loss(predicted, labels.flatten()[validation]) / scale**2
+    assert loss.item() == pytest.approx(history["best_validation_loss"], rel=1e-4)
+    with pytest.raises(ValueError, match="validation_split must be 'pairs' or 'held_out'"):
+        network.fit(pool, target, labels, validation_split="rows")
 
 
 def _labels_with(value, position, shape=(6, 5)):
