@@ -107,3 +107,40 @@ def test_fit_network_push_and_predict(tmp_path, local_hub, capsys):
     assert predicted["selected_rows"] == 5
     assert len((tmp_path / "pred" / "selected.jsonl").read_text().splitlines()) == 5
     assert "pushed to" in capsys.readouterr().out
+
+
+def test_train_command_selects_trains_and_measures_the_target_loss(tmp_path, tiny_model_folder, capsys):
+    from hf_influence.demo import demo_pool, demo_target
+
+    demo_pool(6, seed=0).to_json(tmp_path / "pool.jsonl")  # 24 chat rows, 4 domains
+    demo_target("math", 3, seed=1).to_json(tmp_path / "target.jsonl")
+    demo_target("math", 4, seed=2).to_json(tmp_path / "held_out.jsonl")
+    config = tmp_path / "train.yaml"
+    config.write_text("influence_options:\n  num_landmarks: 6\n  response_column: solution\n"
+                      + "".join(f"  {flag.lstrip('-')}: {value}\n" for flag, value in zip(FAST_FLAGS[::2], FAST_FLAGS[1::2])))
+    output = tmp_path / "trained"
+    summary = cli.run_train(["--config", str(config), "--model", tiny_model_folder, "--pool", str(tmp_path / "pool.jsonl"),
+                             "--target", str(tmp_path / "target.jsonl"), "--eval_target", str(tmp_path / "held_out.jsonl"),
+                             "--influence_budget", "6", "--max_steps", "3", "--per_device_train_batch_size", "2",
+                             "--learning_rate", "1e-2", "--lora_r", "2", "--output_dir", str(output),
+                             "--report_to", "none", "--disable_tqdm", "true", "--save_strategy", "no"])
+    assert summary["influence"]["training_rows"] == 6 and summary["global_steps"] == 3
+    assert summary["target_loss_after"] != summary["target_loss_before"]  # the adapter trained
+    assert json.loads((output / "summary.json").read_text())["train_loss"] == pytest.approx(summary["train_loss"])
+    assert (output / "adapter_model.safetensors").exists()
+    assert "hf_influence" in (output / "README.md").read_text()
+    out = capsys.readouterr().out
+    assert "target loss before" in out and "trained on 6 of 24 pool rows" in out
+    with pytest.raises(ValueError, match="needs target_dataset"):
+        cli.run_train(["--model", tiny_model_folder, "--pool", str(tmp_path / "pool.jsonl"), "--output_dir",
+                       str(tmp_path / "none"), "--report_to", "none"])
+
+
+def test_train_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = capsys.readouterr().out
+    for name in ("influence_mode", "influence_budget", "influence_options", "pool_sample", "eval_target", "lora_r"):
+        assert f"--{name}" in text
+    text = " ".join(text.split())  # argparse wraps lines
+    assert "weight (per- sample loss weights" in text and "Seeded random sample of N pool rows" in text
