@@ -1,0 +1,254 @@
+"""The Tulu V2 recipes (recipes/tulu_v2): each YAML parses into its command's dataclasses with exactly its values,
+run.py composes the arguments in the documented order, and every recipe runs end to end offline through run.py
+on a tiny model and the shared pool (the NN-CIFT recipe pushing to a loopback Hub)."""
+
+import dataclasses
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import hub_server
+import pytest
+import yaml
+from datasets import Dataset
+from huggingface_hub import ModelCard
+from trl.chat_template_utils import qwen2_5_chat_template
+
+from hf_influence import DEFAULT_MODEL, InfluenceNetwork, ScoreTable, cli, load_score_table
+from hf_influence.data import load_rows
+from hf_influence.models import LoraSettings
+from hf_influence.targets import load_target
+from hf_influence.testing import tiny_causal_lm
+from hf_influence.trainer import InfluenceSFTConfig
+
+local_hub = hub_server.local_hub
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "tulu_v2"
+DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+needs_data = pytest.mark.skipif(not DATA_DIR.exists(), reason="../shared/data is absent")
+TASKS = ["gsm8k", "mmlu", "bbh", "tydiqa", "squad", "codex"]
+TRAIN_TYPES = (cli.TrainDataArguments, cli.ModelArguments, LoraSettings, InfluenceSFTConfig)
+NETWORK_TYPES = (cli.SelectArguments, cli.ModelArguments, *cli.SELECT_CONFIGS)
+# What differs between the six train recipes; every other setting must be the same in all of them.
+PER_TARGET_KEYS = {"target_task", "target_limit", "output_dir"}
+# SQuAD and Codex have no shared offline file: a few rows in their Hub schemas (as in test_targets.py).
+HUB_SCHEMA_ROWS = {
+    "squad": [{"id": f"q{i}", "title": "t", "context": f"Paris is in France. It has {i} bridges.",
+               "question": "Where is Paris?", "answers": {"text": ["France"], "answer_start": [12]}} for i in range(4)],
+    "codex": [{"task_id": f"HumanEval/{i}", "prompt": f"def f{i}():\n", "canonical_solution": f"    return {i}\n",
+               "test": "", "entry_point": f"f{i}"} for i in range(4)],
+}
+
+
+def _load_run_module():
+    spec = importlib.util.spec_from_file_location("tulu_v2_run", RECIPES / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+run = _load_run_module()
+
+
+def _fields(types) -> set[str]:
+    return {f.name for dataclass_type in types for f in dataclasses.fields(dataclass_type)}
+
+
+def _parsed(argv: list[str], types) -> dict:
+    """Every parsed field by name (the names are unique across a command's dataclasses)."""
+    return {name: value for parsed in cli._parse(argv, types, "test") for name, value in vars(parsed).items()}
+
+
+def _config(name: str) -> dict:
+    return yaml.safe_load((RECIPES / f"{name}.yaml").read_text())
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_train_config_parses_to_its_values(task):
+    config = _config(task)
+    # cli._parse ignores YAML keys that name no field: a misspelt key would silently fall back to its default.
+    assert set(config) <= _fields(TRAIN_TYPES), set(config) - _fields(TRAIN_TYPES)
+    # bf16 needs a GPU (transformers refuses it on a CPU); everything else parses as written.
+    parsed = _parsed(["--config", str(RECIPES / f"{task}.yaml"), "--bf16", "false"], TRAIN_TYPES)
+    for key, value in config.items():
+        if key != "bf16":
+            assert parsed[key] == value, key
+    assert config["bf16"] is True and config["target_task"] == task
+    assert config["pool"] == "allenai/tulu-v2-sft-mixture" and config["influence_budget"] == 0.05
+    assert config["influence_method"] == "influence_distillation" and config["influence_mode"] == "select"
+    options = config["influence_options"]
+    assert options["num_landmarks"] == 4096 and options["optimizer_state"] == "warmup"
+    assert options["max_length"] == config["max_length"] == 2048
+    assert (config["num_train_epochs"], config["learning_rate"], config["lora_r"], config["lora_alpha"]) == (
+        4, 2e-5, 128, 512)
+
+
+def test_train_configs_differ_only_in_the_target():
+    configs = {task: _config(task) for task in TASKS}
+    for task, config in configs.items():
+        options = dict(config["influence_options"])
+        assert options.pop("work_dir") == f"{config['output_dir']}/selection" == f"runs/tulu_v2/{task}/selection"
+        shared = {key: value for key, value in config.items() if key not in PER_TARGET_KEYS}
+        reference = {key: value for key, value in configs["gsm8k"].items() if key not in PER_TARGET_KEYS}
+        reference["influence_options"] = {k: v for k, v in reference["influence_options"].items() if k != "work_dir"}
+        assert {**shared, "influence_options": options} == reference, task
+
+
+def test_network_config_parses_to_its_values():
+    config = _config("network")
+    assert set(config) <= _fields(NETWORK_TYPES), set(config) - _fields(NETWORK_TYPES)
+    parsed = _parsed(["--config", str(RECIPES / "network.yaml")], NETWORK_TYPES)
+    for key, value in config.items():
+        assert parsed[key] == value, key
+    assert config["oracle"] == "influence_distillation_exact" and config["block_fraction"] == 0.05
+    # The oracle scores the gradients the SFT recipes select with.
+    train = _config("gsm8k")
+    for key in ("model", "lora_r", "lora_alpha", "lora_target_modules", "max_length"):
+        assert config[key] == train[key], key
+    for key in ("projection_dim", "warmup_fraction", "warmup_learning_rate"):
+        assert config[key] == train["influence_options"][key], key
+
+
+@needs_data
+def test_run_composes_yaml_offline_settings_and_extra_flags_in_order(tmp_path):
+    args = run.RecipeArguments(targets=["gsm8k"], offline=True, output_root=str(tmp_path))
+    argv = run.train_argv("gsm8k", args, ["--lora_r", "4", "--learning_rate", "1e-4"])
+    parsed = _parsed(argv, TRAIN_TYPES)
+    assert parsed["learning_rate"] == 1e-4 and parsed["lora_r"] == 4  # flags after `--` win
+    assert parsed["model"] == DEFAULT_MODEL and parsed["pool_sample"] == 128 and parsed["bf16"] is False
+    assert parsed["max_steps"] == 4 and parsed["assistant_only_loss"] is False
+    assert parsed["num_train_epochs"] == 4 and parsed["lora_alpha"] == 32 and parsed["lora_dropout"] == 0.1  # YAML
+    assert parsed["pool"] == str(DATA_DIR / "pool.jsonl.gz") and parsed["data_dir"] == str(DATA_DIR)
+    assert parsed["target"] == str(DATA_DIR / "targets" / "gsm8k_train.jsonl.gz")
+    assert parsed["eval_target"] == str(DATA_DIR / "targets" / "gsm8k_test.jsonl.gz") and parsed["eval_limit"] == 16
+    options = parsed["influence_options"]
+    assert options == {**_config("gsm8k")["influence_options"], **run.OFFLINE_SELECTION_OPTIONS,
+                       "work_dir": str(tmp_path / "gsm8k" / "selection")}
+    assert parsed["output_dir"] == str(tmp_path / "gsm8k")
+
+    # Without --offline the YAML's model and sizes stand; the shared files serve as target and held-out rows.
+    gpu_args = run.RecipeArguments(targets=["mmlu"], data_dir=str(DATA_DIR))
+    gpu = _parsed(run.train_argv("mmlu", gpu_args, ["--bf16", "false"]), TRAIN_TYPES)
+    assert gpu["model"] == "Qwen/Qwen2.5-1.5B" and gpu["pool"] == "allenai/tulu-v2-sft-mixture"
+    assert gpu["pool_sample"] == 200000 and gpu["influence_options"]["num_landmarks"] == 4096
+    assert gpu["eval_target"] == str(DATA_DIR / "targets" / "mmlu_test.jsonl.gz") and gpu["eval_limit"] == 1000
+    # Tasks whose target and held-out rows share one split get no held-out measurement.
+    assert "--eval_target" not in run.train_argv("bbh", args, [])
+
+    with pytest.raises(SystemExit, match="--target_files squad=PATH"):
+        run.train_argv("squad", args, [])
+    with pytest.raises(ValueError, match="--targets must name tasks"):
+        run.RecipeArguments(targets=["gsm9k"])
+    with pytest.raises(ValueError, match="TASK=PATH"):
+        run.RecipeArguments(target_files=["squad:file.jsonl"])
+
+
+def test_pool_sample_is_the_train_commands_sample():
+    rows = Dataset.from_dict({"id": list(range(50))})
+    assert run.pool_sample(rows, 20, seed=3)["id"] == cli._sample(rows, 20, 3)["id"]
+    assert run.pool_sample(rows, None, seed=3)["id"] == list(range(50))
+
+
+def test_bbh_configs_and_held_out_split_from_the_hub(local_hub, tmp_path, monkeypatch):
+    bbh_repo = f"{local_hub.user}/bbh"
+    subtasks = {"navigate": ["Left?", "Right?"], "word_sorting": ["b a", "d c", "f e"]}
+    for name, inputs in subtasks.items():
+        Dataset.from_dict({"input": inputs, "target": [f"{name}-{i}" for i in range(len(inputs))]}).push_to_hub(
+            bbh_repo, config_name=name, split="test")
+    rows = run.bbh_from_hub(bbh_repo)
+    assert sorted(zip(rows["subtask"], rows["input"])) == sorted(
+        (name, text) for name, inputs in subtasks.items() for text in inputs)
+    path = run.write_rows_once(tmp_path / "bbh.parquet", lambda: rows)
+    target = load_target("bbh", source=str(path))
+    assert sorted(target["task"]) == sorted(f"bbh/{name}" for name, inputs in subtasks.items() for _ in inputs)
+
+    gsm8k_repo = f"{local_hub.user}/gsm8k"
+    test_rows = {"question": ["1+1?", "2+3?"], "answer": ["#### 2", "#### 5"]}
+    Dataset.from_dict({"question": ["9+9?"], "answer": ["#### 18"]}).push_to_hub(gsm8k_repo, config_name="main")
+    Dataset.from_dict(test_rows).push_to_hub(gsm8k_repo, config_name="main", split="test")
+    monkeypatch.setitem(run.HELD_OUT, "gsm8k", run.HeldOut(f"{gsm8k_repo}:main", "test", "targets/absent", 2))
+    source = run.held_out_source("gsm8k", run.RecipeArguments(targets=["gsm8k"]), tmp_path / "gsm8k")
+    assert load_rows(source).to_dict() == test_rows
+
+
+@pytest.fixture(scope="module")
+def tiny_model_folder(tmp_path_factory):
+    """A tiny Llama whose tokenizer carries Qwen2.5's chat template, so TRL's assistant-only loss applies as on
+    the recipes' model."""
+    folder = tmp_path_factory.mktemp("tiny") / "model"
+    model, tokenizer = tiny_causal_lm("llama", seed=0)
+    tokenizer.chat_template = qwen2_5_chat_template
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def short_pool(tmp_path_factory):
+    """64 rows of the shared pool (seeded draw) short enough for the tiny model's byte-level tokenizer to keep
+    every batch small: long rows would only slow the JVP and gradient passes down here."""
+    rows = load_rows(str(DATA_DIR / "pool.jsonl.gz")).shuffle(seed=0).select(range(2000))
+    short = rows.filter(lambda row: sum(len(m["content"]) for m in row["messages"]) < 400).select(range(64))
+    path = tmp_path_factory.mktemp("pool") / "short_pool.jsonl"
+    short.to_json(path)
+    return str(path)
+
+
+def _target_file_flags(task: str, folder: Path) -> list[str]:
+    if task not in HUB_SCHEMA_ROWS:
+        return []
+    path = folder / f"{task}.jsonl"
+    Dataset.from_list(HUB_SCHEMA_ROWS[task]).to_json(path)
+    return ["--target_files", f"{task}={path}"]
+
+
+@needs_data
+@pytest.mark.parametrize("task", TASKS)
+def test_train_recipe_runs_offline(task, tiny_model_folder, short_pool, tmp_path):
+    # gsm8k also trains with the recipes' assistant-only loss (TRL's Qwen2.5 training template).
+    loss_flags = ["--assistant_only_loss", "true"] if task == "gsm8k" else []
+    results = run.main(["--targets", task, "--offline", "--pool", short_pool, "--output_root", str(tmp_path),
+                        *_target_file_flags(task, tmp_path), "--", "--model", tiny_model_folder,
+                        "--pool_sample", "32", "--disable_tqdm", "true", *loss_flags])
+    output = tmp_path / task
+    summary = json.loads((output / "summary.json").read_text())
+    assert results == {task: summary} and json.loads((tmp_path / "summary.json").read_text()) == {task: summary}
+    influence = summary["influence"]
+    assert (influence["mode"], influence["method"], influence["source"]) == ("select", "influence_distillation",
+                                                                             "target")
+    assert summary["pool_rows"] == 32 and 1 <= influence["training_rows"] <= influence["budget"] == 2
+    assert summary["target_rows"] == (4 if task in HUB_SCHEMA_ROWS else 8) and summary["global_steps"] == 4
+    if task in run.HELD_OUT:
+        assert summary["eval_rows"] == 16
+        assert math.isfinite(summary["target_loss_before"]) and math.isfinite(summary["target_loss_after"])
+    else:
+        assert "target_loss_before" not in summary and "eval_rows" not in summary
+    assert (output / "adapter_model.safetensors").exists() and (output / "adapter_config.json").exists()
+    card = ModelCard.load(output / "README.md")
+    assert "hf_influence" in card.data.tags and card.data.to_dict()["hf_influence"]["method"] == "influence_distillation"
+    # The stores went to the work_dir run.py set under --output_root.
+    assert (output / "selection" / "landmark_gradients" / "manifest.json").exists()
+
+
+@needs_data
+def test_network_recipe_fits_and_pushes(local_hub, tmp_path):
+    repo_id = f"{local_hub.user}/tulu-v2-id"
+    reports = run.main(["--targets", "gsm8k", "--offline", "--network", "--repo_id", repo_id,
+                        "--output_root", str(tmp_path), "--", "--oracle", "delift_se", "--show_progress", "false"])
+    report = reports["gsm8k"]
+    assert report["oracle"] == "delift_se" and report["pool_rows"] == 128 and report["target_rows"] == 8
+    assert report["training"]["block_rows"] == 32 and "Q4" in report["evaluation"]
+    output = tmp_path / "network" / "gsm8k"
+    local_table = ScoreTable.load(output / "scores")
+    pushed_table = load_score_table(f"{repo_id}-scores", config_name="gsm8k")
+    assert pushed_table.to_matrix()[0].tolist() == local_table.to_matrix()[0].tolist()
+    network = InfluenceNetwork.from_pretrained(f"{repo_id}-gsm8k")
+    local_network = InfluenceNetwork.from_pretrained(str(output / "network"))
+    assert all((a == b).all() for a, b in zip(network.state_dict().values(), local_network.state_dict().values()))
+    assert {"hf-influence", "nn-cift"} <= set(ModelCard.load(f"{repo_id}-gsm8k").data.tags)
+    # The network scored the train recipe's own pool sample: its pool_row_id indexes `--pool_sample 128`.
+    pool = load_rows(next((tmp_path / "network").glob("pool-*.parquet")))
+    assert pool["id"] == cli._sample(load_rows(str(DATA_DIR / "pool.jsonl.gz")), 128, 0)["id"]
