@@ -6,6 +6,10 @@ import dataclasses
 import importlib.util
 import json
 import math
+import os
+import re
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -19,9 +23,10 @@ from trl.chat_template_utils import qwen2_5_chat_template
 from hf_influence import DEFAULT_MODEL, InfluenceNetwork, ScoreTable, cli, load_score_table
 from hf_influence.data import load_rows
 from hf_influence.models import LoraSettings
+from hf_influence.selection import select_indices
 from hf_influence.targets import load_target
 from hf_influence.testing import tiny_causal_lm
-from hf_influence.trainer import InfluenceSFTConfig
+from hf_influence.trainer import InfluenceSFTConfig, InfluenceSFTTrainer
 
 local_hub = hub_server.local_hub
 
@@ -33,6 +38,7 @@ TRAIN_TYPES = (cli.TrainDataArguments, cli.ModelArguments, LoraSettings, Influen
 NETWORK_TYPES = (cli.SelectArguments, cli.ModelArguments, *cli.SELECT_CONFIGS)
 # What differs between the six train recipes; every other setting must be the same in all of them.
 PER_TARGET_KEYS = {"target_task", "target_limit", "output_dir"}
+CPU_FLAGS = ["--bf16", "false", "--tf32", "false"]
 # SQuAD and Codex have no shared offline file: a few rows in their Hub schemas (as in test_targets.py).
 HUB_SCHEMA_ROWS = {
     "squad": [{"id": f"q{i}", "title": "t", "context": f"Paris is in France. It has {i} bridges.",
@@ -71,12 +77,12 @@ def test_train_config_parses_to_its_values(task):
     config = _config(task)
     # cli._parse ignores YAML keys that name no field: a misspelt key would silently fall back to its default.
     assert set(config) <= _fields(TRAIN_TYPES), set(config) - _fields(TRAIN_TYPES)
-    # bf16 needs a GPU (transformers refuses it on a CPU); everything else parses as written.
-    parsed = _parsed(["--config", str(RECIPES / f"{task}.yaml"), "--bf16", "false"], TRAIN_TYPES)
+    # bf16 and tf32 need a GPU (transformers refuses them on a CPU); everything else parses as written.
+    parsed = _parsed(["--config", str(RECIPES / f"{task}.yaml"), *CPU_FLAGS], TRAIN_TYPES)
     for key, value in config.items():
-        if key != "bf16":
+        if key not in ("bf16", "tf32"):
             assert parsed[key] == value, key
-    assert config["bf16"] is True and config["target_task"] == task
+    assert config["bf16"] is True and config["tf32"] is True and config["target_task"] == task
     assert config["pool"] == "allenai/tulu-v2-sft-mixture" and config["influence_budget"] == 0.05
     assert config["influence_method"] == "influence_distillation" and config["influence_mode"] == "select"
     options = config["influence_options"]
@@ -119,7 +125,7 @@ def test_run_composes_yaml_offline_settings_and_extra_flags_in_order(tmp_path):
     parsed = _parsed(argv, TRAIN_TYPES)
     assert parsed["learning_rate"] == 1e-4 and parsed["lora_r"] == 4  # flags after `--` win
     assert parsed["model"] == DEFAULT_MODEL and parsed["pool_sample"] == 128 and parsed["bf16"] is False
-    assert parsed["max_steps"] == 4 and parsed["assistant_only_loss"] is False
+    assert parsed["max_steps"] == 4 and parsed["assistant_only_loss"] is False and parsed["tf32"] is False
     assert parsed["num_train_epochs"] == 4 and parsed["lora_alpha"] == 32 and parsed["lora_dropout"] == 0.1  # YAML
     assert parsed["pool"] == str(DATA_DIR / "pool.jsonl.gz") and parsed["data_dir"] == str(DATA_DIR)
     assert parsed["target"] == str(DATA_DIR / "targets" / "gsm8k_train.jsonl.gz")
@@ -131,7 +137,7 @@ def test_run_composes_yaml_offline_settings_and_extra_flags_in_order(tmp_path):
 
     # Without --offline the YAML's model and sizes stand; the shared files serve as target and held-out rows.
     gpu_args = run.RecipeArguments(targets=["mmlu"], data_dir=str(DATA_DIR))
-    gpu = _parsed(run.train_argv("mmlu", gpu_args, ["--bf16", "false"]), TRAIN_TYPES)
+    gpu = _parsed(run.train_argv("mmlu", gpu_args, CPU_FLAGS), TRAIN_TYPES)
     assert gpu["model"] == "Qwen/Qwen2.5-1.5B" and gpu["pool"] == "allenai/tulu-v2-sft-mixture"
     assert gpu["pool_sample"] == 200000 and gpu["influence_options"]["num_landmarks"] == 4096
     assert gpu["eval_target"] == str(DATA_DIR / "targets" / "mmlu_test.jsonl.gz") and gpu["eval_limit"] == 1000
@@ -233,6 +239,34 @@ def test_train_recipe_runs_offline(task, tiny_model_folder, short_pool, tmp_path
     assert (output / "selection" / "landmark_gradients" / "manifest.json").exists()
 
 
+def _card_provenance(output: Path) -> dict:
+    """The score provenance InfluenceSFTTrainer writes into the model card's text."""
+    text = ModelCard.load(output / "README.md").text
+    return json.loads(re.search(r"```json\n(.*?)\n```", text, re.DOTALL).group(1))
+
+
+@needs_data
+def test_train_recipe_under_accelerate_launch_selects_as_one_process(tiny_model_folder, short_pool, tmp_path):
+    flags = ["--targets", "bbh", "--offline", "--pool", short_pool]
+    extra = ["--", "--model", tiny_model_folder, "--pool_sample", "32", "--disable_tqdm", "true"]
+    single = run.main([*flags, "--output_root", str(tmp_path / "one"), *extra])["bbh"]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    # accelerate 1.x starts a single process for --cpu; --multi_gpu goes through torchrun, gloo without GPUs.
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "true"}
+    done = subprocess.run([*launch, str(RECIPES / "run.py"), *flags, "--output_root", str(tmp_path / "two"), *extra],
+                          env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("target    trained rows") == 1  # the table comes from the main process only
+    two = json.loads((tmp_path / "two" / "bbh" / "summary.json").read_text())
+    assert two["influence"] == single["influence"] and two["global_steps"] == single["global_steps"] == 4
+    selected = _card_provenance(tmp_path / "one" / "bbh")["selected_pool_row_ids"]
+    assert selected and _card_provenance(tmp_path / "two" / "bbh")["selected_pool_row_ids"] == selected
+
+
 @needs_data
 def test_network_recipe_fits_and_pushes(local_hub, tmp_path):
     repo_id = f"{local_hub.user}/tulu-v2-id"
@@ -249,6 +283,15 @@ def test_network_recipe_fits_and_pushes(local_hub, tmp_path):
     local_network = InfluenceNetwork.from_pretrained(str(output / "network"))
     assert all((a == b).all() for a, b in zip(network.state_dict().values(), local_network.state_dict().values()))
     assert {"hf-influence", "nn-cift"} <= set(ModelCard.load(f"{repo_id}-gsm8k").data.tags)
-    # The network scored the train recipe's own pool sample: its pool_row_id indexes `--pool_sample 128`.
+    # The network scored the train recipe's own pool sample: its pool_row_id indexes `--pool_sample 128`, and the
+    # pushed table drives InfluenceSFTTrainer on that pool with no model pass (the README's example).
     pool = load_rows(next((tmp_path / "network").glob("pool-*.parquet")))
     assert pool["id"] == cli._sample(load_rows(str(DATA_DIR / "pool.jsonl.gz")), 128, 0)["id"]
+    model, tokenizer = tiny_causal_lm("llama", seed=0)
+    args = InfluenceSFTConfig(str(tmp_path / "sft"), influence_budget=6, influence_score_table=f"{repo_id}-scores",
+                              influence_score_table_config="gsm8k", max_steps=1, bf16=False, report_to="none")
+    trainer = InfluenceSFTTrainer(model, args=args, train_dataset=pool, processing_class=tokenizer)
+    selection = trainer.influence_selections[-1]
+    scores, row_ids, _ = pushed_table.to_matrix()
+    expected = select_indices(scores, 6, rule="round_robin", seed=args.seed).tolist()
+    assert selection.source == "score_table" and selection.row_ids == [row_ids[i] for i in expected]

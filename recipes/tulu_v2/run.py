@@ -78,7 +78,7 @@ HELD_OUT = {
 OFFLINE_TRAIN_FLAGS = {
     "model": DEFAULT_MODEL, "dtype": "float32", "pool_sample": 128, "target_limit": 8, "lora_r": 8, "lora_alpha": 32,
     "max_steps": 4, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1, "bf16": False,
-    "assistant_only_loss": False, "logging_steps": 1,
+    "tf32": False, "assistant_only_loss": False, "logging_steps": 1,
 }
 OFFLINE_SELECTION_OPTIONS = {
     "num_landmarks": 16, "projection_dim": 1024, "batch_size": 4, "num_blocks": 2, "jvp_projection_dim": 256,
