@@ -144,8 +144,8 @@ def test_run_composes_yaml_offline_settings_and_extra_flags_in_order(tmp_path):
     # Tasks whose target and held-out rows share one split get no held-out measurement.
     assert "--eval_target" not in run.train_argv("bbh", args, [])
 
-    with pytest.raises(SystemExit, match="--target_files squad=PATH"):
-        run.train_argv("squad", args, [])
+    with pytest.raises(ValueError, match=r"no target rows for \['squad', 'codex'\].*squad=PATH codex=PATH"):
+        run.RecipeArguments(targets=["gsm8k", "squad", "codex"], offline=True)
     with pytest.raises(ValueError, match="--targets must name tasks"):
         run.RecipeArguments(targets=["gsm9k"])
     with pytest.raises(ValueError, match="TASK=PATH"):

@@ -135,6 +135,14 @@ class RecipeArguments:
             self.data_dir = str(SHARED_DATA)
         if self.offline and self.pool is None:
             self.pool = str(SHARED_DATA / "pool.jsonl.gz")
+        if self.offline:  # fail before the first target runs, not at the turn of the one without rows
+            files = dict(pair.partition("=")[::2] for pair in self.target_files)
+            missing = [task for task in self.targets if task not in files and not (
+                TARGET_TASKS[task].local_file and (Path(self.data_dir) / TARGET_TASKS[task].local_file).exists())]
+            if missing:
+                raise ValueError(f"--offline has no target rows for {missing} in {self.data_dir}: pass files in their "
+                                 f"Hub schema (see hf_influence.targets) as --target_files "
+                                 f"{' '.join(f'{task}=PATH' for task in missing)}.")
 
 
 def recipe_config(name: str) -> tuple[Path, dict]:
@@ -191,9 +199,6 @@ def target_source(task: str, args: RecipeArguments, output_dir: Path) -> str | N
     local = TARGET_TASKS[task].local_file
     if args.data_dir is not None and local is not None and (Path(args.data_dir) / local).exists():
         return str(Path(args.data_dir) / local)
-    if args.offline:
-        raise SystemExit(f"{task} has no file in {args.data_dir}: pass one as --target_files {task}=PATH (rows in "
-                         f"its Hub schema, see hf_influence.targets) or run without --offline.")
     if task == "bbh":
         return str(write_rows_once(output_dir / "bbh_target.parquet", bbh_from_hub))
     return None
@@ -240,17 +245,18 @@ def network_argv(task: str, args: RecipeArguments, extra: list[str]) -> list[str
     config_path, _ = recipe_config("network")
     _, task_config = recipe_config(task)
     offline = OFFLINE_TRAIN_FLAGS if args.offline else {}
-    pool = args.pool or task_config["pool"]
+    source_pool, pool_split = args.pool or task_config["pool"], task_config.get("pool_split", "train")
     count = offline.get("pool_sample", task_config.get("pool_sample"))
     limit = offline.get("target_limit", task_config.get("target_limit"))
     seed = task_config.get("sample_seed", 0)
     root = Path(args.output_root) / "network"
     output = root / task
+    pool = source_pool
     if count is not None:
-        key = hashlib.sha256(f"{pool}:{task_config.get('pool_split', 'train')}".encode()).hexdigest()[:12]
+        key = hashlib.sha256(f"{source_pool}:{pool_split}".encode()).hexdigest()[:12]
         pool = str(write_rows_once(root / f"pool-{key}-sample{count}-seed{seed}.parquet", lambda: pool_sample(
-            load_rows(pool, split=task_config.get("pool_split", "train")), count, seed)))
-    argv = ["--config", str(config_path), "--pool", pool, "--output", str(output)]
+            load_rows(source_pool, split=pool_split), count, seed)))
+    argv = ["--config", str(config_path), "--pool", pool, "--pool_split", pool_split, "--output", str(output)]
     if "--target" not in extra:  # fit-network reads --target as is: write the task's rows as prompt/completion
         source = target_source(task, args, output)
         key = hashlib.sha256(f"{source}:{args.data_dir}:{limit}:{seed}".encode()).hexdigest()[:12]
