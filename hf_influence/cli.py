@@ -163,7 +163,11 @@ def _parse(argv: list[str], dataclass_types: tuple, description: str, defaults: 
     parser.add_argument("--config", default=None, help="YAML file of defaults; flags override it.")
     known, _ = parser.parse_known_args(argv)
     if known.config:
-        parser.set_defaults(**(yaml.safe_load(Path(known.config).read_text()) or {}))
+        values = yaml.safe_load(Path(known.config).read_text()) or {}
+        unknown = sorted(set(values) - {action.dest for action in parser._actions})
+        if unknown:  # argparse would silently ignore them
+            parser.error(f"{known.config} has unknown keys {unknown}; see --help for the options of this command")
+        parser.set_defaults(**values)
     *parsed, extra = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if extra:
         parser.error(f"unrecognised arguments: {' '.join(extra)}")
@@ -479,7 +483,8 @@ class TrainDataArguments:
             the target schema and its subtask column; None reads `target` as prompt/response rows.
         target_limit: use a seeded random sample of N target rows.
         eval_target: held-out rows of the task (same forms as target) whose loss is measured before and after
-            training (the mean per-row response-token cross-entropy); None skips the measurement.
+            training (the mean per-row response-token cross-entropy); None with eval_limit and target_task takes
+            the task's held-out split (GSM8K test, MMLU test); None otherwise skips the measurement.
         eval_limit: use a seeded random sample of N held-out rows.
         data_dir: the shared offline data folder (holds targets/*.jsonl.gz), for target_task without target.
         sample_seed: seed of the samples (pool_sample, target_limit, eval_limit).
@@ -529,8 +534,10 @@ def run_train(argv: list[str]) -> dict:
     if not data.pool:
         raise SystemExit("--pool is required: a jsonl/json/parquet/csv file, a folder, or a Hub dataset id.")
     pool = _sample(load_rows(data.pool, split=data.pool_split), data.pool_sample, data.sample_seed)
-    # Without a target the trainer needs a score table or a weight column, and says so if it gets neither.
-    target = _train_target(data, data.target, data.target_limit, "target") if data.target or data.target_task else None
+    # A score table replaces the target (target_task then only names the held-out rows); without either the
+    # trainer needs a weight column, and says so.
+    wants_target = (data.target or data.target_task) and config.influence_score_table is None
+    target = _train_target(data, data.target, data.target_limit, "target") if wants_target else None
     model, tokenizer = _load(model_args)
     peft_config = None
     if data.use_lora:
@@ -539,8 +546,13 @@ def run_train(argv: list[str]) -> dict:
                                  target_modules="all-linear" if targets in ("all-linear", ["all-linear"]) else targets,
                                  task_type="CAUSAL_LM")
     evaluation = None
-    if data.eval_target or (data.target_task and data.eval_limit):
+    if data.eval_target:
         evaluation = _train_target(data, data.eval_target, data.eval_limit, "eval_target")
+    elif data.eval_limit:
+        if not data.target_task:
+            raise SystemExit("--eval_limit needs --eval_target (held-out rows of the task) or --target_task.")
+        evaluation = load_target(data.target_task, data_dir=data.data_dir, limit=data.eval_limit,
+                                 seed=data.sample_seed, held_out=True)
     start = time.perf_counter()
     trainer = InfluenceSFTTrainer(model, args=config, train_dataset=pool, target_dataset=target,
                                   processing_class=tokenizer, peft_config=peft_config)
@@ -561,6 +573,7 @@ def run_train(argv: list[str]) -> dict:
         summary["eval_rows"] = len(evaluation)
     trainer.save_model()
     if trainer.is_world_process_zero():
+        trainer.create_model_card()  # TRL writes it only with checkpoints; the provenance belongs to the model
         atomic_write_json(Path(config.output_dir) / "summary.json", json_safe(summary))
         influence = summary["influence"]
         print(f"\n{influence['mode']} / {influence['method'] or influence['source']}: trained on "

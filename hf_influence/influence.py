@@ -33,6 +33,7 @@ from transformers.utils.logging import tqdm
 
 from .data import load_rows
 from .distillation import LandmarkRegressor, first_order_scores, robust_weights, select_landmarks
+from .distributed import process_state
 from .embeddings import cosine_scores, lm_pooled_embeddings
 from .extract import extract_gradients, extract_jvp_embeddings
 from .formatting import FormattingConfig, format_dataset, pad_batch
@@ -637,6 +638,11 @@ def _run_method(function, pool, target, model, tokenizer, optimizer, budget_rows
     if budget_rows is not None and budget_rows > usable:
         raise SelectionError(f"budget {budget_rows} is larger than the {usable} usable pool rows "
                              f"({len(formatted_pool.skipped)} of {len(pool)} were skipped by formatting).")
+    # Methods that extract into stores need one folder shared by all processes (rds and random keep none).
+    if config.work_dir is None and process_state() is not None and config.method not in ("rds", "random"):
+        raise ValueError("work_dir must be set when selecting under a multi-process launch: every process needs the "
+                         "same store folder (a temporary folder would differ per process). Pass work_dir=... on a "
+                         "file system all processes share.")
     with tempfile.TemporaryDirectory(prefix="hf_influence_") as scratch:
         context = Context(model, tokenizer, formatted_pool.dataset, formatted_target.dataset, configs, optimizer,
                           Path(config.work_dir or scratch), raw_pool=pool.select(formatted_pool.dataset["row_id"]),

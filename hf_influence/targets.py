@@ -33,17 +33,24 @@ class TargetTask:
         split: split holding the few-shot rows used as the selection target.
         local_file: file of the same rows in the shared offline data folder (None: none there).
         task_column: source column naming the subtask of a row (BBH subtask, MMLU subject, TyDiQA language).
+        held_out_split: Hub split of held-out rows to measure the trained model on (None: the task has none
+            apart from its target rows).
+        held_out_local_file: file of the held-out rows in the shared offline data folder.
     """
 
     hub_id: str
     split: str
     local_file: str | None
     task_column: str | None
+    held_out_split: str | None = None
+    held_out_local_file: str | None = None
 
 
 TARGET_TASKS: dict[str, TargetTask] = {
-    "gsm8k": TargetTask("openai/gsm8k:main", "train", "targets/gsm8k_train.jsonl.gz", None),
-    "mmlu": TargetTask("cais/mmlu:all", "dev", "targets/mmlu_dev.jsonl.gz", "subject"),
+    "gsm8k": TargetTask("openai/gsm8k:main", "train", "targets/gsm8k_train.jsonl.gz", None,
+                        "test", "targets/gsm8k_test.jsonl.gz"),
+    "mmlu": TargetTask("cais/mmlu:all", "dev", "targets/mmlu_dev.jsonl.gz", "subject",
+                       "test", "targets/mmlu_test.jsonl.gz"),
     "bbh": TargetTask("lukaemon/bbh", "test", "targets/bbh.jsonl.gz", "subtask"),
     "tydiqa": TargetTask("google-research-datasets/tydiqa:secondary_task", "validation",
                          "targets/tydiqa_oneshot.jsonl.gz", "lang"),
@@ -118,7 +125,7 @@ def to_prompt_response(rows: Dataset, task: str, task_column: str | None = None)
 
 
 def load_target(task: str, source: str | os.PathLike | Dataset | None = None, data_dir: str | os.PathLike | None = None,
-                limit: int | None = None, seed: int = 0) -> Dataset:
+                limit: int | None = None, seed: int = 0, held_out: bool = False) -> Dataset:
     """The rows of a target task as `id`, `prompt`, `completion`, `task` columns.
 
     Args:
@@ -129,17 +136,27 @@ def load_target(task: str, source: str | os.PathLike | Dataset | None = None, da
         limit: keep `limit` rows, drawn at random with `seed` (few-shot targets are small; a seeded draw
             keeps every subtask in reach, unlike the first rows).
         seed: seed of the draw.
+        held_out: read the task's held-out rows (GSM8K test, MMLU test) instead of its target rows, to measure
+            a trained model on rows the selection never saw.
 
     Raises:
         KeyError: an unknown task (the message lists the known ones).
+        ValueError: held_out for a task without held-out rows.
     """
     if task not in TARGET_TASKS:
         raise KeyError(f"unknown target task {task!r}; known: {sorted(TARGET_TASKS)}")
     spec = TARGET_TASKS[task]
-    if source is None and data_dir is not None and spec.local_file is not None:
-        local = Path(data_dir) / spec.local_file
+    split, local_file = spec.split, spec.local_file
+    if held_out:
+        if spec.held_out_split is None:
+            raise ValueError(f"target task {task!r} has no held-out split (tasks with one: "
+                             f"{sorted(name for name, t in TARGET_TASKS.items() if t.held_out_split)}); pass the "
+                             f"held-out rows as a file instead")
+        split, local_file = spec.held_out_split, spec.held_out_local_file
+    if source is None and data_dir is not None and local_file is not None:
+        local = Path(data_dir) / local_file
         source = local if local.exists() else None
-    rows = load_rows(spec.hub_id if source is None else source, split=spec.split)
+    rows = load_rows(spec.hub_id if source is None else source, split=split)
     if limit is not None and limit < len(rows):
         rows = rows.shuffle(seed=seed).select(range(limit))
     return to_prompt_response(rows, task, spec.task_column)

@@ -406,8 +406,17 @@ class InfluenceSFTTrainer(SFTTrainer):
         subset = self.train_dataset.select([position[row_id] for row_id in selected_ids])
         if self._skip_prepare_dataset:
             return subset
-        return super()._prepare_dataset(subset, self.processing_class, self.args, self.args.packing,
-                                        self._formatting_func, "train")
+        prepared = super()._prepare_dataset(subset, self.processing_class, self.args, self.args.packing,
+                                            self._formatting_func, "train")
+        if len(prepared) == 0:
+            raise ValueError(f"TRL's preparation dropped all {len(subset)} selected rows (no trainable token left, "
+                             f"e.g. fully masked by assistant_only_loss or truncation to max_length="
+                             f"{self.args.max_length}): check those settings against the selected rows "
+                             f"{selected_ids[:10]}{'...' if len(selected_ids) > 10 else ''}.")
+        if not self.args.packing and len(prepared) < len(subset):
+            logger.warning("TRL's preparation dropped %d of the %d selected rows (no trainable token left); "
+                           "training on the other %d.", len(subset) - len(prepared), len(subset), len(prepared))
+        return prepared
 
     def _training_row_count(self) -> int:
         column = self.args.influence_row_id_column

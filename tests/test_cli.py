@@ -28,6 +28,9 @@ def test_yaml_defaults_and_flag_override(tmp_path):
     assert parsed.projection_dim == 128 and parsed.seed == 9
     with pytest.raises(SystemExit):
         cli._parse(["--no_such_option", "1"], (GradientConfig,), "test")
+    config.write_text("projection_dim: 128\nprojektion: srht\n")  # a typo must not be ignored
+    with pytest.raises(SystemExit):
+        cli._parse(["--config", str(config)], (GradientConfig,), "test")
 
 
 def test_gradients_command_on_a_local_model_and_file(tmp_path, capsys):

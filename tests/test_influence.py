@@ -142,6 +142,15 @@ def test_input_require_grads_hooks_are_lifted_for_the_pass_and_restored(pool, ta
     assert embeddings.requires_grad
 
 
+def test_multi_process_selection_needs_a_shared_work_dir(pool, target, model, monkeypatch):
+    import hf_influence.influence as influence_module
+
+    network, tokenizer = model
+    monkeypatch.setattr(influence_module, "process_state", lambda: object())  # as under accelerate launch
+    with pytest.raises(ValueError, match="work_dir must be set when selecting under a multi-process launch"):
+        select_by_influence(pool, target, model=network, tokenizer=tokenizer, budget=3, **FAST)
+
+
 def test_dataset_method_is_registered_without_overwriting(pool, target, model, monkeypatch):
     network, tokenizer = model
     selected = pool.select_by_influence(target, model=network, tokenizer=tokenizer, budget=3, **FAST)

@@ -63,3 +63,14 @@ def test_unknown_schema_task_and_missing_answer_are_named():
     empty_answer = {"context": "c", "question": "q", "answers": {"text": [], "answer_start": []}}
     with pytest.raises(ValueError, match=r"squad row 1 \(SQuAD / TyDiQA schema\).*no reference answer"):
         to_prompt_response(Dataset.from_list([HUB_ROWS[3][1], empty_answer]), "squad")
+
+
+@pytest.mark.skipif(not DATA_DIR.exists(), reason="../shared/data is absent")
+def test_held_out_rows_never_overlap_the_target_rows():
+    for task in ("gsm8k", "mmlu"):
+        target = load_target(task, data_dir=DATA_DIR)
+        held_out = load_target(task, data_dir=DATA_DIR, held_out=True, limit=50)
+        assert len(held_out) == 50 and not set(held_out["id"]) & set(target["id"])
+        assert not set(held_out["prompt"]) & set(target["prompt"])
+    with pytest.raises(ValueError, match="'bbh' has no held-out split.*gsm8k"):
+        load_target("bbh", data_dir=DATA_DIR, held_out=True)
