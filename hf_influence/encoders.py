@@ -27,7 +27,7 @@ from transformers.utils.logging import tqdm
 
 from .distributed import fill_store
 from .formatting import FormattingConfig, FormattingError, detect_format
-from .models import hub_reachable
+from .models import hub_reachable, hub_unreachable_reason
 from .store import StoreSpec, VectorStore, fingerprint_dataset
 
 if TYPE_CHECKING:
@@ -63,7 +63,7 @@ def load_encoder(
 
     try:
         if name == DEFAULT_ENCODER and not os.path.isdir(name) and not hub_reachable():
-            raise OSError(f"the Hub ({os.environ.get('HF_ENDPOINT', 'https://huggingface.co')}) is not reachable")
+            raise OSError(hub_unreachable_reason())
         encoder = SentenceTransformer(name, device=str(device), revision=revision)
         loaded_revision = None if os.path.isdir(name) else _hub_commit(encoder, name, revision)
     except OSError as hub_error:

