@@ -15,11 +15,6 @@ from hf_influence.formatting import format_dataset, pad_batch  # noqa: E402
 from hf_influence.models import LoraSettings, add_lora  # noqa: E402
 from hf_influence.testing import tiny_causal_lm  # noqa: E402
 
-# The tests run tiny models: many small ops, each a parallel region ending in a barrier. On a shared 2-core
-# machine a second intra-op thread that gets descheduled stalls every barrier (test_taylor ran 10-50x slower
-# next to another busy process); one thread loses nothing at these sizes. Subprocess tests set their own.
-torch.set_num_threads(1)
-
 # Uneven lengths on purpose, so that batches carry padding.
 CHAT_ROWS = [
     {"messages": [{"role": "user", "content": "What is 12 plus 7?"}, {"role": "assistant", "content": "12 + 7 = 19. The answer is 19."}]},

@@ -23,6 +23,17 @@ from hf_influence.optimizers import affine_step
 NUM_WEIGHT_VECTORS = 40
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Thousands of tiny float64 ops, each a parallel region ending in a barrier: on a shared 2-core machine a
+    # descheduled second thread stalled this file 10-50x (20 minutes next to a benchmark). One thread loses
+    # nothing at this size.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _problem():
     model, tokenizer = lora_model(dtype=torch.float64, seed=3)
     pool = format_dataset(demo_pool(2, seed=0), tokenizer).dataset  # 8 rows, 4 domains
