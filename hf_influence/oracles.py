@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -33,7 +32,8 @@ from transformers.utils.logging import tqdm
 
 from .embeddings import cosine_scores
 from .encoders import DEFAULT_ENCODER, TEXT_FORMAT, encode_rows, encoder_identity, load_encoder, prompt_and_response
-from .formatting import IGNORE_INDEX, FormattingConfig, FormattingError, format_dataset, pad_batch
+from .evaluation import eval_mode, run_batches
+from .formatting import IGNORE_INDEX, FormattingConfig, FormattingError, format_dataset
 from .gradients import causal_lm_parts, per_sample_losses
 from .models import DEFAULT_MODEL, model_identity
 
@@ -187,30 +187,8 @@ class _LMOracle(Oracle):
         return {"name": self.name, "pointwise": self.pointwise, "model_id": model_id, "model_revision": revision}
 
     def _run_batches(self, rows: list[dict], forward, progress) -> Tensor:
-        """Apply `forward` (padded batch on the model's device -> [B, ...]) to `rows` (dicts with input_ids and
-        labels) in length-sorted batches; returns float32 [len(rows), ...] in the input order, on the CPU."""
-        device = next(self.model.parameters()).device
-        pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        order = sorted(range(len(rows)), key=lambda k: len(rows[k]["input_ids"]))
-        outputs = []
-        for start in range(0, len(order), self.batch_size):
-            indices = order[start : start + self.batch_size]
-            batch = pad_batch([rows[k] for k in indices], pad_token_id)
-            outputs.append(forward({key: value.to(device) for key, value in batch.items()}).float().cpu())
-            progress.update(len(indices))
-        return torch.cat(outputs)[torch.argsort(torch.tensor(order))]
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """No gradients and the model in eval mode; its training flag is restored afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
+        """`run_batches` with this oracle's model, tokenizer and batch size."""
+        return run_batches(self.model, self.tokenizer, rows, forward, self.batch_size, progress)
 
 
 class DeliftOracle(_LMOracle):
@@ -281,7 +259,7 @@ class DeliftOracle(_LMOracle):
             progress = tqdm(total=len(conversations), desc="DELIFT", unit="seqs", disable=not self.show_progress)
         chunk = self.batch_size * CHUNK_BATCHES
         losses = []
-        with _eval_mode(self.model):
+        with eval_mode(self.model):
             for start in range(0, len(conversations), chunk):
                 rows = [{"messages": messages} for messages in conversations[start : start + chunk]]
                 formatted = format_dataset(rows, self.tokenizer, self._pair_formatting).dataset
@@ -436,7 +414,7 @@ class SelectITOracle(_LMOracle):
         texts = [(row, prompt) for row in rows for prompt in self.rating_prompts]
         chunk = self.batch_size * CHUNK_BATCHES
         probabilities = []
-        with (_eval_mode(self.model),
+        with (eval_mode(self.model),
               tqdm(total=len(texts), desc="SelectIT", unit="seqs", disable=not self.show_progress) as progress):
             for start in range(0, len(texts), chunk):
                 tokens = [self._tokenize(*self.rating_text(row, prompt)) for row, prompt in texts[start : start + chunk]]
