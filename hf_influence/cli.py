@@ -30,7 +30,7 @@ from datasets import Dataset
 from safetensors.torch import load_file, save_file
 from transformers import HfArgumentParser
 
-from .data import load_rows
+from .data import load_rows, sample_rows
 from .distributed import process_state
 from .encoders import encode_rows, encoder_identity, load_encoder
 from .extract import extract_gradients, extract_jvp_embeddings
@@ -504,16 +504,12 @@ class TrainDataArguments:
     use_lora: bool = field(default=True, metadata={"help": "Train a LoRA adapter (lora_* options)."})
 
 
-def _sample(rows: Dataset, count: int | None, seed: int) -> Dataset:
-    return rows if count is None or count >= len(rows) else rows.shuffle(seed=seed).select(range(count))
-
-
 def _train_target(args: TrainDataArguments, source: str | None, limit: int | None, what: str) -> Dataset:
     if args.target_task is not None:
         return load_target(args.target_task, source=source, data_dir=args.data_dir, limit=limit, seed=args.sample_seed)
     if source is None:
         raise SystemExit(f"--{what} or --target_task is required: a file, folder or Hub id of the task's rows.")
-    return _sample(load_rows(source, split="test" if what == "eval_target" else "train"), limit, args.sample_seed)
+    return sample_rows(load_rows(source, split="test" if what == "eval_target" else "train"), limit, args.sample_seed)
 
 
 def run_train(argv: list[str]) -> dict:
@@ -533,7 +529,7 @@ def run_train(argv: list[str]) -> dict:
     )
     if not data.pool:
         raise SystemExit("--pool is required: a jsonl/json/parquet/csv file, a folder, or a Hub dataset id.")
-    pool = _sample(load_rows(data.pool, split=data.pool_split), data.pool_sample, data.sample_seed)
+    pool = sample_rows(load_rows(data.pool, split=data.pool_split), data.pool_sample, data.sample_seed)
     # A score table replaces the target (target_task then only names the held-out rows); without either the
     # trainer needs a weight column, and says so.
     wants_target = (data.target or data.target_task) and config.influence_score_table is None

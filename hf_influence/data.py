@@ -45,6 +45,11 @@ def load_rows(source: str | os.PathLike | Dataset, split: str = "train", limit: 
     return dataset
 
 
+def sample_rows(rows: Dataset, count: int | None, seed: int = 0) -> Dataset:
+    """A seeded random sample of `count` rows (all rows, in order, when count is None or >= len(rows))."""
+    return rows if count is None or count >= len(rows) else rows.shuffle(seed=seed).select(range(count))
+
+
 def _builder(path: Path) -> str | None:
     suffixes = [s for s in path.suffixes if s != ".gz"]
     return _LOCAL_BUILDERS.get(suffixes[-1]) if suffixes else None

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from datasets import Dataset
 
-from .data import load_rows
+from .data import load_rows, sample_rows
 
 
 @dataclass(frozen=True)
@@ -156,7 +156,5 @@ def load_target(task: str, source: str | os.PathLike | Dataset | None = None, da
     if source is None and data_dir is not None and local_file is not None:
         local = Path(data_dir) / local_file
         source = local if local.exists() else None
-    rows = load_rows(spec.hub_id if source is None else source, split=split)
-    if limit is not None and limit < len(rows):
-        rows = rows.shuffle(seed=seed).select(range(limit))
+    rows = sample_rows(load_rows(spec.hub_id if source is None else source, split=split), limit, seed)
     return to_prompt_response(rows, task, spec.task_column)
