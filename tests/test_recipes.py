@@ -154,8 +154,9 @@ def test_run_composes_yaml_offline_settings_and_extra_flags_in_order(tmp_path):
 
 def test_pool_sample_is_the_train_commands_sample():
     rows = Dataset.from_dict({"id": list(range(50))})
-    assert run.pool_sample(rows, 20, seed=3)["id"] == cli._sample(rows, 20, 3)["id"]
-    assert run.pool_sample(rows, None, seed=3)["id"] == list(range(50))
+    assert run.sample_rows is cli.sample_rows  # one sampler, so a pushed table's row ids index the SFT pool
+    assert run.sample_rows(rows, 20, seed=3)["id"] == rows.shuffle(seed=3)["id"][:20]
+    assert run.sample_rows(rows, None, seed=3)["id"] == list(range(50))
 
 
 def test_bbh_configs_and_held_out_split_from_the_hub(local_hub, tmp_path, monkeypatch):

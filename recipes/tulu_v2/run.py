@@ -36,7 +36,7 @@ from datasets import Dataset, concatenate_datasets, get_dataset_config_names, lo
 from transformers import HfArgumentParser
 
 from hf_influence import cli
-from hf_influence.data import load_rows
+from hf_influence.data import load_rows, sample_rows  # the sample of `train --pool_sample`
 from hf_influence.distributed import process_state
 from hf_influence.encoders import DEFAULT_ENCODER
 from hf_influence.models import DEFAULT_MODEL
@@ -172,11 +172,6 @@ def write_rows_once(path: Path, make_rows: Callable[[], Dataset]) -> Path:
     return path
 
 
-def pool_sample(rows: Dataset, count: int | None, seed: int) -> Dataset:
-    """The seeded pool sample of `hf-influence train --pool_sample count --sample_seed seed` (same rows, order)."""
-    return rows if count is None or count >= len(rows) else rows.shuffle(seed=seed).select(range(count))
-
-
 def bbh_from_hub(hub_id: str = BBH_HUB_ID) -> Dataset:
     """Every subtask config of a BBH Hub dataset as one table with a `subtask` column.
 
@@ -254,7 +249,7 @@ def network_argv(task: str, args: RecipeArguments, extra: list[str]) -> list[str
     pool = source_pool
     if count is not None:
         key = hashlib.sha256(f"{source_pool}:{pool_split}".encode()).hexdigest()[:12]
-        pool = str(write_rows_once(root / f"pool-{key}-sample{count}-seed{seed}.parquet", lambda: pool_sample(
+        pool = str(write_rows_once(root / f"pool-{key}-sample{count}-seed{seed}.parquet", lambda: sample_rows(
             load_rows(source_pool, split=pool_split), count, seed)))
     argv = ["--config", str(config_path), "--pool", pool, "--pool_split", pool_split, "--output", str(output)]
     if "--target" not in extra:  # fit-network reads --target as is: write the task's rows as prompt/completion
