@@ -448,7 +448,7 @@ class InfluenceSFTTrainer(SFTTrainer):
         return options
 
     def _scoring(self):
-        """Context for a model pass: eval mode; training mode, requires_grad flags and random streams restored."""
+        """Context for a model pass: eval mode; training mode and random streams restored."""
         return _ScoringContext(self.model, self.accelerator.device)
 
     def _select(self, optimizer) -> InfluenceSelection:
@@ -666,11 +666,9 @@ class InfluenceSFTTrainer(SFTTrainer):
 
 
 class _ScoringContext:
-    """Eval mode (no dropout) around a model pass made for selection; afterwards the training mode, the
-    requires_grad flags and the random streams as they were.
-
-    The flags matter for a model without adapters: select_by_influence gives it a LoRA adapter for the run, and
-    PEFT's unload() leaves every base weight frozen, so the trainer would then train nothing.
+    """Eval mode (no dropout) around a model pass made for selection; afterwards the training mode and the
+    random streams as they were. (The requires_grad flags of a model that got a LoRA adapter for the pass are
+    restored by select_by_influence itself.)
     """
 
     def __init__(self, model, device: torch.device):
@@ -679,15 +677,12 @@ class _ScoringContext:
 
     def __enter__(self):
         self.was_training = self.model.training
-        self.flags = [(parameter, parameter.requires_grad) for parameter in self.model.parameters()]
         self.rng = torch.random.fork_rng(devices=self.devices)
         self.rng.__enter__()
         self.model.eval()
 
     def __exit__(self, *exc):
         self.model.train(self.was_training)
-        for parameter, flag in self.flags:
-            parameter.requires_grad_(flag)
         self.rng.__exit__(*exc)
 
 
