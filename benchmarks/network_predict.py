@@ -24,18 +24,14 @@ import time
 from pathlib import Path
 
 import torch
+from machine_info import cpu_model
 from torch import Tensor
 
 from hf_influence.network import InfluenceNetwork
 
 
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    if Path("/proc/cpuinfo").exists():
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
+    return {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
             "default_threads": torch.get_num_threads()}
 
 

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine_info import cpu_model
 
 from hf_influence.distillation import LandmarkRegressor, select_landmarks
 from hf_influence.store import StoreSpec, VectorStore, atomic_write_json
@@ -186,12 +187,7 @@ def measure(args: argparse.Namespace, rows: int, mode: str, store_path: str | No
 
 
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    if Path("/proc/cpuinfo").exists():
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
+    return {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "memory_gb": os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
             / 2**30}
 

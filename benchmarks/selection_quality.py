@@ -46,6 +46,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import torch
 from datasets.utils.logging import disable_progress_bar
+from machine_info import cpu_model
 from scipy.stats import spearmanr
 from transformers.utils import logging as hf_logging
 
@@ -60,7 +61,7 @@ SHARED_STORE_METHODS = ("influence_distillation_exact", "less")
 
 
 def machine() -> dict:
-    info = {"platform": platform.platform(), "processor": _cpu_model(), "cpu_count": os.cpu_count(),
+    info = {"platform": platform.platform(), "processor": cpu_model(), "cpu_count": os.cpu_count(),
             "torch": torch.__version__, "threads": torch.get_num_threads()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
@@ -99,16 +100,6 @@ class LoadSampler:
     @property
     def record(self) -> dict:
         return {"mean": sum(self.samples) / len(self.samples), "max": max(self.samples)}
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def load_data(data_dir: Path, pool_rows: int, target_rows: int, seed: int):
