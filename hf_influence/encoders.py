@@ -171,6 +171,23 @@ def row_texts(rows: Dataset | list[dict], config: FormattingConfig | None = None
     return texts
 
 
+def _batch_encoder(rows, encoder, batch_size: int, normalize: bool, response_column: str | None):
+    """(texts, loaded encoder, encode(start, end) -> float32 CPU [end - start, dim]) for rows; checks the
+    arguments shared by encode_rows and extract_sentence_embeddings."""
+    if batch_size < 1 or len(rows) == 0:
+        raise ValueError(f"Need batch_size >= 1 and at least one row, got {batch_size=} and {len(rows)} rows.")
+    texts = row_texts(rows, FormattingConfig(response_column=response_column))
+    if encoder is None or isinstance(encoder, str):
+        encoder = load_encoder(encoder or DEFAULT_ENCODER)
+
+    def encode(start: int, end: int) -> Tensor:
+        embeddings = encoder.encode(texts[start:end], batch_size=batch_size, convert_to_tensor=True,
+                                    normalize_embeddings=normalize, show_progress_bar=False)
+        return embeddings.float().cpu()
+
+    return texts, encoder, encode
+
+
 def encode_rows(
     rows: Dataset | list[dict],
     encoder: str | SentenceTransformer | None = None,
@@ -201,22 +218,11 @@ def encode_rows(
         ValueError: no rows or batch_size < 1; FormattingError for a row without a response;
         StoreMismatchError: `cache_dir` holds a store made for something else (and not `overwrite`).
     """
-    if batch_size < 1 or len(rows) == 0:
-        raise ValueError(f"Need batch_size >= 1 and at least one row, got {batch_size=} and {len(rows)} rows.")
     if cache_dir is not None:
         return extract_sentence_embeddings(rows, cache_dir, encoder, batch_size=batch_size, normalize=normalize,
                                            response_column=response_column, overwrite=overwrite,
                                            show_progress=show_progress).to_tensor()
-    config = FormattingConfig(response_column=response_column)
-    texts = row_texts(rows, config)
-    if encoder is None or isinstance(encoder, str):
-        encoder = load_encoder(encoder or DEFAULT_ENCODER)
-
-    def encode(start: int, end: int) -> Tensor:
-        embeddings = encoder.encode(texts[start:end], batch_size=batch_size, convert_to_tensor=True,
-                                    normalize_embeddings=normalize, show_progress_bar=False)
-        return embeddings.float().cpu()
-
+    texts, _, encode = _batch_encoder(rows, encoder, batch_size, normalize, response_column)
     with tqdm(total=len(texts), desc="Sentence embeddings", unit="rows", disable=not show_progress) as progress:
         chunks = []
         for start in range(0, len(texts), batch_size):
@@ -253,12 +259,8 @@ def extract_sentence_embeddings(
     Returns:
         The completed VectorStore: float32 [len(rows), embedding_dim] (unit rows when `normalize`), no row ids.
     """
-    if batch_size < 1 or len(rows) == 0:
-        raise ValueError(f"Need batch_size >= 1 and at least one row, got {batch_size=} and {len(rows)} rows.")
+    texts, encoder, encode = _batch_encoder(rows, encoder, batch_size, normalize, response_column)
     config = FormattingConfig(response_column=response_column)
-    texts = row_texts(rows, config)
-    if encoder is None or isinstance(encoder, str):
-        encoder = load_encoder(encoder or DEFAULT_ENCODER)
     model_id, revision = encoder_identity(encoder)
     spec = StoreSpec(
         kind="sentence_embeddings",
@@ -277,11 +279,5 @@ def extract_sentence_embeddings(
         num_rows=len(texts),
         dim=encoder.get_embedding_dimension(),
     )
-
-    def encode(start: int, end: int) -> Tensor:
-        embeddings = encoder.encode(texts[start:end], batch_size=batch_size, convert_to_tensor=True,
-                                    normalize_embeddings=normalize, show_progress_bar=False)
-        return embeddings.float().cpu()
-
     return fill_store(output_dir, spec, encode, batch_size, overwrite=overwrite, show_progress=show_progress,
                       description="Sentence embeddings")
