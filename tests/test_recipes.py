@@ -21,7 +21,7 @@ from huggingface_hub import ModelCard
 from trl.chat_template_utils import qwen2_5_chat_template
 
 from hf_influence import DEFAULT_MODEL, InfluenceNetwork, ScoreTable, cli, load_score_table
-from hf_influence.data import load_rows
+from hf_influence.data import load_rows, sample_rows
 from hf_influence.models import LoraSettings
 from hf_influence.selection import select_indices
 from hf_influence.targets import load_target
@@ -287,7 +287,7 @@ def test_network_recipe_fits_and_pushes(local_hub, tmp_path):
     # The network scored the train recipe's own pool sample: its pool_row_id indexes `--pool_sample 128`, and the
     # pushed table drives InfluenceSFTTrainer on that pool with no model pass (the README's example).
     pool = load_rows(next((tmp_path / "network").glob("pool-*.parquet")))
-    assert pool["id"] == cli._sample(load_rows(str(DATA_DIR / "pool.jsonl.gz")), 128, 0)["id"]
+    assert pool["id"] == sample_rows(load_rows(str(DATA_DIR / "pool.jsonl.gz")), 128, 0)["id"]
     model, tokenizer = tiny_causal_lm("llama", seed=0)
     args = InfluenceSFTConfig(str(tmp_path / "sft"), influence_budget=6, influence_score_table=f"{repo_id}-scores",
                               influence_score_table_config="gsm8k", max_steps=1, bf16=False, report_to="none")
