@@ -10,6 +10,13 @@ cross-entropy of the worked solution (`hf_influence.target_loss`). Model: SmolLM
 Every method gets the same budget, the same fresh model, the same LoRA SFT (InfluenceSFTTrainer in select mode:
 it selects, then trains on the selected rows only) and the same evaluation rows. Reported per method:
 `target_loss_before`, `target_loss_after`, `train_seconds`, `selection_seconds`, the selection's in-domain share.
+
+Two calibrations tell whether a difference is signal:
+- `--random-repeats K`: random selection with K selection seeds; `random` reports the first draw's keys plus
+  `repeats` and the mean / standard deviation of the loss change over the draws (the noise floor of one draw).
+- `--in-domain-reference`: `in_domain_random`, the same budget drawn at random from the pool's GSM8K / AQuA
+  rationale rows only. It knows the source labels no method sees: a reference for what in-domain data is worth
+  at this budget, not a method.
 """
 
 from __future__ import annotations
@@ -32,16 +39,19 @@ from selection_quality import DEFAULT_DATA_DIR, in_domain_share, machine
 from hf_influence import DEFAULT_MODEL, InfluenceSFTConfig, InfluenceSFTTrainer, load_model, load_target, target_loss
 from hf_influence.data import load_rows
 from hf_influence.formatting import FormattingConfig
+from hf_influence.selection import resolve_budget
 
 
-def run_method(method: str, pool, target, evaluation, args, output_dir: Path) -> dict:
+def run_method(method: str, pool, target, evaluation, args, output_dir: Path, budget: float | None = None,
+               selection_seed: int = 0) -> dict:
     model, tokenizer = load_model(DEFAULT_MODEL)
     formatting = FormattingConfig(max_length=args.max_length, show_progress=False)
     before = target_loss(model, tokenizer, evaluation, formatting)
     config = InfluenceSFTConfig(
-        output_dir=str(output_dir), influence_mode="select", influence_budget=args.budget, influence_method=method,
-        influence_options={"num_landmarks": args.landmarks, "max_length": args.max_length, "show_progress": False,
-                           "warmup_show_progress": False},
+        output_dir=str(output_dir), influence_mode="select", influence_budget=args.budget if budget is None else budget,
+        influence_method=method, influence_options={
+            "num_landmarks": args.landmarks, "max_length": args.max_length, "show_progress": False,
+            "warmup_show_progress": False, "selection_seed": selection_seed},
         num_train_epochs=args.epochs, per_device_train_batch_size=args.batch_size, learning_rate=args.learning_rate,
         lr_scheduler_type="constant", max_length=args.max_length, bf16=False, report_to="none", save_strategy="no",
         logging_steps=10, disable_tqdm=True, seed=args.seed, gradient_checkpointing=False,  # 135M: memory is no issue
@@ -83,6 +93,9 @@ def main() -> int:
     parser.add_argument("--learning-rate", type=float, default=2e-4)
     parser.add_argument("--lora-r", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--random-repeats", type=int, default=1, help="random draws (selection seeds 0..K-1)")
+    parser.add_argument("--in-domain-reference", action="store_true",
+                        help="also train on the budget drawn from the in-domain rows only (a reference)")
     args = parser.parse_args()
     if not (args.data_dir / "pool.jsonl.gz").exists():
         print(f"skipped: {args.data_dir / 'pool.jsonl.gz'} not found")
@@ -96,11 +109,26 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="downstream_") as scratch:
         for method in args.methods:
             results[method] = run_method(method, pool, target, evaluation, args, Path(scratch) / method)
+        if "random" in results and args.random_repeats > 1:
+            draws = [results["random"]] + [run_method("random", pool, target, evaluation, args,
+                                                      Path(scratch) / f"random-{seed}", selection_seed=seed)
+                                           for seed in range(1, args.random_repeats)]
+            changes = torch.tensor([draw["target_loss_change"] for draw in draws], dtype=torch.float64)
+            results["random"] = {**draws[0], "repeats": draws, "target_loss_change_mean": changes.mean().item(),
+                                 "target_loss_change_std": changes.std().item()}
+        if args.in_domain_reference:
+            budget_rows = resolve_budget(args.budget, len(pool))
+            in_domain_pool = pool.filter(lambda row: in_domain_share([row["source"]]) == 1.0)
+            results["in_domain_random"] = run_method("random", in_domain_pool, target, evaluation, args,
+                                                     Path(scratch) / "in_domain", budget=budget_rows)
     report = {**results, "config": {**vars(args), "json": str(args.json), "data_dir": str(args.data_dir)},
               "pool_in_domain_share": in_domain_share(pool["source"]), "machine": machine()}
     print(f"\nLoRA SFT on {args.budget:.0%} of {len(pool)} pool rows; GSM8K test loss on {len(evaluation)} rows")
     print(f"{'method':<24}{'before':>9}{'after':>9}{'change':>9}{'in-domain':>11}{'train s':>9}{'select s':>10}")
     for method, row in results.items():
+        if "repeats" in row:
+            print(f"{method:<24}loss change over {len(row['repeats'])} draws: mean "
+                  f"{row['target_loss_change_mean']:+.4f}, std {row['target_loss_change_std']:.4f}")
         print(f"{method:<24}{row['target_loss_before']:>9.4f}{row['target_loss_after']:>9.4f}"
               f"{row['target_loss_change']:>+9.4f}{row['in_domain_share']:>11.2f}{row['train_seconds']:>9.0f}"
               f"{row['selection_seconds']:>10.0f}")

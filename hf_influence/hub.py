@@ -26,9 +26,9 @@ from huggingface_hub import DatasetCard, DatasetCardData, HfApi, ModelCard, Mode
 from huggingface_hub.errors import EntryNotFoundError
 from torch import Tensor
 
-from .scores import ScoreTable, ScoreTableError
+from .scores import HUB_TAG, ScoreTable, ScoreTableError
 
-TAGS = ["hf-influence", "data-selection", "influence-functions"]
+TAGS = [HUB_TAG, "data-selection", "influence-functions"]
 
 
 def card_template(name: str) -> str:

@@ -62,7 +62,7 @@ def truncated_decoder(model: nn.Module, num_blocks: int) -> nn.Module:
     decoder, _ = causal_lm_parts(model)
     layers = getattr(decoder, "layers", None)
     if not isinstance(layers, nn.ModuleList):
-        raise ValueError(f"{type(decoder).__name__} has no `layers` ModuleList: JVP embeddings need a Llama/Qwen2-style decoder.")
+        raise TypeError(f"{type(decoder).__name__} has no `layers` ModuleList: JVP embeddings need a Llama/Qwen2-style decoder.")
     if num_blocks > len(layers):
         raise ValueError(f"JVPConfig.num_blocks={num_blocks} exceeds the model's {len(layers)} blocks.")
     truncated = copy.copy(decoder)

@@ -33,6 +33,8 @@ from huggingface_hub import PyTorchModelHubMixin, constants, hf_hub_download
 from huggingface_hub.errors import RemoteEntryNotFoundError
 from torch import Tensor, nn
 
+from .scores import HUB_TAG
+
 KINDS = ("pairwise", "pointwise")
 # Below this many training pairs (after the validation split) a fit is refused: there is nothing to learn
 # from and early stopping would be driven by noise.
@@ -160,7 +162,7 @@ class InfluenceNetwork(
     nn.Module,
     PyTorchModelHubMixin,
     library_name="hf-influence",
-    tags=["hf-influence", "nn-cift", "data-selection"],
+    tags=[HUB_TAG, "nn-cift", "data-selection"],
     paper_url="https://arxiv.org/abs/2502.09969",
 ):
     """

@@ -54,6 +54,11 @@ class ScoreTableError(ValueError):
     """A score table is malformed, or its inputs or files do not describe one."""
 
 
+# The Hub tag on every artifact this library writes (networks, score tables, trainer model cards): one tag, so that
+# one search finds them all.
+HUB_TAG = "hf_influence"
+
+
 def provenance_record(**fields: Any) -> dict[str, Any]:
     """The given provenance fields plus `hf_influence_version` and `format_version` (always set here).
 

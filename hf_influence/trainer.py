@@ -57,7 +57,7 @@ from torch.utils.data import Sampler
 from trl import SFTConfig, SFTTrainer
 
 from .influence import METHODS, compute_scores, select_by_influence, split_options
-from .scores import ScoreTable, json_safe, provenance_record
+from .scores import HUB_TAG, ScoreTable, json_safe, provenance_record
 from .selection import SelectionError, resolve_budget, select_indices, weighted_sample
 from .store import atomic_write_bytes
 
@@ -315,7 +315,7 @@ class InfluenceSFTTrainer(SFTTrainer):
             settings the mode cannot honour.
     """
 
-    _tag_names: ClassVar[list[str]] = ["trl", "sft", "hf_influence"]
+    _tag_names: ClassVar[list[str]] = ["trl", "sft", HUB_TAG]
     _name = "Influence SFT"
 
     def __init__(self, model, args: InfluenceSFTConfig | None = None, data_collator=None,
@@ -629,7 +629,7 @@ class InfluenceSFTTrainer(SFTTrainer):
                           tags: str | list[str] | None = None):
         """TRL's model card, tagged `hf_influence`, with the selection's provenance (metadata and a section)."""
         tags = [tags] if isinstance(tags, str) else list(tags or [])
-        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=[*tags, "hf_influence"])
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=[*tags, HUB_TAG])
         if not self.is_world_process_zero() or not self.influence_selections:
             return
         from huggingface_hub import ModelCard

@@ -37,7 +37,7 @@ def test_push_and_load_score_tables_with_configs(local_hub):
         assert torch.equal(scores, expected_scores)
         assert torch.equal(loaded.weights, table.weights) and torch.equal(loaded.landmark_mask, table.landmark_mask)
     card = DatasetCard.load(repo_id, repo_type="dataset")
-    assert "hf-influence" in card.data.tags
+    assert "hf_influence" in card.data.tags
     assert {entry["config_name"] for entry in card.data.to_dict()["configs"]} == {"gsm8k", "mmlu"}
     # Both configs are summarised, with their provenance, and the card passes the Hub's metadata validation.
     for text in ("### `gsm8k`", "### `mmlu`", "`less`", "target0", "target1", "load_score_table"):

@@ -85,7 +85,7 @@ def test_network_push_and_pull_through_the_hub(local_hub, distilled):
     torch.testing.assert_close(loaded.predict(distilled.pool_embeddings, distilled.target_embeddings),
                                distilled.network.predict(distilled.pool_embeddings, distilled.target_embeddings))
     card = ModelCard.load(repo_id)
-    assert {"hf-influence", "nn-cift"} <= set(card.data.tags)
+    assert {"hf_influence", "nn-cift"} <= set(card.data.tags)
     for text in ("delift_se", "sentence-transformers/all-MiniLM-L6-v2", "| Q4 |", "predicted_vs_true.svg",
                  "Valid only for the same oracle"):
         assert text in card.text

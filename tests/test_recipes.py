@@ -283,7 +283,7 @@ def test_network_recipe_fits_and_pushes(local_hub, tmp_path):
     network = InfluenceNetwork.from_pretrained(f"{repo_id}-gsm8k")
     local_network = InfluenceNetwork.from_pretrained(str(output / "network"))
     assert all((a == b).all() for a, b in zip(network.state_dict().values(), local_network.state_dict().values()))
-    assert {"hf-influence", "nn-cift"} <= set(ModelCard.load(f"{repo_id}-gsm8k").data.tags)
+    assert {"hf_influence", "nn-cift"} <= set(ModelCard.load(f"{repo_id}-gsm8k").data.tags)
     # The network scored the train recipe's own pool sample: its pool_row_id indexes `--pool_sample 128`, and the
     # pushed table drives InfluenceSFTTrainer on that pool with no model pass (the README's example).
     pool = load_rows(next((tmp_path / "network").glob("pool-*.parquet")))
