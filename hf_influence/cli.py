@@ -15,7 +15,6 @@ flag (`--projection_dim 4096`) and `--config FILE.yaml` supplies defaults that f
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import json
 import re
@@ -37,7 +36,7 @@ from .extract import extract_gradients, extract_jvp_embeddings
 from .formatting import FormattingConfig, format_dataset
 from .gradients import GradientConfig
 from .hub import push_influence_network, push_score_table
-from .influence import SelectionConfig, select_by_influence
+from .influence import SelectionConfig, oracle_options, select_by_influence
 from .jvp import JVPConfig
 from .models import DEFAULT_MODEL, LoraSettings, add_lora, load_model
 from .network import InfluenceNetwork
@@ -371,12 +370,10 @@ def run_fit_network(argv: list[str]) -> dict:
         "--pool x --target, predict every pair, and save the network, the score table and a report.",
     )
     pool, target = _load_pool_and_target(args)
-    options = _selection_options(configs)
-    nn_config = NNCIFTConfig(**{f.name: options.pop(f.name) for f in dataclasses.fields(NNCIFTConfig)})
+    nn_config = next(config for config in configs if isinstance(config, NNCIFTConfig))
     needs_model = nn_config.oracle != "delift_se"
     model, tokenizer = _load(model_args) if needs_model else (None, None)
-    for name in [f.name for f in dataclasses.fields(SelectionConfig)] + ["method"]:
-        options.pop(name, None)
+    options = oracle_options({type(config): config for config in configs})
     result = nn_cift(pool, target, nn_config, model=model, tokenizer=tokenizer,
                      show_progress=options.pop("show_progress"), **options)
     output = Path(args.output)

@@ -357,13 +357,24 @@ def rds(context: Context) -> MethodOutput:
     return MethodOutput(cosine_scores(pool, target, chunk_rows=context.config.chunk_rows))
 
 
+# SelectionConfig fields that describe the outer selection, not how a method oracle scores a block.
+_NOT_ORACLE_FIELDS = ("method", "selection", "target_task_column")
+
+
+def oracle_options(configs: dict[type, Any]) -> dict[str, Any]:
+    """The options of a NN-CIFT method oracle: every config field except NNCIFTConfig's and the outer
+    selection's own (method, selection rule, task column). optimizer_state, step_size, selection_seed and
+    work_dir (per-block subfolders, see MethodOracle) reach the oracle."""
+    return {name: value for config_type, config in configs.items() if config_type is not NNCIFTConfig
+            for name, value in asdict(config).items()
+            if not (config_type is SelectionConfig and name in _NOT_ORACLE_FIELDS)}
+
+
 @register_method("nn_cift", default_selection="round_robin")
 def nn_cift_method(context: Context) -> MethodOutput:
     """NN-CIFT: an oracle (NNCIFTConfig.oracle) on a u-block, an InfluenceNetwork fitted on it predicts the rest."""
-    oracle_options = {name: value for config_type, config in context.configs.items()
-                      if config_type not in (SelectionConfig, NNCIFTConfig) for name, value in asdict(config).items()}
     result = nn_cift(context.raw_pool, context.raw_target, context.configs[NNCIFTConfig], model=context.model,
-                     tokenizer=context.tokenizer, optimizer=context.optimizer, **oracle_options)
+                     tokenizer=context.tokenizer, optimizer=context.optimizer, **oracle_options(context.configs))
     context.details.setdefault("seconds", {}).update(result.seconds)
     context.details.update(block_rows=len(result.block_rows), block_columns=len(result.block_columns),
                            evaluation=result.evaluation)

@@ -20,8 +20,10 @@ what a distilled network is only valid for.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -36,6 +38,7 @@ from .evaluation import eval_mode, run_batches
 from .formatting import IGNORE_INDEX, FormattingConfig, FormattingError, format_dataset
 from .gradients import causal_lm_parts, per_sample_losses
 from .models import DEFAULT_MODEL, model_identity
+from .store import fingerprint_dataset
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -135,6 +138,8 @@ class MethodOracle(Oracle):
         model, tokenizer, optimizer: as for `select_by_influence` (model None: the embedded default).
         **options: fields of the selection config dataclasses (e.g. max_length, projection_dim, warmup_*).
             The warm-up is seeded and the model is restored after each block, so blocks are consistent.
+            With `work_dir`, each block keeps its stores in a subfolder named by the block's rows, so a
+            training block and an evaluation block never share a store and a rerun resumes each.
     """
 
     pointwise = False
@@ -155,8 +160,12 @@ class MethodOracle(Oracle):
 
         pool = pool_rows if isinstance(pool_rows, Dataset) else Dataset.from_list(list(pool_rows))
         target = target_rows if isinstance(target_rows, Dataset) else Dataset.from_list(list(target_rows))
+        options = dict(self.options)
+        if options.get("work_dir") is not None:
+            block = hashlib.sha256(f"{fingerprint_dataset(pool)}:{fingerprint_dataset(target)}".encode()).hexdigest()
+            options["work_dir"] = str(Path(options["work_dir"]) / f"block-{block[:16]}")
         run = compute_scores(pool, target, model=self.model, tokenizer=self.tokenizer, optimizer=self.optimizer,
-                             **self.options)
+                             **options)
         if run.skipped:
             raise FormattingError(f"Pool rows cannot be scored by {self.name} (row: reason): {run.skipped}")
         self.last_details = run.details

@@ -263,3 +263,35 @@ def test_method_oracle_is_the_methods_score_matrix():
         MethodOracle("random")
     with pytest.raises(TypeError, match="Unknown option"):
         MethodOracle("less", no_such_option=1)
+
+
+def test_method_oracle_keeps_each_block_in_its_own_work_dir_subfolder(tmp_path):
+    from conftest import lora_model
+
+    from hf_influence.demo import demo_pool, demo_target
+    from hf_influence.influence import NNCIFTConfig, SelectionConfig, oracle_options
+    from hf_influence.oracles import MethodOracle
+
+    pool, target = demo_pool(2, seed=0), demo_target("code", 3, seed=1)
+    model, tokenizer = lora_model(seed=0)
+    options = {"optimizer_state": "gd", "projection_dim": 256, "show_progress": False}
+    in_memory = MethodOracle("influence_distillation_exact", model=model, tokenizer=tokenizer, **options)
+    stored = MethodOracle("influence_distillation_exact", model=model, tokenizer=tokenizer,
+                          work_dir=str(tmp_path), **options)
+    training, evaluation = pool.select([0, 2, 4]), pool.select([0, 1, 2, 5])
+    first = [stored.compute_block(training, target), stored.compute_block(evaluation, target)]
+    # Two blocks, two stores: one shared folder would hold the first block's gradients for the second block.
+    assert len(list(tmp_path.glob("block-*"))) == 2
+    torch.testing.assert_close(first[0], in_memory.compute_block(training, target))
+    torch.testing.assert_close(first[1], in_memory.compute_block(evaluation, target))
+    # A new oracle on the same folder reuses the finished stores and gives the same blocks.
+    again = MethodOracle("influence_distillation_exact", model=model, tokenizer=tokenizer, work_dir=str(tmp_path),
+                         **options)
+    assert torch.equal(again.compute_block(evaluation, target), first[1])
+    assert len(list(tmp_path.glob("block-*"))) == 2
+
+    configs = {SelectionConfig: SelectionConfig(method="nn_cift", optimizer_state="gd", work_dir="w", selection_seed=3),
+               NNCIFTConfig: NNCIFTConfig()}
+    passed = oracle_options(configs)
+    assert passed["optimizer_state"] == "gd" and passed["work_dir"] == "w" and passed["selection_seed"] == 3
+    assert not {"method", "selection", "target_task_column", "oracle", "block_fraction"} & set(passed)

@@ -251,7 +251,8 @@ def network_argv(task: str, args: RecipeArguments, extra: list[str]) -> list[str
         key = hashlib.sha256(f"{source_pool}:{pool_split}".encode()).hexdigest()[:12]
         pool = str(write_rows_once(root / f"pool-{key}-sample{count}-seed{seed}.parquet", lambda: sample_rows(
             load_rows(source_pool, split=pool_split), count, seed)))
-    argv = ["--config", str(config_path), "--pool", pool, "--pool_split", pool_split, "--output", str(output)]
+    argv = ["--config", str(config_path), "--pool", pool, "--pool_split", pool_split, "--output", str(output),
+            "--work_dir", str(output / "oracle")]  # the oracle's gradient stores: a rerun resumes each block
     if "--target" not in extra:  # fit-network reads --target as is: write the task's rows as prompt/completion
         source = target_source(task, args, output)
         key = hashlib.sha256(f"{source}:{args.data_dir}:{limit}:{seed}".encode()).hexdigest()[:12]
