@@ -77,8 +77,10 @@ class SelectionConfig:
         step_size: eta of the one-step objective; None uses the optimizer's learning rate (required for
             optimizer_state="gd" with order 2).
         selection_seed: seed of landmarks, selection order and random baselines.
-        work_dir: folder for the resumable stores (embeddings, gradients); None uses a temporary folder.
-            Re-running with the same folder resumes after a crash and reuses finished stores.
+        work_dir: folder for the resumable stores (embeddings, gradients) and the saved warm-up; None uses a
+            temporary folder. Re-running with the same folder resumes after a crash and reuses finished stores;
+            target gradients are stored per target, so other targets on the same pool and model share the
+            pool-side stores and the warm-up.
         chunk_rows: pool rows per chunk when streaming regression and scoring.
     """
 
@@ -184,9 +186,12 @@ def register_method(name: str, default_selection: str, needs_model: bool = True)
 def _optimizer_step(context: Context, tracked: PerSampleGradients) -> AffineStep | None:
     """The affine step of the optimizer used for influence (None: plain GD), after the warm-up if asked."""
     if context.optimizer is None and context.config.optimizer_state == "warmup":
+        # Saved in a given work_dir: a rerun (after a crash, or for another target) reuses the same state,
+        # and with it the gradient stores preconditioned by it.
+        cache_dir = None if context.config.work_dir is None else Path(context.config.work_dir) / "warmup"
         with context.timed("warmup"):
             context.optimizer = warmup(context.model, context.tokenizer, context.pool,
-                                       context.configs[WarmupConfig]).optimizer
+                                       context.configs[WarmupConfig], cache_dir=cache_dir).optimizer
     if context.optimizer is None:
         return None
     return affine_step(context.optimizer, tracked.parameters)
@@ -198,6 +203,13 @@ def _gradients(context: Context, rows: Dataset, name: str, preconditioner: Tenso
                                   preconditioner=preconditioner, pad_token_id=context.tokenizer.pad_token_id,
                                   show_progress=context.show_progress)
     return store.to_tensor()
+
+
+def _target_gradients(context: Context) -> Tensor:
+    """The target rows' gradients, in a store named by the target's fingerprint: one work_dir serves several
+    targets, and their pool-side stores (JVP embeddings, landmark or pool gradients, warm-up) are shared."""
+    name = f"target_gradients-{fingerprint_dataset(context.target)[:16]}"
+    return _gradients(context, context.target, name, None)
 
 
 def _device(context: Context) -> torch.device:
@@ -285,7 +297,7 @@ def influence_distillation(context: Context) -> MethodOutput:
     landmark_rows = context.pool.select(landmarks.tolist())
     preconditioner = None if step is None else step.scale
     landmark_vectors = _gradients(context, landmark_rows, "landmark_gradients", preconditioner)
-    target_vectors = _gradients(context, context.target, "target_gradients", None)
+    target_vectors = _target_gradients(context)
     landmark_scores = first_order_scores(landmark_vectors, target_vectors)  # [k, m]
     regression_columns = landmark_scores
     if config.order == 2:
@@ -320,7 +332,7 @@ def influence_distillation_exact(context: Context) -> MethodOutput:
     tracked = PerSampleGradients(context.model, context.configs[GradientConfig])
     step = _optimizer_step(context, tracked)
     pool_vectors = _gradients(context, context.pool, "pool_gradients", None if step is None else step.scale)
-    target_vectors = _gradients(context, context.target, "target_gradients", None)
+    target_vectors = _target_gradients(context)
     scores = first_order_scores(pool_vectors, target_vectors)
     p = scores.mean(1)
     if context.config.order == 1:
@@ -340,7 +352,7 @@ def less(context: Context) -> MethodOutput:
     tracked = PerSampleGradients(context.model, context.configs[GradientConfig])
     step = _optimizer_step(context, tracked)
     pool_vectors = _gradients(context, context.pool, "pool_gradients", None if step is None else step.scale)
-    target_vectors = _gradients(context, context.target, "target_gradients", None)
+    target_vectors = _target_gradients(context)
     if not context.configs[GradientConfig].normalize:
         pool_vectors = pool_vectors / pool_vectors.norm(dim=1, keepdim=True)
         target_vectors = target_vectors / target_vectors.norm(dim=1, keepdim=True)

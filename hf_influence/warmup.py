@@ -14,6 +14,8 @@ exactly where our formatter put labels; it builds no labels from masks and re-to
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import math
 import os
@@ -147,12 +149,23 @@ def warmup_rows(num_rows: int, config: WarmupConfig | None = None) -> list[int]:
 
 
 def warmup(
-    model: nn.Module, tokenizer, formatted: Dataset | FormattedDataset, config: WarmupConfig | None = None
+    model: nn.Module,
+    tokenizer,
+    formatted: Dataset | FormattedDataset,
+    config: WarmupConfig | None = None,
+    cache_dir: str | os.PathLike | None = None,
 ) -> WarmupResult:
     """Train `model`'s LoRA weights briefly with AdamW on a random slice of `formatted` and return the optimizer.
 
-    The model is trained in place (its LoRA weights change), then left in eval mode with its `requires_grad`
-    flags as before. The global random state (python, numpy, torch) is left as it was.
+    The model is trained in place (its LoRA weights change: gradients are then taken at the warmed-up
+    weights, as LESS does), then left in eval mode with its `requires_grad` flags as before. The global random
+    state (python, numpy, torch) is left as it was.
+
+    With `cache_dir`, the warmed-up LoRA weights and the optimizer state are saved there (safetensors + a JSON
+    manifest, written atomically), and a later call with the same rows, config, model and initial adapter
+    weights loads both instead of training: a resumed or repeated selection gets the bitwise same model and
+    preconditioner, so the gradient stores made with them still match (a GPU warm-up rerun is not bitwise
+    reproducible).
 
     Args:
         model: a PEFT LoRA model (trainable parameters = LoRA weights), e.g. from `hf_influence.add_lora`.
@@ -160,6 +173,7 @@ def warmup(
         formatted: `format_dataset(...).dataset` (or the FormattedDataset): columns `input_ids`, `labels`
             (-100 on prompt tokens) and optionally `row_id` and `attention_mask`.
         config: warm-up settings.
+        cache_dir: folder of the saved warm-up (see above); None trains every time.
 
     Returns:
         WarmupResult with the torch.optim.AdamW, the rows trained on, the per-step losses and the step count.
@@ -196,6 +210,11 @@ def warmup(
         raise ValueError("Some warm-up rows have labels and input_ids of different lengths; use format_dataset.")
     row_ids = sorted(int(r) for r in subset["row_id"]) if "row_id" in subset.column_names else list(positions)
     train_dataset = subset.select_columns(["input_ids", "labels"])
+    identity = _cache_identity(model, dataset, config) if cache_dir is not None else None
+    if identity is not None:
+        cached = _load_cached(model, Path(cache_dir), identity)
+        if cached is not None:
+            return cached
 
     device = trainable[0][1].device
     frozen = [p for _, p in model.named_parameters() if not p.requires_grad and p.is_floating_point()]
@@ -214,7 +233,95 @@ def warmup(
         del trainer
 
     _check_optimizer(optimizer, [p for _, p in trainable], config.warmup_learning_rate)
-    return WarmupResult(optimizer=optimizer, row_ids=row_ids, losses=losses, steps=steps)
+    result = WarmupResult(optimizer=optimizer, row_ids=row_ids, losses=losses, steps=steps)
+    if identity is not None and _is_main_process():
+        _save_cached(result, model, Path(cache_dir), identity)
+    return result
+
+
+CACHE_MANIFEST, CACHE_TENSORS = "warmup.json", "optimizer.safetensors"
+
+
+def _is_main_process() -> bool:
+    """Under a multi-process launch every rank warms up the same way; only rank 0 writes the cache."""
+    from .distributed import process_state
+
+    state = process_state()
+    return state is None or state.is_main_process
+
+
+def _cache_identity(model: nn.Module, dataset: Dataset, config: WarmupConfig) -> dict:
+    """What a saved warm-up must have been made from: rows, settings, model, and the adapter's initial weights
+    (they fix the LoRA seed and rank, or a user's own adapter)."""
+    from .models import model_identity
+    from .store import fingerprint_dataset
+
+    digest = hashlib.sha256()
+    trainable = []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            trainable.append([name, list(parameter.shape), str(parameter.dtype)])
+            digest.update(parameter.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "warmup_show_progress"}
+    return {"format": 1, "rows": fingerprint_dataset(dataset), "config": settings,
+            "model": list(model_identity(model)), "trainable": trainable, "initial_weights": digest.hexdigest()}
+
+
+def _save_cached(result: WarmupResult, model: nn.Module, folder: Path, identity: dict) -> None:
+    """optimizer.safetensors (the warmed-up weight, exp_avg, exp_avg_sq and step of each trainable parameter),
+    then warmup.json: the manifest is written last and removed first, so a crash in between leaves no manifest
+    and the next call retrains."""
+    from safetensors.torch import save as save_tensors
+
+    from .store import atomic_write_bytes, atomic_write_json
+
+    names = {id(p): name for name, p in model.named_parameters()}
+    groups, tensors = [], {}
+    for group in result.optimizer.param_groups:
+        # Hyperparameters as JSON: numbers, flags and betas; None-valued switches (foreach, fused) keep defaults.
+        hyperparameters = {key: value for key, value in group.items()
+                           if key == "betas" or (key != "params" and isinstance(value, (int, float, bool)))}
+        groups.append({"params": [names[id(p)] for p in group["params"]], **hyperparameters})
+        for parameter in group["params"]:
+            tensors[f"{names[id(parameter)]}::weight"] = parameter.detach().cpu().contiguous()
+            for key, value in result.optimizer.state.get(parameter, {}).items():
+                tensors[f"{names[id(parameter)]}::{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / CACHE_MANIFEST).unlink(missing_ok=True)
+    atomic_write_bytes(folder / CACHE_TENSORS, save_tensors(tensors))
+    atomic_write_json(folder / CACHE_MANIFEST, {"identity": identity, "param_groups": groups,
+                                               "row_ids": result.row_ids, "losses": result.losses,
+                                               "steps": result.steps})
+
+
+def _load_cached(model: nn.Module, folder: Path, identity: dict) -> WarmupResult | None:
+    """The saved warm-up when `folder` holds one made for `identity`, else None (a mismatch is logged)."""
+    from safetensors.torch import load_file
+
+    manifest_file = folder / CACHE_MANIFEST
+    if not manifest_file.is_file():
+        return None
+    manifest = json.loads(manifest_file.read_text())
+    if manifest.get("identity") != identity:
+        logger.warning("The warm-up saved in %s was made for other rows, settings or adapter weights; training "
+                       "again and replacing it.", folder)
+        return None
+    tensors = load_file(str(folder / CACHE_TENSORS))
+    parameters = dict(model.named_parameters())
+    groups = [{**group, "params": [parameters[name] for name in group["params"]],
+               "betas": tuple(group.get("betas", (0.9, 0.999)))} for group in manifest["param_groups"]]
+    optimizer = torch.optim.AdamW(groups)
+    for key, value in tensors.items():
+        name, state_key = key.split("::", 1)
+        parameter = parameters[name]
+        if state_key == "weight":
+            with torch.no_grad():
+                parameter.copy_(value)
+        else:  # `step` stays a CPU scalar, as torch.optim.AdamW keeps it (not capturable)
+            optimizer.state[parameter][state_key] = value if state_key == "step" else value.to(parameter.device)
+    logger.info("Loaded the warm-up optimizer state from %s (%d steps).", folder, manifest["steps"])
+    return WarmupResult(optimizer=optimizer, row_ids=manifest["row_ids"], losses=manifest["losses"],
+                        steps=manifest["steps"])
 
 
 def _max_steps(config: WarmupConfig, num_rows: int) -> int:

@@ -169,6 +169,34 @@ def test_work_dir_makes_a_rerun_reuse_its_stores(pool, target, model, tmp_path):
     torch.testing.assert_close(table.to_matrix()[0], again.to_matrix()[0])
 
 
+def test_one_work_dir_serves_several_targets_and_keeps_the_warm_up(pool, target, model, tmp_path, monkeypatch):
+    import importlib
+
+    warmup_module = importlib.import_module("hf_influence.warmup")  # the package attribute is the function
+    other_target = demo_target("code", 3, seed=2)
+    options = {"budget": 4, "num_landmarks": 8, "optimizer_state": "warmup"}
+    _, reference = _select(pool, other_target, lora_model(seed=0), **options, work_dir=str(tmp_path / "alone"))
+    shared = tmp_path / "shared"
+    _, first = _select(pool, target, model, **options, work_dir=str(shared))
+    assert (shared / "warmup" / "warmup.json").is_file()
+    pool_side = {path: path.stat().st_mtime_ns for folder in ("jvp", "landmark_gradients")
+                 for path in (shared / folder).rglob("*") if path.is_file() and path.name != "manifest.json"}
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the saved warm-up should have been loaded")
+
+    monkeypatch.setattr(warmup_module, "_make_trainer", no_training)
+    # A second target in the same folder: the saved warm-up and the pool-side stores are reused untouched, only
+    # its own target gradients are extracted, and its scores are those of a run in a folder of its own.
+    _, other = _select(pool, other_target, model, **options, work_dir=str(shared))
+    assert {path: path.stat().st_mtime_ns for path in pool_side} == pool_side
+    assert len(list(shared.glob("target_gradients-*"))) == 2
+    assert torch.equal(other.to_matrix()[0], reference.to_matrix()[0])
+    assert torch.equal(other.weights, reference.weights)
+    _, again = _select(pool, target, model, **options, work_dir=str(shared))
+    assert torch.equal(again.to_matrix()[0], first.to_matrix()[0])
+
+
 def test_bad_inputs(pool, target, model):
     network, tokenizer = model
 

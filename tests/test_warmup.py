@@ -135,6 +135,49 @@ def test_same_seed_reproduces_and_other_seed_changes_slice(pool):
     assert other.row_ids != first.row_ids
 
 
+def test_cache_dir_gives_back_the_same_weights_and_state(pool, tmp_path, monkeypatch):
+    import importlib
+
+    warmup_module = importlib.import_module("hf_influence.warmup")
+    settings = config(warmup_fraction=0.1, warmup_max_steps=3)
+    trained_model, tokenizer = lora_model()
+    trained = warmup(trained_model, tokenizer, pool, settings, cache_dir=tmp_path)
+    assert {path.name for path in tmp_path.iterdir()} == {"warmup.json", "optimizer.safetensors"}
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the saved warm-up should have been loaded")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(warmup_module, "_make_trainer", no_training)
+        loaded_model, _ = lora_model()
+        loaded = warmup(loaded_model, tokenizer, pool, settings, cache_dir=tmp_path)
+    assert (loaded.row_ids, loaded.losses, loaded.steps) == (trained.row_ids, trained.losses, trained.steps)
+    trained_lora, loaded_lora = lora_state(trained_model), lora_state(loaded_model)
+    assert all(torch.equal(trained_lora[name], loaded_lora[name]) for name in trained_lora)
+    for a, b in zip(optimizer_state(trained.optimizer), optimizer_state(loaded.optimizer), strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+    assert [{k: v for k, v in group.items() if k != "params"} for group in trained.optimizer.param_groups] == [
+        {k: v for k, v in group.items() if k != "params"} for group in loaded.optimizer.param_groups]
+    # The loaded optimizer holds the loaded model's own parameters, so affine_step can use it.
+    held = {id(p) for group in loaded.optimizer.param_groups for p in group["params"]}
+    assert held == {id(p) for p in loaded_model.parameters() if p.requires_grad}
+
+    # Other settings, or other initial adapter weights, train again and replace the saved warm-up; a crash
+    # between the two files leaves no manifest, and the next call trains.
+    trainings = []
+    make_trainer = warmup_module._make_trainer
+    monkeypatch.setattr(warmup_module, "_make_trainer", lambda *a, **k: trainings.append(1) or make_trainer(*a, **k))
+    other_settings = config(warmup_fraction=0.1, warmup_max_steps=2)
+    warmup(lora_model()[0], tokenizer, pool, other_settings, cache_dir=tmp_path)
+    warmup(lora_model()[0], tokenizer, pool, other_settings, cache_dir=tmp_path)
+    assert len(trainings) == 1
+    warmup(lora_model(seed=1)[0], tokenizer, pool, other_settings, cache_dir=tmp_path)
+    assert len(trainings) == 2
+    (tmp_path / "warmup.json").unlink()
+    warmup(lora_model(seed=1)[0], tokenizer, pool, other_settings, cache_dir=tmp_path)
+    assert len(trainings) == 3
+
+
 def test_first_step_loss_is_our_response_only_token_mean():
     """The trainer's loss uses our labels exactly: prompt and padding masked, mean over response tokens."""
     model, tokenizer = lora_model()

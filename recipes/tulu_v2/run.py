@@ -214,7 +214,9 @@ def train_argv(task: str, args: RecipeArguments, extra: list[str]) -> list[str]:
     config_path, config = recipe_config(task)
     output_dir = Path(args.output_root) / task
     options = dict(config.get("influence_options") or {})
-    options["work_dir"] = str(output_dir / "selection")
+    # One work_dir for every target: the pool-side stores (JVP embeddings, landmark gradients) and the warm-up
+    # are the same for all six, so only the first target pays for them; target gradients are kept per target.
+    options["work_dir"] = str(Path(args.output_root) / "selection")
     argv = ["--config", str(config_path), "--output_dir", str(output_dir)]
     if args.offline:
         options.update(OFFLINE_SELECTION_OPTIONS)
