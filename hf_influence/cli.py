@@ -38,7 +38,7 @@ from .gradients import GradientConfig
 from .hub import push_influence_network, push_score_table
 from .influence import SelectionConfig, oracle_options, select_by_influence
 from .jvp import JVPConfig
-from .models import DEFAULT_MODEL, LoraSettings, add_lora, load_model
+from .models import DEFAULT_MODEL, LoraSettings, add_lora, load_model, model_identity
 from .network import InfluenceNetwork
 from .nn_cift import NNCIFTConfig, nn_cift
 from .scores import ScoreTable, json_safe, provenance_record
@@ -115,6 +115,9 @@ class SelectArguments:
         pool_limit: use only the first N pool rows.
         target_limit: use only the first N target rows.
         group_column: pool column summarised in the report (share of each value in the selection vs the pool).
+        save_scores: write the score table (scores/, every pool row x target row). False streams the selection
+            for first-order landmark Influence Distillation: neither the [n, m] scores nor the [n, e] embeddings
+            are held, so memory does not grow with the pool (see README, "Streaming selection").
     """
 
     pool: str | None = field(default=None, metadata={"help": "Pool file, folder or Hub dataset id."})
@@ -126,6 +129,7 @@ class SelectArguments:
     pool_limit: int | None = field(default=None, metadata={"help": "Use only the first N pool rows."})
     target_limit: int | None = field(default=None, metadata={"help": "Use only the first N target rows."})
     group_column: str = field(default="source", metadata={"help": "Pool column summarised in the report."})
+    save_scores: bool = field(default=True, metadata={"help": "Write scores/ (False: streamed selection)."})
 
 
 def _attribute_docs(dataclass_type: type) -> dict[str, str]:
@@ -210,12 +214,13 @@ def _selection_options(configs: tuple) -> dict:
     return {name: value for config in configs for name, value in asdict(config).items()}
 
 
-def _write_selection(output: Path, selected: Dataset, table: ScoreTable, report: dict) -> None:
-    """selected.jsonl, scores/ and report.json under output, each written atomically."""
+def _write_selection(output: Path, selected: Dataset, table: ScoreTable | None, report: dict) -> None:
+    """selected.jsonl, scores/ (unless table is None) and report.json under output, each written atomically."""
     output.mkdir(parents=True, exist_ok=True)
     lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in selected)
     atomic_write_bytes(output / "selected.jsonl", lines.encode())
-    table.save(output / "scores")
+    if table is not None:
+        table.save(output / "scores")
     atomic_write_json(output / "report.json", report)
 
 
@@ -230,13 +235,22 @@ def _print_report(report: dict) -> None:
             print(f"  {group:<32}{share:>12.3f}{report['selected_share'].get(group, 0.0):>16.3f}")
 
 
-def _select_and_report(pool: Dataset, target: Dataset, model, tokenizer, budget, options: dict, group_column: str):
-    selected, table = select_by_influence(pool, target, model=model, tokenizer=tokenizer, budget=budget,
-                                          return_scores=True, **options)
+def _select_and_report(pool: Dataset, target: Dataset, model, tokenizer, budget, options: dict, group_column: str,
+                       save_scores: bool = True):
+    start = time.perf_counter()
+    if save_scores:
+        selected, table = select_by_influence(pool, target, model=model, tokenizer=tokenizer, budget=budget,
+                                              return_scores=True, **options)
+        method, model_id, seconds = (table.provenance["method"], table.provenance["model_id"],
+                                     table.provenance["details"].get("seconds", {}))
+    else:  # streamed: no table, so no per-stage timings either
+        selected = select_by_influence(pool, target, model=model, tokenizer=tokenizer, budget=budget, **options)
+        table, method, seconds = None, options["method"], {"total": time.perf_counter() - start}
+        model_id = model_identity(model)[0]
     report = {
-        "method": table.provenance["method"], "model_id": table.provenance["model_id"],
+        "method": method, "model_id": model_id,
         "pool_rows": len(pool), "target_rows": len(target), "selected_rows": len(selected),
-        "seconds": table.provenance["details"].get("seconds", {}),
+        "seconds": seconds,
         "pool_share": _group_shares(pool, group_column), "selected_share": _group_shares(selected, group_column),
     }
     return selected, table, report
@@ -294,10 +308,10 @@ def run_select(argv: list[str]) -> dict:
     target = load_rows(args.target, split=args.target_split, limit=args.target_limit)
     model, tokenizer = _load(model_args)
     selected, table, report = _select_and_report(pool, target, model, tokenizer, _budget(args.budget),
-                                                 _selection_options(configs), args.group_column)
+                                                 _selection_options(configs), args.group_column, args.save_scores)
     _write_selection(Path(args.output), selected, table, report)
     _print_report(report)
-    print(f"\nselected.jsonl, scores/ and report.json in {args.output}/")
+    print(f"\nselected.jsonl, {'scores/ ' if table is not None else ''}and report.json in {args.output}/")
     return report
 
 

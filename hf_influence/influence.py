@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from datasets import Dataset
 from torch import Tensor, nn
@@ -45,7 +46,8 @@ from .nn_cift import NNCIFTConfig, nn_cift
 from .optimizers import AffineStep, affine_step
 from .scores import ScoreTable, provenance_record
 from .selection import RULES, SelectionError, resolve_budget, select_indices, weighted_sample
-from .store import fingerprint_dataset
+from .store import VectorStore, fingerprint_dataset
+from .streaming import predict_scores, stream_select
 from .warmup import WarmupConfig, warmup
 
 logger = logging.getLogger(__name__)
@@ -133,6 +135,9 @@ class Context:
     raw_pool: Dataset | None = None  # the user's pool rows behind `pool` (same order), for text-based methods
     raw_target: Dataset | None = None
     details: dict = field(default_factory=dict)
+    # Set by select_by_influence when no score table is asked for and the rule streams: a method may then
+    # return a ScoreStream instead of the [n, m] matrix.
+    stream_selection: bool = False
 
     @property
     def config(self) -> SelectionConfig:
@@ -158,12 +163,36 @@ class _Timer:
 
 
 @dataclass
+class ScoreStream:
+    """Scores [n, m] left as a fitted predictor over the pool's embeddings (a VectorStore read in blocks), with
+    the landmarks' exact scores: `select` never holds more than a chunk of the pool (see streaming.py)."""
+
+    embeddings: VectorStore | Tensor  # [n, e]
+    regressor: LandmarkRegressor
+    exact_rows: Tensor  # [k]
+    exact_scores: Tensor  # [k, m]
+    chunk_rows: int
+
+    def select(self, budget: int, rule: str, seed: int, target_groups=None) -> Tensor:
+        """stream_select: the rows select_indices(self.scores(), ...) would pick, in the same order."""
+        return stream_select(self.embeddings, self.regressor, budget, rule, target_groups=target_groups, seed=seed,
+                             chunk_rows=self.chunk_rows, exact_rows=self.exact_rows, exact_scores=self.exact_scores)
+
+    def scores(self) -> Tensor:
+        """The whole [n, m] matrix (same blocks, same bits as `select`)."""
+        return predict_scores(self.embeddings, self.regressor, exact_rows=self.exact_rows,
+                              exact_scores=self.exact_scores)
+
+
+@dataclass
 class MethodOutput:
-    """scores [n, m] over the formatted pool rows (None for "random"); weights [n]; landmark_mask [n]."""
+    """scores [n, m] over the formatted pool rows (None for "random", or when streamed); weights [n];
+    landmark_mask [n]; stream: the scores as a ScoreStream (only when Context.stream_selection)."""
 
     scores: Tensor | None
     weights: Tensor | None = None
     landmark_mask: Tensor | None = None
+    stream: ScoreStream | None = None
 
 
 METHODS: dict[str, tuple[Callable[[Context], MethodOutput], str, bool]] = {}
@@ -289,9 +318,12 @@ def influence_distillation(context: Context) -> MethodOutput:
     tracked = PerSampleGradients(context.model, context.configs[GradientConfig])
     step = _optimizer_step(context, tracked)
     with context.timed("jvp_embeddings"):
-        embeddings = extract_jvp_embeddings(context.model, context.pool, context.work_dir / "jvp",
-                                            context.configs[JVPConfig], pad_token_id=context.tokenizer.pad_token_id,
-                                            show_progress=context.show_progress).to_tensor()
+        store = extract_jvp_embeddings(context.model, context.pool, context.work_dir / "jvp",
+                                       context.configs[JVPConfig], pad_token_id=context.tokenizer.pad_token_id,
+                                       show_progress=context.show_progress)
+    # Uniform landmarks and first-order scores need only the landmarks' rows in memory (the rest is read from
+    # the store in blocks); kmeans++ and the order-2 transfer matrix need all [n, e] embeddings.
+    embeddings = store.to_tensor() if config.landmark_selection == "kmeans++" or config.order == 2 else None
     k = min(config.num_landmarks, n)
     landmarks = select_landmarks(n, k, config.landmark_selection, embeddings=embeddings, seed=config.selection_seed)
     landmark_rows = context.pool.select(landmarks.tolist())
@@ -305,15 +337,21 @@ def influence_distillation(context: Context) -> MethodOutput:
         if drift_product is not None:
             regression_columns = torch.cat([landmark_scores, (landmark_vectors @ drift_product)[:, None]], dim=1)
     with context.timed("regression"):
-        regressor = LandmarkRegressor().fit(embeddings[landmarks], regression_columns, kernel=config.kernel,
+        landmark_embeddings = _store_rows(store, landmarks) if embeddings is None else embeddings[landmarks]
+        regressor = LandmarkRegressor().fit(landmark_embeddings, regression_columns, kernel=config.kernel,
                                             ridge=config.kernel_ridge, seed=config.selection_seed)
-        predicted = regressor.predict(embeddings, chunk_rows=config.chunk_rows)
-        # Landmarks keep their exact values: with landmarks = the whole pool this is exact influence.
-        predicted[landmarks] = regression_columns.to(predicted.dtype)
-    scores = predicted[:, : landmark_scores.shape[1]]
     landmark_mask = torch.zeros(n, dtype=torch.bool)
     landmark_mask[landmarks] = True
     context.details.update(num_landmarks=k, bandwidth=getattr(regressor, "sigma", None))
+    # Landmarks keep their exact values: with landmarks = the whole pool this is exact influence.
+    stream = ScoreStream(store if embeddings is None else embeddings, regressor, landmarks,
+                         regression_columns, config.chunk_rows)
+    if config.order == 1 and context.stream_selection:
+        context.details["streamed"] = True
+        return MethodOutput(None, landmark_mask=landmark_mask, stream=stream)
+    with context.timed("regression"):
+        predicted = stream.scores()
+    scores = predicted[:, : landmark_scores.shape[1]]
     p = scores.mean(1)
     if config.order == 1:
         return MethodOutput(scores, _weights(context, p, None, 0.0), landmark_mask)
@@ -323,6 +361,15 @@ def influence_distillation(context: Context) -> MethodOutput:
     transfer = regressor.transfer_matrix(embeddings, chunk_rows=config.chunk_rows)
     transfer[landmarks] = torch.eye(k, dtype=transfer.dtype)  # consistent with the exact landmark scores
     return MethodOutput(scores, _weights(context, p, (transfer, q_landmarks), eta), landmark_mask)
+
+
+def _store_rows(store: VectorStore, rows: Tensor) -> Tensor:
+    """Rows [r, e] of a store at arbitrary indices, read one contiguous run at a time."""
+    order = rows.argsort()
+    values = torch.empty(len(rows), store.dim, dtype=torch.float32)
+    for position, row in zip(order.tolist(), rows[order].tolist()):
+        values[position] = torch.from_numpy(store.read(row, row + 1)[0].astype(np.float32))
+    return values
 
 
 @register_method("influence_distillation_exact", default_selection="round_robin")
@@ -556,21 +603,30 @@ def select_by_influence(
     if rule == "weighted" and config.method not in ("influence_distillation", "influence_distillation_exact"):
         raise ValueError(f"selection='weighted' needs robust weights; method {config.method!r} has none.")
     start = time.perf_counter()
-    run = _compute(pool, target, model, tokenizer, optimizer, configs, budget_rows)
-    output = run.output
-    with _Timer(run.details.setdefault("seconds", {}), "selection"):
-        if rule == "weighted":
-            chosen = weighted_sample(output.weights, budget_rows, seed=config.selection_seed)
-        else:
-            groups = run.target_tasks if rule in ("round_robin_task", "less") else None
-            chosen = select_indices(output.scores, budget_rows, rule=rule, seed=config.selection_seed,
-                                    target_groups=groups)
+    # Without a score table to return, a streaming rule lets the method keep its scores as a predictor
+    # (first-order landmark ID): the [n, m] matrix and the [n, e] embeddings are then never held.
+    with tempfile.TemporaryDirectory(prefix="hf_influence_") as scratch:
+        run = _compute(pool, target, model, tokenizer, optimizer, configs, budget_rows, Path(scratch),
+                       stream_selection=not return_scores and rule in RULES)
+        chosen = _select_rows(run, budget_rows, rule, config.selection_seed)
     selected_rows = [run.pool_row_ids[i] for i in chosen.tolist()]
     selected = pool.select(selected_rows)
     if not return_scores:
         return selected
     run.details["seconds"]["total"] = time.perf_counter() - start
     return selected, run.score_table(selection=rule, budget=budget_rows, selected_pool_row_ids=selected_rows)
+
+
+def _select_rows(run: ScoreRun, budget_rows: int, rule: str, seed: int) -> Tensor:
+    """Positions (into run.pool_row_ids) of the `budget_rows` rows `rule` picks, in selection order."""
+    output = run.output
+    with _Timer(run.details.setdefault("seconds", {}), "selection"):
+        groups = run.target_tasks if rule in ("round_robin_task", "less") else None
+        if rule == "weighted":
+            return weighted_sample(output.weights, budget_rows, seed=seed)
+        if output.stream is not None:
+            return output.stream.select(budget_rows, rule, seed, groups)
+        return select_indices(output.scores, budget_rows, rule=rule, seed=seed, target_groups=groups)
 
 
 @dataclass
@@ -615,10 +671,15 @@ def compute_scores(pool: Dataset | list[dict] | str, target: Dataset | list[dict
     """
     if method is not None:
         options["method"] = method
-    return _compute(_as_dataset(pool, "pool"), target, model, tokenizer, optimizer, split_options(options), None)
+    with tempfile.TemporaryDirectory(prefix="hf_influence_") as scratch:
+        return _compute(_as_dataset(pool, "pool"), target, model, tokenizer, optimizer, split_options(options), None,
+                        Path(scratch))
 
 
-def _compute(pool: Dataset, target, model, tokenizer, optimizer, configs: dict, budget_rows: int | None) -> ScoreRun:
+def _compute(pool: Dataset, target, model, tokenizer, optimizer, configs: dict, budget_rows: int | None,
+             scratch: Path, stream_selection: bool = False) -> ScoreRun:
+    """Score with the configured method; stores go to work_dir, else to `scratch` (a folder the caller removes
+    once it no longer needs them: a ScoreStream reads its embeddings from there)."""
     config = configs[SelectionConfig]
     target = _as_dataset(target, "target")
     function, _, needs_model = METHODS[config.method]
@@ -629,7 +690,7 @@ def _compute(pool: Dataset, target, model, tokenizer, optimizer, configs: dict, 
     try:
         with _without_input_require_grads(model):
             output, context, pool_row_ids, target_names, tasks, skipped = _run_method(
-                function, pool, target, model, tokenizer, optimizer, budget_rows, configs)
+                function, pool, target, model, tokenizer, optimizer, budget_rows, configs, scratch, stream_selection)
     finally:
         restore()
     model_id, revision = model_identity(model) if model is not None else (None, None)
@@ -642,7 +703,8 @@ def _compute(pool: Dataset, target, model, tokenizer, optimizer, configs: dict, 
     return ScoreRun(output, pool_row_ids, target_names, tasks, skipped, configs, provenance, context.details)
 
 
-def _run_method(function, pool, target, model, tokenizer, optimizer, budget_rows, configs):
+def _run_method(function, pool, target, model, tokenizer, optimizer, budget_rows, configs, scratch: Path,
+                stream_selection: bool):
     """Format the rows and run the method: (output, context, pool row ids, target names, target tasks, skipped)."""
     config = configs[SelectionConfig]
     if model is None:  # a method without a model ("random") scores the raw rows
@@ -666,11 +728,10 @@ def _run_method(function, pool, target, model, tokenizer, optimizer, budget_rows
         raise ValueError("work_dir must be set when selecting under a multi-process launch: every process needs the "
                          "same store folder (a temporary folder would differ per process). Pass work_dir=... on a "
                          "file system all processes share.")
-    with tempfile.TemporaryDirectory(prefix="hf_influence_") as scratch:
-        context = Context(model, tokenizer, formatted_pool.dataset, formatted_target.dataset, configs, optimizer,
-                          Path(config.work_dir or scratch), raw_pool=pool.select(formatted_pool.dataset["row_id"]),
-                          raw_target=target)
-        output = function(context)
+    context = Context(model, tokenizer, formatted_pool.dataset, formatted_target.dataset, configs, optimizer,
+                      Path(config.work_dir or scratch), raw_pool=pool.select(formatted_pool.dataset["row_id"]),
+                      raw_target=target, stream_selection=stream_selection)
+    output = function(context)
     tasks = _target_tasks(target, formatted_target.dataset, config.target_task_column)
     return (output, context, formatted_pool.dataset["row_id"], _target_names(target, formatted_target.dataset),
             tasks, formatted_pool.skipped)

@@ -77,6 +77,13 @@ def test_select_command_writes_rows_scores_and_report(tmp_path, tiny_model_folde
     assert json.loads((output / "report.json").read_text()) == report
     assert sum(report["pool_share"].values()) == pytest.approx(1.0)
     assert "selected share" in capsys.readouterr().out
+    # --save_scores false streams the selection: the same rows in the same order, no scores/ folder.
+    streamed = tmp_path / "streamed"
+    cli.run_select(["--pool", str(tmp_path / "pool.jsonl"), "--target", str(tmp_path / "target.jsonl"),
+                    "--budget", "0.25", "--output", str(streamed), "--model", tiny_model_folder,
+                    "--num_landmarks", "8", "--save_scores", "false", *FAST_FLAGS])
+    assert (streamed / "selected.jsonl").read_text() == (output / "selected.jsonl").read_text()
+    assert not (streamed / "scores").exists() and "total" in json.loads((streamed / "report.json").read_text())["seconds"]
     with pytest.raises(SystemExit, match="budget"):
         cli.run_select(["--pool", str(tmp_path / "pool.jsonl"), "--target", str(tmp_path / "target.jsonl"),
                         "--budget", "lots", "--model", tiny_model_folder])

@@ -116,6 +116,36 @@ def test_selection_rules(pool, target, model, selection):
         assert weights.sum().item() == pytest.approx(len(pool), rel=1e-4)
 
 
+@pytest.mark.parametrize("selection", ["round_robin", "round_robin_task", "mean_top_k", "less"])
+def test_streamed_selection_equals_the_score_table_selection(pool, model, tmp_path, monkeypatch, selection):
+    """Without return_scores, first-order landmark ID streams: the scores stay a predictor over the JVP store, no
+    [n, m] matrix or [n, e] embedding tensor is built, and the rows and their order are those picked from the
+    full score table."""
+    from hf_influence.influence import ScoreStream
+    from hf_influence.store import VectorStore
+
+    tasks = demo_target("math", 3, seed=1).remove_columns("task").add_column("task", ["a", "b", "a"])
+    options = {"budget": 5, "num_landmarks": 6, "selection": selection, "work_dir": str(tmp_path),
+               "selection_seed": 3}
+    selected, table = _select(pool, tasks, model, **options)
+    assert not table.provenance["details"].get("streamed")
+
+    def no_matrix(*args, **kwargs):
+        raise AssertionError("the streamed selection built the [n, m] score matrix")
+
+    to_tensor = VectorStore.to_tensor
+
+    def gradients_only(store, *args, **kwargs):  # landmark and target gradients are small; the pool side is not
+        assert store.path.name != "jvp", "the streamed selection loaded the [n, e] JVP embeddings"
+        return to_tensor(store, *args, **kwargs)
+
+    monkeypatch.setattr(ScoreStream, "scores", no_matrix)
+    monkeypatch.setattr(VectorStore, "to_tensor", gradients_only)
+    network, tokenizer = model
+    streamed = select_by_influence(pool, tasks, model=network, tokenizer=tokenizer, **{**FAST, **options})
+    assert streamed["id"] == selected["id"]
+
+
 def test_users_models_are_left_as_they_were(pool, target):
     peft_model, tokenizer = lora_model(seed=0)
     before = {name: p.detach().clone() for name, p in peft_model.named_parameters()}
