@@ -97,6 +97,8 @@ class NNCIFTResult:
         seconds: cost split {"embed", "oracle", "fit", "predict"} (and "evaluation" when evaluated).
         evaluation: `network.evaluate` quadrant figures (None without config.evaluation_fraction).
         evaluation_pairs: (predicted, true) values of the evaluated Q4 pairs, for plots (None without).
+        evaluation_block: (rows [r], columns [c], labels [r, c]) the oracle scored for the evaluation: the
+            training block's rows and columns first, then the fresh ones (None without).
     """
 
     network: InfluenceNetwork
@@ -109,6 +111,7 @@ class NNCIFTResult:
     seconds: dict[str, float]
     evaluation: dict | None = None
     evaluation_pairs: tuple[Tensor, Tensor] | None = None
+    evaluation_block: tuple[Tensor, Tensor, Tensor] | None = None
 
 
 def make_oracle(config: NNCIFTConfig, model=None, tokenizer=None, optimizer=None, show_progress: bool = True,
@@ -207,6 +210,7 @@ def _evaluate(result: NNCIFTResult, oracle: Oracle, pool: Dataset, target: Datas
     columns = result.block_columns if oracle.pointwise else with_fresh(result.block_columns, len(target))
     labels = oracle.compute_block(pool.select(rows.tolist()),
                                   None if oracle.pointwise else target.select(columns.tolist()))
+    result.evaluation_block = (rows, columns, labels)
     seen_rows = torch.arange(len(result.block_rows))
     if oracle.pointwise:
         result.evaluation = result.network.evaluate(result.pool_embeddings[rows], None, labels[:, 0], seen_rows)

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from datasets import Dataset
+from datasets import Dataset, concatenate_datasets, get_dataset_config_names
 
 from .data import load_rows, sample_rows
 
@@ -36,6 +36,9 @@ class TargetTask:
         held_out_split: Hub split of held-out rows to measure the trained model on (None: the task has none
             apart from its target rows).
         held_out_local_file: file of the held-out rows in the shared offline data folder.
+        configs_are_subtasks: the Hub dataset keeps each subtask in a config of its own (lukaemon/bbh: 27
+            configs, no default one); reading it from the Hub gathers every config into one table and writes
+            the config name to `task_column`.
     """
 
     hub_id: str
@@ -44,6 +47,7 @@ class TargetTask:
     task_column: str | None
     held_out_split: str | None = None
     held_out_local_file: str | None = None
+    configs_are_subtasks: bool = False
 
 
 TARGET_TASKS: dict[str, TargetTask] = {
@@ -51,7 +55,7 @@ TARGET_TASKS: dict[str, TargetTask] = {
                         "test", "targets/gsm8k_test.jsonl.gz"),
     "mmlu": TargetTask("cais/mmlu:all", "dev", "targets/mmlu_dev.jsonl.gz", "subject",
                        "test", "targets/mmlu_test.jsonl.gz"),
-    "bbh": TargetTask("lukaemon/bbh", "test", "targets/bbh.jsonl.gz", "subtask"),
+    "bbh": TargetTask("lukaemon/bbh", "test", "targets/bbh.jsonl.gz", "subtask", configs_are_subtasks=True),
     "tydiqa": TargetTask("google-research-datasets/tydiqa:secondary_task", "validation",
                          "targets/tydiqa_oneshot.jsonl.gz", "lang"),
     "squad": TargetTask("rajpurkar/squad", "validation", None, None),
@@ -156,5 +160,22 @@ def load_target(task: str, source: str | os.PathLike | Dataset | None = None, da
     if source is None and data_dir is not None and local_file is not None:
         local = Path(data_dir) / local_file
         source = local if local.exists() else None
-    rows = sample_rows(load_rows(spec.hub_id if source is None else source, split=split), limit, seed)
-    return to_prompt_response(rows, task, spec.task_column)
+    if source is None and spec.configs_are_subtasks:
+        rows = subtask_configs(spec.hub_id, split, spec.task_column)
+    else:
+        rows = load_rows(spec.hub_id if source is None else source, split=split)
+    return to_prompt_response(sample_rows(rows, limit, seed), task, spec.task_column)
+
+
+def subtask_configs(hub_id: str, split: str, column: str) -> Dataset:
+    """Every config of a Hub dataset, concatenated in the Hub's config order, with the config name in `column`.
+
+    For datasets that keep each subtask in a config of its own (BBH); reads `split` of each config.
+    """
+    parts = []
+    for name in get_dataset_config_names(hub_id):
+        rows = load_rows(f"{hub_id}:{name}", split=split)
+        parts.append(rows.add_column(column, [name] * len(rows)))
+    if not parts:
+        raise ValueError(f"the Hub dataset {hub_id!r} lists no config")
+    return concatenate_datasets(parts)

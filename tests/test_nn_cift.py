@@ -51,6 +51,13 @@ def test_network_learns_the_embedding_oracle(distilled):
     assert q4["spearman"] > 0.6
     predicted, true = distilled.evaluation_pairs
     assert predicted.shape == true.shape and predicted.numel() > 0
+    # The evaluation block: training rows and columns first, then fresh ones; its unseen corner is Q4.
+    rows, columns, labels = distilled.evaluation_block
+    seen_rows, seen_columns = len(distilled.block_rows), len(distilled.block_columns)
+    assert torch.equal(rows[:seen_rows], distilled.block_rows) and torch.equal(columns[:seen_columns],
+                                                                              distilled.block_columns)
+    assert not set(rows[seen_rows:].tolist()) & set(distilled.block_rows.tolist())
+    assert torch.equal(labels[seen_rows:, seen_columns:].flatten(), true)
 
 
 def test_block_indices_are_seeded_and_bounded():

@@ -24,7 +24,6 @@ from hf_influence import DEFAULT_MODEL, InfluenceNetwork, ScoreTable, cli, load_
 from hf_influence.data import load_rows, sample_rows
 from hf_influence.models import LoraSettings
 from hf_influence.selection import select_indices
-from hf_influence.targets import load_target
 from hf_influence.testing import tiny_causal_lm
 from hf_influence.trainer import InfluenceSFTConfig, InfluenceSFTTrainer
 
@@ -159,19 +158,7 @@ def test_pool_sample_is_the_train_commands_sample():
     assert run.sample_rows(rows, None, seed=3)["id"] == list(range(50))
 
 
-def test_bbh_configs_and_held_out_split_from_the_hub(local_hub, tmp_path, monkeypatch):
-    bbh_repo = f"{local_hub.user}/bbh"
-    subtasks = {"navigate": ["Left?", "Right?"], "word_sorting": ["b a", "d c", "f e"]}
-    for name, inputs in subtasks.items():
-        Dataset.from_dict({"input": inputs, "target": [f"{name}-{i}" for i in range(len(inputs))]}).push_to_hub(
-            bbh_repo, config_name=name, split="test")
-    rows = run.bbh_from_hub(bbh_repo)
-    assert sorted(zip(rows["subtask"], rows["input"])) == sorted(
-        (name, text) for name, inputs in subtasks.items() for text in inputs)
-    path = run.write_rows_once(tmp_path / "bbh.parquet", lambda: rows)
-    target = load_target("bbh", source=str(path))
-    assert sorted(target["task"]) == sorted(f"bbh/{name}" for name, inputs in subtasks.items() for _ in inputs)
-
+def test_held_out_split_from_the_hub(local_hub, tmp_path, monkeypatch):
     gsm8k_repo = f"{local_hub.user}/gsm8k"
     test_rows = {"question": ["1+1?", "2+3?"], "answer": ["#### 2", "#### 5"]}
     Dataset.from_dict({"question": ["9+9?"], "answer": ["#### 18"]}).push_to_hub(gsm8k_repo, config_name="main")

@@ -2,10 +2,13 @@
 
 from pathlib import Path
 
+import hub_server
 import pytest
 from datasets import Dataset
 
 from hf_influence.targets import TARGET_TASKS, load_target, to_prompt_response
+
+local_hub = hub_server.local_hub
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -74,3 +77,18 @@ def test_held_out_rows_never_overlap_the_target_rows():
         assert not set(held_out["prompt"]) & set(target["prompt"])
     with pytest.raises(ValueError, match="'bbh' has no held-out split.*gsm8k"):
         load_target("bbh", data_dir=DATA_DIR, held_out=True)
+
+
+def test_bbh_from_the_hub_gathers_every_subtask_config(local_hub, monkeypatch):
+    import dataclasses
+
+    repo = f"{local_hub.user}/bbh"
+    subtasks = {"navigate": ["Left?", "Right?"], "word_sorting": ["b a", "d c", "f e"]}
+    for name, inputs in subtasks.items():
+        Dataset.from_dict({"input": inputs, "target": [f"{name}-{i}" for i in range(len(inputs))]}).push_to_hub(
+            repo, config_name=name, split="test")
+    monkeypatch.setitem(TARGET_TASKS, "bbh", dataclasses.replace(TARGET_TASKS["bbh"], hub_id=repo))
+    target = load_target("bbh")  # no source, no data_dir: the Hub dataset, which has no default config
+    assert sorted(zip(target["task"], target["prompt"], target["completion"])) == sorted(
+        (f"bbh/{name}", text, f"{name}-{i}") for name, inputs in subtasks.items() for i, text in enumerate(inputs))
+    assert len(load_target("bbh", limit=2, seed=1)) == 2

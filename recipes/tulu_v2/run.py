@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from datasets import Dataset, concatenate_datasets, get_dataset_config_names, load_dataset
+from datasets import Dataset
 from transformers import HfArgumentParser
 
 from hf_influence import cli
@@ -47,7 +47,6 @@ RECIPE_DIR = Path(__file__).resolve().parent
 REPO_DIR = RECIPE_DIR.parents[1]
 SHARED_DATA = REPO_DIR.parent / "shared" / "data"
 TARGETS = ("gsm8k", "mmlu", "bbh", "tydiqa", "squad", "codex")
-BBH_HUB_ID = "lukaemon/bbh"
 
 
 @dataclass(frozen=True)
@@ -172,30 +171,15 @@ def write_rows_once(path: Path, make_rows: Callable[[], Dataset]) -> Path:
     return path
 
 
-def bbh_from_hub(hub_id: str = BBH_HUB_ID) -> Dataset:
-    """Every subtask config of a BBH Hub dataset as one table with a `subtask` column.
-
-    `load_target("bbh")` reads the Hub id without a config, while lukaemon/bbh keeps each of its 27 subtasks in
-    a config of its own (split "test").
-    """
-    parts = []
-    for name in get_dataset_config_names(hub_id):
-        rows = load_dataset(hub_id, name, split="test")
-        parts.append(rows.add_column("subtask", [name] * len(rows)))
-    return concatenate_datasets(parts)
-
-
-def target_source(task: str, args: RecipeArguments, output_dir: Path) -> str | None:
-    """Where the task's target rows come from: a --target_files file, the shared file, the BBH configs gathered
-    from the Hub, or None for load_target's own choice (the task's Hub dataset)."""
+def target_source(task: str, args: RecipeArguments) -> str | None:
+    """Where the task's target rows come from: a --target_files file, the shared file, or None for load_target's
+    own choice (the task's Hub dataset; every subtask config for BBH)."""
     files = dict(pair.partition("=")[::2] for pair in args.target_files)
     if task in files:
         return files[task]
     local = TARGET_TASKS[task].local_file
     if args.data_dir is not None and local is not None and (Path(args.data_dir) / local).exists():
         return str(Path(args.data_dir) / local)
-    if task == "bbh":
-        return str(write_rows_once(output_dir / "bbh_target.parquet", bbh_from_hub))
     return None
 
 
@@ -226,7 +210,7 @@ def train_argv(task: str, args: RecipeArguments, extra: list[str]) -> list[str]:
     if args.data_dir is not None:
         argv += ["--data_dir", args.data_dir]
     if "--target" not in extra:
-        source = target_source(task, args, output_dir)
+        source = target_source(task, args)
         argv += ["--target", source] if source is not None else []
     if "--eval_target" not in extra:
         held_out = held_out_source(task, args, output_dir)
@@ -256,7 +240,7 @@ def network_argv(task: str, args: RecipeArguments, extra: list[str]) -> list[str
     argv = ["--config", str(config_path), "--pool", pool, "--pool_split", pool_split, "--output", str(output),
             "--work_dir", str(output / "oracle")]  # the oracle's gradient stores: a rerun resumes each block
     if "--target" not in extra:  # fit-network reads --target as is: write the task's rows as prompt/completion
-        source = target_source(task, args, output)
+        source = target_source(task, args)
         key = hashlib.sha256(f"{source}:{args.data_dir}:{limit}:{seed}".encode()).hexdigest()[:12]
         argv += ["--target", str(write_rows_once(output / f"target-{key}.parquet", lambda: load_target(
             task, source=source, data_dir=args.data_dir, limit=limit, seed=seed)))]
