@@ -109,22 +109,6 @@ def load_data(data_dir: Path, pool_rows: int, target_rows: int, seed: int):
     return pool.select(range(min(pool_rows, len(pool)))), target.select(range(min(target_rows, len(target))))
 
 
-def trainable_default_model(name: str):
-    """Load the model once for every method.
-
-    The offline copy of the default model is dequantized to float32, but its saved config still carries the
-    GGUF `quantization_config`, so transformers marks the model as quantized and the Trainer behind the
-    warm-up refuses to train it. The weights are plain float32 Linear layers: dropping the marker is safe,
-    and a no-op for any model loaded without it.
-    """
-    model, tokenizer = load_model(name)
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is not None and quantizer.quantization_config.quant_method == "gguf":
-        model.hf_quantizer, model.is_quantized = None, False
-        del model.config.quantization_config
-    return model, tokenizer
-
-
 def in_domain_share(sources: list[str]) -> float:
     return sum(source.startswith(IN_DOMAIN_SOURCES) for source in sources) / len(sources)
 
@@ -192,7 +176,7 @@ def main() -> int:
     budget = int(args.budget) if args.budget > 1 else args.budget
 
     pool, target = load_data(args.data_dir, args.pool_rows, args.target_rows, args.seed)
-    model, tokenizer = trainable_default_model(args.model)
+    model, tokenizer = load_model(args.model)  # once for every method
     with tempfile.TemporaryDirectory(prefix="selection_quality_") as scratch:
         results, tables = run_methods(pool, target, model, tokenizer, budget, args, args.work_dir or Path(scratch))
     add_less_standalone_cost(results)

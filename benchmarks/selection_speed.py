@@ -37,7 +37,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 from datasets.utils.logging import disable_progress_bar
 from scipy.stats import spearmanr
 
-# The sibling benchmark holds the data slicing, model loading and machine record both benchmarks share
+# The sibling benchmark holds the data slicing and machine record both benchmarks share
 # (this folder is on sys.path when a script in it is run).
 from selection_quality import (
     DEFAULT_DATA_DIR,
@@ -46,11 +46,10 @@ from selection_quality import (
     machine,
     mean_scores,
     peak_memory_gb,
-    trainable_default_model,
 )
 from transformers.utils import logging as hf_logging
 
-from hf_influence import DEFAULT_MODEL, select_by_influence
+from hf_influence import DEFAULT_MODEL, load_model, select_by_influence
 
 METHODS = ("influence_distillation", "influence_distillation_exact")
 MIN_POOL_PER_LANDMARK = 32
@@ -92,7 +91,7 @@ def main() -> int:
     disable_progress_bar()
 
     pool, target = load_data(args.data_dir, args.pool_rows, args.target_rows, args.seed)
-    model, tokenizer = trainable_default_model(args.model)
+    model, tokenizer = load_model(args.model)
     runs = {}
     for method in METHODS:
         with tempfile.TemporaryDirectory(prefix=f"selection_speed_{method}_") as work_dir:
