@@ -3,8 +3,8 @@
 Rows go through fixed batches [b * batch_size, (b + 1) * batch_size): after a crash, only the batches
 not marked done are recomputed, and since a batch is always computed from the same rows with the same
 padding, the resumed store is byte-identical to an uninterrupted one. The store's manifest records the
-model (id and revision), the formatted dataset's fingerprint and the full configuration; a store made
-for anything else is refused (`StoreMismatchError`) rather than silently mixed.
+model (id, revision and a digest of its adapter weights), the formatted dataset's fingerprint and the full
+configuration; a store made for anything else is refused (`StoreMismatchError`) rather than silently mixed.
 
 Under `accelerate launch` / torchrun, every process calls the same function and the pending batches are
 split between them (`hf_influence.distributed`); the finished store is the same, byte for byte.
@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
 from datasets import Dataset
 from torch import Tensor, nn
 
@@ -31,6 +32,22 @@ from .store import StoreSpec, VectorStore, fingerprint_dataset
 
 def _tensor_digest(tensor: Tensor) -> str:
     return hashlib.sha256(tensor.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def _adapter_digest(model: nn.Module) -> str | None:
+    """Digest of a PEFT model's adapter weights (None for a plain model, which its id and revision name).
+
+    The model id does not change when the adapter trains (warm-up, online re-selection): without this, a store
+    made with other adapter weights would be resumed as if it matched."""
+    if not hasattr(model, "peft_config"):
+        return None
+    from peft import get_peft_model_state_dict
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(get_peft_model_state_dict(model).items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _extract(
@@ -54,7 +71,7 @@ def _extract(
         model_id=model_id,
         model_revision=revision,
         dataset_fingerprint=fingerprint_dataset(formatted),
-        config=config_record,
+        config={**config_record, "adapter_digest": _adapter_digest(model)},
         num_rows=len(formatted),
         dim=dim,
     )

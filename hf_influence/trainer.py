@@ -471,11 +471,16 @@ class InfluenceSFTTrainer(SFTTrainer):
             selected = [table_ids[i] for i in chosen.tolist()]
             source, score_ids = "score_table", table_ids
         else:
+            options = self._options()
+            if self.args.influence_mode == "online" and options.get("work_dir"):
+                # Each round scores with other adapter weights and optimizer state: stores of its own, so a
+                # restarted run resumes the round it was in.
+                options["work_dir"] = str(Path(options["work_dir"]) / f"step-{self.state.global_step}")
             with self._scoring():
                 _, table = select_by_influence(
                     self._influence_pool, self._influence_target, model=self.model, budget=budget,
                     method=self.args.influence_method, tokenizer=self._tokenizer, optimizer=optimizer,
-                    return_scores=True, **self._options())
+                    return_scores=True, **options)
             selected = [self._influence_row_ids[p] for p in table.provenance["selected_pool_row_ids"]]
             scores, positions, _ = table.to_matrix()
             score_ids = [self._influence_row_ids[p] for p in positions]

@@ -111,6 +111,17 @@ def test_mismatched_store_is_refused(tmp_path):
         extract_gradients(model, formatted, tmp_path / "g", config, preconditioner=scale, show_progress=False)
     replaced = extract_gradients(model, formatted, tmp_path / "g", config, preconditioner=scale, overwrite=True, show_progress=False)
     assert replaced.manifest["config"]["preconditioner_digest"] is not None
+    # The same model id with trained adapter weights (a warm-up, an online round) is another model.
+    with torch.no_grad():
+        next(p for name, p in model.named_parameters() if "lora_B" in name).add_(0.01)
+    with pytest.raises(StoreMismatchError, match="config_hash"):
+        extract_gradients(model, formatted, tmp_path / "g", config, preconditioner=scale, show_progress=False)
+    jvp_config = JVPConfig(num_blocks=1, jvp_projection_dim=16)
+    extract_jvp_embeddings(model, formatted, tmp_path / "e", jvp_config, show_progress=False)
+    with torch.no_grad():
+        next(p for name, p in model.named_parameters() if "lora_A" in name).mul_(2.0)
+    with pytest.raises(StoreMismatchError, match="config_hash"):
+        extract_jvp_embeddings(model, formatted, tmp_path / "e", jvp_config, show_progress=False)
 
 
 def test_jvp_store(tmp_path):

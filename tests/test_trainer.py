@@ -275,9 +275,13 @@ class Snapshots(TrainerCallback):
         self.after_step[state.global_step] = copy.deepcopy((model, optimizer.optimizer))
 
 
-def test_online_reselects_at_the_stated_steps_from_the_current_model_and_optimizer(tmp_path, pool, target):
+@pytest.mark.parametrize("with_work_dir", [False, True])
+def test_online_reselects_at_the_stated_steps_from_the_current_model_and_optimizer(tmp_path, pool, target,
+                                                                                    with_work_dir):
     model, tokenizer = tiny_causal_lm(seed=0)
     options = {**FAST, "show_progress": False}
+    if with_work_dir:  # each round keeps its stores in a folder of its own (its adapter weights differ)
+        options["work_dir"] = str(tmp_path / "stores")
     args = config(tmp_path, influence_mode="online", influence_reselect_steps=2, influence_budget=4,
                   influence_method="influence_distillation_exact", influence_options=options, max_steps=6,
                   learning_rate=5e-2, seed=3)
@@ -294,11 +298,14 @@ def test_online_reselects_at_the_stated_steps_from_the_current_model_and_optimiz
         model_then, optimizer_then = snapshots.after_step[selection.step]
         expected = select_by_influence(pool, target, model=model_then, tokenizer=tokenizer, budget=4,
                                        method="influence_distillation_exact", optimizer=optimizer_then,
-                                       selection_seed=3, return_scores=True, **options)[1]
+                                       selection_seed=3, return_scores=True,
+                                       **{k: v for k, v in options.items() if k != "work_dir"})[1]
         assert selection.row_ids == expected.provenance["selected_pool_row_ids"]
     assert selections[1].row_ids != selections[0].row_ids or selections[2].row_ids != selections[1].row_ids
     rounds = [entry["influence/round"] for entry in trainer.state.log_history if "influence/round" in entry]
     assert rounds == [0, 1, 2]
+    if with_work_dir:
+        assert sorted(path.name for path in (tmp_path / "stores").iterdir()) == ["step-0", "step-2", "step-4"]
 
 
 @pytest.mark.parametrize("source", ["object", "hub"])
