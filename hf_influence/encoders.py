@@ -171,6 +171,10 @@ def row_texts(rows: Dataset | list[dict], config: FormattingConfig | None = None
     return texts
 
 
+# Batches per encode call of the in-memory path (see encode_rows).
+SORTED_BATCHES_PER_CALL = 64
+
+
 def _batch_encoder(rows, encoder, batch_size: int, normalize: bool, response_column: str | None):
     """(texts, loaded encoder, encode(start, end) -> float32 CPU [end - start, dim]) for rows; checks the
     arguments shared by encode_rows and extract_sentence_embeddings."""
@@ -223,10 +227,13 @@ def encode_rows(
                                            response_column=response_column, overwrite=overwrite,
                                            show_progress=show_progress).to_tensor()
     texts, _, encode = _batch_encoder(rows, encoder, batch_size, normalize, response_column)
+    # sentence-transformers sorts the texts of one encode call by length before batching them: calls of
+    # many batches pad far less (1.7x faster on 1000 pool rows with MiniLM) than one call per batch.
+    window = batch_size * SORTED_BATCHES_PER_CALL
     with tqdm(total=len(texts), desc="Sentence embeddings", unit="rows", disable=not show_progress) as progress:
         chunks = []
-        for start in range(0, len(texts), batch_size):
-            chunks.append(encode(start, min(start + batch_size, len(texts))))
+        for start in range(0, len(texts), window):
+            chunks.append(encode(start, min(start + window, len(texts))))
             progress.update(chunks[-1].shape[0])
     return torch.cat(chunks)
 
