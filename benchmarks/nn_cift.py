@@ -4,9 +4,9 @@
 
 Pool: a seeded slice of ../shared/data/pool.jsonl.gz; target: seeded GSM8K test rows; model: SmolLM2-135M-Instruct
 (offline copy); encoder: all-MiniLM-L6-v2 (offline copy). The oracle is first-order Influence Distillation with
-every block row's gradient (`influence_distillation_exact`, GD: no warm-up, so blocks are consistent and cheap);
-`--oracle less` uses LESS instead (cosine of the gradients: the per-row gradient norm, which dominates the ID
-scores, is divided out).
+every block row's gradient (`influence_distillation_exact`, GD: no warm-up, so blocks are consistent and cheap).
+With the default unit-normalised gradients and no Adam state these values are gradient cosines, exactly what
+LESS computes without a warm-up (checked: the same labels bit for bit), so LESS needs no run of its own here.
 
 Reported:
 - Q1..Q4 MSE (labels min-max normalised), Q4 Spearman, against predict-the-mean / random, measured on an
@@ -141,8 +141,6 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=200)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--oracle", choices=["influence_distillation_exact", "less"], default="influence_distillation_exact",
-                        help="the method oracle (GD state for both: no warm-up)")
     parser.add_argument("--oracle-cache", type=Path, default=None,
                         help="keep / reuse oracle blocks here (reruns that change only the network)")
     args = parser.parse_args()
@@ -151,7 +149,7 @@ def main() -> int:
         return 0
     pool, target = load_data(args.data_dir, args.pool_rows, args.target_rows, args.seed)
     model, tokenizer = load_model(DEFAULT_MODEL)
-    oracle = TimedOracle(MethodOracle(args.oracle, model=model, tokenizer=tokenizer,
+    oracle = TimedOracle(MethodOracle("influence_distillation_exact", model=model, tokenizer=tokenizer,
                                       optimizer_state="gd", max_length=args.max_length, response_column="solution",
                                       show_progress=False), cache_dir=args.oracle_cache)
     config = NNCIFTConfig(block_fraction=args.block_fraction, evaluation_fraction=args.evaluation_fraction,
@@ -179,13 +177,13 @@ def main() -> int:
         "oracle_calls": oracle.calls,
         "oracle_all_seconds_estimated": oracle_all_seconds,
         "oracle_all_seconds_note": "estimated: measured oracle seconds per (pool + target) row of the evaluation "
-                                   "block x (pool rows + target rows); exact ID and LESS are linear in both",
+                                   "block x (pool rows + target rows); exact ID is linear in both",
         "config": {**vars(args), "json": str(args.json), "data_dir": str(args.data_dir), "pool": len(pool),
                    "target": len(target), "block_rows": len(result.block_rows),
                    "block_columns": len(result.block_columns)},
         "machine": machine(),
     }
-    print(f"NN-CIFT ({args.oracle} oracle) on {len(pool)} pool x {len(target)} GSM8K rows, block "
+    print(f"NN-CIFT (ID first-order oracle) on {len(pool)} pool x {len(target)} GSM8K rows, block "
           f"{len(result.block_rows)} x {len(result.block_columns)}")
     print(f"{'quadrant':<10}{'MSE':>10}{'Spearman':>10}{'mean-baseline MSE':>20}{'random MSE':>12}")
     for quadrant in ("Q1", "Q2", "Q3", "Q4"):
