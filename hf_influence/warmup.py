@@ -199,6 +199,10 @@ def warmup(
     if not trainable:
         raise ValueError("The model has no trainable parameter: warm-up trains the LoRA weights, none require grad.")
 
+    state = _process_state()
+    if state is not None and config.warmup_batch_size % state.num_processes:
+        raise ValueError(f"WarmupConfig.warmup_batch_size={config.warmup_batch_size} must be a multiple of the "
+                         f"{state.num_processes} processes of this launch: each warm-up batch is split between them.")
     positions = warmup_rows(len(dataset), config)
     subset = dataset.select(positions)
     if "attention_mask" in subset.column_names and any(0 in mask for mask in subset["attention_mask"]):
@@ -242,11 +246,15 @@ def warmup(
 CACHE_MANIFEST, CACHE_TENSORS = "warmup.json", "optimizer.safetensors"
 
 
-def _is_main_process() -> bool:
-    """Under a multi-process launch every rank warms up the same way; only rank 0 writes the cache."""
+def _process_state():
     from .distributed import process_state
 
-    state = process_state()
+    return process_state()
+
+
+def _is_main_process() -> bool:
+    """Under a multi-process launch every rank ends the warm-up with the same state; only rank 0 writes the cache."""
+    state = _process_state()
     return state is None or state.is_main_process
 
 
@@ -352,6 +360,10 @@ def _make_trainer(model, tokenizer, train_dataset, config, output_dir, device, m
         weight_decay=float(config.warmup_weight_decay),
         per_device_train_batch_size=int(config.warmup_batch_size),
         gradient_accumulation_steps=int(config.warmup_gradient_accumulation_steps),
+        # Under a multi-process launch the Trainer runs DDP: with split_batches each rank takes its share of the
+        # same warmup_batch_size rows a single process would, so the run matches one process (to rounding)
+        # instead of taking num_processes times larger steps, half as many.
+        accelerator_config={"split_batches": True},
         seed=int(config.warmup_seed),
         data_seed=int(config.warmup_seed),
         logging_strategy="steps",

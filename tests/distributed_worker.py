@@ -4,7 +4,8 @@
     python tests/distributed_worker.py STORES LOG KINDS
 
 fills STORES/gradients, STORES/jvp_embeddings and (if KINDS names it) STORES/sentence_embeddings from a tiny LoRA
-model built from config with a fixed seed. KINDS is a comma-separated subset of those three names. Every store
+model built from config with a fixed seed, and with "warmup" in KINDS saves a warm-up to STORES/warmup (first). KINDS
+is a comma-separated subset of those four names. Every store
 write appends "start end" to LOG/<kind>.<rank>. With HF_INFLUENCE_TEST_EXIT="<kind>:<rank>", that process exits
 (os._exit, no clean-up) right after its first batch of that store is written.
 """
@@ -20,12 +21,15 @@ from hf_influence.formatting import format_dataset
 from hf_influence.gradients import GradientConfig
 from hf_influence.jvp import JVPConfig
 from hf_influence.store import VectorStore
+from hf_influence.warmup import WarmupConfig, warmup
 
 ROWS = CHAT_ROWS * 3  # 15 rows
 # Batches of 2: 8 batches, the last one short, several per process.
 GRADIENTS = GradientConfig(projection="srht", projection_dim=32, batch_size=2)
 JVP = JVPConfig(num_blocks=1, jvp_projection="gaussian", jvp_projection_dim=12, jvp_batch_size=2)
 SENTENCE_BATCH = 2
+WARMUP = WarmupConfig(warmup_fraction=0.5, warmup_batch_size=2, warmup_learning_rate=1e-3, warmup_min_steps=0,
+                      warmup_show_progress=False)
 
 
 def main(stores: str, log_dir: str, kinds: str) -> None:
@@ -46,6 +50,8 @@ def main(stores: str, log_dir: str, kinds: str) -> None:
     model, tokenizer = lora_model("llama")
     formatted = format_dataset(ROWS, tokenizer).dataset
     kinds = kinds.split(",")
+    if "warmup" in kinds:
+        warmup(model, tokenizer, formatted, WARMUP, cache_dir=os.path.join(stores, "warmup"))
     if "gradients" in kinds:
         extract_gradients(model, formatted, os.path.join(stores, "gradients"), GRADIENTS, show_progress=False)
     if "jvp_embeddings" in kinds:

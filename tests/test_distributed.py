@@ -123,6 +123,26 @@ def test_two_processes_write_the_single_process_store_and_select_the_same_rows(r
             assert len(set(chosen.tolist())) == 6
 
 
+def test_a_two_process_warm_up_takes_the_single_process_steps(tmp_path):
+    """Under a launch the warm-up's Trainer runs DDP; split batches keep its rows and steps those of one process,
+    so the state matches the single-process one to rounding (the all-reduce sums in another order), and every
+    rank ends with the same state."""
+    from safetensors.torch import load_file
+
+    states = {}
+    for launcher, processes in (("python", 1), ("torchrun", 2)):
+        root = tmp_path / launcher
+        check_ran(launch(launcher, processes, root / "stores", root / "log", ["warmup"]))
+        manifest = json.loads((root / "stores" / "warmup" / "warmup.json").read_text())
+        states[launcher] = (manifest["steps"], manifest["losses"],
+                            load_file(str(root / "stores" / "warmup" / "optimizer.safetensors")))
+    (single_steps, single_losses, single), (steps, losses, launched) = states["python"], states["torchrun"]
+    assert steps == single_steps == 4 and losses == pytest.approx(single_losses, rel=1e-5)
+    assert single.keys() == launched.keys()
+    for name in single:
+        torch.testing.assert_close(launched[name], single[name], rtol=1e-5, atol=1e-8)
+
+
 def test_killed_process_relaunched_with_other_process_counts_gives_the_same_store(reference, tmp_path):
     stores = tmp_path / "stores"
     gradients, jvp = (stores / "gradients", stores / "jvp_embeddings")
