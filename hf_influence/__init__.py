@@ -38,7 +38,7 @@ from .warmup import WarmupConfig, WarmupResult, load_optimizer_state, warmup
 
 register_dataset_method()
 
-__version__ = "0.1.0"
+__version__ = "0.5.0"
 
 __all__ = [
     "DEFAULT_MODEL",

@@ -327,6 +327,7 @@ def _load_cached(model: nn.Module, folder: Path, identity: dict) -> WarmupResult
                 parameter.copy_(value)
         else:  # `step` stays a CPU scalar, as torch.optim.AdamW keeps it (not capturable)
             optimizer.state[parameter][state_key] = value if state_key == "step" else value.to(parameter.device)
+    model.eval()  # as a trained warm-up leaves it
     logger.info("Loaded the warm-up optimizer state from %s (%d steps).", folder, manifest["steps"])
     return WarmupResult(optimizer=optimizer, row_ids=manifest["row_ids"], losses=manifest["losses"],
                         steps=manifest["steps"])
