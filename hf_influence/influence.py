@@ -226,9 +226,11 @@ def _optimizer_step(context: Context, tracked: PerSampleGradients) -> AffineStep
     return affine_step(context.optimizer, tracked.parameters)
 
 
-def _gradients(context: Context, rows: Dataset, name: str, preconditioner: Tensor | None) -> Tensor:
+def _gradients(context: Context, rows: Dataset, name: str, preconditioner: Tensor | None,
+               folder: str | None = None) -> Tensor:
+    """Gradients of `rows` from (or into) the store work_dir/folder (default: name), timed as `name`."""
     with context.timed(name):
-        store = extract_gradients(context.model, rows, context.work_dir / name, context.configs[GradientConfig],
+        store = extract_gradients(context.model, rows, context.work_dir / (folder or name), context.configs[GradientConfig],
                                   preconditioner=preconditioner, pad_token_id=context.tokenizer.pad_token_id,
                                   show_progress=context.show_progress)
     return store.to_tensor()
@@ -237,8 +239,8 @@ def _gradients(context: Context, rows: Dataset, name: str, preconditioner: Tenso
 def _target_gradients(context: Context) -> Tensor:
     """The target rows' gradients, in a store named by the target's fingerprint: one work_dir serves several
     targets, and their pool-side stores (JVP embeddings, landmark or pool gradients, warm-up) are shared."""
-    name = f"target_gradients-{fingerprint_dataset(context.target)[:16]}"
-    return _gradients(context, context.target, name, None)
+    folder = f"target_gradients-{fingerprint_dataset(context.target)[:16]}"
+    return _gradients(context, context.target, "target_gradients", None, folder)
 
 
 def _device(context: Context) -> torch.device:
