@@ -349,7 +349,6 @@ def influence_distillation(context: Context) -> MethodOutput:
     stream = ScoreStream(store if embeddings is None else embeddings, regressor, landmarks,
                          regression_columns, config.chunk_rows)
     if config.order == 1 and context.stream_selection:
-        context.details["streamed"] = True
         return MethodOutput(None, landmark_mask=landmark_mask, stream=stream)
     with context.timed("regression"):
         predicted = stream.scores()
