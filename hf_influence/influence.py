@@ -42,7 +42,8 @@ from .gradients import GradientConfig, PerSampleGradients
 from .hessian import HESSIAN_KINDS, TargetHessian
 from .jvp import JVPConfig
 from .models import DEFAULT_MODEL, LoraSettings, add_lora, load_model, model_identity
-from .nn_cift import NNCIFTConfig, nn_cift
+from .network import InfluenceNetwork
+from .nn_cift import NNCIFTConfig, block_overrides, nn_cift
 from .optimizers import AffineStep, affine_step
 from .scores import ScoreTable, provenance_record
 from .selection import RULES, SelectionError, resolve_budget, select_indices, weighted_sample
@@ -164,35 +165,37 @@ class _Timer:
 
 @dataclass
 class ScoreStream:
-    """Scores [n, m] left as a fitted predictor over the pool's embeddings (a VectorStore read in blocks), with
-    the landmarks' exact scores: `select` never holds more than a chunk of the pool (see streaming.py)."""
+    """Scores [n, m] left as a fitted predictor over the pool's embeddings (a VectorStore read in blocks, or a
+    tensor), with the known scores (landmark rows, or NN-CIFT's oracle block) as exact values: `select` never
+    holds more than a chunk of the pool (see streaming.py)."""
 
     embeddings: VectorStore | Tensor  # [n, e]
-    regressor: LandmarkRegressor
-    exact_rows: Tensor  # [k]
-    exact_scores: Tensor  # [k, m]
+    predictor: LandmarkRegressor | InfluenceNetwork
+    exact: dict[str, Tensor]  # exact_rows [r], exact_scores [r, m or c], optionally exact_columns [c]
     chunk_rows: int
+    target_embeddings: Tensor | None = None  # [m, e], for a pairwise InfluenceNetwork
 
     def select(self, budget: int, rule: str, seed: int, target_groups=None) -> Tensor:
         """stream_select: the rows select_indices(self.scores(), ...) would pick, in the same order."""
-        return stream_select(self.embeddings, self.regressor, budget, rule, target_groups=target_groups, seed=seed,
-                             chunk_rows=self.chunk_rows, exact_rows=self.exact_rows, exact_scores=self.exact_scores)
+        return stream_select(self.embeddings, self.predictor, budget, rule, target_embeddings=self.target_embeddings,
+                             target_groups=target_groups, seed=seed, chunk_rows=self.chunk_rows, **self.exact)
 
     def scores(self) -> Tensor:
         """The whole [n, m] matrix (same blocks, same bits as `select`)."""
-        return predict_scores(self.embeddings, self.regressor, exact_rows=self.exact_rows,
-                              exact_scores=self.exact_scores)
+        return predict_scores(self.embeddings, self.predictor, self.target_embeddings, **self.exact)
 
 
 @dataclass
 class MethodOutput:
-    """scores [n, m] over the formatted pool rows (None for "random", or when streamed); weights [n];
-    landmark_mask [n]; stream: the scores as a ScoreStream (only when Context.stream_selection)."""
+    """scores [n, m] over the formatted pool rows (None when streamed); weights [n]; landmark_mask [n];
+    stream: the scores as a ScoreStream (only when Context.stream_selection); pointwise: scores [n, 1] that
+    do not depend on the target (a pointwise NN-CIFT oracle)."""
 
     scores: Tensor | None
     weights: Tensor | None = None
     landmark_mask: Tensor | None = None
     stream: ScoreStream | None = None
+    pointwise: bool = False
 
 
 METHODS: dict[str, tuple[Callable[[Context], MethodOutput], str, bool]] = {}
@@ -346,8 +349,8 @@ def influence_distillation(context: Context) -> MethodOutput:
     landmark_mask[landmarks] = True
     context.details.update(num_landmarks=k, bandwidth=getattr(regressor, "sigma", None))
     # Landmarks keep their exact values: with landmarks = the whole pool this is exact influence.
-    stream = ScoreStream(store if embeddings is None else embeddings, regressor, landmarks,
-                         regression_columns, config.chunk_rows)
+    stream = ScoreStream(store if embeddings is None else embeddings, regressor,
+                         {"exact_rows": landmarks, "exact_scores": regression_columns}, config.chunk_rows)
     if config.order == 1 and context.stream_selection:
         return MethodOutput(None, landmark_mask=landmark_mask, stream=stream)
     with context.timed("regression"):
@@ -434,13 +437,20 @@ def oracle_options(configs: dict[type, Any]) -> dict[str, Any]:
 def nn_cift_method(context: Context) -> MethodOutput:
     """NN-CIFT: an oracle (NNCIFTConfig.oracle) on a u-block, an InfluenceNetwork fitted on it predicts the rest."""
     result = nn_cift(context.raw_pool, context.raw_target, context.configs[NNCIFTConfig], model=context.model,
-                     tokenizer=context.tokenizer, optimizer=context.optimizer, **oracle_options(context.configs))
+                     tokenizer=context.tokenizer, optimizer=context.optimizer, predict=not context.stream_selection,
+                     **oracle_options(context.configs))
     context.details.setdefault("seconds", {}).update(result.seconds)
     context.details.update(block_rows=len(result.block_rows), block_columns=len(result.block_columns),
                            evaluation=result.evaluation)
     block_mask = torch.zeros(len(context.pool), dtype=torch.bool)
     block_mask[result.block_rows] = True
-    return MethodOutput(result.scores, landmark_mask=block_mask)
+    pointwise = result.network.kind == "pointwise"
+    if context.stream_selection:  # the network predicts chunk by chunk while selecting
+        stream = ScoreStream(result.pool_embeddings, result.network,
+                             block_overrides(result.block_rows, result.block_columns, result.block_labels, pointwise),
+                             context.config.chunk_rows, None if pointwise else result.target_embeddings)
+        return MethodOutput(None, landmark_mask=block_mask, stream=stream, pointwise=pointwise)
+    return MethodOutput(result.scores, landmark_mask=block_mask, pointwise=pointwise)
 
 
 @register_method("random", default_selection="mean_top_k", needs_model=False)
@@ -694,6 +704,8 @@ def _compute(pool: Dataset, target, model, tokenizer, optimizer, configs: dict, 
                 function, pool, target, model, tokenizer, optimizer, budget_rows, configs, scratch, stream_selection)
     finally:
         restore()
+    if output.pointwise:  # one score per pool row, whatever the target: one column, no target tasks
+        target_names, tasks = ["pointwise"], None
     model_id, revision = model_identity(model) if model is not None else (None, None)
     provenance = {
         "model_id": model_id, "model_revision": revision, "method": config.method,

@@ -22,6 +22,7 @@ from torch import Tensor
 from .encoders import DEFAULT_ENCODER, encode_rows, encoder_identity, load_encoder
 from .network import InfluenceNetwork
 from .oracles import DeliftOracle, DeliftSEOracle, MethodOracle, Oracle, SelectITOracle
+from .streaming import predict_scores
 
 ORACLES = ("influence_distillation_exact", "influence_distillation", "less", "rds", "delift", "delift_se", "selectit")
 
@@ -47,8 +48,9 @@ class NNCIFTConfig:
         network_validation_split: "pairs" (random validation pairs, the paper's regime) or "held_out"
             (whole held-out rows and columns of the block, so early stopping tracks generalisation to unseen
             rows and targets; needs a block large enough to spare them).
-        network_num_threads: torch CPU threads while the network trains and predicts (1 is fastest for its
-            many small ops on a CPU; None leaves torch's process-wide setting alone).
+        network_num_threads: torch CPU threads while the network trains (1 is fastest for its many small ops
+            on a CPU; None leaves torch's process-wide setting alone). Prediction runs in fixed pool blocks on
+            one thread (`streaming.predict_scores`), the same blocks a streamed selection uses.
         nn_cift_seed: seed of the block and of the network.
         evaluation_fraction: if > 0, the oracle also scores a fresh evaluation block (this share of the rows
             and of the columns, plus the training block's), and the network is evaluated on its quadrants
@@ -90,7 +92,8 @@ class NNCIFTResult:
 
     Attributes:
         network: the fitted InfluenceNetwork.
-        scores: [n, m] predicted scores (oracle units) with the block's true values in place; [n, 1] pointwise.
+        scores: [n, m] predicted scores (oracle units) with the block's true values in place; [n, 1] pointwise;
+            None with predict=False.
         block_rows: [u_n] pool rows the oracle scored; block_columns: [u_m] target columns it scored.
         block_labels: [u_n, u_m] the oracle's values on the block.
         pool_embeddings: [n, e]; target_embeddings: [m, e].
@@ -102,7 +105,7 @@ class NNCIFTResult:
     """
 
     network: InfluenceNetwork
-    scores: Tensor
+    scores: Tensor | None
     block_rows: Tensor
     block_columns: Tensor
     block_labels: Tensor
@@ -138,8 +141,17 @@ def block_indices(num_rows: int, num_columns: int, config: NNCIFTConfig) -> tupl
             torch.randperm(num_columns, generator=generator)[:columns].sort().values)
 
 
+def block_overrides(rows: Tensor, columns: Tensor, labels: Tensor, pointwise: bool) -> dict[str, Tensor]:
+    """The oracle's block as the exact values of `streaming.predict_scores` / `stream_select`: rows [u_n] and
+    labels [u_n, u_m] on target columns [u_m] (a pointwise oracle: [u_n, 1], every column)."""
+    if pointwise:
+        return {"exact_rows": rows, "exact_scores": labels}
+    return {"exact_rows": rows, "exact_scores": labels, "exact_columns": columns}
+
+
 def nn_cift(pool: Dataset, target: Dataset, config: NNCIFTConfig | None = None, oracle: Oracle | None = None,
-            model=None, tokenizer=None, optimizer=None, show_progress: bool = True, **options) -> NNCIFTResult:
+            model=None, tokenizer=None, optimizer=None, show_progress: bool = True, predict: bool = True,
+            **options) -> NNCIFTResult:
     """Distil `oracle` (default: `make_oracle(config, model, ...)`) on a block and predict every pair.
 
     Args:
@@ -147,6 +159,8 @@ def nn_cift(pool: Dataset, target: Dataset, config: NNCIFTConfig | None = None, 
         config: NN-CIFT settings.
         oracle: an Oracle instance (overrides config.oracle).
         model, tokenizer, optimizer, **options: for the default oracle (see `make_oracle`).
+        predict: build the [n, m] scores; False leaves `scores` None, for a caller that streams them
+            (`streaming.stream_select` with the network, the embeddings and the block as exact values).
 
     Returns:
         NNCIFTResult with scores [n, m] ([n, 1] for a pointwise oracle).
@@ -178,14 +192,13 @@ def nn_cift(pool: Dataset, target: Dataset, config: NNCIFTConfig | None = None, 
                 patience=config.network_patience, seed=config.nn_cift_seed, num_threads=config.network_num_threads,
                 validation_split=config.network_validation_split)
     seconds["fit"] = time.perf_counter() - start
-    start = time.perf_counter()
-    if oracle.pointwise:
-        scores = network.predict(pool_embeddings, num_threads=config.network_num_threads).reshape(-1, 1)
-        scores[rows] = labels
-    else:
-        scores = network.predict(pool_embeddings, target_embeddings, num_threads=config.network_num_threads)
-        scores[rows.unsqueeze(1), columns.unsqueeze(0)] = labels
-    seconds["predict"] = time.perf_counter() - start
+    scores = None
+    if predict:
+        start = time.perf_counter()
+        # The same fixed blocks as a streamed selection, so both pick the same rows.
+        scores = predict_scores(pool_embeddings, network, None if oracle.pointwise else target_embeddings,
+                                **block_overrides(rows, columns, labels, oracle.pointwise))
+        seconds["predict"] = time.perf_counter() - start
     result = NNCIFTResult(network, scores, rows, columns, labels, pool_embeddings, target_embeddings, seconds)
     if config.evaluation_fraction > 0:
         start = time.perf_counter()

@@ -143,9 +143,13 @@ def _row_reader(pool) -> tuple[int, int, Callable[[int, int], Tensor]]:
     return shape[0], shape[1], read
 
 
-def _exact_overrides(exact_rows, exact_scores, n: int, width: int) -> tuple[Tensor, Tensor] | None:
-    """Validate and sort (rows [r], scores [r, width]) whose known scores replace the predictions."""
+def _exact_overrides(exact_rows, exact_scores, exact_columns, n: int,
+                     width: int) -> tuple[Tensor, Tensor, Tensor | None] | None:
+    """Validate and sort (rows [r], scores [r, c], columns [c] or None for all `width`) whose known scores
+    replace the predictions."""
     if exact_rows is None and exact_scores is None:
+        if exact_columns is not None:
+            raise ValueError("exact_columns needs exact_rows and exact_scores")
         return None
     if exact_rows is None or exact_scores is None:
         raise ValueError("give both exact_rows and exact_scores, or neither")
@@ -153,10 +157,17 @@ def _exact_overrides(exact_rows, exact_scores, n: int, width: int) -> tuple[Tens
     scores = torch.as_tensor(exact_scores)
     if scores.dim() == 1:
         scores = scores[:, None]
+    columns = None
+    if exact_columns is not None:
+        columns = torch.as_tensor(exact_columns).reshape(-1).long()
+        if len(columns) and (columns.min() < 0 or columns.max() >= width or len(columns.unique()) < len(columns)):
+            raise ValueError(f"exact_columns must be distinct target columns in [0, {width}), got {columns.tolist()}")
+        width = len(columns)
     if rows.dtype.is_floating_point or rows.dtype == torch.bool:
         raise ValueError(f"exact_rows must be integer row indices, got dtype {rows.dtype}")
     if tuple(scores.shape) != (len(rows), width):
-        raise ValueError(f"exact_scores must have shape [{len(rows)}, {width}] (exact_rows x target columns), "
+        raise ValueError(f"exact_scores must have shape [{len(rows)}, {width}] (exact_rows x "
+                         f"{'exact_columns' if columns is not None else 'target columns'}), "
                          f"got {list(scores.shape)}")
     if len(rows) and (rows.min() < 0 or rows.max() >= n):
         bad = rows[(rows < 0) | (rows >= n)][0].item()
@@ -164,7 +175,7 @@ def _exact_overrides(exact_rows, exact_scores, n: int, width: int) -> tuple[Tens
     rows, order = rows.long().sort()
     if len(rows) > 1 and bool((rows[1:] == rows[:-1]).any()):
         raise ValueError(f"exact_rows holds row {rows[1:][rows[1:] == rows[:-1]][0].item()} more than once")
-    return rows, scores[order]
+    return rows, scores[order], columns
 
 
 def iter_scores(
@@ -177,6 +188,7 @@ def iter_scores(
     compute_dtype: torch.dtype = torch.float32,
     exact_rows: Tensor | None = None,
     exact_scores: Tensor | None = None,
+    exact_columns: Tensor | None = None,
     embedding_model: str | None = None,
 ) -> Iterator[tuple[int, Tensor]]:
     """
@@ -191,17 +203,18 @@ def iter_scores(
         start at multiples of block_rows, so the scores do not depend on chunk_rows (see the module docstring).
     compute_dtype: float32 or float64, for LandmarkRegressor (a network computes in its parameters' dtype).
         Scores come out in the regressor's scores dtype (that of its landmark scores) or the network's.
-    exact_rows [r], exact_scores [r, m]: rows whose scores are known (landmarks) and replace the prediction.
+    exact_rows [r], exact_scores [r, m]: rows whose scores are known (landmarks) and replace the prediction;
+        with exact_columns [c], exact_scores is [r, c] and replaces only those columns (a known sub-block).
     embedding_model: encoder id of the embeddings, checked against an InfluenceNetwork's.
     Memory: O(block_rows x (e + k) + (chunk_rows + block_rows) x m); nothing of size n.
     """
     n, read, score_block, overrides = _prepare(pool, predictor, target_embeddings, chunk_rows, block_rows,
-                                               compute_dtype, exact_rows, exact_scores, embedding_model)
+                                               compute_dtype, exact_rows, exact_scores, exact_columns, embedding_model)
     return _rechunk(_blocks(n, read, score_block, block_rows, overrides), n, chunk_rows)
 
 
 def _prepare(pool, predictor, target_embeddings, chunk_rows, block_rows, compute_dtype, exact_rows, exact_scores,
-             embedding_model):
+             exact_columns, embedding_model):
     """Check every argument before any work: (n, read, block scorer, exact overrides or None)."""
     for name, value in (("chunk_rows", chunk_rows), ("block_rows", block_rows)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
@@ -213,7 +226,7 @@ def _prepare(pool, predictor, target_embeddings, chunk_rows, block_rows, compute
     if dim != score_block.dim:
         raise ValueError(f"the pool's embeddings have dimension {dim} but the {type(predictor).__name__} expects "
                          f"{score_block.dim}: they come from different embedders or projections")
-    return n, read, score_block, _exact_overrides(exact_rows, exact_scores, n, score_block.width)
+    return n, read, score_block, _exact_overrides(exact_rows, exact_scores, exact_columns, n, score_block.width)
 
 
 def _blocks(n: int, read, score_block, block_rows: int, overrides) -> Iterator[Tensor]:
@@ -222,10 +235,15 @@ def _blocks(n: int, read, score_block, block_rows: int, overrides) -> Iterator[T
         end = min(start + block_rows, n)
         scores = score_block(read(start, end))
         if overrides is not None:
-            rows, exact = overrides
+            rows, exact, columns = overrides
             lo, hi = torch.searchsorted(rows, torch.tensor([start, end])).tolist()
             if hi > lo:
-                scores[rows[lo:hi].to(scores.device) - start] = exact[lo:hi].to(device=scores.device, dtype=scores.dtype)
+                positions = rows[lo:hi].to(scores.device) - start
+                values = exact[lo:hi].to(device=scores.device, dtype=scores.dtype)
+                if columns is None:
+                    scores[positions] = values
+                else:  # a known sub-block (NN-CIFT's oracle block): only those target columns
+                    scores[positions.unsqueeze(1), columns.to(scores.device).unsqueeze(0)] = values
         yield scores
 
 
@@ -247,7 +265,8 @@ def _rechunk(blocks: Iterator[Tensor], n: int, chunk_rows: int) -> Iterator[tupl
 
 def predict_scores(pool, predictor: Predictor, target_embeddings: Tensor | None = None, *, block_rows: int = 2048,
                    compute_dtype: torch.dtype = torch.float32, exact_rows: Tensor | None = None,
-                   exact_scores: Tensor | None = None, embedding_model: str | None = None) -> Tensor:
+                   exact_scores: Tensor | None = None, exact_columns: Tensor | None = None,
+                   embedding_model: str | None = None) -> Tensor:
     """
     The whole [n, m] score matrix that stream_select selects from (same blocks, same bits), for pools that fit
     in memory: select_indices(predict_scores(pool, predictor, ...), ...) == stream_select(pool, predictor, ...).
@@ -255,7 +274,7 @@ def predict_scores(pool, predictor: Predictor, target_embeddings: Tensor | None 
     """
     chunks = iter_scores(pool, predictor, target_embeddings, chunk_rows=block_rows, block_rows=block_rows,
                          compute_dtype=compute_dtype, exact_rows=exact_rows, exact_scores=exact_scores,
-                         embedding_model=embedding_model)
+                         exact_columns=exact_columns, embedding_model=embedding_model)
     return torch.cat([chunk for _, chunk in chunks])
 
 
@@ -329,6 +348,7 @@ def stream_select(
     compute_dtype: torch.dtype = torch.float32,
     exact_rows: Tensor | None = None,
     exact_scores: Tensor | None = None,
+    exact_columns: Tensor | None = None,
     embedding_model: str | None = None,
     return_mean_scores: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
@@ -343,7 +363,7 @@ def stream_select(
     rule: "round_robin", "round_robin_task" (needs target_groups), "mean_top_k" or "less" (see selection.py).
     target_groups: m task labels, one per target column (round_robin_task; optional for less).
     seed: the round-robin visiting order. chunk_rows, block_rows, compute_dtype, exact_rows, exact_scores,
-        embedding_model: see iter_scores.
+        exact_columns, embedding_model: see iter_scores.
     return_mean_scores: also return every pool row's mean score over the m targets, [n] (adds n floats).
 
     Returns: LongTensor [budget] of pool rows in selection order, identical to
@@ -364,7 +384,7 @@ def stream_select(
         raise SelectionError(f"rule {rule!r} does not use target_groups; use 'round_robin_task' or 'less'")
     _generator(seed)
     n, read, score_block, overrides = _prepare(pool, predictor, target_embeddings, chunk_rows, block_rows,
-                                               compute_dtype, exact_rows, exact_scores, embedding_model)
+                                               compute_dtype, exact_rows, exact_scores, exact_columns, embedding_model)
     budget = _count(budget, n)
     width = score_block.width
     groups = [0] * width if rule == "mean_top_k" else target_groups

@@ -82,6 +82,39 @@ def test_select_by_influence_with_nn_cift(rows):
     assert int(table.landmark_mask.sum()) == 24
 
 
+@pytest.mark.parametrize("oracle", ["delift_se", "selectit"])  # pairwise and pointwise networks
+def test_streamed_nn_cift_selection_equals_the_score_table_selection(rows, monkeypatch, oracle):
+    """Without return_scores, method="nn_cift" predicts chunk by chunk while selecting (the oracle block keeps
+    its values): the same rows in the same order as the [n, m] table path, which is never built."""
+    import importlib
+
+    from hf_influence.influence import ScoreStream
+
+    influence_module = importlib.import_module("hf_influence.influence")
+
+    pool, target = rows
+    model, tokenizer = lora_model(seed=0)
+    options = {"budget": 7, "method": "nn_cift", "oracle": oracle, "block_fraction": 0.3, "min_block_rows": 8,
+               "network_epochs": 5, "show_progress": False, "selection_seed": 2}
+    selected, table = select_by_influence(pool, target, model=model, tokenizer=tokenizer, return_scores=True,
+                                          **options)
+    scores = table.to_matrix()[0]
+    assert scores.shape == (len(pool), 1 if oracle == "selectit" else len(target))
+
+    def no_matrix(*args, **kwargs):
+        raise AssertionError("the streamed selection built the [n, m] score matrix")
+
+    def scores_left_to_the_stream(*args, **kwargs):
+        result = nn_cift(*args, **kwargs)
+        assert kwargs["predict"] is False and result.scores is None
+        return result
+
+    monkeypatch.setattr(ScoreStream, "scores", no_matrix)
+    monkeypatch.setattr(influence_module, "nn_cift", scores_left_to_the_stream)
+    streamed = select_by_influence(pool, target, model=model, tokenizer=tokenizer, **options)
+    assert streamed["id"] == selected["id"]
+
+
 def test_network_push_and_pull_through_the_hub(local_hub, distilled):
     repo_id = f"{local_hub.user}/delift-se-minilm"
     push_influence_network(distilled.network, repo_id, training={"block_rows": 32, "block_columns": 5,

@@ -248,6 +248,30 @@ def test_exact_landmark_scores_replace_predictions():
         0, 32, 31, 77, 5, 300]
 
 
+def test_an_exact_sub_block_replaces_only_its_columns():
+    """As NN-CIFT does: the oracle's block (rows x some target columns) keeps its values, the rest is predicted."""
+    pool = embeddings()
+    predictor = network("pairwise")
+    targets = target_embeddings()
+    rows, columns = torch.tensor([300, 5, 77, 31]), torch.tensor([4, 1])
+    exact = torch.full((len(rows), len(columns)), 9.0) + torch.arange(len(rows) * 2).reshape(-1, 2)
+    full = predict_scores(pool, predictor, targets, block_rows=BLOCK)
+    full[rows.unsqueeze(1), columns.unsqueeze(0)] = exact
+    streamed = predict_scores(pool, predictor, targets, block_rows=BLOCK, exact_rows=rows, exact_scores=exact,
+                              exact_columns=columns)
+    assert torch.equal(streamed, full)
+    for rule in RULES:
+        groups = groups_for(rule, TARGETS)
+        chosen = stream_select(pool, predictor, 20, rule, target_embeddings=targets, target_groups=groups,
+                               chunk_rows=7, block_rows=BLOCK, exact_rows=rows, exact_scores=exact,
+                               exact_columns=columns)
+        assert torch.equal(chosen, select_indices(full, 20, rule=rule, target_groups=groups))
+    with pytest.raises(ValueError, match=r"exact_columns must be distinct target columns in \[0, 6\)"):
+        predict_scores(pool, predictor, targets, exact_rows=rows, exact_scores=exact, exact_columns=torch.tensor([1, 6]))
+    with pytest.raises(ValueError, match=r"exact_scores must have shape \[4, 2\] \(exact_rows x exact_columns\)"):
+        predict_scores(pool, predictor, targets, exact_rows=rows, exact_scores=exact[:, :1], exact_columns=columns)
+
+
 def test_mean_scores_and_seed():
     pool = embeddings()
     predictor = regressor("rbf", pool)
