@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from datasets import Dataset
@@ -158,7 +159,9 @@ def nn_cift(pool: Dataset, target: Dataset, config: NNCIFTConfig | None = None, 
         pool: [n] pool rows (chat or prompt/response); target: [m] target rows.
         config: NN-CIFT settings.
         oracle: an Oracle instance (overrides config.oracle).
-        model, tokenizer, optimizer, **options: for the default oracle (see `make_oracle`).
+        model, tokenizer, optimizer, **options: for the default oracle (see `make_oracle`). With a `work_dir`
+            option the sentence embeddings are also kept there (work_dir/sentence_embeddings/{pool,target}),
+            so a rerun after a crash does not encode again.
         predict: build the [n, m] scores; False leaves `scores` None, for a caller that streams them
             (`streaming.stream_select` with the network, the embeddings and the block as exact values).
 
@@ -170,9 +173,11 @@ def nn_cift(pool: Dataset, target: Dataset, config: NNCIFTConfig | None = None, 
     seconds = {}
     start = time.perf_counter()
     encoder = load_encoder(config.encoder)
-    pool_embeddings = encode_rows(pool, encoder, batch_size=config.encoder_batch_size, show_progress=show_progress)
-    target_embeddings = encode_rows(target, encoder, batch_size=config.encoder_batch_size,
-                                    show_progress=show_progress)
+    cache = None if options.get("work_dir") is None else Path(options["work_dir"]) / "sentence_embeddings"
+    pool_embeddings, target_embeddings = (
+        encode_rows(rows, encoder, cache_dir=None if cache is None else cache / name,
+                    batch_size=config.encoder_batch_size, show_progress=show_progress)
+        for rows, name in ((pool, "pool"), (target, "target")))
     seconds["embed"] = time.perf_counter() - start
     rows, columns = block_indices(len(pool), 1 if oracle.pointwise else len(target), config)
     start = time.perf_counter()

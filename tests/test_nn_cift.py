@@ -60,6 +60,19 @@ def test_network_learns_the_embedding_oracle(distilled):
     assert torch.equal(labels[seen_rows:, seen_columns:].flatten(), true)
 
 
+def test_work_dir_keeps_the_sentence_embeddings(rows, tmp_path):
+    pool, target = rows
+    config = NNCIFTConfig(oracle="delift_se", block_fraction=0.4, min_block_rows=8, network_epochs=5)
+    first = nn_cift(pool, target, config, show_progress=False, work_dir=str(tmp_path))
+    stores = tmp_path / "sentence_embeddings"
+    assert (stores / "pool" / "manifest.json").is_file() and (stores / "target" / "manifest.json").is_file()
+    written = {path: path.stat().st_mtime_ns for path in stores.rglob("*")
+               if path.is_file() and path.name != "manifest.json"}
+    again = nn_cift(pool, target, config, show_progress=False, work_dir=str(tmp_path))
+    assert {path: path.stat().st_mtime_ns for path in written} == written  # read back, not encoded again
+    assert torch.equal(again.pool_embeddings, first.pool_embeddings) and torch.equal(again.scores, first.scores)
+
+
 def test_block_indices_are_seeded_and_bounded():
     config = NNCIFTConfig(block_fraction=0.05, min_block_rows=10, nn_cift_seed=3)
     rows, columns = block_indices(1000, 40, config)
