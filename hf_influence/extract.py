@@ -17,7 +17,6 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
 from datasets import Dataset
 from torch import Tensor, nn
 
@@ -26,28 +25,12 @@ from .encoders import extract_sentence_embeddings  # noqa: F401  (public here wi
 from .formatting import pad_batch
 from .gradients import GradientConfig, PerSampleGradients
 from .jvp import JVPConfig, JVPEmbedder
-from .models import model_identity
+from .models import adapter_digest, model_identity
 from .store import StoreSpec, VectorStore, fingerprint_dataset
 
 
 def _tensor_digest(tensor: Tensor) -> str:
     return hashlib.sha256(tensor.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
-
-
-def _adapter_digest(model: nn.Module) -> str | None:
-    """Digest of a PEFT model's adapter weights (None for a plain model, which its id and revision name).
-
-    The model id does not change when the adapter trains (warm-up, online re-selection): without this, a store
-    made with other adapter weights would be resumed as if it matched."""
-    if not hasattr(model, "peft_config"):
-        return None
-    from peft import get_peft_model_state_dict
-
-    digest = hashlib.sha256()
-    for name, tensor in sorted(get_peft_model_state_dict(model).items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def _extract(
@@ -71,7 +54,7 @@ def _extract(
         model_id=model_id,
         model_revision=revision,
         dataset_fingerprint=fingerprint_dataset(formatted),
-        config={**config_record, "adapter_digest": _adapter_digest(model)},
+        config={**config_record, "adapter_digest": adapter_digest(model)},
         num_rows=len(formatted),
         dim=dim,
     )

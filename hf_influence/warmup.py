@@ -14,7 +14,6 @@ exactly where our formatter put labels; it builds no labels from masks and re-to
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -32,6 +31,7 @@ import torch
 from datasets import Dataset
 from torch import nn
 
+from .distributed import process_state
 from .formatting import FormattedDataset
 
 logger = logging.getLogger(__name__)
@@ -199,7 +199,7 @@ def warmup(
     if not trainable:
         raise ValueError("The model has no trainable parameter: warm-up trains the LoRA weights, none require grad.")
 
-    state = _process_state()
+    state = process_state()
     if state is not None and config.warmup_batch_size % state.num_processes:
         raise ValueError(f"WarmupConfig.warmup_batch_size={config.warmup_batch_size} must be a multiple of the "
                          f"{state.num_processes} processes of this launch: each warm-up batch is split between them.")
@@ -238,7 +238,8 @@ def warmup(
 
     _check_optimizer(optimizer, [p for _, p in trainable], config.warmup_learning_rate)
     result = WarmupResult(optimizer=optimizer, row_ids=row_ids, losses=losses, steps=steps)
-    if identity is not None and _is_main_process():
+    # Every rank ends the warm-up with the same state (DDP); one writer is enough.
+    if identity is not None and (state is None or state.is_main_process):
         _save_cached(result, model, Path(cache_dir), identity)
     return result
 
@@ -246,33 +247,15 @@ def warmup(
 CACHE_MANIFEST, CACHE_TENSORS = "warmup.json", "optimizer.safetensors"
 
 
-def _process_state():
-    from .distributed import process_state
-
-    return process_state()
-
-
-def _is_main_process() -> bool:
-    """Under a multi-process launch every rank ends the warm-up with the same state; only rank 0 writes the cache."""
-    state = _process_state()
-    return state is None or state.is_main_process
-
-
 def _cache_identity(model: nn.Module, dataset: Dataset, config: WarmupConfig) -> dict:
     """What a saved warm-up must have been made from: rows, settings, model, and the adapter's initial weights
     (they fix the LoRA seed and rank, or a user's own adapter)."""
-    from .models import model_identity
+    from .models import adapter_digest, model_identity
     from .store import fingerprint_dataset
 
-    digest = hashlib.sha256()
-    trainable = []
-    for name, parameter in model.named_parameters():
-        if parameter.requires_grad:
-            trainable.append([name, list(parameter.shape), str(parameter.dtype)])
-            digest.update(parameter.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "warmup_show_progress"}
     return {"format": 1, "rows": fingerprint_dataset(dataset), "config": settings,
-            "model": list(model_identity(model)), "trainable": trainable, "initial_weights": digest.hexdigest()}
+            "model": list(model_identity(model)), "initial_adapter": adapter_digest(model)}
 
 
 def _save_cached(result: WarmupResult, model: nn.Module, folder: Path, identity: dict) -> None:
