@@ -229,6 +229,13 @@ def _print_report(report: dict) -> None:
     print(f"\n{report['method']}: selected {report['selected_rows']} of {report['pool_rows']} pool rows "
           f"for {report['target_rows']} target rows in {seconds.get('total', 0.0):.1f} s")
     print("  stages: " + ", ".join(f"{stage} {value:.1f} s" for stage, value in seconds.items() if stage != "total"))
+    if "landmarks" in report:
+        landmarks = report["landmarks"]
+        bandwidth = ("" if landmarks["bandwidth_scale"] is None
+                     else f"bandwidth {landmarks['bandwidth_scale']:g} x the median distance, ")
+        print(f"  landmarks: {landmarks['num_landmarks']} ({landmarks['landmark_share_pool']:.1%} of the pool, "
+              f"{landmarks['landmark_share_selected']:.1%} of the selection); leave-one-out Spearman "
+              f"{landmarks['loo_spearman']:.2f}; {bandwidth}ridge {landmarks['ridge']:g}")
     if report["selected_share"]:
         print(f"\n  {'group':<32}{'pool share':>12}{'selected share':>16}")
         for group, share in sorted(report["pool_share"].items(), key=lambda item: -report["selected_share"].get(item[0], 0)):
@@ -243,16 +250,19 @@ def _select_and_report(pool: Dataset, target: Dataset, model, tokenizer, budget,
                                               return_scores=True, **options)
         method, model_id, seconds = (table.provenance["method"], table.provenance["model_id"],
                                      table.provenance["details"].get("seconds", {}))
-    else:  # streamed: no table, so no per-stage timings either
+        landmarks = table.provenance["details"].get("landmarks")
+    else:  # streamed: no table, so no per-stage timings or landmark diagnostics either (the warning still logs)
         selected = select_by_influence(pool, target, model=model, tokenizer=tokenizer, budget=budget, **options)
         table, method, seconds = None, options["method"], {"total": time.perf_counter() - start}
-        model_id = model_identity(model)[0]
+        model_id, landmarks = model_identity(model)[0], None
     report = {
         "method": method, "model_id": model_id,
         "pool_rows": len(pool), "target_rows": len(target), "selected_rows": len(selected),
         "seconds": seconds,
         "pool_share": _group_shares(pool, group_column), "selected_share": _group_shares(selected, group_column),
     }
+    if landmarks is not None:
+        report["landmarks"] = landmarks
     return selected, table, report
 
 

@@ -84,64 +84,146 @@ def rbf_kernel(a: Tensor, b: Tensor, sigma: float) -> Tensor:
     return torch.exp(squared / (-2.0 * sigma * sigma))
 
 
+# Closed-form leave-one-out picks the RBF bandwidth (a multiple of the median pairwise landmark distance) and the
+# ridge (relative to the mean kernel diagonal) from these grids. The grids span the regimes seen on real
+# embeddings: a nearly constant kernel (large bandwidth), near-interpolation (small ridge) and heavy shrinkage.
+BANDWIDTH_GRID = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0)
+RIDGE_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+# The grid search runs on at most this many landmarks (a seeded subsample): one eigendecomposition per
+# bandwidth costs O(k^3), 2048^3 is a few seconds on a CPU; the final fit uses every landmark.
+TUNING_MAX_LANDMARKS = 2048
+
+
+def _loo_error(eigenvalues: Tensor, eigenvectors: Tensor, centred: Tensor, ridge: float) -> float:
+    """Leave-one-out error of kernel ridge regression with K = U diag(eigenvalues) U^T and K + ridge I, for the
+    centred targets [k, m]: the mean over columns of sum(residual^2) / sum(target^2) (1 - LOO R^2)."""
+    inverse_values = 1.0 / (eigenvalues + ridge)
+    diagonal = (eigenvectors.square() * inverse_values).sum(1)  # diag((K + ridge I)^-1)
+    alpha = eigenvectors @ (inverse_values[:, None] * (eigenvectors.T @ centred))
+    residuals = alpha / diagonal[:, None]  # y_i - (prediction of row i from the other rows)
+    scale = centred.square().sum(0).clamp_min(torch.finfo(torch.float64).tiny)
+    return (residuals.square().sum(0) / scale).mean().item()
+
+
 class LandmarkRegressor:
     """
-    Kernel ridge regression from landmark embeddings to landmark scores:
+    Kernel ridge regression from landmark embeddings to landmark scores, with an intercept:
 
-        alpha = (K_LL + ridge * mean(diag K_LL) * I)^-1 P_L      [k, m], solved once for all targets
-        P_hat = K(E_S, E_L) alpha                                 [n, m], streamed over the pool
+        alpha = (K_LL + ridge * mean(diag K_LL) * I)^-1 (P_L - offset)     [k, m], solved once for all targets
+        P_hat = K(E_S, E_L) alpha + offset                                   [n, m], streamed over the pool
 
-    kernel="rbf" uses rbf_kernel with sigma = median_bandwidth(E_L) unless given; kernel="linear"
-    uses K(x, y) = x.y, i.e. P_hat = E_S E_L^T (E_L E_L^T + ridge * mean(diag) I)^-1 P_L.
-    ridge=0 is allowed (exact interpolation of the landmarks) when K_LL is non-singular.
+    offset [m] is the landmark mean of each column: far from every landmark a prediction falls back to the
+    mean, not to 0. For the RBF kernel, embeddings are centred on the landmark mean first (the kernel does not
+    change; float32 distances in the streamed kernel lose less to cancellation).
+
+    kernel="rbf": exp(-|x - l|^2 / (2 sigma^2)) with sigma = bandwidth * median pairwise landmark distance;
+    kernel="linear": x.l. ridge / bandwidth = None (the default) choose them by closed-form leave-one-out
+    (LOO) over RIDGE_GRID / BANDWIDTH_GRID: the pair with the smallest LOO error (1 - R^2 averaged over the
+    score columns). ridge=0 is allowed (exact interpolation) when K_LL is non-singular.
+
+    After fit: `loo` [k, m] (or [k]) are the landmarks' leave-one-out predictions, each made from the other
+    landmarks only (the intercept is the all-landmark mean, an O(1/k) approximation): the scores that put a
+    landmark on the same footing as a pool row the regression never saw. `loo_error` is their error.
     """
 
-    def fit(self, landmark_embeddings: Tensor, landmark_scores: Tensor, kernel: str = "rbf", ridge: float = 0.01,
-            sigma: float | None = None, seed: int = 0) -> "LandmarkRegressor":
+    def fit(self, landmark_embeddings: Tensor, landmark_scores: Tensor, kernel: str = "rbf",
+            ridge: float | None = None, bandwidth: float | None = None, seed: int = 0) -> "LandmarkRegressor":
         """landmark_embeddings: [k, e], landmark_scores: [k] or [k, m]. Returns self."""
         if kernel not in ("rbf", "linear"):
             raise ValueError(f"kernel must be 'rbf' or 'linear', got {kernel!r}")
-        if ridge < 0:
-            raise ValueError(f"ridge must be >= 0, got {ridge}")
+        if ridge is not None and ridge < 0:
+            raise ValueError(f"ridge must be >= 0 (or None: chosen by leave-one-out), got {ridge}")
+        if bandwidth is not None and not bandwidth > 0:
+            raise ValueError(f"bandwidth must be > 0 (a multiple of the median distance, or None), got {bandwidth}")
         if landmark_embeddings.shape[0] != landmark_scores.shape[0]:
             raise ValueError(
                 f"{landmark_embeddings.shape[0]} landmark embeddings but {landmark_scores.shape[0]} score rows")
+        if landmark_embeddings.shape[0] < 2:
+            raise ValueError(f"kernel ridge regression needs at least 2 landmarks, got {landmark_embeddings.shape[0]}")
         self.kernel = kernel
         self.scores_dtype = landmark_scores.dtype
         self.squeeze = landmark_scores.dim() == 1
-        self.landmarks = landmark_embeddings.double()
+        embeddings = landmark_embeddings.double()
+        # The linear kernel is not centred: centring would make K_LL singular (rank k - 1) and it has no
+        # distance to lose to cancellation.
+        self.center = embeddings.mean(0) if kernel == "rbf" else torch.zeros_like(embeddings[0])
+        self.landmarks = embeddings - self.center
+        targets = landmark_scores.double().reshape(landmark_scores.shape[0], -1)
+        self.offset = targets.mean(0)
+        centred = targets - self.offset
+        median = median_bandwidth(self.landmarks, seed=seed) if kernel == "rbf" else None
+        self.ridge, self.bandwidth = self._tune(centred, median, ridge, bandwidth, seed)
         if kernel == "rbf":
-            self.sigma = median_bandwidth(self.landmarks, seed=seed) if sigma is None else float(sigma)
+            self.sigma = self.bandwidth * median
         gram = self._kernel(self.landmarks)
         # Scaling the ridge by the mean diagonal makes it unit-free (the linear kernel's scale is arbitrary).
-        gram.diagonal().add_(ridge * gram.diagonal().mean())
-        targets = landmark_scores.double().reshape(landmark_scores.shape[0], -1)
+        gram.diagonal().add_(self.ridge * gram.diagonal().mean())
         self.gram = gram
-        self.alpha = torch.linalg.solve(gram, targets)
+        self.inverse = torch.linalg.inv(gram)
+        self.alpha = self.inverse @ centred
+        loo = targets - self.alpha / self.inverse.diagonal()[:, None]
+        self.loo_error = (((loo - targets).square().sum(0)) / centred.square().sum(0).clamp_min(
+            torch.finfo(torch.float64).tiny)).mean().item()
+        self.loo = (loo.squeeze(1) if self.squeeze else loo).to(self.scores_dtype)
         return self
+
+    def _tune(self, centred: Tensor, median: float | None, ridge: float | None, bandwidth: float | None,
+              seed: int) -> tuple[float, float | None]:
+        """(ridge, bandwidth): the given values, or the LOO-best grid values for those left None."""
+        bandwidths = [None] if self.kernel == "linear" else [bandwidth] if bandwidth is not None else BANDWIDTH_GRID
+        ridges = [ridge] if ridge is not None else RIDGE_GRID
+        if len(bandwidths) * len(ridges) == 1:
+            return ridges[0], bandwidths[0]
+        rows = torch.arange(self.landmarks.shape[0])
+        if len(rows) > TUNING_MAX_LANDMARKS:
+            rows = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:TUNING_MAX_LANDMARKS]
+        points, values = self.landmarks[rows], centred[rows] - centred[rows].mean(0)
+        best = (float("inf"), ridges[0], bandwidths[0])
+        for candidate in bandwidths:
+            if self.kernel == "rbf":
+                self.sigma = candidate * median
+            gram = self._kernel(points, points)
+            scale = gram.diagonal().mean().item()
+            eigenvalues, eigenvectors = torch.linalg.eigh(gram)
+            for relative in ridges:
+                error = _loo_error(eigenvalues.clamp_min(0.0), eigenvectors, values, relative * scale)
+                if error < best[0]:  # a NaN (ridge 0 on a singular kernel) is never below
+                    best = (error, relative, candidate)
+        return best[1], best[2]
 
     def transfer_matrix(self, pool_embeddings: Tensor, chunk_rows: int = 65536) -> Tensor:
         """
-        C [n, k] (float64) with P_hat = C P_L: C = K(E_S, E_L) (K_LL + ridge I)^-1. It is the landmark
-        factor of the second-order term, Q ~ C Q_L C^T (ALGORITHMS.md 1.2).
+        C [n, k] (float64) with P_hat = C P_L, the intercept included: with A = K(E_S, E_L) (K_LL + ridge I)^-1,
+        C = A + (1 - A 1) 1^T / k. It is the landmark factor of the second-order term, Q ~ C Q_L C^T
+        (ALGORITHMS.md 1.2).
         """
-        inverse = torch.linalg.inv(self.gram)
+        k = self.landmarks.shape[0]
         parts = []
         for start in range(0, pool_embeddings.shape[0], chunk_rows):
             chunk = pool_embeddings[start : start + chunk_rows].to(device=self.gram.device, dtype=torch.float64)
-            parts.append(self._kernel(chunk) @ inverse)
+            weights = self._kernel(chunk - self.center) @ self.inverse
+            parts.append(weights + (1.0 - weights.sum(1, keepdim=True)) / k)
         return torch.cat(parts)
 
-    def _kernel(self, embeddings: Tensor) -> Tensor:
+    def loo_transfer_matrix(self) -> Tensor:
+        """[k, k] (float64): loo = L P_L, the leave-one-out predictions as a linear map of the landmark scores,
+        L = I - D^-1 M^-1 (I - 1 1^T / k), with M = K_LL + ridge I and D = diag(M^-1)."""
+        k = self.landmarks.shape[0]
+        centring = torch.eye(k, dtype=torch.float64) - 1.0 / k
+        return torch.eye(k, dtype=torch.float64) - (self.inverse / self.inverse.diagonal()[:, None]) @ centring
+
+    def _kernel(self, embeddings: Tensor, landmarks: Tensor | None = None) -> Tensor:
+        """Kernel between centred embeddings [p, e] and the (centred) landmarks: [p, k]."""
+        landmarks = self.landmarks if landmarks is None else landmarks
         if self.kernel == "rbf":
-            return rbf_kernel(embeddings, self.landmarks, self.sigma)
-        return embeddings @ self.landmarks.T
+            return rbf_kernel(embeddings, landmarks, self.sigma)
+        return embeddings @ landmarks.T
 
     def iter_predict(self, pool_embeddings: Tensor, chunk_rows: int = 65536):
         """Yield (start, scores [rows, m]) for consecutive chunks of pool_embeddings [n, e]."""
         for start in range(0, pool_embeddings.shape[0], chunk_rows):
             chunk = pool_embeddings[start : start + chunk_rows].to(device=self.alpha.device, dtype=torch.float64)
-            scores = (self._kernel(chunk) @ self.alpha).to(self.scores_dtype)
+            scores = (self._kernel(chunk - self.center) @ self.alpha + self.offset).to(self.scores_dtype)
             yield start, scores.squeeze(1) if self.squeeze else scores
 
     def predict(self, pool_embeddings: Tensor, chunk_rows: int = 65536) -> Tensor:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import scipy.stats
 import torch
 from datasets import Dataset
 from torch import Tensor, nn
@@ -72,8 +73,16 @@ class SelectionConfig:
             LoRA AdamW run on a slice of the pool) or "gd" (plain gradient descent, no preconditioning).
         num_landmarks: landmark rows with exact gradients (capped at the pool size).
         landmark_selection: "uniform" (seeded random) or "kmeans++" on the JVP embeddings.
-        kernel: kernel of the landmark regression: "rbf" (median-heuristic bandwidth) or "linear".
-        kernel_ridge: ridge of the landmark regression, relative to the mean kernel diagonal.
+        landmark_scores: what landmark rows are ranked by when there are fewer landmarks than pool rows:
+            "loo" (their leave-one-out predictions, made from the other landmarks: every row is then an
+            out-of-sample prediction on the same footing) or "exact" (their exact influence, which beats the
+            ridge-shrunk predictions of the other rows and fills round-robin selections with landmarks). With
+            landmarks = the whole pool both give exact influence.
+        kernel: kernel of the landmark regression: "rbf" or "linear".
+        kernel_bandwidth: RBF bandwidth as a multiple of the median pairwise landmark distance (1.0 is the median
+            heuristic); None chooses it by closed-form leave-one-out on the landmarks.
+        kernel_ridge: ridge of the landmark regression, relative to the mean kernel diagonal; None chooses it by
+            closed-form leave-one-out on the landmarks.
         order: 1 (first-order influence) or 2 (adds the target-Hessian term to the robust weights).
         hessian: "exact" (double backward) or "gauss_newton", for order 2.
         robust_lambda: lambda of the robust-weights objective (the paper's running example uses 0.02).
@@ -93,8 +102,10 @@ class SelectionConfig:
     optimizer_state: str = "warmup"
     num_landmarks: int = 4096
     landmark_selection: str = "uniform"
+    landmark_scores: str = "loo"
     kernel: str = "rbf"
-    kernel_ridge: float = 0.01
+    kernel_bandwidth: float | None = None
+    kernel_ridge: float | None = None
     order: int = 1
     hessian: str = "exact"
     robust_lambda: float = 0.02
@@ -106,7 +117,8 @@ class SelectionConfig:
     def __post_init__(self) -> None:
         choices = {
             "method": tuple(METHODS), "selection": (None, *RULES, "facility_location", "weighted"), "optimizer_state": ("warmup", "gd"),
-            "landmark_selection": ("uniform", "kmeans++"), "kernel": ("rbf", "linear"), "order": (1, 2),
+            "landmark_selection": ("uniform", "kmeans++"), "landmark_scores": ("loo", "exact"),
+            "kernel": ("rbf", "linear"), "order": (1, 2),
             "hessian": HESSIAN_KINDS,
         }
         for name, allowed in choices.items():
@@ -115,8 +127,14 @@ class SelectionConfig:
         for name in ("num_landmarks", "chunk_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"SelectionConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.kernel_ridge < 0 or not self.robust_lambda > 0:
-            raise ValueError("SelectionConfig.kernel_ridge must be >= 0 and robust_lambda > 0")
+        if self.kernel_ridge is not None and self.kernel_ridge < 0:
+            raise ValueError(f"SelectionConfig.kernel_ridge must be >= 0 (or None: chosen by leave-one-out), got "
+                             f"{self.kernel_ridge}")
+        if self.kernel_bandwidth is not None and not self.kernel_bandwidth > 0:
+            raise ValueError(f"SelectionConfig.kernel_bandwidth must be > 0 (a multiple of the median distance, or "
+                             f"None: chosen by leave-one-out), got {self.kernel_bandwidth}")
+        if not self.robust_lambda > 0:
+            raise ValueError(f"SelectionConfig.robust_lambda must be > 0, got {self.robust_lambda}")
 
 
 CONFIG_TYPES = (SelectionConfig, FormattingConfig, GradientConfig, JVPConfig, WarmupConfig, LoraSettings, NNCIFTConfig)
@@ -344,13 +362,17 @@ def influence_distillation(context: Context) -> MethodOutput:
     with context.timed("regression"):
         landmark_embeddings = _store_rows(store, landmarks) if embeddings is None else embeddings[landmarks]
         regressor = LandmarkRegressor().fit(landmark_embeddings, regression_columns, kernel=config.kernel,
-                                            ridge=config.kernel_ridge, seed=config.selection_seed)
+                                            ridge=config.kernel_ridge, bandwidth=config.kernel_bandwidth,
+                                            seed=config.selection_seed)
     landmark_mask = torch.zeros(n, dtype=torch.bool)
     landmark_mask[landmarks] = True
-    context.details.update(num_landmarks=k, bandwidth=getattr(regressor, "sigma", None))
-    # Landmarks keep their exact values: with landmarks = the whole pool this is exact influence.
+    # Landmark rows are ranked by their leave-one-out predictions, like every other row by an out-of-sample one;
+    # with landmarks = the whole pool they keep their exact values (this is then exact influence).
+    calibrated = config.landmark_scores == "loo" and k < n
+    context.details.update(num_landmarks=k, landmarks=landmark_diagnostics(regressor, landmark_scores, n, calibrated))
     stream = ScoreStream(store if embeddings is None else embeddings, regressor,
-                         {"exact_rows": landmarks, "exact_scores": regression_columns}, config.chunk_rows)
+                         {"exact_rows": landmarks, "exact_scores": regressor.loo if calibrated else regression_columns},
+                         config.chunk_rows)
     if config.order == 1 and context.stream_selection:
         return MethodOutput(None, landmark_mask=landmark_mask, stream=stream)
     with context.timed("regression"):
@@ -363,8 +385,39 @@ def influence_distillation(context: Context) -> MethodOutput:
     if regression_columns.shape[1] > landmark_scores.shape[1]:
         p = p - eta * predicted[:, -1]
     transfer = regressor.transfer_matrix(embeddings, chunk_rows=config.chunk_rows)
-    transfer[landmarks] = torch.eye(k, dtype=transfer.dtype)  # consistent with the exact landmark scores
+    # Landmark rows of C as their scores are made: P_L itself (exact) or its leave-one-out map.
+    transfer[landmarks] = regressor.loo_transfer_matrix() if calibrated else torch.eye(k, dtype=transfer.dtype)
     return MethodOutput(scores, _weights(context, p, (transfer, q_landmarks), eta), landmark_mask)
+
+
+# Below this leave-one-out Spearman the landmark regression ranks rows it never saw poorly: a warning says so.
+LOO_SPEARMAN_WARNING = 0.5
+
+
+def landmark_diagnostics(regressor: LandmarkRegressor, landmark_scores: Tensor, num_pool_rows: int,
+                         calibrated: bool) -> dict:
+    """How faithful the landmark regression is, from the landmarks alone (no extra model pass).
+
+    loo_spearman: Spearman correlation, over the k landmarks, of their leave-one-out predicted mean score (over
+    the m targets) with their exact mean score: how well the regression ranks a row it did not see. loo_error:
+    1 - leave-one-out R^2, averaged over the regression's columns. Logs a warning below LOO_SPEARMAN_WARNING.
+    landmark_scores: [k, m] exact first-order scores.
+    """
+    k, m = landmark_scores.shape
+    predicted = regressor.loo.reshape(k, -1)[:, :m].double().mean(1)
+    loo_spearman = float(scipy.stats.spearmanr(predicted.numpy(), landmark_scores.double().mean(1).numpy()).statistic)
+    diagnostics = {
+        "num_landmarks": k, "landmark_share_pool": k / num_pool_rows, "landmark_scores": "loo" if calibrated else "exact",
+        "kernel": regressor.kernel, "bandwidth": getattr(regressor, "sigma", None),
+        "bandwidth_scale": regressor.bandwidth, "ridge": regressor.ridge, "loo_spearman": loo_spearman,
+        "loo_error": regressor.loo_error,
+    }
+    if k < num_pool_rows and not loo_spearman >= LOO_SPEARMAN_WARNING:
+        logger.warning(
+            "Landmark regression fidelity is low: leave-one-out Spearman %.2f over %d landmarks (below %.2f), so the "
+            "scores of the %d other pool rows are unreliable. Raise num_landmarks (now %d), or use "
+            "method='influence_distillation_exact'.", loo_spearman, k, LOO_SPEARMAN_WARNING, num_pool_rows - k, k)
+    return diagnostics
 
 
 def _store_rows(store: VectorStore, rows: Tensor) -> Tensor:
@@ -623,6 +676,8 @@ def select_by_influence(
         chosen = _select_rows(run, budget_rows, rule, config.selection_seed)
     selected_rows = [run.pool_row_ids[i] for i in chosen.tolist()]
     selected = pool.select(selected_rows)
+    if "landmarks" in run.details:  # the share of landmarks among the selected rows, against their pool share
+        run.details["landmarks"]["landmark_share_selected"] = float(run.output.landmark_mask[chosen].float().mean())
     if not return_scores:
         return selected
     run.details["seconds"]["total"] = time.perf_counter() - start

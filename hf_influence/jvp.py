@@ -6,10 +6,13 @@ forward-mode derivative, in each direction v_i, of the hidden state at its last 
 over the T directions ([T * hidden]) and projected. One `torch.func.jvp` per tangent embeds a whole
 padded batch; SDPA has no forward-mode rule, so the model runs with eager attention while embedding.
 
-The token embedding table gets no tangent: its derivative would only touch the rows of the tokens present,
-and a tangent over a vocabulary-sized matrix would cost more memory than the blocks themselves. LoRA
-adapter weights get none either, so attaching adapters with B = 0 leaves the embeddings unchanged. The
-embedder binds to the module structure at construction: build it after wrapping the model in PEFT.
+By default the token embedding table gets no tangent: its derivative only touches the rows of the tokens
+present, and a tangent over a vocabulary-sized matrix costs more memory than four blocks (49k x 576 floats for
+SmolLM2). `perturb_embeddings=True` gives it one, as the paper's reference code does (every parameter of the
+truncated model). LoRA adapter weights never get one, so attaching adapters with B = 0 leaves the embeddings
+unchanged. `jvp_pooling="response_mean"` averages the derivative over the response (label) tokens instead of
+taking the last real token, which for a chat template is usually an end-of-turn newline that carries little of
+the row. The embedder binds to the module structure at construction: build it after wrapping the model in PEFT.
 """
 
 from __future__ import annotations
@@ -23,8 +26,12 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp, vmap
 
+from .formatting import IGNORE_INDEX
 from .gradients import causal_lm_parts
 from .projection import derive_seed, make_projector
+
+
+JVP_POOLINGS = ("last", "response_mean")
 
 
 @dataclass
@@ -40,6 +47,10 @@ class JVPConfig:
         jvp_projection_dim: output dimension; when T * hidden <= it, the vectors are kept as they are.
         jvp_seed: seed for the tangents and the projection.
         jvp_batch_size: rows per batch in the extraction loops.
+        perturb_embeddings: also give the token embedding table a tangent (the reference implementation's
+            choice; costs a vocabulary x hidden tangent per direction in memory).
+        jvp_pooling: "last" (the hidden state at each row's last real token) or "response_mean" (the mean over
+            its response tokens, those with a label).
 
     Field names carry a `jvp_` prefix where GradientConfig has the same setting, so both can be flags of
     one command.
@@ -51,10 +62,14 @@ class JVPConfig:
     jvp_projection_dim: int = 4096
     jvp_seed: int = 0
     jvp_batch_size: int = 16
+    perturb_embeddings: bool = False
+    jvp_pooling: str = "last"
 
     def __post_init__(self) -> None:
         if self.num_blocks < 1 or self.num_tangents < 1:
             raise ValueError(f"JVPConfig needs num_blocks >= 1 and num_tangents >= 1, got {self.num_blocks}, {self.num_tangents}.")
+        if self.jvp_pooling not in JVP_POOLINGS:
+            raise ValueError(f"JVPConfig.jvp_pooling must be one of {list(JVP_POOLINGS)}, got {self.jvp_pooling!r}.")
 
 
 def truncated_decoder(model: nn.Module, num_blocks: int) -> nn.Module:
@@ -107,7 +122,8 @@ class JVPEmbedder:
         self.parameters = {
             name: parameter.detach()
             for name, parameter in self.decoder.named_parameters()
-            if not name.startswith("embed_tokens") and "lora_" not in name and parameter.is_floating_point()
+            if (self.config.perturb_embeddings or not name.startswith("embed_tokens")) and "lora_" not in name
+            and parameter.is_floating_point()
         }
         generator = torch.Generator(device="cpu").manual_seed(derive_seed(self.config.jvp_seed, "jvp-tangents"))
         self.tangents = [
@@ -128,8 +144,10 @@ class JVPEmbedder:
             )
             self.output_dim = self._projector.output_dim
 
-    def hidden_states(self, parameters: dict[str, Tensor], input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """Final-norm hidden state of the truncated model at each row's last real token: [B, hidden]."""
+    def hidden_states(self, parameters: dict[str, Tensor], input_ids: Tensor, attention_mask: Tensor,
+                      labels: Tensor | None = None) -> Tensor:
+        """Final-norm hidden state of the truncated model, pooled per row as `jvp_pooling` says: [B, hidden].
+        labels [B, T] (-100 off the response) are needed for "response_mean"."""
         hidden = functional_call(
             self.decoder,
             parameters,
@@ -137,6 +155,11 @@ class JVPEmbedder:
             kwargs={"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False},
             strict=False,
         ).last_hidden_state
+        if self.config.jvp_pooling == "response_mean":
+            if labels is None:
+                raise ValueError("jvp_pooling='response_mean' needs the batch's labels")
+            weights = (labels != IGNORE_INDEX).to(hidden.dtype)
+            return (hidden * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp_min(1.0)
         last = attention_mask.sum(1) - 1  # right padding: the last real token of each row
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
@@ -147,7 +170,7 @@ class JVPEmbedder:
             raise ValueError("JVP embeddings expect right-padded rows (attention_mask of ones then zeros).")
 
         def last_hidden(parameters: dict[str, Tensor]) -> Tensor:
-            return self.hidden_states(parameters, input_ids, attention_mask)
+            return self.hidden_states(parameters, input_ids, attention_mask, batch.get("labels"))
 
         def derivative(tangent: dict[str, Tensor]) -> Tensor:
             return jvp(last_hidden, (self.parameters,), (tangent,))[1]

@@ -6,9 +6,10 @@ array) block by block, predicts each block's scores [rows, m] with a fitted pred
 only its running best `budget` candidates; it never holds the [n, m] score matrix, the [n, k] kernel or the
 [n, e] embeddings. Predictors:
 
-- LandmarkRegressor (kernel ridge regression from landmark embeddings, rbf or linear kernel):
-    rbf:    P_hat = exp(-(|x|^2 + |l|^2 - 2 x.l) / (2 sigma^2)) alpha, the squared distances from one matmul
-    linear: P_hat = x (E_L^T alpha), with E_L^T alpha [e, m] formed once in float64
+- LandmarkRegressor (kernel ridge regression from landmark embeddings, rbf or linear kernel), x centred on the
+  landmark mean c first (x <- x - c), offset [m] the intercept:
+    rbf:    P_hat = exp(-(|x|^2 + |l|^2 - 2 x.l) / (2 sigma^2)) alpha + offset, distances from one matmul
+    linear: P_hat = x (E_L^T alpha) + offset, with E_L^T alpha [e, m] formed once in float64
   in compute_dtype (float32 by default: the rbf kernel costs rows x e x k multiply-adds, 2x slower in float64).
 - InfluenceNetwork (NN-CIFT): its factorised predict, pairwise ([rows, m] against target embeddings) or
   pointwise (one column).
@@ -59,8 +60,10 @@ class _KernelRidgeBlocks:
         self.dtype, self.out_dtype, self.kernel = dtype, regressor.scores_dtype, regressor.kernel
         self.dim, self.width = regressor.landmarks.shape[1], regressor.alpha.shape[1]
         self.device = regressor.alpha.device
+        self.center, self.offset = regressor.center.to(dtype), regressor.offset.to(dtype)
         if self.kernel == "linear":
-            # (x E_L^T) alpha = x (E_L^T alpha): [e, m] instead of a [rows, k] kernel, k / m times fewer flops.
+            # ((x - c) E_L^T) alpha = (x - c) (E_L^T alpha): [e, m] instead of a [rows, k] kernel, k / m times
+            # fewer flops.
             self.weights = (regressor.landmarks.T @ regressor.alpha).to(dtype)
         else:
             self.landmarks = regressor.landmarks.to(dtype)
@@ -69,14 +72,15 @@ class _KernelRidgeBlocks:
             self.exponent_scale = -1.0 / (2.0 * regressor.sigma * regressor.sigma)
 
     def __call__(self, block: Tensor) -> Tensor:
-        x = block.to(device=self.device, dtype=self.dtype)
+        # Centred on the landmark mean, as the regression was fitted (see LandmarkRegressor).
+        x = block.to(device=self.device, dtype=self.dtype) - self.center
         if self.kernel == "linear":
-            return (x @ self.weights).to(self.out_dtype)
+            return torch.addmm(self.offset, x, self.weights).to(self.out_dtype)
         # One [rows, k] buffer, updated in place: |l|^2 - 2 x.l, + |x|^2, clamped (rounding can make a
         # near-zero distance negative), scaled, exponentiated.
         kernel = torch.addmm(self.landmark_norms, x, self.landmarks.T, alpha=-2.0)
         kernel.add_(x.square().sum(1, keepdim=True)).clamp_min_(0.0).mul_(self.exponent_scale).exp_()
-        return (kernel @ self.alpha).to(self.out_dtype)
+        return torch.addmm(self.offset, kernel, self.alpha).to(self.out_dtype)
 
 
 class _NetworkBlocks:

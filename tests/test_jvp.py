@@ -9,11 +9,14 @@ from hf_influence.jvp import JVPConfig, JVPEmbedder, truncated_decoder
 from hf_influence.testing import tiny_causal_lm
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_jvp_matches_central_finite_difference(arch):
+@pytest.mark.parametrize(("arch", "perturb_embeddings", "jvp_pooling"), [
+    ("llama", False, "last"), ("qwen2", False, "last"), ("llama", True, "last"), ("qwen2", True, "response_mean")])
+def test_jvp_matches_central_finite_difference(arch, perturb_embeddings, jvp_pooling):
     model, tokenizer = tiny_causal_lm(arch, dtype=torch.float64, num_layers=3)
     _, batch = formatted_batch(tokenizer)
-    embedder = JVPEmbedder(model, JVPConfig(num_blocks=2, num_tangents=2, jvp_projection="none"))
+    embedder = JVPEmbedder(model, JVPConfig(num_blocks=2, num_tangents=2, jvp_projection="none",
+                                            perturb_embeddings=perturb_embeddings, jvp_pooling=jvp_pooling))
+    assert any(name.startswith("embed_tokens") for name in embedder.parameters) == perturb_embeddings
     jvp_vectors = embedder.raw(batch)
     epsilon = 1e-5
     finite_differences = []
@@ -22,8 +25,9 @@ def test_jvp_matches_central_finite_difference(arch):
             plus = {n: p + epsilon * tangent[n] for n, p in embedder.parameters.items()}
             minus = {n: p - epsilon * tangent[n] for n, p in embedder.parameters.items()}
             finite_differences.append(
-                (embedder.hidden_states(plus, batch["input_ids"], batch["attention_mask"])
-                 - embedder.hidden_states(minus, batch["input_ids"], batch["attention_mask"])) / (2 * epsilon)
+                (embedder.hidden_states(plus, batch["input_ids"], batch["attention_mask"], batch["labels"])
+                 - embedder.hidden_states(minus, batch["input_ids"], batch["attention_mask"], batch["labels"]))
+                / (2 * epsilon)
             )
     expected = torch.cat(finite_differences, dim=1)
     assert jvp_vectors.shape == (batch["input_ids"].shape[0], 2 * model.config.hidden_size)
@@ -73,3 +77,20 @@ def test_bad_configuration():
         JVPEmbedder(model, JVPConfig(num_blocks=3))
     with pytest.raises(ValueError, match="num_blocks >= 1"):
         JVPConfig(num_blocks=0)
+    with pytest.raises(ValueError, match="jvp_pooling must be one of"):
+        JVPConfig(jvp_pooling="max")
+
+
+def test_response_mean_pools_the_label_tokens_only():
+    model, tokenizer = tiny_causal_lm("llama", dtype=torch.float64, num_layers=2)
+    _, batch = formatted_batch(tokenizer)
+    embedder = JVPEmbedder(model, JVPConfig(num_blocks=1, jvp_pooling="response_mean"))
+    pooled = embedder.hidden_states(embedder.parameters, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    with torch.no_grad():
+        hidden = embedder.decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    for row in range(hidden.shape[0]):
+        response = batch["labels"][row] != -100
+        assert 0 < response.sum() < batch["attention_mask"][row].sum()  # a real subset of the row
+        torch.testing.assert_close(pooled[row], hidden[row, response].mean(0))
+    with pytest.raises(ValueError, match="needs the batch's labels"):
+        embedder.hidden_states(embedder.parameters, batch["input_ids"], batch["attention_mask"])

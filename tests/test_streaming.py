@@ -99,12 +99,12 @@ def test_predicted_scores_match_the_predictors_own_predict(predictor_name):
     full = predict_scores(pool, predictor, targets, block_rows=BLOCK)
     if isinstance(predictor, LandmarkRegressor):
         # Closed form in float64, independent of both implementations.
-        landmarks = predictor.landmarks
+        landmarks, centred = predictor.landmarks, pool.double() - predictor.center
         if predictor.kernel == "rbf":
-            kernel = torch.exp(-torch.cdist(pool.double(), landmarks).square() / (2 * predictor.sigma**2))
+            kernel = torch.exp(-torch.cdist(centred, landmarks).square() / (2 * predictor.sigma**2))
         else:
-            kernel = pool.double() @ landmarks.T
-        closed = kernel @ predictor.alpha
+            kernel = centred @ landmarks.T
+        closed = kernel @ predictor.alpha + predictor.offset
         scale = closed.abs().max().item()
         # Scores come out in the dtype of the landmark scores (float32 here), whatever the compute dtype.
         exact = predict_scores(pool, predictor, block_rows=BLOCK, compute_dtype=torch.float64)
@@ -171,13 +171,15 @@ def test_memory_mapped_store_equals_in_memory_tensor(tmp_path, dtype, predictor_
 
 @pytest.mark.parametrize("rule", RULES)
 def test_ties_from_an_underflowing_rbf_kernel(rule):
-    """Rows far from every landmark score exactly 0 for every target: tied, they go by lower row."""
+    """Rows far from every landmark score exactly the intercept (kernel 0) for every target: tied, they go by
+    lower row."""
     pool = embeddings()
     predictor = regressor("rbf", pool[:150])
     far = pool.clone()
     far[150:] += 1e4  # exp(-distance^2 / 2 sigma^2) underflows to 0.0
     full = predict_scores(far, predictor, block_rows=BLOCK)
-    assert bool((full[150:] == 0).all()) and bool((full[:150] < 0).any())
+    intercept = predictor.offset.float()
+    assert bool((full[150:] == intercept).all()) and bool((full[:150] < intercept).any())
     groups = groups_for(rule, TARGETS)
     for budget in (200, N):  # reaches into the tied zeros
         expected = select_indices(full, budget, rule=rule, seed=9, target_groups=groups)

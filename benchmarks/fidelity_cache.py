@@ -1,0 +1,136 @@
+"""The pool side of the landmark fidelity lab, computed once into a cache folder (see landmark_fidelity.py).
+
+Everything is made with the library's own functions, in the order `select_by_influence` makes it: the
+default model with the default LoRA adapter, the seeded warm-up (AdamW on a slice of the pool), then the
+Adam-preconditioned per-sample gradients of *every* pool row (exact Influence Distillation; a landmark run
+takes its landmark gradients as rows of this store), the target gradients, the JVP embeddings of each JVP
+variant, the RDS+ embeddings (base model, adapter off, as `method="rds"` computes them) and the MiniLM
+sentence embeddings. Each piece is a resumable store or a safetensors file in the cache: a rerun after a
+crash resumes, and a finished piece is never recomputed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from safetensors.torch import load_file, save_file
+
+from hf_influence import DEFAULT_MODEL, load_model
+from hf_influence.data import load_rows
+from hf_influence.embeddings import lm_pooled_embeddings
+from hf_influence.encoders import encode_rows
+from hf_influence.extract import extract_gradients, extract_jvp_embeddings
+from hf_influence.formatting import FormattingConfig, format_dataset
+from hf_influence.gradients import GradientConfig, PerSampleGradients
+from hf_influence.jvp import JVPConfig
+from hf_influence.models import LoraSettings, add_lora
+from hf_influence.optimizers import affine_step
+from hf_influence.targets import load_target
+from hf_influence.warmup import WarmupConfig, warmup
+
+# Target name -> load_target arguments: GSM8K test problems with worked solutions, MMLU dev questions with
+# their answer letter, BBH rows with their answer (the loaders' prompt / completion columns).
+TARGETS = {"gsm8k": {"task": "gsm8k", "held_out": True}, "mmlu": {"task": "mmlu"}, "bbh": {"task": "bbh"}}
+# Gradient representations the lab compares. "lora": the library default (LoRA on attention, Adam-preconditioned
+# by the warm-up, CountSketch 8192, unit norm). "down_proj": full-parameter gradients of every MLP down_proj
+# (the reference implementation's default module subset), LoGra-projected, plain GD (no Adam state for them).
+GRADIENTS = {
+    "lora": GradientConfig(),
+    "down_proj": GradientConfig(parameters="pattern", parameter_pattern="down_proj", projection="factored",
+                                factored_out_dim=16, factored_in_dim=16),
+}
+# JVP embedding variants: the library default, the paper's reference choice (2 tangents, embedding table
+# perturbed too) and the response-token mean.
+JVP_VARIANTS = {
+    "jvp": JVPConfig(),
+    "jvp_reference": JVPConfig(num_tangents=2, perturb_embeddings=True),
+    "jvp_response_mean": JVPConfig(jvp_pooling="response_mean"),
+}
+
+
+@dataclass
+class LabData:
+    pool: Dataset  # the formatted pool rows (row_id into the raw slice)
+    sources: list[str]  # source of each formatted pool row
+    targets: dict[str, Dataset]  # formatted target rows per target
+
+
+def _log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def load_lab_data(data_dir: Path, pool_rows: int, target_rows: int, max_length: int, seed: int, tokenizer):
+    """The seeded pool slice and target samples, formatted (max_length tokens, prompts truncated from the left)."""
+    raw = load_rows(data_dir / "pool.jsonl.gz").shuffle(seed=seed).select(range(pool_rows))
+    formatting = FormattingConfig(max_length=max_length, show_progress=False)
+    pool = format_dataset(raw, tokenizer, formatting).dataset
+    sources = [raw[row]["source"] for row in pool["row_id"]]
+    targets = {name: format_dataset(load_target(data_dir=data_dir, limit=target_rows, seed=seed, **spec), tokenizer,
+                                    formatting).dataset for name, spec in TARGETS.items()}
+    return LabData(pool, sources, targets)
+
+
+def _saved(path: Path, compute) -> torch.Tensor:
+    if not path.exists():
+        tmp = path.with_suffix(".tmp")
+        save_file({"embeddings": compute().contiguous()}, str(tmp))
+        tmp.replace(path)
+    return load_file(str(path))["embeddings"]
+
+
+def _rds_embeddings(cache: Path, model, data: LabData, pad: int) -> None:
+    """RDS+ embeddings of the pool and targets with the adapter off (method="rds" uses the base model)."""
+    with model.disable_adapter():
+        _saved(cache / "rds_pool.safetensors", lambda: lm_pooled_embeddings(model, data.pool, pad_token_id=pad,
+                                                                            show_progress=False))
+        for name, target in data.targets.items():
+            _saved(cache / f"rds_target-{name}.safetensors",
+                   lambda: lm_pooled_embeddings(model, target, pad_token_id=pad, show_progress=False))
+
+
+def build_cache(cache: Path, data_dir: Path, pool_rows: int, target_rows: int, max_length: int, seed: int,
+                gradients: list[str], jvp_variants: list[str]) -> LabData:
+    """Compute (or resume) every cached piece; returns the formatted data."""
+    cache.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = load_model(DEFAULT_MODEL)
+    model = add_lora(model, LoraSettings())
+    data = load_lab_data(data_dir, pool_rows, target_rows, max_length, seed, tokenizer)
+    (cache / "data.json").write_text(json.dumps({"pool_rows": pool_rows, "usable_rows": len(data.pool),
+                                                "target_rows": {n: len(t) for n, t in data.targets.items()},
+                                                "max_length": max_length, "seed": seed}))
+    pad = tokenizer.pad_token_id
+    _log("MiniLM sentence embeddings")
+    raw = load_rows(data_dir / "pool.jsonl.gz").shuffle(seed=seed).select(range(pool_rows)).select(data.pool["row_id"])
+    _saved(cache / "minilm_pool.safetensors", lambda: encode_rows(raw, show_progress=False))
+    _log("warm-up")
+    started = time.perf_counter()
+    optimizer = warmup(model, tokenizer, data.pool, WarmupConfig(warmup_show_progress=False),
+                       cache_dir=cache / "warmup").optimizer
+    _log(f"warm-up done in {time.perf_counter() - started:.0f} s")
+    # The default JVP variant and LoRA gradients first: the lab's main comparison can start while the others run.
+    steps = [("jvp", v) for v in jvp_variants[:1]] + [("gradients", g) for g in gradients[:1]] + [("rds", "rds")]
+    steps += [("jvp", v) for v in jvp_variants[1:]] + [("gradients", g) for g in gradients[1:]]
+    for kind, variant in steps:
+        started = time.perf_counter()
+        if kind == "rds":
+            _rds_embeddings(cache, model, data, pad)
+        elif kind == "jvp":
+            extract_jvp_embeddings(model, data.pool, cache / variant, JVP_VARIANTS[variant], pad_token_id=pad,
+                                   show_progress=False)
+        else:
+            config = GRADIENTS[variant]
+            # Adam preconditioning applies to the parameters the warm-up trained (LoRA); others get plain GD.
+            scale = (affine_step(optimizer, PerSampleGradients(model, config).parameters).scale
+                     if variant == "lora" else None)
+            for name, target in data.targets.items():
+                extract_gradients(model, target, cache / f"target_gradients-{variant}-{name}", config,
+                                  pad_token_id=pad, show_progress=False)
+            extract_gradients(model, data.pool, cache / f"pool_gradients-{variant}", config, preconditioner=scale,
+                              pad_token_id=pad, show_progress=False)
+        _log(f"{kind} {variant}: {time.perf_counter() - started:.0f} s")
+    return data
