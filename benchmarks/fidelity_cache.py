@@ -75,6 +75,18 @@ def load_lab_data(data_dir: Path, pool_rows: int, target_rows: int, max_length: 
     return LabData(pool, sources, targets)
 
 
+def _record_seconds(cache: Path, stage: str, seconds: float) -> None:
+    """Wall seconds of each cache stage in cache/seconds.json, kept from the run that computed it (a rerun that
+    finds the stage done takes ~0 s and does not overwrite it): the speed comparison of exact and landmark ID."""
+    path = cache / "seconds.json"
+    record = json.loads(path.read_text()) if path.exists() else {}
+    if seconds > record.get(stage, 0.0):
+        record[stage] = seconds
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record, indent=1))
+        tmp.replace(path)
+
+
 def _saved(path: Path, compute) -> torch.Tensor:
     if not path.exists():
         tmp = path.with_suffix(".tmp")
@@ -112,6 +124,7 @@ def build_cache(cache: Path, data_dir: Path, pool_rows: int, target_rows: int, m
     optimizer = warmup(model, tokenizer, data.pool, WarmupConfig(warmup_show_progress=False),
                        cache_dir=cache / "warmup").optimizer
     _log(f"warm-up done in {time.perf_counter() - started:.0f} s")
+    _record_seconds(cache, "warmup", time.perf_counter() - started)
     # The default JVP variant and LoRA gradients first: the lab's main comparison can start while the others run.
     steps = [("jvp", v) for v in jvp_variants[:1]] + [("gradients", g) for g in gradients[:1]] + [("rds", "rds")]
     steps += [("jvp", v) for v in jvp_variants[1:]] + [("gradients", g) for g in gradients[1:]]
@@ -133,4 +146,5 @@ def build_cache(cache: Path, data_dir: Path, pool_rows: int, target_rows: int, m
             extract_gradients(model, data.pool, cache / f"pool_gradients-{variant}", config, preconditioner=scale,
                               pad_token_id=pad, show_progress=False)
         _log(f"{kind} {variant}: {time.perf_counter() - started:.0f} s")
+        _record_seconds(cache, f"{kind}/{variant}", time.perf_counter() - started)
     return data

@@ -10,7 +10,9 @@ vector v per (landmark) pool sample. Two kinds:
   Jv comes from the double-vjp trick (the vjp is linear in its cotangent, so differentiating it w.r.t.
   the cotangent gives the Jacobian-vector product) so no forward-mode support is needed.
 
-The target loss is L_T = (1/m) sum_j l_j with l_j the mean response-token cross-entropy of target j.
+The target loss is L_T = (1/m) sum_j w_j l_j with l_j the mean response-token cross-entropy of target j and
+weights w_j = 1 by default (Influence Distillation with unit-normalised gradients uses w_j = 1 / |g_j|, see
+influence.py).
 """
 
 from __future__ import annotations
@@ -75,17 +77,26 @@ class TargetHessian:
         target_batches: padded target batches (`pad_batch`), together covering all m target rows once.
         kind: "exact" (double backward) or "gauss_newton".
         vector_chunk: how many vectors go through one vmapped backward (memory grows with it).
+        target_weights: [m] weight w_j of each target row's loss, in batch order (None: all 1).
     """
 
     def __init__(self, model: nn.Module, parameters: list[Tensor], target_batches: list[dict[str, Tensor]],
-                 kind: str = "exact", vector_chunk: int = 16):
+                 kind: str = "exact", vector_chunk: int = 16, target_weights: Tensor | None = None):
         if kind not in HESSIAN_KINDS:
             raise ValueError(f"hessian kind must be one of {HESSIAN_KINDS}, got {kind!r}")
         if not target_batches:
             raise ValueError("TargetHessian needs at least one target batch")
         self.model, self.parameters, self.kind = model, list(parameters), kind
         self.target_batches = target_batches
-        self.num_targets = sum(int(batch["input_ids"].shape[0]) for batch in target_batches)
+        sizes = [int(batch["input_ids"].shape[0]) for batch in target_batches]
+        self.num_targets = sum(sizes)
+        if target_weights is None:
+            target_weights = torch.ones(self.num_targets)
+        if target_weights.shape != (self.num_targets,):
+            raise ValueError(f"target_weights must be [{self.num_targets}] (one per target row), got "
+                             f"{list(target_weights.shape)}")
+        device = self.parameters[0].device
+        self.batch_weights = [w.to(device) for w in target_weights.float().split(sizes)]
         self.dim = sum(p.numel() for p in self.parameters)
         self.vector_chunk = vector_chunk
 
@@ -99,15 +110,15 @@ class TargetHessian:
         result = torch.zeros(vectors.shape, dtype=torch.float32, device=vectors.device)
         # SDPA kernels have no double backward on CPU: use the eager attention for these graphs.
         with _differentiable(self.model, self.parameters), eager_attention(self.model):
-            for batch in self.target_batches:
+            for batch, weights in zip(self.target_batches, self.batch_weights):
                 product = self._exact if self.kind == "exact" else self._gauss_newton
                 for start in range(0, vectors.shape[0], self.vector_chunk):
                     chunk = vectors[start : start + self.vector_chunk].to(self.parameters[0].device, dtype)
-                    result[start : start + chunk.shape[0]] += product(batch, chunk).float().to(result.device)
+                    result[start : start + chunk.shape[0]] += product(batch, weights, chunk).float().to(result.device)
         return result.squeeze(0) if squeeze else result
 
-    def _exact(self, batch: dict[str, Tensor], vectors: Tensor) -> Tensor:
-        loss = per_sample_losses(self.model, batch).sum() / self.num_targets
+    def _exact(self, batch: dict[str, Tensor], weights: Tensor, vectors: Tensor) -> Tensor:
+        loss = (per_sample_losses(self.model, batch) * weights).sum() / self.num_targets
         gradients = torch.autograd.grad(loss, self.parameters, create_graph=True)
         products = torch.autograd.grad(
             gradients, self.parameters, grad_outputs=_unflatten(vectors, self.parameters),
@@ -115,7 +126,7 @@ class TargetHessian:
         )
         return _flatten(products, self.parameters, vectors.shape[0])
 
-    def _gauss_newton(self, batch: dict[str, Tensor], vectors: Tensor) -> Tensor:
+    def _gauss_newton(self, batch: dict[str, Tensor], weights: Tensor, vectors: Tensor) -> Tensor:
         decoder, lm_head = causal_lm_parts(self.model)
         hidden = decoder(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
@@ -126,9 +137,9 @@ class TargetHessian:
         if bool((counts == 0).any()):
             raise GradientError(f"Target batch rows {torch.nonzero(counts == 0).flatten().tolist()} have no label token.")
         logits = lm_head(hidden[:, :-1][label_mask])
-        # Each token's weight in L_T: 1 / (m * label tokens of its row).
+        # Each token's weight in L_T: w_row / (m * label tokens of its row).
         rows = torch.arange(targets.shape[0], device=targets.device).unsqueeze(1).expand_as(targets)[label_mask]
-        token_weights = (1.0 / (self.num_targets * counts[rows].to(torch.float32))).unsqueeze(1)
+        token_weights = (weights[rows] / (self.num_targets * counts[rows].to(torch.float32))).unsqueeze(1)
         probabilities = F.softmax(logits.detach().float(), dim=-1)
         cotangent = torch.zeros_like(logits, requires_grad=True)
         vjp = torch.autograd.grad(logits, self.parameters, grad_outputs=cotangent, create_graph=True)

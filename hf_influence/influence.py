@@ -271,7 +271,12 @@ def _device(context: Context) -> torch.device:
 def _hessian_projected(context: Context, tracked: PerSampleGradients, rows: Dataset, step: AffineStep | None,
                        extra: Tensor | None = None) -> Tensor:
     """P(H_T v_i) [len(rows) (+1), output_dim] for v_i = A g_i (unit-normalised when the gradients are), and
-    optionally for one more raw vector `extra` (the drift b), in the coordinates of the stored gradients."""
+    optionally for one more raw vector `extra` (the drift b), in the coordinates of the stored gradients.
+
+    With unit-normalised gradients, p_i = mean_j <v_i, g_j / |g_j|> is the first-order change of the target
+    objective (1/m) sum_j l_j / |g_j|, so H_T is that objective's Hessian (target weights 1 / |g_j|): the first-
+    and second-order terms are then on one scale, and eta means the same thing for both.
+    """
     gradient_config = context.configs[GradientConfig]
     if gradient_config.projection == "factored":
         raise ValueError("order=2 needs an elementwise projection (countsketch, srht, gaussian or none), "
@@ -282,7 +287,11 @@ def _hessian_projected(context: Context, tracked: PerSampleGradients, rows: Data
                       for s in range(0, len(context.target), gradient_config.batch_size)]
     device = _device(context)
     target_batches = [{key: value.to(device) for key, value in batch.items()} for batch in target_batches]
-    hessian = TargetHessian(context.model, tracked.parameters, target_batches, kind=context.config.hessian)
+    target_weights = None
+    if gradient_config.normalize:
+        target_weights = 1.0 / torch.cat([tracked.raw(batch).float().norm(dim=1).cpu() for batch in target_batches])
+    hessian = TargetHessian(context.model, tracked.parameters, target_batches, kind=context.config.hessian,
+                            target_weights=target_weights)
     scale = None if step is None else step.scale.to(device)
     projected = []
     batch_size = gradient_config.batch_size
@@ -318,11 +327,22 @@ def _landmark_second_order(context: Context, tracked, landmark_rows: Dataset, la
 
 
 def _step_size(context: Context, step: AffineStep | None) -> float:
+    """eta of the second-order term: step_size, else the optimizer's learning rate. A learning rate of 0 (a schedule
+    that has decayed to its end) would silently make the weights first-order: then half the schedule's initial
+    learning rate is used, as the reference implementation does, with a warning."""
     if context.config.step_size is not None:
         return context.config.step_size
     if step is None:
         raise ValueError("order=2 with optimizer_state='gd' needs step_size (the learning rate eta of the one-step objective).")
-    return step.lr
+    if step.lr > 0:
+        return step.lr
+    initial = context.optimizer.param_groups[0].get("initial_lr") if context.optimizer is not None else None
+    if not initial:
+        raise ValueError("order=2: the optimizer's learning rate is 0 and it records no initial_lr (set by an LR "
+                         "scheduler), so the second-order term would vanish; pass step_size=... (eta).")
+    logger.warning("order=2: the optimizer's learning rate is 0 (a finished schedule); using initial_lr / 2 = %g as "
+                   "eta. Pass step_size=... to choose it.", initial / 2)
+    return initial / 2
 
 
 def _weights(context: Context, p: Tensor, q_factors: tuple[Tensor, Tensor] | None, eta: float) -> Tensor:

@@ -32,12 +32,14 @@ def _split(flat, tracked):
     return out
 
 
-def _target_loss(model, tracked, names, batches, flat):
+def _target_loss(model, tracked, names, batches, flat, weights):
     parameters = dict(zip(names, _split(flat, tracked)))
-    total = 0.0
-    for batch in batches:
-        total = total + _losses_with(model, parameters, batch).sum()
-    return total / sum(b["input_ids"].shape[0] for b in batches)
+    losses = torch.cat([_losses_with(model, parameters, batch) for batch in batches])
+    return (losses * weights).sum() / len(losses)
+
+
+# Per-target weights (what unit-normalised Influence Distillation passes: 1 / |g_j|), or None (all 1).
+WEIGHTS = [None, torch.tensor([0.5, 2.0, 1.0, 3.0, 0.25], dtype=torch.float64)]
 
 
 def _logits_with(model, parameters, batch):
@@ -53,24 +55,30 @@ def _losses_with(model, parameters, batch):
     return token.sum(1) / mask.sum(1)
 
 
-def test_exact_products_equal_the_full_hessian():
+@pytest.mark.parametrize("target_weights", WEIGHTS)
+def test_exact_products_equal_the_full_hessian(target_weights):
     model, tracked, names, batches = _setup()
     model.eval()
     flat = torch.cat([p.detach().flatten() for p in tracked.parameters])
+    weights = torch.ones(5, dtype=torch.float64) if target_weights is None else target_weights
     with eager_attention(model):
-        full = torch.autograd.functional.hessian(lambda x: _target_loss(model, tracked, names, batches, x), flat, vectorize=True)
+        full = torch.autograd.functional.hessian(lambda x: _target_loss(model, tracked, names, batches, x, weights),
+                                                 flat, vectorize=True)
     vectors = torch.randn(5, flat.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    products = TargetHessian(model, tracked.parameters, batches, kind="exact", vector_chunk=2).matmul(vectors)
+    products = TargetHessian(model, tracked.parameters, batches, kind="exact", vector_chunk=2,
+                             target_weights=target_weights).matmul(vectors)
     torch.testing.assert_close(products.double(), vectors @ full.T, rtol=1e-4, atol=1e-6)
 
 
-def test_gauss_newton_equals_jacobian_form():
+@pytest.mark.parametrize("target_weights", WEIGHTS)
+def test_gauss_newton_equals_jacobian_form(target_weights):
     model, tracked, names, batches = _setup()
     model.eval()
     flat = torch.cat([p.detach().flatten() for p in tracked.parameters])
     m = sum(b["input_ids"].shape[0] for b in batches)
+    row_weights = (torch.ones(m, dtype=torch.float64) if target_weights is None else target_weights).split([2, 3])
     expected = torch.zeros(flat.numel(), flat.numel(), dtype=torch.float64)
-    for batch in batches:
+    for batch, row_weight in zip(batches, row_weights):
         targets = batch["labels"][:, 1:]
         mask = targets != -100
         def label_logits(x, batch=batch, mask=mask):
@@ -78,13 +86,14 @@ def test_gauss_newton_equals_jacobian_form():
         with eager_attention(model):
             jacobian = torch.autograd.functional.jacobian(label_logits, flat, vectorize=True, strategy="forward-mode")
         probabilities = F.softmax(label_logits(flat).detach(), dim=-1)
-        weights = (1.0 / (m * mask.sum(1))).unsqueeze(1).expand_as(mask)[mask]
+        weights = (row_weight / (m * mask.sum(1))).unsqueeze(1).expand_as(mask)[mask]
         for token in range(jacobian.shape[0]):
             p = probabilities[token]
             curvature = torch.diag(p) - torch.outer(p, p)
             expected += weights[token] * jacobian[token].T @ curvature @ jacobian[token]
     vectors = torch.randn(3, flat.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    products = TargetHessian(model, tracked.parameters, batches, kind="gauss_newton").matmul(vectors)
+    products = TargetHessian(model, tracked.parameters, batches, kind="gauss_newton",
+                             target_weights=target_weights).matmul(vectors)
     torch.testing.assert_close(products.double(), vectors @ expected, rtol=1e-4, atol=1e-6)
     # Gauss-Newton is PSD.
     assert torch.linalg.eigvalsh((expected + expected.T) / 2).min() > -1e-8
@@ -104,3 +113,5 @@ def test_bad_arguments():
         TargetHessian(model, tracked.parameters, batches, kind="fisher")
     with pytest.raises(ValueError, match="coordinates"):
         TargetHessian(model, tracked.parameters, batches).matmul(torch.ones(3, tracked.raw_dim + 1))
+    with pytest.raises(ValueError, match=r"target_weights must be \[5\]"):
+        TargetHessian(model, tracked.parameters, batches, target_weights=torch.ones(4))

@@ -295,3 +295,38 @@ def test_bad_inputs(pool, target, model):
 def test_public_api_exports():
     for name in ("select_by_influence", "ScoreTable", "SelectionConfig", "register_method", "warmup"):
         assert hasattr(hf_influence, name)
+
+
+def _decayed_adamw(model, with_scheduler: bool):
+    """An AdamW with state on every LoRA parameter, its learning rate decayed to 0 (a finished linear schedule)."""
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=1e-3)
+    for parameter in parameters:  # one step's worth of state
+        parameter.grad = torch.randn(parameter.shape, generator=torch.Generator().manual_seed(0)) * 1e-2
+    optimizer.step()
+    optimizer.zero_grad()
+    if with_scheduler:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step))
+        scheduler.step()
+    else:
+        optimizer.param_groups[0]["lr"] = 0.0
+    assert optimizer.param_groups[0]["lr"] == 0.0
+    return optimizer
+
+
+def test_second_order_with_a_decayed_learning_rate_uses_half_the_initial_rate(pool, target, caplog):
+    network, tokenizer = lora_model(seed=0)
+    optimizer = _decayed_adamw(network, with_scheduler=True)
+    options = {**FAST, "budget": 4, "order": 2, "num_landmarks": 20, "return_scores": True}
+    with caplog.at_level("WARNING", logger="hf_influence.influence"):
+        _, fallback = select_by_influence(pool, target, model=network, tokenizer=tokenizer, optimizer=optimizer, **options)
+    assert "initial_lr / 2 = 0.0005" in caplog.text
+    _, explicit = select_by_influence(pool, target, model=network, tokenizer=tokenizer, optimizer=optimizer,
+                                      step_size=5e-4, **options)
+    torch.testing.assert_close(fallback.weights, explicit.weights)
+    _, first = select_by_influence(pool, target, model=network, tokenizer=tokenizer, optimizer=optimizer,
+                                   **{**options, "order": 1})
+    assert not torch.allclose(fallback.weights, first.weights)  # the second-order term did not vanish
+    with pytest.raises(ValueError, match="learning rate is 0 and it records no initial_lr"):
+        select_by_influence(pool, target, model=network, tokenizer=tokenizer,
+                            optimizer=_decayed_adamw(network, with_scheduler=False), **options)
