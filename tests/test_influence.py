@@ -301,12 +301,12 @@ def _decayed_adamw(model, with_scheduler: bool):
     """An AdamW with state on every LoRA parameter, its learning rate decayed to 0 (a finished linear schedule)."""
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step)) if with_scheduler else None
     for parameter in parameters:  # one step's worth of state
         parameter.grad = torch.randn(parameter.shape, generator=torch.Generator().manual_seed(0)) * 1e-2
     optimizer.step()
     optimizer.zero_grad()
-    if with_scheduler:
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step))
+    if scheduler is not None:
         scheduler.step()
     else:
         optimizer.param_groups[0]["lr"] = 0.0
