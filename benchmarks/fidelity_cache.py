@@ -119,6 +119,9 @@ def build_cache(cache: Path, data_dir: Path, pool_rows: int, target_rows: int, m
     _log("MiniLM sentence embeddings")
     raw = load_rows(data_dir / "pool.jsonl.gz").shuffle(seed=seed).select(range(pool_rows)).select(data.pool["row_id"])
     _saved(cache / "minilm_pool.safetensors", lambda: encode_rows(raw, show_progress=False))
+    for name, spec in TARGETS.items():
+        rows = load_target(data_dir=data_dir, limit=target_rows, seed=seed, **spec).select(data.targets[name]["row_id"])
+        _saved(cache / f"minilm_target-{name}.safetensors", lambda: encode_rows(rows, show_progress=False))
     _log("warm-up")
     started = time.perf_counter()
     optimizer = warmup(model, tokenizer, data.pool, WarmupConfig(warmup_show_progress=False),

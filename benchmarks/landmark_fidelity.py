@@ -49,13 +49,15 @@ from safetensors.torch import load_file
 
 from hf_influence.data import load_rows
 from hf_influence.distillation import LandmarkRegressor, median_bandwidth, select_landmarks
-from hf_influence.influence import landmark_diagnostics
+from hf_influence.influence import SelectionConfig, landmark_diagnostics
 from hf_influence.selection import select_indices
 from hf_influence.store import VectorStore
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 IN_DOMAIN = {"gsm8k": ("flan_cot/gsm8k", "flan_cot/aqua"), "mmlu": None, "bbh": None}
-FEATURES = ("jvp", "jvp_reference", "jvp_response_mean", "rds", "minilm", "jvp+rds", "jvp+minilm")
+FEATURES = ("jvp", "jvp_reference", "jvp_response_mean", "lm", "minilm", "jvp+lm", "jvp+minilm")
+# Feature names as SelectionConfig.landmark_features spells them ("lm": the RDS+ embeddings, cached as rds_*).
+CACHE_NAMES = {"lm": "rds"}
 LANDMARK_COUNTS = (32, 64, 128, 256, 512)
 RULES = ("round_robin", "mean_top_k")
 BUDGET_FRACTION = 0.05
@@ -74,12 +76,15 @@ class Lab:
         self.n = len(row_ids)
         self.budget = max(1, round(BUDGET_FRACTION * self.n))
         self.features = {name: self._features(name) for name in FEATURES if self._has_features(name)}
+        if "jvp" not in self.features:
+            raise FileNotFoundError(f"{cache / 'jvp'} is missing or incomplete: build the cache first")
         self.gradients = {kind: self._gradients(kind) for kind in GRADIENTS if self._has_gradients(kind)}
 
     def _has_features(self, name: str) -> bool:
         parts = name.split("+")
         return all((self.cache / part).exists() and VectorStore.open(self.cache / part).is_complete()
-                   if part in JVP_VARIANTS else (self.cache / f"{part}_pool.safetensors").exists() for part in parts)
+                   if part in JVP_VARIANTS else (self.cache / f"{CACHE_NAMES.get(part, part)}_pool.safetensors").exists()
+                   for part in parts)
 
     def _features(self, name: str) -> torch.Tensor:
         """[n, e] float64. A concatenation scales each part by its median pairwise distance, so each part
@@ -89,7 +94,7 @@ class Lab:
             if part in JVP_VARIANTS:
                 values = VectorStore.open(self.cache / part).to_tensor().double()
             else:
-                values = load_file(str(self.cache / f"{part}_pool.safetensors"))["embeddings"].double()
+                values = load_file(str(self.cache / f"{CACHE_NAMES.get(part, part)}_pool.safetensors"))["embeddings"].double()
             parts.append(values if "+" not in name else values / median_bandwidth(values))
         return torch.cat(parts, dim=1)
 
@@ -185,10 +190,10 @@ def references(lab: Lab, data_dir_cache: Path) -> dict:
         selections = {t: select_indices(gradients["exact"][t].float(), lab.budget, rule="round_robin") for t in TARGETS}
         out[f"exact_{kind}"]["cross_target_jaccard"] = _mean(
             [_jaccard(selections[a], selections[b]) for a, b in itertools.combinations(TARGETS, 2)])
-    for name in ("rds", "minilm"):
-        if name not in lab.features:
+    for name, feature in (("rds", "lm"), ("minilm", "minilm")):
+        if feature not in lab.features:
             continue
-        pool = torch.nn.functional.normalize(lab.features[name].float(), dim=1)
+        pool = torch.nn.functional.normalize(lab.features[feature].float(), dim=1)
         out[name] = {}
         for t in TARGETS:
             target = load_file(str(data_dir_cache / f"{name}_target-{t}.safetensors"))["embeddings"] if (
@@ -200,6 +205,24 @@ def references(lab: Lab, data_dir_cache: Path) -> dict:
 
 def _base_rate(lab: Lab, target: str) -> float | None:
     return lab.in_domain_share(target, torch.arange(lab.n))
+
+
+def print_tables(summary: dict) -> None:
+    """Markdown tables for README: the main grid (round-robin) and the references."""
+    print("\n| configuration (round_robin) | spearman | top-5% Jaccard | selection Jaccard | landmarks selected / pool "
+          "| GSM8K in-domain | LOO Spearman | gradient cosine |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, result in summary["configs"].items():
+        mean, gsm8k = result["mean"]["round_robin"], result["gsm8k"]["round_robin"]
+        cosine = "" if mean.get("gradient_cosine") is None else f"{mean['gradient_cosine']:.3f}"
+        print(f"| {name} | {mean['spearman']:.3f} | {mean['topk_jaccard']:.3f} | {mean['selection_jaccard']:.3f} | "
+              f"{mean['landmark_share_selected']:.3f} / {mean['landmark_share_pool']:.3f} | "
+              f"{gsm8k['in_domain_share']:.3f} | {mean['loo_spearman']:.3f} | {cosine} |")
+    print("\n| reference | GSM8K in-domain (round_robin) | (mean_top_k) |")
+    print("|---|---|---|")
+    for name, result in summary["references"].items():
+        if "gsm8k" in result:
+            print(f"| {name} | {result['gsm8k']['round_robin']:.3f} | {result['gsm8k']['mean_top_k']:.3f} |")
 
 
 def main() -> int:
@@ -214,6 +237,8 @@ def main() -> int:
     parser.add_argument("--seeds", default="0,1,2", help="Landmark draws averaged per configuration.")
     parser.add_argument("--gradients", default="lora,down_proj", help=f"Gradient variants to cache: {list(GRADIENTS)}.")
     parser.add_argument("--jvp", default=",".join(JVP_VARIANTS), help=f"JVP variants to cache: {list(JVP_VARIANTS)}.")
+    parser.add_argument("--features", default=",".join(FEATURES), help="Regression features to evaluate.")
+    parser.add_argument("--landmarks", default=",".join(map(str, LANDMARK_COUNTS)), help="Landmark counts k.")
     parser.add_argument("--evaluate-only", action="store_true",
                         help="Use what the cache holds (skip missing variants) instead of computing the rest.")
     args = parser.parse_args()
@@ -233,8 +258,9 @@ def main() -> int:
           flush=True)
 
     configs = {}
-    counts = [k for k in LANDMARK_COUNTS if k < lab.n]
-    for features, k, scores in itertools.product(lab.features, counts, ("loo", "exact")):
+    counts = [k for k in map(int, args.landmarks.split(",")) if k < lab.n]
+    features_list = [f for f in args.features.split(",") if f in lab.features]
+    for features, k, scores in itertools.product(features_list, counts, ("loo", "exact")):
         name = f"{features}/k{k}/uniform/rbf/loo-tuned/{scores}-landmarks"
         configs[name] = averaged(lab, seeds, features=features, k=k, landmark_scores=scores,
                                  gradient_cosine=k == 128)
@@ -242,7 +268,7 @@ def main() -> int:
         print(f"{name:<55} spearman {mean['spearman']:.3f} jaccard {mean['topk_jaccard']:.3f} landmarks "
               f"{mean['landmark_share_selected']:.2f}/{mean['landmark_share_pool']:.2f} loo {mean['loo_spearman']:.3f}",
               flush=True)
-    # Ablations at 16:1 on the default features: the old fixed bandwidth / ridge, kmeans++, the linear kernel.
+    # Ablations at 16:1 on the JVP features: the old fixed bandwidth / ridge, kmeans++, the linear kernel.
     for features in ("jvp",):
         for label, options in {"median/ridge0.01": {"bandwidth": 1.0, "ridge": 0.01},
                                "kmeans++": {"landmark_selection": "kmeans++"}, "linear": {"kernel": "linear"}}.items():
@@ -261,6 +287,15 @@ def main() -> int:
         "references": references(lab, args.cache),
         "configs": configs,
     }
+    default = SelectionConfig()
+    best_name = f"jvp/k128/uniform/rbf/loo-tuned/{default.landmark_scores}-landmarks"
+    rule = default.selection or "round_robin"
+    if best_name in configs:
+        summary["best"] = {"name": best_name, "rule": rule, **configs[best_name]["mean"][rule],
+                           "per_target": {t: configs[best_name][t][rule] for t in TARGETS}}
+    exact = summary["references"].get("exact_lora", {}).get("gsm8k", {})
+    summary["exact"] = {"in_domain_share": exact.get("round_robin"), "in_domain_share_mean_top_k": exact.get("mean_top_k")}
+    print_tables(summary)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.json.with_suffix(".tmp")
     tmp.write_text(json.dumps(summary, indent=1))

@@ -18,6 +18,16 @@ from .formatting import pad_batch
 from .gradients import causal_lm_parts
 
 
+def pooled_batch(decoder: nn.Module, batch: dict[str, Tensor], device: torch.device) -> Tensor:
+    """Unit-norm position-weighted mean of the decoder's last hidden state for a right-padded batch: [B, hidden]."""
+    mask = batch["attention_mask"].to(device)
+    hidden = decoder(input_ids=batch["input_ids"].to(device), attention_mask=mask, use_cache=False).last_hidden_state
+    # Right padding: the running count of real tokens is each real token's 1-based position.
+    weights = (mask.cumsum(1) * mask).float()
+    pooled = torch.einsum("bt,bth->bh", weights, hidden.float()) / weights.sum(1, keepdim=True)
+    return F.normalize(pooled, dim=1)
+
+
 def lm_pooled_embeddings(
     model: nn.Module,
     formatted: Dataset,
@@ -51,13 +61,7 @@ def lm_pooled_embeddings(
             for start in range(0, len(formatted), batch_size):
                 rows = list(formatted.select(range(start, min(start + batch_size, len(formatted)))))
                 batch = pad_batch(rows, 0 if pad_token_id is None else pad_token_id)
-                mask = batch["attention_mask"].to(device)
-                hidden = decoder(input_ids=batch["input_ids"].to(device), attention_mask=mask,
-                                 use_cache=False).last_hidden_state
-                # Right padding: the running count of real tokens is each real token's 1-based position.
-                weights = (mask.cumsum(1) * mask).float()
-                pooled = torch.einsum("bt,bth->bh", weights, hidden.float()) / weights.sum(1, keepdim=True)
-                embeddings.append(F.normalize(pooled, dim=1).cpu())
+                embeddings.append(pooled_batch(decoder, batch, device).cpu())
                 progress.update(len(rows))
     finally:
         model.train(was_training)

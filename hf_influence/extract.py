@@ -1,4 +1,4 @@
-"""Resumable extraction of per-sample gradients, JVP embeddings and sentence embeddings into a `VectorStore`.
+"""Resumable extraction of per-sample gradients, JVP, LM-pooled and sentence embeddings into a `VectorStore`.
 
 Rows go through fixed batches [b * batch_size, (b + 1) * batch_size): after a crash, only the batches
 not marked done are recomputed, and since a batch is always computed from the same rows with the same
@@ -17,13 +17,15 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
 from datasets import Dataset
 from torch import Tensor, nn
 
 from .distributed import fill_store
+from .embeddings import pooled_batch
 from .encoders import extract_sentence_embeddings  # noqa: F401  (public here with the other extractors)
 from .formatting import pad_batch
-from .gradients import GradientConfig, PerSampleGradients
+from .gradients import GradientConfig, PerSampleGradients, causal_lm_parts
 from .jvp import JVPConfig, JVPEmbedder
 from .models import adapter_digest, model_identity
 from .store import StoreSpec, VectorStore, fingerprint_dataset
@@ -140,3 +142,36 @@ def extract_jvp_embeddings(
         "jvp_embeddings", model, formatted, output_dir, asdict(config), embedder.output_dim, config.jvp_batch_size,
         pad_token_id, lambda batch, row_ids: embedder.embed(batch), overwrite, show_progress,
     )
+
+
+def extract_lm_embeddings(
+    model: nn.Module,
+    formatted: Dataset,
+    output_dir: str | Path,
+    batch_size: int = 8,
+    pad_token_id: int | None = None,
+    overwrite: bool = False,
+    show_progress: bool = True,
+) -> VectorStore:
+    """RDS+ embeddings (unit-norm position-weighted mean of the last hidden state, see `embeddings.py`) of every
+    formatted row, written to (or resumed in) a store at `output_dir`. The model is used as it is (disable a PEFT
+    adapter around the call for the base model's embeddings).
+
+    Returns:
+        The completed VectorStore: float32 [len(formatted), hidden_size].
+    """
+    decoder, _ = causal_lm_parts(model)
+    device = next(model.parameters()).device
+    hidden = decoder.config.hidden_size
+
+    def compute(batch: dict[str, Tensor], row_ids: list[int]) -> Tensor:
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                return pooled_batch(decoder, batch, device)
+        finally:
+            model.train(was_training)
+
+    return _extract("lm_embeddings", model, formatted, output_dir, {"pooling": "position_weighted_mean"}, hidden,
+                    batch_size, pad_token_id, compute, overwrite, show_progress)

@@ -34,10 +34,10 @@ from torch import Tensor, nn
 from transformers.utils.logging import tqdm
 
 from .data import load_rows
-from .distillation import LandmarkRegressor, first_order_scores, robust_weights, select_landmarks
+from .distillation import LandmarkRegressor, first_order_scores, median_bandwidth, robust_weights, select_landmarks
 from .distributed import process_state
 from .embeddings import cosine_scores, lm_pooled_embeddings
-from .extract import extract_gradients, extract_jvp_embeddings
+from .extract import extract_gradients, extract_jvp_embeddings, extract_lm_embeddings
 from .formatting import FormattingConfig, format_dataset, pad_batch
 from .gradients import GradientConfig, PerSampleGradients
 from .hessian import HESSIAN_KINDS, TargetHessian
@@ -53,6 +53,9 @@ from .streaming import predict_scores, stream_select
 from .warmup import WarmupConfig, warmup
 
 logger = logging.getLogger(__name__)
+
+
+LANDMARK_FEATURES = ("jvp", "lm", "jvp+lm")
 
 
 @dataclass
@@ -72,7 +75,11 @@ class SelectionConfig:
         optimizer_state: where the Adam state comes from when no optimizer object is passed: "warmup" (a short
             LoRA AdamW run on a slice of the pool) or "gd" (plain gradient descent, no preconditioning).
         num_landmarks: landmark rows with exact gradients (capped at the pool size).
-        landmark_selection: "uniform" (seeded random) or "kmeans++" on the JVP embeddings.
+        landmark_selection: "uniform" (seeded random) or "kmeans++" on the regression features.
+        landmark_features: what the kernel regression reads for every pool row: "jvp" (JVP embeddings, JVPConfig),
+            "lm" (the base model's RDS+ embeddings: position-weighted mean of the last hidden state, one forward
+            pass of the whole model), or "jvp+lm" (both, each scaled by its median pairwise distance so that both
+            weigh the same in the kernel; held in memory, [n, e_jvp + hidden]).
         landmark_scores: what landmark rows are ranked by when there are fewer landmarks than pool rows:
             "loo" (their leave-one-out predictions, made from the other landmarks: every row is then an
             out-of-sample prediction on the same footing) or "exact" (their exact influence, which beats the
@@ -102,6 +109,7 @@ class SelectionConfig:
     optimizer_state: str = "warmup"
     num_landmarks: int = 4096
     landmark_selection: str = "uniform"
+    landmark_features: str = "jvp"
     landmark_scores: str = "loo"
     kernel: str = "rbf"
     kernel_bandwidth: float | None = None
@@ -117,7 +125,8 @@ class SelectionConfig:
     def __post_init__(self) -> None:
         choices = {
             "method": tuple(METHODS), "selection": (None, *RULES, "facility_location", "weighted"), "optimizer_state": ("warmup", "gd"),
-            "landmark_selection": ("uniform", "kmeans++"), "landmark_scores": ("loo", "exact"),
+            "landmark_selection": ("uniform", "kmeans++"), "landmark_features": LANDMARK_FEATURES,
+            "landmark_scores": ("loo", "exact"),
             "kernel": ("rbf", "linear"), "order": (1, 2),
             "hessian": HESSIAN_KINDS,
         }
@@ -360,13 +369,12 @@ def influence_distillation(context: Context) -> MethodOutput:
     config, n = context.config, len(context.pool)
     tracked = PerSampleGradients(context.model, context.configs[GradientConfig])
     step = _optimizer_step(context, tracked)
-    with context.timed("jvp_embeddings"):
-        store = extract_jvp_embeddings(context.model, context.pool, context.work_dir / "jvp",
-                                       context.configs[JVPConfig], pad_token_id=context.tokenizer.pad_token_id,
-                                       show_progress=context.show_progress)
+    store = _landmark_features(context)
     # Uniform landmarks and first-order scores need only the landmarks' rows in memory (the rest is read from
     # the store in blocks); kmeans++ and the order-2 transfer matrix need all [n, e] embeddings.
-    embeddings = store.to_tensor() if config.landmark_selection == "kmeans++" or config.order == 2 else None
+    embeddings = store if isinstance(store, Tensor) else None
+    if embeddings is None and (config.landmark_selection == "kmeans++" or config.order == 2):
+        embeddings = store.to_tensor()
     k = min(config.num_landmarks, n)
     landmarks = select_landmarks(n, k, config.landmark_selection, embeddings=embeddings, seed=config.selection_seed)
     landmark_rows = context.pool.select(landmarks.tolist())
@@ -438,6 +446,34 @@ def landmark_diagnostics(regressor: LandmarkRegressor, landmark_scores: Tensor, 
             "scores of the %d other pool rows are unreliable. Raise num_landmarks (now %d), or use "
             "method='influence_distillation_exact'.", loo_spearman, k, LOO_SPEARMAN_WARNING, num_pool_rows - k, k)
     return diagnostics
+
+
+def _feature_store(context: Context, part: str) -> VectorStore:
+    """One part of the regression features of every pool row, in a resumable store under work_dir."""
+    pad, show = context.tokenizer.pad_token_id, context.show_progress
+    if part == "jvp":
+        with context.timed("jvp_embeddings"):
+            return extract_jvp_embeddings(context.model, context.pool, context.work_dir / "jvp",
+                                          context.configs[JVPConfig], pad_token_id=pad, show_progress=show)
+    # The base model's representation, as method="rds" computes it: the warm-up's adapter is switched off.
+    adapter_off = context.model.disable_adapter() if hasattr(context.model, "disable_adapter") else contextlib.nullcontext()
+    with context.timed("lm_embeddings"), adapter_off:
+        return extract_lm_embeddings(context.model, context.pool, context.work_dir / "lm_embeddings",
+                                     batch_size=context.configs[GradientConfig].batch_size, pad_token_id=pad,
+                                     show_progress=show)
+
+
+def _landmark_features(context: Context) -> VectorStore | Tensor:
+    """The regression features of every pool row (SelectionConfig.landmark_features): a store for one part; for
+    several, the rows [e_1 / s_1, e_2 / s_2] in memory, s_j the median pairwise distance of part j on a seeded
+    sample of at most 1000 rows, so that each part weighs the same in the RBF distance whatever its units."""
+    stores = [_feature_store(context, part) for part in context.config.landmark_features.split("+")]
+    if len(stores) == 1:
+        return stores[0]
+    n = len(context.pool)
+    sample = torch.randperm(n, generator=torch.Generator().manual_seed(context.config.selection_seed))[:1000]
+    parts = [store.to_tensor() / median_bandwidth(_store_rows(store, sample)) for store in stores]
+    return torch.cat(parts, dim=1)
 
 
 def _store_rows(store: VectorStore, rows: Tensor) -> Tensor:

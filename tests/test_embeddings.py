@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from conftest import CHAT_ROWS, lora_model
 
 from hf_influence.embeddings import cosine_scores, lm_pooled_embeddings
+from hf_influence.extract import extract_lm_embeddings
 from hf_influence.formatting import format_dataset
 from hf_influence.testing import tiny_causal_lm
 
@@ -84,3 +85,13 @@ def test_cosine_scores_match_direct_computation():
     assert scores.shape == (37, 5)
     torch.testing.assert_close(scores, expected, atol=1e-6, rtol=0)
     torch.testing.assert_close(cosine_scores(pool, target), scores, atol=1e-6, rtol=0)
+
+
+def test_lm_embeddings_store_equals_the_in_memory_embeddings(tmp_path):
+    model, tokenizer = tiny_causal_lm("llama")
+    formatted = format_dataset(CHAT_ROWS, tokenizer).dataset
+    store = extract_lm_embeddings(model, formatted, tmp_path / "lm", batch_size=2, show_progress=False)
+    expected = lm_pooled_embeddings(model, formatted, batch_size=2, pad_token_id=tokenizer.pad_token_id,
+                                    show_progress=False)
+    torch.testing.assert_close(store.to_tensor(), expected)
+    assert store.row_ids.tolist() == formatted["row_id"]

@@ -70,6 +70,16 @@ def _copied_pool(copies: int = 4):
     return datasets.Dataset.from_list([dict(row, id=f"{row['id']}/copy{c}") for c in range(copies) for row in base])
 
 
+@pytest.mark.parametrize("landmark_features", ["lm", "jvp+lm"])
+def test_other_regression_features_reproduce_exact_influence_with_landmarks_equal_to_the_pool(
+        pool, target, model, landmark_features):
+    _, table = _select(pool, target, model, budget=4, num_landmarks=len(pool), landmark_features=landmark_features)
+    _, exact = _select(pool, target, lora_model(seed=0), budget=4, method="influence_distillation_exact")
+    torch.testing.assert_close(table.to_matrix()[0], exact.to_matrix()[0])
+    assert table.provenance["selected_pool_row_ids"] == exact.provenance["selected_pool_row_ids"]
+    assert "lm_embeddings" in table.provenance["details"]["seconds"]
+
+
 @pytest.mark.parametrize("rule", ["round_robin", "mean_top_k"])
 def test_fewer_landmarks_track_exact_influence_without_favouring_landmarks(target, rule):
     pool = _copied_pool()  # 48 rows, 16 landmarks
