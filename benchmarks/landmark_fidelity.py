@@ -20,6 +20,8 @@ selection rule) and target, averaged over --seeds landmark draws:
 - loo_spearman: the library's own diagnostic (leave-one-out on the landmarks, no extra model pass);
 - gradient_cosine: the paper's diagnostic, the cosine between the kernel-regressed gradient (transfer matrix
   applied to the landmark gradients) and the true gradient of non-landmark rows (main grid, k = 128).
+Per feature and target, `ceilings`: the Spearman of leave-one-out predictions with every other pool row as a
+landmark, the most the features can give at any k.
 
 References: exact ID, RDS+ and MiniLM cosine, random (the pool's base rate), each under both rules; with the
 down_proj gradient variant cached, the same for its exact influence (the gradient-signal comparison).
@@ -151,6 +153,14 @@ class Lab:
             predicted = regressor.transfer_matrix(embeddings[~mask]) @ pool[landmarks]
             result["gradient_cosine"] = float(torch.nn.functional.cosine_similarity(predicted, pool[~mask]).mean())
         return result
+
+
+    def ceiling(self, target: str, features: str) -> float:
+        """Spearman of the leave-one-out predictions with every other pool row as a landmark (k = n): the most a
+        regression on these features can recover of exact influence's per-row ranking, at any k."""
+        exact = self.gradients["lora"]["exact"][target]
+        regressor = LandmarkRegressor().fit(self.features[features], exact)
+        return float(scipy.stats.spearmanr(regressor.loo.mean(1).numpy(), exact.mean(1).numpy()).statistic)
 
 
 def _jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -285,6 +295,7 @@ def main() -> int:
                     "torch": torch.__version__, "threads": torch.get_num_threads()},
         "cache_seconds": cache_seconds, "evaluation_seconds": time.perf_counter() - started - cache_seconds,
         "references": references(lab, args.cache),
+        "ceilings": {features: {t: lab.ceiling(t, features) for t in TARGETS} for features in features_list},
         "configs": configs,
     }
     default = SelectionConfig()

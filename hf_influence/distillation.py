@@ -88,7 +88,7 @@ def rbf_kernel(a: Tensor, b: Tensor, sigma: float) -> Tensor:
 # ridge (relative to the mean kernel diagonal) from these grids. The grids span the regimes seen on real
 # embeddings: a nearly constant kernel (large bandwidth), near-interpolation (small ridge) and heavy shrinkage.
 BANDWIDTH_GRID = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0)
-RIDGE_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+RIDGE_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 # The grid search runs on at most this many landmarks (a seeded subsample): one eigendecomposition per
 # bandwidth costs O(k^3), 2048^3 is a few seconds on a CPU; the final fit uses every landmark.
 TUNING_MAX_LANDMARKS = 2048
