@@ -76,7 +76,13 @@ def test_select_command_writes_rows_scores_and_report(tmp_path, tiny_model_folde
     assert table.provenance["selected_pool_row_ids"] and int(table.landmark_mask.sum()) == 8
     assert json.loads((output / "report.json").read_text()) == report
     assert sum(report["pool_share"].values()) == pytest.approx(1.0)
-    assert "selected share" in capsys.readouterr().out
+    # The landmark diagnostics travel into report.json and the printed report.
+    assert report["landmarks"] == table.provenance["details"]["landmarks"]
+    assert report["landmarks"]["num_landmarks"] == 8 and -1.0 <= report["landmarks"]["loo_spearman"] <= 1.0
+    assert report["landmarks"]["landmark_share_selected"] == pytest.approx(
+        float(table.landmark_mask[table.provenance["selected_pool_row_ids"]].float().mean()))
+    printed = capsys.readouterr().out
+    assert "selected share" in printed and "leave-one-out Spearman" in printed
     # --save_scores false streams the selection: the same rows in the same order, no scores/ folder.
     streamed = tmp_path / "streamed"
     cli.run_select(["--pool", str(tmp_path / "pool.jsonl"), "--target", str(tmp_path / "target.jsonl"),
