@@ -106,8 +106,9 @@ def _rds_embeddings(cache: Path, model, data: LabData, pad: int) -> None:
 
 
 def build_cache(cache: Path, data_dir: Path, pool_rows: int, target_rows: int, max_length: int, seed: int,
-                gradients: list[str], jvp_variants: list[str]) -> LabData:
-    """Compute (or resume) every cached piece; returns the formatted data."""
+                gradients: list[str], jvp_variants: list[str], variant_rows: int | None = None) -> LabData:
+    """Compute (or resume) every cached piece; returns the formatted data. Gradient variants other than "lora"
+    cover the first `variant_rows` pool rows only when it is given (a cheaper side-by-side comparison)."""
     cache.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_model(DEFAULT_MODEL)
     model = add_lora(model, LoraSettings())
@@ -146,7 +147,8 @@ def build_cache(cache: Path, data_dir: Path, pool_rows: int, target_rows: int, m
             for name, target in data.targets.items():
                 extract_gradients(model, target, cache / f"target_gradients-{variant}-{name}", config,
                                   pad_token_id=pad, show_progress=False)
-            extract_gradients(model, data.pool, cache / f"pool_gradients-{variant}", config, preconditioner=scale,
+            rows = data.pool if variant == "lora" or variant_rows is None else data.pool.select(range(variant_rows))
+            extract_gradients(model, rows, cache / f"pool_gradients-{variant}", config, preconditioner=scale,
                               pad_token_id=pad, show_progress=False)
         _log(f"{kind} {variant}: {time.perf_counter() - started:.0f} s")
         _record_seconds(cache, f"{kind}/{variant}", time.perf_counter() - started)

@@ -116,8 +116,10 @@ class Lab:
         return sum(self.sources[r].startswith(sources) for r in rows.tolist()) / len(rows)
 
     def reference(self, target: str, scores: torch.Tensor) -> dict:
-        """In-domain share (GSM8K) of a full score matrix's selection under each rule."""
-        return {rule: self.in_domain_share(target, select_indices(scores.float(), self.budget, rule=rule))
+        """In-domain share (GSM8K) of the selection (5% of the score matrix's rows: the first rows of the pool)
+        under each rule."""
+        budget = max(1, round(BUDGET_FRACTION * scores.shape[0]))
+        return {rule: self.in_domain_share(target, select_indices(scores.float(), budget, rule=rule))
                 for rule in RULES}
 
     def evaluate(self, target: str, features: str, k: int, seed: int, landmark_selection: str = "uniform",
@@ -194,8 +196,12 @@ def averaged(lab: Lab, seeds: list[int], **config) -> dict:
 
 def references(lab: Lab, data_dir_cache: Path) -> dict:
     """Exact influence of every cached gradient variant, RDS+, MiniLM cosine and random, per target."""
-    out = {"random": {t: {rule: _base_rate(lab, t) for rule in RULES} for t in TARGETS}}
+    out = {"random": {t: {rule: _base_rate(lab, t, lab.n) for rule in RULES} for t in TARGETS}}
     for kind, gradients in lab.gradients.items():
+        rows = gradients["pool"].shape[0]
+        if rows < lab.n:  # a variant on the first rows only: every reference again on those rows, side by side
+            out[f"first_{rows}_rows"] = _subset_references(lab, rows, data_dir_cache)
+            continue
         out[f"exact_{kind}"] = {t: lab.reference(t, gradients["exact"][t]) for t in TARGETS}
         selections = {t: select_indices(gradients["exact"][t].float(), lab.budget, rule="round_robin") for t in TARGETS}
         out[f"exact_{kind}"]["cross_target_jaccard"] = _mean(
@@ -213,8 +219,21 @@ def references(lab: Lab, data_dir_cache: Path) -> dict:
     return out
 
 
-def _base_rate(lab: Lab, target: str) -> float | None:
-    return lab.in_domain_share(target, torch.arange(lab.n))
+def _base_rate(lab: Lab, target: str, rows: int) -> float | None:
+    return lab.in_domain_share(target, torch.arange(rows))
+
+
+def _subset_references(lab: Lab, rows: int, cache: Path) -> dict:
+    """GSM8K in-domain shares of exact influence (each gradient variant), RDS+ and random on the first `rows`
+    pool rows, 5% of them selected: the gradient-signal comparison when a variant covers only those rows."""
+    out = {"random": _base_rate(lab, "gsm8k", rows)}
+    for kind, gradients in lab.gradients.items():
+        out[f"exact_{kind}"] = lab.reference("gsm8k", gradients["exact"]["gsm8k"][:rows])
+    if "lm" in lab.features:
+        pool = torch.nn.functional.normalize(lab.features["lm"][:rows].float(), dim=1)
+        target = load_file(str(cache / "rds_target-gsm8k.safetensors"))["embeddings"].float()
+        out["rds"] = lab.reference("gsm8k", pool @ torch.nn.functional.normalize(target, dim=1).T)
+    return out
 
 
 def print_tables(summary: dict) -> None:
@@ -231,7 +250,11 @@ def print_tables(summary: dict) -> None:
     print("\n| reference | GSM8K in-domain (round_robin) | (mean_top_k) |")
     print("|---|---|---|")
     for name, result in summary["references"].items():
-        if "gsm8k" in result:
+        if name.startswith("first_"):  # {reference: {rule: share}} on a subset of the pool
+            for reference, shares in result.items():
+                shares = shares if isinstance(shares, dict) else {rule: shares for rule in RULES}
+                print(f"| {reference} ({name}) | {shares['round_robin']:.3f} | {shares['mean_top_k']:.3f} |")
+        elif "gsm8k" in result:
             print(f"| {name} | {result['gsm8k']['round_robin']:.3f} | {result['gsm8k']['mean_top_k']:.3f} |")
 
 
@@ -247,6 +270,8 @@ def main() -> int:
     parser.add_argument("--seeds", default="0,1,2", help="Landmark draws averaged per configuration.")
     parser.add_argument("--gradients", default="lora,down_proj", help=f"Gradient variants to cache: {list(GRADIENTS)}.")
     parser.add_argument("--jvp", default=",".join(JVP_VARIANTS), help=f"JVP variants to cache: {list(JVP_VARIANTS)}.")
+    parser.add_argument("--variant-rows", type=int, default=None,
+                        help="Compute gradient variants other than lora on the first N pool rows only (cheaper).")
     parser.add_argument("--features", default=",".join(FEATURES), help="Regression features to evaluate.")
     parser.add_argument("--landmarks", default=",".join(map(str, LANDMARK_COUNTS)), help="Landmark counts k.")
     parser.add_argument("--evaluate-only", action="store_true",
@@ -260,7 +285,7 @@ def main() -> int:
     started = time.perf_counter()
     if not args.evaluate_only:
         build_cache(args.cache, args.data_dir, args.pool_rows, args.target_rows, args.max_length, args.seed,
-                    args.gradients.split(","), args.jvp.split(","))
+                    args.gradients.split(","), args.jvp.split(","), args.variant_rows)
     cache_seconds = time.perf_counter() - started
     lab = Lab(args.cache, args.data_dir, args.seed)
     seeds = [int(s) for s in args.seeds.split(",")]
