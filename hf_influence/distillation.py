@@ -100,7 +100,11 @@ def _loo_error(eigenvalues: Tensor, eigenvectors: Tensor, centred: Tensor, ridge
     inverse_values = 1.0 / (eigenvalues + ridge)
     diagonal = (eigenvectors.square() * inverse_values).sum(1)  # diag((K + ridge I)^-1)
     alpha = eigenvectors @ (inverse_values[:, None] * (eigenvectors.T @ centred))
-    residuals = alpha / diagonal[:, None]  # y_i - (prediction of row i from the other rows)
+    return _relative_error(alpha / diagonal[:, None], centred)  # alpha_i / M^-1_ii = y_i - LOO prediction
+
+
+def _relative_error(residuals: Tensor, centred: Tensor) -> float:
+    """1 - R^2 per column (sum of squared residuals over the centred targets' sum of squares), averaged."""
     scale = centred.square().sum(0).clamp_min(torch.finfo(torch.float64).tiny)
     return (residuals.square().sum(0) / scale).mean().item()
 
@@ -161,9 +165,9 @@ class LandmarkRegressor:
         self.gram = gram
         self.inverse = torch.linalg.inv(gram)
         self.alpha = self.inverse @ centred
-        loo = targets - self.alpha / self.inverse.diagonal()[:, None]
-        self.loo_error = (((loo - targets).square().sum(0)) / centred.square().sum(0).clamp_min(
-            torch.finfo(torch.float64).tiny)).mean().item()
+        residuals = self.alpha / self.inverse.diagonal()[:, None]
+        self.loo_error = _relative_error(residuals, centred)
+        loo = targets - residuals
         self.loo = (loo.squeeze(1) if self.squeeze else loo).to(self.scores_dtype)
         return self
 
