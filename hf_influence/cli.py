@@ -233,9 +233,10 @@ def _print_report(report: dict) -> None:
         landmarks = report["landmarks"]
         bandwidth = ("" if landmarks["bandwidth_scale"] is None
                      else f"bandwidth {landmarks['bandwidth_scale']:g} x the median distance, ")
+        spearman = "undefined" if landmarks["loo_spearman"] is None else f"{landmarks['loo_spearman']:.2f}"
         print(f"  landmarks: {landmarks['num_landmarks']} ({landmarks['landmark_share_pool']:.1%} of the pool, "
               f"{landmarks['landmark_share_selected']:.1%} of the selection); leave-one-out Spearman "
-              f"{landmarks['loo_spearman']:.2f}; {bandwidth}ridge {landmarks['ridge']:g}")
+              f"{spearman}; {bandwidth}ridge {landmarks['ridge']:g}")
     if report["selected_share"]:
         print(f"\n  {'group':<32}{'pool share':>12}{'selected share':>16}")
         for group, share in sorted(report["pool_share"].items(), key=lambda item: -report["selected_share"].get(item[0], 0)):

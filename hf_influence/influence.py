@@ -427,24 +427,28 @@ def landmark_diagnostics(regressor: LandmarkRegressor, landmark_scores: Tensor, 
     """How faithful the landmark regression is, from the landmarks alone (no extra model pass).
 
     loo_spearman: Spearman correlation, over the k landmarks, of their leave-one-out predicted mean score (over
-    the m targets) with their exact mean score: how well the regression ranks a row it did not see. loo_error:
+    the m targets) with their exact mean score: how well the regression ranks a row it did not see (None when
+    either is constant, which warns too). loo_error:
     1 - leave-one-out R^2, averaged over the regression's columns. Logs a warning below LOO_SPEARMAN_WARNING.
     landmark_scores: [k, m] exact first-order scores.
     """
     k, m = landmark_scores.shape
-    predicted = regressor.loo.reshape(k, -1)[:, :m].double().mean(1)
-    loo_spearman = float(scipy.stats.spearmanr(predicted.numpy(), landmark_scores.double().mean(1).numpy()).statistic)
+    predicted, exact = regressor.loo.reshape(k, -1)[:, :m].double().mean(1), landmark_scores.double().mean(1)
+    # Undefined (None) when either side is constant, e.g. a regression that predicts the mean for every landmark.
+    constant = bool((predicted == predicted[0]).all() or (exact == exact[0]).all())
+    loo_spearman = None if constant else float(scipy.stats.spearmanr(predicted.numpy(), exact.numpy()).statistic)
     diagnostics = {
         "num_landmarks": k, "landmark_share_pool": k / num_pool_rows, "landmark_scores": "loo" if calibrated else "exact",
         "kernel": regressor.kernel, "bandwidth": getattr(regressor, "sigma", None),
         "bandwidth_scale": regressor.bandwidth, "ridge": regressor.ridge, "loo_spearman": loo_spearman,
         "loo_error": regressor.loo_error,
     }
-    if k < num_pool_rows and not loo_spearman >= LOO_SPEARMAN_WARNING:
+    if k < num_pool_rows and (loo_spearman is None or loo_spearman < LOO_SPEARMAN_WARNING):
         logger.warning(
-            "Landmark regression fidelity is low: leave-one-out Spearman %.2f over %d landmarks (below %.2f), so the "
+            "Landmark regression fidelity is low: leave-one-out Spearman %s over %d landmarks (below %.2f), so the "
             "scores of the %d other pool rows are unreliable. Raise num_landmarks (now %d), or use "
-            "method='influence_distillation_exact'.", loo_spearman, k, LOO_SPEARMAN_WARNING, num_pool_rows - k, k)
+            "method='influence_distillation_exact'.", "undefined" if loo_spearman is None else f"{loo_spearman:.2f}",
+            k, LOO_SPEARMAN_WARNING, num_pool_rows - k, k)
     return diagnostics
 
 

@@ -114,6 +114,12 @@ def test_low_landmark_fidelity_warns_and_names_num_landmarks(caplog):
     with caplog.at_level("WARNING", logger="hf_influence.influence"):
         diagnostics = landmark_diagnostics(LandmarkRegressor().fit(embeddings, smooth), smooth, 300, True)
     assert diagnostics["loo_spearman"] > 0.9 and caplog.text == ""
+    # A regression that predicts one value for every landmark has no ranking: undefined, and it warns.
+    flat = LandmarkRegressor().fit(embeddings, scores, ridge=1e6, bandwidth=1e-3)
+    flat.loo = torch.full_like(flat.loo, 0.5)
+    with caplog.at_level("WARNING", logger="hf_influence.influence"):
+        assert landmark_diagnostics(flat, scores, 300, True)["loo_spearman"] is None
+    assert "leave-one-out Spearman undefined" in caplog.text
 
 
 def test_selection_contract(pool, target, model):
