@@ -324,7 +324,9 @@ def main() -> int:
         "configs": configs,
     }
     default = SelectionConfig()
-    best_name = f"jvp/k128/uniform/rbf/loo-tuned/{default.landmark_scores}-landmarks"
+    tuning = "loo-tuned" if default.kernel_bandwidth is None else f"median/ridge{default.kernel_ridge:g}"
+    best_name = (f"jvp/k128/uniform/rbf/loo-tuned/{default.landmark_scores}-landmarks" if tuning == "loo-tuned"
+                 else f"jvp/k128/{tuning}/{default.landmark_scores}-landmarks")
     rule = default.selection or "round_robin"
     if best_name in configs:
         summary["best"] = {"name": best_name, "rule": rule, **configs[best_name]["mean"][rule],

@@ -86,10 +86,12 @@ class SelectionConfig:
             ridge-shrunk predictions of the other rows and fills round-robin selections with landmarks). With
             landmarks = the whole pool both give exact influence.
         kernel: kernel of the landmark regression: "rbf" or "linear".
-        kernel_bandwidth: RBF bandwidth as a multiple of the median pairwise landmark distance (1.0 is the median
-            heuristic); None chooses it by closed-form leave-one-out on the landmarks.
-        kernel_ridge: ridge of the landmark regression, relative to the mean kernel diagonal; None chooses it by
-            closed-form leave-one-out on the landmarks.
+        kernel_bandwidth: RBF bandwidth as a multiple of the median pairwise landmark distance (1.0, the default,
+            is the median heuristic); None chooses it by closed-form leave-one-out on the landmarks (better in the
+            fidelity lab, but an argmin over a grid: rounding differences, e.g. a multi-process warm-up, can flip
+            the choice and with it the selection, so it is opt-in).
+        kernel_ridge: ridge of the landmark regression, relative to the mean kernel diagonal (default 0.01); None
+            chooses it by closed-form leave-one-out on the landmarks (see kernel_bandwidth).
         order: 1 (first-order influence) or 2 (adds the target-Hessian term to the robust weights).
         hessian: "exact" (double backward) or "gauss_newton", for order 2.
         robust_lambda: lambda of the robust-weights objective (the paper's running example uses 0.02).
@@ -112,8 +114,8 @@ class SelectionConfig:
     landmark_features: str = "jvp"
     landmark_scores: str = "loo"
     kernel: str = "rbf"
-    kernel_bandwidth: float | None = None
-    kernel_ridge: float | None = None
+    kernel_bandwidth: float | None = 1.0
+    kernel_ridge: float | None = 0.01
     order: int = 1
     hessian: str = "exact"
     robust_lambda: float = 0.02

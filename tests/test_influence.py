@@ -88,7 +88,7 @@ def test_fewer_landmarks_track_exact_influence_without_favouring_landmarks(targe
     _, table = _select(pool, target, lora_model(seed=0), budget=12, num_landmarks=16, selection=rule)
     exact_means = exact.to_matrix()[0].double().mean(1)
     means = table.to_matrix()[0].double().mean(1)
-    assert scipy.stats.spearmanr(means, exact_means).statistic >= 0.8  # measured 0.88 (seed 0)
+    assert scipy.stats.spearmanr(means, exact_means).statistic >= 0.8
     diagnostics = table.provenance["details"]["landmarks"]
     selected = table.provenance["selected_pool_row_ids"]
     share = float(table.landmark_mask[selected].float().mean())
