@@ -528,11 +528,13 @@ def less(context: Context) -> MethodOutput:
 
 @register_method("rds", default_selection="round_robin")
 def rds(context: Context) -> MethodOutput:
-    """RDS+ (Ivison et al. 2025): cosine of position-weighted mean-pooled last hidden states."""
-    pad, show = context.tokenizer.pad_token_id, context.show_progress
+    """RDS+ (Ivison et al. 2025): cosine of position-weighted mean-pooled last hidden states. The pool's
+    embeddings go to the work_dir store that landmark_features="lm" uses, so that another target (or a landmark
+    run with lm features) on the same work_dir reuses them."""
+    pool = _feature_store(context, "lm").to_tensor()
     with context.timed("embeddings"):
-        pool = lm_pooled_embeddings(context.model, context.pool, pad_token_id=pad, show_progress=show)
-        target = lm_pooled_embeddings(context.model, context.target, pad_token_id=pad, show_progress=show)
+        target = lm_pooled_embeddings(context.model, context.target, pad_token_id=context.tokenizer.pad_token_id,
+                                      show_progress=context.show_progress)
     return MethodOutput(cosine_scores(pool, target, chunk_rows=context.config.chunk_rows))
 
 

@@ -346,3 +346,39 @@ def test_second_order_with_a_decayed_learning_rate_uses_half_the_initial_rate(po
     with pytest.raises(ValueError, match="learning rate is 0 and it records no initial_lr"):
         select_by_influence(pool, target, model=network, tokenizer=tokenizer,
                             optimizer=_decayed_adamw(network, with_scheduler=False), **options)
+
+
+def test_rds_is_the_cosine_of_pooled_embeddings_and_reuses_the_pool_store(pool, target, tmp_path, monkeypatch):
+    """RDS+ scores are the cosine of the base model's pooled embeddings (brute force: lm_pooled_embeddings of each
+    side), and a second target on the same work_dir reads the pool's embeddings from the store."""
+    from hf_influence import extract
+    from hf_influence.embeddings import lm_pooled_embeddings
+    from hf_influence.formatting import FormattingConfig, format_dataset
+
+    network, tokenizer = tiny_causal_lm(seed=0)
+    _, table = select_by_influence(pool, target, model=network, tokenizer=tokenizer, return_scores=True,
+                                   method="rds", budget=4, work_dir=str(tmp_path), show_progress=False)
+    formatting = FormattingConfig(show_progress=False)
+    pool_rows = format_dataset(pool, tokenizer, formatting).dataset
+    target_rows = format_dataset(target, tokenizer, formatting).dataset
+    pad = tokenizer.pad_token_id
+    expected = (lm_pooled_embeddings(network, pool_rows, pad_token_id=pad, show_progress=False)
+                @ lm_pooled_embeddings(network, target_rows, pad_token_id=pad, show_progress=False).T)
+    torch.testing.assert_close(table.to_matrix()[0].float(), expected, rtol=1e-4, atol=1e-5)
+
+    embedded = []  # rows embedded by either path (the pool's store or the in-memory target pass)
+
+    def counting(original):
+        def pooled(decoder, batch, device):
+            embedded.append(len(batch["input_ids"]))
+            return original(decoder, batch, device)
+        return pooled
+
+    from hf_influence import embeddings
+    monkeypatch.setattr(extract, "pooled_batch", counting(extract.pooled_batch))
+    monkeypatch.setattr(embeddings, "pooled_batch", counting(embeddings.pooled_batch))
+    other = demo_target("code", 2, seed=3)
+    _, other_table = select_by_influence(pool, other, model=network, tokenizer=tokenizer, return_scores=True,
+                                         method="rds", budget=4, work_dir=str(tmp_path), show_progress=False)
+    assert other_table.to_matrix()[0].shape == (len(pool), len(other))
+    assert sum(embedded) == len(other)  # only the new target's rows went through the model
