@@ -1,139 +1,392 @@
-"""Does the selection help training? LoRA SFT on a 2% selection, GSM8K test loss before and after, per method.
+"""Does the selection help training? The evaluation of record: LoRA SFT on each method's selection, held-out
+target loss before and after, over several selection and training seeds, with 95% confidence intervals.
 
-    python benchmarks/downstream.py --json benchmarks/results/downstream_cpu.json [--pool-rows 3000 --budget 0.02]
+    python benchmarks/downstream.py --cache CACHE --json benchmarks/results/downstream_cpu.json \
+        [--plot benchmarks/results/downstream_cpu.png] [--quick]
 
-Pool: a seeded slice of ../shared/data/pool.jsonl.gz (it holds GSM8K-train and AQuA rationales among ~96k
-instruction rows); selection target: a handful of GSM8K *train* problems with worked solutions (the few-shot
-target of the papers); evaluation: held-out GSM8K *test* rows, loss = mean over rows of the mean response-token
-cross-entropy of the worked solution (`hf_influence.target_loss`). Model: SmolLM2-135M-Instruct (offline copy).
+Design (each choice fixed before any result was seen; none is tuned on the evaluation rows):
+- Pool: one seeded slice of ../shared/data/pool.jsonl.gz (default 2,048 rows, max_length 256), the same for
+  every method and target. Its model-side pieces (warm-up, JVP embeddings, LoRA gradients, RDS+ embeddings) live
+  in CACHE/work, the `work_dir` of every `select_by_influence` call, and are computed once: a second target or
+  method reuses them (the library keys each store by model, rows and config).
+- Targets: GSM8K (selection: train problems with worked solutions; evaluation: test problems), MMLU
+  (selection: dev questions; evaluation: test questions; the loss is on the answer the loader produces) and
+  BBH (one file: the evaluation rows are drawn from the rows left after the selection rows). Evaluation rows
+  never overlap selection rows (checked by id and by prompt).
+- Loss: `target_loss`, the mean over evaluation rows of each row's mean response-token cross-entropy. The
+  change is after - before: negative is better.
+- Methods: the library's registry names. `random` is drawn with `random_seeds` selection seeds; the others are
+  deterministic for a seed and use selection seed 0. Every selection is trained with `train_seeds` training
+  seeds (LoRA init and data order): `InfluenceSFTTrainer` in select mode, given the method's ScoreTable (so the
+  trainer itself picks the rows; the benchmark checks they are the rows `select_by_influence` picked), fixed
+  steps, constant lr.
+- Statistics per target and method: mean, std (ddof 1) and t-interval (95%) of the loss change over all its runs;
+  the paired difference against random: for each training seed, the method's mean change minus random's mean
+  change over its selection seeds at that training seed (the training seed is shared, so its effect cancels),
+  then the mean and t-interval over training seeds; `sd_below_random`: (random mean - method mean) / random's
+  std over all its runs (the issue's "2 standard deviations of random").
 
-Every method gets the same budget, the same fresh model, the same LoRA SFT (InfluenceSFTTrainer in select mode:
-it selects, then trains on the selected rows only) and the same evaluation rows. Reported per method:
-`target_loss_before`, `target_loss_after`, `train_seconds`, `selection_seconds`, the selection's in-domain share.
-
-Two calibrations tell whether a difference is signal:
-- `--random-repeats K`: random selection with K selection seeds; `random` reports the first draw's keys plus
-  `repeats` and the mean / standard deviation of the loss change over the draws (the noise floor of one draw).
-- `--in-domain-reference`: `in_domain_random`, the same budget drawn at random from the pool's GSM8K / AQuA
-  rationale rows only. It knows the source labels no method sees: a reference for what in-domain data is worth
-  at this budget, not a method.
+Resumable: each selection (its ScoreTable in CACHE/tables) and each training run (CACHE/runs.json, written
+atomically after every run) is kept; a rerun after a crash does only what is missing and gives the same JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
-import tempfile
 import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
+import numpy as np
+import scipy.stats
 import torch
+from datasets import Dataset
 from peft import LoraConfig
 from selection_quality import DEFAULT_DATA_DIR, in_domain_share, machine
 
-from hf_influence import DEFAULT_MODEL, InfluenceSFTConfig, InfluenceSFTTrainer, load_model, load_target, target_loss
+from hf_influence import (DEFAULT_MODEL, InfluenceSFTConfig, InfluenceSFTTrainer, ScoreTable, load_model, load_target,
+                          select_by_influence, target_loss)
 from hf_influence.data import load_rows
 from hf_influence.formatting import FormattingConfig
 from hf_influence.selection import resolve_budget
+from hf_influence.targets import sample_rows
+
+METHODS = ("influence_distillation", "influence_distillation_exact", "less", "rds", "nn_cift", "random")
+# Target name -> (task, load_target options of the selection rows, of the evaluation candidates).
+TARGETS = {
+    "gsm8k": ("gsm8k", {}, {"held_out": True}),
+    "mmlu": ("mmlu", {}, {"held_out": True}),
+    "bbh": ("bbh", {}, {}),
+}
 
 
-def run_method(method: str, pool, target, evaluation, args, output_dir: Path, budget: float | None = None,
-               selection_seed: int = 0) -> dict:
-    model, tokenizer = load_model(DEFAULT_MODEL)
-    formatting = FormattingConfig(max_length=args.max_length, show_progress=False)
-    before = target_loss(model, tokenizer, evaluation, formatting)
-    config = InfluenceSFTConfig(
-        output_dir=str(output_dir), influence_mode="select", influence_budget=args.budget if budget is None else budget,
-        influence_method=method, influence_options={
-            "num_landmarks": args.landmarks, "max_length": args.max_length, "show_progress": False,
-            "warmup_show_progress": False, "selection_seed": selection_seed},
-        num_train_epochs=args.epochs, per_device_train_batch_size=args.batch_size, learning_rate=args.learning_rate,
-        lr_scheduler_type="constant", max_length=args.max_length, bf16=False, report_to="none", save_strategy="no",
-        logging_steps=10, disable_tqdm=True, seed=args.seed, gradient_checkpointing=False,  # 135M: memory is no issue
-    )
+@dataclass
+class Settings:
+    """Everything that defines a run; stored with the results, and a rerun on a cache made with other settings
+    is refused (its runs would not be comparable)."""
+
+    pool_rows: int = 2048
+    max_length: int = 256
+    selection_rows: int = 32
+    eval_rows: int = 64
+    budget: float = 0.05
+    num_landmarks: int = 128
+    targets: tuple[str, ...] = tuple(TARGETS)
+    methods: tuple[str, ...] = METHODS
+    random_seeds: int = 5
+    train_seeds: int = 3
+    max_steps: int = 24
+    batch_size: int = 4
+    learning_rate: float = 2e-4
+    lora_r: int = 8
+    seed: int = 0
+    # Extra select_by_influence options (the tests make the tiny model's runs fast with them).
+    options: dict = field(default_factory=dict)
+
+    def selection_seeds(self, method: str) -> range:
+        return range(self.random_seeds if method == "random" else 1)
+
+
+@dataclass
+class BenchmarkData:
+    pool: Dataset  # raw pool rows, with `source`
+    targets: dict[str, tuple[Dataset, Dataset]]  # name -> (selection rows, evaluation rows)
+
+
+def disjoint_evaluation(selection: Dataset, candidates: Dataset, rows: int, seed: int) -> Dataset:
+    """`rows` evaluation rows drawn (seeded) from `candidates` minus every row that shares an id or a prompt
+    with a selection row."""
+    ids, prompts = set(selection["id"]), set(selection["prompt"])
+    keep = [i for i, (row_id, prompt) in enumerate(zip(candidates["id"], candidates["prompt"]))
+            if row_id not in ids and prompt not in prompts]
+    if len(keep) < rows:
+        raise ValueError(f"only {len(keep)} evaluation rows are left after removing the selection rows; "
+                         f"asked for {rows}")
+    return sample_rows(candidates.select(keep), rows, seed)
+
+
+def load_data(data_dir: Path, settings: Settings) -> BenchmarkData:
+    """The seeded pool slice and, per target, its selection rows and disjoint evaluation rows."""
+    pool = load_rows(data_dir / "pool.jsonl.gz").shuffle(seed=settings.seed).select(range(settings.pool_rows))
+    targets = {}
+    for name in settings.targets:
+        task, selection_options, evaluation_options = TARGETS[name]
+        selection = load_target(task, data_dir=data_dir, limit=settings.selection_rows, seed=settings.seed,
+                                **selection_options)
+        candidates = load_target(task, data_dir=data_dir, **evaluation_options)
+        targets[name] = selection, disjoint_evaluation(selection, candidates, settings.eval_rows, settings.seed + 1)
+    return BenchmarkData(pool, targets)
+
+
+class RunLog:
+    """A JSON object of finished results, rewritten atomically after every change (crash-safe resume)."""
+
+    def __init__(self, path: Path, settings: Settings):
+        self.path = path
+        recorded = asdict(settings)
+        recorded["targets"], recorded["methods"] = list(settings.targets), list(settings.methods)
+        if path.exists():
+            self.data = json.loads(path.read_text())
+            if self.data["settings"] != recorded:
+                raise ValueError(f"{path} was made with other settings ({self.data['settings']}); use another "
+                                 f"--cache or the same settings")
+        else:
+            self.data = {"settings": recorded, "results": {}}
+
+    def get(self, key: str):
+        return self.data["results"].get(key)
+
+    def put(self, key: str, value) -> None:
+        self.data["results"][key] = value
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1))
+        tmp.replace(self.path)
+
+
+def _log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def describe_selection(pool: Dataset, row_ids: list[int]) -> dict:
+    """What the selected rows look like: source families (the part before '/') and mean characters per row."""
+    rows = pool.select(row_ids)
+    families = Counter(source.split("/")[0] for source in rows["source"])
+    characters = [sum(len(m["content"]) for m in messages) for messages in rows["messages"]]
+    return {"in_domain_share_gsm8k": in_domain_share(rows["source"]), "source_families": dict(families),
+            "mean_characters": float(np.mean(characters))}
+
+
+def select(data: BenchmarkData, target: str, method: str, selection_seed: int, settings: Settings, cache: Path,
+           work_dir: Path, model_loader: Callable) -> dict:
+    """Run `select_by_influence` once (stores in `work_dir`); its ScoreTable goes to
+    cache/tables/<target>/<method>-<seed>."""
+    model, tokenizer = model_loader()
+    options = {"max_length": settings.max_length, "selection_seed": selection_seed, "work_dir": str(work_dir),
+               "show_progress": False, "warmup_show_progress": False, **settings.options}
+    if method == "influence_distillation":
+        options["num_landmarks"] = settings.num_landmarks
     start = time.perf_counter()
-    trainer = InfluenceSFTTrainer(model, args=config, train_dataset=pool, target_dataset=target,
+    selected, table = select_by_influence(data.pool, data.targets[target][0], model=model, tokenizer=tokenizer,
+                                          budget=settings.budget, method=method, return_scores=True, **options)
+    seconds = time.perf_counter() - start
+    table.save(cache / "tables" / target / f"{method}-{selection_seed}")
+    row_ids = table.provenance["selected_pool_row_ids"]
+    return {"selected_pool_row_ids": row_ids, "selection_seconds": seconds, **describe_selection(data.pool, row_ids),
+            "landmarks": table.provenance["details"].get("landmarks")}
+
+
+def train(data: BenchmarkData, target: str, method: str, selection_seed: int, train_seed: int, selection: dict,
+          settings: Settings, cache: Path, model_loader: Callable) -> dict:
+    """LoRA SFT of a fresh model on the rows the trainer selects from the saved ScoreTable; the change of the
+    evaluation rows' loss."""
+    model, tokenizer = model_loader()
+    table = ScoreTable.load(cache / "tables" / target / f"{method}-{selection_seed}")
+    config = InfluenceSFTConfig(
+        output_dir=str(cache / "trainer"), influence_mode="select", influence_budget=settings.budget,
+        influence_method=method, influence_options={"selection": table.provenance["selection"], "selection_seed": selection_seed},
+        max_steps=settings.max_steps, per_device_train_batch_size=settings.batch_size,
+        learning_rate=settings.learning_rate, lr_scheduler_type="constant", warmup_steps=0,
+        max_length=settings.max_length, bf16=False, report_to="none", save_strategy="no", logging_strategy="no",
+        disable_tqdm=True, seed=train_seed, data_seed=train_seed, gradient_checkpointing=False)
+    trainer = InfluenceSFTTrainer(model, args=config, train_dataset=data.pool, influence_score_table=table,
                                   processing_class=tokenizer,
-                                  peft_config=LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r,
+                                  peft_config=LoraConfig(r=settings.lora_r, lora_alpha=2 * settings.lora_r,
                                                          target_modules="all-linear", task_type="CAUSAL_LM"))
-    selection_seconds = time.perf_counter() - start
-    selected = trainer.influence_selections[-1].row_ids
+    chosen = trainer.influence_selections[-1].row_ids
+    if sorted(chosen) != sorted(selection["selected_pool_row_ids"]):
+        raise RuntimeError(f"{target}/{method}/{selection_seed}: the trainer selected other rows than "
+                           f"select_by_influence from the same table")
     start = time.perf_counter()
     result = trainer.train()
-    train_seconds = time.perf_counter() - start
-    after = target_loss(trainer.model, tokenizer, evaluation, formatting)
-    record = {"target_loss_before": before, "target_loss_after": after, "target_loss_change": after - before,
-              "train_seconds": train_seconds, "selection_seconds": selection_seconds, "train_loss": result.training_loss,
-              "steps": result.global_step, "selected_rows": len(selected),
-              "in_domain_share": in_domain_share([pool[i]["source"] for i in selected])}
-    print(f"{method:<24} before {before:.4f} after {after:.4f} (change {after - before:+.4f}); in-domain share "
-          f"{record['in_domain_share']:.2f}; selection {selection_seconds:.0f} s, training {train_seconds:.0f} s",
-          flush=True)
-    return record
+    seconds = time.perf_counter() - start
+    after = target_loss(trainer.model, tokenizer, data.targets[target][1],
+                        FormattingConfig(max_length=settings.max_length, show_progress=False))
+    return {"selection_seed": selection_seed, "train_seed": train_seed, "target_loss_after": after,
+            "train_seconds": seconds, "train_loss": result.training_loss, "steps": result.global_step}
+
+
+def run_benchmark(data: BenchmarkData, settings: Settings, cache: Path, model_loader: Callable,
+                  work_dir: Path | None = None) -> RunLog:
+    """Every missing selection and training run, target by target (a finished one is never redone). The model
+    stores go to `work_dir` (default cache/work): runs with other settings can share them."""
+    work_dir = work_dir or cache / "work"
+    log = RunLog(cache / "runs.json", settings)
+    formatting = FormattingConfig(max_length=settings.max_length, show_progress=False)
+    for target in settings.targets:
+        if log.get(f"{target}/before") is None:
+            model, tokenizer = model_loader()
+            log.put(f"{target}/before", target_loss(model, tokenizer, data.targets[target][1], formatting))
+        for method in settings.methods:
+            for selection_seed in settings.selection_seeds(method):
+                key = f"{target}/{method}/selection-{selection_seed}"
+                if log.get(key) is None:
+                    _log(f"select {key}")
+                    log.put(key, select(data, target, method, selection_seed, settings, cache, work_dir, model_loader))
+                for train_seed in range(settings.train_seeds):
+                    run_key = f"{key}/train-{train_seed}"
+                    if log.get(run_key) is None:
+                        record = train(data, target, method, selection_seed, train_seed, log.get(key), settings,
+                                       cache, model_loader)
+                        log.put(run_key, record)
+                        _log(f"{run_key}: loss change {record['target_loss_after'] - log.get(f'{target}/before'):+.4f}"
+                             f" ({record['train_seconds']:.0f} s)")
+    return log
+
+
+def interval(values: list[float]) -> tuple[float, float, list[float] | None]:
+    """Mean, std (ddof 1) and the 95% t-interval of the mean; std 0 and no interval for a single value."""
+    array = np.asarray(values, dtype=np.float64)
+    mean = float(array.mean())
+    if len(array) < 2:
+        return mean, 0.0, None
+    std = float(array.std(ddof=1))
+    half = float(scipy.stats.t.ppf(0.975, len(array) - 1)) * std / math.sqrt(len(array))
+    return mean, std, [mean - half, mean + half]
+
+
+def summarize_target(runs: dict[str, list[dict]], selections: dict[str, list[dict]], before: float) -> dict:
+    """Per method: the statistics of the loss change (see the module docstring). `runs[method]` holds training
+    records (selection_seed, train_seed, target_loss_after, train_seconds); `selections[method]` the selection
+    records."""
+    changes = {method: [run["target_loss_after"] - before for run in method_runs] for method, method_runs in runs.items()}
+
+    def by_train_seed(method: str) -> dict[int, float]:
+        grouped: dict[int, list[float]] = {}
+        for run, change in zip(runs[method], changes[method]):
+            grouped.setdefault(run["train_seed"], []).append(change)
+        return {seed: float(np.mean(values)) for seed, values in grouped.items()}
+
+    random_mean, random_std, _ = interval(changes["random"]) if "random" in runs else (None, None, None)
+    random_by_seed = by_train_seed("random") if "random" in runs else {}
+    methods = {}
+    for method in runs:
+        mean, std, ci = interval(changes[method])
+        record = {"loss_change_mean": mean, "loss_change_std": std, "loss_change_ci95": ci,
+                  "selection_seconds": float(np.mean([s["selection_seconds"] for s in selections[method]])),
+                  "train_seconds": float(np.mean([run["train_seconds"] for run in runs[method]])),
+                  "runs": [{**run, "loss_change": change} for run, change in zip(runs[method], changes[method])],
+                  "selections": selections[method]}
+        if random_by_seed:
+            own = by_train_seed(method)
+            paired = [own[seed] - random_by_seed[seed] for seed in sorted(own) if seed in random_by_seed]
+            record["diff_vs_random_mean"], _, record["diff_vs_random_ci95"] = interval(paired)
+            record["sd_below_random"] = (random_mean - mean) / random_std if random_std else None
+        methods[method] = record
+    return {"loss_before": before, "methods": methods}
+
+
+def summarize(log: RunLog, settings: Settings) -> dict:
+    """The report's `targets` part from the finished runs (a target or method with no finished run is left out)."""
+    targets = {}
+    for target in settings.targets:
+        before = log.get(f"{target}/before")
+        runs, selections = {}, {}
+        for method in settings.methods:
+            for selection_seed in settings.selection_seeds(method):
+                key = f"{target}/{method}/selection-{selection_seed}"
+                if log.get(key) is not None:
+                    selections.setdefault(method, []).append(log.get(key))
+                for train_seed in range(settings.train_seeds):
+                    if log.get(f"{key}/train-{train_seed}") is not None:
+                        runs.setdefault(method, []).append(log.get(f"{key}/train-{train_seed}"))
+        if runs:
+            targets[target] = summarize_target(runs, selections, before)
+    return targets
+
+
+def plot(targets: dict, path: Path) -> None:
+    """One panel per target: each method's mean loss change with its 95% interval; random's mean and +-2 std
+    band behind them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(targets), figsize=(4.5 * len(targets), 4), squeeze=False)
+    for axis, (target, report) in zip(axes[0], targets.items()):
+        names = list(report["methods"])
+        means = [report["methods"][m]["loss_change_mean"] for m in names]
+        errors = [[0.0, 0.0] if report["methods"][m]["loss_change_ci95"] is None else
+                  [means[i] - report["methods"][m]["loss_change_ci95"][0],
+                   report["methods"][m]["loss_change_ci95"][1] - means[i]] for i, m in enumerate(names)]
+        if "random" in report["methods"]:
+            random = report["methods"]["random"]
+            axis.axhline(random["loss_change_mean"], color="grey", linestyle="--", linewidth=1, label="random mean")
+            axis.axhspan(random["loss_change_mean"] - 2 * random["loss_change_std"],
+                         random["loss_change_mean"] + 2 * random["loss_change_std"], color="grey", alpha=0.15,
+                         label="random ± 2 std")
+        axis.errorbar(range(len(names)), means, yerr=np.array(errors).T, fmt="o", capsize=4)
+        axis.set_xticks(range(len(names)), [m.replace("influence_distillation", "ID") for m in names], rotation=30,
+                        ha="right")
+        axis.set_title(f"{target} (loss before {report['loss_before']:.3f})")
+        axis.set_ylabel("held-out loss change (lower is better)")
+        axis.legend(fontsize=8)
+    figure.suptitle("LoRA SFT on each selection: mean and 95% interval over selection and training seeds")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def print_table(targets: dict) -> None:
+    print(f"\n{'target':<7}{'method':<30}{'change':>9}{'95% CI':>20}{'vs random':>10}{'95% CI':>20}{'sd':>6}"
+          f"{'select s':>9}{'train s':>8}")
+    for target, report in targets.items():
+        for method, row in report["methods"].items():
+            ci = "" if row["loss_change_ci95"] is None else "[{:+.4f}, {:+.4f}]".format(*row["loss_change_ci95"])
+            diff = row.get("diff_vs_random_ci95")
+            diff_ci = "" if diff is None else "[{:+.4f}, {:+.4f}]".format(*diff)
+            sd = row.get("sd_below_random")
+            print(f"{target:<7}{method:<30}{row['loss_change_mean']:>+9.4f}{ci:>20}"
+                  f"{row.get('diff_vs_random_mean', 0.0):>+10.4f}{diff_ci:>20}{'' if sd is None else f'{sd:.1f}':>6}"
+                  f"{row['selection_seconds']:>9.0f}{row['train_seconds']:>8.0f}")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cache", type=Path, required=True, help="stores, score tables and finished runs")
     parser.add_argument("--json", type=Path, required=True)
+    parser.add_argument("--plot", type=Path, help="PNG with one panel per target (needs matplotlib)")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
-    parser.add_argument("--pool-rows", type=int, default=3000)
-    parser.add_argument("--target-rows", type=int, default=32, help="GSM8K train rows the selection aims at")
-    parser.add_argument("--eval-rows", type=int, default=200, help="held-out GSM8K test rows")
-    parser.add_argument("--budget", type=float, default=0.02)
-    parser.add_argument("--landmarks", type=int, default=256)
-    parser.add_argument("--methods", nargs="+", default=["influence_distillation", "random"])
-    parser.add_argument("--max-length", type=int, default=512)
-    parser.add_argument("--epochs", type=float, default=3)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--learning-rate", type=float, default=2e-4)
-    parser.add_argument("--lora-r", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--random-repeats", type=int, default=1, help="random draws (selection seeds 0..K-1)")
-    parser.add_argument("--in-domain-reference", action="store_true",
-                        help="also train on the budget drawn from the in-domain rows only (a reference)")
+    parser.add_argument("--quick", action="store_true",
+                        help="development: GSM8K only, 2 random draws, 2 training seeds (same pool and cache)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, help="a subset of the methods")
     args = parser.parse_args()
     if not (args.data_dir / "pool.jsonl.gz").exists():
         print(f"skipped: {args.data_dir / 'pool.jsonl.gz'} not found")
         return 0
-    torch.manual_seed(args.seed)
-    pool = load_rows(args.data_dir / "pool.jsonl.gz").shuffle(seed=args.seed).select(range(args.pool_rows))
-    target = load_target("gsm8k", data_dir=args.data_dir, limit=args.target_rows, seed=args.seed)
-    evaluation = load_target("gsm8k", source=args.data_dir / "targets" / "gsm8k_test.jsonl.gz",
-                             limit=args.eval_rows, seed=args.seed)
-    results = {}
-    with tempfile.TemporaryDirectory(prefix="downstream_") as scratch:
-        for method in args.methods:
-            results[method] = run_method(method, pool, target, evaluation, args, Path(scratch) / method)
-        if "random" in results and args.random_repeats > 1:
-            draws = [results["random"]] + [run_method("random", pool, target, evaluation, args,
-                                                      Path(scratch) / f"random-{seed}", selection_seed=seed)
-                                           for seed in range(1, args.random_repeats)]
-            changes = torch.tensor([draw["target_loss_change"] for draw in draws], dtype=torch.float64)
-            results["random"] = {**draws[0], "repeats": draws, "target_loss_change_mean": changes.mean().item(),
-                                 "target_loss_change_std": changes.std().item()}
-        if args.in_domain_reference:
-            budget_rows = resolve_budget(args.budget, len(pool))
-            in_domain_pool = pool.filter(lambda row: in_domain_share([row["source"]]) == 1.0)
-            results["in_domain_random"] = run_method("random", in_domain_pool, target, evaluation, args,
-                                                     Path(scratch) / "in_domain", budget=budget_rows)
-    report = {**results, "config": {**vars(args), "json": str(args.json), "data_dir": str(args.data_dir)},
-              "pool_in_domain_share": in_domain_share(pool["source"]), "machine": machine()}
-    print(f"\nLoRA SFT on {args.budget:.0%} of {len(pool)} pool rows; GSM8K test loss on {len(evaluation)} rows")
-    print(f"{'method':<24}{'before':>9}{'after':>9}{'change':>9}{'in-domain':>11}{'train s':>9}{'select s':>10}")
-    for method, row in results.items():
-        if "repeats" in row:
-            print(f"{method:<24}loss change over {len(row['repeats'])} draws: mean "
-                  f"{row['target_loss_change_mean']:+.4f}, std {row['target_loss_change_std']:.4f}")
-        print(f"{method:<24}{row['target_loss_before']:>9.4f}{row['target_loss_after']:>9.4f}"
-              f"{row['target_loss_change']:>+9.4f}{row['in_domain_share']:>11.2f}{row['train_seconds']:>9.0f}"
-              f"{row['selection_seconds']:>10.0f}")
+    settings = Settings()
+    if args.quick:
+        settings = replace(settings, targets=("gsm8k",), random_seeds=2, train_seeds=2)
+    if args.methods:
+        settings = replace(settings, methods=tuple(args.methods))
+    torch.manual_seed(settings.seed)
+    started = time.perf_counter()
+    data = load_data(args.data_dir, settings)
+    # --quick keeps its runs apart (other settings) but shares the model stores of the full run.
+    log = run_benchmark(data, settings, args.cache / "quick" if args.quick else args.cache,
+                        lambda: load_model(DEFAULT_MODEL), work_dir=args.cache / "work")
+    targets = summarize(log, settings)
+    report = {"targets": targets, "settings": log.data["settings"], "pool_rows": len(data.pool),
+              "pool_in_domain_share_gsm8k": in_domain_share(data.pool["source"]),
+              "budget_rows": resolve_budget(settings.budget, len(data.pool)),
+              "evaluation_rows": {name: len(rows[1]) for name, rows in data.targets.items()},
+              "machine": machine(), "seconds_this_invocation": time.perf_counter() - started}
+    print_table(targets)
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2, default=str))
+    args.json.write_text(json.dumps(report, indent=1))
+    if args.plot:
+        plot(targets, args.plot)
     return 0
 
 
