@@ -50,7 +50,7 @@ from machine_info import cpu_model
 from safetensors.torch import load_file
 
 from hf_influence.data import load_rows
-from hf_influence.distillation import LandmarkRegressor, median_bandwidth, select_landmarks
+from hf_influence.distillation import LandmarkRegressor, concatenate_scaled, select_landmarks
 from hf_influence.influence import SelectionConfig, landmark_diagnostics
 from hf_influence.selection import select_indices
 from hf_influence.store import VectorStore
@@ -89,16 +89,15 @@ class Lab:
                    for part in parts)
 
     def _features(self, name: str) -> torch.Tensor:
-        """[n, e] float64. A concatenation scales each part by its median pairwise distance, so each part
-        weighs the same in the RBF distance whatever its units."""
+        """[n, e] float64; a concatenation is scaled part by part as the library does (`concatenate_scaled`)."""
         parts = []
         for part in name.split("+"):
             if part in JVP_VARIANTS:
                 values = VectorStore.open(self.cache / part).to_tensor().double()
             else:
                 values = load_file(str(self.cache / f"{CACHE_NAMES.get(part, part)}_pool.safetensors"))["embeddings"].double()
-            parts.append(values if "+" not in name else values / median_bandwidth(values))
-        return torch.cat(parts, dim=1)
+            parts.append(values)
+        return parts[0] if len(parts) == 1 else concatenate_scaled(parts)
 
     def _has_gradients(self, kind: str) -> bool:
         folders = [f"pool_gradients-{kind}"] + [f"target_gradients-{kind}-{t}" for t in TARGETS]

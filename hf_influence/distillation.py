@@ -77,6 +77,13 @@ def median_bandwidth(embeddings: Tensor, max_points: int = 1000, seed: int = 0) 
     return sigma
 
 
+
+def concatenate_scaled(parts: list[Tensor], seed: int = 0) -> Tensor:
+    """[n, e_1 + ... + e_p]: the parts [n, e_j] side by side, each divided by its median pairwise distance
+    (`median_bandwidth` with `seed`), so that each part weighs the same in an RBF distance whatever its units
+    (JVP embeddings and unit-norm hidden states differ in scale by orders of magnitude)."""
+    return torch.cat([part / median_bandwidth(part, seed=seed) for part in parts], dim=1)
+
 def rbf_kernel(a: Tensor, b: Tensor, sigma: float) -> Tensor:
     """exp(-||a_i - b_j||^2 / (2 sigma^2)) for a: [p, e], b: [q, e]. Returns [p, q]."""
     # The expanded |a|^2 + |b|^2 - 2 a.b can round to a small negative number for near-equal rows.

@@ -34,7 +34,8 @@ from torch import Tensor, nn
 from transformers.utils.logging import tqdm
 
 from .data import load_rows
-from .distillation import LandmarkRegressor, first_order_scores, median_bandwidth, robust_weights, select_landmarks
+from .distillation import (LandmarkRegressor, concatenate_scaled, first_order_scores, robust_weights,
+                           select_landmarks)
 from .distributed import process_state
 from .embeddings import cosine_scores, lm_pooled_embeddings
 from .extract import extract_gradients, extract_jvp_embeddings, extract_lm_embeddings
@@ -476,10 +477,7 @@ def _landmark_features(context: Context) -> VectorStore | Tensor:
     stores = [_feature_store(context, part) for part in context.config.landmark_features.split("+")]
     if len(stores) == 1:
         return stores[0]
-    n = len(context.pool)
-    sample = torch.randperm(n, generator=torch.Generator().manual_seed(context.config.selection_seed))[:1000]
-    parts = [store.to_tensor() / median_bandwidth(_store_rows(store, sample)) for store in stores]
-    return torch.cat(parts, dim=1)
+    return concatenate_scaled([store.to_tensor() for store in stores], seed=context.config.selection_seed)
 
 
 def _store_rows(store: VectorStore, rows: Tensor) -> Tensor:

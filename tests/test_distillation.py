@@ -12,6 +12,7 @@ from hf_influence.distillation import (
     LandmarkRegressor,
     first_order_scores,
     kkt_residual,
+    concatenate_scaled,
     median_bandwidth,
     project_to_simplex,
     rbf_kernel,
@@ -333,3 +334,12 @@ def test_auto_uses_projected_gradient_for_large_n():
     pg = robust_weights(p, 0.05, eta=1.0, method="projected_gradient", **quadratic)
     assert torch.equal(robust_weights(p, 0.05, eta=1.0, **quadratic), pg)
     assert kkt_residual(pg, p, 0.05, 1.0, **quadratic) < 1e-6
+
+
+def test_concatenate_scaled_gives_each_part_a_unit_median_distance():
+    generator = torch.Generator().manual_seed(0)
+    small, large = torch.randn(40, 3, generator=generator), 1e4 * torch.randn(40, 7, generator=generator)
+    joined = concatenate_scaled([small, large])
+    assert joined.shape == (40, 10)
+    for part in (joined[:, :3], joined[:, 3:]):  # 40 rows: every pair counts, the median is exact
+        assert torch.pdist(part.double()).median().item() == pytest.approx(1.0, rel=1e-6)
