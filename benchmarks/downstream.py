@@ -20,6 +20,8 @@ Design (each choice fixed before any result was seen; none is tuned on the evalu
   seeds (LoRA init and data order): `InfluenceSFTTrainer` in select mode, given the method's ScoreTable (so the
   trainer itself picks the rows; the benchmark checks they are the rows `select_by_influence` picked), fixed
   steps, constant lr.
+- Variants: "method:option=value,..." runs a registry method with other select_by_influence options (e.g.
+  "influence_distillation:selection=mean_top_k"), for the analysis of what helps; reported beside the methods.
 - Statistics per target and method: mean, std (ddof 1) and t-interval (95%) of the loss change over all its runs;
   the paired difference against random: for each training seed, the method's mean change minus random's mean
   change over its selection seeds at that training seed (the training seed is shared, so its effect cancels),
@@ -28,6 +30,7 @@ Design (each choice fixed before any result was seen; none is tuned on the evalu
 
 Resumable: each selection (its ScoreTable in CACHE/tables) and each training run (CACHE/runs.json, written
 atomically after every run) is kept; a rerun after a crash does only what is missing and gives the same JSON.
+A rerun may ask for more or fewer targets, methods and seeds (EXTENTS); any other setting must be the same.
 """
 
 from __future__ import annotations
@@ -69,10 +72,15 @@ TARGETS = {
 }
 
 
+# Settings that only say how many runs to make: every run's key names its target, method and seeds, so a
+# rerun may extend or shrink them (--quick reads a subset of the full run's runs).
+EXTENTS = ("targets", "methods", "random_seeds", "train_seeds")
+
+
 @dataclass
 class Settings:
-    """Everything that defines a run; stored with the results, and a rerun on a cache made with other settings
-    is refused (its runs would not be comparable)."""
+    """Everything that defines a run. The fields other than EXTENTS are stored with the results, and a rerun
+    on a cache made with other values is refused (its runs would not be comparable)."""
 
     pool_rows: int = 2048
     max_length: int = 256
@@ -93,7 +101,26 @@ class Settings:
     options: dict = field(default_factory=dict)
 
     def selection_seeds(self, method: str) -> range:
-        return range(self.random_seeds if method == "random" else 1)
+        return range(self.random_seeds if parse_method(method)[0] == "random" else 1)
+
+
+def parse_method(name: str) -> tuple[str, dict]:
+    """A registry method, or a variant of one with select_by_influence options, written
+    "method:option=value,option=value" (values are JSON where they parse, else strings), e.g.
+    "influence_distillation:selection=mean_top_k". Returns (registry method, options)."""
+    method, _, rest = name.partition(":")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r} in {name!r}; known: {METHODS}")
+    options = {}
+    for item in filter(None, rest.split(",")):
+        key, separator, value = item.partition("=")
+        if not separator:
+            raise ValueError(f"{name!r}: write options as option=value, got {item!r}")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return method, options
 
 
 @dataclass
@@ -132,13 +159,15 @@ class RunLog:
 
     def __init__(self, path: Path, settings: Settings):
         self.path = path
-        recorded = asdict(settings)
-        recorded["targets"], recorded["methods"] = list(settings.targets), list(settings.methods)
+        recorded = {key: value for key, value in asdict(settings).items() if key not in EXTENTS}
         if path.exists():
             self.data = json.loads(path.read_text())
-            if self.data["settings"] != recorded:
-                raise ValueError(f"{path} was made with other settings ({self.data['settings']}); use another "
-                                 f"--cache or the same settings")
+            made_with = {key: value for key, value in self.data["settings"].items() if key not in EXTENTS}
+            if made_with != recorded:
+                changed = sorted(key for key in recorded if made_with.get(key) != recorded[key])
+                raise ValueError(f"{path} was made with other settings ({', '.join(changed)} differ: "
+                                 f"{ {key: made_with.get(key) for key in changed} }); use another --cache or the "
+                                 f"same settings")
         else:
             self.data = {"settings": recorded, "results": {}}
 
@@ -171,13 +200,15 @@ def select(data: BenchmarkData, target: str, method: str, selection_seed: int, s
     """Run `select_by_influence` once (stores in `work_dir`); its ScoreTable goes to
     cache/tables/<target>/<method>-<seed>."""
     model, tokenizer = model_loader()
+    registered, variant = parse_method(method)
     options = {"max_length": settings.max_length, "selection_seed": selection_seed, "work_dir": str(work_dir),
                "show_progress": False, "warmup_show_progress": False, **settings.options}
-    if method == "influence_distillation":
+    if registered == "influence_distillation":
         options["num_landmarks"] = settings.num_landmarks
     start = time.perf_counter()
     selected, table = select_by_influence(data.pool, data.targets[target][0], model=model, tokenizer=tokenizer,
-                                          budget=settings.budget, method=method, return_scores=True, **options)
+                                          budget=settings.budget, method=registered, return_scores=True,
+                                          **{**options, **variant})
     seconds = time.perf_counter() - start
     table.save(cache / "tables" / target / f"{method}-{selection_seed}")
     row_ids = table.provenance["selected_pool_row_ids"]
@@ -193,7 +224,8 @@ def train(data: BenchmarkData, target: str, method: str, selection_seed: int, tr
     table = ScoreTable.load(cache / "tables" / target / f"{method}-{selection_seed}")
     config = InfluenceSFTConfig(
         output_dir=str(cache / "trainer"), influence_mode="select", influence_budget=settings.budget,
-        influence_method=method, influence_options={"selection": table.provenance["selection"], "selection_seed": selection_seed},
+        influence_method=parse_method(method)[0],
+        influence_options={"selection": table.provenance["selection"], "selection_seed": selection_seed},
         max_steps=settings.max_steps, per_device_train_batch_size=settings.batch_size,
         learning_rate=settings.learning_rate, lr_scheduler_type="constant", warmup_steps=0,
         max_length=settings.max_length, bf16=False, report_to="none", save_strategy="no", logging_strategy="no",
@@ -359,8 +391,9 @@ def main() -> int:
     parser.add_argument("--plot", type=Path, help="PNG with one panel per target (needs matplotlib)")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     parser.add_argument("--quick", action="store_true",
-                        help="development: GSM8K only, 2 random draws, 2 training seeds (same pool and cache)")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, help="a subset of the methods")
+                        help="development: GSM8K only, 2 random draws, 2 training seeds (a subset of the full run's runs)")
+    parser.add_argument("--methods", nargs="+", help=f"registry methods ({', '.join(METHODS)}) or variants "
+                        "method:option=value,... (see parse_method); default: the registry methods")
     args = parser.parse_args()
     if not (args.data_dir / "pool.jsonl.gz").exists():
         print(f"skipped: {args.data_dir / 'pool.jsonl.gz'} not found")
@@ -369,13 +402,13 @@ def main() -> int:
     if args.quick:
         settings = replace(settings, targets=("gsm8k",), random_seeds=2, train_seeds=2)
     if args.methods:
+        for name in args.methods:
+            parse_method(name)  # an unknown method or a malformed option fails here, before any model pass
         settings = replace(settings, methods=tuple(args.methods))
     torch.manual_seed(settings.seed)
     started = time.perf_counter()
     data = load_data(args.data_dir, settings)
-    # --quick keeps its runs apart (other settings) but shares the model stores of the full run.
-    log = run_benchmark(data, settings, args.cache / "quick" if args.quick else args.cache,
-                        lambda: load_model(DEFAULT_MODEL), work_dir=args.cache / "work")
+    log = run_benchmark(data, settings, args.cache, lambda: load_model(DEFAULT_MODEL))
     targets = summarize(log, settings)
     report = {"targets": targets, "settings": log.data["settings"], "pool_rows": len(data.pool),
               "pool_in_domain_share_gsm8k": in_domain_share(data.pool["source"]),

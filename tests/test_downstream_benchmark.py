@@ -83,7 +83,7 @@ def _tiny_setup():
                                            "code": (demo_target("code", 2, seed=1), demo_target("code", 3, seed=5))})
     settings = downstream.Settings(
         pool_rows=len(pool), max_length=128, budget=4, num_landmarks=8, targets=("math", "code"),
-        methods=("influence_distillation", "rds", "random"), random_seeds=2, train_seeds=2, max_steps=2,
+        methods=("influence_distillation:selection=mean_top_k", "rds", "random"), random_seeds=2, train_seeds=2, max_steps=2,
         batch_size=2, lora_r=2,
         options={"num_blocks": 1, "warmup_fraction": 0.25, "warmup_min_steps": 2, "projection_dim": 256,
                  "jvp_projection_dim": 128})
@@ -118,7 +118,7 @@ def test_benchmark_runs_every_method_on_the_same_rows_and_resumes(tmp_path, monk
     report = downstream.summarize(log, settings)
     for target in ("math", "code"):
         methods = report[target]["methods"]
-        assert set(methods) == {"influence_distillation", "rds", "random"}
+        assert set(methods) == {"influence_distillation:selection=mean_top_k", "rds", "random"}
         assert len(methods["random"]["runs"]) == 4 and len(methods["rds"]["runs"]) == 2
         for method in methods.values():
             assert method["diff_vs_random_ci95"] is not None and method["loss_change_ci95"] is not None
@@ -155,6 +155,22 @@ def test_benchmark_runs_every_method_on_the_same_rows_and_resumes(tmp_path, monk
                 [s["selected_pool_row_ids"] for s in row["selections"]]
     assert selections_before <= set(resumed.data["results"])
 
-    # Other settings on the same cache are refused, not mixed in.
-    with pytest.raises(ValueError, match="other settings"):
+    # Other settings on the same cache are refused, not mixed in; fewer seeds and methods read a subset of the
+    # finished runs without computing anything.
+    with pytest.raises(ValueError, match="max_steps differ"):
         downstream.run_benchmark(data, replace(settings, max_steps=3), tmp_path / "full", _loader)
+    monkeypatch.setattr(downstream, "train", crashing_train)
+    calls["n"] = 4  # the next training call would raise
+    subset = replace(settings, methods=("rds", "random"), random_seeds=1, train_seeds=1)
+    small = downstream.summarize(downstream.run_benchmark(data, subset, tmp_path / "full", _loader), subset)
+    assert small["math"]["methods"]["rds"]["runs"] == report["math"]["methods"]["rds"]["runs"][:1]
+
+
+def test_method_variants():
+    assert downstream.parse_method("rds") == ("rds", {})
+    assert downstream.parse_method("influence_distillation:selection=mean_top_k,num_landmarks=64") == (
+        "influence_distillation", {"selection": "mean_top_k", "num_landmarks": 64})
+    with pytest.raises(ValueError, match="unknown method 'lesss'"):
+        downstream.parse_method("lesss")
+    with pytest.raises(ValueError, match="option=value"):
+        downstream.parse_method("rds:selection")
