@@ -14,14 +14,10 @@ from .formatting import FormattedDataset, FormattingConfig, FormattingError, for
 from .gradients import GradientConfig, GradientError, PerSampleGradients, per_sample_losses
 from .hessian import TargetHessian
 from .hub import load_score_table, push_influence_network, push_score_table
-from .influence import (
-    METHODS,
-    SelectionConfig,
-    compute_scores,
-    register_dataset_method,
-    register_method,
-    select_by_influence,
-)
+from .engine import compute_scores
+from .influence import register_dataset_method, select_by_influence
+from .options import SelectionConfig
+from .registry import METHODS, register_method
 from .jvp import JVPConfig, JVPEmbedder
 from .models import DEFAULT_MODEL, LoraSettings, add_lora, load_model
 from .network import InfluenceNetwork

@@ -36,11 +36,13 @@ from .extract import extract_gradients, extract_jvp_embeddings
 from .formatting import FormattingConfig, format_dataset
 from .gradients import GradientConfig
 from .hub import push_influence_network, push_score_table
-from .influence import SelectionConfig, oracle_options, select_by_influence
+from .influence import select_by_influence
+from .methods.nn_cift import oracle_options
 from .jvp import JVPConfig
 from .models import DEFAULT_MODEL, LoraSettings, add_lora, load_model, model_identity
 from .network import InfluenceNetwork
-from .nn_cift import NNCIFTConfig, nn_cift
+from .options import NNCIFTConfig, SelectionConfig
+from .nn_cift import nn_cift
 from .scores import ScoreTable, json_safe, provenance_record
 from .selection import resolve_budget, select_indices
 from .store import atomic_write_bytes, atomic_write_json, fingerprint_dataset

@@ -13,79 +13,18 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from datasets import Dataset
 from torch import Tensor
 
-from .encoders import DEFAULT_ENCODER, encode_rows, encoder_identity, load_encoder
+from .encoders import encode_rows, encoder_identity, load_encoder
 from .network import InfluenceNetwork
+from .options import NNCIFTConfig
 from .oracles import DeliftOracle, DeliftSEOracle, MethodOracle, Oracle, SelectITOracle
 from .streaming import predict_scores
-
-ORACLES = ("influence_distillation_exact", "influence_distillation", "less", "rds", "delift", "delift_se", "selectit")
-
-
-@dataclass
-class NNCIFTConfig:
-    """NN-CIFT: which oracle to distil, on how large a block, into which network.
-
-    Attributes:
-        oracle: "influence_distillation_exact" (first-order ID, default), "influence_distillation", "less",
-            "rds", "delift" (in-context utility with the valuation model), "delift_se" (embedding cosine) or
-            "selectit" (pointwise self-rating).
-        block_fraction: u, the share of pool rows and of target columns the oracle scores (0.05 in the paper,
-            i.e. 0.25% of the pairs).
-        min_block_rows: lower bound on the block's pool rows (a network cannot learn from a handful).
-        encoder: sentence-transformers encoder of the rows' text (Hub id or folder).
-        encoder_batch_size: rows per encoder call.
-        network_hidden_sizes: hidden layer widths of the InfluenceNetwork.
-        network_epochs: maximum training epochs.
-        network_learning_rate: Adam learning rate.
-        network_batch_size: pairs per training step.
-        network_patience: epochs without validation improvement before early stopping.
-        network_validation_split: "pairs" (random validation pairs, the paper's regime) or "held_out"
-            (whole held-out rows and columns of the block, so early stopping tracks generalisation to unseen
-            rows and targets; needs a block large enough to spare them).
-        network_num_threads: torch CPU threads while the network trains (1 is fastest for its many small ops
-            on a CPU; None leaves torch's process-wide setting alone). Prediction runs in fixed pool blocks on
-            one thread (`streaming.predict_scores`), the same blocks a streamed selection uses.
-        nn_cift_seed: seed of the block and of the network.
-        evaluation_fraction: if > 0, the oracle also scores a fresh evaluation block (this share of the rows
-            and of the columns, plus the training block's), and the network is evaluated on its quadrants
-            Q1..Q4 (costs extra oracle calls; the figures go into the network's metrics and card).
-    """
-
-    oracle: str = "influence_distillation_exact"
-    block_fraction: float = 0.05
-    min_block_rows: int = 32
-    encoder: str = DEFAULT_ENCODER
-    encoder_batch_size: int = 64
-    network_hidden_sizes: list[int] = field(default_factory=lambda: [100])
-    network_epochs: int = 20
-    network_learning_rate: float = 1e-4
-    network_batch_size: int = 64
-    network_patience: int = 3
-    network_validation_split: str = "pairs"
-    network_num_threads: int | None = 1
-    nn_cift_seed: int = 0
-    evaluation_fraction: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.oracle not in ORACLES:
-            raise ValueError(f"NNCIFTConfig.oracle must be one of {list(ORACLES)}, got {self.oracle!r}")
-        if not 0 < self.block_fraction <= 1:
-            raise ValueError(f"NNCIFTConfig.block_fraction must be in (0, 1], got {self.block_fraction}")
-        if self.min_block_rows < 1:
-            raise ValueError(f"NNCIFTConfig.min_block_rows must be >= 1, got {self.min_block_rows}")
-        if self.network_validation_split not in ("pairs", "held_out"):
-            raise ValueError(f"NNCIFTConfig.network_validation_split must be 'pairs' or 'held_out', "
-                             f"got {self.network_validation_split!r}")
-        if self.network_num_threads is not None and self.network_num_threads < 1:
-            raise ValueError(f"NNCIFTConfig.network_num_threads must be >= 1 or None, got {self.network_num_threads}")
-
 
 @dataclass
 class NNCIFTResult:

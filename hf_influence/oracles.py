@@ -38,6 +38,9 @@ from .evaluation import eval_mode, run_batches
 from .formatting import IGNORE_INDEX, FormattingConfig, FormattingError, format_dataset
 from .gradients import causal_lm_parts, per_sample_losses
 from .models import DEFAULT_MODEL, model_identity
+from .engine import compute_scores
+from .options import split_options
+from .registry import METHODS
 from .store import fingerprint_dataset
 
 if TYPE_CHECKING:
@@ -146,18 +149,14 @@ class MethodOracle(Oracle):
 
     def __init__(self, method: str = "influence_distillation_exact", model=None, tokenizer=None,
                  optimizer: torch.optim.Optimizer | None = None, **options: Any):
-        from .influence import METHODS, split_options
-
-        if method not in METHODS or method == "random":
-            raise ValueError(f"MethodOracle needs a scoring method of {sorted(set(METHODS) - {'random'})}, "
-                             f"got {method!r}")
+        scoring = sorted(name for name, spec in METHODS.items() if spec.needs_model)
+        if method not in scoring:
+            raise ValueError(f"MethodOracle needs a scoring method of {scoring}, got {method!r}")
         self.name, self.model, self.tokenizer, self.optimizer = method, model, tokenizer, optimizer
         self.options = {**options, "method": method}
         self.configs = split_options(dict(self.options))  # validates the options now, not at the first block
 
     def _compute(self, pool_rows: Rows, target_rows: Rows) -> Tensor:
-        from .influence import compute_scores
-
         pool = pool_rows if isinstance(pool_rows, Dataset) else Dataset.from_list(list(pool_rows))
         target = target_rows if isinstance(target_rows, Dataset) else Dataset.from_list(list(target_rows))
         options = dict(self.options)

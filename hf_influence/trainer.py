@@ -56,7 +56,10 @@ from torch import Tensor
 from torch.utils.data import Sampler
 from trl import SFTConfig, SFTTrainer
 
-from .influence import METHODS, compute_scores, select_by_influence, split_options
+from .engine import compute_scores
+from .influence import select_by_influence
+from .options import split_options
+from .registry import METHODS
 from .scores import HUB_TAG, ScoreTable, json_safe, provenance_record
 from .selection import SelectionError, resolve_budget, select_indices, weighted_sample
 from .store import atomic_write_bytes
@@ -462,7 +465,8 @@ class InfluenceSFTTrainer(SFTTrainer):
                 raise SelectionError(f"influence_budget {budget} is larger than the {len(table_ids)} pool rows the "
                                      f"score table covers.")
             provenance = self._influence_table.provenance
-            rule = self._options().get("selection") or METHODS.get(provenance.get("method"), (None, "round_robin"))[1]
+            method = METHODS.get(provenance.get("method"))
+            rule = self._options().get("selection") or (method.default_selection if method else "round_robin")
             seed = self._options()["selection_seed"]
             if rule == "weighted":
                 chosen = weighted_sample(self._table_weights(table_ids), budget, seed=seed)

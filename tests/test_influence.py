@@ -11,7 +11,8 @@ from hf_influence import ScoreTable, SelectionError, select_by_influence
 from hf_influence.demo import demo_pool, demo_target
 from hf_influence.formatting import FormattingError
 from hf_influence.distillation import BANDWIDTH_GRID, RIDGE_GRID, LandmarkRegressor
-from hf_influence.influence import LOO_SPEARMAN_WARNING, landmark_diagnostics, register_dataset_method
+from hf_influence.influence import register_dataset_method
+from hf_influence.methods.influence_distillation import LOO_SPEARMAN_WARNING, landmark_diagnostics
 from hf_influence.testing import tiny_causal_lm
 
 # Small and quiet: 1 JVP block (the tiny model has 2), short warm-up, small projections.
@@ -172,7 +173,7 @@ def test_streamed_selection_equals_the_score_table_selection(pool, model, tmp_pa
     """Without return_scores, first-order landmark ID streams: the scores stay a predictor over the JVP store, no
     [n, m] matrix or [n, e] embedding tensor is built, and the rows and their order are those picked from the
     full score table."""
-    from hf_influence.influence import ScoreStream
+    from hf_influence.engine import ScoreStream
     from hf_influence.store import VectorStore
 
     tasks = demo_target("math", 3, seed=1).remove_columns("task").add_column("task", ["a", "b", "a"])
@@ -222,13 +223,20 @@ def test_input_require_grads_hooks_are_lifted_for_the_pass_and_restored(pool, ta
     assert embeddings.requires_grad
 
 
-def test_multi_process_selection_needs_a_shared_work_dir(pool, target, model, monkeypatch):
-    import hf_influence.influence as influence_module
+@pytest.mark.parametrize("method", ["influence_distillation", "rds", "random"])
+def test_multi_process_selection_needs_a_shared_work_dir(pool, target, model, monkeypatch, method):
+    """Methods that write stores (the registry's uses_stores) need one work_dir for all processes; random keeps
+    none and runs."""
+    import hf_influence.engine as engine_module
 
     network, tokenizer = model
-    monkeypatch.setattr(influence_module, "process_state", lambda: object())  # as under accelerate launch
+    monkeypatch.setattr(engine_module, "process_state", lambda: object())  # as under accelerate launch
+    if not hf_influence.METHODS[method].uses_stores:
+        assert len(select_by_influence(pool, target, model=network, tokenizer=tokenizer, budget=3, method=method,
+                                       **FAST)) == 3
+        return
     with pytest.raises(ValueError, match="work_dir must be set when selecting under a multi-process launch"):
-        select_by_influence(pool, target, model=network, tokenizer=tokenizer, budget=3, **FAST)
+        select_by_influence(pool, target, model=network, tokenizer=tokenizer, budget=3, method=method, **FAST)
 
 
 def test_dataset_method_is_registered_without_overwriting(pool, target, model, monkeypatch):

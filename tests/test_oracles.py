@@ -269,7 +269,8 @@ def test_method_oracle_keeps_each_block_in_its_own_work_dir_subfolder(tmp_path):
     from conftest import lora_model
 
     from hf_influence.demo import demo_pool, demo_target
-    from hf_influence.influence import NNCIFTConfig, SelectionConfig, oracle_options
+    from hf_influence.methods.nn_cift import oracle_options
+    from hf_influence.options import NNCIFTConfig, SelectionConfig
     from hf_influence.oracles import MethodOracle
 
     pool, target = demo_pool(2, seed=0), demo_target("code", 3, seed=1)

@@ -26,7 +26,7 @@ from hf_influence import ScoreTable, SelectionError, select_by_influence
 from hf_influence.demo import demo_pool, demo_target
 from hf_influence.formatting import IGNORE_INDEX, format_dataset
 from hf_influence.hub import push_score_table
-from hf_influence.influence import compute_scores
+from hf_influence.engine import compute_scores
 from hf_influence.scores import provenance_record
 from hf_influence.testing import tiny_causal_lm
 from hf_influence.trainer import InfluenceSFTConfig, InfluenceSFTTrainer

@@ -1,0 +1,316 @@
+"""The run of one method: options routed, rows formatted, the model prepared (and given back as it was), the
+registered method called, its scores and provenance collected (`compute_scores`), and rows selected from them
+(`select_rows`). `select_by_influence` (influence.py) is the facade over this; the methods live in `methods/`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from torch import Tensor, nn
+
+from .data import load_rows
+from .distillation import LandmarkRegressor
+from .distributed import process_state
+from .formatting import FormattingConfig, format_dataset
+from .models import DEFAULT_MODEL, LoraSettings, add_lora, load_model, model_identity
+from .network import InfluenceNetwork
+from .options import SelectionConfig, split_options
+from .registry import METHODS, MethodSpec
+from .scores import ScoreTable, provenance_record
+from .selection import SelectionError, select_indices, weighted_sample
+from .store import VectorStore, fingerprint_dataset
+from .streaming import predict_scores, stream_select
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Context:
+    """What a method gets: the model, the formatted rows and every config."""
+
+    model: nn.Module
+    tokenizer: Any
+    pool: Dataset  # formatted pool rows (row_id = index into the user's pool)
+    target: Dataset  # formatted target rows
+    configs: dict[type, Any]
+    optimizer: torch.optim.Optimizer | None
+    work_dir: Path
+    raw_pool: Dataset | None = None  # the user's pool rows behind `pool` (same order), for text-based methods
+    raw_target: Dataset | None = None
+    details: dict = field(default_factory=dict)
+    # Set by select_by_influence when no score table is asked for and the rule streams: a method may then
+    # return a ScoreStream instead of the [n, m] matrix.
+    stream_selection: bool = False
+
+    @property
+    def config(self) -> SelectionConfig:
+        return self.configs[SelectionConfig]
+
+    @property
+    def show_progress(self) -> bool:
+        return self.configs[FormattingConfig].show_progress
+
+    def timed(self, name: str):
+        return _Timer(self.details.setdefault("seconds", {}), name)
+
+
+class _Timer:
+    def __init__(self, record: dict, name: str):
+        self.record, self.name = record, name
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.record[self.name] = self.record.get(self.name, 0.0) + time.perf_counter() - self.start
+
+
+@dataclass
+class ScoreStream:
+    """Scores [n, m] left as a fitted predictor over the pool's embeddings (a VectorStore read in blocks, or a
+    tensor), with the known scores (landmark rows, or NN-CIFT's oracle block) as exact values: `select` never
+    holds more than a chunk of the pool (see streaming.py)."""
+
+    embeddings: VectorStore | Tensor  # [n, e]
+    predictor: LandmarkRegressor | InfluenceNetwork
+    exact: dict[str, Tensor]  # exact_rows [r], exact_scores [r, m or c], optionally exact_columns [c]
+    chunk_rows: int
+    target_embeddings: Tensor | None = None  # [m, e], for a pairwise InfluenceNetwork
+
+    def select(self, budget: int, rule: str, seed: int, target_groups=None) -> Tensor:
+        """stream_select: the rows select_indices(self.scores(), ...) would pick, in the same order."""
+        return stream_select(self.embeddings, self.predictor, budget, rule, target_embeddings=self.target_embeddings,
+                             target_groups=target_groups, seed=seed, chunk_rows=self.chunk_rows, **self.exact)
+
+    def scores(self) -> Tensor:
+        """The whole [n, m] matrix (same blocks, same bits as `select`)."""
+        return predict_scores(self.embeddings, self.predictor, self.target_embeddings, **self.exact)
+
+
+@dataclass
+class MethodOutput:
+    """scores [n, m] over the formatted pool rows (None when streamed); weights [n]; landmark_mask [n];
+    stream: the scores as a ScoreStream (only when Context.stream_selection); pointwise: scores [n, 1] that
+    do not depend on the target (a pointwise NN-CIFT oracle)."""
+
+    scores: Tensor | None
+    weights: Tensor | None = None
+    landmark_mask: Tensor | None = None
+    stream: ScoreStream | None = None
+    pointwise: bool = False
+
+
+def prepare_model(model, tokenizer, configs) -> tuple[nn.Module, Any, Callable[[], None]]:
+    """Load or wrap the model with LoRA; returns (model, tokenizer, restore) where restore() undoes our changes
+    to a user's model (LoRA weights trained by the warm-up, or the adapter we added)."""
+    lora = configs[LoraSettings]
+    if model is None or isinstance(model, str):
+        loaded, loaded_tokenizer = load_model(model or DEFAULT_MODEL)
+        return add_lora(loaded, lora), tokenizer or loaded_tokenizer, lambda: None
+    if tokenizer is None:
+        raise ValueError("tokenizer=... is required when model is a model object (pass its tokenizer).")
+    if hasattr(model, "peft_config"):
+        snapshot = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+        def restore():
+            with torch.no_grad():
+                for name, parameter in model.named_parameters():
+                    if name in snapshot:
+                        parameter.copy_(snapshot[name])
+
+        return model, tokenizer, restore
+    # add_lora freezes the base weights and unload() leaves them frozen: put the user's flags back, or a full
+    # fine-tune after selection would silently train nothing.
+    trainable = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+    wrapped = add_lora(model, lora)
+
+    def restore():
+        wrapped.unload()
+        for parameter, flag in trainable:
+            parameter.requires_grad_(flag)
+
+    return wrapped, tokenizer, restore
+
+
+@contextlib.contextmanager
+def _without_input_require_grads(model: nn.Module | None):
+    """Remove transformers' input-require-grads hooks for the block, then put them back.
+
+    Trainers add them for gradient checkpointing with adapters (`enable_input_require_grads`); they call
+    requires_grad_() on the embedding output, which functorch's jvp (JVP embeddings) refuses, and our passes
+    need no gradient flowing into the inputs.
+    """
+    hooked = [module for module in (model.modules() if model is not None else ())
+              if getattr(module, "_require_grads_hooks", None)]
+    for module in hooked:
+        module.disable_input_require_grads()
+    try:
+        yield
+    finally:
+        for module in hooked:
+            module.enable_input_require_grads()
+
+
+def _target_tasks(target: Dataset, formatted_target: Dataset, column: str | None) -> list[str] | None:
+    if column is None and "task" in target.column_names:
+        column = "task"
+    if column is None:
+        return None
+    if column not in target.column_names:
+        raise ValueError(f"target_task_column={column!r} is not a target column; columns: {target.column_names}")
+    values = target[column]
+    return [str(values[row]) for row in formatted_target["row_id"]]
+
+
+def _target_names(target: Dataset, formatted_target: Dataset) -> list[str]:
+    ids = target["id"] if "id" in target.column_names else None
+    names = [str(ids[row]) if ids is not None else f"target/{row}" for row in formatted_target["row_id"]]
+    return names if len(set(names)) == len(names) else [f"target/{row}" for row in formatted_target["row_id"]]
+
+
+def as_dataset(rows, name: str) -> Dataset:
+    if isinstance(rows, Dataset):
+        dataset = rows
+    elif isinstance(rows, list):
+        dataset = Dataset.from_list(rows) if rows else Dataset.from_dict({})
+    else:
+        dataset = load_rows(rows)
+    if len(dataset) == 0:
+        raise SelectionError(f"The {name} is empty: it needs at least one row.")
+    return dataset
+
+
+def select_rows(run: ScoreRun, budget_rows: int, rule: str, seed: int) -> Tensor:
+    """Positions (into run.pool_row_ids) of the `budget_rows` rows `rule` picks, in selection order."""
+    output = run.output
+    with _Timer(run.details.setdefault("seconds", {}), "selection"):
+        groups = run.target_tasks if rule in ("round_robin_task", "less") else None
+        if rule == "weighted":
+            return weighted_sample(output.weights, budget_rows, seed=seed)
+        if output.stream is not None:
+            return output.stream.select(budget_rows, rule, seed, groups)
+        return select_indices(output.scores, budget_rows, rule=rule, seed=seed, target_groups=groups)
+
+
+@dataclass
+class ScoreRun:
+    """The scores of one method run, before selection.
+
+    Attributes:
+        output: the method's scores [n, m] over the usable pool rows, weights [n], landmark mask [n].
+        pool_row_ids: [n] the pool row (index into the given pool) of each score row.
+        target_names: [m] target sample ids.
+        target_tasks: [m] task of each target column (None when the target has no task column).
+        skipped: {pool row: reason} for pool rows formatting could not use.
+        configs: every config used.
+        provenance: model id and revision, method, configs, fingerprints, skipped rows.
+        details: stage timings ("seconds") and method details (e.g. num_landmarks).
+    """
+
+    output: MethodOutput
+    pool_row_ids: list[int]
+    target_names: list[str]
+    target_tasks: list[str] | None
+    skipped: dict
+    configs: dict
+    provenance: dict
+    details: dict
+
+    def score_table(self, **provenance: Any) -> ScoreTable:
+        """The ScoreTable of this run, with extra provenance fields (e.g. the selection)."""
+        record = provenance_record(**self.provenance, **provenance, details=self.details)
+        return ScoreTable.from_matrix(self.output.scores, self.pool_row_ids, self.target_names,
+                                      weights=self.output.weights, landmark_mask=self.output.landmark_mask,
+                                      provenance=record)
+
+
+def compute_scores(pool: Dataset | list[dict] | str, target: Dataset | list[dict] | str,
+                   model: str | nn.Module | None = None, method: str | None = None, tokenizer=None,
+                   optimizer: torch.optim.Optimizer | None = None, **options: Any) -> ScoreRun:
+    """Run a method's scoring without selecting: the arguments of `select_by_influence` without budget.
+
+    Returns:
+        ScoreRun; `run.output.scores` is [usable pool rows, target rows] (`run.pool_row_ids` maps rows back).
+    """
+    if method is not None:
+        options["method"] = method
+    with tempfile.TemporaryDirectory(prefix="hf_influence_") as scratch:
+        return compute(as_dataset(pool, "pool"), target, model, tokenizer, optimizer, split_options(options), None,
+                        Path(scratch))
+
+
+def compute(pool: Dataset, target, model, tokenizer, optimizer, configs: dict, budget_rows: int | None,
+             scratch: Path, stream_selection: bool = False) -> ScoreRun:
+    """Score with the configured method; stores go to work_dir, else to `scratch` (a folder the caller removes
+    once it no longer needs them: a ScoreStream reads its embeddings from there)."""
+    config = configs[SelectionConfig]
+    target = as_dataset(target, "target")
+    spec = METHODS[config.method]
+    if config.order == 2 and not spec.second_order:
+        raise ValueError(f"order=2 needs a method with a second-order term "
+                         f"({sorted(name for name, s in METHODS.items() if s.second_order)}); method "
+                         f"{config.method!r} has none.")
+    if spec.needs_model:
+        model, tokenizer, restore = prepare_model(model, tokenizer, configs)
+    else:
+        model, restore = None, lambda: None
+    try:
+        with _without_input_require_grads(model):
+            output, context, pool_row_ids, target_names, tasks, skipped = _run_method(
+                spec, pool, target, model, tokenizer, optimizer, budget_rows, configs, scratch, stream_selection)
+    finally:
+        restore()
+    if output.pointwise:  # one score per pool row, whatever the target: one column, no target tasks
+        target_names, tasks = ["pointwise"], None
+    model_id, revision = model_identity(model) if model is not None else (None, None)
+    provenance = {
+        "model_id": model_id, "model_revision": revision, "method": config.method,
+        "configs": {config_type.__name__: asdict(value) for config_type, value in configs.items()},
+        "pool_fingerprint": fingerprint_dataset(pool), "target_fingerprint": fingerprint_dataset(target),
+        "skipped_pool_rows": {str(row): reason for row, reason in skipped.items()},
+    }
+    return ScoreRun(output, pool_row_ids, target_names, tasks, skipped, configs, provenance, context.details)
+
+
+def _run_method(spec: MethodSpec, pool, target, model, tokenizer, optimizer, budget_rows, configs, scratch: Path,
+                stream_selection: bool):
+    """Format the rows and run the method: (output, context, pool row ids, target names, target tasks, skipped)."""
+    config = configs[SelectionConfig]
+    if model is None:  # a method without a model ("random") scores the raw rows
+        context = Context(None, None, pool, target, configs, None, Path())
+        output = spec.function(context)
+        return output, context, list(range(len(pool))), ["random"], None, {}
+    formatted_pool = format_dataset(pool, tokenizer, configs[FormattingConfig])
+    formatted_target = format_dataset(target, tokenizer, configs[FormattingConfig])
+    if formatted_target.skipped:
+        raise ValueError(f"Target rows cannot be scored (row: reason): {formatted_target.skipped}. Fix or remove "
+                         "them: a target row without label tokens has no loss and no gradient.")
+    if formatted_pool.skipped:
+        logger.warning("%d pool rows are skipped and cannot be selected: %s", len(formatted_pool.skipped),
+                       dict(list(formatted_pool.skipped.items())[:10]))
+    usable = len(formatted_pool.dataset)
+    if budget_rows is not None and budget_rows > usable:
+        raise SelectionError(f"budget {budget_rows} is larger than the {usable} usable pool rows "
+                             f"({len(formatted_pool.skipped)} of {len(pool)} were skipped by formatting).")
+    # Methods that extract into stores need one folder shared by all processes.
+    if config.work_dir is None and process_state() is not None and spec.uses_stores:
+        raise ValueError("work_dir must be set when selecting under a multi-process launch: every process needs the "
+                         "same store folder (a temporary folder would differ per process). Pass work_dir=... on a "
+                         "file system all processes share.")
+    context = Context(model, tokenizer, formatted_pool.dataset, formatted_target.dataset, configs, optimizer,
+                      Path(config.work_dir or scratch), raw_pool=pool.select(formatted_pool.dataset["row_id"]),
+                      raw_target=target, stream_selection=stream_selection)
+    output = spec.function(context)
+    tasks = _target_tasks(target, formatted_target.dataset, config.target_task_column)
+    return (output, context, formatted_pool.dataset["row_id"], _target_names(target, formatted_target.dataset),
+            tasks, formatted_pool.skipped)

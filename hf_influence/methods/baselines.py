@@ -1,0 +1,45 @@
+"""The baselines: LESS (gradient cosine), RDS+ (hidden-state cosine) and uniform random rows."""
+
+from __future__ import annotations
+
+import torch
+
+from ..distillation import first_order_scores
+from ..embeddings import cosine_scores, lm_pooled_embeddings
+from ..engine import Context, MethodOutput
+from ..gradients import GradientConfig, PerSampleGradients
+from ..registry import register_method
+from .stores import feature_store, gradient_vectors, optimizer_step, target_gradient_vectors
+
+
+@register_method("less", default_selection="less")
+def less(context: Context) -> MethodOutput:
+    """LESS (Xia et al. 2024): Adam-preconditioned LoRA gradients of every pool row, cosine with target
+    gradients, mean within each target task, max over tasks. One warm-up checkpoint, not LESS's four."""
+    tracked = PerSampleGradients(context.model, context.configs[GradientConfig])
+    step = optimizer_step(context, tracked)
+    pool_vectors = gradient_vectors(context, context.pool, "pool_gradients", None if step is None else step.scale)
+    target_vectors = target_gradient_vectors(context)
+    if not context.configs[GradientConfig].normalize:
+        pool_vectors = pool_vectors / pool_vectors.norm(dim=1, keepdim=True)
+        target_vectors = target_vectors / target_vectors.norm(dim=1, keepdim=True)
+    return MethodOutput(first_order_scores(pool_vectors, target_vectors))
+
+
+@register_method("rds", default_selection="round_robin")
+def rds(context: Context) -> MethodOutput:
+    """RDS+ (Ivison et al. 2025): cosine of position-weighted mean-pooled last hidden states. The pool's
+    embeddings go to the work_dir store that landmark_features="lm" uses, so that another target (or a landmark
+    run with lm features) on the same work_dir reuses them."""
+    pool = feature_store(context, "lm").to_tensor()
+    with context.timed("embeddings"):
+        target = lm_pooled_embeddings(context.model, context.target, pad_token_id=context.tokenizer.pad_token_id,
+                                      show_progress=context.show_progress)
+    return MethodOutput(cosine_scores(pool, target, chunk_rows=context.config.chunk_rows))
+
+
+@register_method("random", default_selection="mean_top_k", needs_model=False, uses_stores=False)
+def random_method(context: Context) -> MethodOutput:
+    """Uniform random rows: seeded uniform random keys [n, 1], the top-budget keys are selected."""
+    generator = torch.Generator().manual_seed(context.config.selection_seed)
+    return MethodOutput(torch.rand(len(context.pool), 1, generator=generator))

@@ -1,0 +1,224 @@
+"""Influence Distillation (docs/algorithms.md): robust per-row weights from first-order scores p and, with
+order=2, the target-Hessian term Q. `influence_distillation` computes exact gradients for k landmark rows and
+spreads their scores to the pool by kernel ridge regression on cheap embeddings (warm-up -> JVP embeddings ->
+landmark and target gradients -> P_L = G_L G_T^T -> regression -> robust weights -> selection);
+`influence_distillation_exact` takes the gradient of every pool row.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import scipy.stats
+import torch
+from datasets import Dataset
+from torch import Tensor
+from transformers.utils.logging import tqdm
+
+from ..distillation import LandmarkRegressor, first_order_scores, robust_weights, select_landmarks
+from ..engine import Context, MethodOutput, ScoreStream
+from ..formatting import pad_batch
+from ..gradients import GradientConfig, PerSampleGradients
+from ..hessian import TargetHessian
+from ..optimizers import AffineStep
+from ..registry import register_method
+from .stores import gradient_vectors, landmark_feature_rows, optimizer_step, store_rows, target_gradient_vectors
+
+logger = logging.getLogger(__name__)
+
+
+def _device(context: Context) -> torch.device:
+    return next(context.model.parameters()).device
+
+
+def _hessian_projected(context: Context, tracked: PerSampleGradients, rows: Dataset, step: AffineStep | None,
+                       extra: Tensor | None = None) -> Tensor:
+    """P(H_T v_i) [len(rows) (+1), output_dim] for v_i = A g_i (unit-normalised when the gradients are), and
+    optionally for one more raw vector `extra` (the drift b), in the coordinates of the stored gradients.
+
+    With unit-normalised gradients, p_i = mean_j <v_i, g_j / |g_j|> is the first-order change of the target
+    objective (1/m) sum_j l_j / |g_j|, so H_T is that objective's Hessian (target weights 1 / |g_j|): the first-
+    and second-order terms are then on one scale, and eta means the same thing for both.
+    """
+    gradient_config = context.configs[GradientConfig]
+    if gradient_config.projection == "factored":
+        raise ValueError("order=2 needs an elementwise projection (countsketch, srht, gaussian or none), "
+                         "not projection='factored'.")
+    pad = context.tokenizer.pad_token_id
+    target_batches = [pad_batch(list(context.target.select(range(s, min(s + gradient_config.batch_size,
+                                                                       len(context.target))))), pad)
+                      for s in range(0, len(context.target), gradient_config.batch_size)]
+    device = _device(context)
+    target_batches = [{key: value.to(device) for key, value in batch.items()} for batch in target_batches]
+    target_weights = None
+    if gradient_config.normalize:
+        target_weights = 1.0 / torch.cat([tracked.raw(batch).float().norm(dim=1).cpu() for batch in target_batches])
+    hessian = TargetHessian(context.model, tracked.parameters, target_batches, kind=context.config.hessian,
+                            target_weights=target_weights)
+    scale = None if step is None else step.scale.to(device)
+    projected = []
+    batch_size = gradient_config.batch_size
+    for start in tqdm(range(0, len(rows), batch_size), desc="hessian products", unit="batches",
+                      disable=not context.show_progress):
+        batch = pad_batch(list(rows.select(range(start, min(start + batch_size, len(rows))))), pad)
+        vectors = tracked.raw({key: value.to(device) for key, value in batch.items()}).float()
+        if scale is not None:
+            vectors = vectors * scale
+        if gradient_config.normalize:
+            vectors = vectors / vectors.norm(dim=1, keepdim=True)
+        projected.append(tracked._projector.project(hessian.matmul(vectors)).float().cpu())
+    if extra is not None:
+        projected.append(tracked._projector.project(hessian.matmul(extra.to(device)[None])).float().cpu())
+    return torch.cat(projected)
+
+
+def _landmark_second_order(context: Context, tracked, landmark_rows: Dataset, landmark_vectors: Tensor,
+                           step: AffineStep | None, num_pool_rows: int) -> tuple[Tensor, Tensor | None]:
+    """Q_L = (1/n) U_L (P H V_L)^T [k, k] (symmetrised), and P(H b) for the drift correction (or None).
+
+    The drift enters p as p = G A (g_T - eta H b) only for unnormalised gradients: with unit-normalised
+    gradients g_T has no physical scale to compare H b with.
+    """
+    drift = None
+    if step is not None and not context.configs[GradientConfig].normalize and bool(step.drift.any()):
+        drift = step.drift
+    with context.timed("hessian_products"):
+        products = _hessian_projected(context, tracked, landmark_rows, step, extra=drift)
+    landmark_products, drift_product = (products[:-1], products[-1]) if drift is not None else (products, None)
+    q_landmarks = landmark_vectors.double() @ landmark_products.double().T / num_pool_rows
+    return (q_landmarks + q_landmarks.T) / 2, drift_product
+
+
+def _step_size(context: Context, step: AffineStep | None) -> float:
+    """eta of the second-order term: step_size, else the optimizer's learning rate. A learning rate of 0 (a schedule
+    that has decayed to its end) would silently make the weights first-order: then half the schedule's initial
+    learning rate is used, as the reference implementation does, with a warning."""
+    if context.config.step_size is not None:
+        return context.config.step_size
+    if step is None:
+        raise ValueError("order=2 with optimizer_state='gd' needs step_size (the learning rate eta of the one-step objective).")
+    if step.lr > 0:
+        return step.lr
+    initial = context.optimizer.param_groups[0].get("initial_lr") if context.optimizer is not None else None
+    if not initial:
+        raise ValueError("order=2: the optimizer's learning rate is 0 and it records no initial_lr (set by an LR "
+                         "scheduler), so the second-order term would vanish; pass step_size=... (eta).")
+    logger.warning("order=2: the optimizer's learning rate is 0 (a finished schedule); using initial_lr / 2 = %g as "
+                   "eta. Pass step_size=... to choose it.", initial / 2)
+    return initial / 2
+
+
+def _weights(context: Context, p: Tensor, q_factors: tuple[Tensor, Tensor] | None, eta: float) -> Tensor:
+    with context.timed("robust_weights"):
+        return robust_weights(p, context.config.robust_lambda, eta=eta, Q_factors=q_factors).float()
+
+
+@register_method("influence_distillation", default_selection="round_robin", robust_weights=True, second_order=True,
+                 streams=True)
+def influence_distillation(context: Context) -> MethodOutput:
+    """Landmark Influence Distillation: exact gradients for k landmarks, KRR on JVP embeddings for the rest."""
+    config, n = context.config, len(context.pool)
+    tracked = PerSampleGradients(context.model, context.configs[GradientConfig])
+    step = optimizer_step(context, tracked)
+    store = landmark_feature_rows(context)
+    # Uniform landmarks and first-order scores need only the landmarks' rows in memory (the rest is read from
+    # the store in blocks); kmeans++ and the order-2 transfer matrix need all [n, e] embeddings.
+    embeddings = store if isinstance(store, Tensor) else None
+    if embeddings is None and (config.landmark_selection == "kmeans++" or config.order == 2):
+        embeddings = store.to_tensor()
+    k = min(config.num_landmarks, n)
+    landmarks = select_landmarks(n, k, config.landmark_selection, embeddings=embeddings, seed=config.selection_seed)
+    landmark_rows = context.pool.select(landmarks.tolist())
+    preconditioner = None if step is None else step.scale
+    landmark_vectors = gradient_vectors(context, landmark_rows, "landmark_gradients", preconditioner)
+    target_vectors = target_gradient_vectors(context)
+    landmark_scores = first_order_scores(landmark_vectors, target_vectors)  # [k, m]
+    regression_columns = landmark_scores
+    if config.order == 2:
+        q_landmarks, drift_product = _landmark_second_order(context, tracked, landmark_rows, landmark_vectors, step, n)
+        if drift_product is not None:
+            regression_columns = torch.cat([landmark_scores, (landmark_vectors @ drift_product)[:, None]], dim=1)
+    with context.timed("regression"):
+        landmark_embeddings = store_rows(store, landmarks) if embeddings is None else embeddings[landmarks]
+        regressor = LandmarkRegressor().fit(landmark_embeddings, regression_columns, kernel=config.kernel,
+                                            ridge=config.kernel_ridge, bandwidth=config.kernel_bandwidth,
+                                            seed=config.selection_seed)
+    landmark_mask = torch.zeros(n, dtype=torch.bool)
+    landmark_mask[landmarks] = True
+    # Landmark rows are ranked by their leave-one-out predictions, like every other row by an out-of-sample one;
+    # with landmarks = the whole pool they keep their exact values (this is then exact influence).
+    calibrated = config.landmark_scores == "loo" and k < n
+    context.details.update(num_landmarks=k, landmarks=landmark_diagnostics(regressor, landmark_scores, n, calibrated))
+    stream = ScoreStream(store if embeddings is None else embeddings, regressor,
+                         {"exact_rows": landmarks, "exact_scores": regressor.loo if calibrated else regression_columns},
+                         config.chunk_rows)
+    if config.order == 1 and context.stream_selection:
+        return MethodOutput(None, landmark_mask=landmark_mask, stream=stream)
+    with context.timed("regression"):
+        predicted = stream.scores()
+    scores = predicted[:, : landmark_scores.shape[1]]
+    p = scores.mean(1)
+    if config.order == 1:
+        return MethodOutput(scores, _weights(context, p, None, 0.0), landmark_mask)
+    eta = _step_size(context, step)
+    if regression_columns.shape[1] > landmark_scores.shape[1]:
+        p = p - eta * predicted[:, -1]
+    transfer = regressor.transfer_matrix(embeddings, chunk_rows=config.chunk_rows)
+    # Landmark rows of C as their scores are made: P_L itself (exact) or its leave-one-out map.
+    transfer[landmarks] = regressor.loo_transfer_matrix() if calibrated else torch.eye(k, dtype=transfer.dtype)
+    return MethodOutput(scores, _weights(context, p, (transfer, q_landmarks), eta), landmark_mask)
+
+
+# Below this leave-one-out Spearman the landmark regression ranks rows it never saw poorly: a warning says so.
+LOO_SPEARMAN_WARNING = 0.5
+
+
+def landmark_diagnostics(regressor: LandmarkRegressor, landmark_scores: Tensor, num_pool_rows: int,
+                         calibrated: bool) -> dict:
+    """How faithful the landmark regression is, from the landmarks alone (no extra model pass).
+
+    loo_spearman: Spearman correlation, over the k landmarks, of their leave-one-out predicted mean score (over
+    the m targets) with their exact mean score: how well the regression ranks a row it did not see (None when
+    either is constant, which warns too). loo_error:
+    1 - leave-one-out R^2, averaged over the regression's columns. Logs a warning below LOO_SPEARMAN_WARNING.
+    landmark_scores: [k, m] exact first-order scores.
+    """
+    k, m = landmark_scores.shape
+    predicted, exact = regressor.loo.reshape(k, -1)[:, :m].double().mean(1), landmark_scores.double().mean(1)
+    # Undefined (None) when either side is constant, e.g. a regression that predicts the mean for every landmark.
+    constant = bool((predicted == predicted[0]).all() or (exact == exact[0]).all())
+    loo_spearman = None if constant else float(scipy.stats.spearmanr(predicted.numpy(), exact.numpy()).statistic)
+    diagnostics = {
+        "num_landmarks": k, "landmark_share_pool": k / num_pool_rows, "landmark_scores": "loo" if calibrated else "exact",
+        "kernel": regressor.kernel, "bandwidth": getattr(regressor, "sigma", None),
+        "bandwidth_scale": regressor.bandwidth, "ridge": regressor.ridge, "loo_spearman": loo_spearman,
+        "loo_error": regressor.loo_error,
+    }
+    if k < num_pool_rows and (loo_spearman is None or loo_spearman < LOO_SPEARMAN_WARNING):
+        logger.warning(
+            "Landmark regression fidelity is low: leave-one-out Spearman %s over %d landmarks (below %.2f), so the "
+            "scores of the %d other pool rows are unreliable. Raise num_landmarks (now %d), or use "
+            "method='influence_distillation_exact'.", "undefined" if loo_spearman is None else f"{loo_spearman:.2f}",
+            k, LOO_SPEARMAN_WARNING, num_pool_rows - k, k)
+    return diagnostics
+
+
+@register_method("influence_distillation_exact", default_selection="round_robin", robust_weights=True,
+                 second_order=True)
+def influence_distillation_exact(context: Context) -> MethodOutput:
+    """Influence Distillation without landmarks: gradients (and, for order 2, Hessian products) of every pool row."""
+    n = len(context.pool)
+    tracked = PerSampleGradients(context.model, context.configs[GradientConfig])
+    step = optimizer_step(context, tracked)
+    pool_vectors = gradient_vectors(context, context.pool, "pool_gradients", None if step is None else step.scale)
+    target_vectors = target_gradient_vectors(context)
+    scores = first_order_scores(pool_vectors, target_vectors)
+    p = scores.mean(1)
+    if context.config.order == 1:
+        return MethodOutput(scores, _weights(context, p, None, 0.0), torch.ones(n, dtype=torch.bool))
+    q_pool, drift_product = _landmark_second_order(context, tracked, context.pool, pool_vectors, step, n)
+    eta = _step_size(context, step)
+    if drift_product is not None:
+        p = p - eta * (pool_vectors @ drift_product)
+    identity = torch.eye(n, dtype=torch.float64)
+    return MethodOutput(scores, _weights(context, p, (identity, q_pool), eta), torch.ones(n, dtype=torch.bool))

@@ -1,0 +1,48 @@
+"""NN-CIFT as a selection method: an oracle scores a block of the pool, an InfluenceNetwork fitted on that block
+predicts the rest (the work itself is `hf_influence.nn_cift.nn_cift`). order=2 reaches an Influence Distillation
+oracle through `oracle_options`."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+import torch
+
+from ..engine import Context, MethodOutput, ScoreStream
+from ..nn_cift import block_overrides, nn_cift
+from ..options import NNCIFTConfig, SelectionConfig
+from ..registry import register_method
+
+
+# SelectionConfig fields that describe the outer selection, not how a method oracle scores a block.
+_NOT_ORACLE_FIELDS = ("method", "selection", "target_task_column")
+
+
+def oracle_options(configs: dict[type, Any]) -> dict[str, Any]:
+    """The options of a NN-CIFT method oracle: every config field except NNCIFTConfig's and the outer
+    selection's own (method, selection rule, task column). optimizer_state, step_size, selection_seed and
+    work_dir (per-block subfolders, see MethodOracle) reach the oracle."""
+    return {name: value for config_type, config in configs.items() if config_type is not NNCIFTConfig
+            for name, value in asdict(config).items()
+            if not (config_type is SelectionConfig and name in _NOT_ORACLE_FIELDS)}
+
+
+@register_method("nn_cift", default_selection="round_robin", second_order=True, streams=True)
+def nn_cift_method(context: Context) -> MethodOutput:
+    """NN-CIFT: an oracle (NNCIFTConfig.oracle) on a u-block, an InfluenceNetwork fitted on it predicts the rest."""
+    result = nn_cift(context.raw_pool, context.raw_target, context.configs[NNCIFTConfig], model=context.model,
+                     tokenizer=context.tokenizer, optimizer=context.optimizer, predict=not context.stream_selection,
+                     **oracle_options(context.configs))
+    context.details.setdefault("seconds", {}).update(result.seconds)
+    context.details.update(block_rows=len(result.block_rows), block_columns=len(result.block_columns),
+                           evaluation=result.evaluation)
+    block_mask = torch.zeros(len(context.pool), dtype=torch.bool)
+    block_mask[result.block_rows] = True
+    pointwise = result.network.kind == "pointwise"
+    if context.stream_selection:  # the network predicts chunk by chunk while selecting
+        stream = ScoreStream(result.pool_embeddings, result.network,
+                             block_overrides(result.block_rows, result.block_columns, result.block_labels, pointwise),
+                             context.config.chunk_rows, None if pointwise else result.target_embeddings)
+        return MethodOutput(None, landmark_mask=block_mask, stream=stream, pointwise=pointwise)
+    return MethodOutput(result.scores, landmark_mask=block_mask, pointwise=pointwise)

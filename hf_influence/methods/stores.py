@@ -1,0 +1,87 @@
+"""What the gradient-based methods share: the warm-up's optimizer state, and the run's resumable stores in
+work_dir (gradients of pool, landmark and target rows; JVP and LM embeddings of the pool)."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import Dataset
+from torch import Tensor
+
+from ..distillation import concatenate_scaled
+from ..engine import Context
+from ..extract import extract_gradients, extract_jvp_embeddings, extract_lm_embeddings
+from ..gradients import GradientConfig, PerSampleGradients
+from ..jvp import JVPConfig
+from ..optimizers import AffineStep, affine_step
+from ..store import VectorStore, fingerprint_dataset
+from ..warmup import WarmupConfig, warmup
+
+
+def optimizer_step(context: Context, tracked: PerSampleGradients) -> AffineStep | None:
+    """The affine step of the optimizer used for influence (None: plain GD), after the warm-up if asked."""
+    if context.optimizer is None and context.config.optimizer_state == "warmup":
+        # Saved in a given work_dir: a rerun (after a crash, or for another target) reuses the same state,
+        # and with it the gradient stores preconditioned by it.
+        cache_dir = None if context.config.work_dir is None else Path(context.config.work_dir) / "warmup"
+        with context.timed("warmup"):
+            context.optimizer = warmup(context.model, context.tokenizer, context.pool,
+                                       context.configs[WarmupConfig], cache_dir=cache_dir).optimizer
+    if context.optimizer is None:
+        return None
+    return affine_step(context.optimizer, tracked.parameters)
+
+
+def gradient_vectors(context: Context, rows: Dataset, name: str, preconditioner: Tensor | None,
+               folder: str | None = None) -> Tensor:
+    """Gradients of `rows` from (or into) the store work_dir/folder (default: name), timed as `name`."""
+    with context.timed(name):
+        store = extract_gradients(context.model, rows, context.work_dir / (folder or name), context.configs[GradientConfig],
+                                  preconditioner=preconditioner, pad_token_id=context.tokenizer.pad_token_id,
+                                  show_progress=context.show_progress)
+    return store.to_tensor()
+
+
+def target_gradient_vectors(context: Context) -> Tensor:
+    """The target rows' gradients, in a store named by the target's fingerprint: one work_dir serves several
+    targets, and their pool-side stores (JVP embeddings, landmark or pool gradients, warm-up) are shared."""
+    folder = f"target_gradients-{fingerprint_dataset(context.target)[:16]}"
+    return gradient_vectors(context, context.target, "target_gradients", None, folder)
+
+
+def feature_store(context: Context, part: str) -> VectorStore:
+    """One part of the regression features of every pool row, in a resumable store under work_dir."""
+    pad, show = context.tokenizer.pad_token_id, context.show_progress
+    if part == "jvp":
+        with context.timed("jvp_embeddings"):
+            return extract_jvp_embeddings(context.model, context.pool, context.work_dir / "jvp",
+                                          context.configs[JVPConfig], pad_token_id=pad, show_progress=show)
+    # The base model's representation, as method="rds" computes it: the warm-up's adapter is switched off.
+    adapter_off = context.model.disable_adapter() if hasattr(context.model, "disable_adapter") else contextlib.nullcontext()
+    with context.timed("lm_embeddings"), adapter_off:
+        return extract_lm_embeddings(context.model, context.pool, context.work_dir / "lm_embeddings",
+                                     batch_size=context.configs[GradientConfig].batch_size, pad_token_id=pad,
+                                     show_progress=show)
+
+
+def landmark_feature_rows(context: Context) -> VectorStore | Tensor:
+    """The regression features of every pool row (SelectionConfig.landmark_features): a store for one part; for
+    several, the rows [e_1 / s_1, e_2 / s_2] in memory, s_j the median pairwise distance of part j on a seeded
+    sample of at most 1000 rows, so that each part weighs the same in the RBF distance whatever its units."""
+    stores = [feature_store(context, part) for part in context.config.landmark_features.split("+")]
+    if len(stores) == 1:
+        return stores[0]
+    return concatenate_scaled([store.to_tensor() for store in stores], seed=context.config.selection_seed)
+
+
+def store_rows(store: VectorStore, rows: Tensor) -> Tensor:
+    """Rows [r, e] of a store at arbitrary indices, read one row at a time in row order (the memory map is
+    then read forwards)."""
+    order = rows.argsort()
+    values = torch.empty(len(rows), store.dim, dtype=torch.float32)
+    for position, row in zip(order.tolist(), rows[order].tolist()):
+        values[position] = torch.from_numpy(store.read(row, row + 1)[0].astype(np.float32))
+    return values

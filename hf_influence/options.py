@@ -1,0 +1,198 @@
+"""The options of a selection run, each defined once: SelectionConfig and NNCIFTConfig here, the other
+config dataclasses beside the stage they configure. `split_options` routes flat keyword options (their names
+are unique across CONFIG_TYPES) to their dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .encoders import DEFAULT_ENCODER
+from .formatting import FormattingConfig
+from .gradients import GradientConfig
+from .hessian import HESSIAN_KINDS
+from .jvp import JVPConfig
+from .models import LoraSettings
+from .registry import METHODS
+from .selection import RULES
+from .warmup import WarmupConfig
+
+LANDMARK_FEATURES = ("jvp", "lm", "jvp+lm")
+
+
+@dataclass
+class SelectionConfig:
+    """How `select_by_influence` scores and selects.
+
+    Attributes:
+        method: registered method: "influence_distillation" (landmarks), "influence_distillation_exact"
+            (gradients of every pool row), "less", "rds" (RDS+ embeddings), "nn_cift" (an oracle distilled into
+            an InfluenceNetwork, see NNCIFTConfig) or "random".
+        selection: "round_robin" (each target sample in turn takes its best remaining row), "round_robin_task"
+            (the same over target tasks), "mean_top_k", "less" (mean within task, max over tasks),
+            "facility_location" (lazy greedy coverage of the targets, as DELIFT; in memory), "weighted"
+            (sample rows with probability proportional to the robust weights); None: the method's default.
+        target_task_column: target column naming each row's task (for "round_robin_task" and "less");
+            None uses "task" when the target has it, else every target row is its own task.
+        optimizer_state: where the Adam state comes from when no optimizer object is passed: "warmup" (a short
+            LoRA AdamW run on a slice of the pool) or "gd" (plain gradient descent, no preconditioning).
+        num_landmarks: landmark rows with exact gradients (capped at the pool size).
+        landmark_selection: "uniform" (seeded random) or "kmeans++" on the regression features.
+        landmark_features: what the kernel regression reads for every pool row: "jvp" (JVP embeddings, JVPConfig),
+            "lm" (the base model's RDS+ embeddings: position-weighted mean of the last hidden state, one forward
+            pass of the whole model), or "jvp+lm" (both, each scaled by its median pairwise distance so that both
+            weigh the same in the kernel; held in memory, [n, e_jvp + hidden]).
+        landmark_scores: what landmark rows are ranked by when there are fewer landmarks than pool rows:
+            "loo" (their leave-one-out predictions, made from the other landmarks: every row is then an
+            out-of-sample prediction on the same footing) or "exact" (their exact influence, which beats the
+            ridge-shrunk predictions of the other rows and fills round-robin selections with landmarks). With
+            landmarks = the whole pool both give exact influence.
+        kernel: kernel of the landmark regression: "rbf" or "linear".
+        kernel_bandwidth: RBF bandwidth as a multiple of the median pairwise landmark distance (1.0, the default,
+            is the median heuristic); None chooses it by closed-form leave-one-out on the landmarks (better in the
+            fidelity lab, but an argmin over a grid: rounding differences, e.g. a multi-process warm-up, can flip
+            the choice and with it the selection, so it is opt-in).
+        kernel_ridge: ridge of the landmark regression, relative to the mean kernel diagonal (default 0.01); None
+            chooses it by closed-form leave-one-out on the landmarks (see kernel_bandwidth).
+        order: 1 (first-order influence) or 2 (adds the target-Hessian term to the robust weights).
+        hessian: "exact" (double backward) or "gauss_newton", for order 2.
+        robust_lambda: lambda of the robust-weights objective (the paper's running example uses 0.02).
+        step_size: eta of the one-step objective; None uses the optimizer's learning rate (required for
+            optimizer_state="gd" with order 2).
+        selection_seed: seed of landmarks, selection order and random baselines.
+        work_dir: folder for the resumable stores (embeddings, gradients) and the saved warm-up; None uses a
+            temporary folder. Re-running with the same folder resumes after a crash and reuses finished stores;
+            target gradients are stored per target, so other targets on the same pool and model share the
+            pool-side stores and the warm-up.
+        chunk_rows: pool rows per chunk when streaming regression and scoring.
+    """
+
+    method: str = "influence_distillation"
+    selection: str | None = None
+    target_task_column: str | None = None
+    optimizer_state: str = "warmup"
+    num_landmarks: int = 4096
+    landmark_selection: str = "uniform"
+    landmark_features: str = "jvp"
+    landmark_scores: str = "loo"
+    kernel: str = "rbf"
+    kernel_bandwidth: float | None = 1.0
+    kernel_ridge: float | None = 0.01
+    order: int = 1
+    hessian: str = "exact"
+    robust_lambda: float = 0.02
+    step_size: float | None = None
+    selection_seed: int = 0
+    work_dir: str | None = None
+    chunk_rows: int = 65536
+
+    def __post_init__(self) -> None:
+        choices = {
+            "method": tuple(METHODS), "selection": (None, *RULES, "facility_location", "weighted"), "optimizer_state": ("warmup", "gd"),
+            "landmark_selection": ("uniform", "kmeans++"), "landmark_features": LANDMARK_FEATURES,
+            "landmark_scores": ("loo", "exact"),
+            "kernel": ("rbf", "linear"), "order": (1, 2),
+            "hessian": HESSIAN_KINDS,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"SelectionConfig.{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+        for name in ("num_landmarks", "chunk_rows"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"SelectionConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.kernel_ridge is not None and self.kernel_ridge < 0:
+            raise ValueError(f"SelectionConfig.kernel_ridge must be >= 0 (or None: chosen by leave-one-out), got "
+                             f"{self.kernel_ridge}")
+        if self.kernel_bandwidth is not None and not self.kernel_bandwidth > 0:
+            raise ValueError(f"SelectionConfig.kernel_bandwidth must be > 0 (a multiple of the median distance, or "
+                             f"None: chosen by leave-one-out), got {self.kernel_bandwidth}")
+        if not self.robust_lambda > 0:
+            raise ValueError(f"SelectionConfig.robust_lambda must be > 0, got {self.robust_lambda}")
+
+
+ORACLES = ("influence_distillation_exact", "influence_distillation", "less", "rds", "delift", "delift_se", "selectit")
+
+
+@dataclass
+class NNCIFTConfig:
+    """NN-CIFT: which oracle to distil, on how large a block, into which network.
+
+    Attributes:
+        oracle: "influence_distillation_exact" (first-order ID, default), "influence_distillation", "less",
+            "rds", "delift" (in-context utility with the valuation model), "delift_se" (embedding cosine) or
+            "selectit" (pointwise self-rating).
+        block_fraction: u, the share of pool rows and of target columns the oracle scores (0.05 in the paper,
+            i.e. 0.25% of the pairs).
+        min_block_rows: lower bound on the block's pool rows (a network cannot learn from a handful).
+        encoder: sentence-transformers encoder of the rows' text (Hub id or folder).
+        encoder_batch_size: rows per encoder call.
+        network_hidden_sizes: hidden layer widths of the InfluenceNetwork.
+        network_epochs: maximum training epochs.
+        network_learning_rate: Adam learning rate.
+        network_batch_size: pairs per training step.
+        network_patience: epochs without validation improvement before early stopping.
+        network_validation_split: "pairs" (random validation pairs, the paper's regime) or "held_out"
+            (whole held-out rows and columns of the block, so early stopping tracks generalisation to unseen
+            rows and targets; needs a block large enough to spare them).
+        network_num_threads: torch CPU threads while the network trains (1 is fastest for its many small ops
+            on a CPU; None leaves torch's process-wide setting alone). Prediction runs in fixed pool blocks on
+            one thread (`streaming.predict_scores`), the same blocks a streamed selection uses.
+        nn_cift_seed: seed of the block and of the network.
+        evaluation_fraction: if > 0, the oracle also scores a fresh evaluation block (this share of the rows
+            and of the columns, plus the training block's), and the network is evaluated on its quadrants
+            Q1..Q4 (costs extra oracle calls; the figures go into the network's metrics and card).
+    """
+
+    oracle: str = "influence_distillation_exact"
+    block_fraction: float = 0.05
+    min_block_rows: int = 32
+    encoder: str = DEFAULT_ENCODER
+    encoder_batch_size: int = 64
+    network_hidden_sizes: list[int] = field(default_factory=lambda: [100])
+    network_epochs: int = 20
+    network_learning_rate: float = 1e-4
+    network_batch_size: int = 64
+    network_patience: int = 3
+    network_validation_split: str = "pairs"
+    network_num_threads: int | None = 1
+    nn_cift_seed: int = 0
+    evaluation_fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.oracle not in ORACLES:
+            raise ValueError(f"NNCIFTConfig.oracle must be one of {list(ORACLES)}, got {self.oracle!r}")
+        if not 0 < self.block_fraction <= 1:
+            raise ValueError(f"NNCIFTConfig.block_fraction must be in (0, 1], got {self.block_fraction}")
+        if self.min_block_rows < 1:
+            raise ValueError(f"NNCIFTConfig.min_block_rows must be >= 1, got {self.min_block_rows}")
+        if self.network_validation_split not in ("pairs", "held_out"):
+            raise ValueError(f"NNCIFTConfig.network_validation_split must be 'pairs' or 'held_out', "
+                             f"got {self.network_validation_split!r}")
+        if self.network_num_threads is not None and self.network_num_threads < 1:
+            raise ValueError(f"NNCIFTConfig.network_num_threads must be >= 1 or None, got {self.network_num_threads}")
+
+
+CONFIG_TYPES = (SelectionConfig, FormattingConfig, GradientConfig, JVPConfig, WarmupConfig, LoraSettings, NNCIFTConfig)
+
+
+def split_options(options: dict[str, Any], base: dict[type, Any] | None = None) -> dict[type, Any]:
+    """Route keyword options to the config dataclass that declares them; returns {type: instance}.
+
+    Raises:
+        TypeError: an option no config declares (the message lists the close matches' dataclasses).
+    """
+    configs = dict(base or {})
+    owners = {f.name: config_type for config_type in CONFIG_TYPES for f in dataclasses.fields(config_type)}
+    unknown = sorted(set(options) - set(owners))
+    if unknown:
+        raise TypeError(f"Unknown option(s) {unknown}. Options are the fields of "
+                        f"{', '.join(t.__name__ for t in CONFIG_TYPES)}; see their docstrings.")
+    for config_type in CONFIG_TYPES:
+        mine = {name: value for name, value in options.items() if owners[name] is config_type}
+        current = configs.get(config_type)
+        if current is None:
+            configs[config_type] = config_type(**mine)
+        elif mine:
+            configs[config_type] = dataclasses.replace(current, **mine)
+    return configs
