@@ -103,7 +103,7 @@ def test_streamed_nn_cift_selection_equals_the_score_table_selection(rows, monke
 
     from hf_influence.engine import ScoreStream
 
-    influence_module = importlib.import_module("hf_influence.influence")
+    method_module = importlib.import_module("hf_influence.methods.nn_cift")
 
     pool, target = rows
     model, tokenizer = lora_model(seed=0)
@@ -123,7 +123,7 @@ def test_streamed_nn_cift_selection_equals_the_score_table_selection(rows, monke
         return result
 
     monkeypatch.setattr(ScoreStream, "scores", no_matrix)
-    monkeypatch.setattr(influence_module, "nn_cift", scores_left_to_the_stream)
+    monkeypatch.setattr(method_module, "nn_cift", scores_left_to_the_stream)
     streamed = select_by_influence(pool, target, model=model, tokenizer=tokenizer, **options)
     assert streamed["id"] == selected["id"]
 

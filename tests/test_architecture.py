@@ -1,0 +1,81 @@
+"""The package's import graph, read from the source with `ast`: no import cycle (imports inside functions
+count: they are how a cycle hides) and no module that imports more than half of the package."""
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "hf_influence"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """{module: the package modules it imports anywhere in its body}."""
+    modules = {_module_name(path): path for path in PACKAGE.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = package
+                for _ in range(max(node.level - 1, 0)):
+                    base = base.rpartition(".")[0]
+                module = node.module if node.level == 0 else ".".join(filter(None, [base, node.module]))
+                candidates = [module] + [f"{module}.{alias.name}" for alias in node.names]
+            elif isinstance(node, ast.Import):
+                candidates = [alias.name for alias in node.names]
+            else:
+                continue
+            imported |= {c for c in candidates if c in modules and c != name}
+        graph[name] = imported
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state, stack = {}, []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for child in sorted(graph[node]):
+            if state.get(child) == "open":
+                return stack[stack.index(child):] + [child]
+            if child not in state and (found := visit(child)):
+                return found
+        state[node] = "done"
+        stack.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_the_graph_reader_sees_cycles_and_function_level_imports():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None
+    graph = import_graph()
+    assert "hf_influence.engine" in graph["hf_influence.influence"]
+    # cli imports the trainer inside a function: that edge is seen too.
+    assert "hf_influence.trainer" in graph["hf_influence.cli"]
+
+
+def test_no_import_cycle():
+    graph = {name: edges for name, edges in import_graph().items()}
+    # A package's __init__ re-exports its modules; the edge from a module up to its own package's __init__ is
+    # not an import of another module's code, so the __init__ files are left out of the cycle search.
+    inits = {name for name in graph if (PACKAGE.parent / name.replace(".", "/") / "__init__.py").exists()}
+    graph = {name: edges - inits for name, edges in graph.items() if name not in inits}
+    assert _cycle(graph) is None
+
+
+def test_no_module_imports_more_than_half_of_the_package():
+    graph = import_graph()
+    modules = [name for name in graph if not (PACKAGE.parent / name.replace(".", "/") / "__init__.py").exists()]
+    heavy = {name: len(graph[name]) for name in modules if len(graph[name]) > len(modules) / 2}
+    assert not heavy, f"modules importing more than half of the {len(modules)} modules: {heavy}"

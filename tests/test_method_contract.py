@@ -1,0 +1,110 @@
+"""The contract every registered method keeps (as PEFT's common tester does for its tuners), run over the
+registry, so that a new method is held to it as soon as it registers: one score row per pool row, the same
+result for the same seed, streaming exactly when it declares it, a clear refusal of what it cannot do, and the
+user's model given back as it was."""
+
+import pytest
+import torch
+from conftest import lora_model
+
+from hf_influence import METHODS, compute_scores, select_by_influence
+from hf_influence.demo import demo_pool, demo_target
+from hf_influence.engine import ScoreStream
+from hf_influence.testing import tiny_causal_lm
+
+FAST = {"num_blocks": 1, "warmup_fraction": 0.25, "warmup_min_steps": 2, "warmup_show_progress": False,
+        "show_progress": False, "projection_dim": 256, "jvp_projection_dim": 128}
+# The smallest settings that run each method on the tiny model. A newly registered method fails
+# test_every_method_is_covered until it is given its entry here.
+METHOD_OPTIONS = {
+    "influence_distillation": {"num_landmarks": 8},
+    "influence_distillation_exact": {},
+    "less": {},
+    "rds": {},
+    "random": {},
+    "nn_cift": {"oracle": "less", "block_fraction": 0.4, "min_block_rows": 8, "network_epochs": 3,
+                "optimizer_state": "gd"},
+}
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return demo_pool(5, seed=0), demo_target("math", 3, seed=1)  # 20 pool rows, 3 target rows
+
+
+def _options(method, **extra):
+    return {**FAST, **METHOD_OPTIONS[method], "method": method, **extra}
+
+
+def test_every_method_is_covered():
+    assert set(METHOD_OPTIONS) == set(METHODS)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_one_score_row_per_pool_row_and_deterministic_for_a_seed(rows, method):
+    pool, target = rows
+    runs = []
+    for _ in range(2):
+        model, tokenizer = lora_model(seed=0)
+        runs.append(compute_scores(pool, target, model=model, tokenizer=tokenizer,
+                                   **_options(method, selection_seed=3)))
+    first, second = runs
+    assert first.pool_row_ids == list(range(len(pool)))
+    assert first.output.scores.shape[0] == len(pool)
+    assert first.output.scores.shape[1] in (1, len(target))
+    assert torch.equal(first.output.scores, second.output.scores)
+    if METHODS[method].robust_weights:
+        assert first.output.weights.shape == (len(pool),) and torch.equal(first.output.weights, second.output.weights)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_streams_exactly_when_declared_and_selects_the_same_rows(rows, method, monkeypatch):
+    pool, target = rows
+    model, tokenizer = lora_model(seed=0)
+    selected, _ = select_by_influence(pool, target, model=model, tokenizer=tokenizer, budget=5, return_scores=True,
+                                      **_options(method))
+    streamed_calls = []
+    select = ScoreStream.select
+
+    def counting(self, *args, **kwargs):
+        streamed_calls.append(1)
+        return select(self, *args, **kwargs)
+
+    monkeypatch.setattr(ScoreStream, "select", counting)
+    model, tokenizer = lora_model(seed=0)
+    again = select_by_influence(pool, target, model=model, tokenizer=tokenizer, budget=5, **_options(method))
+    assert again["id"] == selected["id"]
+    assert bool(streamed_calls) == METHODS[method].streams
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_refuses_what_it_cannot_do(rows, method):
+    pool, target = rows
+    model, tokenizer = lora_model(seed=0)
+    if not METHODS[method].robust_weights:
+        with pytest.raises(ValueError, match="selection='weighted' needs robust weights"):
+            select_by_influence(pool, target, model=model, tokenizer=tokenizer, budget=5,
+                                **_options(method, selection="weighted"))
+    if not METHODS[method].second_order:
+        with pytest.raises(ValueError, match="order=2 needs a method with a second-order term"):
+            select_by_influence(pool, target, model=model, tokenizer=tokenizer, budget=5,
+                                **_options(method, order=2, step_size=1e-3))
+
+
+@pytest.mark.parametrize("kind", ["base", "peft"])
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_gives_the_users_model_back_as_it_was(rows, method, kind):
+    """A base model loses the adapter added for the run and keeps its requires_grad flags; a PEFT model's
+    adapter weights (which the warm-up trains) are put back."""
+    pool, target = rows
+    model, tokenizer = tiny_causal_lm(seed=0) if kind == "base" else lora_model(seed=0)
+    if kind == "base":
+        model.lm_head.weight.requires_grad_(False)  # a user's own choice, which the run must keep
+    state = {name: value.detach().clone() for name, value in model.state_dict().items()}
+    flags = {name: parameter.requires_grad for name, parameter in model.named_parameters()}
+    select_by_influence(pool, target, model=model, tokenizer=tokenizer, budget=5, **_options(method))
+    assert set(model.state_dict()) == set(state)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, state[name]), name
+    assert {name: parameter.requires_grad for name, parameter in model.named_parameters()} == flags
+    assert hasattr(model, "peft_config") == (kind == "peft")
