@@ -6,6 +6,7 @@ import hub_server
 import pytest
 
 from hf_influence import cli
+from hf_influence.cli.arguments import parse
 from hf_influence.gradients import GradientConfig
 from hf_influence.testing import tiny_causal_lm
 
@@ -24,13 +25,13 @@ def test_every_config_field_has_help(capsys):
 def test_yaml_defaults_and_flag_override(tmp_path):
     config = tmp_path / "config.yaml"
     config.write_text("projection_dim: 128\nseed: 5\n")
-    (parsed,) = cli._parse(["--config", str(config), "--seed", "9"], (GradientConfig,), "test")
+    (parsed,) = parse(["--config", str(config), "--seed", "9"], (GradientConfig,), "test")
     assert parsed.projection_dim == 128 and parsed.seed == 9
     with pytest.raises(SystemExit):
-        cli._parse(["--no_such_option", "1"], (GradientConfig,), "test")
+        parse(["--no_such_option", "1"], (GradientConfig,), "test")
     config.write_text("projection_dim: 128\nprojektion: srht\n")  # a typo must not be ignored
     with pytest.raises(SystemExit):
-        cli._parse(["--config", str(config)], (GradientConfig,), "test")
+        parse(["--config", str(config)], (GradientConfig,), "test")
 
 
 def test_gradients_command_on_a_local_model_and_file(tmp_path, capsys):

@@ -21,8 +21,10 @@ from huggingface_hub import ModelCard
 from trl.chat_template_utils import qwen2_5_chat_template
 
 from hf_influence import DEFAULT_MODEL, InfluenceNetwork, ScoreTable, cli, load_score_table
+from hf_influence.cli import arguments
 from hf_influence.data import load_rows, sample_rows
 from hf_influence.models import LoraSettings
+from hf_influence.options import CONFIG_TYPES
 from hf_influence.selection import select_indices
 from hf_influence.testing import tiny_causal_lm
 from hf_influence.trainer import InfluenceSFTConfig, InfluenceSFTTrainer
@@ -33,8 +35,8 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "tulu_v2"
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_data = pytest.mark.skipif(not DATA_DIR.exists(), reason="../shared/data is absent")
 TASKS = ["gsm8k", "mmlu", "bbh", "tydiqa", "squad", "codex"]
-TRAIN_TYPES = (cli.TrainDataArguments, cli.ModelArguments, LoraSettings, InfluenceSFTConfig)
-NETWORK_TYPES = (cli.SelectArguments, cli.ModelArguments, *cli.SELECT_CONFIGS)
+TRAIN_TYPES = (arguments.TrainDataArguments, arguments.ModelArguments, LoraSettings, InfluenceSFTConfig)
+NETWORK_TYPES = (arguments.SelectArguments, arguments.ModelArguments, *CONFIG_TYPES)
 # What differs between the six train recipes; every other setting must be the same in all of them.
 PER_TARGET_KEYS = {"target_task", "target_limit", "output_dir"}
 CPU_FLAGS = ["--bf16", "false", "--tf32", "false"]
@@ -64,7 +66,7 @@ def _fields(types) -> set[str]:
 
 def _parsed(argv: list[str], types) -> dict:
     """Every parsed field by name (the names are unique across a command's dataclasses)."""
-    return {name: value for parsed in cli._parse(argv, types, "test") for name, value in vars(parsed).items()}
+    return {name: value for parsed in arguments.parse(argv, types, "test") for name, value in vars(parsed).items()}
 
 
 def _config(name: str) -> dict:
@@ -74,7 +76,7 @@ def _config(name: str) -> dict:
 @pytest.mark.parametrize("task", TASKS)
 def test_train_config_parses_to_its_values(task):
     config = _config(task)
-    # cli._parse ignores YAML keys that name no field: a misspelt key would silently fall back to its default.
+    # arguments.parse ignores YAML keys that name no field: a misspelt key would silently fall back to its default.
     assert set(config) <= _fields(TRAIN_TYPES), set(config) - _fields(TRAIN_TYPES)
     # bf16 and tf32 need a GPU (transformers refuses them on a CPU); everything else parses as written.
     parsed = _parsed(["--config", str(RECIPES / f"{task}.yaml"), *CPU_FLAGS], TRAIN_TYPES)
@@ -153,7 +155,7 @@ def test_run_composes_yaml_offline_settings_and_extra_flags_in_order(tmp_path):
 
 def test_pool_sample_is_the_train_commands_sample():
     rows = Dataset.from_dict({"id": list(range(50))})
-    assert run.sample_rows is cli.sample_rows  # one sampler, so a pushed table's row ids index the SFT pool
+    assert run.sample_rows is cli.train.sample_rows  # one sampler, so a pushed table's row ids index the SFT pool
     assert run.sample_rows(rows, 20, seed=3)["id"] == rows.shuffle(seed=3)["id"][:20]
     assert run.sample_rows(rows, None, seed=3)["id"] == list(range(50))
 

@@ -1,0 +1,233 @@
+"""The command line's argument dataclasses and the parsing shared by every subcommand: flags from the dataclass
+fields (`transformers.HfArgumentParser`), `--config FILE.yaml` defaults that flags override, the model loader."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from datasets import Dataset
+from transformers import HfArgumentParser
+
+from ..data import load_rows
+from ..distributed import process_state
+from ..models import DEFAULT_MODEL, load_model
+
+
+@dataclass
+class ModelArguments:
+    """Which model to load.
+
+    Attributes:
+        model: Hub id or local folder of a causal LM (the default falls back to an offline copy).
+        revision: Hub revision.
+        dtype: "float32", "bfloat16" or "float16".
+    """
+
+    model: str = field(default=DEFAULT_MODEL, metadata={"help": "Hub id or local folder of a causal LM."})
+    revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit)."})
+    dtype: str = field(default="float32", metadata={"help": "float32, bfloat16 or float16."})
+
+
+@dataclass
+class DataArguments:
+    """Input rows and output folder.
+
+    Attributes:
+        data: jsonl/json/parquet/csv file (optionally .gz), a folder of them, or a Hub dataset id.
+        output: output folder (stores and the summary are written there).
+        split: split of a Hub dataset.
+        limit: use only the first `limit` rows.
+        overwrite: replace stores made with another model, dataset or configuration.
+    """
+
+    data: str | None = field(default=None, metadata={"help": "jsonl/json/parquet/csv file, folder, or Hub dataset id."})
+    output: str = field(default="runs/hf-influence", metadata={"help": "Output folder."})
+    split: str = field(default="train", metadata={"help": "Split of a Hub dataset."})
+    limit: int | None = field(default=None, metadata={"help": "Use only the first N rows."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace mismatched stores instead of refusing them."})
+
+
+@dataclass
+class DemoArguments:
+    """The embedded demo: a generated multi-domain pool and a math target.
+
+    Attributes:
+        rows_per_domain: pool rows generated per domain (math, code, qa, classification).
+        target_rows: math target rows.
+        demo_budget: rows to select (int) or share of the pool (float in (0, 1]).
+        output: output folder.
+        data_seed: data seed.
+    """
+
+    rows_per_domain: int = field(default=16, metadata={"help": "Pool rows per demo domain."})
+    target_rows: int = field(default=8, metadata={"help": "Rows of the math target."})
+    demo_budget: str = field(default="16", metadata={"help": "Rows (int) or pool share (float) to select."})
+    output: str = field(default="runs/demo", metadata={"help": "Output folder."})
+    data_seed: int = field(default=0, metadata={"help": "Data seed."})
+
+
+@dataclass
+class SelectArguments:
+    """Pool, target, budget and where the selection goes.
+
+    Attributes:
+        pool: candidate training rows: jsonl/json/parquet/csv file (optionally .gz), a folder, or a Hub dataset id.
+        target: rows of the task to improve, same forms.
+        budget: rows to select (an integer) or a share of the pool (a float in (0, 1]).
+        output: output folder: selected.jsonl, scores/ (the score table), report.json.
+        pool_split: split of a Hub pool dataset.
+        target_split: split of a Hub target dataset.
+        pool_limit: use only the first N pool rows.
+        target_limit: use only the first N target rows.
+        group_column: pool column summarised in the report (share of each value in the selection vs the pool).
+        save_scores: write the score table (scores/, every pool row x target row). False streams the selection
+            for first-order landmark Influence Distillation: neither the [n, m] scores nor the [n, e] embeddings
+            are held, so memory does not grow with the pool (see README, "Streaming selection").
+    """
+
+    pool: str | None = field(default=None, metadata={"help": "Pool file, folder or Hub dataset id."})
+    target: str | None = field(default=None, metadata={"help": "Target file, folder or Hub dataset id."})
+    budget: str = field(default="0.05", metadata={"help": "Rows (int) or pool share (float in (0, 1])."})
+    output: str = field(default="runs/select", metadata={"help": "Output folder."})
+    pool_split: str = field(default="train", metadata={"help": "Split of a Hub pool dataset."})
+    target_split: str = field(default="test", metadata={"help": "Split of a Hub target dataset."})
+    pool_limit: int | None = field(default=None, metadata={"help": "Use only the first N pool rows."})
+    target_limit: int | None = field(default=None, metadata={"help": "Use only the first N target rows."})
+    group_column: str = field(default="source", metadata={"help": "Pool column summarised in the report."})
+    save_scores: bool = field(default=True, metadata={"help": "Write scores/ (False: streamed selection)."})
+
+
+@dataclass
+class HubArguments:
+    """An InfluenceNetwork or score table to load or push.
+
+    Attributes:
+        network: InfluenceNetwork folder (a fit-network output folder, or its network/ subfolder) or Hub repo id.
+        scores: score-table folder (score tables are pushed with `--scores`).
+        repo_id: Hub repo to push to (model repo for a network, dataset repo for a score table).
+        config_name: config of the score table in its dataset repo (one per target set).
+        private: create the repo private.
+    """
+
+    network: str | None = field(default=None, metadata={"help": "InfluenceNetwork folder or Hub repo id."})
+    scores: str | None = field(default=None, metadata={"help": "Score-table folder."})
+    repo_id: str | None = field(default=None, metadata={"help": "Hub repo to push to."})
+    config_name: str = field(default="default", metadata={"help": "Config name of a pushed score table."})
+    private: bool = field(default=False, metadata={"help": "Create a private repo."})
+
+
+@dataclass
+class TrainDataArguments:
+    """The pool to train on, the target to select for, and an optional held-out target to measure.
+
+    Attributes:
+        pool: training pool: jsonl/json/parquet/csv file (optionally .gz), a folder, or a Hub dataset id.
+        pool_split: split of a Hub pool dataset.
+        pool_sample: use a seeded random sample of N pool rows (sample_seed); None uses every row.
+        target: target rows (file, folder or Hub id, any schema of hf_influence.targets); None with target_task
+            reads that task's shared offline file under data_dir, else its Hub dataset.
+        target_task: a task of hf_influence.targets.TARGET_TASKS (gsm8k, mmlu, bbh, tydiqa, squad, codex): names
+            the target schema and its subtask column; None reads `target` as prompt/response rows.
+        target_limit: use a seeded random sample of N target rows.
+        eval_target: held-out rows of the task (same forms as target) whose loss is measured before and after
+            training (the mean per-row response-token cross-entropy); None with eval_limit and target_task takes
+            the task's held-out split (GSM8K test, MMLU test); None otherwise skips the measurement.
+        eval_limit: use a seeded random sample of N held-out rows.
+        data_dir: the shared offline data folder (holds targets/*.jsonl.gz), for target_task without target.
+        sample_seed: seed of the samples (pool_sample, target_limit, eval_limit).
+        use_lora: train a LoRA adapter (lora_* options) rather than every weight.
+    """
+
+    pool: str | None = field(default=None, metadata={"help": "Pool file, folder or Hub dataset id."})
+    pool_split: str = field(default="train", metadata={"help": "Split of a Hub pool dataset."})
+    pool_sample: int | None = field(default=None, metadata={"help": "Seeded random sample of N pool rows."})
+    target: str | None = field(default=None, metadata={"help": "Target file, folder or Hub dataset id."})
+    target_task: str | None = field(default=None, metadata={"help": "gsm8k, mmlu, bbh, tydiqa, squad or codex."})
+    target_limit: int | None = field(default=None, metadata={"help": "Seeded random sample of N target rows."})
+    eval_target: str | None = field(default=None, metadata={"help": "Held-out target rows: loss before/after."})
+    eval_limit: int | None = field(default=None, metadata={"help": "Seeded random sample of N held-out rows."})
+    data_dir: str | None = field(default=None, metadata={"help": "Shared offline data folder (targets/)."})
+    sample_seed: int = field(default=0, metadata={"help": "Seed of the pool / target samples."})
+    use_lora: bool = field(default=True, metadata={"help": "Train a LoRA adapter (lora_* options)."})
+
+
+def _attribute_docs(dataclass_type: type) -> dict[str, str]:
+    """{field: text} from the "Attributes:" section of a config dataclass's docstring."""
+    docs: dict[str, str] = {}
+    lines = inspect.getdoc(dataclass_type).splitlines() if dataclass_type.__doc__ else []
+    in_attributes, current = False, None
+    for line in lines:
+        if line.strip() == "Attributes:":
+            in_attributes = True
+            continue
+        if not in_attributes:
+            continue
+        if line and not line.startswith(" "):
+            break
+        match = re.match(r"^    (\w+): (.*)$", line)
+        if match:
+            current = match.group(1)
+            docs[current] = match.group(2)
+        elif current and line.strip():
+            docs[current] += " " + line.strip()
+    return docs
+
+
+def parse(argv: list[str], dataclass_types: tuple, description: str, defaults: dict | None = None) -> tuple:
+    """Parse argv into the dataclasses; precedence: flags over the --config YAML over `defaults`."""
+    parser = HfArgumentParser(dataclass_types, description=description)
+    parser.set_defaults(**(defaults or {}))
+    # The config dataclasses document each field in their docstrings: show that text in --help.
+    docs = {name: text for dataclass_type in dataclass_types for name, text in _attribute_docs(dataclass_type).items()}
+    for action in parser._actions:
+        if not action.help and action.dest in docs:
+            action.help = docs[action.dest].replace("%", "%%")
+    parser.add_argument("--config", default=None, help="YAML file of defaults; flags override it.")
+    known, _ = parser.parse_known_args(argv)
+    if known.config:
+        values = yaml.safe_load(Path(known.config).read_text()) or {}
+        unknown = sorted(set(values) - {action.dest for action in parser._actions})
+        if unknown:  # argparse would silently ignore them
+            parser.error(f"{known.config} has unknown keys {unknown}; see --help for the options of this command")
+        parser.set_defaults(**values)
+    *parsed, extra = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if extra:
+        parser.error(f"unrecognised arguments: {' '.join(extra)}")
+    # The --config flag comes back as a trailing Namespace after the dataclasses.
+    return tuple(parsed[: len(dataclass_types)])
+
+
+def load_cli_model(model_args: ModelArguments):
+    dtype = getattr(torch, model_args.dtype)
+    # Under `accelerate launch` / torchrun each process runs the model on its own device.
+    state = process_state()
+    device = state.device if state is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    return load_model(model_args.model, revision=model_args.revision, dtype=dtype, device=device)
+
+
+def is_main_process() -> bool:
+    state = process_state()
+    return state is None or state.is_main_process
+
+
+def parse_budget(text: str) -> int | float:
+    """'100' -> 100 rows, '0.05' -> 5% of the pool."""
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            raise SystemExit(f"--budget must be an integer (rows) or a float in (0, 1] (pool share), got {text!r}.")
+
+
+def load_pool_and_target(args: SelectArguments) -> tuple[Dataset, Dataset]:
+    if not args.pool or not args.target:
+        raise SystemExit("--pool and --target are required: a jsonl/json/parquet/csv file, a folder, or a Hub id.")
+    return (load_rows(args.pool, split=args.pool_split, limit=args.pool_limit),
+            load_rows(args.target, split=args.target_split, limit=args.target_limit))

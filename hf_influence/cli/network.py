@@ -1,0 +1,129 @@
+"""`hf-influence fit-network`, `predict` and `push`: NN-CIFT's InfluenceNetworks and score tables on the command
+line."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..encoders import encode_rows, encoder_identity, load_encoder
+from ..hub import push_influence_network, push_score_table
+from ..methods.nn_cift import oracle_options
+from ..network import InfluenceNetwork
+from ..nn_cift import nn_cift
+from ..options import CONFIG_TYPES, NNCIFTConfig, SelectionConfig
+from ..scores import ScoreTable, json_safe, provenance_record
+from ..selection import resolve_budget, select_indices
+from ..store import atomic_write_json, fingerprint_dataset
+from .arguments import (HubArguments, ModelArguments, SelectArguments, load_cli_model, load_pool_and_target, parse,
+                        parse_budget)
+from .select import group_shares, print_report, write_selection
+
+
+def run_fit_network(argv: list[str]) -> dict:
+    """NN-CIFT: the oracle on a block, an InfluenceNetwork fitted on it; writes network/, scores/, report.json."""
+    args, model_args, *configs = parse(
+        argv, (SelectArguments, ModelArguments, *CONFIG_TYPES),
+        "Distil an influence oracle (--oracle) into an InfluenceNetwork from a u-block (--block_fraction) of "
+        "--pool x --target, predict every pair, and save the network, the score table and a report.",
+    )
+    pool, target = load_pool_and_target(args)
+    nn_config = next(config for config in configs if isinstance(config, NNCIFTConfig))
+    needs_model = nn_config.oracle != "delift_se"
+    model, tokenizer = load_cli_model(model_args) if needs_model else (None, None)
+    options = oracle_options({type(config): config for config in configs})
+    result = nn_cift(pool, target, nn_config, model=model, tokenizer=tokenizer,
+                     show_progress=options.pop("show_progress"), **options)
+    output = Path(args.output)
+    result.network.save_pretrained(output / "network")
+    training = {"block_rows": len(result.block_rows), "block_columns": len(result.block_columns),
+                "block_fraction": nn_config.block_fraction}
+    report = {"oracle": nn_config.oracle, "pool_rows": len(pool), "target_rows": len(target), "training": training,
+              "seconds": result.seconds, "evaluation": result.evaluation}
+    if result.evaluation_pairs is not None:
+        save_file({"predicted": result.evaluation_pairs[0].contiguous(), "true": result.evaluation_pairs[1].contiguous()},
+                  str(output / "evaluation_pairs.safetensors"))
+    targets = [str(i) for i in (target["id"] if "id" in target.column_names else range(len(target)))]
+    mask = torch.zeros(len(pool), dtype=torch.bool)
+    mask[result.block_rows] = True
+    table = ScoreTable.from_matrix(result.scores, list(range(len(pool))), targets if result.scores.shape[1] > 1
+                                   else ["pointwise"], landmark_mask=mask, provenance=provenance_record(
+                                       method="nn_cift", oracle=nn_config.oracle, configs=asdict(nn_config),
+                                       pool_fingerprint=fingerprint_dataset(pool),
+                                       target_fingerprint=fingerprint_dataset(target), details=report))
+    table.save(output / "scores")
+    atomic_write_json(output / "report.json", json_safe(report))
+    print(f"\nInfluenceNetwork ({nn_config.oracle}) fitted on a {training['block_rows']} x {training['block_columns']} "
+          f"block of {len(pool)} x {len(target)}: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items()))
+    for name, quadrant in (result.evaluation or {}).items():
+        if name.startswith("Q"):
+            print(f"  {name}: MSE {quadrant['mse']:.4f} (mean baseline {quadrant['mean_baseline_mse']:.4f}), "
+                  f"Spearman {quadrant['spearman']:.3f}")
+    print(f"network/, scores/ and report.json in {output}/")
+    return report
+
+
+def run_predict(argv: list[str]) -> dict:
+    """Score --pool x --target with an InfluenceNetwork; writes scores/ (and selected.jsonl with --budget)."""
+    hub_args, args, selection = parse(
+        argv, (HubArguments, SelectArguments, SelectionConfig),
+        "Predict influence for every (pool, target) pair with a saved or Hub InfluenceNetwork, using the "
+        "encoder it was trained with, and select --budget rows (round-robin over targets by default).",
+    )
+    if not hub_args.network:
+        raise SystemExit("--network is required: an InfluenceNetwork folder or Hub repo id.")
+    pool, target = load_pool_and_target(args)
+    folder = Path(hub_args.network)
+    network = InfluenceNetwork.from_pretrained(str(folder / "network" if (folder / "network").is_dir() else folder))
+    encoder = load_encoder(network.embedding_model)
+    start = time.perf_counter()
+    pool_embeddings = encode_rows(pool, encoder)
+    target_embeddings = encode_rows(target, encoder)
+    scores = network.predict(pool_embeddings, None if network.kind == "pointwise" else target_embeddings,
+                             embedding_model=encoder_identity(encoder)[0]).reshape(len(pool), -1)
+    seconds = time.perf_counter() - start
+    budget = resolve_budget(parse_budget(args.budget), len(pool))
+    chosen = select_indices(scores, budget, rule=selection.selection or "round_robin", seed=selection.selection_seed)
+    output = Path(args.output)
+    targets = [str(i) for i in (target["id"] if "id" in target.column_names else range(len(target)))]
+    table = ScoreTable.from_matrix(scores, list(range(len(pool))), targets if scores.shape[1] > 1 else ["pointwise"],
+                                   provenance=provenance_record(method="nn_cift_predict", network=network.config,
+                                                                pool_fingerprint=fingerprint_dataset(pool),
+                                                                target_fingerprint=fingerprint_dataset(target)))
+    selected = pool.select(chosen.tolist())
+    report = {"method": "nn_cift_predict", "model_id": hub_args.network, "pool_rows": len(pool),
+              "target_rows": len(target), "selected_rows": len(selected), "seconds": {"total": seconds},
+              "pool_share": group_shares(pool, args.group_column),
+              "selected_share": group_shares(selected, args.group_column)}
+    write_selection(output, selected, table, report)
+    print_report(report)
+    return report
+
+
+def run_push(argv: list[str]) -> str:
+    """Push an InfluenceNetwork (--network, a fit-network folder) or a score table (--scores) to --repo_id."""
+    (hub_args,) = parse(argv, (HubArguments,), "Push an InfluenceNetwork (with its card and plot) or a score "
+                                                "table (as a dataset repo config) to the Hugging Face Hub.")
+    if not hub_args.repo_id or not (hub_args.network or hub_args.scores):
+        raise SystemExit("push needs --repo_id and one of --network (a fit-network folder) or --scores.")
+    if hub_args.scores:
+        url = push_score_table(ScoreTable.load(hub_args.scores), hub_args.repo_id, config_name=hub_args.config_name,
+                               private=hub_args.private)
+    else:
+        folder = Path(hub_args.network)
+        report = json.loads((folder / "report.json").read_text()) if (folder / "report.json").exists() else {}
+        pairs_file = folder / "evaluation_pairs.safetensors"
+        plot = None
+        if pairs_file.exists():
+            pairs = load_file(str(pairs_file))
+            plot = (pairs["predicted"], pairs["true"])
+        network = InfluenceNetwork.from_pretrained(str(folder / "network" if (folder / "network").is_dir() else folder))
+        url = push_influence_network(network, hub_args.repo_id, training=report.get("training", {}),
+                                     evaluation=report.get("evaluation"), plot=plot, private=hub_args.private)
+    print(f"pushed to {url}")
+    return url

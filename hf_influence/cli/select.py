@@ -1,0 +1,138 @@
+"""`hf-influence demo` and `hf-influence select`: select rows, write selected.jsonl, the score table and a
+report (shares of a pool column in the selection against the pool, stage seconds, landmark diagnostics)."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from datasets import Dataset
+
+from ..data import load_rows
+from ..demo import demo_pool, demo_target
+from ..influence import select_by_influence
+from ..models import model_identity
+from ..options import CONFIG_TYPES, SelectionConfig
+from ..scores import ScoreTable
+from ..store import atomic_write_bytes, atomic_write_json
+from .arguments import DemoArguments, ModelArguments, SelectArguments, load_cli_model, parse, parse_budget
+
+
+def group_shares(rows: Dataset, column: str) -> dict[str, float]:
+    if column not in rows.column_names or len(rows) == 0:
+        return {}
+    values = [str(value) for value in rows[column]]
+    return {value: values.count(value) / len(values) for value in sorted(set(values))}
+
+
+def selection_options(configs: tuple) -> dict:
+    """The fields of the parsed config dataclasses as select_by_influence keyword options."""
+    return {name: value for config in configs for name, value in asdict(config).items()}
+
+
+def write_selection(output: Path, selected: Dataset, table: ScoreTable | None, report: dict) -> None:
+    """selected.jsonl, scores/ (unless table is None) and report.json under output, each written atomically."""
+    output.mkdir(parents=True, exist_ok=True)
+    lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in selected)
+    atomic_write_bytes(output / "selected.jsonl", lines.encode())
+    if table is not None:
+        table.save(output / "scores")
+    atomic_write_json(output / "report.json", report)
+
+
+def print_report(report: dict) -> None:
+    seconds = report["seconds"]
+    print(f"\n{report['method']}: selected {report['selected_rows']} of {report['pool_rows']} pool rows "
+          f"for {report['target_rows']} target rows in {seconds.get('total', 0.0):.1f} s")
+    print("  stages: " + ", ".join(f"{stage} {value:.1f} s" for stage, value in seconds.items() if stage != "total"))
+    if "landmarks" in report:
+        landmarks = report["landmarks"]
+        bandwidth = ("" if landmarks["bandwidth_scale"] is None
+                     else f"bandwidth {landmarks['bandwidth_scale']:g} x the median distance, ")
+        spearman = "undefined" if landmarks["loo_spearman"] is None else f"{landmarks['loo_spearman']:.2f}"
+        print(f"  landmarks: {landmarks['num_landmarks']} ({landmarks['landmark_share_pool']:.1%} of the pool, "
+              f"{landmarks['landmark_share_selected']:.1%} of the selection); leave-one-out Spearman "
+              f"{spearman}; {bandwidth}ridge {landmarks['ridge']:g}")
+    if report["selected_share"]:
+        print(f"\n  {'group':<32}{'pool share':>12}{'selected share':>16}")
+        for group, share in sorted(report["pool_share"].items(), key=lambda item: -report["selected_share"].get(item[0], 0)):
+            print(f"  {group:<32}{share:>12.3f}{report['selected_share'].get(group, 0.0):>16.3f}")
+
+
+def select_and_report(pool: Dataset, target: Dataset, model, tokenizer, budget, options: dict, group_column: str,
+                       save_scores: bool = True):
+    start = time.perf_counter()
+    if save_scores:
+        selected, table = select_by_influence(pool, target, model=model, tokenizer=tokenizer, budget=budget,
+                                              return_scores=True, **options)
+        method, model_id, seconds = (table.provenance["method"], table.provenance["model_id"],
+                                     table.provenance["details"].get("seconds", {}))
+        landmarks = table.provenance["details"].get("landmarks")
+    else:  # streamed: no table, so no per-stage timings or landmark diagnostics either (the warning still logs)
+        selected = select_by_influence(pool, target, model=model, tokenizer=tokenizer, budget=budget, **options)
+        table, method, seconds = None, options["method"], {"total": time.perf_counter() - start}
+        model_id, landmarks = model_identity(model)[0], None
+    report = {
+        "method": method, "model_id": model_id,
+        "pool_rows": len(pool), "target_rows": len(target), "selected_rows": len(selected),
+        "seconds": seconds,
+        "pool_share": group_shares(pool, group_column), "selected_share": group_shares(selected, group_column),
+    }
+    if landmarks is not None:
+        report["landmarks"] = landmarks
+    return selected, table, report
+
+
+def run_demo(argv: list[str]) -> dict:
+    """Main job: Influence Distillation vs random on a generated multi-domain pool for a math target."""
+    demo, model_args, *configs = parse(
+        argv, (DemoArguments, ModelArguments, *CONFIG_TYPES),
+        "Select training rows for a math target from a generated multi-domain pool (math, code, extractive QA, "
+        "classification) with Influence Distillation on the embedded default model, and compare with random.",
+    )
+    options = selection_options(configs)
+    if options["num_landmarks"] == SelectionConfig.num_landmarks:  # not set: a quarter of the pool, to show KRR
+        options["num_landmarks"] = demo.rows_per_domain
+    if options["response_column"] is None:
+        options["response_column"] = "solution"  # the math target's worked answer (pool rows are chat rows)
+    model, tokenizer = load_cli_model(model_args)
+    pool = demo_pool(demo.rows_per_domain, seed=demo.data_seed)
+    target = demo_target("math", demo.target_rows, seed=demo.data_seed + 1)
+    output = Path(demo.output)
+    summary = {}
+    for method in (options["method"], "random"):
+        selected, table, report = select_and_report(pool, target, model, tokenizer, parse_budget(demo.demo_budget),
+                                                     {**options, "method": method}, "source")
+        write_selection(output / method, selected, table, report)
+        print_report(report)
+        summary[method] = {"in_domain_share": report["selected_share"].get("demo/math", 0.0),
+                           "seconds": report["seconds"].get("total")}
+    print(f"\nShare of the selection from the target's domain (demo/math; pool share "
+          f"{group_shares(pool, 'source')['demo/math']:.2f}):")
+    for method, row in summary.items():
+        print(f"  {method:<28}{row['in_domain_share']:.2f}")
+    atomic_write_json(output / "summary.json", summary)
+    print(f"\nSelections, score tables and reports in {output}/")
+    return summary
+
+
+def run_select(argv: list[str]) -> dict:
+    """Select --budget rows of --pool for --target; write selected.jsonl, the score table and a report."""
+    args, model_args, *configs = parse(
+        argv, (SelectArguments, ModelArguments, *CONFIG_TYPES),
+        "Select the pool rows that help most on the target (Influence Distillation by default; --method for "
+        "influence_distillation_exact, less, rds, random).",
+    )
+    if not args.pool or not args.target:
+        raise SystemExit("--pool and --target are required: a jsonl/json/parquet/csv file, a folder, or a Hub id.")
+    pool = load_rows(args.pool, split=args.pool_split, limit=args.pool_limit)
+    target = load_rows(args.target, split=args.target_split, limit=args.target_limit)
+    model, tokenizer = load_cli_model(model_args)
+    selected, table, report = select_and_report(pool, target, model, tokenizer, parse_budget(args.budget),
+                                                 selection_options(configs), args.group_column, args.save_scores)
+    write_selection(Path(args.output), selected, table, report)
+    print_report(report)
+    print(f"\nselected.jsonl, {'scores/ ' if table is not None else ''}and report.json in {args.output}/")
+    return report

@@ -1,0 +1,47 @@
+"""`hf-influence gradients` and `hf-influence embed`: per-sample gradients or JVP embeddings of a dataset into a
+resumable store."""
+
+from __future__ import annotations
+
+from ..data import load_rows
+from ..extract import extract_gradients, extract_jvp_embeddings
+from ..formatting import FormattingConfig, format_dataset
+from ..gradients import GradientConfig
+from ..jvp import JVPConfig
+from ..models import LoraSettings, add_lora
+from .arguments import DataArguments, ModelArguments, is_main_process, load_cli_model, parse
+
+
+def formatted_input(data: DataArguments, formatting: FormattingConfig, tokenizer):
+    if not data.data:
+        raise SystemExit("--data is required: a jsonl/json/parquet/csv file, a folder, or a Hub dataset id.")
+    rows = load_rows(data.data, split=data.split, limit=data.limit)
+    return format_dataset(rows, tokenizer, formatting)
+
+
+def run_gradients(argv: list[str]) -> None:
+    """Per-sample LoRA gradients of --data into a resumable store under --output."""
+    data, model_args, lora, formatting, gradient_config = parse(
+        argv, (DataArguments, ModelArguments, LoraSettings, FormattingConfig, GradientConfig),
+        "Per-sample LoRA gradients (preconditioned, normalised, projected) into a resumable store.",
+    )
+    model, tokenizer = load_cli_model(model_args)
+    formatted = formatted_input(data, formatting, tokenizer)
+    if gradient_config.parameters == "lora":
+        model = add_lora(model, lora)
+    store = extract_gradients(model, formatted.dataset, data.output, gradient_config, overwrite=data.overwrite)
+    if is_main_process():
+        print(f"{len(store)} rows x {store.dim} gradient store in {data.output} ({len(formatted.skipped)} rows skipped)")
+
+
+def run_embed(argv: list[str]) -> None:
+    """JVP embeddings of --data into a resumable store under --output."""
+    data, model_args, formatting, jvp_config = parse(
+        argv, (DataArguments, ModelArguments, FormattingConfig, JVPConfig),
+        "JVP embeddings (truncated model, random tangents, projected) into a resumable store.",
+    )
+    model, tokenizer = load_cli_model(model_args)
+    formatted = formatted_input(data, formatting, tokenizer)
+    store = extract_jvp_embeddings(model, formatted.dataset, data.output, jvp_config, overwrite=data.overwrite)
+    if is_main_process():
+        print(f"{len(store)} rows x {store.dim} JVP embedding store in {data.output} ({len(formatted.skipped)} rows skipped)")
