@@ -11,7 +11,7 @@ else the generated demo pool) is timed with:
   jvp            JVPEmbedder.embed (first 4 blocks, 2 tangents) vs forward, a full no-grad forward pass
   projections    countsketch / srht / gaussian of the hooks' gradients to 8192 dimensions
 Methods are interleaved over repeats and the median is kept, so the ratios come from the same machine
-state. Targets (issue 2): hooks >= 0.8x train step and >= 3x loop; JVP of 4 of 30 blocks >= 2x forward.
+state. Targets: hooks >= 0.8x train step and >= 3x loop; JVP of 4 of 30 blocks >= 2x forward.
 """
 
 from __future__ import annotations
@@ -195,7 +195,7 @@ def main() -> None:
                 print(f"    projection {kind:<11} {r[f'projection_{kind}_samples_per_s']:.1f} samples/s (d={r['lora_dim']} -> {args.projection_dim})")
         for method, error in r["errors"].items():
             print(f"    {method} failed: {error}")
-    # Headline keys (issue 2) come from the real model when it was run, else from the first model.
+    # Headline keys come from the real model when it was run, else from the first model.
     headline = next((r for r in results if r["model"] == "smollm2"), results[0])
     summary = {"machine": machine(), "device": args.device, "results": results}
     for key in ("hooks", "loop", "vmap", "train_step", "jvp", "forward"):

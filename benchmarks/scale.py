@@ -1,4 +1,4 @@
-"""Simulated-scale streaming selection (issue 6): seconds and peak anonymous memory per pool size, model passes excluded.
+"""Simulated-scale streaming selection : seconds and peak anonymous memory per pool size, model passes excluded.
 
     python benchmarks/scale.py --json benchmarks/results/scale_cpu.json [--sizes 100000,1000000,10000000]
                                [--max-seconds 2400] [--data-dir /tmp/hf_influence_scale]
@@ -23,7 +23,7 @@ generation, not the landmark reads), `peak_rss_anon_mb` the largest RssAnon of /
 5 ms by a thread (the Python + torch baseline included; also reported alone). `time_exponent` is the least-squares
 slope of log(seconds) over log(rows). Sizes whose time, extrapolated from the previous size (fit constant, stream
 linear), exceeds --max-seconds are skipped (and listed). Stored and on-the-fly pools hold the same rows, so a size
-gives the same `selected_sha256` either way. Targets (issue 6): 1M rows in <= 600 s with <= 4096 MB RssAnon on the
+gives the same `selected_sha256` either way. Targets : 1M rows in <= 600 s with <= 4096 MB RssAnon on the
 2-core CPU, time exponent <= 1.
 """
 

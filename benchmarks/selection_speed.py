@@ -12,7 +12,7 @@ regression. The pool:landmark ratio is at least 16:1, the regime the method is m
 Reported: the wall seconds of each `select_by_influence` call (model loading excluded: it is loaded once) and
 `speedup_vs_exact` = exact seconds / landmark seconds; `topk_jaccard`, the Jaccard index of the two selected
 row sets; `spearman`, the rank correlation of the two per-pool-row mean scores (over the targets); and the
-per-stage seconds from each score table's provenance. Targets (issue 13): speedup >= 4x at 16:1, Jaccard >= 0.6.
+per-stage seconds from each score table's provenance. Targets: speedup >= 4x at 16:1, Jaccard >= 0.6.
 
 Both runs include the same seeded warm-up and target gradients, a fixed cost that caps the speedup at small
 pools. CPU timings are wall clock on a possibly shared two-core machine, so the 1-minute load average is

@@ -1,5 +1,5 @@
 """
-The pure-math core of Influence Distillation (ALGORITHMS.md sections 1.1, 1.2, 1.4).
+The pure-math core of Influence Distillation (docs/algorithms.md §1.1, §1.2, §1.4).
 
 - first_order_scores: p = G_S G_T^T, the first-order influence of every pool sample on every target.
 - Landmarks: exact gradients for k landmark samples only, spread to the whole pool by kernel ridge
@@ -206,7 +206,7 @@ class LandmarkRegressor:
         """
         C [n, k] (float64) with P_hat = C P_L, the intercept included: with A = K(E_S, E_L) (K_LL + ridge I)^-1,
         C = A + (1 - A 1) 1^T / k. It is the landmark factor of the second-order term, Q ~ C Q_L C^T
-        (ALGORITHMS.md 1.2).
+        (docs/algorithms.md §1.2).
         """
         k = self.landmarks.shape[0]
         parts = []

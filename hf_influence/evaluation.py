@@ -47,7 +47,7 @@ def target_loss(model: nn.Module, tokenizer, rows: Dataset | list[dict], formatt
                 batch_size: int = 8) -> float:
     """Mean over target rows of each row's mean response-token cross-entropy (nats per token, averaged per row).
 
-    The same per-sample loss the influence scores differentiate (ALGORITHMS.md: l(theta; z)), so a selection that
+    The same per-sample loss the influence scores differentiate (docs/algorithms.md, notation: l(theta; z)), so a selection that
     helps should lower it. Runs in eval mode (no dropout) and restores the model's training flag.
 
     Args:

@@ -10,7 +10,7 @@ on sample b alone; padding carries no loss, so its delta is exactly zero.
 Per-sample loss: mean cross-entropy over the response (label) tokens only. The LM head is applied to the
 label positions only, which saves the [B, T, vocab] logits of a plain forward.
 
-Order per sample (ALGORITHMS.md 1.3): optimizer preconditioning (pool samples, optional), then unit L2
+Order per sample (docs/algorithms.md §1.3): optimizer preconditioning (pool samples, optional), then unit L2
 normalisation, then the seeded projection. Normalisation commutes with the (linear) projection, so it is
 applied after it using the norm of the unprojected gradient.
 """
@@ -293,7 +293,7 @@ class PerSampleGradients:
 
         Args:
             batch: `input_ids`, `attention_mask`, `labels` [B, T] (right-padded, see `pad_batch`).
-            preconditioner: [raw_dim] elementwise scale (an optimizer preconditioner, ALGORITHMS.md 1.1),
+            preconditioner: [raw_dim] elementwise scale (an optimizer preconditioner, docs/algorithms.md §1.1),
                 applied before normalisation; None for none.
             row_ids: dataset row ids of the batch rows, used in error messages.
 

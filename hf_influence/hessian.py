@@ -1,4 +1,4 @@
-"""Products with the Hessian of the mean target loss on the tracked (LoRA) parameters (ALGORITHMS.md 1.2).
+"""Products with the Hessian of the mean target loss on the tracked (LoRA) parameters (docs/algorithms.md §1.2).
 
 The second-order term of Influence Distillation is Q = (1/n) G A H_T A G^T, so it needs H_T v for one
 vector v per (landmark) pool sample. Two kinds:

@@ -1,4 +1,4 @@
-"""JVP embeddings: cheap per-sample features for the landmark approximation (ALGORITHMS.md 1.5).
+"""JVP embeddings: cheap per-sample features for the landmark approximation (docs/algorithms.md §1.5).
 
 The causal LM is truncated to its first B decoder blocks plus the final norm. T fixed Gaussian tangents
 v_1..v_T over the truncated blocks' parameters are drawn once (seeded). A sample's embedding is the

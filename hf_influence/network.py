@@ -1,5 +1,5 @@
 """
-NN-CIFT's InfluenceNetwork (ALGORITHMS.md section 2; Agarwal & Hakkani-Tur, 2025, arXiv 2502.09969).
+NN-CIFT's InfluenceNetwork (docs/algorithms.md §2; Agarwal & Hakkani-Tur, 2025, arXiv 2502.09969).
 
 A small MLP learns an expensive influence oracle from sentence-encoder embeddings:
   pairwise:  score(i, j) = MLP([e_i ; e_j])   (pool sample i, target sample j)

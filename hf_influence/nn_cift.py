@@ -1,4 +1,4 @@
-"""NN-CIFT (ALGORITHMS.md 2): distil an expensive influence oracle into a small InfluenceNetwork.
+"""NN-CIFT (docs/algorithms.md §2): distil an expensive influence oracle into a small InfluenceNetwork.
 
 1. Embed every pool and target row with a sentence encoder (cached, batched).
 2. Run the oracle on a seeded random block: u of the pool rows x u of the target columns (u = 0.05).

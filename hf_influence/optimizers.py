@@ -1,6 +1,6 @@
 """One optimizer step as an affine map of the (weighted) gradient: theta' = theta - eta * (drift + scale * g).
 
-ALGORITHMS.md 1.1. With the second moment frozen at its current value, one step of AdamW, SGD (with
+docs/algorithms.md §1.1. With the second moment frozen at its current value, one step of AdamW, SGD (with
 momentum, dampening, Nesterov) or plain GD is affine in the gradient g, with an elementwise `scale`
 (the preconditioner A) and a `drift` b that does not depend on g:
 

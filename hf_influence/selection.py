@@ -1,4 +1,4 @@
-"""Selection rules: turn an influence score matrix into the pool rows to train on (ALGORITHMS.md 1.6).
+"""Selection rules: turn an influence score matrix into the pool rows to train on (docs/algorithms.md §1.6).
 
 `scores` is a float matrix [n, m]: row i is pool sample i, column j is target sample j, higher means
 pool sample i helps target j more. Rules:

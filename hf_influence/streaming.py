@@ -1,5 +1,5 @@
 """
-Streaming selection for pools of millions of rows (ALGORITHMS.md 1.4 and 1.6; issue 6).
+Streaming selection for pools of millions of rows (docs/algorithms.md §1.4, §1.6).
 
 stream_select reads the pool's embeddings [n, e] (a memory-mapped VectorStore, fp16 or fp32, or a tensor /
 array) block by block, predicts each block's scores [rows, m] with a fitted predictor, and keeps per target

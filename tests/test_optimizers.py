@@ -38,7 +38,7 @@ def test_adamw_matches_hand_computed_step():
     m = _flat([optimizer.state[p]["exp_avg"] for p in parameters])
     v = _flat([optimizer.state[p]["exp_avg_sq"] for p in parameters])
     t = 3
-    # Written out from ALGORITHMS.md 1.1, independently of the implementation.
+    # Written out from docs/algorithms.md §1.1, independently of the implementation.
     vhat = v / (1 - beta2 ** (t + 1))
     a1, a2 = beta1 / (1 - beta1 ** (t + 1)), (1 - beta1) / (1 - beta1 ** (t + 1))
     torch.testing.assert_close(step.scale.double(), a2 / (vhat.sqrt() + eps), rtol=1e-6, atol=0)

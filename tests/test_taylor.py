@@ -1,4 +1,4 @@
-"""The Taylor check: the one-step objective of ALGORITHMS.md 1.1 against the real loss change after a real
+"""The Taylor check: the one-step objective of docs/algorithms.md §1.1 against the real loss change after a real
 optimizer step on the weighted pool loss, over many random weight vectors.
 
 The coefficients come from the library's own machinery (per-sample gradients with the optimizer's
