@@ -24,6 +24,7 @@ import heapq
 import math
 import numbers
 from collections.abc import Hashable, Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -41,11 +42,42 @@ class SelectionError(ValueError):
     """Bad input to a selection rule; the message names the argument, pool row or target column."""
 
 
+def parse_budget(budget: Any, name: str = "budget") -> int | float:
+    """The one reading of a budget, for the API, the trainer's config and the command line: an int row count,
+    or a float pool share in (0, 1]. A string is read as a number; an integral float above 1 ("100", 100.0, as
+    a command line or a YAML file gives it) counts rows.
+
+    Raises:
+        SelectionError: not a number, fewer than 1 row, or a share outside (0, 1]; the message names `name`.
+    """
+    if isinstance(budget, str):
+        try:
+            budget = int(budget.strip())
+        except ValueError:
+            try:
+                budget = float(budget.strip())
+            except ValueError:
+                raise SelectionError(f"{name} must be an integer (rows) or a float in (0, 1] (pool share), got "
+                                     f"{budget!r}") from None
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
+        raise SelectionError(f"{name} must be an int count or a float fraction, got {budget!r}")
+    if not isinstance(budget, numbers.Integral) and budget > 1 and float(budget).is_integer():
+        budget = int(budget)
+    if isinstance(budget, numbers.Integral):
+        if budget < 1:
+            raise SelectionError(f"{name} must be at least 1, got {budget}")
+        return int(budget)
+    if not 0 < budget <= 1:  # also false for NaN
+        raise SelectionError(f"{name} as a pool share must be in (0, 1], got {budget}")
+    return float(budget)
+
+
 def resolve_budget(budget: float, pool_size: int) -> int:
     """
     Turn a budget into a row count.
 
-    budget: an int count, 1 <= budget <= pool_size, or a float fraction of the pool in (0, 1].
+    budget: an int count, 1 <= budget <= pool_size, or a float fraction of the pool in (0, 1]; an integral
+        float above 1 counts rows (as in parse_budget).
     pool_size: number of pool rows n (>= 1).
     Returns: the count; a fraction f gives max(1, round(f * pool_size)).
     """
@@ -57,6 +89,8 @@ def resolve_budget(budget: float, pool_size: int) -> int:
         raise SelectionError(
             f"budget must be an int count or a float fraction, got {budget!r} (pool of {pool_size} rows)"
         )
+    if not isinstance(budget, numbers.Integral) and budget > 1 and float(budget).is_integer():
+        budget = int(budget)  # 100.0 is 100 rows, as parse_budget reads it
     if isinstance(budget, numbers.Integral):
         if budget < 1:
             raise SelectionError(f"budget must be at least 1, got {budget} (pool of {pool_size} rows)")

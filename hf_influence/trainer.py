@@ -61,7 +61,7 @@ from .influence import select_by_influence
 from .options import split_options
 from .registry import METHODS
 from .scores import HUB_TAG, ScoreTable, json_safe, provenance_record
-from .selection import SelectionError, resolve_budget, select_indices, weighted_sample
+from .selection import SelectionError, parse_budget, resolve_budget, select_indices, weighted_sample
 from .store import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ class InfluenceSFTConfig(SFTConfig):
         if self.influence_loss_normalization not in NORMALIZATIONS:
             raise ValueError(f"influence_loss_normalization must be one of {list(NORMALIZATIONS)}, "
                              f"got {self.influence_loss_normalization!r}.")
-        self.influence_budget = _parse_budget(self.influence_budget)
+        self.influence_budget = parse_budget(self.influence_budget, "influence_budget")
         self.influence_options = dict(self.influence_options or {})
         for reserved, instead in (("method", "influence_method"), ("budget", "influence_budget")):
             if reserved in self.influence_options:
@@ -193,30 +193,6 @@ class InfluenceSFTConfig(SFTConfig):
             if self.label_smoothing_factor > 0:
                 raise ValueError("influence_mode='weight' does not support label_smoothing_factor > 0 (that loss is "
                                  "computed from full logits, outside the weighted per-token path).")
-
-
-def _parse_budget(budget: Any) -> int | float:
-    """An int row count or a float share; integral floats > 1 and integer strings count rows."""
-    if isinstance(budget, str):
-        text = budget.strip()
-        try:
-            budget = int(text)
-        except ValueError:
-            try:
-                budget = float(text)
-            except ValueError:
-                raise ValueError(f"influence_budget must be a row count or a pool share, got {budget!r}.") from None
-    if isinstance(budget, bool) or not isinstance(budget, (int, float, np.integer, np.floating)):
-        raise TypeError(f"influence_budget must be an int (rows) or a float in (0, 1] (pool share), got {budget!r}.")
-    if isinstance(budget, (float, np.floating)) and budget > 1 and float(budget).is_integer():
-        budget = int(budget)
-    if isinstance(budget, (int, np.integer)):
-        if budget < 1:
-            raise ValueError(f"influence_budget must be at least 1 row, got {budget}.")
-        return int(budget)
-    if not 0 < budget <= 1:  # also false for NaN
-        raise ValueError(f"influence_budget as a pool share must be in (0, 1], got {budget}.")
-    return float(budget)
 
 
 @dataclass

@@ -11,6 +11,7 @@ from hf_influence.selection import (
     RULES,
     SelectionError,
     random_indices,
+    parse_budget,
     resolve_budget,
     select_indices,
     weighted_sample,
@@ -312,9 +313,11 @@ def test_select_errors(kwargs, match):
         (0.3, 5, 2),
         (0.7, 5, 4),
         (np.float32(0.25), 40, 10),
+        (20.0, 40, 20),
     ],
 )
 def test_resolve_budget(budget, pool, expected):
+    """(an integral float above 1 counts rows: 20.0 -> 20, as parse_budget reads it)"""
     result = resolve_budget(budget, pool)
     assert result == expected and type(result) is int
 
@@ -340,6 +343,27 @@ def test_resolve_budget(budget, pool, expected):
 def test_resolve_budget_errors(budget, pool, match):
     with pytest.raises(SelectionError, match=match):
         resolve_budget(budget, pool)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("100", 100), (" 7 ", 7), ("0.05", 0.05), ("100.0", 100), (100.0, 100), (np.int64(3), 3), (0.25, 0.25),
+     (1.0, 1.0), ("1", 1)],
+)
+def test_parse_budget_is_the_one_reading_of_a_budget(value, expected):
+    result = parse_budget(value)
+    assert result == expected and type(result) is type(expected)
+
+
+@pytest.mark.parametrize(
+    ("value", "match"),
+    [("lots", r"influence_budget must be an integer \(rows\) or a float"), (0, "influence_budget must be at least 1"),
+     ("-2", "at least 1"), (1.5, r"pool share \(budget fraction\) must be in \(0, 1\], got 1.5"),
+     (True, "int count or a float fraction, got True"), (None, "got None"), (math.nan, "must be in")],
+)
+def test_parse_budget_errors_name_the_argument(value, match):
+    with pytest.raises(SelectionError, match=match):
+        parse_budget(value, "influence_budget" if isinstance(value, str) or value in (0, 1.5) else "budget")
 
 
 # ---- weighted and random baselines ----------------------------------------------------------------------

@@ -15,6 +15,7 @@ from transformers import HfArgumentParser
 
 from ..data import load_rows
 from ..distributed import process_state
+from .. import selection
 from ..models import DEFAULT_MODEL, load_model
 
 
@@ -215,15 +216,12 @@ def is_main_process() -> bool:
     return state is None or state.is_main_process
 
 
-def parse_budget(text: str) -> int | float:
-    """'100' -> 100 rows, '0.05' -> 5% of the pool."""
+def parse_budget(text: str, flag: str = "--budget") -> int | float:
+    """selection.parse_budget, with a bad value ending the command with its one-line message (no traceback)."""
     try:
-        return int(text)
-    except ValueError:
-        try:
-            return float(text)
-        except ValueError:
-            raise SystemExit(f"--budget must be an integer (rows) or a float in (0, 1] (pool share), got {text!r}.")
+        return selection.parse_budget(text, flag)
+    except selection.SelectionError as error:
+        raise SystemExit(str(error)) from None
 
 
 def load_pool_and_target(args: SelectArguments) -> tuple[Dataset, Dataset]:

@@ -103,7 +103,7 @@ def run_demo(argv: list[str]) -> dict:
     output = Path(demo.output)
     summary = {}
     for method in (options["method"], "random"):
-        selected, table, report = select_and_report(pool, target, model, tokenizer, parse_budget(demo.demo_budget),
+        selected, table, report = select_and_report(pool, target, model, tokenizer, parse_budget(demo.demo_budget, "--demo_budget"),
                                                      {**options, "method": method}, "source")
         write_selection(output / method, selected, table, report)
         print_report(report)
