@@ -358,7 +358,7 @@ def test_parse_budget_is_the_one_reading_of_a_budget(value, expected):
 @pytest.mark.parametrize(
     ("value", "match"),
     [("lots", r"influence_budget must be an integer \(rows\) or a float"), (0, "influence_budget must be at least 1"),
-     ("-2", "at least 1"), (1.5, r"pool share \(budget fraction\) must be in \(0, 1\], got 1.5"),
+     ("-2", "at least 1"), (1.5, r"pool share must be in \(0, 1\], got 1.5"),
      (True, "int count or a float fraction, got True"), (None, "got None"), (math.nan, "must be in")],
 )
 def test_parse_budget_errors_name_the_argument(value, match):
