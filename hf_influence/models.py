@@ -231,22 +231,25 @@ class LoraSettings:
     lora_dropout: float = 0.0
     lora_seed: int = 0
 
+    def to_peft_config(self):
+        """The `peft.LoraConfig` these settings describe (causal LM; "all-linear" as PEFT spells it). The seed is
+        not part of it: add_lora applies it around the adapter's initialisation."""
+        from peft import LoraConfig
+
+        targets = self.lora_target_modules
+        return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                          target_modules="all-linear" if targets in ("all-linear", ["all-linear"]) else targets,
+                          task_type="CAUSAL_LM")
+
 
 def add_lora(model: PreTrainedModel, settings: LoraSettings | None = None):
     """Wrap `model` in a PEFT LoRA model (seeded), in eval mode, with only adapter weights trainable."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     settings = settings or LoraSettings()
-    config = LoraConfig(
-        r=settings.lora_r,
-        lora_alpha=settings.lora_alpha,
-        target_modules="all-linear" if settings.lora_target_modules in ("all-linear", ["all-linear"]) else settings.lora_target_modules,
-        lora_dropout=settings.lora_dropout,
-        task_type="CAUSAL_LM",
-    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.lora_seed)
-        peft_model = get_peft_model(model, config)
+        peft_model = get_peft_model(model, settings.to_peft_config())
     peft_model.eval()
     return peft_model
 

@@ -97,3 +97,13 @@ def test_hub_reachable_probes_the_endpoint_once_and_honours_offline(monkeypatch)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{open_port}")
     assert not models.hub_reachable()
+
+
+def test_lora_settings_convert_to_the_peft_config():
+    from peft import LoraConfig
+
+    config = LoraSettings(lora_r=4, lora_alpha=12, lora_dropout=0.1, lora_target_modules=["all-linear"]).to_peft_config()
+    assert isinstance(config, LoraConfig)
+    assert (config.r, config.lora_alpha, config.lora_dropout, config.target_modules) == (4, 12, 0.1, "all-linear")
+    assert config.task_type == "CAUSAL_LM"
+    assert set(LoraSettings().to_peft_config().target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj"}

@@ -29,8 +29,6 @@ def _train_target(args: TrainDataArguments, source: str | None, limit: int | Non
 
 def run_train(argv: list[str]) -> dict:
     """Select (or weight) --pool rows for the target and fine-tune with InfluenceSFTTrainer; summary.json."""
-    from peft import LoraConfig
-
     data, model_args, lora, config = parse(
         argv, (TrainDataArguments, ModelArguments, LoraSettings, InfluenceSFTConfig),
         "Fine-tune with TRL on the pool rows that help the target most: select --influence_budget rows (or "
@@ -47,12 +45,7 @@ def run_train(argv: list[str]) -> dict:
     wants_target = (data.target or data.target_task) and config.influence_score_table is None
     target = _train_target(data, data.target, data.target_limit, "target") if wants_target else None
     model, tokenizer = load_cli_model(model_args)
-    peft_config = None
-    if data.use_lora:
-        targets = lora.lora_target_modules
-        peft_config = LoraConfig(r=lora.lora_r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
-                                 target_modules="all-linear" if targets in ("all-linear", ["all-linear"]) else targets,
-                                 task_type="CAUSAL_LM")
+    peft_config = lora.to_peft_config() if data.use_lora else None
     evaluation = None
     if data.eval_target:
         evaluation = _train_target(data, data.eval_target, data.eval_limit, "eval_target")
