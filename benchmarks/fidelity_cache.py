@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from hf_influence import DEFAULT_MODEL, load_model
 from hf_influence.data import load_rows
-from hf_influence.embeddings import lm_pooled_embeddings
+from hf_influence.rds_embeddings import lm_pooled_embeddings
 from hf_influence.encoders import encode_rows
 from hf_influence.extract import extract_gradients, extract_jvp_embeddings
 from hf_influence.formatting import FormattingConfig, format_dataset
@@ -31,7 +31,7 @@ from hf_influence.jvp import JVPConfig
 from hf_influence.models import LoraSettings, add_lora
 from hf_influence.optimizers import affine_step
 from hf_influence.targets import load_target
-from hf_influence.warmup import WarmupConfig, warmup
+from hf_influence.optimizer_warmup import WarmupConfig, warmup
 
 # Target name -> load_target arguments: GSM8K test problems with worked solutions, MMLU dev questions with
 # their answer letter, BBH rows with their answer (the loaders' prompt / completion columns).

@@ -45,7 +45,7 @@ from selection_quality import DEFAULT_DATA_DIR, load_data, machine
 
 from hf_influence import DEFAULT_MODEL, load_model
 from hf_influence.network import InfluenceNetwork
-from hf_influence.nn_cift import NNCIFTConfig, nn_cift
+from hf_influence.nn_cift_pipeline import NNCIFTConfig, nn_cift
 from hf_influence.oracles import MethodOracle
 from hf_influence.store import atomic_write_json, fingerprint_dataset
 

@@ -6,9 +6,9 @@ Influence Distillation and NN-CIFT, native to the Hugging Face stack. Importing 
 
 from .distillation import LandmarkRegressor, robust_weights, select_landmarks
 from .distributed import fill_store, process_state
-from .embeddings import cosine_scores, lm_pooled_embeddings
+from .rds_embeddings import cosine_scores, lm_pooled_embeddings
 from .encoders import extract_sentence_embeddings
-from .evaluation import target_loss
+from .model_passes import target_loss
 from .extract import extract_gradients, extract_jvp_embeddings
 from .formatting import FormattedDataset, FormattingConfig, FormattingError, format_dataset, pad_batch
 from .gradients import GradientConfig, GradientError, PerSampleGradients, per_sample_losses
@@ -21,7 +21,7 @@ from .registry import METHODS, register_method
 from .jvp import JVPConfig, JVPEmbedder
 from .models import DEFAULT_MODEL, LoraSettings, add_lora, load_model
 from .network import InfluenceNetwork
-from .nn_cift import NNCIFTConfig, NNCIFTResult, nn_cift
+from .nn_cift_pipeline import NNCIFTConfig, NNCIFTResult, nn_cift
 from .optimizers import AffineStep, OptimizerStateError, affine_step
 from .projection import make_projector
 from .scores import ScoreTable, ScoreTableError
@@ -30,7 +30,7 @@ from .store import StoreMismatchError, StoreSpec, VectorStore
 from .streaming import iter_scores, predict_scores, stream_select
 from .targets import TARGET_TASKS, load_target
 from .trainer import InfluenceSelection, InfluenceSFTConfig, InfluenceSFTTrainer
-from .warmup import WarmupConfig, WarmupResult, load_optimizer_state, warmup
+from .optimizer_warmup import WarmupConfig, WarmupResult, load_optimizer_state, warmup
 
 register_dataset_method()
 

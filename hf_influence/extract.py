@@ -22,7 +22,7 @@ from datasets import Dataset
 from torch import Tensor, nn
 
 from .distributed import fill_store
-from .embeddings import pooled_batch
+from .rds_embeddings import pooled_batch
 from .encoders import extract_sentence_embeddings  # noqa: F401  (public here with the other extractors)
 from .formatting import pad_batch
 from .gradients import GradientConfig, PerSampleGradients, causal_lm_parts
@@ -153,7 +153,7 @@ def extract_lm_embeddings(
     overwrite: bool = False,
     show_progress: bool = True,
 ) -> VectorStore:
-    """RDS+ embeddings (unit-norm position-weighted mean of the last hidden state, see `embeddings.py`) of every
+    """RDS+ embeddings (unit-norm position-weighted mean of the last hidden state, see `rds_embeddings.py`) of every
     formatted row, written to (or resumed in) a store at `output_dir`. The model is used as it is (disable a PEFT
     adapter around the call for the base model's embeddings).
 

@@ -16,7 +16,7 @@ from .jvp import JVPConfig
 from .models import LoraSettings
 from .registry import METHODS
 from .selection import RULES
-from .warmup import WarmupConfig
+from .optimizer_warmup import WarmupConfig
 
 LANDMARK_FEATURES = ("jvp", "lm", "jvp+lm")
 

@@ -32,9 +32,9 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 from transformers.utils.logging import tqdm
 
-from .embeddings import cosine_scores
+from .rds_embeddings import cosine_scores
 from .encoders import DEFAULT_ENCODER, TEXT_FORMAT, encode_rows, encoder_identity, load_encoder, prompt_and_response
-from .evaluation import eval_mode, run_batches
+from .model_passes import eval_mode, run_batches
 from .formatting import IGNORE_INDEX, FormattingConfig, FormattingError, format_dataset
 from .gradients import causal_lm_parts, per_sample_losses
 from .models import DEFAULT_MODEL, model_identity

@@ -21,7 +21,7 @@ from hf_influence.formatting import format_dataset
 from hf_influence.gradients import GradientConfig
 from hf_influence.jvp import JVPConfig
 from hf_influence.store import VectorStore
-from hf_influence.warmup import WarmupConfig, warmup
+from hf_influence.optimizer_warmup import WarmupConfig, warmup
 
 ROWS = CHAT_ROWS * 3  # 15 rows
 # Batches of 2: 8 batches, the last one short, several per process.

@@ -79,3 +79,17 @@ def test_no_module_imports_more_than_half_of_the_package():
     modules = [name for name in graph if not (PACKAGE.parent / name.replace(".", "/") / "__init__.py").exists()]
     heavy = {name: len(graph[name]) for name in modules if len(graph[name]) > len(modules) / 2}
     assert not heavy, f"modules importing more than half of the {len(modules)} modules: {heavy}"
+
+
+def test_no_public_name_shadows_a_module():
+    """`import hf_influence.x as m` must give the module x, not a function the package exports under that name."""
+    import importlib
+    import types
+
+    for path in PACKAGE.rglob("*.py"):
+        name = _module_name(path)
+        package, _, leaf = name.rpartition(".")
+        if not package or leaf.startswith("__"):
+            continue
+        attribute = getattr(importlib.import_module(package), leaf, None)
+        assert attribute is None or isinstance(attribute, types.ModuleType), f"{package}.{leaf} is {attribute!r}"

@@ -260,7 +260,7 @@ def test_work_dir_makes_a_rerun_reuse_its_stores(pool, target, model, tmp_path):
 def test_one_work_dir_serves_several_targets_and_keeps_the_warm_up(pool, target, model, tmp_path, monkeypatch):
     import importlib
 
-    warmup_module = importlib.import_module("hf_influence.warmup")  # the package attribute is the function
+    warmup_module = importlib.import_module("hf_influence.optimizer_warmup")  # the package attribute is the function
     other_target = demo_target("code", 3, seed=2)
     options = {"budget": 4, "num_landmarks": 8, "optimizer_state": "warmup"}
     _, reference = _select(pool, other_target, lora_model(seed=0), **options, work_dir=str(tmp_path / "alone"))
@@ -360,7 +360,7 @@ def test_rds_is_the_cosine_of_pooled_embeddings_and_reuses_the_pool_store(pool, 
     """RDS+ scores are the cosine of the base model's pooled embeddings (brute force: lm_pooled_embeddings of each
     side), and a second target on the same work_dir reads the pool's embeddings from the store."""
     from hf_influence import extract
-    from hf_influence.embeddings import lm_pooled_embeddings
+    from hf_influence.rds_embeddings import lm_pooled_embeddings
     from hf_influence.formatting import FormattingConfig, format_dataset
 
     network, tokenizer = tiny_causal_lm(seed=0)

@@ -11,7 +11,7 @@ from hf_influence import select_by_influence
 from hf_influence.demo import demo_pool, demo_target
 from hf_influence.hub import push_influence_network
 from hf_influence.network import InfluenceNetwork
-from hf_influence.nn_cift import NNCIFTConfig, block_indices, nn_cift
+from hf_influence.nn_cift_pipeline import NNCIFTConfig, block_indices, nn_cift
 from hf_influence.oracles import DeliftSEOracle
 
 local_hub = hub_server.local_hub

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from conftest import CHAT_ROWS
 from datasets import Dataset
 
-from hf_influence.embeddings import cosine_scores
+from hf_influence.rds_embeddings import cosine_scores
 from hf_influence.encoders import encode_rows, load_encoder
 from hf_influence.formatting import FormattingConfig, FormattingError
 from hf_influence.oracles import DeliftOracle, DeliftSEOracle, Oracle, SelectITOracle

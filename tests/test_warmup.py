@@ -14,7 +14,7 @@ from hf_influence.formatting import IGNORE_INDEX, format_dataset, pad_batch
 from hf_influence.gradients import PerSampleGradients
 from hf_influence.optimizers import affine_step
 from hf_influence.testing import tiny_causal_lm
-from hf_influence.warmup import (
+from hf_influence.optimizer_warmup import (
     WarmupConfig,
     WarmupResult,
     load_optimizer_state,
@@ -138,7 +138,7 @@ def test_same_seed_reproduces_and_other_seed_changes_slice(pool):
 def test_cache_dir_gives_back_the_same_weights_and_state(pool, tmp_path, monkeypatch):
     import importlib
 
-    warmup_module = importlib.import_module("hf_influence.warmup")
+    warmup_module = importlib.import_module("hf_influence.optimizer_warmup")
     settings = config(warmup_fraction=0.1, warmup_max_steps=3)
     trained_model, tokenizer = lora_model()
     trained = warmup(trained_model, tokenizer, pool, settings, cache_dir=tmp_path)

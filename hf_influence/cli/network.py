@@ -15,7 +15,7 @@ from ..encoders import encode_rows, encoder_identity, load_encoder
 from ..hub import push_influence_network, push_score_table
 from ..methods.nn_cift import oracle_options
 from ..network import InfluenceNetwork
-from ..nn_cift import nn_cift
+from ..nn_cift_pipeline import nn_cift
 from ..options import CONFIG_TYPES, NNCIFTConfig, SelectionConfig
 from ..scores import ScoreTable, json_safe, provenance_record
 from ..selection import resolve_budget, select_indices

@@ -9,7 +9,7 @@ import torch
 from datasets import Dataset
 
 from ..data import load_rows, sample_rows
-from ..evaluation import target_loss
+from ..model_passes import target_loss
 from ..formatting import FormattingConfig
 from ..models import LoraSettings
 from ..scores import json_safe

@@ -1,5 +1,5 @@
 """NN-CIFT as a selection method: an oracle scores a block of the pool, an InfluenceNetwork fitted on that block
-predicts the rest (the work itself is `hf_influence.nn_cift.nn_cift`). order=2 reaches an Influence Distillation
+predicts the rest (the work itself is `hf_influence.nn_cift_pipeline.nn_cift`). order=2 reaches an Influence Distillation
 oracle through `oracle_options`."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ..engine import Context, MethodOutput, ScoreStream
-from ..nn_cift import block_overrides, nn_cift
+from ..nn_cift_pipeline import block_overrides, nn_cift
 from ..options import NNCIFTConfig, SelectionConfig
 from ..registry import register_method
 

@@ -18,7 +18,7 @@ from ..gradients import GradientConfig, PerSampleGradients
 from ..jvp import JVPConfig
 from ..optimizers import AffineStep, affine_step
 from ..store import VectorStore, fingerprint_dataset
-from ..warmup import WarmupConfig, warmup
+from ..optimizer_warmup import WarmupConfig, warmup
 
 
 def optimizer_step(context: Context, tracked: PerSampleGradients) -> AffineStep | None:
