@@ -228,7 +228,10 @@ class ScoreRun:
 
     def score_table(self, **provenance: Any) -> ScoreTable:
         """The ScoreTable of this run, with extra provenance fields (e.g. the selection)."""
-        record = provenance_record(**self.provenance, **provenance, details=self.details)
+        # The task of each target column: the LESS and round_robin_task rules group by it, and a table selected
+        # from later (the trainer, a pulled Hub table) must pick the same rows as this run did.
+        tasks = None if self.target_tasks is None else dict(zip(self.target_names, self.target_tasks))
+        record = provenance_record(**self.provenance, **provenance, target_tasks=tasks, details=self.details)
         return ScoreTable.from_matrix(self.output.scores, self.pool_row_ids, self.target_names,
                                       weights=self.output.weights, landmark_mask=self.output.landmark_mask,
                                       provenance=record)

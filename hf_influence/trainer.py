@@ -435,7 +435,7 @@ class InfluenceSFTTrainer(SFTTrainer):
         start = time.perf_counter()
         budget = self._influence_budget
         if self._influence_table is not None:
-            scores, table_ids, _ = self._influence_table.to_matrix()
+            scores, table_ids, targets = self._influence_table.to_matrix()
             self._check_table_rows(table_ids)
             if budget > len(table_ids):
                 raise SelectionError(f"influence_budget {budget} is larger than the {len(table_ids)} pool rows the "
@@ -447,7 +447,8 @@ class InfluenceSFTTrainer(SFTTrainer):
             if rule == "weighted":
                 chosen = weighted_sample(self._table_weights(table_ids), budget, seed=seed)
             else:
-                chosen = select_indices(scores, budget, rule=rule, seed=seed)
+                chosen = select_indices(scores, budget, rule=rule, seed=seed,
+                                        target_groups=self._table_groups(rule, targets))
             selected = [table_ids[i] for i in chosen.tolist()]
             source, score_ids = "score_table", table_ids
         else:
@@ -549,6 +550,18 @@ class InfluenceSFTTrainer(SFTTrainer):
                              f"influence_distillation or influence_distillation_exact runs.")
         _check_weights(weights, ids, "score table weights")
         return weights
+
+    def _table_groups(self, rule: str, targets: list[str]) -> list[str] | None:
+        """The task of each target column, for the rules that group by it (recorded by the run that made the table)."""
+        if rule not in ("round_robin_task", "less"):
+            return None
+        tasks = self._influence_table.provenance.get("target_tasks")
+        if not tasks:
+            if rule == "round_robin_task":
+                raise SelectionError("selection='round_robin_task' needs the target tasks, and this score table "
+                                     "records none (made without a task column, or by an older version).")
+            return None  # LESS without tasks: each target column is its own task, as in select_by_influence
+        return [tasks[name] for name in targets]
 
     def _check_table_rows(self, table_ids: list[int]) -> None:
         known = set(self._influence_row_ids)

@@ -479,3 +479,30 @@ def distributed_worker(output: Path) -> None:
 
 if __name__ == "__main__":
     distributed_worker(Path(sys.argv[1]))
+
+
+@pytest.mark.parametrize("selection", ["less", "round_robin_task"])
+def test_a_score_table_keeps_its_target_tasks_for_the_rules_that_group_by_them(tmp_path, pool, selection):
+    """A table made with selection='less' (mean within each target task, then max over tasks) gives the trainer
+    the rows select_by_influence picked: without the recorded tasks each target column would count as a task."""
+    import datasets
+
+    from hf_influence.demo import demo_target
+
+    target = datasets.concatenate_datasets([demo_target("math", 3, seed=1), demo_target("code", 3, seed=1)])
+    model, tokenizer = tiny_causal_lm(seed=0)
+    selected, table = select_by_influence(pool, target, model=model, tokenizer=tokenizer, budget=5, method="less",
+                                          selection=selection, return_scores=True, show_progress=False, **FAST)
+    assert set(table.provenance["target_tasks"].values()) == {"math", "code"}
+    scores, row_ids, targets = table.to_matrix()
+    from hf_influence.selection import select_indices
+
+    ungrouped = select_indices(scores, 5, rule="less") if selection == "less" else None
+    args = config(tmp_path, influence_budget=5, influence_options={"selection": selection, "selection_seed": 0},
+                  num_train_epochs=1)
+    trainer = Recording(tiny_causal_lm(seed=0)[0], args=args, train_dataset=pool, influence_score_table=table,
+                        processing_class=tokenizer)
+    chosen = trainer.influence_selections[0].row_ids
+    assert chosen == [pool["id"].index(i) for i in selected["id"]]
+    if ungrouped is not None:  # the grouping changes the rows here, so the check above could fail
+        assert [row_ids[i] for i in ungrouped.tolist()] != chosen
