@@ -34,6 +34,7 @@ from huggingface_hub.errors import RemoteEntryNotFoundError
 from torch import Tensor, nn
 
 from .scores import HUB_TAG
+from .selection import TopRows
 
 KINDS = ("pairwise", "pointwise")
 # Below this many training pairs (after the validation split) a fit is refused: there is nothing to learn
@@ -521,18 +522,15 @@ class InfluenceNetwork(
             raise ValueError(f"k must be in [1, {n}] (the pool size), got {k}")
         parameter = self.output.weight
         score = self._pair_scorer(target.to(device=parameter.device, dtype=parameter.dtype))
-        best_values = torch.empty(0, m, dtype=parameter.dtype, device=parameter.device)
-        best_rows = torch.empty(0, m, dtype=torch.long, device=parameter.device)
         block_scores = torch.empty(min(chunk_rows, n), m, dtype=parameter.dtype, device=parameter.device)
+        keeper = TopRows(m, k, min(chunk_rows, n), parameter.dtype, parameter.device, n)
         for start in range(0, n, chunk_rows):
             block = pool[start : start + chunk_rows].to(device=parameter.device, dtype=parameter.dtype)
             rows = block.shape[0]
             score(block, block_scores[:rows])
-            candidates = torch.cat([best_values, block_scores[:rows]])
-            block_rows = torch.arange(start, start + rows, device=parameter.device)[:, None].expand(rows, m)
-            best_values, position = candidates.topk(min(k, candidates.shape[0]), dim=0)
-            best_rows = torch.cat([best_rows, block_rows]).gather(0, position)
-        return best_values.T.contiguous(), best_rows.T.contiguous()
+            keeper.add(block_scores[:rows].T, start)
+        values, rows = keeper.top(n)
+        return values.contiguous(), rows.contiguous()
 
     # ------------------------------------------------------------------------------------------
     # Evaluation

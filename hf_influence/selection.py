@@ -34,6 +34,8 @@ RULES = ("round_robin", "round_robin_task", "mean_top_k", "less")
 # A Tensor input is read in chunks of about this many scores, so that the candidate merge (a sort of
 # budget + chunk rows per column) never needs more than one chunk of temporaries.
 _CHUNK_ELEMENTS = 2**22
+# Elements sorted at once when the candidate buffer is pruned (bounds its temporary memory).
+_PRUNE_ELEMENTS = 2**24
 
 ScoreInput = Tensor | Iterable[tuple[int, Tensor]]
 
@@ -194,23 +196,66 @@ def _task_means(by_target: Tensor, steps: list[tuple[Tensor, Tensor]], counts: T
     return sums / counts.to(by_target).unsqueeze(1)
 
 
-def _keep_best(
-    kept: Tensor | None, kept_rows: Tensor | None, keys: Tensor, start: int, k: int
-) -> tuple[Tensor, Tensor]:
+class TopRows:
     """
-    Merge a chunk's keys [c, rows] (pool rows start..) into the kept best keys [c, <=k] of every column c.
+    The one keeper of top candidates (select_indices, stream_select, InfluenceNetwork.top_candidates): for each
+    of c columns, the best k (key, row) pairs of the stream so far by key descending, then row ascending
+    (select_indices' order), kept lazily in a [c, k + slack] buffer; `add` takes at most `slack` rows at once.
 
-    kept, kept_rows: the best keys so far and their pool rows, or None before the first chunk.
-    Returns: the best min(k, seen rows) keys per column, descending, and their pool rows (both [c, .]).
+    A row enters a column only when its key beats the column's threshold, the k-th best key at the last prune
+    (an equal key comes from a later row, so it ranks below); when a column would overflow, every column is
+    pruned back to its best k. Inside the buffer, entries with equal keys always lie in increasing row order
+    (appended in stream order after the kept ones), so a stable sort by key restores the full order.
+    With random arrival about k (1 + ln(n / k)) rows ever enter a column, so a prune is rare.
     """
-    # Columns lie along dim 0 so that each one sorts as a contiguous row (several times faster than dim 0).
-    rows = torch.arange(start, start + keys.shape[1], device=keys.device).expand_as(keys)
-    if kept is not None:
-        keys, rows = torch.cat([kept, keys], dim=1), torch.cat([kept_rows, rows], dim=1)
-    # Kept rows all precede the chunk's rows and are themselves ordered by row on ties, so a stable
-    # descending sort of the concatenation leaves every tie in increasing row order.
-    values, order = keys.sort(dim=1, descending=True, stable=True)
-    return values[:, :k], rows.gather(1, order[:, :k])
+
+    def __init__(self, columns: int, k: int, slack: int, key_dtype: torch.dtype, device: torch.device, n: int):
+        self.k, self.capacity = k, k + slack
+        self.keys = torch.full((columns, self.capacity), -math.inf, dtype=key_dtype, device=device)
+        row_dtype = torch.int32 if n < 2**31 else torch.int64
+        self.rows = torch.full((columns, self.capacity), -1, dtype=row_dtype, device=device)
+        self.fill = torch.zeros(columns, dtype=torch.long, device=device)
+        self.threshold = torch.full((columns, 1), -math.inf, dtype=key_dtype, device=device)
+
+    def add(self, keys: Tensor, start: int) -> None:
+        """Offer keys [c, rows] of pool rows start..start+rows-1 (rows <= slack)."""
+        entering = keys > self.threshold
+        counts = entering.sum(1)
+        if int((self.fill + counts).max()) > self.capacity:
+            self.prune()
+            entering = keys > self.threshold
+            counts = entering.sum(1)
+        columns, positions = entering.nonzero(as_tuple=True)  # ordered by column, then position
+        if not len(columns):
+            return
+        first_of_column = counts.cumsum(0) - counts
+        slots = self.fill[columns] + torch.arange(len(columns), device=keys.device) - first_of_column[columns]
+        self.keys[columns, slots] = keys[columns, positions]
+        self.rows[columns, slots] = (positions + start).to(self.rows.dtype)
+        self.fill += counts
+
+    def prune(self) -> None:
+        """Sort every column's entries and keep its best k."""
+        width = int(self.fill.max())
+        step = max(1, _PRUNE_ELEMENTS // max(1, width))
+        for lo in range(0, self.keys.shape[0], step):
+            keys, order = self.keys[lo : lo + step, :width].sort(dim=1, descending=True, stable=True)
+            self.rows[lo : lo + step, :width] = self.rows[lo : lo + step, :width].gather(1, order)
+            self.keys[lo : lo + step, :width] = keys
+        self.keys[:, self.k :] = -math.inf
+        self.rows[:, self.k :] = -1
+        self.fill.clamp_(max=self.k)
+        self.threshold = self.keys[:, self.k - 1 : self.k].clone()
+
+    def top(self, seen: int) -> tuple[Tensor, Tensor]:
+        """Keys and pool rows [c, min(k, seen)] (rows int64), best first, after the whole stream of `seen` rows."""
+        self.prune()
+        width = min(self.k, seen)
+        return self.keys[:, :width], self.rows[:, :width].long()
+
+    def best(self, seen: int) -> Tensor:
+        """Pool rows [c, min(k, seen)] (int64, best first) after the whole stream."""
+        return self.top(seen)[1]
 
 
 def _round_robin(candidates: Tensor, budget: int, seed: int) -> Tensor:
@@ -272,7 +317,7 @@ def select_indices(
         raise SelectionError(f"rule {rule!r} does not use target_groups; use 'round_robin_task' or 'less'")
     _count(budget, num_rows)  # fail before streaming; without num_rows the size is checked at the end
     _generator(seed)  # validates the seed before streaming, too
-    plan = kept = kept_rows = None
+    plan = candidates = None
     seen = 0
     for start, chunk in _chunks(scores, num_rows):
         if plan is None and rule != "round_robin":  # the targets are known from the first chunk on
@@ -284,14 +329,20 @@ def select_indices(
             keys = _task_means(keys, *plan)
         if rule == "less":
             keys = keys.amax(dim=0, keepdim=True)
-        kept, kept_rows = _keep_best(kept, kept_rows, keys, start, budget)
+        if candidates is None:  # one keeper of the best `budget` rows per column, whatever the pool size
+            candidates = TopRows(len(keys), budget, max(len(chunk), budget // 4), keys.dtype, keys.device,
+                                     2**31 if num_rows is None else num_rows)
+        slack = candidates.capacity - candidates.k  # a chunk longer than the first is offered in pieces
+        for offset in range(0, keys.shape[1], slack):
+            candidates.add(keys[:, offset : offset + slack], start + offset)
         seen += len(chunk)
     if num_rows is not None and seen != num_rows:
         raise SelectionError(f"num_rows is {num_rows} but the scores stream had {seen} rows")
     _count(budget, seen)
+    best = candidates.best(seen)
     if rule in ("mean_top_k", "less"):
-        return kept_rows[0].cpu()
-    return _round_robin(kept_rows, budget, seed)
+        return best[0].cpu()
+    return _round_robin(best, budget, seed)
 
 
 def facility_location(scores: Tensor, budget: int) -> Tensor:
@@ -356,14 +407,3 @@ def weighted_sample(weights: Tensor, budget: int, seed: int = 0) -> Tensor:
     race = torch.empty(len(weights), dtype=torch.float64).exponential_(generator=_generator(seed))
     keys = torch.where(weights > 0, race / weights, math.inf)
     return keys.sort(stable=True).indices[:budget]
-
-
-def random_indices(num_rows: int, budget: int, seed: int = 0) -> Tensor:
-    """
-    Uniformly random subset of the pool (the random baseline).
-
-    num_rows: pool size n. budget: subset size, 1 <= budget <= n.
-    Returns: LongTensor [budget] of distinct row indices (CPU), in random order.
-    """
-    budget = _count(budget, num_rows)
-    return torch.randperm(num_rows, generator=_generator(seed))[:budget]

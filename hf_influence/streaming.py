@@ -29,10 +29,9 @@ Memory (bounded independently of n):
                                    (int64 past 2**31 rows) each, c = m targets (round_robin), the number of
                                    tasks (round_robin_task) or 1 (top-k rules)
   + k x (e + m)                    the predictor (landmarks and alpha)
-i.e. O(chunk x landmarks + targets x budget); return_mean_scores adds n floats.
+i.e. O(chunk x landmarks + targets x budget).
 """
 
-import math
 import numbers
 from collections.abc import Callable, Hashable, Iterator, Sequence
 
@@ -42,11 +41,10 @@ from torch import Tensor
 
 from .distillation import LandmarkRegressor
 from .network import InfluenceNetwork
-from .selection import RULES, SelectionError, _chunks, _count, _generator, _round_robin, _task_means, _task_plan
+from .selection import RULES, SelectionError, select_indices
 from .store import IncompleteStoreError, VectorStore
 
 # A candidate prune sorts at most this many keys at a time (columns in slices), which bounds its temporaries.
-_PRUNE_ELEMENTS = 2**24
 
 Predictor = LandmarkRegressor | InfluenceNetwork
 
@@ -282,62 +280,6 @@ def predict_scores(pool, predictor: Predictor, target_embeddings: Tensor | None 
     return torch.cat([chunk for _, chunk in chunks])
 
 
-class _Candidates:
-    """
-    For each of c columns, the best k (key, row) pairs of the stream so far by key descending, then row
-    ascending (select_indices' order), kept lazily in a [c, k + slack] buffer.
-
-    A row enters a column only when its key beats the column's threshold, the k-th best key at the last prune
-    (an equal key comes from a later row, so it ranks below); when a column would overflow, every column is
-    pruned back to its best k. Inside the buffer, entries with equal keys always lie in increasing row order
-    (appended in stream order after the kept ones), so a stable sort by key restores the full order.
-    With random arrival about k (1 + ln(n / k)) rows ever enter a column, so a prune is rare.
-    """
-
-    def __init__(self, columns: int, k: int, slack: int, key_dtype: torch.dtype, device: torch.device, n: int):
-        self.k, self.capacity = k, k + slack
-        self.keys = torch.full((columns, self.capacity), -math.inf, dtype=key_dtype, device=device)
-        row_dtype = torch.int32 if n < 2**31 else torch.int64
-        self.rows = torch.full((columns, self.capacity), -1, dtype=row_dtype, device=device)
-        self.fill = torch.zeros(columns, dtype=torch.long, device=device)
-        self.threshold = torch.full((columns, 1), -math.inf, dtype=key_dtype, device=device)
-
-    def add(self, keys: Tensor, start: int) -> None:
-        """Offer keys [c, rows] of pool rows start..start+rows-1 (rows <= slack)."""
-        entering = keys > self.threshold
-        counts = entering.sum(1)
-        if int((self.fill + counts).max()) > self.capacity:
-            self.prune()
-            entering = keys > self.threshold
-            counts = entering.sum(1)
-        columns, positions = entering.nonzero(as_tuple=True)  # ordered by column, then position
-        if not len(columns):
-            return
-        first_of_column = counts.cumsum(0) - counts
-        slots = self.fill[columns] + torch.arange(len(columns), device=keys.device) - first_of_column[columns]
-        self.keys[columns, slots] = keys[columns, positions]
-        self.rows[columns, slots] = (positions + start).to(self.rows.dtype)
-        self.fill += counts
-
-    def prune(self) -> None:
-        """Sort every column's entries and keep its best k."""
-        width = int(self.fill.max())
-        step = max(1, _PRUNE_ELEMENTS // max(1, width))
-        for lo in range(0, self.keys.shape[0], step):
-            keys, order = self.keys[lo : lo + step, :width].sort(dim=1, descending=True, stable=True)
-            self.rows[lo : lo + step, :width] = self.rows[lo : lo + step, :width].gather(1, order)
-            self.keys[lo : lo + step, :width] = keys
-        self.keys[:, self.k :] = -math.inf
-        self.rows[:, self.k :] = -1
-        self.fill.clamp_(max=self.k)
-        self.threshold = self.keys[:, self.k - 1 : self.k].clone()
-
-    def best(self, seen: int) -> Tensor:
-        """Pool rows [c, min(k, seen)] (int64, best first) after the whole stream."""
-        self.prune()
-        return self.rows[:, : min(self.k, seen)].long()
-
-
 def stream_select(
     pool,
     predictor: Predictor,
@@ -354,10 +296,10 @@ def stream_select(
     exact_scores: Tensor | None = None,
     exact_columns: Tensor | None = None,
     embedding_model: str | None = None,
-    return_mean_scores: bool = False,
-) -> Tensor | tuple[Tensor, Tensor]:
+) -> Tensor:
     """
-    Select `budget` pool rows by predicted influence without ever holding more than a chunk of the pool.
+    Select `budget` pool rows by predicted influence without ever holding more than a chunk of the pool: the
+    predicted chunks go straight into `select_indices`, the one implementation of every rule.
 
     pool: VectorStore (memory-mapped, fp16 or fp32; must be complete), Tensor [n, e], or array-like with
         .shape (n, e) and row slicing.
@@ -368,11 +310,10 @@ def stream_select(
     target_groups: m task labels, one per target column (round_robin_task; optional for less).
     seed: the round-robin visiting order. chunk_rows, block_rows, compute_dtype, exact_rows, exact_scores,
         exact_columns, embedding_model: see iter_scores.
-    return_mean_scores: also return every pool row's mean score over the m targets, [n] (adds n floats).
 
     Returns: LongTensor [budget] of pool rows in selection order, identical to
         select_indices(predict_scores(pool, predictor, ..., block_rows=block_rows), budget, rule, seed, ...)
-        for every chunk_rows; with return_mean_scores, (rows, mean_scores [n]).
+        for every chunk_rows.
     Memory: O(block_rows x (e + k) + chunk_rows x m + c x (budget + max(chunk_rows, budget // 4))), c = m, the
         number of tasks, or 1 (module docstring), independent of n; time linear in n.
     Raises: SelectionError (budget, rule, groups, seed, non-finite scores), ValueError (dimension mismatch,
@@ -382,38 +323,7 @@ def stream_select(
         raise SelectionError(f"stream_select supports the streaming rules {RULES}, got {rule!r}"
                              + (" (facility_location needs the whole score matrix: use select_indices)"
                                 if rule == "facility_location" else ""))
-    if rule == "round_robin_task" and target_groups is None:
-        raise SelectionError("rule 'round_robin_task' needs target_groups (one task label per target column)")
-    if rule in ("round_robin", "mean_top_k") and target_groups is not None:
-        raise SelectionError(f"rule {rule!r} does not use target_groups; use 'round_robin_task' or 'less'")
-    _generator(seed)
     n, read, score_block, overrides = _prepare(pool, predictor, target_embeddings, chunk_rows, block_rows,
                                                compute_dtype, exact_rows, exact_scores, exact_columns, embedding_model)
-    budget = _count(budget, n)
-    width = score_block.width
-    groups = [0] * width if rule == "mean_top_k" else target_groups
-    plan = _task_plan(list(range(width)) if groups is None else groups, width)  # checks the labels up front
-    mean_plan = _task_plan([0] * width, width)
-    candidates = mean_scores = None
     chunks = _rechunk(_blocks(n, read, score_block, block_rows, overrides), n, chunk_rows)
-    for start, chunk in _chunks(chunks, n):
-        by_target = chunk.T.contiguous()  # [m, rows]
-        means = _task_means(by_target, *mean_plan) if return_mean_scores or rule == "mean_top_k" else None
-        if rule == "round_robin":
-            keys = by_target
-        elif rule == "mean_top_k":
-            keys = means
-        else:
-            keys = _task_means(by_target, *plan)
-            if rule == "less":
-                keys = keys.amax(dim=0, keepdim=True)
-        if candidates is None:
-            candidates = _Candidates(len(keys), budget, max(chunk_rows, budget // 4), keys.dtype, keys.device, n)
-            if return_mean_scores:
-                mean_scores = torch.empty(n, dtype=means.dtype)
-        candidates.add(keys, start)
-        if return_mean_scores:
-            mean_scores[start : start + chunk.shape[0]] = means[0].cpu()
-    best = candidates.best(n)
-    chosen = best[0].cpu() if rule in ("mean_top_k", "less") else _round_robin(best, budget, seed)
-    return (chosen, mean_scores) if return_mean_scores else chosen
+    return select_indices(chunks, budget, rule=rule, seed=seed, target_groups=target_groups, num_rows=n)

@@ -10,7 +10,6 @@ from hf_influence import selection
 from hf_influence.selection import (
     RULES,
     SelectionError,
-    random_indices,
     parse_budget,
     resolve_budget,
     select_indices,
@@ -409,18 +408,6 @@ def test_weighted_sample_errors(weights, budget, match):
         weighted_sample(torch.tensor(weights), budget)
 
 
-def test_random_indices():
-    picked = random_indices(100, 30, seed=1)
-    check_selection(picked, 30, 100)
-    assert torch.equal(picked, random_indices(100, 30, seed=1))
-    assert not torch.equal(picked, random_indices(100, 30, seed=2))
-    assert sorted(random_indices(7, 7).tolist()) == list(range(7))
-    with pytest.raises(SelectionError, match=r"budget 8 is larger than the pool \(7 rows\)"):
-        random_indices(7, 8)
-    with pytest.raises(SelectionError, match="empty pool"):
-        random_indices(0, 1)
-
-
 def _greedy_facility_location(scores, budget):
     values = scores.double() - scores.double().min()
     covered, chosen = torch.zeros(values.shape[1], dtype=torch.float64), []
@@ -451,3 +438,16 @@ def test_facility_location_covers_every_target_first():
     scores = torch.eye(4) * 10 + torch.arange(4.0).unsqueeze(0) * 0.01
     scores = torch.cat([scores, scores[:1] * 0.9])
     assert sorted(select_indices(scores, 4, rule="facility_location").tolist()) == [0, 1, 2, 3]
+
+
+def test_chunks_of_any_length_select_as_the_whole_matrix():
+    """One candidate keeper serves every input: chunks longer than the first are offered in pieces."""
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randn(500, 6, generator=generator)
+    scores[100:140] = scores[0]  # ties, broken by the lower row
+    sizes = [3, 200, 1, 296]
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    for rule in ("round_robin", "mean_top_k", "less"):
+        whole = select_indices(scores, 40, rule=rule, seed=2)
+        chunked = select_indices(((s, scores[s : s + n]) for s, n in zip(starts, sizes)), 40, rule=rule, seed=2)
+        assert torch.equal(whole, chunked), rule
