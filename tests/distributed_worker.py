@@ -14,7 +14,7 @@ import os
 import sys
 
 import torch
-from conftest import CHAT_ROWS, lora_model  # sets the offline Hub variables first
+from hf_influence.testing import CHAT_ROWS, lora_model
 
 from hf_influence.extract import extract_gradients, extract_jvp_embeddings, extract_sentence_embeddings
 from hf_influence.formatting import format_dataset

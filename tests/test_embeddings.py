@@ -2,7 +2,7 @@
 
 import torch
 import torch.nn.functional as F
-from conftest import CHAT_ROWS, lora_model
+from hf_influence.testing import CHAT_ROWS, lora_model
 
 from hf_influence.rds_embeddings import cosine_scores, lm_pooled_embeddings
 from hf_influence.extract import extract_lm_embeddings

@@ -5,7 +5,7 @@ import logging
 
 import pytest
 import torch
-from conftest import CHAT_ROWS
+from hf_influence.testing import CHAT_ROWS
 from datasets import Dataset
 
 from hf_influence.encoders import (

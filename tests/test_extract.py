@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import CHAT_ROWS, formatted_batch, lora_model
+from hf_influence.testing import CHAT_ROWS, formatted_batch, lora_model
 from hf_influence.extract import extract_gradients, extract_jvp_embeddings
 from hf_influence.formatting import format_dataset
 from hf_influence.gradients import GradientConfig, PerSampleGradients

@@ -3,7 +3,7 @@
 import pytest
 from datasets import Dataset
 
-from conftest import CHAT_ROWS
+from hf_influence.testing import CHAT_ROWS
 from hf_influence.formatting import FormattingConfig, FormattingError, detect_format, format_dataset, pad_batch
 from hf_influence.testing import tiny_tokenizer
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import ATTENTION, formatted_batch, lora_model
+from hf_influence.testing import ATTENTION, formatted_batch, lora_model
 from hf_influence.formatting import pad_batch
 from hf_influence.gradients import GradientConfig, GradientError, PerSampleGradients
 from hf_influence.testing import tiny_causal_lm

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CHAT_ROWS, formatted_batch, lora_model
+from hf_influence.testing import CHAT_ROWS, formatted_batch, lora_model
 from torch.func import functional_call
 
 from hf_influence.formatting import pad_batch

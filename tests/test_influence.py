@@ -4,7 +4,7 @@ import datasets
 import pytest
 import scipy.stats
 import torch
-from conftest import lora_model
+from hf_influence.testing import lora_model
 
 import hf_influence
 from hf_influence import ScoreTable, SelectionError, select_by_influence

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import formatted_batch
+from hf_influence.testing import formatted_batch
 from hf_influence.formatting import pad_batch
 from hf_influence.jvp import JVPConfig, JVPEmbedder, truncated_decoder
 from hf_influence.testing import tiny_causal_lm

@@ -5,7 +5,7 @@ user's model given back as it was."""
 
 import pytest
 import torch
-from conftest import lora_model
+from hf_influence.testing import lora_model
 
 from hf_influence import METHODS, compute_scores, select_by_influence
 from hf_influence.demo import demo_pool, demo_target

@@ -4,7 +4,7 @@ import datasets
 import hub_server
 import pytest
 import torch
-from conftest import lora_model
+from hf_influence.testing import lora_model
 from huggingface_hub import HfApi, ModelCard
 
 from hf_influence import select_by_influence

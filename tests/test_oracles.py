@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CHAT_ROWS
+from hf_influence.testing import CHAT_ROWS
 from datasets import Dataset
 
 from hf_influence.rds_embeddings import cosine_scores

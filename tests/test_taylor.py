@@ -12,7 +12,7 @@ import copy
 
 import pytest
 import torch
-from conftest import lora_model
+from hf_influence.testing import lora_model
 
 from hf_influence.demo import demo_pool, demo_target
 from hf_influence.formatting import format_dataset, pad_batch

@@ -15,7 +15,7 @@ import hub_server
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CHAT_ROWS
+from hf_influence.testing import CHAT_ROWS
 from huggingface_hub import ModelCard
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CHAT_ROWS, lora_model
+from hf_influence.testing import CHAT_ROWS, lora_model
 
 from hf_influence.formatting import IGNORE_INDEX, format_dataset, pad_batch
 from hf_influence.gradients import PerSampleGradients
