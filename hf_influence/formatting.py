@@ -45,29 +45,32 @@ class FormattingError(ValueError):
 class FormattingConfig:
     """How rows become token ids and labels.
 
-    Attributes:
-        max_length: maximum tokens per row (prompt + response), after the chat template.
-        truncation: policy for over-long rows: "prompt_left" (drop prompt tokens from the left, then
-            response tokens from the right), "drop" (skip and report the row) or "error".
-        response_column: response column of prompt/response rows; None picks `completion`, else `answer`.
-        prompt_column: prompt column of prompt/response rows.
-        messages_column: column holding chat messages.
-        chat_template: Jinja template overriding (or supplying) the tokenizer's own.
-        use_chat_template: False formats prompt/response rows as `prompt + response + eos` with no
-            template (chat rows always need a template).
-        on_skip: "report" skips rows with no label token left and logs their ids; "error" raises.
-        show_progress: show a progress bar while tokenising.
+    Each field's help is in its metadata (TRL's convention: `--help` shows it).
     """
 
-    max_length: int = 1024
-    truncation: Literal["prompt_left", "drop", "error"] = "prompt_left"
-    response_column: str | None = None
-    prompt_column: str = "prompt"
-    messages_column: str = "messages"
-    chat_template: str | None = None
-    use_chat_template: bool = True
-    on_skip: Literal["report", "error"] = "report"
-    show_progress: bool = True
+    max_length: int = field(
+        default=1024,
+        metadata={"help": "maximum tokens per row (prompt + response), after the chat template."})
+    truncation: Literal["prompt_left", "drop", "error"] = field(
+        default="prompt_left",
+        metadata={"help": 'policy for over-long rows: "prompt_left" (drop prompt tokens from the left, then '
+                          'response tokens from the right), "drop" (skip and report the row) or "error".'})
+    response_column: str | None = field(
+        default=None,
+        metadata={"help": "response column of prompt/response rows; None picks `completion`, else `answer`."})
+    prompt_column: str = field(default="prompt", metadata={"help": "prompt column of prompt/response rows."})
+    messages_column: str = field(default="messages", metadata={"help": "column holding chat messages."})
+    chat_template: str | None = field(
+        default=None,
+        metadata={"help": "Jinja template overriding (or supplying) the tokenizer's own."})
+    use_chat_template: bool = field(
+        default=True,
+        metadata={"help": "False formats prompt/response rows as `prompt + response + eos` with no template (chat"
+                          " rows always need a template)."})
+    on_skip: Literal["report", "error"] = field(
+        default="report",
+        metadata={"help": '"report" skips rows with no label token left and logs their ids; "error" raises.'})
+    show_progress: bool = field(default=True, metadata={"help": "show a progress bar while tokenising."})
 
     def __post_init__(self) -> None:
         if self.max_length < 2:

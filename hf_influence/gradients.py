@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -40,30 +40,37 @@ class GradientError(ValueError):
 class GradientConfig:
     """What gradient to take per sample and how to compress it.
 
-    Attributes:
-        parameters: "lora" (every LoRA A/B matrix of a PEFT model) or "pattern" (the weight and bias of
-            every Linear layer of the decoder whose qualified name matches `parameter_pattern`).
-        parameter_pattern: regular expression (re.search) on module names for "pattern", e.g. "down_proj".
-        normalize: divide each gradient by its L2 norm (after preconditioning, before projection).
-        projection: "countsketch", "srht", "gaussian", "factored" (LoGra: per-layer projection of the two
-            factors, for "pattern" only; never materialises out x in per sample) or "none".
-        projection_dim: output dimension k of the projection (ignored for "none" and "factored").
-        factored_out_dim: k_out, the projected output side of each layer for "factored".
-        factored_in_dim: k_in, the projected input side; each layer contributes k_out * k_in (+ k_out for
-            a bias).
-        seed: projection seed; the same seed gives the same projection in every process.
-        batch_size: rows per batch in the extraction loops.
+    Each field's help is in its metadata (TRL's convention: `--help` shows it).
     """
 
-    parameters: str = "lora"
-    parameter_pattern: str | None = None
-    normalize: bool = True
-    projection: str = "countsketch"
-    projection_dim: int = 8192
-    factored_out_dim: int = 16
-    factored_in_dim: int = 16
-    seed: int = 0
-    batch_size: int = 8
+    parameters: str = field(
+        default="lora",
+        metadata={"help": '"lora" (every LoRA A/B matrix of a PEFT model) or "pattern" (the weight and bias of '
+                          "every Linear layer of the decoder whose qualified name matches `parameter_pattern`)."})
+    parameter_pattern: str | None = field(
+        default=None,
+        metadata={"help": 'regular expression (re.search) on module names for "pattern", e.g. "down_proj".'})
+    normalize: bool = field(
+        default=True,
+        metadata={"help": "divide each gradient by its L2 norm (after preconditioning, before projection)."})
+    projection: str = field(
+        default="countsketch",
+        metadata={"help": '"countsketch", "srht", "gaussian", "factored" (LoGra: per-layer projection of the two '
+                          'factors, for "pattern" only; never materialises out x in per sample) or "none".'})
+    projection_dim: int = field(
+        default=8192,
+        metadata={"help": 'output dimension k of the projection (ignored for "none" and "factored").'})
+    factored_out_dim: int = field(
+        default=16,
+        metadata={"help": 'k_out, the projected output side of each layer for "factored".'})
+    factored_in_dim: int = field(
+        default=16,
+        metadata={"help": "k_in, the projected input side; each layer contributes k_out * k_in (+ k_out for a "
+                          "bias)."})
+    seed: int = field(
+        default=0,
+        metadata={"help": "projection seed; the same seed gives the same projection in every process."})
+    batch_size: int = field(default=8, metadata={"help": "rows per batch in the extraction loops."})
 
     def __post_init__(self) -> None:
         if self.parameters not in PARAMETER_MODES:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -38,32 +38,32 @@ JVP_POOLINGS = ("last", "response_mean")
 class JVPConfig:
     """JVP embedding settings.
 
-    Attributes:
-        num_blocks: decoder blocks kept in the truncated model (B).
-        num_tangents: number of random tangent directions (T). Each costs about two more matmuls per
-            layer on top of the shared primal pass: T = 1 (the default) keeps 4 of 30 blocks at about 0.4x
-            of a full forward; raise it for richer embeddings (T * hidden dimensions).
-        jvp_projection: projection kind for the [T * hidden] vectors ("gaussian", "countsketch", "srht", "none").
-        jvp_projection_dim: output dimension; when T * hidden <= it, the vectors are kept as they are.
-        jvp_seed: seed for the tangents and the projection.
-        jvp_batch_size: rows per batch in the extraction loops.
-        perturb_embeddings: also give the token embedding table a tangent (the reference implementation's
-            choice; costs a vocabulary x hidden tangent per direction in memory).
-        jvp_pooling: "last" (the hidden state at each row's last real token) or "response_mean" (the mean over
-            its response tokens, those with a label).
-
-    Field names carry a `jvp_` prefix where GradientConfig has the same setting, so both can be flags of
-    one command.
+    Each field's help is in its metadata (TRL's convention: `--help` shows it).
     """
 
-    num_blocks: int = 4
-    num_tangents: int = 1
-    jvp_projection: str = "gaussian"
-    jvp_projection_dim: int = 4096
-    jvp_seed: int = 0
-    jvp_batch_size: int = 16
-    perturb_embeddings: bool = False
-    jvp_pooling: str = "last"
+    num_blocks: int = field(default=4, metadata={"help": "decoder blocks kept in the truncated model (B)."})
+    num_tangents: int = field(
+        default=1,
+        metadata={"help": "number of random tangent directions (T). Each costs about two more matmuls per layer "
+                          "on top of the shared primal pass: T = 1 (the default) keeps 4 of 30 blocks at about "
+                          "0.4x of a full forward; raise it for richer embeddings (T * hidden dimensions)."})
+    jvp_projection: str = field(
+        default="gaussian",
+        metadata={"help": 'projection kind for the [T * hidden] vectors ("gaussian", "countsketch", "srht", '
+                          '"none").'})
+    jvp_projection_dim: int = field(
+        default=4096,
+        metadata={"help": "output dimension; when T * hidden <= it, the vectors are kept as they are."})
+    jvp_seed: int = field(default=0, metadata={"help": "seed for the tangents and the projection."})
+    jvp_batch_size: int = field(default=16, metadata={"help": "rows per batch in the extraction loops."})
+    perturb_embeddings: bool = field(
+        default=False,
+        metadata={"help": "also give the token embedding table a tangent (the reference implementation's choice; "
+                          "costs a vocabulary x hidden tangent per direction in memory)."})
+    jvp_pooling: str = field(
+        default="last",
+        metadata={"help": "\"last\" (the hidden state at each row's last real token) or \"response_mean\" (the mean "
+                          "over its response tokens, those with a label)."})
 
     def __post_init__(self) -> None:
         if self.num_blocks < 1 or self.num_tangents < 1:

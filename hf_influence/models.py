@@ -217,19 +217,18 @@ def _fetch_smollm2_gguf(workdir: Path) -> Path:
 class LoraSettings:
     """LoRA adapter settings for gradient extraction (PEFT `LoraConfig` underneath).
 
-    Attributes:
-        lora_r: adapter rank.
-        lora_alpha: scaling numerator (scale = lora_alpha / lora_r).
-        lora_target_modules: module names, or ["all-linear"] for every Linear layer but the LM head (PEFT).
-        lora_dropout: adapter dropout (inactive during extraction, which runs in eval mode).
-        lora_seed: seed for the adapter initialisation.
+    Each field's help is in its metadata (TRL's convention: `--help` shows it).
     """
 
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    lora_dropout: float = 0.0
-    lora_seed: int = 0
+    lora_r: int = field(default=8, metadata={"help": "adapter rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "scaling numerator (scale = lora_alpha / lora_r)."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        metadata={"help": 'module names, or ["all-linear"] for every Linear layer but the LM head (PEFT).'})
+    lora_dropout: float = field(
+        default=0.0,
+        metadata={"help": "adapter dropout (inactive during extraction, which runs in eval mode)."})
+    lora_seed: int = field(default=0, metadata={"help": "seed for the adapter initialisation."})
 
     def to_peft_config(self):
         """The `peft.LoraConfig` these settings describe (causal LM; "all-linear" as PEFT spells it). The seed is

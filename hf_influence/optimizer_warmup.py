@@ -46,34 +46,40 @@ _NO_DECAY_PATTERNS = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)"
 class WarmupConfig:
     """The warm-up training run (LoRA, AdamW) whose optimizer state preconditions influence scores.
 
-    Attributes:
-        warmup_fraction: share of the pool trained on during warm-up, in (0, 1] (LESS uses 0.05).
-        warmup_max_rows: cap on the number of warm-up rows; None for no cap.
-        warmup_epochs: passes over the warm-up rows (may be fractional); ignored when warmup_max_steps > 0.
-        warmup_max_steps: number of optimizer steps; -1 trains for warmup_epochs instead.
-        warmup_min_steps: with warmup_max_steps=-1, train at least this many steps (cycling the slice): from
-            PEFT's B = 0 start, one or two steps leave the second moment of most LoRA A coordinates at ~0, and
-            Adam's preconditioner a2 / (sqrt(v) + eps) then blows up there (measured: a 1-step warm-up on the
-            demo made selection worse than random; 8 steps fixed it).
-        warmup_learning_rate: AdamW learning rate, constant during warm-up (LESS uses 2e-5).
-        warmup_batch_size: rows per device batch.
-        warmup_gradient_accumulation_steps: batches accumulated per optimizer step.
-        warmup_weight_decay: AdamW (decoupled) weight decay.
-        warmup_seed: seed of the row slice, the data order and the trainer.
-        warmup_show_progress: show the training progress bar and per-step logs.
+    Each field's help is in its metadata (TRL's convention: `--help` shows it).
     """
 
-    warmup_fraction: float = 0.05
-    warmup_max_rows: int | None = None
-    warmup_epochs: float = 1.0
-    warmup_max_steps: int = -1
-    warmup_min_steps: int = 10
-    warmup_learning_rate: float = 2e-5
-    warmup_batch_size: int = 4
-    warmup_gradient_accumulation_steps: int = 1
-    warmup_weight_decay: float = 0.0
-    warmup_seed: int = 0
-    warmup_show_progress: bool = True
+    warmup_fraction: float = field(
+        default=0.05,
+        metadata={"help": "share of the pool trained on during warm-up, in (0, 1] (LESS uses 0.05)."})
+    warmup_max_rows: int | None = field(
+        default=None,
+        metadata={"help": "cap on the number of warm-up rows; None for no cap."})
+    warmup_epochs: float = field(
+        default=1.0,
+        metadata={"help": "passes over the warm-up rows (may be fractional); ignored when warmup_max_steps > 0."})
+    warmup_max_steps: int = field(
+        default=-1,
+        metadata={"help": "number of optimizer steps; -1 trains for warmup_epochs instead."})
+    warmup_min_steps: int = field(
+        default=10,
+        metadata={"help": "with warmup_max_steps=-1, train at least this many steps (cycling the slice): from "
+                          "PEFT's B = 0 start, one or two steps leave the second moment of most LoRA A "
+                          "coordinates at ~0, and Adam's preconditioner a2 / (sqrt(v) + eps) then blows up there "
+                          "(measured: a 1-step warm-up on the demo made selection worse than random; 8 steps "
+                          "fixed it)."})
+    warmup_learning_rate: float = field(
+        default=2e-5,
+        metadata={"help": "AdamW learning rate, constant during warm-up (LESS uses 2e-5)."})
+    warmup_batch_size: int = field(default=4, metadata={"help": "rows per device batch."})
+    warmup_gradient_accumulation_steps: int = field(
+        default=1,
+        metadata={"help": "batches accumulated per optimizer step."})
+    warmup_weight_decay: float = field(default=0.0, metadata={"help": "AdamW (decoupled) weight decay."})
+    warmup_seed: int = field(default=0, metadata={"help": "seed of the row slice, the data order and the trainer."})
+    warmup_show_progress: bool = field(
+        default=True,
+        metadata={"help": "show the training progress bar and per-step logs."})
 
     def __post_init__(self) -> None:
         def fail(name: str, requirement: str) -> None:

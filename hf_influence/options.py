@@ -25,67 +25,88 @@ LANDMARK_FEATURES = ("jvp", "lm", "jvp+lm")
 class SelectionConfig:
     """How `select_by_influence` scores and selects.
 
-    Attributes:
-        method: registered method: "influence_distillation" (landmarks), "influence_distillation_exact"
-            (gradients of every pool row), "less", "rds" (RDS+ embeddings), "nn_cift" (an oracle distilled into
-            an InfluenceNetwork, see NNCIFTConfig) or "random".
-        selection: "round_robin" (each target sample in turn takes its best remaining row), "round_robin_task"
-            (the same over target tasks), "mean_top_k", "less" (mean within task, max over tasks),
-            "facility_location" (lazy greedy coverage of the targets, as DELIFT; in memory), "weighted"
-            (sample rows with probability proportional to the robust weights); None: the method's default.
-        target_task_column: target column naming each row's task (for "round_robin_task" and "less");
-            None uses "task" when the target has it, else every target row is its own task.
-        optimizer_state: where the Adam state comes from when no optimizer object is passed: "warmup" (a short
-            LoRA AdamW run on a slice of the pool) or "gd" (plain gradient descent, no preconditioning).
-        num_landmarks: landmark rows with exact gradients (capped at the pool size).
-        landmark_selection: "uniform" (seeded random) or "kmeans++" on the regression features.
-        landmark_features: what the kernel regression reads for every pool row: "jvp" (JVP embeddings, JVPConfig),
-            "lm" (the base model's RDS+ embeddings: position-weighted mean of the last hidden state, one forward
-            pass of the whole model), or "jvp+lm" (both, each scaled by its median pairwise distance so that both
-            weigh the same in the kernel; held in memory, [n, e_jvp + hidden]).
-        landmark_scores: what landmark rows are ranked by when there are fewer landmarks than pool rows:
-            "loo" (their leave-one-out predictions, made from the other landmarks: every row is then an
-            out-of-sample prediction on the same footing) or "exact" (their exact influence, which beats the
-            ridge-shrunk predictions of the other rows and fills round-robin selections with landmarks). With
-            landmarks = the whole pool both give exact influence.
-        kernel: kernel of the landmark regression: "rbf" or "linear".
-        kernel_bandwidth: RBF bandwidth as a multiple of the median pairwise landmark distance (1.0, the default,
-            is the median heuristic); None chooses it by closed-form leave-one-out on the landmarks (better in the
-            fidelity lab, but an argmin over a grid: rounding differences, e.g. a multi-process warm-up, can flip
-            the choice and with it the selection, so it is opt-in).
-        kernel_ridge: ridge of the landmark regression, relative to the mean kernel diagonal (default 0.01); None
-            chooses it by closed-form leave-one-out on the landmarks (see kernel_bandwidth).
-        order: 1 (first-order influence) or 2 (adds the target-Hessian term to the robust weights).
-        hessian: "exact" (double backward) or "gauss_newton", for order 2.
-        robust_lambda: lambda of the robust-weights objective (the paper's running example uses 0.02).
-        step_size: eta of the one-step objective; None uses the optimizer's learning rate (required for
-            optimizer_state="gd" with order 2).
-        selection_seed: seed of landmarks, selection order and random baselines.
-        work_dir: folder for the resumable stores (embeddings, gradients) and the saved warm-up; None uses a
-            temporary folder. Re-running with the same folder resumes after a crash and reuses finished stores;
-            target gradients are stored per target, so other targets on the same pool and model share the
-            pool-side stores and the warm-up.
-        chunk_rows: pool rows per chunk when streaming regression and scoring.
+    Each field's help is in its metadata (TRL's convention: `--help` shows it).
     """
 
-    method: str = "influence_distillation"
-    selection: str | None = None
-    target_task_column: str | None = None
-    optimizer_state: str = "warmup"
-    num_landmarks: int = 4096
-    landmark_selection: str = "uniform"
-    landmark_features: str = "jvp"
-    landmark_scores: str = "loo"
-    kernel: str = "rbf"
-    kernel_bandwidth: float | None = 1.0
-    kernel_ridge: float | None = 0.01
-    order: int = 1
-    hessian: str = "exact"
-    robust_lambda: float = 0.02
-    step_size: float | None = None
-    selection_seed: int = 0
-    work_dir: str | None = None
-    chunk_rows: int = 65536
+    method: str = field(
+        default="influence_distillation",
+        metadata={"help": 'registered method: "influence_distillation" (landmarks), '
+                          '"influence_distillation_exact" (gradients of every pool row), "less", "rds" (RDS+ '
+                          'embeddings), "nn_cift" (an oracle distilled into an InfluenceNetwork, see '
+                          'NNCIFTConfig) or "random".'})
+    selection: str | None = field(
+        default=None,
+        metadata={"help": '"round_robin" (each target sample in turn takes its best remaining row), '
+                          '"round_robin_task" (the same over target tasks), "mean_top_k", "less" (mean within '
+                          'task, max over tasks), "facility_location" (lazy greedy coverage of the targets, as '
+                          'DELIFT; in memory), "weighted" (sample rows with probability proportional to the '
+                          "robust weights); None: the method's default."})
+    target_task_column: str | None = field(
+        default=None,
+        metadata={"help": "target column naming each row's task (for \"round_robin_task\" and \"less\"); None uses "
+                          '"task" when the target has it, else every target row is its own task.'})
+    optimizer_state: str = field(
+        default="warmup",
+        metadata={"help": 'where the Adam state comes from when no optimizer object is passed: "warmup" (a short '
+                          'LoRA AdamW run on a slice of the pool) or "gd" (plain gradient descent, no '
+                          "preconditioning)."})
+    num_landmarks: int = field(
+        default=4096,
+        metadata={"help": "landmark rows with exact gradients (capped at the pool size)."})
+    landmark_selection: str = field(
+        default="uniform",
+        metadata={"help": '"uniform" (seeded random) or "kmeans++" on the regression features.'})
+    landmark_features: str = field(
+        default="jvp",
+        metadata={"help": 'what the kernel regression reads for every pool row: "jvp" (JVP embeddings, '
+                          "JVPConfig), \"lm\" (the base model's RDS+ embeddings: position-weighted mean of the last"
+                          ' hidden state, one forward pass of the whole model), or "jvp+lm" (both, each scaled by'
+                          " its median pairwise distance so that both weigh the same in the kernel; held in "
+                          "memory, [n, e_jvp + hidden])."})
+    landmark_scores: str = field(
+        default="loo",
+        metadata={"help": 'what landmark rows are ranked by when there are fewer landmarks than pool rows: "loo" '
+                          "(their leave-one-out predictions, made from the other landmarks: every row is then an "
+                          'out-of-sample prediction on the same footing) or "exact" (their exact influence, which'
+                          " beats the ridge-shrunk predictions of the other rows and fills round-robin selections"
+                          " with landmarks). With landmarks = the whole pool both give exact influence."})
+    kernel: str = field(default="rbf", metadata={"help": 'kernel of the landmark regression: "rbf" or "linear".'})
+    kernel_bandwidth: float | None = field(
+        default=1.0,
+        metadata={"help": "RBF bandwidth as a multiple of the median pairwise landmark distance (1.0, the "
+                          "default, is the median heuristic); None chooses it by closed-form leave-one-out on the"
+                          " landmarks (better in the fidelity lab, but an argmin over a grid: rounding "
+                          "differences, e.g. a multi-process warm-up, can flip the choice and with it the "
+                          "selection, so it is opt-in)."})
+    kernel_ridge: float | None = field(
+        default=0.01,
+        metadata={"help": "ridge of the landmark regression, relative to the mean kernel diagonal (default 0.01);"
+                          " None chooses it by closed-form leave-one-out on the landmarks (see kernel_bandwidth)."})
+    order: int = field(
+        default=1,
+        metadata={"help": "1 (first-order influence) or 2 (adds the target-Hessian term to the robust weights)."})
+    hessian: str = field(
+        default="exact",
+        metadata={"help": '"exact" (double backward) or "gauss_newton", for order 2.'})
+    robust_lambda: float = field(
+        default=0.02,
+        metadata={"help": "lambda of the robust-weights objective (the paper's running example uses 0.02)."})
+    step_size: float | None = field(
+        default=None,
+        metadata={"help": "eta of the one-step objective; None uses the optimizer's learning rate (required for "
+                          'optimizer_state="gd" with order 2).'})
+    selection_seed: int = field(
+        default=0,
+        metadata={"help": "seed of landmarks, selection order and random baselines."})
+    work_dir: str | None = field(
+        default=None,
+        metadata={"help": "folder for the resumable stores (embeddings, gradients) and the saved warm-up; None "
+                          "uses a temporary folder. Re-running with the same folder resumes after a crash and "
+                          "reuses finished stores; target gradients are stored per target, so other targets on "
+                          "the same pool and model share the pool-side stores and the warm-up."})
+    chunk_rows: int = field(
+        default=65536,
+        metadata={"help": "pool rows per chunk when streaming regression and scoring."})
 
     def __post_init__(self) -> None:
         choices = {
@@ -118,46 +139,52 @@ ORACLES = ("influence_distillation_exact", "influence_distillation", "less", "rd
 class NNCIFTConfig:
     """NN-CIFT: which oracle to distil, on how large a block, into which network.
 
-    Attributes:
-        oracle: "influence_distillation_exact" (first-order ID, default), "influence_distillation", "less",
-            "rds", "delift" (in-context utility with the valuation model), "delift_se" (embedding cosine) or
-            "selectit" (pointwise self-rating).
-        block_fraction: u, the share of pool rows and of target columns the oracle scores (0.05 in the paper,
-            i.e. 0.25% of the pairs).
-        min_block_rows: lower bound on the block's pool rows (a network cannot learn from a handful).
-        encoder: sentence-transformers encoder of the rows' text (Hub id or folder).
-        encoder_batch_size: rows per encoder call.
-        network_hidden_sizes: hidden layer widths of the InfluenceNetwork.
-        network_epochs: maximum training epochs.
-        network_learning_rate: Adam learning rate.
-        network_batch_size: pairs per training step.
-        network_patience: epochs without validation improvement before early stopping.
-        network_validation_split: "pairs" (random validation pairs, the paper's regime) or "held_out"
-            (whole held-out rows and columns of the block, so early stopping tracks generalisation to unseen
-            rows and targets; needs a block large enough to spare them).
-        network_num_threads: torch CPU threads while the network trains (1 is fastest for its many small ops
-            on a CPU; None leaves torch's process-wide setting alone). Prediction runs in fixed pool blocks on
-            one thread (`streaming.predict_scores`), the same blocks a streamed selection uses.
-        nn_cift_seed: seed of the block and of the network.
-        evaluation_fraction: if > 0, the oracle also scores a fresh evaluation block (this share of the rows
-            and of the columns, plus the training block's), and the network is evaluated on its quadrants
-            Q1..Q4 (costs extra oracle calls; the figures go into the network's metrics and card).
+    Each field's help is in its metadata (TRL's convention: `--help` shows it).
     """
 
-    oracle: str = "influence_distillation_exact"
-    block_fraction: float = 0.05
-    min_block_rows: int = 32
-    encoder: str = DEFAULT_ENCODER
-    encoder_batch_size: int = 64
-    network_hidden_sizes: list[int] = field(default_factory=lambda: [100])
-    network_epochs: int = 20
-    network_learning_rate: float = 1e-4
-    network_batch_size: int = 64
-    network_patience: int = 3
-    network_validation_split: str = "pairs"
-    network_num_threads: int | None = 1
-    nn_cift_seed: int = 0
-    evaluation_fraction: float = 0.0
+    oracle: str = field(
+        default="influence_distillation_exact",
+        metadata={"help": '"influence_distillation_exact" (first-order ID, default), "influence_distillation", '
+                          '"less", "rds", "delift" (in-context utility with the valuation model), "delift_se" '
+                          '(embedding cosine) or "selectit" (pointwise self-rating).'})
+    block_fraction: float = field(
+        default=0.05,
+        metadata={"help": "u, the share of pool rows and of target columns the oracle scores (0.05 in the paper, "
+                          "i.e. a quarter of a percent of the pairs)."})
+    min_block_rows: int = field(
+        default=32,
+        metadata={"help": "lower bound on the block's pool rows (a network cannot learn from a handful)."})
+    encoder: str = field(
+        default=DEFAULT_ENCODER,
+        metadata={"help": "sentence-transformers encoder of the rows' text (Hub id or folder)."})
+    encoder_batch_size: int = field(default=64, metadata={"help": "rows per encoder call."})
+    network_hidden_sizes: list[int] = field(
+        default_factory=lambda: [100],
+        metadata={"help": "hidden layer widths of the InfluenceNetwork."})
+    network_epochs: int = field(default=20, metadata={"help": "maximum training epochs."})
+    network_learning_rate: float = field(default=1e-4, metadata={"help": "Adam learning rate."})
+    network_batch_size: int = field(default=64, metadata={"help": "pairs per training step."})
+    network_patience: int = field(
+        default=3,
+        metadata={"help": "epochs without validation improvement before early stopping."})
+    network_validation_split: str = field(
+        default="pairs",
+        metadata={"help": "\"pairs\" (random validation pairs, the paper's regime) or \"held_out\" (whole held-out "
+                          "rows and columns of the block, so early stopping tracks generalisation to unseen rows "
+                          "and targets; needs a block large enough to spare them)."})
+    network_num_threads: int | None = field(
+        default=1,
+        metadata={"help": "torch CPU threads while the network trains (1 is fastest for its many small ops on a "
+                          "CPU; None leaves torch's process-wide setting alone). Prediction runs in fixed pool "
+                          "blocks on one thread (`streaming.predict_scores`), the same blocks a streamed "
+                          "selection uses."})
+    nn_cift_seed: int = field(default=0, metadata={"help": "seed of the block and of the network."})
+    evaluation_fraction: float = field(
+        default=0.0,
+        metadata={"help": "if > 0, the oracle also scores a fresh evaluation block (this share of the rows and of"
+                          " the columns, plus the training block's), and the network is evaluated on its "
+                          "quadrants Q1..Q4 (costs extra oracle calls; the figures go into the network's metrics "
+                          "and card)."})
 
     def __post_init__(self) -> None:
         if self.oracle not in ORACLES:
@@ -187,7 +214,7 @@ def split_options(options: dict[str, Any], base: dict[type, Any] | None = None) 
     unknown = sorted(set(options) - set(owners))
     if unknown:
         raise TypeError(f"Unknown option(s) {unknown}. Options are the fields of "
-                        f"{', '.join(t.__name__ for t in CONFIG_TYPES)}; see their docstrings.")
+                        f"{', '.join(t.__name__ for t in CONFIG_TYPES)}; each field has its help (`hf-influence select --help` lists them).")
     for config_type in CONFIG_TYPES:
         mine = {name: value for name, value in options.items() if owners[name] is config_type}
         current = configs.get(config_type)

@@ -3,8 +3,6 @@ fields (`transformers.HfArgumentParser`), `--config FILE.yaml` defaults that fla
 
 from __future__ import annotations
 
-import inspect
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -157,37 +155,10 @@ class TrainDataArguments:
     use_lora: bool = field(default=True, metadata={"help": "Train a LoRA adapter (lora_* options)."})
 
 
-def _attribute_docs(dataclass_type: type) -> dict[str, str]:
-    """{field: text} from the "Attributes:" section of a config dataclass's docstring."""
-    docs: dict[str, str] = {}
-    lines = inspect.getdoc(dataclass_type).splitlines() if dataclass_type.__doc__ else []
-    in_attributes, current = False, None
-    for line in lines:
-        if line.strip() == "Attributes:":
-            in_attributes = True
-            continue
-        if not in_attributes:
-            continue
-        if line and not line.startswith(" "):
-            break
-        match = re.match(r"^    (\w+): (.*)$", line)
-        if match:
-            current = match.group(1)
-            docs[current] = match.group(2)
-        elif current and line.strip():
-            docs[current] += " " + line.strip()
-    return docs
-
-
 def parse(argv: list[str], dataclass_types: tuple, description: str, defaults: dict | None = None) -> tuple:
     """Parse argv into the dataclasses; precedence: flags over the --config YAML over `defaults`."""
     parser = HfArgumentParser(dataclass_types, description=description)
     parser.set_defaults(**(defaults or {}))
-    # The config dataclasses document each field in their docstrings: show that text in --help.
-    docs = {name: text for dataclass_type in dataclass_types for name, text in _attribute_docs(dataclass_type).items()}
-    for action in parser._actions:
-        if not action.help and action.dest in docs:
-            action.help = docs[action.dest].replace("%", "%%")
     parser.add_argument("--config", default=None, help="YAML file of defaults; flags override it.")
     known, _ = parser.parse_known_args(argv)
     if known.config:
