@@ -214,7 +214,8 @@ def split_options(options: dict[str, Any], base: dict[type, Any] | None = None) 
     unknown = sorted(set(options) - set(owners))
     if unknown:
         raise TypeError(f"Unknown option(s) {unknown}. Options are the fields of "
-                        f"{', '.join(t.__name__ for t in CONFIG_TYPES)}; each field has its help (`hf-influence select --help` lists them).")
+                        f"{', '.join(t.__name__ for t in CONFIG_TYPES)}; each field has its help "
+                        f"(`hf-influence select --help` lists them).")
     for config_type in CONFIG_TYPES:
         mine = {name: value for name, value in options.items() if owners[name] is config_type}
         current = configs.get(config_type)
