@@ -163,6 +163,18 @@ def test_train_command_selects_trains_and_measures_the_target_loss(tmp_path, tin
                              "--learning_rate", "1e-2", "--lora_r", "2", "--output_dir", str(output),
                              "--report_to", "none", "--disable_tqdm", "true", "--save_strategy", "no"])
     assert summary["influence"]["training_rows"] == 6 and summary["global_steps"] == 3
+    # The reported losses are the held-out rows' loss of the base model and of the saved adapter, measured again here.
+    from peft import PeftModel
+
+    from hf_influence import load_model, target_loss
+    from hf_influence.data import load_rows
+    from hf_influence.formatting import FormattingConfig
+
+    held_out, formatting = load_rows(str(tmp_path / "held_out.jsonl")), FormattingConfig(max_length=1024, show_progress=False)
+    base, tokenizer = load_model(tiny_model_folder)
+    assert target_loss(base, tokenizer, held_out, formatting) == pytest.approx(summary["target_loss_before"], rel=1e-5)
+    trained = PeftModel.from_pretrained(load_model(tiny_model_folder)[0], str(output))
+    assert target_loss(trained, tokenizer, held_out, formatting) == pytest.approx(summary["target_loss_after"], rel=1e-5)
     assert summary["target_loss_after"] != summary["target_loss_before"]  # the adapter trained
     assert json.loads((output / "summary.json").read_text())["train_loss"] == pytest.approx(summary["train_loss"])
     assert (output / "adapter_model.safetensors").exists()

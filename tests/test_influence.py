@@ -316,9 +316,22 @@ def test_bad_inputs(pool, target, model):
         run(optimizer_state="gd", order=2)
 
 
-def test_public_api_exports():
-    for name in ("select_by_influence", "ScoreTable", "SelectionConfig", "register_method", "warmup"):
-        assert hasattr(hf_influence, name)
+def test_public_api_exports_what_readme_documents():
+    """Every name of __all__ is defined in the package, and every object README's API table names at the start of
+    a row is exported (the README is the API's documentation: a rename must show up here)."""
+    import re
+    from pathlib import Path
+
+    for name in hf_influence.__all__:
+        value = getattr(hf_influence, name)
+        if callable(value):
+            assert value.__module__.startswith("hf_influence."), name
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    api = readme.split("## API", 1)[1].split("\n## ", 1)[0]
+    documented = {name for row in api.splitlines() if row.startswith("| `")
+                  for name in re.findall(r"`([A-Za-z_]+)[`(]", row.split("|")[1]) if "." not in name}
+    documented -= {"method", "oracles", "methods", "weights"}  # rows about options, not objects
+    assert documented and documented <= set(hf_influence.__all__), documented - set(hf_influence.__all__)
 
 
 def _decayed_adamw(model, with_scheduler: bool):
@@ -390,3 +403,22 @@ def test_rds_is_the_cosine_of_pooled_embeddings_and_reuses_the_pool_store(pool, 
                                          method="rds", budget=4, work_dir=str(tmp_path), show_progress=False)
     assert other_table.to_matrix()[0].shape == (len(pool), len(other))
     assert sum(embedded) == len(other)  # only the new target's rows went through the model
+
+
+def test_less_is_the_cosine_of_the_preconditioned_gradients(pool, target):
+    """LESS scores are cosines of the Adam-preconditioned LoRA gradients: with unit-normalised gradients, exactly
+    the first-order scores of exact Influence Distillation after the same warm-up (which test_gradients checks
+    against a per-sample autograd loop); its rule is the mean within each target task, then the best task."""
+    import datasets
+
+    two_tasks = datasets.concatenate_datasets([target, demo_target("code", 2, seed=4)])
+    _, less_table = _select(pool, two_tasks, lora_model(seed=0), budget=5, method="less")
+    _, exact_table = _select(pool, two_tasks, lora_model(seed=0), budget=5, method="influence_distillation_exact")
+    less_scores, rows, targets = less_table.to_matrix()
+    torch.testing.assert_close(less_scores, exact_table.to_matrix()[0], rtol=1e-5, atol=1e-6)
+    tasks = less_table.provenance["target_tasks"]
+    by_task = {task: less_scores[:, [i for i, name in enumerate(targets) if tasks[name] == task]].mean(1)
+               for task in set(tasks.values())}
+    keys = torch.stack(list(by_task.values())).amax(0)
+    expected = keys.double().sort(descending=True, stable=True).indices[:5].tolist()
+    assert less_table.provenance["selected_pool_row_ids"] == [rows[i] for i in expected]
