@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -24,6 +24,8 @@ from .encoders import encode_rows, encoder_identity, load_encoder
 from .network import InfluenceNetwork
 from .options import NNCIFTConfig
 from .oracles import DeliftOracle, DeliftSEOracle, MethodOracle, Oracle, SelectITOracle
+from .scores import ScoreTable, provenance_record
+from .store import fingerprint_dataset
 from .streaming import predict_scores
 
 @dataclass
@@ -55,6 +57,26 @@ class NNCIFTResult:
     evaluation: dict | None = None
     evaluation_pairs: tuple[Tensor, Tensor] | None = None
     evaluation_block: tuple[Tensor, Tensor, Tensor] | None = None
+
+    def score_table(self, pool: Dataset, target: Dataset, config: NNCIFTConfig, **provenance) -> ScoreTable:
+        """The predictions as a ScoreTable: every pool row (row ids 0..n-1) x target (the target's `id`s, or
+        positions; one "pointwise" column for a pointwise oracle), the oracle's block rows flagged as landmarks,
+        and a provenance with the method, oracle, config and fingerprints, plus the given fields.
+
+        Raises:
+            ValueError: the result holds no scores (made with predict=False).
+        """
+        if self.scores is None:
+            raise ValueError("this NNCIFTResult has no scores (nn_cift(..., predict=False)); predict them first")
+        names = [str(i) for i in (target["id"] if "id" in target.column_names else range(len(target)))]
+        mask = torch.zeros(len(pool), dtype=torch.bool)
+        mask[self.block_rows] = True
+        record = provenance_record(method="nn_cift", oracle=config.oracle, configs=asdict(config),
+                                   pool_fingerprint=fingerprint_dataset(pool),
+                                   target_fingerprint=fingerprint_dataset(target), **provenance)
+        return ScoreTable.from_matrix(self.scores, list(range(len(pool))),
+                                      names if self.scores.shape[1] > 1 else ["pointwise"], landmark_mask=mask,
+                                      provenance=record)
 
 
 def make_oracle(config: NNCIFTConfig, model=None, tokenizer=None, optimizer=None, show_progress: bool = True,

@@ -146,3 +146,13 @@ def test_network_push_and_pull_through_the_hub(local_hub, distilled):
     assert "predicted_vs_true.svg" in HfApi().list_repo_files(repo_id)
     with pytest.raises(ValueError, match="dimension|embedding"):
         loaded.predict(torch.randn(3, 17), torch.randn(2, 17))
+
+
+def test_score_table_of_a_result(rows, distilled):
+    pool, target = rows
+    table = distilled.score_table(pool, target, NNCIFTConfig(oracle="delift_se"), details={"note": 1})
+    scores, row_ids, targets = table.to_matrix()
+    assert row_ids == list(range(len(pool))) and targets == [str(i) for i in target["id"]]
+    torch.testing.assert_close(scores, distilled.scores.to(scores.dtype))
+    assert torch.equal(table.landmark_mask.nonzero().flatten().sort().values, distilled.block_rows.sort().values)
+    assert table.provenance["oracle"] == "delift_se" and table.provenance["details"] == {"note": 1}

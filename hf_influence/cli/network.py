@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 
 from ..encoders import encode_rows, encoder_identity, load_encoder
@@ -20,6 +18,7 @@ from ..options import CONFIG_TYPES, NNCIFTConfig, SelectionConfig
 from ..scores import ScoreTable, json_safe, provenance_record
 from ..selection import resolve_budget, select_indices
 from ..store import atomic_write_json, fingerprint_dataset
+from ..streaming import predict_scores
 from .arguments import (HubArguments, ModelArguments, SelectArguments, load_cli_model, load_pool_and_target, parse,
                         parse_budget)
 from .select import group_shares, print_report, write_selection
@@ -48,15 +47,7 @@ def run_fit_network(argv: list[str]) -> dict:
     if result.evaluation_pairs is not None:
         save_file({"predicted": result.evaluation_pairs[0].contiguous(), "true": result.evaluation_pairs[1].contiguous()},
                   str(output / "evaluation_pairs.safetensors"))
-    targets = [str(i) for i in (target["id"] if "id" in target.column_names else range(len(target)))]
-    mask = torch.zeros(len(pool), dtype=torch.bool)
-    mask[result.block_rows] = True
-    table = ScoreTable.from_matrix(result.scores, list(range(len(pool))), targets if result.scores.shape[1] > 1
-                                   else ["pointwise"], landmark_mask=mask, provenance=provenance_record(
-                                       method="nn_cift", oracle=nn_config.oracle, configs=asdict(nn_config),
-                                       pool_fingerprint=fingerprint_dataset(pool),
-                                       target_fingerprint=fingerprint_dataset(target), details=report))
-    table.save(output / "scores")
+    result.score_table(pool, target, nn_config, details=report).save(output / "scores")
     atomic_write_json(output / "report.json", json_safe(report))
     print(f"\nInfluenceNetwork ({nn_config.oracle}) fitted on a {training['block_rows']} x {training['block_columns']} "
           f"block of {len(pool)} x {len(target)}: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items()))
@@ -84,8 +75,9 @@ def run_predict(argv: list[str]) -> dict:
     start = time.perf_counter()
     pool_embeddings = encode_rows(pool, encoder)
     target_embeddings = encode_rows(target, encoder)
-    scores = network.predict(pool_embeddings, None if network.kind == "pointwise" else target_embeddings,
-                             embedding_model=encoder_identity(encoder)[0]).reshape(len(pool), -1)
+    # The streaming module's chunked prediction, the path select_by_influence's NN-CIFT selection takes.
+    scores = predict_scores(pool_embeddings, network, None if network.kind == "pointwise" else target_embeddings,
+                            embedding_model=encoder_identity(encoder)[0])
     seconds = time.perf_counter() - start
     budget = resolve_budget(parse_budget(args.budget), len(pool))
     chosen = select_indices(scores, budget, rule=selection.selection or "round_robin", seed=selection.selection_seed)
