@@ -50,7 +50,7 @@ from machine_info import cpu_model
 from safetensors.torch import load_file
 
 from hf_influence.data import load_rows
-from hf_influence.distillation import LandmarkRegressor, concatenate_scaled, select_landmarks
+from hf_influence.landmarks import LandmarkRegressor, concatenate_scaled, select_landmarks
 from hf_influence.methods.influence_distillation import landmark_diagnostics
 from hf_influence.options import SelectionConfig
 from hf_influence.selection import select_indices

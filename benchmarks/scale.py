@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from machine_info import cpu_model
 
-from hf_influence.distillation import LandmarkRegressor, select_landmarks
+from hf_influence.landmarks import LandmarkRegressor, select_landmarks
 from hf_influence.store import StoreSpec, VectorStore, atomic_write_json
 from hf_influence.streaming import predict_scores, stream_select
 

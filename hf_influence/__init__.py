@@ -4,7 +4,9 @@ Influence Distillation and NN-CIFT, native to the Hugging Face stack. Importing 
 `datasets.Dataset.select_by_influence` (an existing attribute of that name is never overwritten).
 """
 
-from .distillation import LandmarkRegressor, robust_weights, select_landmarks
+from .landmarks import LandmarkRegressor, select_landmarks
+
+from .robust_weighting import robust_weights
 from .distributed import fill_store, process_state
 from .rds_embeddings import cosine_scores, lm_pooled_embeddings
 from .encoders import extract_sentence_embeddings

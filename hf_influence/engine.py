@@ -19,7 +19,7 @@ from datasets import Dataset
 from torch import Tensor, nn
 
 from .data import load_rows
-from .distillation import LandmarkRegressor
+from .landmarks import LandmarkRegressor
 from .distributed import process_state
 from .formatting import FormattingConfig, format_dataset
 from .models import DEFAULT_MODEL, LoraSettings, add_lora, load_model, model_identity

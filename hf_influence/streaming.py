@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .distillation import LandmarkRegressor
+from .landmarks import LandmarkRegressor
 from .network import InfluenceNetwork
 from .selection import RULES, SelectionError, select_indices
 from .store import IncompleteStoreError, VectorStore

@@ -1,4 +1,5 @@
-"""Tests for hf_influence.distillation: first-order scores, landmark regression, robust weights."""
+"""Tests for hf_influence.landmarks and hf_influence.robust_weighting: first-order scores, landmark regression,
+robust weights."""
 
 import numpy as np
 import pytest
@@ -6,20 +7,9 @@ import scipy.optimize
 import scipy.stats
 import torch
 
-from hf_influence.distillation import (
-    BANDWIDTH_GRID,
-    RIDGE_GRID,
-    LandmarkRegressor,
-    first_order_scores,
-    kkt_residual,
-    concatenate_scaled,
-    median_bandwidth,
-    project_to_simplex,
-    rbf_kernel,
-    robust_weights,
-    robust_weights_first_order,
-    select_landmarks,
-)
+from hf_influence.landmarks import BANDWIDTH_GRID, RIDGE_GRID, LandmarkRegressor, first_order_scores, concatenate_scaled, median_bandwidth, rbf_kernel, select_landmarks
+
+from hf_influence.robust_weighting import kkt_residual, project_to_simplex, robust_weights, robust_weights_first_order
 
 
 def generator(seed):

@@ -10,7 +10,7 @@ import hf_influence
 from hf_influence import ScoreTable, SelectionError, select_by_influence
 from hf_influence.demo import demo_pool, demo_target
 from hf_influence.formatting import FormattingError
-from hf_influence.distillation import BANDWIDTH_GRID, RIDGE_GRID, LandmarkRegressor
+from hf_influence.landmarks import BANDWIDTH_GRID, RIDGE_GRID, LandmarkRegressor
 from hf_influence.influence import register_dataset_method
 from hf_influence.methods.influence_distillation import LOO_SPEARMAN_WARNING, landmark_diagnostics
 from hf_influence.testing import tiny_causal_lm

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_influence.distillation import LandmarkRegressor
+from hf_influence.landmarks import LandmarkRegressor
 from hf_influence.network import InfluenceNetwork
 from hf_influence.selection import SelectionError, select_indices
 from hf_influence.store import IncompleteStoreError, StoreSpec, VectorStore

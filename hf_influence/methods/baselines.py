@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..distillation import first_order_scores
+from ..landmarks import first_order_scores
 from ..rds_embeddings import cosine_scores, lm_pooled_embeddings
 from ..engine import Context, MethodOutput
 from ..gradients import GradientConfig, PerSampleGradients

@@ -15,7 +15,9 @@ from datasets import Dataset
 from torch import Tensor
 from transformers.utils.logging import tqdm
 
-from ..distillation import LandmarkRegressor, first_order_scores, robust_weights, select_landmarks
+from ..landmarks import LandmarkRegressor, first_order_scores, select_landmarks
+
+from ..robust_weighting import robust_weights
 from ..engine import Context, MethodOutput, ScoreStream
 from ..formatting import pad_batch
 from ..gradients import GradientConfig, PerSampleGradients

@@ -11,7 +11,7 @@ import torch
 from datasets import Dataset
 from torch import Tensor
 
-from ..distillation import concatenate_scaled
+from ..landmarks import concatenate_scaled
 from ..engine import Context
 from ..extract import extract_gradients, extract_jvp_embeddings, extract_lm_embeddings
 from ..gradients import GradientConfig, PerSampleGradients
