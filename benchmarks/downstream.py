@@ -383,7 +383,8 @@ def print_table(targets: dict) -> None:
             diff_ci = "" if diff is None else "[{:+.4f}, {:+.4f}]".format(*diff)
             sd = row.get("sd_below_random")
             print(f"{target:<7}{method:<30}{row['loss_change_mean']:>+9.4f}{ci:>20}"
-                  f"{row.get('diff_vs_random_mean', 0.0):>+10.4f}{diff_ci:>20}{'' if sd is None else f'{sd:.1f}':>6}"
+                  f"{'' if 'diff_vs_random_mean' not in row else format(row['diff_vs_random_mean'], '+.4f'):>10}"
+                  f"{diff_ci:>20}{'' if sd is None else f'{sd:.1f}':>6}"
                   f"{row['selection_seconds']:>9.0f}{row['train_seconds']:>8.0f}")
 
 
@@ -395,6 +396,9 @@ def main() -> int:
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     parser.add_argument("--quick", action="store_true",
                         help="development: GSM8K only, 2 random draws, 2 training seeds (a subset of the full run's runs)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="write the JSON / plot from the finished runs in --cache, running nothing (a partial "
+                             "report says which runs are missing)")
     parser.add_argument("--methods", nargs="+", help=f"registry methods ({', '.join(METHODS)}) or variants "
                         "method:option=value,... (see parse_method); default: the registry methods")
     args = parser.parse_args()
@@ -411,9 +415,20 @@ def main() -> int:
     torch.manual_seed(settings.seed)
     started = time.perf_counter()
     data = load_data(args.data_dir, settings)
-    log = run_benchmark(data, settings, args.cache, lambda: load_model(DEFAULT_MODEL))
+    if args.report_only:
+        log = RunLog(args.cache / "runs.json", settings)
+    else:
+        log = run_benchmark(data, settings, args.cache, lambda: load_model(DEFAULT_MODEL))
     targets = summarize(log, settings)
+    planned = [f"{t}/{m}/selection-{s}/train-{r}" for t in settings.targets for m in settings.methods
+               for s in settings.selection_seeds(m) for r in range(settings.train_seeds)]
+    finished = [key for key in planned if log.get(key) is not None]
+    runs = [log.get(key) for key in finished]
+    selections = {key.rsplit("/", 1)[0] for key in finished}
     report = {"targets": targets, "settings": log.data["settings"], "pool_rows": len(data.pool),
+              "complete": len(finished) == len(planned), "runs_finished": len(finished), "runs_planned": len(planned),
+              "train_seconds_total": sum(run["train_seconds"] for run in runs),
+              "selection_seconds_total": sum(log.get(key)["selection_seconds"] for key in selections),
               "pool_in_domain_share_gsm8k": in_domain_share(data.pool["source"]),
               "budget_rows": resolve_budget(settings.budget, len(data.pool)),
               "evaluation_rows": {name: len(rows[1]) for name, rows in data.targets.items()},
