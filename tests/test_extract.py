@@ -65,10 +65,9 @@ def test_interrupted_gradient_extraction_resumes_byte_identical(tmp_path, monkey
 
 def test_killed_process_resumes_byte_identical(tmp_path):
     """A real SIGKILL in the middle of a run, then a resume in a fresh process."""
-    script = textwrap.dedent(f"""
+    script = textwrap.dedent("""
         import os, sys, signal
-        sys.path.insert(0, {str(Path(__file__).parent)!r})
-        from conftest import CHAT_ROWS, lora_model
+        from hf_influence.testing import CHAT_ROWS, lora_model
         from hf_influence.extract import extract_jvp_embeddings
         from hf_influence.formatting import format_dataset
         from hf_influence.jvp import JVPConfig, JVPEmbedder

@@ -223,7 +223,7 @@ def test_input_require_grads_hooks_are_lifted_for_the_pass_and_restored(pool, ta
     assert embeddings.requires_grad
 
 
-@pytest.mark.parametrize("method", ["influence_distillation", "rds", "random"])
+@pytest.mark.parametrize("method", ["influence_distillation", "less", "rds", "random"])
 def test_multi_process_selection_needs_a_shared_work_dir(pool, target, model, monkeypatch, method):
     """Methods that write stores (the registry's uses_stores) need one work_dir for all processes; random keeps
     none and runs."""
@@ -395,9 +395,9 @@ def test_rds_is_the_cosine_of_pooled_embeddings_and_reuses_the_pool_store(pool, 
             return original(decoder, batch, device)
         return pooled
 
-    from hf_influence import embeddings
+    from hf_influence import rds_embeddings
     monkeypatch.setattr(extract, "pooled_batch", counting(extract.pooled_batch))
-    monkeypatch.setattr(embeddings, "pooled_batch", counting(embeddings.pooled_batch))
+    monkeypatch.setattr(rds_embeddings, "pooled_batch", counting(rds_embeddings.pooled_batch))
     other = demo_target("code", 2, seed=3)
     _, other_table = select_by_influence(pool, other, model=network, tokenizer=tokenizer, return_scores=True,
                                          method="rds", budget=4, work_dir=str(tmp_path), show_progress=False)

@@ -242,7 +242,7 @@ def test_invalid_settings_are_refused(tiny):
 
 
 def test_method_oracle_is_the_methods_score_matrix():
-    from conftest import lora_model
+    from hf_influence.testing import lora_model
 
     from hf_influence import select_by_influence
     from hf_influence.demo import demo_pool, demo_target
@@ -266,7 +266,7 @@ def test_method_oracle_is_the_methods_score_matrix():
 
 
 def test_method_oracle_keeps_each_block_in_its_own_work_dir_subfolder(tmp_path):
-    from conftest import lora_model
+    from hf_influence.testing import lora_model
 
     from hf_influence.demo import demo_pool, demo_target
     from hf_influence.methods.nn_cift import oracle_options

@@ -26,15 +26,20 @@ def less(context: Context) -> MethodOutput:
     return MethodOutput(first_order_scores(pool_vectors, target_vectors))
 
 
-@register_method("rds", default_selection="round_robin")
+@register_method("rds", default_selection="round_robin", uses_stores=False)
 def rds(context: Context) -> MethodOutput:
-    """RDS+ (Ivison et al. 2025): cosine of position-weighted mean-pooled last hidden states. The pool's
-    embeddings go to the work_dir store that landmark_features="lm" uses, so that another target (or a landmark
-    run with lm features) on the same work_dir reuses them."""
-    pool = feature_store(context, "lm").to_tensor()
+    """RDS+ (Ivison et al. 2025): cosine of position-weighted mean-pooled last hidden states. With a work_dir the
+    pool's embeddings go to the store that landmark_features="lm" uses, so that another target (or a landmark
+    run with lm features) on the same work_dir reuses them; without one they stay in memory (every process of a
+    multi-process launch then embeds the whole pool itself, as no folder is shared)."""
+    pad, show = context.tokenizer.pad_token_id, context.show_progress
+    if context.config.work_dir is not None:
+        pool = feature_store(context, "lm").to_tensor()
+    else:
+        with context.timed("lm_embeddings"):
+            pool = lm_pooled_embeddings(context.model, context.pool, pad_token_id=pad, show_progress=show)
     with context.timed("embeddings"):
-        target = lm_pooled_embeddings(context.model, context.target, pad_token_id=context.tokenizer.pad_token_id,
-                                      show_progress=context.show_progress)
+        target = lm_pooled_embeddings(context.model, context.target, pad_token_id=pad, show_progress=show)
     return MethodOutput(cosine_scores(pool, target, chunk_rows=context.config.chunk_rows))
 
 
