@@ -60,7 +60,7 @@ from hf_influence import (DEFAULT_MODEL, InfluenceSFTConfig, InfluenceSFTTrainer
                           select_by_influence, target_loss)
 from hf_influence.data import load_rows
 from hf_influence.formatting import FormattingConfig
-from hf_influence.selection import resolve_budget
+from hf_influence.selection import resolve_budget, select_indices
 from hf_influence.targets import sample_rows
 
 METHODS = ("influence_distillation", "influence_distillation_exact", "less", "rds", "nn_cift", "random")
@@ -339,6 +339,33 @@ def summarize(log: RunLog, settings: Settings) -> dict:
     return targets
 
 
+def selection_analysis(data: BenchmarkData, settings: Settings, cache: Path) -> dict:
+    """What the saved score tables pick under each streaming rule (no training): per target and method, the
+    GSM8K in-domain share, the source families and mean length of the rows, and the Jaccard overlap with exact
+    Influence Distillation's rows under the same rule. It answers whether the per-target round-robin or the mean
+    target score ("mean_top_k", the mean target gradient for first-order ID) picks differently."""
+    budget = resolve_budget(settings.budget, len(data.pool))
+    analysis = {}
+    for target in settings.targets:
+        picks = {}
+        for method in settings.methods:
+            folder = cache / "tables" / target / f"{method}-0"
+            if not (folder / "provenance.json").exists():
+                continue
+            scores, row_ids, _ = ScoreTable.load(folder).to_matrix()
+            for rule in ("round_robin", "mean_top_k"):
+                chosen = select_indices(scores, budget, rule=rule, seed=0)
+                picks[(method, rule)] = [row_ids[i] for i in chosen.tolist()]
+        rows = {}
+        for (method, rule), selected in picks.items():
+            reference = set(picks.get(("influence_distillation_exact", rule), []))
+            rows.setdefault(method, {})[rule] = {
+                **describe_selection(data.pool, selected),
+                "jaccard_vs_exact": len(reference & set(selected)) / len(reference | set(selected)) if reference else None}
+        analysis[target] = rows
+    return analysis
+
+
 def plot(targets: dict, path: Path) -> None:
     """One panel per target: each method's mean loss change with its 95% interval; random's mean and +-2 std
     band behind them."""
@@ -433,6 +460,7 @@ def main() -> int:
               "budget_rows": resolve_budget(settings.budget, len(data.pool)),
               "evaluation_rows": {name: len(rows[1]) for name, rows in data.targets.items()},
               "machine": machine(), "seconds_this_invocation": time.perf_counter() - started}
+    report["selection_analysis"] = selection_analysis(data, settings, args.cache)
     print_table(targets)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=1))
