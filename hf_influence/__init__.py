@@ -4,35 +4,34 @@ Influence Distillation and NN-CIFT, native to the Hugging Face stack. Importing 
 `datasets.Dataset.select_by_influence` (an existing attribute of that name is never overwritten).
 """
 
-from .landmarks import LandmarkRegressor, select_landmarks
-
-from .robust_weighting import robust_weights
 from .distributed import fill_store, process_state
-from .rds_embeddings import cosine_scores, lm_pooled_embeddings
 from .encoders import extract_sentence_embeddings
-from .model_passes import target_loss
+from .engine import compute_scores
 from .extract import extract_gradients, extract_jvp_embeddings
 from .formatting import FormattedDataset, FormattingConfig, FormattingError, format_dataset, pad_batch
 from .gradients import GradientConfig, GradientError, PerSampleGradients, per_sample_losses
 from .hessian import TargetHessian
 from .hub import load_score_table, push_influence_network, push_score_table
-from .engine import compute_scores
 from .influence import register_dataset_method, select_by_influence
-from .options import SelectionConfig
-from .registry import METHODS, register_method
 from .jvp import JVPConfig, JVPEmbedder
+from .landmarks import LandmarkRegressor, select_landmarks
+from .model_passes import target_loss
 from .models import DEFAULT_MODEL, LoraSettings, add_lora, load_model
 from .network import InfluenceNetwork
 from .nn_cift_pipeline import NNCIFTConfig, NNCIFTResult, nn_cift
+from .optimizer_warmup import WarmupConfig, WarmupResult, load_optimizer_state, warmup
 from .optimizers import AffineStep, OptimizerStateError, affine_step
+from .options import SelectionConfig
 from .projection import make_projector
+from .rds_embeddings import cosine_scores, lm_pooled_embeddings
+from .registry import METHODS, register_method
+from .robust_weighting import robust_weights
 from .scores import ScoreTable, ScoreTableError
 from .selection import SelectionError, resolve_budget, select_indices, weighted_sample
 from .store import StoreMismatchError, StoreSpec, VectorStore
 from .streaming import iter_scores, predict_scores, stream_select
 from .targets import TARGET_TASKS, load_target
 from .trainer import InfluenceSelection, InfluenceSFTConfig, InfluenceSFTTrainer
-from .optimizer_warmup import WarmupConfig, WarmupResult, load_optimizer_state, warmup
 
 register_dataset_method()
 

@@ -19,9 +19,9 @@ from datasets import Dataset
 from torch import Tensor, nn
 
 from .data import load_rows
-from .landmarks import LandmarkRegressor
 from .distributed import process_state
 from .formatting import FormattingConfig, format_dataset
+from .landmarks import LandmarkRegressor
 from .models import DEFAULT_MODEL, LoraSettings, add_lora, load_model, model_identity
 from .network import InfluenceNetwork
 from .options import SelectionConfig, split_options

@@ -28,6 +28,7 @@ from .scores import ScoreTable, provenance_record
 from .store import fingerprint_dataset
 from .streaming import predict_scores
 
+
 @dataclass
 class NNCIFTResult:
     """What `nn_cift` returns.

@@ -14,9 +14,9 @@ from .gradients import GradientConfig
 from .hessian import HESSIAN_KINDS
 from .jvp import JVPConfig
 from .models import LoraSettings
+from .optimizer_warmup import WarmupConfig
 from .registry import METHODS
 from .selection import RULES
-from .optimizer_warmup import WarmupConfig
 
 LANDMARK_FEATURES = ("jvp", "lm", "jvp+lm")
 

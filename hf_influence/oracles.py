@@ -32,14 +32,14 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 from transformers.utils.logging import tqdm
 
-from .rds_embeddings import cosine_scores
 from .encoders import DEFAULT_ENCODER, TEXT_FORMAT, encode_rows, encoder_identity, load_encoder, prompt_and_response
-from .model_passes import eval_mode, run_batches
+from .engine import compute_scores
 from .formatting import IGNORE_INDEX, FormattingConfig, FormattingError, format_dataset
 from .gradients import causal_lm_parts, per_sample_losses
+from .model_passes import eval_mode, run_batches
 from .models import DEFAULT_MODEL, model_identity
-from .engine import compute_scores
 from .options import split_options
+from .rds_embeddings import cosine_scores
 from .registry import METHODS
 from .store import fingerprint_dataset
 

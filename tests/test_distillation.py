@@ -7,8 +7,16 @@ import scipy.optimize
 import scipy.stats
 import torch
 
-from hf_influence.landmarks import BANDWIDTH_GRID, RIDGE_GRID, LandmarkRegressor, first_order_scores, concatenate_scaled, median_bandwidth, rbf_kernel, select_landmarks
-
+from hf_influence.landmarks import (
+    BANDWIDTH_GRID,
+    RIDGE_GRID,
+    LandmarkRegressor,
+    concatenate_scaled,
+    first_order_scores,
+    median_bandwidth,
+    rbf_kernel,
+    select_landmarks,
+)
 from hf_influence.robust_weighting import kkt_residual, project_to_simplex, robust_weights, robust_weights_first_order
 
 

@@ -4,16 +4,15 @@ import datasets
 import pytest
 import scipy.stats
 import torch
-from hf_influence.testing import lora_model
 
 import hf_influence
 from hf_influence import ScoreTable, SelectionError, select_by_influence
 from hf_influence.demo import demo_pool, demo_target
 from hf_influence.formatting import FormattingError
-from hf_influence.landmarks import BANDWIDTH_GRID, RIDGE_GRID, LandmarkRegressor
 from hf_influence.influence import register_dataset_method
+from hf_influence.landmarks import BANDWIDTH_GRID, RIDGE_GRID, LandmarkRegressor
 from hf_influence.methods.influence_distillation import LOO_SPEARMAN_WARNING, landmark_diagnostics
-from hf_influence.testing import tiny_causal_lm
+from hf_influence.testing import lora_model, tiny_causal_lm
 
 # Small and quiet: 1 JVP block (the tiny model has 2), short warm-up, small projections.
 FAST = {"num_blocks": 1, "warmup_fraction": 0.25, "warmup_min_steps": 2, "warmup_show_progress": False,
@@ -373,8 +372,8 @@ def test_rds_is_the_cosine_of_pooled_embeddings_and_reuses_the_pool_store(pool, 
     """RDS+ scores are the cosine of the base model's pooled embeddings (brute force: lm_pooled_embeddings of each
     side), and a second target on the same work_dir reads the pool's embeddings from the store."""
     from hf_influence import extract
-    from hf_influence.rds_embeddings import lm_pooled_embeddings
     from hf_influence.formatting import FormattingConfig, format_dataset
+    from hf_influence.rds_embeddings import lm_pooled_embeddings
 
     network, tokenizer = tiny_causal_lm(seed=0)
     _, table = select_by_influence(pool, target, model=network, tokenizer=tokenizer, return_scores=True,

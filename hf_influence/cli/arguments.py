@@ -11,9 +11,9 @@ import yaml
 from datasets import Dataset
 from transformers import HfArgumentParser
 
+from .. import selection
 from ..data import load_rows
 from ..distributed import process_state
-from .. import selection
 from ..models import DEFAULT_MODEL, load_model
 
 

@@ -19,8 +19,15 @@ from ..scores import ScoreTable, json_safe, provenance_record
 from ..selection import resolve_budget, select_indices
 from ..store import atomic_write_json, fingerprint_dataset
 from ..streaming import predict_scores
-from .arguments import (HubArguments, ModelArguments, SelectArguments, load_cli_model, load_pool_and_target, parse,
-                        parse_budget)
+from .arguments import (
+    HubArguments,
+    ModelArguments,
+    SelectArguments,
+    load_cli_model,
+    load_pool_and_target,
+    parse,
+    parse_budget,
+)
 from .select import group_shares, print_report, write_selection
 
 

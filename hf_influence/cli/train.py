@@ -9,8 +9,8 @@ import torch
 from datasets import Dataset
 
 from ..data import load_rows, sample_rows
-from ..model_passes import target_loss
 from ..formatting import FormattingConfig
+from ..model_passes import target_loss
 from ..models import LoraSettings
 from ..scores import json_safe
 from ..store import atomic_write_json

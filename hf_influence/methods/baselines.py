@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from ..landmarks import first_order_scores
-from ..rds_embeddings import cosine_scores, lm_pooled_embeddings
 from ..engine import Context, MethodOutput
 from ..gradients import GradientConfig, PerSampleGradients
+from ..landmarks import first_order_scores
+from ..rds_embeddings import cosine_scores, lm_pooled_embeddings
 from ..registry import register_method
 from .stores import feature_store, gradient_vectors, optimizer_step, target_gradient_vectors
 

@@ -15,15 +15,14 @@ from datasets import Dataset
 from torch import Tensor
 from transformers.utils.logging import tqdm
 
-from ..landmarks import LandmarkRegressor, first_order_scores, select_landmarks
-
-from ..robust_weighting import robust_weights
 from ..engine import Context, MethodOutput, ScoreStream
 from ..formatting import pad_batch
 from ..gradients import GradientConfig, PerSampleGradients
 from ..hessian import TargetHessian
+from ..landmarks import LandmarkRegressor, first_order_scores, select_landmarks
 from ..optimizers import AffineStep
 from ..registry import register_method
+from ..robust_weighting import robust_weights
 from .stores import gradient_vectors, landmark_feature_rows, optimizer_step, store_rows, target_gradient_vectors
 
 logger = logging.getLogger(__name__)

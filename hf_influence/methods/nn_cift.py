@@ -14,7 +14,6 @@ from ..nn_cift_pipeline import block_overrides, nn_cift
 from ..options import NNCIFTConfig, SelectionConfig
 from ..registry import register_method
 
-
 # SelectionConfig fields that describe the outer selection, not how a method oracle scores a block.
 _NOT_ORACLE_FIELDS = ("method", "selection", "target_task_column")
 

@@ -11,14 +11,14 @@ import torch
 from datasets import Dataset
 from torch import Tensor
 
-from ..landmarks import concatenate_scaled
 from ..engine import Context
 from ..extract import extract_gradients, extract_jvp_embeddings, extract_lm_embeddings
 from ..gradients import GradientConfig, PerSampleGradients
 from ..jvp import JVPConfig
+from ..landmarks import concatenate_scaled
+from ..optimizer_warmup import WarmupConfig, warmup
 from ..optimizers import AffineStep, affine_step
 from ..store import VectorStore, fingerprint_dataset
-from ..optimizer_warmup import WarmupConfig, warmup
 
 
 def optimizer_step(context: Context, tracked: PerSampleGradients) -> AffineStep | None:
