@@ -415,6 +415,25 @@ def print_table(targets: dict) -> None:
                   f"{row['selection_seconds']:>9.0f}{row['train_seconds']:>8.0f}")
 
 
+def markdown_table(targets: dict) -> str:
+    """The README table: per target and method, the loss change and the paired difference against random with
+    their 95% intervals, random's standard deviations below random's mean, and the seconds."""
+    def interval_text(ci):
+        return "" if ci is None else f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
+
+    lines = ["| target | method | loss change (95% CI) | vs random, paired (95% CI) | sd below random | runs | "
+             "select s | train s |", "|---|---|---|---|---|---|---|---|"]
+    for target, report in targets.items():
+        for method, row in report["methods"].items():
+            sd = row.get("sd_below_random")
+            diff = "" if "diff_vs_random_mean" not in row else (
+                f"{row['diff_vs_random_mean']:+.3f} {interval_text(row['diff_vs_random_ci95'])}")
+            lines.append(f"| {target} | {method} | {row['loss_change_mean']:+.3f} {interval_text(row['loss_change_ci95'])}"
+                         f" | {diff} | {'' if sd is None else f'{sd:.1f}'} | {len(row['runs'])} | "
+                         f"{row['selection_seconds']:.0f} | {row['train_seconds']:.0f} |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cache", type=Path, required=True, help="stores, score tables and finished runs")
@@ -453,6 +472,9 @@ def main() -> int:
     runs = [log.get(key) for key in finished]
     selections = {key.rsplit("/", 1)[0] for key in finished}
     report = {"targets": targets, "settings": log.data["settings"], "pool_rows": len(data.pool),
+              "selection_seconds_note": "wall seconds of select_by_influence with the stores already in --cache/work: "
+                                        "a store another method or target built (or one copied in) is not "
+                                        "counted again, so these are marginal costs, not standalone ones",
               "complete": len(finished) == len(planned), "runs_finished": len(finished), "runs_planned": len(planned),
               "train_seconds_total": sum(run["train_seconds"] for run in runs),
               "selection_seconds_total": sum(log.get(key)["selection_seconds"] for key in selections),
@@ -462,6 +484,7 @@ def main() -> int:
               "machine": machine(), "seconds_this_invocation": time.perf_counter() - started}
     report["selection_analysis"] = selection_analysis(data, settings, args.cache)
     print_table(targets)
+    print("\n" + markdown_table(targets))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=1))
     if args.plot:
