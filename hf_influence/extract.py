@@ -108,8 +108,11 @@ def extract_gradients(
     """
     config = config or GradientConfig()
     gradients = PerSampleGradients(model, config)
+    record = asdict(config)
+    # Stores written before projection_seed was renamed recorded it as "seed": the same name keeps them valid.
+    record["seed"] = record.pop("projection_seed")
     config_record = {
-        **asdict(config),
+        **record,
         "parameter_names_digest": hashlib.sha256("\n".join(gradients.parameter_names).encode()).hexdigest(),
         "preconditioner_digest": None if preconditioner is None else _tensor_digest(preconditioner),
     }

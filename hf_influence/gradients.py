@@ -67,9 +67,10 @@ class GradientConfig:
         default=16,
         metadata={"help": "k_in, the projected input side; each layer contributes k_out * k_in (+ k_out for a "
                           "bias)."})
-    seed: int = field(
+    projection_seed: int = field(
         default=0,
-        metadata={"help": "projection seed; the same seed gives the same projection in every process."})
+        metadata={"help": "seed of the random projection; the same seed gives the same projection in every "
+                          "process (was `seed`, which read as the selection's seed)."})
     batch_size: int = field(default=8, metadata={"help": "rows per batch in the extraction loops."})
 
     def __post_init__(self) -> None:
@@ -223,7 +224,7 @@ class PerSampleGradients:
             k_out, k_in = self.config.factored_out_dim, self.config.factored_in_dim
             self._factored = [
                 FactoredProjector(
-                    layer.module.out_features, layer.module.in_features, k_out, k_in, derive_seed(self.config.seed, layer.name)
+                    layer.module.out_features, layer.module.in_features, k_out, k_in, derive_seed(self.config.projection_seed, layer.name)
                 )
                 for layer in self.layers
             ]
@@ -232,7 +233,7 @@ class PerSampleGradients:
             )
         else:
             dim = None if self.config.projection == "none" else self.config.projection_dim
-            self._projector = make_projector(self.config.projection, self.raw_dim, dim, self.config.seed)
+            self._projector = make_projector(self.config.projection, self.raw_dim, dim, self.config.projection_seed)
             self.output_dim = self._projector.output_dim
 
     @property

@@ -5,6 +5,7 @@ are unique across CONFIG_TYPES) to their dataclass."""
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -210,6 +211,11 @@ def split_options(options: dict[str, Any], base: dict[type, Any] | None = None) 
         TypeError: an option no config declares (the message lists the close matches' dataclasses).
     """
     configs = dict(base or {})
+    if "seed" in options:  # GradientConfig.seed until it was renamed: it never was the selection's seed
+        warnings.warn("the option `seed` is deprecated: it set the gradient projection's seed, not the selection's. "
+                      "Pass projection_seed=... (the same meaning) or selection_seed=... (the selection).",
+                      FutureWarning, stacklevel=3)
+        options = {**{k: v for k, v in options.items() if k != "seed"}, "projection_seed": options["seed"]}
     owners = {f.name: config_type for config_type in CONFIG_TYPES for f in dataclasses.fields(config_type)}
     unknown = sorted(set(options) - set(owners))
     if unknown:

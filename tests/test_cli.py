@@ -45,14 +45,34 @@ def test_gradients_help_shows_the_field_help(capsys):
 
 def test_yaml_defaults_and_flag_override(tmp_path):
     config = tmp_path / "config.yaml"
-    config.write_text("projection_dim: 128\nseed: 5\n")
-    (parsed,) = parse(["--config", str(config), "--seed", "9"], (GradientConfig,), "test")
-    assert parsed.projection_dim == 128 and parsed.seed == 9
+    config.write_text("projection_dim: 128\nprojection_seed: 5\n")
+    (parsed,) = parse(["--config", str(config), "--projection_seed", "9"], (GradientConfig,), "test")
+    assert parsed.projection_dim == 128 and parsed.projection_seed == 9
+    (parsed,) = parse(["--config", str(config)], (GradientConfig,), "test")
+    assert parsed.projection_seed == 5
     with pytest.raises(SystemExit):
         parse(["--no_such_option", "1"], (GradientConfig,), "test")
     config.write_text("projection_dim: 128\nprojektion: srht\n")  # a typo must not be ignored
     with pytest.raises(SystemExit):
         parse(["--config", str(config)], (GradientConfig,), "test")
+
+
+def test_the_old_seed_option_still_sets_the_projection_seed_with_a_warning(tmp_path):
+    """`seed` read as the selection's seed but was GradientConfig's projection seed: renamed projection_seed; the
+    old name keeps working for a while, with a FutureWarning, in the CLI, YAML and the Python API."""
+    from hf_influence.options import split_options
+
+    with pytest.warns(FutureWarning, match="--seed is deprecated"):
+        (parsed,) = parse(["--seed", "4"], (GradientConfig,), "test")
+    assert parsed.projection_seed == 4
+    config = tmp_path / "config.yaml"
+    config.write_text("seed: 6\n")
+    with pytest.warns(FutureWarning, match="the key `seed` is deprecated"):
+        (parsed,) = parse(["--config", str(config)], (GradientConfig,), "test")
+    assert parsed.projection_seed == 6
+    with pytest.warns(FutureWarning, match="projection_seed=... \\(the same meaning\\)"):
+        configs = split_options({"seed": 3})
+    assert configs[GradientConfig].projection_seed == 3
 
 
 def test_gradients_command_on_a_local_model_and_file(tmp_path, capsys):

@@ -102,7 +102,7 @@ def test_mismatched_store_is_refused(tmp_path):
     config = GradientConfig(projection="countsketch", projection_dim=32, batch_size=8)
     extract_gradients(model, formatted, tmp_path / "g", config, show_progress=False)
     with pytest.raises(StoreMismatchError, match="config_hash"):
-        extract_gradients(model, formatted, tmp_path / "g", GradientConfig(projection="countsketch", projection_dim=32, seed=1), show_progress=False)
+        extract_gradients(model, formatted, tmp_path / "g", GradientConfig(projection="countsketch", projection_dim=32, projection_seed=1), show_progress=False)
     with pytest.raises(StoreMismatchError, match="dataset_fingerprint"):
         extract_gradients(model, formatted.select(range(14)), tmp_path / "g", config, show_progress=False)
     scale = torch.ones(PerSampleGradients(model, config).raw_dim)

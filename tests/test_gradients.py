@@ -112,7 +112,7 @@ def test_projected_real_gradients_preserve_cosines(projection):
     rows = [{"messages": m} for m in demo_pool(6, seed=0)["messages"]]
     _, batch = formatted_batch(tokenizer, rows)
     exact = PerSampleGradients(model, GradientConfig(projection="none", normalize=True)).compute(batch)
-    projected = PerSampleGradients(model, GradientConfig(projection=projection, projection_dim=2048, seed=7)).compute(batch)
+    projected = PerSampleGradients(model, GradientConfig(projection=projection, projection_dim=2048, projection_seed=7)).compute(batch)
     assert torch.allclose(exact.norm(dim=1), torch.ones(exact.shape[0]), atol=1e-5)
     cos_exact, cos_projected = exact @ exact.T, projected @ projected.T
     assert cos_exact.std() > 0.05, "the rows must not all be alike for this check to mean anything"

@@ -3,6 +3,8 @@ fields (`transformers.HfArgumentParser`), `--config FILE.yaml` defaults that fla
 
 from __future__ import annotations
 
+import argparse
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from transformers import HfArgumentParser
 from .. import selection
 from ..data import load_rows
 from ..distributed import process_state
+from ..gradients import GradientConfig
 from ..models import DEFAULT_MODEL, load_model
 
 
@@ -160,9 +163,22 @@ def parse(argv: list[str], dataclass_types: tuple, description: str, defaults: d
     parser = HfArgumentParser(dataclass_types, description=description)
     parser.set_defaults(**(defaults or {}))
     parser.add_argument("--config", default=None, help="YAML file of defaults; flags override it.")
+    # --seed was GradientConfig's projection seed until the rename: still read (hidden), with a warning.
+    seed_alias = any(config is GradientConfig for config in dataclass_types) and not any(
+        "seed" in getattr(config, "__dataclass_fields__", {}) for config in dataclass_types)
+    if seed_alias:
+        parser.add_argument("--seed", dest="projection_seed", type=int, default=argparse.SUPPRESS,
+                            help=argparse.SUPPRESS)
+        if any(arg == "--seed" or arg.startswith("--seed=") for arg in argv):
+            warnings.warn("--seed is deprecated: it sets the gradient projection's seed; use --projection_seed "
+                          "(or --selection_seed for the selection).", FutureWarning, stacklevel=2)
     known, _ = parser.parse_known_args(argv)
     if known.config:
         values = yaml.safe_load(Path(known.config).read_text()) or {}
+        if seed_alias and "seed" in values:
+            warnings.warn(f"{known.config}: the key `seed` is deprecated (the gradient projection's seed); write "
+                          f"projection_seed.", FutureWarning, stacklevel=2)
+            values["projection_seed"] = values.pop("seed")
         unknown = sorted(set(values) - {action.dest for action in parser._actions})
         if unknown:  # argparse would silently ignore them
             parser.error(f"{known.config} has unknown keys {unknown}; see --help for the options of this command")
