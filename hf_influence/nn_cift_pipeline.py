@@ -122,8 +122,9 @@ def nn_cift(pool: Dataset, target: Dataset, config: NNCIFTConfig | None = None, 
         config: NN-CIFT settings.
         oracle: an Oracle instance (overrides config.oracle).
         model, tokenizer, optimizer, **options: for the default oracle (see `make_oracle`). With a `work_dir`
-            option the sentence embeddings are also kept there (work_dir/sentence_embeddings/{pool,target}),
-            so a rerun after a crash does not encode again.
+            option the sentence embeddings are also kept there (work_dir/sentence_embeddings/pool and
+            target-<fingerprint>), so a rerun after a crash does not encode again, and one work_dir serves
+            several targets on the same pool.
         predict: build the [n, m] scores; False leaves `scores` None, for a caller that streams them
             (`streaming.stream_select` with the network, the embeddings and the block as exact values).
 
@@ -136,10 +137,13 @@ def nn_cift(pool: Dataset, target: Dataset, config: NNCIFTConfig | None = None, 
     start = time.perf_counter()
     encoder = load_encoder(config.encoder)
     cache = None if options.get("work_dir") is None else Path(options["work_dir"]) / "sentence_embeddings"
+    # The target's store is named by its rows, as the target gradients are: another target on the same
+    # work_dir gets its own store instead of a refused one.
+    target_store = f"target-{fingerprint_dataset(target)[:16]}"
     pool_embeddings, target_embeddings = (
         encode_rows(rows, encoder, cache_dir=None if cache is None else cache / name,
                     batch_size=config.encoder_batch_size, show_progress=show_progress)
-        for rows, name in ((pool, "pool"), (target, "target")))
+        for rows, name in ((pool, "pool"), (target, target_store)))
     seconds["embed"] = time.perf_counter() - start
     rows, columns = block_indices(len(pool), 1 if oracle.pointwise else len(target), config)
     start = time.perf_counter()

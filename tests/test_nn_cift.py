@@ -4,7 +4,6 @@ import datasets
 import hub_server
 import pytest
 import torch
-from hf_influence.testing import lora_model
 from huggingface_hub import HfApi, ModelCard
 
 from hf_influence import select_by_influence
@@ -13,6 +12,8 @@ from hf_influence.hub import push_influence_network
 from hf_influence.network import InfluenceNetwork
 from hf_influence.nn_cift_pipeline import NNCIFTConfig, block_indices, nn_cift
 from hf_influence.oracles import DeliftSEOracle
+from hf_influence.store import fingerprint_dataset
+from hf_influence.testing import lora_model
 
 local_hub = hub_server.local_hub
 
@@ -65,12 +66,19 @@ def test_work_dir_keeps_the_sentence_embeddings(rows, tmp_path):
     config = NNCIFTConfig(oracle="delift_se", block_fraction=0.4, min_block_rows=8, network_epochs=5)
     first = nn_cift(pool, target, config, show_progress=False, work_dir=str(tmp_path))
     stores = tmp_path / "sentence_embeddings"
-    assert (stores / "pool" / "manifest.json").is_file() and (stores / "target" / "manifest.json").is_file()
+    target_store = stores / f"target-{fingerprint_dataset(target)[:16]}"
+    assert (stores / "pool" / "manifest.json").is_file() and (target_store / "manifest.json").is_file()
     written = {path: path.stat().st_mtime_ns for path in stores.rglob("*")
                if path.is_file() and path.name != "manifest.json"}
     again = nn_cift(pool, target, config, show_progress=False, work_dir=str(tmp_path))
     assert {path: path.stat().st_mtime_ns for path in written} == written  # read back, not encoded again
     assert torch.equal(again.pool_embeddings, first.pool_embeddings) and torch.equal(again.scores, first.scores)
+    # Another target on the same work_dir: its own store, the pool's read back (it was refused before).
+    other = target.select(range(4))
+    second = nn_cift(pool, other, config, show_progress=False, work_dir=str(tmp_path))
+    assert torch.equal(second.pool_embeddings, first.pool_embeddings)
+    assert {path: path.stat().st_mtime_ns for path in written} == written
+    assert len(list(stores.glob("target-*"))) == 2
 
 
 def test_block_indices_are_seeded_and_bounded():
