@@ -61,6 +61,7 @@ from hf_influence import (DEFAULT_MODEL, InfluenceSFTConfig, InfluenceSFTTrainer
 from hf_influence.data import load_rows
 from hf_influence.formatting import FormattingConfig
 from hf_influence.selection import resolve_budget, select_indices
+from hf_influence.store import atomic_write_json
 from hf_influence.targets import sample_rows
 
 METHODS = ("influence_distillation", "influence_distillation_exact", "less", "rds", "nn_cift", "random")
@@ -180,9 +181,7 @@ class RunLog:
     def put(self, key: str, value) -> None:
         self.data["results"][key] = value
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1))
-        tmp.replace(self.path)
+        atomic_write_json(self.path, self.data)
 
 
 def _log(message: str) -> None:
