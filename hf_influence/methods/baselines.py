@@ -7,6 +7,7 @@ import torch
 from ..engine import Context, MethodOutput
 from ..gradients import GradientConfig, PerSampleGradients
 from ..landmarks import first_order_scores
+from ..models import base_model
 from ..rds_embeddings import cosine_scores, lm_pooled_embeddings
 from ..registry import register_method
 from .stores import feature_store, gradient_vectors, optimizer_step, target_gradient_vectors
@@ -28,7 +29,8 @@ def less(context: Context) -> MethodOutput:
 
 @register_method("rds", default_selection="round_robin", uses_stores=False)
 def rds(context: Context) -> MethodOutput:
-    """RDS+ (Ivison et al. 2025): cosine of position-weighted mean-pooled last hidden states. With a work_dir the
+    """RDS+ (Ivison et al. 2025): cosine of position-weighted mean-pooled last hidden states of the base model (a
+    PEFT adapter, the user's or the library's, is switched off for pool and target alike). With a work_dir the
     pool's embeddings go to the store that landmark_features="lm" uses, so that another target (or a landmark
     run with lm features) on the same work_dir reuses them; without one they stay in memory (every process of a
     multi-process launch then embeds the whole pool itself, as no folder is shared)."""
@@ -36,9 +38,9 @@ def rds(context: Context) -> MethodOutput:
     if context.config.work_dir is not None:
         pool = feature_store(context, "lm").to_tensor()
     else:
-        with context.timed("lm_embeddings"):
+        with context.timed("lm_embeddings"), base_model(context.model):
             pool = lm_pooled_embeddings(context.model, context.pool, pad_token_id=pad, show_progress=show)
-    with context.timed("embeddings"):
+    with context.timed("embeddings"), base_model(context.model):
         target = lm_pooled_embeddings(context.model, context.target, pad_token_id=pad, show_progress=show)
     return MethodOutput(cosine_scores(pool, target, chunk_rows=context.config.chunk_rows))
 

@@ -23,7 +23,8 @@ from ..landmarks import LandmarkRegressor, first_order_scores, select_landmarks
 from ..optimizers import AffineStep
 from ..registry import register_method
 from ..robust_weighting import robust_weights
-from .stores import gradient_vectors, landmark_feature_rows, optimizer_step, store_rows, target_gradient_vectors
+from .stores import (gradient_vectors, landmark_feature_rows, landmark_gradient_vectors, optimizer_step, store_rows,
+                     target_gradient_vectors)
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +132,7 @@ def influence_distillation(context: Context) -> MethodOutput:
     landmarks = select_landmarks(n, k, config.landmark_selection, embeddings=embeddings, seed=config.selection_seed)
     landmark_rows = context.pool.select(landmarks.tolist())
     preconditioner = None if step is None else step.scale
-    landmark_vectors = gradient_vectors(context, landmark_rows, "landmark_gradients", preconditioner)
+    landmark_vectors = landmark_gradient_vectors(context, landmarks, preconditioner)
     target_vectors = target_gradient_vectors(context)
     landmark_scores = first_order_scores(landmark_vectors, target_vectors)  # [k, m]
     regression_columns = landmark_scores

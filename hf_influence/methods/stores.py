@@ -3,7 +3,6 @@ work_dir (gradients of pool, landmark and target rows; JVP and LM embeddings of 
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,7 @@ from datasets import Dataset
 from torch import Tensor
 
 from ..engine import Context
-from ..extract import extract_gradients, extract_jvp_embeddings, extract_lm_embeddings
+from ..extract import extract_gradients, extract_jvp_embeddings, extract_lm_embeddings, finished_gradients
 from ..gradients import GradientConfig, PerSampleGradients
 from ..jvp import JVPConfig
 from ..landmarks import concatenate_scaled
@@ -59,9 +58,8 @@ def feature_store(context: Context, part: str) -> VectorStore:
         with context.timed("jvp_embeddings"):
             return extract_jvp_embeddings(context.model, context.pool, context.work_dir / "jvp",
                                           context.configs[JVPConfig], pad_token_id=pad, show_progress=show)
-    # The base model's representation, as method="rds" computes it: the warm-up's adapter is switched off.
-    adapter_off = context.model.disable_adapter() if hasattr(context.model, "disable_adapter") else contextlib.nullcontext()
-    with context.timed("lm_embeddings"), adapter_off:
+    # The base model's representation, as method="rds" computes it (the warm-up's adapter is switched off).
+    with context.timed("lm_embeddings"):
         return extract_lm_embeddings(context.model, context.pool, context.work_dir / "lm_embeddings",
                                      batch_size=context.configs[GradientConfig].batch_size, pad_token_id=pad,
                                      show_progress=show)
@@ -77,11 +75,27 @@ def landmark_feature_rows(context: Context) -> VectorStore | Tensor:
     return concatenate_scaled([store.to_tensor() for store in stores], seed=context.config.selection_seed)
 
 
+def landmark_gradient_vectors(context: Context, landmarks: Tensor, preconditioner: Tensor | None) -> Tensor:
+    """Gradients [k, d] of the landmark rows. When an exact run on this work_dir already holds every pool row's
+    gradient (same model, adapter, data and settings), its rows are read: trying other landmark settings after
+    an exact run then costs no model pass. Otherwise they are computed into work_dir/landmark_gradients."""
+    exact = finished_gradients(context.model, context.pool, context.work_dir / "pool_gradients",
+                               context.configs[GradientConfig], preconditioner)
+    if exact is None:
+        return gradient_vectors(context, context.pool.select(landmarks.tolist()), "landmark_gradients", preconditioner)
+    with context.timed("landmark_gradients"):
+        return store_rows(exact, landmarks)
+
+
 def store_rows(store: VectorStore, rows: Tensor) -> Tensor:
-    """Rows [r, e] of a store at arbitrary indices, read one row at a time in row order (the memory map is
-    then read forwards)."""
+    """Rows [r, e] of a store at arbitrary indices, read in row order one run of consecutive rows at a time (the
+    memory map is then read forwards, once)."""
     order = rows.argsort()
+    ordered = rows[order].numpy()
     values = torch.empty(len(rows), store.dim, dtype=torch.float32)
-    for position, row in zip(order.tolist(), rows[order].tolist()):
-        values[position] = torch.from_numpy(store.read(row, row + 1)[0].astype(np.float32))
+    # A run ends where the next index is not the previous one plus one (repeated indices start a new run).
+    breaks = np.flatnonzero(np.diff(ordered) != 1) + 1
+    for start, end in zip(np.r_[0, breaks], np.r_[breaks, len(ordered)]):
+        block = store.read(int(ordered[start]), int(ordered[end - 1]) + 1).astype(np.float32)
+        values[order[start:end]] = torch.from_numpy(block)
     return values
