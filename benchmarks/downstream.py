@@ -244,7 +244,7 @@ def train(data: BenchmarkData, target: str, method: str, selection_seed: int, tr
     result = trainer.train()
     seconds = time.perf_counter() - start
     after = target_loss(trainer.model, tokenizer, data.targets[target][1],
-                        FormattingConfig(max_length=settings.max_length, show_progress=False))
+                        FormattingConfig(max_length=settings.max_length))
     return {"selection_seed": selection_seed, "train_seed": train_seed, "target_loss_after": after,
             "train_seconds": seconds, "train_loss": result.training_loss, "steps": result.global_step}
 
@@ -255,7 +255,7 @@ def run_benchmark(data: BenchmarkData, settings: Settings, cache: Path, model_lo
     stores go to `work_dir` (default cache/work): runs with other settings can share them."""
     work_dir = work_dir or cache / "work"
     log = RunLog(cache / "runs.json", settings)
-    formatting = FormattingConfig(max_length=settings.max_length, show_progress=False)
+    formatting = FormattingConfig(max_length=settings.max_length)
     for target in settings.targets:
         if log.get(f"{target}/before") is None:
             model, tokenizer = model_loader()

@@ -67,11 +67,11 @@ def _log(message: str) -> None:
 def load_lab_data(data_dir: Path, pool_rows: int, target_rows: int, max_length: int, seed: int, tokenizer):
     """The seeded pool slice and target samples, formatted (max_length tokens, prompts truncated from the left)."""
     raw = load_rows(data_dir / "pool.jsonl.gz").shuffle(seed=seed).select(range(pool_rows))
-    formatting = FormattingConfig(max_length=max_length, show_progress=False)
-    pool = format_dataset(raw, tokenizer, formatting).dataset
+    formatting = FormattingConfig(max_length=max_length)
+    pool = format_dataset(raw, tokenizer, formatting, show_progress=False).dataset
     sources = [raw[row]["source"] for row in pool["row_id"]]
     targets = {name: format_dataset(load_target(data_dir=data_dir, limit=target_rows, seed=seed, **spec), tokenizer,
-                                    formatting).dataset for name, spec in TARGETS.items()}
+                                    formatting, show_progress=False).dataset for name, spec in TARGETS.items()}
     return LabData(pool, sources, targets)
 
 

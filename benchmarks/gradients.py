@@ -96,7 +96,7 @@ def vmap_gradients(model, batch, parameters: dict[str, torch.Tensor]):
 
 def bench_model(name: str, model, tokenizer, args, device) -> dict:
     rows = sample_rows(args.batch_size)
-    formatted = format_dataset(rows, tokenizer, FormattingConfig(max_length=args.max_length, show_progress=False)).dataset
+    formatted = format_dataset(rows, tokenizer, FormattingConfig(max_length=args.max_length), show_progress=False).dataset
     batch = {k: v.to(device) for k, v in pad_batch(list(formatted), tokenizer.pad_token_id).items()}
     tokens = int(batch["attention_mask"].sum())
     peft_model = add_lora(model, LoraSettings(lora_target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))

@@ -58,7 +58,7 @@ class Context:
 
     @property
     def show_progress(self) -> bool:
-        return self.configs[FormattingConfig].show_progress
+        return self.config.show_progress
 
     def timed(self, name: str):
         return _Timer(self.details.setdefault("seconds", {}), name)
@@ -293,8 +293,8 @@ def _run_method(spec: MethodSpec, pool, target, model, tokenizer, optimizer, bud
         context = Context(None, None, pool, target, configs, None, Path())
         output = spec.function(context)
         return output, context, list(range(len(pool))), ["random"], None, {}
-    formatted_pool = format_dataset(pool, tokenizer, configs[FormattingConfig])
-    formatted_target = format_dataset(target, tokenizer, configs[FormattingConfig])
+    formatted_pool = format_dataset(pool, tokenizer, configs[FormattingConfig], show_progress=config.show_progress)
+    formatted_target = format_dataset(target, tokenizer, configs[FormattingConfig], show_progress=config.show_progress)
     if formatted_target.skipped:
         raise ValueError(f"Target rows cannot be scored (row: reason): {formatted_target.skipped}. Fix or remove "
                          "them: a target row without label tokens has no loss and no gradient.")

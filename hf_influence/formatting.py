@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -70,9 +71,17 @@ class FormattingConfig:
     on_skip: Literal["report", "error"] = field(
         default="report",
         metadata={"help": '"report" skips rows with no label token left and logs their ids; "error" raises.'})
-    show_progress: bool = field(default=True, metadata={"help": "show a progress bar while tokenising."})
+    # Deprecated: progress is not a formatting option. In a run it is SelectionConfig.show_progress (the flat
+    # option show_progress=...); for format_dataset itself, its show_progress argument. Kept as an init-only
+    # argument so that FormattingConfig(show_progress=...) still works, with a FutureWarning.
+    show_progress: InitVar[bool | None] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, show_progress: bool | None) -> None:
+        self._show_progress = show_progress
+        if show_progress is not None:
+            warnings.warn("FormattingConfig(show_progress=...) is deprecated: pass show_progress to format_dataset, "
+                          "or to the run (select_by_influence(..., show_progress=...), SelectionConfig).",
+                          FutureWarning, stacklevel=3)
         if self.max_length < 2:
             raise ValueError(f"FormattingConfig.max_length must be >= 2, got {self.max_length}.")
         if self.truncation not in ("prompt_left", "drop", "error"):
@@ -237,6 +246,7 @@ def format_dataset(
     dataset: Dataset | list[dict],
     tokenizer: PreTrainedTokenizerBase,
     config: FormattingConfig | None = None,
+    show_progress: bool | None = None,
 ) -> FormattedDataset:
     """Tokenise rows into `input_ids`, `attention_mask` and `labels` (prompt and padding masked with -100).
 
@@ -245,6 +255,8 @@ def format_dataset(
         tokenizer: the model's tokenizer; needs a chat template unless `config.use_chat_template` is False
             or `config.chat_template` supplies one.
         config: formatting options.
+        show_progress: show a progress bar (None: the deprecated FormattingConfig(show_progress=...) if it was
+            given, else True).
 
     Returns:
         FormattedDataset whose rows keep their input index in `row_id`; skipped rows are listed with a reason.
@@ -254,6 +266,8 @@ def format_dataset(
             skipped (and any skip when `config.on_skip == "error"`).
     """
     config = config or FormattingConfig()
+    if show_progress is None:
+        show_progress = config._show_progress is not False
     columns, rows = _rows(dataset)
     num_rows = len(dataset)
     if num_rows == 0:
@@ -278,7 +292,7 @@ def format_dataset(
 
     output: dict[str, list] = {"row_id": [], "input_ids": [], "attention_mask": [], "labels": [], "num_label_tokens": []}
     skipped: dict[int, str] = {}
-    for row_id, row in enumerate(tqdm(rows, total=num_rows, desc="Formatting", disable=not config.show_progress)):
+    for row_id, row in enumerate(tqdm(rows, total=num_rows, desc="Formatting", disable=not show_progress)):
         messages = _as_messages(row, row_id, row_format, config)
         if use_template:
             input_ids, labels = _tokenize_chat(tokenizer, messages, row_id)

@@ -61,7 +61,7 @@ def target_loss(model: nn.Module, tokenizer, rows: Dataset | list[dict], formatt
         ValueError: a row formatting skipped (no label token left), naming it.
     """
     rows = rows if isinstance(rows, Dataset) else Dataset.from_list(list(rows))
-    formatted = format_dataset(rows, tokenizer, formatting or FormattingConfig(show_progress=False))
+    formatted = format_dataset(rows, tokenizer, formatting, show_progress=False)
     if formatted.skipped:
         raise ValueError(f"target rows without a label token cannot be scored (row: reason): {formatted.skipped}")
     with eval_mode(model):

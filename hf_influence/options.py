@@ -108,6 +108,11 @@ class SelectionConfig:
     chunk_rows: int = field(
         default=65536,
         metadata={"help": "pool rows per chunk when streaming regression and scoring."})
+    show_progress: bool = field(
+        default=True,
+        metadata={"help": "progress bars of the run's stages (formatting, passes over the rows); the warm-up has "
+                          "its own, warmup_show_progress. transformers.utils.logging.disable_progress_bar() "
+                          "silences them all."})
 
     def __post_init__(self) -> None:
         choices = {

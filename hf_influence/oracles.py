@@ -232,7 +232,7 @@ class DeliftOracle(_LMOracle):
         # Truncation is done here, after the labels are reduced to the target's response (format_dataset would
         # also protect the example's response, and cut the target's instead).
         self._pair_formatting = dataclasses.replace(
-            self.formatting, max_length=2**62, messages_column="messages", on_skip="error", show_progress=False
+            self.formatting, max_length=2**62, messages_column="messages", on_skip="error"
         )
 
     def target_messages(self, target_row: dict) -> list[dict]:
@@ -270,7 +270,7 @@ class DeliftOracle(_LMOracle):
         with eval_mode(self.model):
             for start in range(0, len(conversations), chunk):
                 rows = [{"messages": messages} for messages in conversations[start : start + chunk]]
-                formatted = format_dataset(rows, self.tokenizer, self._pair_formatting).dataset
+                formatted = format_dataset(rows, self.tokenizer, self._pair_formatting, show_progress=False).dataset
                 tokens = [self._truncate(*_last_response_only(row["input_ids"], row["labels"]))
                           for row in formatted]
                 losses.append(self._run_batches(tokens, lambda batch: per_sample_losses(self.model, batch), progress))
@@ -303,7 +303,7 @@ class DeliftOracle(_LMOracle):
         return base[None, :] - with_example
 
     def identity(self) -> dict[str, Any]:
-        return {**self._model_identity(), "distance": "mean_response_nll", "formatting": _formatting_record(
+        return {**self._model_identity(), "distance": "mean_response_nll", "formatting": dataclasses.asdict(
             self.formatting)}
 
 
@@ -474,7 +474,7 @@ class SelectITOracle(_LMOracle):
 
     def identity(self) -> dict[str, Any]:
         return {**self._model_identity(), "num_ratings": self.num_ratings, "rating_prompts": self.rating_prompts,
-                "aggregation": self.aggregation, "alpha": self.alpha, "formatting": _formatting_record(
+                "aggregation": self.aggregation, "alpha": self.alpha, "formatting": dataclasses.asdict(
                     self.formatting)}
 
 
@@ -510,8 +510,3 @@ def _digit_token_ids(tokenizer: PreTrainedTokenizerBase, num_ratings: int) -> li
         ids.append(tokens[-1])
     return ids
 
-
-def _formatting_record(config: FormattingConfig) -> dict[str, Any]:
-    record = dataclasses.asdict(config)
-    record.pop("show_progress")
-    return record

@@ -171,5 +171,5 @@ def lora_model(arch="llama", target_modules=ATTENTION, seed=0, dtype=torch.float
 
 
 def formatted_batch(tokenizer, rows=CHAT_ROWS):
-    formatted = format_dataset(rows, tokenizer).dataset
+    formatted = format_dataset(rows, tokenizer, show_progress=False).dataset
     return formatted, pad_batch(list(formatted), tokenizer.pad_token_id)

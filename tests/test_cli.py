@@ -190,7 +190,7 @@ def test_train_command_selects_trains_and_measures_the_target_loss(tmp_path, tin
     from hf_influence.data import load_rows
     from hf_influence.formatting import FormattingConfig
 
-    held_out, formatting = load_rows(str(tmp_path / "held_out.jsonl")), FormattingConfig(max_length=1024, show_progress=False)
+    held_out, formatting = load_rows(str(tmp_path / "held_out.jsonl")), FormattingConfig(max_length=1024)
     base, tokenizer = load_model(tiny_model_folder)
     assert target_loss(base, tokenizer, held_out, formatting) == pytest.approx(summary["target_loss_before"], rel=1e-5)
     trained = PeftModel.from_pretrained(load_model(tiny_model_folder)[0], str(output))

@@ -18,7 +18,7 @@ def response_text(tokenizer, row):
 
 
 def test_chat_rows_keep_only_assistant_turns(tokenizer):
-    formatted = format_dataset(CHAT_ROWS, tokenizer, FormattingConfig(show_progress=False))
+    formatted = format_dataset(CHAT_ROWS, tokenizer, show_progress=False)
     assert formatted.format == "chat" and not formatted.skipped
     multi_turn = formatted.dataset[4]
     assert response_text(tokenizer, multi_turn) == "The Seine.<|im_end|>\nThe Thames flows through London.<|im_end|>\n"
@@ -35,46 +35,46 @@ def test_chat_rows_keep_only_assistant_turns(tokenizer):
     ({"prompt": ["What is 2+2?"], "answer": ["4"], "id": ["x"]}, "prompt_answer"),
 ])
 def test_prompt_response_formats(tokenizer, columns, expected):
-    formatted = format_dataset(Dataset.from_dict(columns), tokenizer, FormattingConfig(show_progress=False))
+    formatted = format_dataset(Dataset.from_dict(columns), tokenizer, show_progress=False)
     assert formatted.format == expected
     assert response_text(tokenizer, formatted.dataset[0]) == "4<|im_end|>\n"
 
 
 def test_response_column_override_and_plain_formatting(tokenizer):
     rows = Dataset.from_dict({"prompt": ["Add 2 and 2."], "answer": ["4"], "solution": ["2 + 2 = 4. #### 4"]})
-    formatted = format_dataset(rows, tokenizer, FormattingConfig(response_column="solution", show_progress=False))
+    formatted = format_dataset(rows, tokenizer, FormattingConfig(response_column="solution"), show_progress=False)
     assert response_text(tokenizer, formatted.dataset[0]).startswith("2 + 2 = 4.")
-    plain = format_dataset(rows, tiny_tokenizer(chat_template=None), FormattingConfig(use_chat_template=False, show_progress=False))
+    plain = format_dataset(rows, tiny_tokenizer(chat_template=None), FormattingConfig(use_chat_template=False), show_progress=False)
     assert response_text(tokenizer, plain.dataset[0]) == "4<|im_end|>"
 
 
 def test_empty_responses_are_skipped_and_reported(tokenizer, caplog):
     rows = CHAT_ROWS[:2] + [{"messages": [{"role": "user", "content": "Hello?"}, {"role": "assistant", "content": "  "}]}]
-    formatted = format_dataset(rows, tokenizer, FormattingConfig(show_progress=False))
+    formatted = format_dataset(rows, tokenizer, show_progress=False)
     assert formatted.skipped == {2: "no_label_tokens"}
     assert formatted.dataset["row_id"] == [0, 1]
     assert "1 of 3 rows" in caplog.text and "2 (no_label_tokens)" in caplog.text
     with pytest.raises(FormattingError, match="2 \\(no_label_tokens\\)"):
-        format_dataset(rows, tokenizer, FormattingConfig(on_skip="error", show_progress=False))
+        format_dataset(rows, tokenizer, FormattingConfig(on_skip="error"), show_progress=False)
     with pytest.raises(FormattingError, match="Every row was skipped"):
-        format_dataset(rows[2:], tokenizer, FormattingConfig(show_progress=False))
+        format_dataset(rows[2:], tokenizer, show_progress=False)
 
 
 def test_truncation_policies(tokenizer):
     long_prompt = {"prompt": "word " * 200, "completion": "short answer"}
     long_answer = {"prompt": "q", "completion": "word " * 200}
-    config = FormattingConfig(max_length=48, show_progress=False)
-    formatted = format_dataset([long_prompt, long_answer], tokenizer, config)
+    config = FormattingConfig(max_length=48)
+    formatted = format_dataset([long_prompt, long_answer], tokenizer, config, show_progress=False)
     kept_prompt, kept_answer = formatted.dataset[0], formatted.dataset[1]
     assert len(kept_prompt["input_ids"]) == 48 and len(kept_answer["input_ids"]) == 48
     # The prompt loses tokens from the left; the response is kept whole.
     assert response_text(tokenizer, kept_prompt) == "short answer<|im_end|>\n"
     # A response longer than the budget keeps its start.
     assert response_text(tokenizer, kept_answer).startswith("word word")
-    dropped = format_dataset([long_prompt, {"prompt": "q", "completion": "a"}], tokenizer, FormattingConfig(max_length=48, truncation="drop", show_progress=False))
+    dropped = format_dataset([long_prompt, {"prompt": "q", "completion": "a"}], tokenizer, FormattingConfig(max_length=48, truncation="drop"), show_progress=False)
     assert dropped.skipped == {0: "too_long"}
     with pytest.raises(FormattingError, match="Row 0 has .* tokens > max_length=48"):
-        format_dataset([long_prompt], tokenizer, FormattingConfig(max_length=48, truncation="error", show_progress=False))
+        format_dataset([long_prompt], tokenizer, FormattingConfig(max_length=48, truncation="error"), show_progress=False)
 
 
 def test_clear_errors(tokenizer):
@@ -85,9 +85,9 @@ def test_clear_errors(tokenizer):
     with pytest.raises(FormattingError, match="has no chat template"):
         format_dataset(CHAT_ROWS, tiny_tokenizer(chat_template=None))
     with pytest.raises(FormattingError, match="Row 1, message 0"):
-        format_dataset([CHAT_ROWS[0], {"messages": [{"content": "no role"}]}], tokenizer, FormattingConfig(show_progress=False))
+        format_dataset([CHAT_ROWS[0], {"messages": [{"content": "no role"}]}], tokenizer, show_progress=False)
     with pytest.raises(FormattingError, match="Row 1 has no 'messages' field"):
-        format_dataset([CHAT_ROWS[0], {"prompt": "q", "completion": "a"}], tokenizer, FormattingConfig(show_progress=False))
+        format_dataset([CHAT_ROWS[0], {"prompt": "q", "completion": "a"}], tokenizer, show_progress=False)
     with pytest.raises(FormattingError, match="response_column='solution' is not a column"):
         detect_format(["prompt", "answer"], FormattingConfig(response_column="solution"))
     with pytest.raises(ValueError, match="truncation"):
@@ -97,14 +97,33 @@ def test_clear_errors(tokenizer):
 def test_non_prefix_consistent_template_is_refused(tokenizer):
     reversed_template = "{% for message in messages | reverse %}{{ message['role'] + ': ' + message['content'] + '\n' }}{% endfor %}"
     with pytest.raises(FormattingError, match="not prefix-consistent"):
-        format_dataset(CHAT_ROWS[:1], tokenizer, FormattingConfig(chat_template=reversed_template, show_progress=False))
+        format_dataset(CHAT_ROWS[:1], tokenizer, FormattingConfig(chat_template=reversed_template), show_progress=False)
 
 
 def test_pad_batch_masks_padding(tokenizer):
-    formatted = format_dataset(CHAT_ROWS, tokenizer, FormattingConfig(show_progress=False)).dataset
+    formatted = format_dataset(CHAT_ROWS, tokenizer, show_progress=False).dataset
     batch = pad_batch(list(formatted), tokenizer.pad_token_id, pad_to_multiple_of=8)
     assert batch["input_ids"].shape[1] % 8 == 0
     for i, row in enumerate(formatted):
         n = len(row["input_ids"])
         assert batch["attention_mask"][i, :n].all() and not batch["attention_mask"][i, n:].any()
         assert (batch["labels"][i, n:] == -100).all()
+
+
+def test_progress_is_an_argument_of_the_pass_and_of_the_run(tokenizer, capsys):
+    """format_dataset(show_progress=...) switches its bar; FormattingConfig(show_progress=...) still does, with a
+    FutureWarning; in a run the flat option show_progress belongs to the run (SelectionConfig), not formatting."""
+    import dataclasses
+
+    from hf_influence.options import SelectionConfig, split_options
+
+    format_dataset(CHAT_ROWS, tokenizer, show_progress=False)
+    assert "Formatting" not in capsys.readouterr().err
+    format_dataset(CHAT_ROWS, tokenizer, show_progress=True)
+    assert "Formatting" in capsys.readouterr().err
+    with pytest.warns(FutureWarning, match="pass show_progress to format_dataset"):
+        legacy = FormattingConfig(max_length=64, show_progress=False)
+    format_dataset(CHAT_ROWS, tokenizer, legacy)
+    assert "Formatting" not in capsys.readouterr().err
+    assert "show_progress" not in {f.name for f in dataclasses.fields(FormattingConfig)}
+    assert split_options({"show_progress": False})[SelectionConfig].show_progress is False

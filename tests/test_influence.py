@@ -398,9 +398,9 @@ def test_rds_is_the_cosine_of_pooled_embeddings_and_reuses_the_pool_store(pool, 
     network, tokenizer = tiny_causal_lm(seed=0)
     _, table = select_by_influence(pool, target, model=network, tokenizer=tokenizer, return_scores=True,
                                    method="rds", budget=4, work_dir=str(tmp_path), show_progress=False)
-    formatting = FormattingConfig(show_progress=False)
-    pool_rows = format_dataset(pool, tokenizer, formatting).dataset
-    target_rows = format_dataset(target, tokenizer, formatting).dataset
+    formatting = FormattingConfig()
+    pool_rows = format_dataset(pool, tokenizer, formatting, show_progress=False).dataset
+    target_rows = format_dataset(target, tokenizer, formatting, show_progress=False).dataset
     pad = tokenizer.pad_token_id
     expected = (lm_pooled_embeddings(network, pool_rows, pad_token_id=pad, show_progress=False)
                 @ lm_pooled_embeddings(network, target_rows, pad_token_id=pad, show_progress=False).T)
@@ -434,9 +434,10 @@ def test_rds_and_lm_landmark_features_share_the_base_models_store(pool, target, 
     network, tokenizer = lora_model(seed=0)  # random A and B: the adapter changes the hidden states
     _, stored = _select(pool, target, (network, tokenizer), method="rds", budget=4, work_dir=str(tmp_path))
     _, in_memory = _select(pool, target, (network, tokenizer), method="rds", budget=4)
-    formatting = FormattingConfig(show_progress=False)
+    formatting = FormattingConfig()
     with network.disable_adapter():
-        pool_rows, target_rows = (lm_pooled_embeddings(network, format_dataset(rows, tokenizer, formatting).dataset,
+        pool_rows, target_rows = (lm_pooled_embeddings(network, format_dataset(rows, tokenizer, formatting,
+                                                                               show_progress=False).dataset,
                                                        pad_token_id=tokenizer.pad_token_id, show_progress=False)
                                   for rows in (pool, target))
     for table in (stored, in_memory):

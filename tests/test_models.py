@@ -54,7 +54,7 @@ def test_smollm2_offline_gradients_and_jvp_embeddings(tmp_path):
     revision = model.config.hf_influence_revision
     assert revision == SMOLLM2_FALLBACK_REVISION or len(revision or "") == 40
     assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == 30
-    formatted = format_dataset(REAL_ROWS, tokenizer, FormattingConfig(max_length=96, show_progress=False)).dataset
+    formatted = format_dataset(REAL_ROWS, tokenizer, FormattingConfig(max_length=96), show_progress=False).dataset
     assert all(n > 0 for n in formatted["num_label_tokens"])
 
     embeddings = extract_jvp_embeddings(model, formatted, tmp_path / "jvp", JVPConfig(jvp_batch_size=4), show_progress=False)

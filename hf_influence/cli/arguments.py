@@ -55,6 +55,13 @@ class DataArguments:
 
 
 @dataclass
+class PassArguments:
+    """Options of a command that makes one pass over --data into a store (gradients, embed)."""
+
+    show_progress: bool = field(default=True, metadata={"help": "Progress bars of formatting and of the pass."})
+
+
+@dataclass
 class DemoArguments:
     """The embedded demo: a generated multi-domain pool and a math target.
 

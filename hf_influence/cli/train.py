@@ -61,7 +61,7 @@ def run_train(argv: list[str]) -> dict:
     summary = {"influence": json_safe({k: v for k, v in trainer.influence_summary().items() if k != "provenance"}),
                "selection_seconds": selection_seconds, "pool_rows": len(pool),
                "target_rows": None if target is None else len(target)}
-    formatting = FormattingConfig(max_length=config.max_length or 1024, show_progress=False)
+    formatting = FormattingConfig(max_length=config.max_length or 1024)
     if evaluation is not None:
         summary["target_loss_before"] = target_loss(trainer.model, tokenizer, evaluation, formatting)
     start = time.perf_counter()
