@@ -47,7 +47,10 @@ class Context:
     work_dir: Path
     raw_pool: Dataset | None = None  # the user's pool rows behind `pool` (same order), for text-based methods
     raw_target: Dataset | None = None
-    details: dict = field(default_factory=dict)
+    budget_rows: int | None = None  # rows the run will select (None: scores only, compute_scores)
+    rule: str | None = None  # the selection rule the run will apply (the method's default when none is given)
+    target_tasks: list | None = None  # [m] task of each target row, for the per-task rules
+    seconds: dict = field(default_factory=dict)  # stage -> wall seconds, filled by `timed`
     # Set by select_by_influence when no score table is asked for and the rule streams: a method may then
     # return a ScoreStream instead of the [n, m] matrix.
     stream_selection: bool = False
@@ -61,7 +64,7 @@ class Context:
         return self.config.show_progress
 
     def timed(self, name: str):
-        return _Timer(self.details.setdefault("seconds", {}), name)
+        return _Timer(self.seconds, name)
 
 
 class _Timer:
@@ -101,13 +104,15 @@ class ScoreStream:
 class MethodOutput:
     """scores [n, m] over the formatted pool rows (None when streamed); weights [n]; landmark_mask [n];
     stream: the scores as a ScoreStream (only when Context.stream_selection); pointwise: scores [n, 1] that
-    do not depend on the target (a pointwise NN-CIFT oracle)."""
+    do not depend on the target (a pointwise NN-CIFT oracle); details: what the method reports about its run
+    (e.g. landmark diagnostics), recorded in the score table's provenance."""
 
     scores: Tensor | None
     weights: Tensor | None = None
     landmark_mask: Tensor | None = None
     stream: ScoreStream | None = None
     pointwise: bool = False
+    details: dict = field(default_factory=dict)
 
 
 def prepare_model(model, tokenizer, configs) -> tuple[nn.Module, Any, Callable[[], None]]:
@@ -282,7 +287,8 @@ def compute(pool: Dataset, target, model, tokenizer, optimizer, configs: dict, b
         "pool_fingerprint": fingerprint_dataset(pool), "target_fingerprint": fingerprint_dataset(target),
         "skipped_pool_rows": {str(row): reason for row, reason in skipped.items()},
     }
-    return ScoreRun(output, pool_row_ids, target_names, tasks, skipped, configs, provenance, context.details)
+    return ScoreRun(output, pool_row_ids, target_names, tasks, skipped, configs, provenance,
+                    {"seconds": context.seconds, **output.details})
 
 
 def _run_method(spec: MethodSpec, pool, target, model, tokenizer, optimizer, budget_rows, configs, scratch: Path,
@@ -310,10 +316,11 @@ def _run_method(spec: MethodSpec, pool, target, model, tokenizer, optimizer, bud
         raise ValueError("work_dir must be set when selecting under a multi-process launch: every process needs the "
                          "same store folder (a temporary folder would differ per process). Pass work_dir=... on a "
                          "file system all processes share.")
+    tasks = _target_tasks(target, formatted_target.dataset, config.target_task_column)
     context = Context(model, tokenizer, formatted_pool.dataset, formatted_target.dataset, configs, optimizer,
                       Path(config.work_dir or scratch), raw_pool=pool.select(formatted_pool.dataset["row_id"]),
-                      raw_target=target, stream_selection=stream_selection)
+                      raw_target=target, budget_rows=budget_rows, rule=config.selection or spec.default_selection,
+                      target_tasks=tasks, stream_selection=stream_selection)
     output = spec.function(context)
-    tasks = _target_tasks(target, formatted_target.dataset, config.target_task_column)
     return (output, context, formatted_pool.dataset["row_id"], _target_names(target, formatted_target.dataset),
             tasks, formatted_pool.skipped)

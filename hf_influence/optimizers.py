@@ -34,12 +34,14 @@ class AffineStep:
         drift: [d] gradient-independent part b (float32).
         lr: the optimizer's learning rate eta.
         kind: "adamw", "sgd" or "gd".
+        initial_lr: the learning rate an LR scheduler started from (its `initial_lr`), None without one.
     """
 
     scale: Tensor
     drift: Tensor
     lr: float
     kind: str
+    initial_lr: float | None = None
 
     def apply(self, parameters_flat: Tensor, gradient_flat: Tensor, lr: float | None = None) -> Tensor:
         """The parameters after one step with gradient `gradient_flat` ([d] each)."""
@@ -89,6 +91,7 @@ def affine_step(optimizer: torch.optim.Optimizer | None, parameters: list[Tensor
         drift=torch.cat([b.flatten() for b in drifts]).float(),
         lr=lrs.pop(),
         kind=kind,
+        initial_lr=groups[id(parameters[0])].get("initial_lr"),
     )
 
 

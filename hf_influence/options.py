@@ -71,6 +71,16 @@ class SelectionConfig:
                           'out-of-sample prediction on the same footing) or "exact" (their exact influence, which'
                           " beats the ridge-shrunk predictions of the other rows and fills round-robin selections"
                           " with landmarks). With landmarks = the whole pool both give exact influence."})
+    shortlist_factor: float | None = field(
+        default=None,
+        metadata={"help": "first-order landmark runs with a budget: the regression shortlists the shortlist_factor x"
+                          " budget rows it ranks highest (under the selection rule), those rows get exact gradients"
+                          " too, and every row with an exact gradient (landmarks and shortlist) is scored exactly "
+                          "before the rule selects. The choice among the likely rows is then exact influence's: in "
+                          "the fidelity lab (16:1) the selection's Jaccard overlap with exact influence's rose from"
+                          " 0.12-0.17 to 0.45-0.65 with 4, for up to 4 x budget more gradients. None: 4 for "
+                          "first-order runs with a budget, off otherwise; 0: off (landmark rows then ranked as "
+                          "landmark_scores says)."})
     kernel: str = field(default="rbf", metadata={"help": 'kernel of the landmark regression: "rbf" or "linear".'})
     kernel_bandwidth: float | None = field(
         default=1.0,
@@ -134,6 +144,13 @@ class SelectionConfig:
         if self.kernel_bandwidth is not None and not self.kernel_bandwidth > 0:
             raise ValueError(f"SelectionConfig.kernel_bandwidth must be > 0 (a multiple of the median distance, or "
                              f"None: chosen by leave-one-out), got {self.kernel_bandwidth}")
+        if self.shortlist_factor is not None and not self.shortlist_factor >= 0:
+            raise ValueError(f"SelectionConfig.shortlist_factor must be >= 0 (0: off; None: 4 for first-order runs "
+                             f"with a budget), got {self.shortlist_factor}")
+        if self.shortlist_factor and self.order == 2:
+            raise ValueError("shortlist_factor > 0 with order=2: the shortlist refines first-order scores only (the "
+                             "second-order term of shortlisted rows is not computed). Pass shortlist_factor=0 (or "
+                             "leave it None) with order=2.")
         if not self.robust_lambda > 0:
             raise ValueError(f"SelectionConfig.robust_lambda must be > 0, got {self.robust_lambda}")
 

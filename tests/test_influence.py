@@ -13,6 +13,7 @@ from hf_influence.formatting import FormattingError
 from hf_influence.influence import register_dataset_method
 from hf_influence.landmarks import BANDWIDTH_GRID, RIDGE_GRID, LandmarkRegressor
 from hf_influence.methods.influence_distillation import LOO_SPEARMAN_WARNING, landmark_diagnostics
+from hf_influence.selection import select_indices
 from hf_influence.testing import lora_model, tiny_causal_lm
 
 # Small and quiet: 1 JVP block (the tiny model has 2), short warm-up, small projections.
@@ -86,7 +87,9 @@ def test_fewer_landmarks_track_exact_influence_without_favouring_landmarks(targe
     pool = _copied_pool()  # 48 rows, 16 landmarks
     _, exact = _select(pool, target, lora_model(seed=0), budget=12, method="influence_distillation_exact",
                        selection=rule)
-    _, table = _select(pool, target, lora_model(seed=0), budget=12, num_landmarks=16, selection=rule)
+    # No shortlist: this is the regression alone (with one, 4 x 12 rows would cover the pool).
+    _, table = _select(pool, target, lora_model(seed=0), budget=12, num_landmarks=16, selection=rule,
+                       shortlist_factor=0)
     exact_means = exact.to_matrix()[0].double().mean(1)
     means = table.to_matrix()[0].double().mean(1)
     assert scipy.stats.spearmanr(means, exact_means).statistic >= 0.8
@@ -100,6 +103,49 @@ def test_fewer_landmarks_track_exact_influence_without_favouring_landmarks(targe
     assert diagnostics["landmark_scores"] == "loo" and diagnostics["num_landmarks"] == 16
     assert diagnostics["loo_spearman"] > 0.5 and diagnostics["ridge"] in RIDGE_GRID
     assert diagnostics["bandwidth_scale"] in BANDWIDTH_GRID and diagnostics["bandwidth"] > 0
+
+
+@pytest.mark.parametrize("rule", ["round_robin", "mean_top_k"])
+def test_the_shortlist_scores_the_rows_the_regression_ranks_highest_exactly(target, rule):
+    """Brute force: the shortlist is the rule's choice of shortlist_factor x budget rows from the run without a
+    shortlist (landmarks ranked by leave-one-out); those rows and the landmarks then carry exact influence, every
+    other row its prediction, and the rule selects from that. It cannot pick worse rows than no shortlist here."""
+    pool, budget = _copied_pool(), 4  # 48 rows, 8 landmarks: the regression alone is far from exact
+    options = {"budget": budget, "selection": rule}
+    _, exact = _select(pool, target, lora_model(seed=0), **options, method="influence_distillation_exact")
+    _, plain = _select(pool, target, lora_model(seed=0), **options, num_landmarks=8, shortlist_factor=0)
+    _, refined = _select(pool, target, lora_model(seed=0), **options, num_landmarks=8, shortlist_factor=3)
+    exact_scores, plain_scores, refined_scores = (t.to_matrix()[0] for t in (exact, plain, refined))
+    shortlist = select_indices(plain_scores, 3 * budget, rule=rule)
+    scored_exactly = torch.zeros(len(pool), dtype=torch.bool)
+    scored_exactly[shortlist] = True
+    scored_exactly |= plain.landmark_mask
+    torch.testing.assert_close(refined_scores[scored_exactly], exact_scores[scored_exactly], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(refined_scores[~scored_exactly], plain_scores[~scored_exactly])
+    selected = refined.provenance["selected_pool_row_ids"]
+    assert selected == select_indices(refined_scores, budget, rule=rule).tolist()
+    diagnostics = refined.provenance["details"]["landmarks"]
+    assert diagnostics["shortlist_rows"] == 3 * budget and diagnostics["landmark_scores"] == "exact"
+    assert diagnostics["shortlist_new_gradients"] == int((scored_exactly & ~plain.landmark_mask).sum())
+    assert diagnostics["shortlist_rule"] == rule and -1 <= diagnostics["shortlist_spearman"] <= 1
+
+    def overlap(table):
+        chosen, best = set(table.provenance["selected_pool_row_ids"]), set(exact.provenance["selected_pool_row_ids"])
+        return len(chosen & best) / len(chosen | best)
+
+    assert overlap(refined) >= overlap(plain) and overlap(refined) > 0
+
+
+def test_the_shortlist_needs_a_budget_and_first_order(pool, target, model):
+    from hf_influence.engine import compute_scores
+
+    network, tokenizer = model
+    with pytest.raises(ValueError, match="shortlist_factor > 0 needs the run's budget"):
+        compute_scores(pool, target, model=network, tokenizer=tokenizer, shortlist_factor=2, **FAST)
+    with pytest.raises(ValueError, match="shortlist_factor > 0 with order=2"):
+        _select(pool, target, model, budget=4, order=2, shortlist_factor=2)
+    run = compute_scores(pool, target, model=network, tokenizer=tokenizer, num_landmarks=8, **FAST)
+    assert "shortlist_rows" not in run.details["landmarks"]  # None: no shortlist without a budget
 
 
 def test_low_landmark_fidelity_warns_and_names_num_landmarks(caplog):

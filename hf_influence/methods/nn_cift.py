@@ -33,9 +33,9 @@ def nn_cift_method(context: Context) -> MethodOutput:
     result = nn_cift(context.raw_pool, context.raw_target, context.configs[NNCIFTConfig], model=context.model,
                      tokenizer=context.tokenizer, optimizer=context.optimizer, predict=not context.stream_selection,
                      **oracle_options(context.configs))
-    context.details.setdefault("seconds", {}).update(result.seconds)
-    context.details.update(block_rows=len(result.block_rows), block_columns=len(result.block_columns),
-                           evaluation=result.evaluation)
+    context.seconds.update(result.seconds)
+    details = {"block_rows": len(result.block_rows), "block_columns": len(result.block_columns),
+               "evaluation": result.evaluation}
     block_mask = torch.zeros(len(context.pool), dtype=torch.bool)
     block_mask[result.block_rows] = True
     pointwise = result.network.kind == "pointwise"
@@ -43,5 +43,5 @@ def nn_cift_method(context: Context) -> MethodOutput:
         stream = ScoreStream(result.pool_embeddings, result.network,
                              block_overrides(result.block_rows, result.block_columns, result.block_labels, pointwise),
                              context.config.chunk_rows, None if pointwise else result.target_embeddings)
-        return MethodOutput(None, landmark_mask=block_mask, stream=stream, pointwise=pointwise)
-    return MethodOutput(result.scores, landmark_mask=block_mask, pointwise=pointwise)
+        return MethodOutput(None, landmark_mask=block_mask, stream=stream, pointwise=pointwise, details=details)
+    return MethodOutput(result.scores, landmark_mask=block_mask, pointwise=pointwise, details=details)

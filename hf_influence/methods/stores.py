@@ -21,17 +21,18 @@ from ..store import VectorStore, fingerprint_dataset
 
 
 def optimizer_step(context: Context, tracked: PerSampleGradients) -> AffineStep | None:
-    """The affine step of the optimizer used for influence (None: plain GD), after the warm-up if asked."""
-    if context.optimizer is None and context.config.optimizer_state == "warmup":
+    """The affine step of the optimizer used for influence (None: plain GD): the user's optimizer, else the
+    warm-up's if optimizer_state="warmup" (call it once per run: each call without a user's optimizer warms up,
+    or loads the warm-up saved in work_dir)."""
+    optimizer = context.optimizer
+    if optimizer is None and context.config.optimizer_state == "warmup":
         # Saved in a given work_dir: a rerun (after a crash, or for another target) reuses the same state,
         # and with it the gradient stores preconditioned by it.
         cache_dir = None if context.config.work_dir is None else Path(context.config.work_dir) / "warmup"
         with context.timed("warmup"):
-            context.optimizer = warmup(context.model, context.tokenizer, context.pool,
-                                       context.configs[WarmupConfig], cache_dir=cache_dir).optimizer
-    if context.optimizer is None:
-        return None
-    return affine_step(context.optimizer, tracked.parameters)
+            optimizer = warmup(context.model, context.tokenizer, context.pool, context.configs[WarmupConfig],
+                               cache_dir=cache_dir).optimizer
+    return None if optimizer is None else affine_step(optimizer, tracked.parameters)
 
 
 def gradient_vectors(context: Context, rows: Dataset, name: str, preconditioner: Tensor | None,
@@ -75,16 +76,18 @@ def landmark_feature_rows(context: Context) -> VectorStore | Tensor:
     return concatenate_scaled([store.to_tensor() for store in stores], seed=context.config.selection_seed)
 
 
-def landmark_gradient_vectors(context: Context, landmarks: Tensor, preconditioner: Tensor | None) -> Tensor:
-    """Gradients [k, d] of the landmark rows. When an exact run on this work_dir already holds every pool row's
-    gradient (same model, adapter, data and settings), its rows are read: trying other landmark settings after
-    an exact run then costs no model pass. Otherwise they are computed into work_dir/landmark_gradients."""
+def pool_row_gradients(context: Context, rows: Tensor, name: str, preconditioner: Tensor | None,
+                       folder: str | None = None) -> Tensor:
+    """Gradients [r, d] of some pool rows (landmarks, a shortlist), timed as `name`. When an exact run on this
+    work_dir already holds every pool row's gradient (same model, adapter, data and settings), its rows are
+    read: trying other landmark settings after an exact run then costs no model pass. Otherwise they are
+    computed into work_dir/folder (default: name)."""
     exact = finished_gradients(context.model, context.pool, context.work_dir / "pool_gradients",
                                context.configs[GradientConfig], preconditioner)
     if exact is None:
-        return gradient_vectors(context, context.pool.select(landmarks.tolist()), "landmark_gradients", preconditioner)
-    with context.timed("landmark_gradients"):
-        return store_rows(exact, landmarks)
+        return gradient_vectors(context, context.pool.select(rows.tolist()), name, preconditioner, folder)
+    with context.timed(name):
+        return store_rows(exact, rows)
 
 
 def store_rows(store: VectorStore, rows: Tensor) -> Tensor:
