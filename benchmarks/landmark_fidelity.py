@@ -10,7 +10,8 @@ configuration is evaluated from the cache in seconds: a landmark run takes its l
 exact store, so landmark and exact influence differ only by the regression.
 
 Per configuration (features, k, landmark selection, kernel, bandwidth / ridge, how landmark rows are scored,
-selection rule) and target, averaged over --seeds landmark draws:
+the shortlist of rows scored exactly after the regression, selection rule) and target, averaged over --seeds
+landmark draws:
 - spearman: Spearman of the per-row mean score (over the target rows) against exact influence's;
 - topk_jaccard: Jaccard of the top 5% rows by mean score against exact's top 5%;
 - selection_jaccard: Jaccard of the rule's selection (5% budget) against the same rule on exact scores;
@@ -51,7 +52,7 @@ from safetensors.torch import load_file
 
 from hf_influence.data import load_rows
 from hf_influence.landmarks import LandmarkRegressor, concatenate_scaled, select_landmarks
-from hf_influence.methods.influence_distillation import landmark_diagnostics
+from hf_influence.methods.influence_distillation import SHORTLIST_FACTOR, landmark_diagnostics
 from hf_influence.options import SelectionConfig
 from hf_influence.selection import select_indices
 from hf_influence.store import VectorStore
@@ -124,8 +125,11 @@ class Lab:
 
     def evaluate(self, target: str, features: str, k: int, seed: int, landmark_selection: str = "uniform",
                  kernel: str = "rbf", bandwidth: float | None = None, ridge: float | None = None,
-                 landmark_scores: str = "loo", gradient_cosine: bool = False) -> dict:
-        """Metrics of one landmark configuration on one target, per selection rule."""
+                 landmark_scores: str = "loo", gradient_cosine: bool = False, shortlist_factor: float = 0) -> dict:
+        """Metrics of one landmark configuration on one target, per selection rule. With shortlist_factor > 0,
+        as the library does (SelectionConfig.shortlist_factor): the rule shortlists shortlist_factor x budget rows
+        from the scores above, and those rows and the landmarks are then scored exactly (their gradients are rows
+        of the exact store); spearman and topk_jaccard are then per rule, on the final scores."""
         exact = self.gradients["lora"]["exact"][target]
         embeddings = self.features[features]
         landmarks = select_landmarks(self.n, k, landmark_selection, embeddings=embeddings.float(), seed=seed)
@@ -145,11 +149,19 @@ class Lab:
             "bandwidth_scale": regressor.bandwidth, "ridge": regressor.ridge,
         }
         for rule in RULES:
-            chosen = select_indices(scores.float(), top, rule=rule, seed=seed)
+            final, extra = scores, {}
+            if shortlist_factor:
+                shortlist = select_indices(scores.float(), round(shortlist_factor * top), rule=rule, seed=seed)
+                final = scores.clone()
+                final[shortlist], final[landmarks] = exact[shortlist], exact[landmarks]
+                extra = {"spearman": float(scipy.stats.spearmanr(final.mean(1).numpy(), exact_means.numpy()).statistic),
+                         "topk_jaccard": _jaccard(final.mean(1).topk(top).indices, exact_means.topk(top).indices),
+                         "exact_rows": int((mask | torch.isin(torch.arange(self.n), shortlist)).sum())}
+            chosen = select_indices(final.float(), top, rule=rule, seed=seed)
             reference = select_indices(exact.float(), top, rule=rule, seed=seed)
             result[rule] = {"selection_jaccard": _jaccard(chosen, reference),
                             "landmark_share_selected": float(mask[chosen].float().mean()),
-                            "in_domain_share": self.in_domain_share(target, chosen)}
+                            "in_domain_share": self.in_domain_share(target, chosen), **extra}
         if gradient_cosine:
             pool = self.gradients["lora"]["pool"].double()
             predicted = regressor.transfer_matrix(embeddings[~mask]) @ pool[landmarks]
@@ -312,6 +324,15 @@ def main() -> int:
                 configs[name] = averaged(lab, seeds, features=features, k=min(128, counts[-1]), landmark_scores=scores,
                                          **options)
 
+    # The shortlist (the library's default: 4 x budget; median bandwidth, ridge 0.01 as the library's defaults),
+    # by factor at 16:1 and by k at factor 4, and with leave-one-out bandwidth and ridge.
+    for k, factor, label, options in [(128, 2, "median/ridge0.01", {"bandwidth": 1.0, "ridge": 0.01}),
+                                      (128, 3, "median/ridge0.01", {"bandwidth": 1.0, "ridge": 0.01}),
+                                      *[(k, 4, "median/ridge0.01", {"bandwidth": 1.0, "ridge": 0.01}) for k in counts],
+                                      (128, 4, "loo-tuned", {})]:
+        if k in counts:
+            name = f"jvp/k{k}/{label}/shortlist{factor:g}"
+            configs[name] = averaged(lab, seeds, features="jvp", k=k, shortlist_factor=factor, **options)
     summary = {
         "config": {"model": "HuggingFaceTB/SmolLM2-135M-Instruct (offline copy)", "pool_rows": args.pool_rows,
                    "usable_rows": lab.n, "max_length": args.max_length, "targets": {t: args.target_rows for t in TARGETS},
@@ -325,8 +346,12 @@ def main() -> int:
     }
     default = SelectionConfig()
     tuning = "loo-tuned" if default.kernel_bandwidth is None else f"median/ridge{default.kernel_ridge:g}"
-    best_name = (f"jvp/k128/uniform/rbf/loo-tuned/{default.landmark_scores}-landmarks" if tuning == "loo-tuned"
-                 else f"jvp/k128/{tuning}/{default.landmark_scores}-landmarks")
+    shortlist = SHORTLIST_FACTOR if default.shortlist_factor is None else default.shortlist_factor
+    if shortlist:
+        best_name = f"jvp/k128/{tuning}/shortlist{shortlist:g}"
+    else:
+        best_name = (f"jvp/k128/uniform/rbf/loo-tuned/{default.landmark_scores}-landmarks" if tuning == "loo-tuned"
+                     else f"jvp/k128/{tuning}/{default.landmark_scores}-landmarks")
     rule = default.selection or "round_robin"
     if best_name in configs:
         summary["best"] = {"name": best_name, "rule": rule, **configs[best_name]["mean"][rule],

@@ -19,6 +19,19 @@ from hf_influence.store import StoreMismatchError, VectorStore
 ROWS = CHAT_ROWS * 3  # 15 rows: several batches of 4, the last one short
 
 
+def crash_on_call(crash_at: int, original):
+    """`original` (a method) that raises KeyboardInterrupt on its crash_at-th call: a crash mid-extraction."""
+    calls = {"n": 0}
+
+    def crashing(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == crash_at:
+            raise KeyboardInterrupt("simulated crash")
+        return original(self, *args, **kwargs)
+
+    return crashing
+
+
 def store_bytes(path: Path) -> dict[str, bytes]:
     return {f.name: f.read_bytes() for f in sorted(path.iterdir()) if f.suffix == ".npy"}
 
@@ -41,16 +54,8 @@ def test_interrupted_gradient_extraction_resumes_byte_identical(tmp_path, monkey
     config = GradientConfig(projection="gaussian", projection_dim=48, batch_size=4)
     reference = extract_gradients(model, formatted, tmp_path / "reference", config, show_progress=False)
 
-    calls = {"n": 0}
     original = PerSampleGradients.compute
-
-    def crashing(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt("simulated crash")
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(PerSampleGradients, "compute", crashing)
+    monkeypatch.setattr(PerSampleGradients, "compute", crash_on_call(3, original))
     with pytest.raises(KeyboardInterrupt):
         extract_gradients(model, formatted, tmp_path / "resumed", config, show_progress=False)
     monkeypatch.setattr(PerSampleGradients, "compute", original)
@@ -140,16 +145,7 @@ def test_finished_gradients_is_only_a_complete_store_of_the_same_identity(tmp_pa
     assert finished_gradients(model, formatted.select(range(14)), tmp_path / "g", config) is None
     other, _ = lora_model("llama", seed=1)
     assert finished_gradients(other, formatted, tmp_path / "g", config) is None
-    original = PerSampleGradients.compute
-    calls = {"n": 0}
-
-    def crashing(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt("simulated crash")
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(PerSampleGradients, "compute", crashing)
+    monkeypatch.setattr(PerSampleGradients, "compute", crash_on_call(2, PerSampleGradients.compute))
     with pytest.raises(KeyboardInterrupt):
         extract_gradients(model, formatted, tmp_path / "unfinished", config, show_progress=False)
     assert VectorStore.open(tmp_path / "unfinished").rows_done == 4
