@@ -19,7 +19,7 @@ from .model_passes import target_loss
 from .models import DEFAULT_MODEL, LoraSettings, add_lora, load_model
 from .network import InfluenceNetwork
 from .nn_cift_pipeline import NNCIFTConfig, NNCIFTResult, nn_cift
-from .optimizer_warmup import WarmupConfig, WarmupResult, load_optimizer_state, warmup
+from .optimizer_warmup import WarmupConfig, WarmupMismatchError, WarmupResult, load_optimizer_state, warmup
 from .optimizers import AffineStep, OptimizerStateError, affine_step
 from .options import SelectionConfig
 from .projection import make_projector
@@ -68,6 +68,7 @@ __all__ = [
     "TargetHessian",
     "VectorStore",
     "WarmupConfig",
+    "WarmupMismatchError",
     "WarmupResult",
     "add_lora",
     "affine_step",

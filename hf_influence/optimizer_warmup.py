@@ -160,6 +160,7 @@ def warmup(
     formatted: Dataset | FormattedDataset,
     config: WarmupConfig | None = None,
     cache_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
 ) -> WarmupResult:
     """Train `model`'s LoRA weights briefly with AdamW on a random slice of `formatted` and return the optimizer.
 
@@ -180,6 +181,9 @@ def warmup(
             (-100 on prompt tokens) and optionally `row_id` and `attention_mask`.
         config: warm-up settings.
         cache_dir: folder of the saved warm-up (see above); None trains every time.
+        overwrite: replace a warm-up saved in cache_dir for other rows, settings, model or initial adapter
+            weights (default: refuse it with WarmupMismatchError, before any training, so that neither the
+            saved warm-up nor the stores made with it are lost by mistake).
 
     Returns:
         WarmupResult with the torch.optim.AdamW, the rows trained on, the per-step losses and the step count.
@@ -187,6 +191,7 @@ def warmup(
     Raises:
         ValueError: not a PEFT model or no trainable parameter, missing columns, an empty dataset, labels and
             input_ids of different lengths, or rows with attention_mask zeros (pass unpadded formatted rows).
+        WarmupMismatchError: cache_dir holds a warm-up made for something else, and overwrite is False.
     """
     config = config or WarmupConfig()
     dataset = formatted.dataset if isinstance(formatted, FormattedDataset) else formatted
@@ -222,7 +227,7 @@ def warmup(
     train_dataset = subset.select_columns(["input_ids", "labels"])
     identity = _cache_identity(model, dataset, config) if cache_dir is not None else None
     if identity is not None:
-        cached = _load_cached(model, Path(cache_dir), identity)
+        cached = _load_cached(model, Path(cache_dir), identity, overwrite)
         if cached is not None:
             return cached
 
@@ -291,17 +296,35 @@ def _save_cached(result: WarmupResult, model: nn.Module, folder: Path, identity:
                                                "steps": result.steps})
 
 
-def _load_cached(model: nn.Module, folder: Path, identity: dict) -> WarmupResult | None:
-    """The saved warm-up when `folder` holds one made for `identity`, else None (a mismatch is logged)."""
+class WarmupMismatchError(ValueError):
+    """A work_dir's saved warm-up was made for other rows, settings, model or initial adapter weights."""
+
+
+# What each part of a warm-up's identity is, for the refusal message.
+_IDENTITY_PARTS = {"rows": "pool rows (data or max_length)", "config": "warm-up settings", "model": "model",
+                   "initial_adapter": "initial adapter weights", "format": "format"}
+
+
+def _load_cached(model: nn.Module, folder: Path, identity: dict, overwrite: bool) -> WarmupResult | None:
+    """The saved warm-up when `folder` holds one made for `identity`; None when there is none, or when it
+    differs and `overwrite` (it is then replaced); else WarmupMismatchError naming what differs."""
     from safetensors.torch import load_file
 
     manifest_file = folder / CACHE_MANIFEST
     if not manifest_file.is_file():
         return None
     manifest = json.loads(manifest_file.read_text())
-    if manifest.get("identity") != identity:
-        logger.warning("The warm-up saved in %s was made for other rows, settings or adapter weights; training "
-                       "again and replacing it.", folder)
+    stored = manifest.get("identity") or {}
+    if stored != identity:
+        differs = [_IDENTITY_PARTS.get(key, key) for key in sorted(identity.keys() | stored.keys())
+                   if stored.get(key) != identity.get(key)]
+        if not overwrite:
+            raise WarmupMismatchError(
+                f"The warm-up saved in {folder} differs from this run in: {', '.join(differs)}. Nothing was changed. Use "
+                f"another work_dir for this run, or pass overwrite=True (CLI: --overwrite) to replace the saved "
+                f"warm-up and the stores made with it.")
+        logger.warning("overwrite=True: the warm-up saved in %s differs from this run in: %s; training again and "
+                       "replacing it.", folder, ", ".join(differs))
         return None
     tensors = load_file(str(folder / CACHE_TENSORS))
     parameters = dict(model.named_parameters())

@@ -115,6 +115,11 @@ class SelectionConfig:
                           "uses a temporary folder. Re-running with the same folder resumes after a crash and "
                           "reuses finished stores; target gradients are stored per target, so other targets on "
                           "the same pool and model share the pool-side stores and the warm-up."})
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "replace what work_dir holds for another model, pool, target or settings (stores, the "
+                          "saved warm-up) instead of refusing it. The default refuses, before that stage's work, "
+                          "so that nothing paid for is lost by mistake."})
     chunk_rows: int = field(
         default=65536,
         metadata={"help": "pool rows per chunk when streaming regression and scoring."})

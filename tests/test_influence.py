@@ -350,6 +350,31 @@ def test_one_work_dir_serves_several_targets_and_keeps_the_warm_up(pool, target,
     assert torch.equal(again.to_matrix()[0], first.to_matrix()[0])
 
 
+def test_a_refused_run_leaves_the_saved_warm_up_and_stores_untouched(pool, target, tmp_path, monkeypatch):
+    """Another pool on a used work_dir is refused before any training, and the saved warm-up and stores keep
+    their bytes; overwrite=True replaces them deliberately."""
+    import importlib
+
+    warmup_module = importlib.import_module("hf_influence.optimizer_warmup")
+    options = {"budget": 4, "num_landmarks": 8, "optimizer_state": "warmup", "work_dir": str(tmp_path)}
+    _select(pool, target, lora_model(seed=0), **options)
+    saved = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+    original = warmup_module._make_trainer
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a refused run must not train")
+
+    monkeypatch.setattr(warmup_module, "_make_trainer", no_training)
+    other_pool = pool.select(range(12))
+    with pytest.raises(hf_influence.WarmupMismatchError, match=r"differs from this run in: pool rows .*overwrite=True"):
+        _select(other_pool, target, lora_model(seed=0), **options)
+    assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == saved
+    monkeypatch.setattr(warmup_module, "_make_trainer", original)
+    selected, _ = _select(other_pool, target, lora_model(seed=0), **options, overwrite=True)
+    assert len(selected) == 4
+    assert (tmp_path / "warmup" / "optimizer.safetensors").read_bytes() != saved[tmp_path / "warmup" / "optimizer.safetensors"]
+
+
 def test_bad_inputs(pool, target, model):
     network, tokenizer = model
 

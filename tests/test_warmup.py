@@ -16,6 +16,7 @@ from hf_influence.optimizers import affine_step
 from hf_influence.testing import tiny_causal_lm
 from hf_influence.optimizer_warmup import (
     WarmupConfig,
+    WarmupMismatchError,
     WarmupResult,
     load_optimizer_state,
     warmup,
@@ -162,16 +163,23 @@ def test_cache_dir_gives_back_the_same_weights_and_state(pool, tmp_path, monkeyp
     held = {id(p) for group in loaded.optimizer.param_groups for p in group["params"]}
     assert held == {id(p) for p in loaded_model.parameters() if p.requires_grad}
 
-    # Other settings, or other initial adapter weights, train again and replace the saved warm-up; a crash
-    # between the two files leaves no manifest, and the next call trains.
+    # Other settings, or other initial adapter weights, are refused before training (the saved warm-up keeps its
+    # bytes) unless overwrite=True, which trains again and replaces it; a crash between the two files leaves no
+    # manifest, and the next call trains.
     trainings = []
     make_trainer = warmup_module._make_trainer
     monkeypatch.setattr(warmup_module, "_make_trainer", lambda *a, **k: trainings.append(1) or make_trainer(*a, **k))
     other_settings = config(warmup_fraction=0.1, warmup_max_steps=2)
-    warmup(lora_model()[0], tokenizer, pool, other_settings, cache_dir=tmp_path)
+    saved = (tmp_path / "optimizer.safetensors").read_bytes()
+    with pytest.raises(WarmupMismatchError, match="differs from this run in: warm-up settings"):
+        warmup(lora_model()[0], tokenizer, pool, other_settings, cache_dir=tmp_path)
+    assert not trainings and (tmp_path / "optimizer.safetensors").read_bytes() == saved
+    warmup(lora_model()[0], tokenizer, pool, other_settings, cache_dir=tmp_path, overwrite=True)
     warmup(lora_model()[0], tokenizer, pool, other_settings, cache_dir=tmp_path)
     assert len(trainings) == 1
-    warmup(lora_model(seed=1)[0], tokenizer, pool, other_settings, cache_dir=tmp_path)
+    with pytest.raises(WarmupMismatchError, match="differs from this run in: initial adapter weights"):
+        warmup(lora_model(seed=1)[0], tokenizer, pool, other_settings, cache_dir=tmp_path)
+    warmup(lora_model(seed=1)[0], tokenizer, pool, other_settings, cache_dir=tmp_path, overwrite=True)
     assert len(trainings) == 2
     (tmp_path / "warmup.json").unlink()
     warmup(lora_model(seed=1)[0], tokenizer, pool, other_settings, cache_dir=tmp_path)

@@ -31,7 +31,7 @@ def optimizer_step(context: Context, tracked: PerSampleGradients) -> AffineStep 
         cache_dir = None if context.config.work_dir is None else Path(context.config.work_dir) / "warmup"
         with context.timed("warmup"):
             optimizer = warmup(context.model, context.tokenizer, context.pool, context.configs[WarmupConfig],
-                               cache_dir=cache_dir).optimizer
+                               cache_dir=cache_dir, overwrite=context.config.overwrite).optimizer
     return None if optimizer is None else affine_step(optimizer, tracked.parameters)
 
 
@@ -41,7 +41,7 @@ def gradient_vectors(context: Context, rows: Dataset, name: str, preconditioner:
     with context.timed(name):
         store = extract_gradients(context.model, rows, context.work_dir / (folder or name), context.configs[GradientConfig],
                                   preconditioner=preconditioner, pad_token_id=context.tokenizer.pad_token_id,
-                                  show_progress=context.show_progress)
+                                  overwrite=context.config.overwrite, show_progress=context.show_progress)
     return store.to_tensor()
 
 
@@ -58,12 +58,13 @@ def feature_store(context: Context, part: str) -> VectorStore:
     if part == "jvp":
         with context.timed("jvp_embeddings"):
             return extract_jvp_embeddings(context.model, context.pool, context.work_dir / "jvp",
-                                          context.configs[JVPConfig], pad_token_id=pad, show_progress=show)
+                                          context.configs[JVPConfig], pad_token_id=pad,
+                                          overwrite=context.config.overwrite, show_progress=show)
     # The base model's representation, as method="rds" computes it (the warm-up's adapter is switched off).
     with context.timed("lm_embeddings"):
         return extract_lm_embeddings(context.model, context.pool, context.work_dir / "lm_embeddings",
                                      batch_size=context.configs[GradientConfig].batch_size, pad_token_id=pad,
-                                     show_progress=show)
+                                     overwrite=context.config.overwrite, show_progress=show)
 
 
 def landmark_feature_rows(context: Context) -> VectorStore | Tensor:
