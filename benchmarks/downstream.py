@@ -36,6 +36,8 @@ A rerun may ask for more or fewer targets, methods and seeds (EXTENTS); any othe
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -60,6 +62,7 @@ from hf_influence import (DEFAULT_MODEL, InfluenceSFTConfig, InfluenceSFTTrainer
                           select_by_influence, target_loss)
 from hf_influence.data import load_rows
 from hf_influence.formatting import FormattingConfig
+from hf_influence.options import SelectionConfig
 from hf_influence.selection import resolve_budget, select_indices
 from hf_influence.store import atomic_write_json
 from hf_influence.targets import sample_rows
@@ -197,12 +200,26 @@ def describe_selection(pool: Dataset, row_ids: list[int]) -> dict:
             "mean_characters": float(np.mean(characters))}
 
 
+def variant_work_dir(work_dir: Path, variant: dict) -> Path:
+    """Where a variant's stores go. One that changes the model-side passes (warm-up, gradients, JVP, LoRA,
+    formatting: any option that is not a SelectionConfig field, and optimizer_state) gets a sibling folder named
+    by those options: the shared stores were made with the defaults, and the library refuses to mix them (with
+    overwrite it would replace what every other method reuses). Selection-only options share `work_dir`."""
+    selection_only = {f.name for f in dataclasses.fields(SelectionConfig)} - {"optimizer_state"}
+    own = {key: value for key, value in variant.items() if key not in selection_only}
+    if not own:
+        return work_dir
+    digest = hashlib.sha256(json.dumps(own, sort_keys=True).encode()).hexdigest()[:12]
+    return work_dir.with_name(f"{work_dir.name}-{digest}")
+
+
 def select(data: BenchmarkData, target: str, method: str, selection_seed: int, settings: Settings, cache: Path,
            work_dir: Path, model_loader: Callable) -> dict:
     """Run `select_by_influence` once (stores in `work_dir`); its ScoreTable goes to
     cache/tables/<target>/<method>-<seed>."""
     model, tokenizer = model_loader()
     registered, variant = parse_method(method)
+    work_dir = variant_work_dir(work_dir, variant)
     options = {"max_length": settings.max_length, "selection_seed": selection_seed, "work_dir": str(work_dir),
                "show_progress": False, "warmup_show_progress": False, **settings.options}
     if registered == "influence_distillation":

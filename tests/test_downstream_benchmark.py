@@ -174,3 +174,16 @@ def test_method_variants():
         downstream.parse_method("lesss")
     with pytest.raises(ValueError, match="option=value"):
         downstream.parse_method("rds:selection")
+
+
+def test_variants_that_change_the_model_side_passes_get_stores_of_their_own(tmp_path):
+    """Selection-only options share the stores; warm-up, gradient or formatting options (and optimizer_state)
+    get a sibling folder per distinct setting, so they never meet the shared stores made with the defaults."""
+    work = tmp_path / "work"
+    for variant in ({}, {"selection": "mean_top_k", "num_landmarks": 512, "shortlist_factor": 0}):
+        assert downstream.variant_work_dir(work, variant) == work
+    longer = downstream.variant_work_dir(work, {"warmup_epochs": 4, "num_landmarks": 512})
+    assert longer.parent == tmp_path and longer != work
+    assert longer == downstream.variant_work_dir(work, {"num_landmarks": 64, "warmup_epochs": 4})
+    assert downstream.variant_work_dir(work, {"warmup_epochs": 2}) not in (work, longer)
+    assert downstream.variant_work_dir(work, {"optimizer_state": "gd"}) != work
