@@ -656,6 +656,19 @@ def _open_array(path: Path, mode: str, shape: tuple[int, ...], dtype: np.dtype) 
         raise ValueError(
             f"corrupt vector store: {path} is missing; delete the store or pass overwrite=True"
         )
+    # Checked before mapping: numpy extends a short file with zeros when it maps it for writing, which would
+    # silently turn rows marked done into zero vectors.
+    with open(path, "rb") as handle:
+        version = np.lib.format.read_magic(handle)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        header_shape, _, header_dtype = read_header(handle)
+        needed = handle.tell() + int(np.prod(header_shape)) * np.dtype(header_dtype).itemsize
+    size = path.stat().st_size
+    if size < needed:
+        raise ValueError(
+            f"corrupt vector store: {path} is truncated ({size} bytes, its array needs {needed}); the rows it "
+            f"held are lost. Delete the store or pass overwrite=True to compute it again"
+        )
     array = open_memmap(path, mode=mode)
     if array.shape != shape or array.dtype != dtype:
         raise ValueError(

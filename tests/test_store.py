@@ -447,6 +447,27 @@ def test_open_detects_damaged_store(tmp_path):
         VectorStore.create_or_open(tmp_path / "s", make_spec())
 
 
+@pytest.mark.parametrize("mode", ["r", "r+"])
+def test_a_truncated_shard_is_refused_not_zero_filled(tmp_path, mode):
+    """A shard cut short (a full disk, a copy interrupted) is refused on open, naming the file, in either mode;
+    numpy would otherwise extend it with zeros when mapping it for writing, and the rows marked done in it would
+    silently become zero vectors."""
+    store = VectorStore.create_or_open(tmp_path / "s", make_spec())
+    store.write(0, make_rows(0, NUM_ROWS))
+    del store
+    shard = tmp_path / "s" / "shard-00001.npy"
+    size = shard.stat().st_size
+    with open(shard, "r+b") as handle:
+        handle.truncate(size - 3 * DIM)
+    with pytest.raises(ValueError, match=r"shard-00001.npy is truncated .*overwrite=True"):
+        VectorStore.open(tmp_path / "s", mode=mode)
+    assert shard.stat().st_size == size - 3 * DIM  # the refusal changed nothing
+    with pytest.raises(ValueError, match="truncated"):
+        VectorStore.create_or_open(tmp_path / "s", make_spec())
+    again = VectorStore.create_or_open(tmp_path / "s", make_spec(), overwrite=True)
+    assert again.rows_done == 0
+
+
 def test_atomic_write_json_failures_keep_old_content(tmp_path, monkeypatch):
     target = tmp_path / "manifest.json"
     atomic_write_json(target, {"a": 1})
