@@ -22,7 +22,7 @@ from .data import load_rows
 from .distributed import process_state
 from .formatting import FormattingConfig, format_dataset
 from .landmarks import LandmarkRegressor
-from .models import DEFAULT_MODEL, LoraSettings, add_lora, load_model, model_identity
+from .models import DEFAULT_MODEL, LoraSettings, add_lora, load_model, model_identity, weights_digest
 from .network import InfluenceNetwork
 from .options import SelectionConfig, split_options
 from .registry import METHODS, MethodSpec
@@ -282,7 +282,8 @@ def compute(pool: Dataset, target, model, tokenizer, optimizer, configs: dict, b
         target_names, tasks = ["pointwise"], None
     model_id, revision = model_identity(model) if model is not None else (None, None)
     provenance = {
-        "model_id": model_id, "model_revision": revision, "method": config.method,
+        "model_id": model_id, "model_revision": revision,
+        "model_weights_digest": weights_digest(model) if model is not None else None, "method": config.method,
         "configs": {config_type.__name__: asdict(value) for config_type, value in configs.items()},
         "pool_fingerprint": fingerprint_dataset(pool), "target_fingerprint": fingerprint_dataset(target),
         "skipped_pool_rows": {str(row): reason for row, reason in skipped.items()},

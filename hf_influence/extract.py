@@ -27,7 +27,7 @@ from .encoders import extract_sentence_embeddings  # noqa: F401  (public here wi
 from .formatting import pad_batch
 from .gradients import GradientConfig, PerSampleGradients, causal_lm_parts
 from .jvp import JVPConfig, JVPEmbedder
-from .models import adapter_digest, base_model, model_identity
+from .models import adapter_digest, base_model, model_identity, weights_digest
 from .store import MANIFEST_NAME, StoreMismatchError, StoreSpec, VectorStore, fingerprint_dataset
 
 
@@ -66,12 +66,13 @@ def _extract(
 
 def _store_spec(kind: str, model: nn.Module, formatted: Dataset, config_record: dict, dim: int,
                 adapter: str | None) -> StoreSpec:
-    """The identity of a store of `kind` for these rows: model, adapter digest (None: base model), data and
-    settings."""
+    """The identity of a store of `kind` for these rows: model id, revision and weights digest, adapter digest
+    (None: base model), data and settings."""
     model_id, revision = model_identity(model)
     return StoreSpec(kind=kind, model_id=model_id, model_revision=revision,
                      dataset_fingerprint=fingerprint_dataset(formatted),
-                     config={**config_record, "adapter_digest": adapter}, num_rows=len(formatted), dim=dim)
+                     config={**config_record, "adapter_digest": adapter, "weights_digest": weights_digest(model)},
+                     num_rows=len(formatted), dim=dim)
 
 
 def _gradient_record(gradients: PerSampleGradients, config: GradientConfig, preconditioner: Tensor | None) -> dict:

@@ -147,6 +147,30 @@ def adapter_digest(model: nn.Module) -> str | None:
     return digest.hexdigest()
 
 
+# Elements sampled per parameter tensor for `weights_digest`, evenly spaced over the flattened tensor.
+_DIGEST_SAMPLES = 64
+
+
+def weights_digest(model: nn.Module) -> str:
+    """A cheap fingerprint of the base model's weights: SHA-256 over every parameter's name, shape, dtype and
+    64 evenly spaced elements (a PEFT adapter's own weights excluded: `adapter_digest` covers them). A model id
+    or local path says nothing when the weights at that path were replaced, nor for two in-memory models of one
+    class; whatever is keyed by the model (stores, the saved warm-up) records this too. Cost: a few hundred
+    small reads, milliseconds even for billions of parameters."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    digest = hashlib.sha256()
+    for name, parameter in base.named_parameters():
+        if "lora_" in name:
+            continue
+        flat = parameter.detach().reshape(-1)
+        count = min(flat.numel(), _DIGEST_SAMPLES)
+        # Integer arithmetic: a float linspace rounds past the last index of a large tensor.
+        positions = torch.arange(count, dtype=torch.int64) * (flat.numel() - 1) // max(count - 1, 1)
+        digest.update(f"{name}:{list(parameter.shape)}:{parameter.dtype}".encode())
+        digest.update(flat[positions.to(flat.device)].float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
 @contextlib.contextmanager
 def base_model(model: nn.Module) -> Iterator[nn.Module]:
     """The model with its PEFT adapter switched off for the block (a plain model as it is): what RDS+ and the

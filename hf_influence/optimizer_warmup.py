@@ -261,12 +261,13 @@ CACHE_MANIFEST, CACHE_TENSORS = "warmup.json", "optimizer.safetensors"
 def _cache_identity(model: nn.Module, dataset: Dataset, config: WarmupConfig) -> dict:
     """What a saved warm-up must have been made from: rows, settings, model, and the adapter's initial weights
     (they fix the LoRA seed and rank, or a user's own adapter)."""
-    from .models import adapter_digest, model_identity
+    from .models import adapter_digest, model_identity, weights_digest
     from .store import fingerprint_dataset
 
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "warmup_show_progress"}
     return {"format": 1, "rows": fingerprint_dataset(dataset), "config": settings,
-            "model": list(model_identity(model)), "initial_adapter": adapter_digest(model)}
+            "model": list(model_identity(model)), "weights": weights_digest(model),
+            "initial_adapter": adapter_digest(model)}
 
 
 def _save_cached(result: WarmupResult, model: nn.Module, folder: Path, identity: dict) -> None:
@@ -301,8 +302,8 @@ class WarmupMismatchError(ValueError):
 
 
 # What each part of a warm-up's identity is, for the refusal message.
-_IDENTITY_PARTS = {"rows": "pool rows (data or max_length)", "config": "warm-up settings", "model": "model",
-                   "initial_adapter": "initial adapter weights", "format": "format"}
+_IDENTITY_PARTS = {"rows": "pool rows (data or max_length)", "config": "warm-up settings", "model": "model id",
+                   "weights": "model weights", "initial_adapter": "initial adapter weights", "format": "format"}
 
 
 def _load_cached(model: nn.Module, folder: Path, identity: dict, overwrite: bool) -> WarmupResult | None:

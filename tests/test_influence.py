@@ -375,6 +375,32 @@ def test_a_refused_run_leaves_the_saved_warm_up_and_stores_untouched(pool, targe
     assert (tmp_path / "warmup" / "optimizer.safetensors").read_bytes() != saved[tmp_path / "warmup" / "optimizer.safetensors"]
 
 
+def test_a_work_dir_refuses_a_model_with_other_weights(pool, target, tmp_path):
+    """A model id or class says nothing of the weights: an in-memory model with other base weights, or a local
+    folder whose weights were replaced at the same path, is refused on a work_dir made with the first one (the
+    old code returned the first model's scores byte for byte)."""
+    network, tokenizer = lora_model(seed=0)
+    options = {"budget": 4, "num_landmarks": 8, "optimizer_state": "gd", "work_dir": str(tmp_path / "memory")}
+    _select(pool, target, (network, tokenizer), **options)
+    with torch.no_grad():
+        next(p for name, p in network.named_parameters() if "lora_" not in name and p.ndim == 2).add_(0.01)
+    with pytest.raises(hf_influence.StoreMismatchError, match="weights_digest"):
+        _select(pool, target, (network, tokenizer), **options)
+
+    folder = tmp_path / "model"
+    for seed in (0, 1):
+        base, base_tokenizer = tiny_causal_lm(seed=seed)
+        base.save_pretrained(folder)
+        base_tokenizer.save_pretrained(folder)
+        run = lambda: select_by_influence(pool, target, model=str(folder), budget=4, num_landmarks=8,
+                                          work_dir=str(tmp_path / "folder"), **FAST)
+        if seed == 0:
+            run()
+        else:  # the same path, other weights: the saved warm-up (the first thing keyed by the model) refuses
+            with pytest.raises(hf_influence.WarmupMismatchError, match="model weights"):
+                run()
+
+
 def test_bad_inputs(pool, target, model):
     network, tokenizer = model
 
