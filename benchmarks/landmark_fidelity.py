@@ -293,7 +293,7 @@ def main() -> int:
         print(f"skipped: {args.data_dir / 'pool.jsonl.gz'} not found (pass --data-dir)")
         return 0
     disable_progress_bar()
-    logging.getLogger("hf_influence.influence").setLevel(logging.ERROR)  # the lab reports fidelity itself
+    logging.getLogger("hf_influence").setLevel(logging.ERROR)  # the lab reports fidelity itself
     started = time.perf_counter()
     if not args.evaluate_only:
         build_cache(args.cache, args.data_dir, args.pool_rows, args.target_rows, args.max_length, args.seed,
@@ -344,6 +344,14 @@ def main() -> int:
         "ceilings": {features: {t: lab.ceiling(t, features) for t in TARGETS} for features in features_list},
         "configs": configs,
     }
+    # Configurations and ceilings of an earlier run with the same settings that this run did not evaluate (e.g.
+    # other --features) are kept, so a partial rerun refreshes what it evaluates and loses nothing.
+    if args.json.exists():
+        earlier = json.loads(args.json.read_text())
+        if earlier.get("config") == json.loads(json.dumps(summary["config"])):
+            summary["configs"] = {**{name: result for name, result in earlier["configs"].items()
+                                     if name not in configs}, **configs}
+            summary["ceilings"] = {**earlier.get("ceilings", {}), **summary["ceilings"]}
     default = SelectionConfig()
     tuning = "loo-tuned" if default.kernel_bandwidth is None else f"median/ridge{default.kernel_ridge:g}"
     shortlist = SHORTLIST_FACTOR if default.shortlist_factor is None else default.shortlist_factor
