@@ -124,6 +124,10 @@ def test_the_shortlist_scores_the_rows_the_regression_ranks_highest_exactly(targ
     torch.testing.assert_close(refined_scores[~scored_exactly], plain_scores[~scored_exactly])
     selected = refined.provenance["selected_pool_row_ids"]
     assert selected == select_indices(refined_scores, budget, rule=rule).tolist()
+    network, tokenizer = lora_model(seed=0)  # without a score table the scores stream: the same rows
+    streamed = select_by_influence(pool, target, model=network, tokenizer=tokenizer, **FAST, **options,
+                                   num_landmarks=8, shortlist_factor=3)
+    assert streamed["id"] == pool.select(selected)["id"]
     diagnostics = refined.provenance["details"]["landmarks"]
     assert diagnostics["shortlist_rows"] == 3 * budget and diagnostics["landmark_scores"] == "exact"
     assert diagnostics["shortlist_new_gradients"] == int((scored_exactly & ~plain.landmark_mask).sum())
