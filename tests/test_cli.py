@@ -52,6 +52,8 @@ def test_yaml_defaults_and_flag_override(tmp_path):
     assert parsed.projection_seed == 5
     with pytest.raises(SystemExit):
         parse(["--no_such_option", "1"], (GradientConfig,), "test")
+    with pytest.raises(SystemExit):  # no prefix abbreviations
+        parse(["--projection_d", "64"], (GradientConfig,), "test")
     config.write_text("projection_dim: 128\nprojektion: srht\n")  # a typo must not be ignored
     with pytest.raises(SystemExit):
         parse(["--config", str(config)], (GradientConfig,), "test")

@@ -167,7 +167,8 @@ class TrainDataArguments:
 
 def parse(argv: list[str], dataclass_types: tuple, description: str, defaults: dict | None = None) -> tuple:
     """Parse argv into the dataclasses; precedence: flags over the --config YAML over `defaults`."""
-    parser = HfArgumentParser(dataclass_types, description=description)
+    # No prefix abbreviations: `--num_land 4` would silently mean whichever option it abbreviates today.
+    parser = HfArgumentParser(dataclass_types, description=description, allow_abbrev=False)
     parser.set_defaults(**(defaults or {}))
     parser.add_argument("--config", default=None, help="YAML file of defaults; flags override it.")
     # --seed was GradientConfig's projection seed until the rename: still read (hidden), with a warning.
