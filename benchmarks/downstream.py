@@ -382,16 +382,32 @@ def selection_analysis(data: BenchmarkData, settings: Settings, cache: Path) -> 
     return analysis
 
 
+# Short plot labels for the option=value parts of method variants (the JSON keeps the full names).
+_LABELS = {"shortlist_factor=0": "no shortlist", "kernel_bandwidth=null": "LOO bandwidth", "kernel_ridge=null": "LOO ridge",
+           "selection=mean_top_k": "mean top-k", "landmark_features=jvp+lm": "JVP+LM features"}
+
+
+def plot_label(method: str) -> str:
+    """"ID" for influence_distillation, its variant options in words: "ID, k=512, no shortlist"."""
+    name, _, options = method.partition(":")
+    parts = [name.replace("influence_distillation", "ID")]
+    for option in filter(None, options.split(",")):
+        parts.append("k=" + option.split("=", 1)[1] if option.startswith("num_landmarks=") else _LABELS.get(option, option))
+    return ", ".join(parts)
+
+
 def plot(targets: dict, path: Path) -> None:
-    """One panel per target: each method's mean loss change with its 95% interval; random's mean and +-2 std
-    band behind them."""
+    """One panel per target, methods down the side: each method's mean loss change with its 95% interval;
+    random's mean and +-2 std band behind them."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, len(targets), figsize=(4.5 * len(targets), 4), squeeze=False)
-    for axis, (target, report) in zip(axes[0], targets.items()):
+    rows = max(len(report["methods"]) for report in targets.values())
+    figure, axes = plt.subplots(1, len(targets), figsize=(4.2 * len(targets) + 2.5, 1.2 + 0.32 * rows), squeeze=False,
+                                sharey=True)
+    for column, (axis, (target, report)) in enumerate(zip(axes[0], targets.items())):
         names = list(report["methods"])
         means = [report["methods"][m]["loss_change_mean"] for m in names]
         errors = [[0.0, 0.0] if report["methods"][m]["loss_change_ci95"] is None else
@@ -399,17 +415,19 @@ def plot(targets: dict, path: Path) -> None:
                    report["methods"][m]["loss_change_ci95"][1] - means[i]] for i, m in enumerate(names)]
         if "random" in report["methods"]:
             random = report["methods"]["random"]
-            axis.axhline(random["loss_change_mean"], color="grey", linestyle="--", linewidth=1, label="random mean")
-            axis.axhspan(random["loss_change_mean"] - 2 * random["loss_change_std"],
+            axis.axvline(random["loss_change_mean"], color="grey", linestyle="--", linewidth=1, label="random mean")
+            axis.axvspan(random["loss_change_mean"] - 2 * random["loss_change_std"],
                          random["loss_change_mean"] + 2 * random["loss_change_std"], color="grey", alpha=0.15,
                          label="random ± 2 std")
-        axis.errorbar(range(len(names)), means, yerr=np.array(errors).T, fmt="o", capsize=4)
-        axis.set_xticks(range(len(names)), [m.replace("influence_distillation", "ID") for m in names], rotation=30,
-                        ha="right")
-        axis.set_title(f"{target} (loss before {report['loss_before']:.3f})")
-        axis.set_ylabel("held-out loss change (lower is better)")
-        axis.legend(fontsize=8)
-    figure.suptitle("LoRA SFT on each selection: mean and 95% interval over selection and training seeds")
+        axis.errorbar(means, range(len(names)), xerr=np.array(errors).T, fmt="o", capsize=3)
+        if column == 0:  # the panels share the methods' order and axis
+            axis.set_yticks(range(len(names)), [plot_label(m) for m in names])
+            axis.invert_yaxis()
+        axis.set_title(f"{target} (loss before {report['loss_before']:.3f})", fontsize=10)
+        axis.set_xlabel("held-out loss change (lower is better)", fontsize=9)
+        axis.grid(axis="x", alpha=0.3)
+    axes[0][0].legend(fontsize=8, loc="lower right")
+    figure.suptitle("LoRA SFT on each selection: mean and 95% interval over selection and training seeds", fontsize=11)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
