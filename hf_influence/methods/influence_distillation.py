@@ -212,18 +212,23 @@ def _shortlisted(context: Context, stream: ScoreStream, store, landmarks: Tensor
     folder = f"shortlist_gradients-{fingerprint_dataset(context.pool.select(new.tolist()))[:16]}" if len(new) else None
     new_scores = (first_order_scores(pool_row_gradients(context, new, "shortlist_gradients", preconditioner, folder),
                                      target_vectors) if len(new) else landmark_scores[:0])
+    fidelity = None
     if len(new):
         embeddings = store_rows(store, new) if isinstance(store, VectorStore) else store[new]
         predicted = stream.predictor.predict(embeddings)[:, : new_scores.shape[1]].double().mean(1)
-        exact_mean = new_scores.double().mean(1)
-        constant = bool((predicted == predicted[0]).all() or (exact_mean == exact_mean[0]).all())
-        fidelity = None if constant else float(scipy.stats.spearmanr(predicted.numpy(), exact_mean.numpy()).statistic)
-    else:
-        fidelity = None
+        fidelity = _spearman(predicted, new_scores.double().mean(1))
     diagnostics.update(landmark_scores="exact", shortlist_rows=size, shortlist_new_gradients=len(new),
                        shortlist_rule=rule, shortlist_spearman=fidelity)
     exact = {"exact_rows": torch.cat([landmarks, new]), "exact_scores": torch.cat([landmark_scores, new_scores])}
     return ScoreStream(stream.embeddings, stream.predictor, exact, stream.chunk_rows)
+
+
+def _spearman(predicted: Tensor, exact: Tensor) -> float | None:
+    """Spearman correlation of two [r] vectors; None (undefined) when either is constant, e.g. a regression that
+    predicts one value for every row."""
+    if bool((predicted == predicted[0]).all() or (exact == exact[0]).all()):
+        return None
+    return float(scipy.stats.spearmanr(predicted.numpy(), exact.numpy()).statistic)
 
 
 # Below this leave-one-out Spearman the landmark regression ranks rows it never saw poorly: a warning says so.
@@ -241,10 +246,7 @@ def landmark_diagnostics(regressor: LandmarkRegressor, landmark_scores: Tensor, 
     landmark_scores: [k, m] exact first-order scores.
     """
     k, m = landmark_scores.shape
-    predicted, exact = regressor.loo.reshape(k, -1)[:, :m].double().mean(1), landmark_scores.double().mean(1)
-    # Undefined (None) when either side is constant, e.g. a regression that predicts the mean for every landmark.
-    constant = bool((predicted == predicted[0]).all() or (exact == exact[0]).all())
-    loo_spearman = None if constant else float(scipy.stats.spearmanr(predicted.numpy(), exact.numpy()).statistic)
+    loo_spearman = _spearman(regressor.loo.reshape(k, -1)[:, :m].double().mean(1), landmark_scores.double().mean(1))
     diagnostics = {
         "num_landmarks": k, "landmark_share_pool": k / num_pool_rows, "landmark_scores": "loo" if calibrated else "exact",
         "kernel": regressor.kernel, "bandwidth": getattr(regressor, "sigma", None),
