@@ -479,6 +479,8 @@ def main() -> int:
     parser.add_argument("--report-only", action="store_true",
                         help="write the JSON / plot from the finished runs in --cache, running nothing (a partial "
                              "report says which runs are missing)")
+    parser.add_argument("--targets", nargs="+", choices=list(TARGETS),
+                        help="run (and report) only these targets, e.g. a variant measured on one target")
     parser.add_argument("--methods", nargs="+", help=f"registry methods ({', '.join(METHODS)}) or variants "
                         "method:option=value,... (see parse_method); default: the registry methods")
     args = parser.parse_args()
@@ -488,6 +490,8 @@ def main() -> int:
     settings = Settings()
     if args.quick:
         settings = replace(settings, targets=("gsm8k",), random_seeds=2, train_seeds=2)
+    if args.targets:
+        settings = replace(settings, targets=tuple(args.targets))
     if args.methods:
         for name in args.methods:
             parse_method(name)  # an unknown method or a malformed option fails here, before any model pass
