@@ -47,13 +47,12 @@ def _extract(
     compute: Callable[[dict[str, Tensor], list[int]], Tensor],
     overwrite: bool,
     show_progress: bool,
-    adapter: str | None = "model",
+    with_adapter: bool = True,
 ) -> VectorStore:
     """Open (or resume) the store identified by model, data and config, and fill its pending batches (split between
-    the processes of a multi-process launch, see `hf_influence.distributed`). adapter: the digest of the adapter
-    that `compute` runs with (default: the model's; None when it runs the base model)."""
-    spec = _store_spec(kind, model, formatted, config_record, dim,
-                       adapter_digest(model) if adapter == "model" else adapter)
+    the processes of a multi-process launch, see `hf_influence.distributed`). with_adapter: `compute` runs with the
+    model's adapter (its digest is then part of the identity); False when it runs the base model."""
+    spec = _store_spec(kind, model, formatted, config_record, dim, with_adapter)
     pad_token_id = _pad_token_id(model, pad_token_id)
 
     def compute_rows(start: int, end: int) -> Tensor:
@@ -65,13 +64,14 @@ def _extract(
 
 
 def _store_spec(kind: str, model: nn.Module, formatted: Dataset, config_record: dict, dim: int,
-                adapter: str | None) -> StoreSpec:
-    """The identity of a store of `kind` for these rows: model id, revision and weights digest, adapter digest
-    (None: base model), data and settings."""
+                with_adapter: bool = True) -> StoreSpec:
+    """The identity of a store of `kind` for these rows: model id, revision and weights digest, the adapter's
+    digest (None without `with_adapter`: the base model's vectors), data and settings."""
     model_id, revision = model_identity(model)
     return StoreSpec(kind=kind, model_id=model_id, model_revision=revision,
                      dataset_fingerprint=fingerprint_dataset(formatted),
-                     config={**config_record, "adapter_digest": adapter, "weights_digest": weights_digest(model)},
+                     config={**config_record, "adapter_digest": adapter_digest(model) if with_adapter else None,
+                             "weights_digest": weights_digest(model)},
                      num_rows=len(formatted), dim=dim)
 
 
@@ -144,7 +144,7 @@ def finished_gradients(model: nn.Module, formatted: Dataset, output_dir: str | P
     config = config or GradientConfig()
     gradients = PerSampleGradients(model, config)
     spec = _store_spec("gradients", model, formatted, _gradient_record(gradients, config, preconditioner),
-                       gradients.output_dim, adapter_digest(model))
+                       gradients.output_dim)
     store = VectorStore.open(path)
     try:
         store.check_spec(spec, formatted["row_id"])
@@ -208,4 +208,4 @@ def extract_lm_embeddings(
             model.train(was_training)
 
     return _extract("lm_embeddings", model, formatted, output_dir, {"pooling": "position_weighted_mean"}, hidden,
-                    batch_size, pad_token_id, compute, overwrite, show_progress, adapter=None)
+                    batch_size, pad_token_id, compute, overwrite, show_progress, with_adapter=False)
