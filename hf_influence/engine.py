@@ -103,6 +103,7 @@ class ScoreStream:
 @dataclass
 class MethodOutput:
     """scores [n, m] over the formatted pool rows (None when streamed); weights [n]; landmark_mask [n];
+    selectable: [n] bool, the rows the rule may pick (None: every row; never with a stream);
     stream: the scores as a ScoreStream (only when Context.stream_selection); pointwise: scores [n, 1] that
     do not depend on the target (a pointwise NN-CIFT oracle); details: what the method reports about its run
     (e.g. landmark diagnostics), recorded in the score table's provenance."""
@@ -113,6 +114,7 @@ class MethodOutput:
     stream: ScoreStream | None = None
     pointwise: bool = False
     details: dict = field(default_factory=dict)
+    selectable: Tensor | None = None
 
 
 def prepare_model(model, tokenizer, configs) -> tuple[nn.Module, Any, Callable[[], None]]:
@@ -200,11 +202,19 @@ def select_rows(run: ScoreRun, budget_rows: int, rule: str, seed: int) -> Tensor
     output = run.output
     with _Timer(run.details.setdefault("seconds", {}), "selection"):
         groups = run.target_tasks if rule in ("round_robin_task", "less") else None
-        if rule == "weighted":
-            return weighted_sample(output.weights, budget_rows, seed=seed)
         if output.stream is not None:
             return output.stream.select(budget_rows, rule, seed, groups)
-        return select_indices(output.scores, budget_rows, rule=rule, seed=seed, target_groups=groups)
+        rows = None if output.selectable is None else output.selectable.nonzero().squeeze(1)
+        if rows is not None and budget_rows > len(rows):
+            raise SelectionError(f"budget {budget_rows} is larger than the {len(rows)} selectable pool rows (the "
+                                 f"method leaves {len(output.selectable) - len(rows)} rows out of the selection).")
+        if rule == "weighted":
+            weights = output.weights if rows is None else output.weights[rows]
+            chosen = weighted_sample(weights, budget_rows, seed=seed)
+        else:
+            scores = output.scores if rows is None else output.scores[rows]
+            chosen = select_indices(scores, budget_rows, rule=rule, seed=seed, target_groups=groups)
+        return chosen if rows is None else rows[chosen]
 
 
 @dataclass
@@ -320,7 +330,7 @@ def _run_method(spec: MethodSpec, pool, target, model, tokenizer, optimizer, bud
     tasks = _target_tasks(target, formatted_target.dataset, config.target_task_column)
     context = Context(model, tokenizer, formatted_pool.dataset, formatted_target.dataset, configs, optimizer,
                       Path(config.work_dir or scratch), raw_pool=pool.select(formatted_pool.dataset["row_id"]),
-                      raw_target=target, budget_rows=budget_rows, rule=config.selection or spec.default_selection,
+                      raw_target=target, budget_rows=budget_rows, rule=config.selection or spec.selection_rule(configs),
                       target_tasks=tasks, stream_selection=stream_selection)
     output = spec.function(context)
     return (output, context, formatted_pool.dataset["row_id"], _target_names(target, formatted_target.dataset),

@@ -80,7 +80,7 @@ def select_by_influence(
     config: SelectionConfig = configs[SelectionConfig]
     pool = as_dataset(pool, "pool")
     budget_rows = resolve_budget(budget, len(pool))
-    rule = config.selection or METHODS[config.method].default_selection
+    rule = config.selection or METHODS[config.method].selection_rule(configs)
     if rule == "weighted" and not METHODS[config.method].robust_weights:
         raise ValueError(f"selection='weighted' needs robust weights; method {config.method!r} has none (methods "
                          f"with them: {sorted(name for name, spec in METHODS.items() if spec.robust_weights)}).")

@@ -174,7 +174,13 @@ class NNCIFTConfig:
         default="influence_distillation_exact",
         metadata={"help": '"influence_distillation_exact" (first-order ID, default), "influence_distillation", '
                           '"less", "rds", "delift" (in-context utility with the valuation model), "delift_se" '
-                          '(embedding cosine) or "selectit" (pointwise self-rating).'})
+                          '(embedding cosine) or "selectit" (pointwise self-rating). It also sets the default '
+                          'selection rule, that of its paper: facility_location for delift and delift_se, less for less, '
+                          'mean_top_k (top-k) for selectit, round_robin otherwise.'})
+    select_unseen_only: bool = field(
+        default=False,
+        metadata={"help": "select only among the pool rows the oracle did not score (the paper's Q4 rows); False "
+                          "keeps the block's rows, whose scores are the oracle's own, selectable."})
     block_fraction: float = field(
         default=0.05,
         metadata={"help": "u, the share of pool rows and of target columns the oracle scores (0.05 in the paper, "

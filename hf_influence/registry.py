@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -17,7 +18,8 @@ class MethodSpec:
     Attributes:
         name: the name `select_by_influence(method=...)` takes.
         function: `function(context) -> MethodOutput`.
-        default_selection: the selection rule used when `selection` is not given.
+        default_selection: the selection rule used when `selection` is not given, or a function of the run's
+            configs ({config type: instance}) that returns it (NN-CIFT: the rule of its oracle's paper).
         needs_model: False for methods that score the raw rows without a model ("random").
         uses_stores: writes resumable stores into work_dir (a multi-process launch then needs a shared work_dir).
         robust_weights: returns robust per-row weights (selection="weighted", the trainer's weight mode).
@@ -27,18 +29,22 @@ class MethodSpec:
 
     name: str
     function: Callable
-    default_selection: str
+    default_selection: str | Callable[[dict[type, Any]], str]
     needs_model: bool = True
     uses_stores: bool = True
     robust_weights: bool = False
     second_order: bool = False
     streams: bool = False
 
+    def selection_rule(self, configs: dict[type, Any]) -> str:
+        """The rule this method selects with when `selection` is not given, for the run's configs."""
+        return self.default_selection(configs) if callable(self.default_selection) else self.default_selection
+
 
 METHODS: dict[str, MethodSpec] = {}
 
 
-def register_method(name: str, default_selection: str, needs_model: bool = True, uses_stores: bool = True,
+def register_method(name: str, default_selection: str | Callable[[dict[type, Any]], str], needs_model: bool = True, uses_stores: bool = True,
                     robust_weights: bool = False, second_order: bool = False, streams: bool = False):
     """Register `function(context) -> MethodOutput` under `name` for `select_by_influence(method=name)`, with
     its capabilities (see MethodSpec)."""

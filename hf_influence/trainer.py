@@ -441,8 +441,11 @@ class InfluenceSFTTrainer(SFTTrainer):
                 raise SelectionError(f"influence_budget {budget} is larger than the {len(table_ids)} pool rows the "
                                      f"score table covers.")
             provenance = self._influence_table.provenance
+            # The rule the table's run selected with (recorded by select_by_influence and the CLI), else its
+            # method's default.
             method = METHODS.get(provenance.get("method"))
-            rule = self._options().get("selection") or (method.default_selection if method else "round_robin")
+            rule = (self._options().get("selection") or provenance.get("selection")
+                    or (method.selection_rule({}) if method else "round_robin"))
             seed = self._options()["selection_seed"]
             if rule == "weighted":
                 chosen = weighted_sample(self._table_weights(table_ids), budget, seed=seed)

@@ -12,6 +12,7 @@ from hf_influence.hub import push_influence_network
 from hf_influence.network import InfluenceNetwork
 from hf_influence.nn_cift_pipeline import NNCIFTConfig, block_indices, nn_cift
 from hf_influence.oracles import DeliftSEOracle
+from hf_influence.selection import SelectionError
 from hf_influence.store import fingerprint_dataset
 from hf_influence.testing import lora_model
 
@@ -103,6 +104,49 @@ def test_select_by_influence_with_nn_cift(rows):
     assert int(table.landmark_mask.sum()) == 24
 
 
+@pytest.mark.parametrize("oracle, rule", [("delift_se", "facility_location"), ("selectit", "mean_top_k"),
+                                          ("less", "less"), ("influence_distillation_exact", "round_robin")])
+def test_each_oracle_selects_by_its_papers_rule(rows, oracle, rule):
+    from hf_influence.methods.nn_cift import oracle_rule
+    from hf_influence.options import split_options
+
+    assert oracle_rule(split_options({"oracle": oracle})) == rule
+    if oracle != "delift_se":  # one end-to-end run is enough: the rule is recorded with the table
+        return
+    pool, target = rows
+    model, tokenizer = lora_model(seed=0)
+    selected, table = select_by_influence(pool, target, model=model, tokenizer=tokenizer, budget=6, method="nn_cift",
+                                          oracle=oracle, block_fraction=0.3, min_block_rows=8, network_epochs=5,
+                                          show_progress=False, return_scores=True)
+    assert table.provenance["selection"] == rule
+    scores = table.to_matrix()[0]
+    from hf_influence.selection import facility_location
+
+    assert selected["id"] == pool.select(facility_location(scores, 6).tolist())["id"]
+
+
+def test_unseen_only_selection_leaves_the_block_rows_out(rows):
+    pool, target = rows
+    model, tokenizer = lora_model(seed=0)
+    options = dict(model=model, tokenizer=tokenizer, budget=6, method="nn_cift", oracle="delift_se",
+                   block_fraction=0.3, min_block_rows=8, network_epochs=5, show_progress=False, return_scores=True,
+                   selection="round_robin")
+    everything, table = select_by_influence(pool, target, **options)
+    unseen, _ = select_by_influence(pool, target, select_unseen_only=True, **options)
+    block_ids = set(pool.select(table.landmark_mask.nonzero().flatten().tolist())["id"])
+    assert block_ids & set(everything["id"])  # the block's exact scores are the pool's best here ...
+    assert not block_ids & set(unseen["id"]) and len(set(unseen["id"])) == 6  # ... and are left out on request
+    # The unseen-only pick is the same rule on the matrix without the block's rows.
+    scores, row_ids, _ = table.to_matrix()
+    keep = (~table.landmark_mask).nonzero().flatten()
+    from hf_influence.selection import select_indices
+
+    expected = keep[select_indices(scores[keep], 6, rule="round_robin", seed=0)]
+    assert unseen["id"] == pool.select([row_ids[i] for i in expected.tolist()])["id"]
+    with pytest.raises(SelectionError, match="selectable pool rows"):
+        select_by_influence(pool, target, select_unseen_only=True, **{**options, "budget": 60})
+
+
 @pytest.mark.parametrize("oracle", ["delift_se", "selectit"])  # pairwise and pointwise networks
 def test_streamed_nn_cift_selection_equals_the_score_table_selection(rows, monkeypatch, oracle):
     """Without return_scores, method="nn_cift" predicts chunk by chunk while selecting (the oracle block keeps
@@ -116,7 +160,7 @@ def test_streamed_nn_cift_selection_equals_the_score_table_selection(rows, monke
     pool, target = rows
     model, tokenizer = lora_model(seed=0)
     options = {"budget": 7, "method": "nn_cift", "oracle": oracle, "block_fraction": 0.3, "min_block_rows": 8,
-               "network_epochs": 5, "show_progress": False, "selection_seed": 2}
+               "network_epochs": 5, "show_progress": False, "selection_seed": 2, "selection": "round_robin"}
     selected, table = select_by_influence(pool, target, model=model, tokenizer=tokenizer, return_scores=True,
                                           **options)
     scores = table.to_matrix()[0]

@@ -14,6 +14,12 @@ from ..nn_cift_pipeline import block_overrides, nn_cift
 from ..options import NNCIFTConfig, SelectionConfig
 from ..registry import register_method
 
+# The rule each oracle's paper selects with: DELIFT covers the targets with facility location (DELIFT-SE too), LESS
+# takes the top rows by its max-over-tasks score, SelectIT the top rows of its pointwise scores; Influence
+# Distillation's paper (and RDS+) go round-robin over the target rows.
+ORACLE_RULES = {"delift": "facility_location", "delift_se": "facility_location", "less": "less",
+                "selectit": "mean_top_k"}
+
 # SelectionConfig fields that describe the outer selection, not how a method oracle scores a block.
 _NOT_ORACLE_FIELDS = ("method", "selection", "target_task_column")
 
@@ -27,11 +33,19 @@ def oracle_options(configs: dict[type, Any]) -> dict[str, Any]:
             if not (config_type is SelectionConfig and name in _NOT_ORACLE_FIELDS)}
 
 
-@register_method("nn_cift", default_selection="round_robin", second_order=True, streams=True)
+def oracle_rule(configs: dict[type, Any]) -> str:
+    """The selection rule of the NN-CIFT oracle's paper (ORACLE_RULES), for the run's configs."""
+    return ORACLE_RULES.get(configs.get(NNCIFTConfig, NNCIFTConfig()).oracle, "round_robin")
+
+
+@register_method("nn_cift", default_selection=oracle_rule, second_order=True, streams=True)
 def nn_cift_method(context: Context) -> MethodOutput:
     """NN-CIFT: an oracle (NNCIFTConfig.oracle) on a u-block, an InfluenceNetwork fitted on it predicts the rest."""
-    result = nn_cift(context.raw_pool, context.raw_target, context.configs[NNCIFTConfig], model=context.model,
-                     tokenizer=context.tokenizer, optimizer=context.optimizer, predict=not context.stream_selection,
+    config = context.configs[NNCIFTConfig]
+    # Leaving rows out is done on the score matrix, so the unseen-only selection does not stream.
+    stream = context.stream_selection and not config.select_unseen_only
+    result = nn_cift(context.raw_pool, context.raw_target, config, model=context.model,
+                     tokenizer=context.tokenizer, optimizer=context.optimizer, predict=not stream,
                      **oracle_options(context.configs))
     context.seconds.update(result.seconds)
     details = {"block_rows": len(result.block_rows), "block_columns": len(result.block_columns),
@@ -39,9 +53,10 @@ def nn_cift_method(context: Context) -> MethodOutput:
     block_mask = torch.zeros(len(context.pool), dtype=torch.bool)
     block_mask[result.block_rows] = True
     pointwise = result.network.kind == "pointwise"
-    if context.stream_selection:  # the network predicts chunk by chunk while selecting
+    if stream:  # the network predicts chunk by chunk while selecting
         stream = ScoreStream(result.pool_embeddings, result.network,
                              block_overrides(result.block_rows, result.block_columns, result.block_labels, pointwise),
                              context.config.chunk_rows, None if pointwise else result.target_embeddings)
         return MethodOutput(None, landmark_mask=block_mask, stream=stream, pointwise=pointwise, details=details)
-    return MethodOutput(result.scores, landmark_mask=block_mask, pointwise=pointwise, details=details)
+    return MethodOutput(result.scores, landmark_mask=block_mask, pointwise=pointwise, details=details,
+                        selectable=~block_mask if config.select_unseen_only else None)
