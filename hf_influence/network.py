@@ -5,10 +5,15 @@ A small MLP learns an expensive influence oracle from sentence-encoder embedding
   pairwise:  score(i, j) = MLP([e_i ; e_j])   (pool sample i, target sample j)
   pointwise: score(i)    = MLP(e_i)
 Linear(input, 100) -> ReLU -> Linear(100, 1) by default (77k parameters for e=384, 205k for e=1024).
+With interaction_rank r > 0 a pairwise network adds a low-rank bilinear term (P e_i) . (Q e_j), P and Q [r, e]:
+the MLP's first layer is additive in e_i and e_j, so it can only approximate a similarity through its ReLUs;
+the bilinear term represents one directly (an embedding cosine exactly, with r = e) and still factorises.
 
-- fit: min-max normalise the oracle's block of labels (the statistics are kept, so predictions come back
-  in oracle units), seeded split of the PAIRS into train / validation, Adam + MSE, early stopping that
-  restores the best weights.
+- fit: normalise the oracle's block of labels, min-max over the block (label_normalization="global", the paper)
+  or each target column standardised over the block's rows first ("column": the network then learns which rows
+  a target ranks high, not each target's scale, and predicts standardised scores); the statistics are kept,
+  so predictions come back in oracle units ("global") or per-target standard units ("column"). Seeded split
+  of the pairs into train / validation, Adam + MSE, early stopping that restores the best weights.
 - predict / top_candidates: the first layer factorises, W1 [e_i ; e_j] + b1 = (A e_i + b1) + B e_j, so
   both sides are projected once and each pair costs an add, a ReLU and a dot product (fused as a max:
   relu(p + q) = max(p, -q) + q), tiled so the work buffer stays in cache. top_candidates streams the
@@ -40,6 +45,7 @@ KINDS = ("pairwise", "pointwise")
 # Below this many training pairs (after the validation split) a fit is refused: there is nothing to learn
 # from and early stopping would be driven by noise.
 MIN_TRAINING_PAIRS = 10
+LABEL_NORMALIZATIONS = ("global", "column")
 # Pool rows per tile of the factorised predict are chosen so the [hidden, rows, m] work buffer is about
 # this size. Measured on a 2-core Xeon (2 MiB L2 per core), m=300, h=100: 8-row tiles (0.96 MB) ran at
 # 33-42M pairs/s on one thread, 32-64-row tiles (4-8 MB, out of L2) at 25-27M.
@@ -124,6 +130,21 @@ def spearman(predicted: Tensor, true: Tensor, generator: torch.Generator) -> flo
         return float(scipy.stats.spearmanr(predicted.double().numpy(), true.double().numpy()).statistic)
 
 
+def column_spearman(predicted: Tensor, true: Tensor) -> float:
+    """Mean over columns of the Spearman correlation of the rows' scores [r, c]: how well each target's ranking
+    of the rows (what a per-target selection rule reads) is recovered, whatever the targets' scales. Columns
+    with a constant side are left out; NaN when every column is, or with fewer than 2 rows."""
+    if predicted.shape[0] < 2:
+        return math.nan
+    ranks = [torch.from_numpy(scipy.stats.rankdata(values.double().numpy(), axis=0)) for values in (predicted, true)]
+    centred = [rank - rank.mean(0, keepdim=True) for rank in ranks]
+    norms = centred[0].norm(dim=0) * centred[1].norm(dim=0)
+    defined = norms > 0
+    if not bool(defined.any()):
+        return math.nan
+    return float(((centred[0] * centred[1]).sum(0)[defined] / norms[defined]).mean())
+
+
 def _first_non_finite(values: Tensor) -> tuple[int, ...] | None:
     """Position of the first NaN / inf of a tensor (row-major), or None when every value is finite."""
     bad = torch.nonzero(~torch.isfinite(values))
@@ -152,6 +173,13 @@ def _torch_threads(count: int | None):
         torch.set_num_threads(threads)
 
 
+def standardize_columns(labels: Tensor) -> Tensor:
+    """Each column of labels [r, c] minus its mean, over its standard deviation (population; a constant column
+    becomes 0): the "column" label normalisation. Pointwise labels [r] are one column."""
+    mean, std = labels.mean(0, keepdim=True), labels.std(0, correction=0, keepdim=True)
+    return (labels - mean) / torch.where(std > 0, std, torch.ones_like(std))
+
+
 def _complement(indices: Tensor, size: int) -> Tensor:
     """Sorted indices of 0..size-1 that are not in `indices`."""
     mask = torch.ones(size, dtype=torch.bool)
@@ -173,6 +201,10 @@ class InfluenceNetwork(
     embedding_dim: e, the encoder's embedding size.
     hidden_sizes: widths of the ReLU hidden layers (default [100], the paper's network).
     embedding_model: the encoder id the embeddings come from (predict can verify it).
+    embedding_revision: the encoder's revision (Hub commit, or the offline copy's version), when known.
+    text_format: how rows were turned into the encoder's text (`hf_influence.encoders.TEXT_FORMAT`).
+    interaction_rank: r of the bilinear term (P e_i) . (Q e_j) of a pairwise network; 0 for none (the paper).
+    label_normalization: "global" (min-max over the block, the paper) or "column" (see the module docstring).
     oracle: name of the distilled influence oracle, e.g. "influence_distillation".
     valuation_model: the LM id the oracle ran with, or None (e.g. an embedding-cosine oracle).
     label_min, label_max: min-max statistics of the training block in oracle units (set by fit).
@@ -192,6 +224,10 @@ class InfluenceNetwork(
         label_max: float | None = None,
         seed: int = 0,
         metrics: dict | None = None,
+        embedding_revision: str | None = None,
+        text_format: str | None = None,
+        interaction_rank: int = 0,
+        label_normalization: str = "global",
     ):
         super().__init__()
         hidden_sizes = [100] if hidden_sizes is None else [int(size) for size in hidden_sizes]
@@ -199,6 +235,11 @@ class InfluenceNetwork(
             raise ValueError(f"kind must be one of {list(KINDS)}, got {kind!r}")
         if embedding_dim < 1 or not hidden_sizes or min(hidden_sizes) < 1:
             raise ValueError(f"need embedding_dim >= 1 and hidden sizes >= 1, got {embedding_dim}, {hidden_sizes}")
+        if interaction_rank < 0 or (interaction_rank and kind != "pairwise"):
+            raise ValueError(f"interaction_rank must be >= 0, and 0 for a pointwise network, got {interaction_rank}")
+        if label_normalization not in LABEL_NORMALIZATIONS:
+            raise ValueError(f"label_normalization must be one of {list(LABEL_NORMALIZATIONS)}, "
+                             f"got {label_normalization!r}")
         self.kind = kind
         self.embedding_dim = int(embedding_dim)
         self.hidden_sizes = hidden_sizes
@@ -209,6 +250,13 @@ class InfluenceNetwork(
         self.label_max = label_max
         self.seed = int(seed)
         self.metrics = metrics
+        self.embedding_revision = embedding_revision
+        self.text_format = text_format
+        self.interaction_rank = int(interaction_rank)
+        self.label_normalization = label_normalization
+        # P and Q of the bilinear term, stacked: [2, r, e] (no parameters when r = 0).
+        self.interaction = nn.Parameter(torch.empty(2, self.interaction_rank, self.embedding_dim)) \
+            if self.interaction_rank else None
         widths = [2 * self.embedding_dim if kind == "pairwise" else self.embedding_dim, *hidden_sizes]
         self.hidden = nn.ModuleList(nn.Linear(fan_in, fan_out) for fan_in, fan_out in itertools.pairwise(widths))
         self.output = nn.Linear(widths[-1], 1)
@@ -221,6 +269,8 @@ class InfluenceNetwork(
             "kind": self.kind, "embedding_dim": self.embedding_dim, "hidden_sizes": list(self.hidden_sizes),
             "embedding_model": self.embedding_model, "oracle": self.oracle, "valuation_model": self.valuation_model,
             "label_min": self.label_min, "label_max": self.label_max, "seed": self.seed, "metrics": self.metrics,
+            "embedding_revision": self.embedding_revision, "text_format": self.text_format,
+            "interaction_rank": self.interaction_rank, "label_normalization": self.label_normalization,
         }
 
     def _initialise(self, seed: int) -> None:
@@ -232,12 +282,21 @@ class InfluenceNetwork(
                 bound = 1 / math.sqrt(layer.in_features)
                 nn.init.uniform_(layer.weight, -bound, bound, generator=generator)
                 nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
+            if self.interaction is not None:
+                # Each projection starts like a Linear(e, r); the product term then starts small.
+                bound = 1 / math.sqrt(self.embedding_dim)
+                nn.init.uniform_(self.interaction, -bound, bound, generator=generator)
 
     def forward(self, inputs: Tensor) -> Tensor:
         """inputs [N, 2e] (pairwise, [e_i ; e_j]) or [N, e] (pointwise) -> [N] scores in normalised units."""
+        hidden = inputs
         for layer in self.hidden:
-            inputs = F.relu(layer(inputs))
-        return self.output(inputs).squeeze(-1)
+            hidden = F.relu(layer(hidden))
+        scores = self.output(hidden).squeeze(-1)
+        if self.interaction is not None:
+            pool, target = inputs[:, : self.embedding_dim], inputs[:, self.embedding_dim :]
+            scores = scores + ((pool @ self.interaction[0].T) * (target @ self.interaction[1].T)).sum(-1)
+        return scores
 
     # ------------------------------------------------------------------------------------------
     # Checks
@@ -287,7 +346,8 @@ class InfluenceNetwork(
         pool_embeddings: [u_n, e] embeddings of the block's pool rows.
         target_embeddings: [u_m, e] of its target columns (pairwise); None for a pointwise network.
         labels: [u_n, u_m] oracle values (pairwise) or [u_n] (pointwise), in oracle units.
-        Labels are min-max normalised over the block (label_min / label_max are stored, metrics cleared);
+        Labels are normalised as label_normalization says (then min-max over the block; label_min / label_max are
+        stored, in oracle units or per-column standard units, and metrics cleared);
         the block is split into train / validation (validation_split "pairs": random pairs, the paper's
         regime; "held_out": whole rows and columns held out, see split_held_out); Adam on the MSE for at
         most `epochs`, stopping after `patience` epochs without a lower validation loss and restoring the best
@@ -316,6 +376,8 @@ class InfluenceNetwork(
             where = f"row {position[0]}" + (f", column {position[1]}" if len(position) == 2 else "")
             raise ValueError(f"labels contain {labels[position].item()} at {where} (the first non-finite value): "
                              f"drop or recompute that oracle value before fitting")
+        if self.label_normalization == "column":
+            labels = standardize_columns(labels)
         label_min, label_max = labels.min().item(), labels.max().item()
         if label_min == label_max:
             raise ValueError(f"every label of the block equals {label_min}: a constant block has nothing to learn")
@@ -408,6 +470,12 @@ class InfluenceNetwork(
         target_part = target @ first.weight[:, e:].T  # B E_T: [m, h]
         m, h = target_part.shape
         tile = max(1, TILE_BYTES // (h * m * target_part.element_size()))
+        # The bilinear term factorises too: (P e_i) . (Q e_j) * scale is one [r, m] product per pool block.
+        interaction_target = None if self.interaction is None else (target @ self.interaction[1].T).T * label_scale
+
+        def add_interaction(pool_block: Tensor, out: Tensor) -> None:
+            if interaction_target is not None:
+                out.addmm_(pool_block @ self.interaction[0].T, interaction_target)
 
         if len(self.hidden) == 1:
             # relu(p + q) = max(p, -q) + q, so w2 . relu(p + q) = w2 . max(p, -q) + w2 . q: one fused
@@ -426,6 +494,7 @@ class InfluenceNetwork(
                     # [t * m, h] @ w2 as one matrix-vector product, written straight into the output rows.
                     torch.mv(work.view(h, -1).T, out_weight, out=out[start : start + tile].view(-1))
                 out += column_offset
+                add_interaction(pool_block, out)
 
             return score
 
@@ -438,6 +507,7 @@ class InfluenceNetwork(
                 for layer in self.hidden[1:]:
                     activations = F.linear(activations, layer.weight, layer.bias).relu_()
                 out[start : start + tile] = activations @ out_weight + out_bias
+            add_interaction(pool_block, out)
 
         return score
 
@@ -553,7 +623,7 @@ class InfluenceNetwork(
         Q2 = seen rows x unseen columns, Q3 = unseen rows x seen columns, Q4 = unseen x unseen; quadrants
         with no pairs are left out. Per quadrant, on labels min-max normalised with the network's stored
         statistics: "mse", "spearman" (flattened quadrant; a seeded sample of SPEARMAN_MAX_PAIRS beyond
-        that), "topk_overlap" (mean over columns of the fraction of the true top-k rows of the quadrant
+        that), "column_spearman" (column_spearman: each target's ranking of the rows), "topk_overlap" (mean over columns of the fraction of the true top-k rows of the quadrant
         found in the predicted top-k), the same three for "mean_baseline_*" (the training block's mean
         label: no ranking, so Spearman is NaN and the overlap its expected value under random tie-breaks,
         k / rows) and "random_baseline_*" (seeded uniform [0, 1]), plus "rows" and "columns".
@@ -570,6 +640,9 @@ class InfluenceNetwork(
         if labels.shape != predictions.shape:
             raise ValueError(f"labels must be the full oracle matrix {list(predictions.shape)}, "
                              f"got {list(labels.shape)}")
+        if self.label_normalization == "column":
+            # The network predicts per-target standard units: compare with each column's standardised labels.
+            labels = standardize_columns(labels)
         predictions = (predictions - label_min) / label_scale
         labels = (labels - label_min) / label_scale
         seen_rows, seen_columns = torch.as_tensor(seen_rows).long(), torch.as_tensor(seen_columns).long()
@@ -591,6 +664,7 @@ class InfluenceNetwork(
                 "rows": len(rows), "columns": len(columns),
                 "mse": (predicted - true).square().mean().item(),
                 "spearman": spearman(predicted, true, generator),
+                "column_spearman": column_spearman(predicted, true),
                 "topk_overlap": topk_overlap(predicted, true, k),
                 "mean_baseline_mse": (true - training_mean).square().mean().item(),
                 "mean_baseline_spearman": math.nan,

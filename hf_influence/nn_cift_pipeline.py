@@ -20,8 +20,8 @@ import torch
 from datasets import Dataset
 from torch import Tensor
 
-from .encoders import encode_rows, encoder_identity, load_encoder
-from .network import InfluenceNetwork
+from .encoders import TEXT_FORMAT, encode_rows, encoder_identity, load_encoder
+from .network import InfluenceNetwork, standardize_columns
 from .options import NNCIFTConfig
 from .oracles import DeliftOracle, DeliftSEOracle, MethodOracle, Oracle, SelectITOracle
 from .scores import ScoreTable, provenance_record
@@ -35,10 +35,10 @@ class NNCIFTResult:
 
     Attributes:
         network: the fitted InfluenceNetwork.
-        scores: [n, m] predicted scores (oracle units) with the block's true values in place; [n, 1] pointwise;
-            None with predict=False.
+        scores: [n, m] predicted scores with the block's true values in place, in oracle units (per-target
+            standard units with network_label_normalization="column"); [n, 1] pointwise; None with predict=False.
         block_rows: [u_n] pool rows the oracle scored; block_columns: [u_m] target columns it scored.
-        block_labels: [u_n, u_m] the oracle's values on the block.
+        block_labels: [u_n, u_m] the oracle's values on the block, in the units of `scores`.
         pool_embeddings: [n, e]; target_embeddings: [m, e].
         seconds: cost split {"embed", "oracle", "fit", "predict"} (and "evaluation" when evaluated).
         evaluation: `network.evaluate` quadrant figures (None without config.evaluation_fraction).
@@ -150,11 +150,14 @@ def nn_cift(pool: Dataset, target: Dataset, config: NNCIFTConfig | None = None, 
     labels = oracle.compute_block(pool.select(rows.tolist()),
                                   None if oracle.pointwise else target.select(columns.tolist()))
     seconds["oracle"] = time.perf_counter() - start
-    encoder_id, _ = encoder_identity(encoder)
+    encoder_id, encoder_revision = encoder_identity(encoder)
     network = InfluenceNetwork(
         kind="pointwise" if oracle.pointwise else "pairwise", embedding_dim=pool_embeddings.shape[1],
         hidden_sizes=list(config.network_hidden_sizes), embedding_model=encoder_id, oracle=oracle.name,
         valuation_model=oracle.identity().get("model_id"), seed=config.nn_cift_seed,
+        embedding_revision=encoder_revision, text_format=TEXT_FORMAT,
+        interaction_rank=0 if oracle.pointwise else config.network_interaction_rank,
+        label_normalization=config.network_label_normalization,
     )
     start = time.perf_counter()
     network.fit(pool_embeddings[rows], None if oracle.pointwise else target_embeddings[columns],
@@ -163,6 +166,9 @@ def nn_cift(pool: Dataset, target: Dataset, config: NNCIFTConfig | None = None, 
                 patience=config.network_patience, seed=config.nn_cift_seed, num_threads=config.network_num_threads,
                 validation_split=config.network_validation_split)
     seconds["fit"] = time.perf_counter() - start
+    # The block keeps its oracle values, in the units the network predicts.
+    if config.network_label_normalization == "column":
+        labels = standardize_columns(labels)
     scores = None
     if predict:
         start = time.perf_counter()
@@ -199,7 +205,8 @@ def _evaluate(result: NNCIFTResult, oracle: Oracle, pool: Dataset, target: Datas
     if oracle.pointwise:
         result.evaluation = result.network.evaluate(result.pool_embeddings[rows], None, labels[:, 0], seen_rows)
         unseen = slice(len(seen_rows), None)
-        result.evaluation_pairs = (result.network.predict(result.pool_embeddings[rows][unseen]), labels[unseen, 0])
+        true = standardize_columns(labels)[:, 0] if result.network.label_normalization == "column" else labels[:, 0]
+        result.evaluation_pairs = (result.network.predict(result.pool_embeddings[rows][unseen]), true[unseen])
         return
     seen_columns = torch.arange(len(result.block_columns))
     result.evaluation = result.network.evaluate(result.pool_embeddings[rows], result.target_embeddings[columns],
@@ -207,4 +214,6 @@ def _evaluate(result: NNCIFTResult, oracle: Oracle, pool: Dataset, target: Datas
     unseen_rows, unseen_columns = slice(len(seen_rows), None), slice(len(seen_columns), None)
     predicted = result.network.predict(result.pool_embeddings[rows][unseen_rows],
                                        result.target_embeddings[columns][unseen_columns])
+    if result.network.label_normalization == "column":  # the plot compares like with like (evaluate does too)
+        labels = standardize_columns(labels)
     result.evaluation_pairs = (predicted.flatten(), labels[unseen_rows, unseen_columns].flatten())

@@ -195,6 +195,15 @@ class NNCIFTConfig:
     network_hidden_sizes: list[int] = field(
         default_factory=lambda: [100],
         metadata={"help": "hidden layer widths of the InfluenceNetwork."})
+    network_interaction_rank: int = field(
+        default=0,
+        metadata={"help": "rank of the InfluenceNetwork's bilinear term (P e_i) . (Q e_j) added to the MLP; 0 for the "
+                          "paper's MLP alone (see hf_influence.network)."})
+    network_label_normalization: str = field(
+        default="global",
+        metadata={"help": '"global" (min-max over the block: predictions in oracle units, the paper) or "column" '
+                          "(each target column standardised over the block rows first: predictions in per-target "
+                          "standard units)."})
     network_epochs: int = field(default=20, metadata={"help": "maximum training epochs."})
     network_learning_rate: float = field(default=1e-4, metadata={"help": "Adam learning rate."})
     network_batch_size: int = field(default=64, metadata={"help": "pairs per training step."})

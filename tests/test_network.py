@@ -1,15 +1,17 @@
 """InfluenceNetwork (NN-CIFT): factorised inference against the plain forward, fitting, quadrant evaluation, Hub I/O."""
 
 import json
+import math
 
 import hub_server
 import pytest
 import safetensors.torch
+import scipy.stats
 import torch
 from huggingface_hub import HfApi
 
 from hf_influence import network as network_module
-from hf_influence.network import InfluenceNetwork, split_held_out, split_pairs
+from hf_influence.network import InfluenceNetwork, column_spearman, split_held_out, split_pairs
 
 local_hub = hub_server.local_hub
 
@@ -51,14 +53,16 @@ def _fitted_network(**kwargs):
     return network, pool, target, labels
 
 
-@pytest.mark.parametrize("kind", ["pairwise", "pointwise"])
+@pytest.mark.parametrize(("kind", "interaction_rank"), [("pairwise", 0), ("pointwise", 0), ("pairwise", 5)])
 @pytest.mark.parametrize("hidden_sizes", [[100], [32, 16]])
 @pytest.mark.parametrize(("chunk_rows", "tile_rows"), [(16384, None), (7, 3), (1, 1), (40, 64)])
-def test_factorised_predict_equals_the_plain_forward(kind, hidden_sizes, chunk_rows, tile_rows, monkeypatch):
+def test_factorised_predict_equals_the_plain_forward(kind, interaction_rank, hidden_sizes, chunk_rows, tile_rows,
+                                                     monkeypatch):
     n, m, e = 37, 11, 16
     generator = torch.Generator().manual_seed(0)
     pool, target = torch.randn(n, e, generator=generator), torch.randn(m, e, generator=generator)
-    network = InfluenceNetwork(kind=kind, embedding_dim=e, hidden_sizes=hidden_sizes, label_min=-2.0, label_max=3.0)
+    network = InfluenceNetwork(kind=kind, embedding_dim=e, hidden_sizes=hidden_sizes, label_min=-2.0, label_max=3.0,
+                               interaction_rank=interaction_rank)
     if tile_rows is not None:  # force several tiles per chunk, with a ragged last one
         monkeypatch.setattr(network_module, "TILE_BYTES", tile_rows * hidden_sizes[0] * m * 4)
     target = target if kind == "pairwise" else None
@@ -105,6 +109,61 @@ def test_top_candidates_equal_topk_of_the_full_prediction(k, chunk_rows):
 def test_parameter_counts_match_the_paper():
     assert sum(p.numel() for p in InfluenceNetwork(embedding_dim=384).parameters()) == 77_001
     assert sum(p.numel() for p in InfluenceNetwork(embedding_dim=1024).parameters()) == 205_001
+
+
+def test_interaction_term_is_the_bilinear_form_and_learns_a_cosine():
+    generator = torch.Generator().manual_seed(0)
+    pool, target = _embeddings(300, 8, generator), _embeddings(60, 8, generator)
+    network = InfluenceNetwork(embedding_dim=8, hidden_sizes=[4], interaction_rank=3, label_min=0.0, label_max=1.0)
+    p, q = network.interaction.detach()
+    pairs = torch.cat([pool[:5], target[:5]], dim=1)
+    without = network(pairs) - ((pool[:5] @ p.T) * (target[:5] @ q.T)).sum(-1)
+    with torch.no_grad():
+        network.interaction.zero_()
+    torch.testing.assert_close(network(pairs), without.detach())
+    assert sum(x.numel() for x in network.parameters()) == 16 * 4 + 4 + 4 + 1 + 2 * 3 * 8
+    # An embedding cosine (DELIFT-SE) is a bilinear form: on unseen rows and targets the bilinear network
+    # recovers it, where the paper's MLP of the same width ranks it far less well.
+    labels = pool @ target.T
+    rows, columns = torch.arange(120), torch.arange(20)
+    results = {}
+    for rank in (0, 8):
+        network = InfluenceNetwork(embedding_dim=8, hidden_sizes=[4], interaction_rank=rank)
+        network.fit(pool[rows], target[columns], labels[rows][:, columns], lr=1e-2, epochs=60, patience=10)
+        results[rank] = network.evaluate(pool, target, labels, rows, columns)["Q4"]
+    assert results[8]["spearman"] > 0.95 > results[0]["spearman"] + 0.05
+    with pytest.raises(ValueError, match="interaction_rank"):
+        InfluenceNetwork(kind="pointwise", embedding_dim=8, interaction_rank=2)
+
+
+def test_column_normalisation_learns_each_targets_ranking_not_its_scale():
+    # Each target scales and shifts one shared row ranking: "column" normalisation removes the per-target
+    # scale the network cannot know for an unseen target; predictions are per-target standard units.
+    generator = torch.Generator().manual_seed(1)
+    pool, target = _embeddings(200, 8, generator), _embeddings(40, 8, generator)
+    quality = torch.tanh(pool @ torch.randn(8, generator=generator))
+    scale, shift = torch.rand(40, generator=generator) * 10, torch.randn(40, generator=generator) * 5
+    labels = quality[:, None] * scale[None, :] + shift[None, :]
+    rows, columns = torch.arange(100), torch.arange(20)
+    network = InfluenceNetwork(embedding_dim=8, label_normalization="column")
+    network.fit(pool[rows], target[columns], labels[rows][:, columns], lr=1e-2, epochs=60, patience=10)
+    block = labels[rows][:, columns]
+    standard = (block - block.mean(0)) / block.std(0, correction=0)
+    assert network.label_min == pytest.approx(standard.min().item(), rel=1e-5)
+    q4 = network.evaluate(pool, target, labels, rows, columns)["Q4"]
+    assert q4["column_spearman"] > 0.9 and q4["mse"] < 0.2 * q4["mean_baseline_mse"]
+    assert network.config["label_normalization"] == "column"
+    with pytest.raises(ValueError, match="label_normalization"):
+        InfluenceNetwork(embedding_dim=8, label_normalization="rows")
+
+
+def test_column_spearman_is_the_mean_of_the_columns_spearman():
+    generator = torch.Generator().manual_seed(2)
+    predicted, true = torch.randn(30, 4, generator=generator), torch.randn(30, 4, generator=generator)
+    true[:, 3] = 1.0  # a constant column has no ranking and is left out
+    expected = sum(scipy.stats.spearmanr(predicted[:, c], true[:, c]).statistic for c in range(3)) / 3
+    assert column_spearman(predicted, true) == pytest.approx(expected, abs=1e-12)
+    assert math.isnan(column_spearman(predicted[:1], true[:1]))
 
 
 def test_fit_learns_low_rank_influence_and_generalises_to_unseen_quadrants():

@@ -45,6 +45,22 @@ def test_block_keeps_the_oracle_values_and_the_rest_is_predicted(rows, distilled
     assert set(distilled.seconds) == {"embed", "oracle", "fit", "predict", "evaluation"}
 
 
+def test_column_normalised_network_keeps_the_block_in_standard_units(rows):
+    from hf_influence.network import standardize_columns
+
+    pool, target = rows
+    config = NNCIFTConfig(oracle="delift_se", block_fraction=0.4, min_block_rows=8, network_epochs=5,
+                          network_label_normalization="column", network_interaction_rank=4)
+    result = nn_cift(pool, target, config, show_progress=False)
+    assert (result.network.label_normalization, result.network.interaction_rank) == ("column", 4)
+    assert result.network.text_format and result.network.embedding_revision
+    exact = DeliftSEOracle(show_progress=False).compute_block(pool.select(result.block_rows.tolist()),
+                                                               target.select(result.block_columns.tolist()))
+    block = result.scores[result.block_rows.unsqueeze(1), result.block_columns.unsqueeze(0)]
+    torch.testing.assert_close(block, standardize_columns(exact))
+    assert block.mean(0).abs().max() < 1e-5
+
+
 def test_network_learns_the_embedding_oracle(distilled):
     q4 = distilled.evaluation["Q4"]
     print({name: {key: round(value, 3) for key, value in quadrant.items() if isinstance(value, float)}
