@@ -1,203 +1,434 @@
-"""NN-CIFT on the real pool: an Influence Distillation oracle distilled into an InfluenceNetwork.
+"""NN-CIFT on the real pool: four influence oracles distilled into InfluenceNetworks, judged on rows and targets
+the networks never saw (quadrant Q4), with a sweep of what makes Q4 generalise.
 
-    python benchmarks/nn_cift.py --json benchmarks/results/nn_cift_cpu.json [--pool-rows 1000 --target-rows 40]
+    python benchmarks/nn_cift.py --cache /path/cache --work-dir /path/downstream/work \
+        --json benchmarks/results/nn_cift_cpu.json
 
-Pool: a seeded slice of ../shared/data/pool.jsonl.gz; target: seeded GSM8K test rows; model: SmolLM2-135M-Instruct
-(offline copy); encoder: all-MiniLM-L6-v2 (offline copy). The oracle is first-order Influence Distillation with
-every block row's gradient (`influence_distillation_exact`, GD: no warm-up, so blocks are consistent and cheap).
-With the default unit-normalised gradients and no Adam state these values are gradient cosines, exactly what
-LESS computes without a warm-up (checked: the same labels bit for bit), so LESS needs no run of its own here.
+Data: the downstream benchmark's pool slice (2,048 seeded rows of ../shared/data/pool.jsonl.gz, max_length 256)
+and 1,029 target rows drawn from four target files (340 GSM8K train, 340 MMLU test, 340 BBH, the 9 TyDiQA
+rows), so that 5% of the targets is 52 columns. Model: SmolLM2-135M-Instruct (offline copy); encoder:
+all-MiniLM-L6-v2 (offline copy).
 
-Reported:
-- Q1..Q4 MSE (labels min-max normalised), Q4 Spearman, against predict-the-mean / random, measured on an
-  evaluation block: the training block's rows and columns plus fresh ones (`evaluation_fraction`).
-- cost split of NN-CIFT (embed / oracle / fit / predict seconds) and `cost_reduction` = 1 - NN-CIFT seconds /
-  oracle-on-everything seconds. The oracle on every pool row is not run (it is what NN-CIFT avoids, and it
-  would take hours on this CPU): its time is the measured oracle seconds per pool row of the evaluation block
-  times the pool size, plus the measured per-target cost times the target count. Exact ID is linear in
-  both, so this is an estimate from measured rates, and the JSON says so.
-- `predict_pairs_per_s`: the network's factorised prediction on a 100k x 300 pool x target matrix of random
-  embeddings (the pool size does not change the per-pair cost).
-- Two references for Q4 Spearman, to tell a weak fit from a weak signal: `q4_spearman_ridge_baseline`, an
-  additive linear model fitted on the same training block (ridge from a row's embedding to its mean label over
-  the block columns, plus ridge from a column's embedding to its mean over the block rows; ridge chosen by
-  leave-one-out); and `q4_spearman_additive_ceiling`, the Spearman of Q4's own row mean + column mean (computed
-  from the Q4 labels themselves), the best any model that predicts a row effect plus a column effect can do.
+Oracles (their library classes, with the library's defaults):
+- delift_se: cosine of the MiniLM sentence embeddings (the network reads the same embeddings).
+- influence_distillation_exact: first-order ID with every row's exact gradient, after the library's warm-up
+  (AdamW on 5% of the pool), so LoRA-A gradients are not zero and the scores are Adam-aware.
+- less: LESS's gradient cosine on the same warmed-up gradients.
+- delift: DELIFT's in-context utility with SmolLM2 (reference distance ||p - 1||_2 / sqrt(T)).
+For the first three the oracle's whole [2,048 x 1,029] matrix is computed once (the gradient oracles reuse the
+downstream benchmark's gradient store through --work-dir: only the target gradients are new), so every quadrant
+is measured on every pair. DELIFT costs a forward pass per pair: it scores the training block and one fresh
+block of unseen rows x unseen targets (Q4: half the block's rows x half its columns), nothing else.
+
+Per oracle: the network is fitted on a seeded block of 5% of the rows x 5% of the columns (the paper's u), with
+the library's defaults; reported per quadrant are MSE (min-max normalised labels), Spearman over the flattened
+quadrant, the mean per-target Spearman (`column_spearman`: the ranking a per-target rule reads), top-10 overlap,
+and the baselines (predict the block mean; uniform noise; the paper's "predict zero" is the mean baseline's
+MSE with 0 for the mean, reported as `zero_baseline_mse`). Two references for Q4: a ridge additive model (row
+effect from the row's embedding + column effect from the target's), and the additive ceiling (Q4's own row +
+column means). Cost: NN-CIFT's seconds (embeddings of every row, the oracle on the block, fit, predict) against
+the oracle on every pair; the gradient oracles' costs are their measured seconds per gradient row times the
+rows (their warm-up, the same for both sides, is left out of both), DELIFT's its measured seconds per pair.
+
+Sweep (seconds per configuration: the labels are cached): the number of target columns, longer training,
+held-out validation, width, per-column label normalisation, the bilinear interaction term, a pointwise network
+(row effect only), and SmolLM2's own mean-pooled hidden states (576-d, the RDS+ representation) as the encoder.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
+import math
 import os
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
+import datasets
 import scipy.stats
 import torch
 from safetensors.torch import load_file, save_file
-from selection_quality import DEFAULT_DATA_DIR, load_data, machine
+from selection_quality import DEFAULT_DATA_DIR, machine
 
-from hf_influence import DEFAULT_MODEL, load_model
-from hf_influence.network import InfluenceNetwork
-from hf_influence.nn_cift_pipeline import NNCIFTConfig, nn_cift
-from hf_influence.oracles import MethodOracle
-from hf_influence.store import atomic_write_json, fingerprint_dataset
+from hf_influence import DEFAULT_MODEL, compute_scores, load_model, load_target
+from hf_influence.data import load_rows
+from hf_influence.encoders import encode_rows, load_encoder
+from hf_influence.formatting import FormattingConfig, format_dataset
+from hf_influence.models import base_model
+from hf_influence.network import InfluenceNetwork, column_spearman, topk_overlap
+from hf_influence.nn_cift_pipeline import NNCIFTConfig
+from hf_influence.oracles import DeliftOracle
+from hf_influence.rds_embeddings import cosine_scores, lm_pooled_embeddings
+from hf_influence.scores import json_safe
+from hf_influence.store import VectorStore, atomic_write_json
+
+POOL_ROWS, MAX_LENGTH, SEED = 2048, 256, 0
+# task -> (rows, load_target options): 1,029 targets, so that u = 5% of them is 52 columns.
+TARGET_DRAW = {"gsm8k": (340, {}), "mmlu": (340, {"held_out": True}), "bbh": (340, {}), "tydiqa": (9, {})}
+FULL_MATRIX_ORACLES = ("delift_se", "influence_distillation_exact", "less")
+ORACLES = (*FULL_MATRIX_ORACLES, "delift")
+# Network settings of the sweep, as NNCIFTConfig overrides (plus "columns": the block's target columns, and
+# "encoder": "minilm" or "lm"). "default" is the library's NNCIFTConfig.
+SWEEP = {
+    "default": {},
+    "columns=15": {"columns": 15},
+    "columns=103": {"columns": 103},
+    "longer training": {"network_epochs": 200, "network_learning_rate": 1e-3, "network_patience": 20},
+    "held_out validation": {"network_validation_split": "held_out"},
+    "width 400": {"network_hidden_sizes": [400]},
+    "column normalisation": {"network_label_normalization": "column"},
+    "interaction rank 32": {"network_interaction_rank": 32},
+    "interaction 32 + column": {"network_interaction_rank": 32, "network_label_normalization": "column"},
+    "interaction 32 + column + longer": {"network_interaction_rank": 32, "network_label_normalization": "column",
+                                         "network_epochs": 200, "network_learning_rate": 1e-3,
+                                         "network_patience": 20},
+    "pointwise (row effect)": {"pointwise": True},
+    "encoder SmolLM2 hidden states": {"encoder": "lm"},
+}
+DELIFT_SWEEP = ("default", "longer training", "column normalisation", "interaction 32 + column",
+                "interaction 32 + column + longer")
 
 
-class TimedOracle:
-    """Wraps an oracle to record the seconds and the block shape of every call (training and evaluation).
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
-    With a cache folder, each block's labels and its measured seconds are kept (safetensors + JSON, keyed by the
-    rows' fingerprints and the oracle identity), so that reruns that change only the network reuse the oracle
-    work; a reused call reports the seconds measured when it was computed, and says `cached`.
-    """
 
-    def __init__(self, oracle, cache_dir: Path | None = None):
-        self.oracle, self.calls, self.cache_dir = oracle, [], cache_dir
-        self.name, self.pointwise = oracle.name, oracle.pointwise
+def load_benchmark_rows(data_dir: Path, pool_rows: int, target_share: float):
+    """The pool slice and the concatenated target rows (each task's count times target_share, at least 2)."""
+    pool = load_rows(data_dir / "pool.jsonl.gz").shuffle(seed=SEED).select(range(pool_rows))
+    targets = [load_target(task, data_dir=data_dir, limit=max(2, round(rows * target_share)), seed=SEED, **options)
+               for task, (rows, options) in TARGET_DRAW.items()]
+    return pool, datasets.concatenate_datasets(targets)
 
-    def compute_block(self, pool_rows, target_rows=None):
-        key = hashlib.sha256(json.dumps([fingerprint_dataset(pool_rows), None if target_rows is None else
-                                         fingerprint_dataset(target_rows), self.oracle.identity()],
-                                        sort_keys=True, default=str).encode()).hexdigest()[:16]
-        if self.cache_dir is not None and (self.cache_dir / f"{key}.json").exists():
-            record = json.loads((self.cache_dir / f"{key}.json").read_text())
-            self.calls.append({**record, "cached": True})
-            return load_file(str(self.cache_dir / f"{key}.safetensors"))["labels"]
+
+class Cache:
+    """Tensors with a JSON record each (seconds measured when they were computed), written atomically."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def get(self, name: str, compute) -> tuple[torch.Tensor, dict]:
+        tensor_file, record_file = self.folder / f"{name}.safetensors", self.folder / f"{name}.json"
+        if record_file.exists():
+            return load_file(str(tensor_file))["value"], json.loads(record_file.read_text())
         start = time.perf_counter()
-        block = self.oracle.compute_block(pool_rows, target_rows)
-        record = {"rows": block.shape[0], "columns": block.shape[1], "seconds": time.perf_counter() - start}
-        self.calls.append(record)
-        if self.cache_dir is not None:
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
-            save_file({"labels": block.contiguous()}, str(self.cache_dir / f"{key}.safetensors"))
-            atomic_write_json(self.cache_dir / f"{key}.json", record)
-        return block
+        value, record = compute()
+        record = {**record, "seconds": time.perf_counter() - start, "shape": list(value.shape)}
+        save_file({"value": value.contiguous().float()}, str(tensor_file))
+        atomic_write_json(record_file, record)  # written last: a crash before it recomputes
+        return value.float(), record
 
-    def identity(self):
-        return self.oracle.identity()
+
+def gradient_oracle(method: str, pool, targets, work_dir: Path, model, tokenizer):
+    def compute():
+        run = compute_scores(pool, targets, model=model, tokenizer=tokenizer, method=method, max_length=MAX_LENGTH,
+                             work_dir=str(work_dir), show_progress=False, warmup_show_progress=False)
+        scores, row_ids, _ = run.score_table().to_matrix()
+        if row_ids != list(range(len(pool))):
+            raise RuntimeError(f"{method}: pool rows were skipped ({len(row_ids)} of {len(pool)} scored)")
+        return scores, {"new_gradient_rows": len(targets), "note": "the pool's gradients were already in work_dir: "
+                        "the seconds are the target rows' gradients plus the dot products"}
+    return compute
+
+
+def delift_blocks(cache: Cache, oracle: DeliftOracle, pool, targets, rows, columns, fresh_rows, fresh_columns):
+    """DELIFT's training block [rows x columns] and its Q4 block [fresh rows x fresh columns]."""
+    def block(row_index, column_index):
+        return lambda: (oracle.compute_block(pool.select(row_index.tolist()), targets.select(column_index.tolist())),
+                        {"pairs": len(row_index) * len(column_index)})
+    training = cache.get("delift_training_block", block(rows, columns))
+    q4 = cache.get("delift_q4_block", block(fresh_rows, fresh_columns))
+    return training, q4
 
 
 def ridge_loo(features: torch.Tensor, values: torch.Tensor, alphas=tuple(10.0 ** p for p in range(-3, 4))):
-    """Ridge regression (with intercept) with alpha chosen by exact leave-one-out error; returns predict(x)."""
+    """Ridge regression (with intercept), alpha chosen by exact leave-one-out error; returns predict(x)."""
     x, y = features.double(), values.double()
     mean_x, mean_y = x.mean(0), y.mean()
     xc, yc = x - mean_x, y - mean_y
-    best = None
-    for alpha in alphas:
-        # Hat matrix in the sample space: H = X (X^T X + a I)^-1 X^T = X X^T (X X^T + a I)^-1 (n <= e here).
-        gram = xc @ xc.T
-        hat = gram @ torch.linalg.inv(gram + alpha * torch.eye(len(x), dtype=x.dtype))
-        loo = ((yc - hat @ yc) / (1 - hat.diagonal())).square().mean()
-        if best is None or loo < best[0]:
-            best = (loo, alpha)
-    alpha = best[1]
-    weights = xc.T @ torch.linalg.solve(xc @ xc.T + alpha * torch.eye(len(x), dtype=x.dtype), yc)
-    return lambda new: ((new.double() - mean_x) @ weights + mean_y)
+    gram = xc @ xc.T
+    best = min(alphas, key=lambda alpha: (((yc - (hat := gram @ torch.linalg.inv(gram + alpha * torch.eye(len(x),
+               dtype=x.dtype))) @ yc) / (1 - hat.diagonal())).square().mean()))
+    weights = xc.T @ torch.linalg.solve(gram + best * torch.eye(len(x), dtype=x.dtype), yc)
+    return lambda new: (new.double() - mean_x) @ weights + mean_y
 
 
-def q4_references(result) -> dict:
+def q4_references(pool_embeddings, target_embeddings, block, rows, columns, q4_rows, q4_columns, q4_labels) -> dict:
     """Q4 Spearman of the ridge additive baseline and of the additive ceiling (module docstring)."""
-    rows, columns, labels = result.evaluation_block
-    seen_rows, seen_columns = len(result.block_rows), len(result.block_columns)
-    block = result.block_labels.double()
-    row_model = ridge_loo(result.pool_embeddings[result.block_rows], block.mean(1))
-    column_model = ridge_loo(result.target_embeddings[result.block_columns], block.mean(0))
-    fresh_rows, fresh_columns = rows[seen_rows:], columns[seen_columns:]
-    predicted = (row_model(result.pool_embeddings[fresh_rows])[:, None]
-                 + column_model(result.target_embeddings[fresh_columns])[None, :])
-    q4 = labels[seen_rows:, seen_columns:].double()
+    block = block.double()
+    row_model = ridge_loo(pool_embeddings[rows], block.mean(1))
+    column_model = ridge_loo(target_embeddings[columns], block.mean(0))
+    predicted = row_model(pool_embeddings[q4_rows])[:, None] + column_model(target_embeddings[q4_columns])[None, :]
+    q4 = q4_labels.double()
     ceiling = q4.mean(1, keepdim=True) + q4.mean(0, keepdim=True)
-    return {"q4_spearman_ridge_baseline": scipy.stats.spearmanr(predicted.flatten(), q4.flatten()).statistic,
-            "q4_spearman_additive_ceiling": scipy.stats.spearmanr(ceiling.flatten(), q4.flatten()).statistic}
+    sample = torch.randperm(q4.numel(), generator=torch.Generator().manual_seed(0))[:1_000_000]
+    return {"ridge_additive_spearman": scipy.stats.spearmanr(predicted.flatten()[sample],
+                                                             q4.flatten()[sample]).statistic,
+            "additive_ceiling_spearman": scipy.stats.spearmanr(ceiling.flatten()[sample],
+                                                               q4.flatten()[sample]).statistic}
 
 
-def predict_throughput(embedding_dim: int, rows: int = 100_000, targets: int = 300) -> float:
-    network = InfluenceNetwork(embedding_dim=embedding_dim, label_min=0.0, label_max=1.0)
-    generator = torch.Generator().manual_seed(0)
-    pool, target = torch.randn(rows, embedding_dim, generator=generator), torch.randn(targets, embedding_dim,
-                                                                                      generator=generator)
-    network.predict(pool[:1000], target)  # warm-up of the kernels
+def fit_network(config: NNCIFTConfig, pool_embeddings, target_embeddings, rows, columns, block, pointwise=False):
+    network = InfluenceNetwork(kind="pointwise" if pointwise else "pairwise", embedding_dim=pool_embeddings.shape[1],
+                               hidden_sizes=list(config.network_hidden_sizes), seed=config.nn_cift_seed,
+                               interaction_rank=0 if pointwise else config.network_interaction_rank,
+                               label_normalization=config.network_label_normalization)
     start = time.perf_counter()
-    network.predict(pool, target)
-    return rows * targets / (time.perf_counter() - start)
+    history = network.fit(pool_embeddings[rows], None if pointwise else target_embeddings[columns],
+                          block.mean(1) if pointwise else block, epochs=config.network_epochs,
+                          batch_size=config.network_batch_size, lr=config.network_learning_rate,
+                          patience=config.network_patience, seed=config.nn_cift_seed,
+                          num_threads=config.network_num_threads, validation_split=config.network_validation_split)
+    return network, time.perf_counter() - start, history
+
+
+def standardized(labels: torch.Tensor) -> torch.Tensor:
+    """Each column minus its mean over its scored (non-NaN) rows, over their standard deviation."""
+    mean = labels.nanmean(0, keepdim=True)
+    std = (labels - mean).square().nanmean(0, keepdim=True).sqrt()
+    return (labels - mean) / torch.where(std > 0, std, torch.ones_like(std))
+
+
+def quadrants_of(predicted, labels, rows, columns, label_normalization: str) -> dict:
+    """Per quadrant (left out when unscored, i.e. NaN): MSE, Spearman, per-target Spearman and top-10 overlap of
+    predicted [n, m] against labels [n, m], with the baselines of the module docstring. Both are min-max
+    normalised with the training block's range, after per-column standardisation for a "column" network
+    (whose predictions are in those units), so MSEs compare across variants."""
+    labels = standardized(labels.double()) if label_normalization == "column" else labels.double()
+    seen_rows = torch.zeros(labels.shape[0], dtype=torch.bool)
+    seen_rows[rows] = True
+    seen_columns = torch.zeros(labels.shape[1], dtype=torch.bool)
+    seen_columns[columns] = True
+    block = labels[seen_rows][:, seen_columns]
+    low, scale = block.min().item(), (block.max() - block.min()).item()
+    labels, predicted = (labels - low) / scale, (predicted.double() - low) / scale
+    mean = ((block - low) / scale).mean().item()
+    generator = torch.Generator().manual_seed(0)
+    result = {}
+    for name, (row_mask, column_mask) in {"Q1": (seen_rows, seen_columns), "Q2": (seen_rows, ~seen_columns),
+                                          "Q3": (~seen_rows, seen_columns), "Q4": (~seen_rows, ~seen_columns)}.items():
+        true, guess = labels[row_mask][:, column_mask], predicted[row_mask][:, column_mask]
+        if true.numel() == 0 or bool(true.isnan().any()):
+            continue
+        sample = torch.randperm(true.numel(), generator=generator)[:1_000_000]
+        noise = torch.rand(true.shape, generator=generator, dtype=torch.float64)
+        result[name] = {
+            "rows": true.shape[0], "columns": true.shape[1],
+            "mse": (guess - true).square().mean().item(),
+            "spearman": scipy.stats.spearmanr(guess.flatten()[sample], true.flatten()[sample]).statistic,
+            "column_spearman": column_spearman(guess, true),
+            "top10_overlap": topk_overlap(guess, true, 10),
+            "mean_baseline_mse": (true - mean).square().mean().item(),
+            "zero_baseline_mse": true.square().mean().item(),
+            "random_baseline_mse": (noise - true).square().mean().item(),
+            "random_baseline_top10_overlap": topk_overlap(noise, true, 10),
+        }
+    return result
+
+
+def predicted_matrix(network, pool_embeddings, target_embeddings) -> torch.Tensor:
+    """[n, m] predictions; a pointwise network's row score is repeated over the targets."""
+    if network.kind == "pointwise":
+        return network.predict(pool_embeddings)[:, None].expand(-1, target_embeddings.shape[0])
+    return network.predict(pool_embeddings, target_embeddings)
+
+
+def summary(quadrants: dict) -> dict:
+    q4 = quadrants["Q4"]
+    return {"q4_spearman": q4["spearman"], "q4_column_spearman": q4.get("column_spearman"), "q4_mse": q4["mse"],
+            "q4_mse_mean_baseline": q4["mean_baseline_mse"],
+            "q4_mse_below_mean_baseline": bool(q4["mse"] < q4["mean_baseline_mse"])}
+
+
+def block_indices(num_rows: int, num_columns: int, column_count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The seeded block: 5% of the rows; the first `column_count` of one seeded column order (nested blocks)."""
+    generator = torch.Generator().manual_seed(SEED)
+    rows = torch.randperm(num_rows, generator=generator)[: math.ceil(0.05 * num_rows)].sort().values
+    columns = torch.randperm(num_columns, generator=generator)[:column_count].sort().values
+    return rows, columns
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", type=Path, required=True)
+    parser.add_argument("--cache", type=Path, required=True, help="labels, embeddings and DELIFT blocks (reruns)")
+    parser.add_argument("--work-dir", type=Path, required=True,
+                        help="the gradient oracles' work_dir (the downstream benchmark's <cache>/work reuses its "
+                             "warm-up and pool gradients)")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
-    parser.add_argument("--pool-rows", type=int, default=1000)
-    parser.add_argument("--target-rows", type=int, default=40)
-    parser.add_argument("--block-fraction", type=float, default=0.05)
-    parser.add_argument("--evaluation-fraction", type=float, default=0.05)
-    parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--epochs", type=int, default=200)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--oracle-cache", type=Path, default=None,
-                        help="keep / reuse oracle blocks here (reruns that change only the network)")
+    parser.add_argument("--oracles", nargs="+", default=list(ORACLES), choices=ORACLES)
+    parser.add_argument("--pool-rows", type=int, default=POOL_ROWS,
+                        help="smaller for a smoke run (the gradient oracles then fill a new work_dir)")
+    parser.add_argument("--target-share", type=float, default=1.0, help="share of each task's target rows")
     args = parser.parse_args()
     if not (args.data_dir / "pool.jsonl.gz").exists():
         print(f"skipped: {args.data_dir / 'pool.jsonl.gz'} not found")
         return 0
-    pool, target = load_data(args.data_dir, args.pool_rows, args.target_rows, args.seed)
+    cache = Cache(args.cache)
+    pool, targets = load_benchmark_rows(args.data_dir, args.pool_rows, args.target_share)
+    n, m = len(pool), len(targets)
+    log(f"pool {n} rows, {m} targets")
+
+    encoder = load_encoder()
+    embeddings = {}
+    embed_seconds = 0.0
+    for side, rows in (("pool", pool), ("targets", targets)):
+        value, record = cache.get(f"minilm_{side}", lambda rows=rows: (encode_rows(rows, encoder,
+                                                                                    show_progress=False), {}))
+        embeddings[side] = value
+        embed_seconds += record["seconds"]
     model, tokenizer = load_model(DEFAULT_MODEL)
-    oracle = TimedOracle(MethodOracle("influence_distillation_exact", model=model, tokenizer=tokenizer,
-                                      optimizer_state="gd", max_length=args.max_length, response_column="solution",
-                                      show_progress=False), cache_dir=args.oracle_cache)
-    config = NNCIFTConfig(block_fraction=args.block_fraction, evaluation_fraction=args.evaluation_fraction,
-                          network_epochs=args.epochs, network_learning_rate=args.learning_rate,
-                          network_patience=20, nn_cift_seed=args.seed, min_block_rows=16)
-    result = nn_cift(pool, target, config, oracle=oracle, show_progress=False)
-    evaluation_call = oracle.calls[-1]  # [training block, evaluation block]
-    # Oracle cost model from the evaluation block (rows x columns measured together): per pool row and per target.
-    seconds_per_pair_row = evaluation_call["seconds"] / (evaluation_call["rows"] + evaluation_call["columns"])
-    oracle_all_seconds = seconds_per_pair_row * (len(pool) + len(target))
-    # The oracle's seconds as measured when its block was computed (a cached block took none in this run).
-    seconds = {**result.seconds, "oracle": oracle.calls[0]["seconds"], "evaluation": evaluation_call["seconds"]}
-    nn_cift_seconds = sum(value for key, value in seconds.items() if key != "evaluation")
-    evaluation = result.evaluation
-    report = {
-        **{f"{quadrant.lower()}_mse": evaluation[quadrant]["mse"] for quadrant in ("Q1", "Q2", "Q3", "Q4")},
-        "q4_spearman": evaluation["Q4"]["spearman"],
-        "q4_mean_baseline_mse": evaluation["Q4"]["mean_baseline_mse"],
-        "q4_random_baseline_mse": evaluation["Q4"]["random_baseline_mse"],
-        **q4_references(result),
-        "evaluation": evaluation,
-        "predict_pairs_per_s": predict_throughput(result.pool_embeddings.shape[1]),
-        "cost_reduction": 1 - nn_cift_seconds / oracle_all_seconds,
-        "nn_cift_seconds": seconds,
-        "oracle_calls": oracle.calls,
-        "oracle_all_seconds_estimated": oracle_all_seconds,
-        "oracle_all_seconds_note": "estimated: measured oracle seconds per (pool + target) row of the evaluation "
-                                   "block x (pool rows + target rows); exact ID is linear in both",
-        "config": {**vars(args), "json": str(args.json), "data_dir": str(args.data_dir), "pool": len(pool),
-                   "target": len(target), "block_rows": len(result.block_rows),
-                   "block_columns": len(result.block_columns)},
-        "machine": machine(),
-    }
-    print(f"NN-CIFT (ID first-order oracle) on {len(pool)} pool x {len(target)} GSM8K rows, block "
-          f"{len(result.block_rows)} x {len(result.block_columns)}")
-    print(f"{'quadrant':<10}{'MSE':>10}{'Spearman':>10}{'mean-baseline MSE':>20}{'random MSE':>12}")
-    for quadrant in ("Q1", "Q2", "Q3", "Q4"):
-        row = evaluation[quadrant]
-        print(f"{quadrant:<10}{row['mse']:>10.4f}{row['spearman']:>10.3f}{row['mean_baseline_mse']:>20.4f}"
-              f"{row['random_baseline_mse']:>12.4f}")
-    print(f"Q4 Spearman references: ridge additive baseline {report['q4_spearman_ridge_baseline']:.3f}, additive "
-          f"ceiling (Q4's own row + column means) {report['q4_spearman_additive_ceiling']:.3f}")
-    print("cost split: " + ", ".join(f"{key} {value:.1f} s" for key, value in seconds.items()))
-    print(f"oracle on everything (estimated) {oracle_all_seconds:.0f} s -> cost reduction {report['cost_reduction']:.1%}")
-    print(f"prediction: {report['predict_pairs_per_s'] / 1e6:.1f}M pairs/s")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2, default=str))
+
+    labels, oracle_records = {}, {}
+    for name in [oracle for oracle in args.oracles if oracle in FULL_MATRIX_ORACLES]:
+        log(f"oracle {name}: the whole matrix")
+        if name == "delift_se":
+            compute = lambda: (cosine_scores(embeddings["pool"], embeddings["targets"]), {})  # noqa: E731
+        else:
+            compute = gradient_oracle(name, pool, targets, args.work_dir, model, tokenizer)
+        labels[name], oracle_records[name] = cache.get(f"labels_{name}", compute)
+
+    column_count = math.ceil(0.05 * m)
+    rows, columns = block_indices(n, m, column_count)
+    report = {"pool_rows": n, "target_rows": m, "block_rows": len(rows), "block_columns": len(columns),
+              "target_tasks": {task: count for task, (count, _) in TARGET_DRAW.items()}, "oracles": {},
+              "sweep": {}, "machine": machine(), "embed_seconds": embed_seconds}
+
+    lm_embeddings = None
+    if any(name in labels for name in FULL_MATRIX_ORACLES):
+        def lm_targets():
+            formatted = format_dataset(targets, tokenizer, FormattingConfig(max_length=MAX_LENGTH),
+                                       show_progress=False).dataset
+            with base_model(model):
+                return lm_pooled_embeddings(model, formatted, pad_token_id=tokenizer.pad_token_id,
+                                            show_progress=False), {}
+        store_path = args.work_dir / "lm_embeddings"
+        if store_path.exists():  # the RDS+ store of the downstream benchmark: the pool's hidden states
+            store = VectorStore.open(store_path)
+            if store.row_ids is not None and list(store.row_ids) != list(range(n)):
+                raise RuntimeError(f"{store_path} does not hold one row per pool row, in order")
+            lm_embeddings = {"pool": store.to_tensor(), "targets": cache.get("lm_targets", lm_targets)[0]}
+        else:
+            log(f"no {store_path}: the SmolLM2 encoder variant is skipped")
+
+    for name, full in labels.items():
+        log(f"networks for {name}")
+        base = NNCIFTConfig(oracle=name)
+        results = {}
+        for variant, overrides in SWEEP.items():
+            settings = dict(overrides)
+            count, pointwise = settings.pop("columns", column_count), settings.pop("pointwise", False)
+            encoder_name = settings.pop("encoder", "minilm")
+            source = embeddings if encoder_name == "minilm" else lm_embeddings
+            if source is None or count >= m:  # (a smoke run's few targets leave no unseen column)
+                continue
+            variant_rows, variant_columns = block_indices(n, m, count)
+            block = full[variant_rows][:, variant_columns]
+            config = replace(base, **settings)
+            network, fit_seconds, history = fit_network(config, source["pool"], source["targets"], variant_rows,
+                                                        variant_columns, block, pointwise)
+            start = time.perf_counter()
+            predicted = predicted_matrix(network, source["pool"], source["targets"])
+            predict_seconds = time.perf_counter() - start
+            quadrants = quadrants_of(predicted, full, variant_rows, variant_columns, network.label_normalization)
+            results[variant] = {**summary(quadrants), "fit_seconds": fit_seconds, "epochs": len(history[
+                "validation_loss"]), "block_columns": count, "settings": overrides}
+            if variant == "default":
+                default = (quadrants, fit_seconds, predict_seconds, config)
+            log_variant(variant, results[variant])
+        quadrants, fit_seconds, predict_seconds, config = default
+        record = oracle_records[name]
+        if name == "delift_se":
+            # The oracle is the embeddings' cosine: on everything it costs the embeddings NN-CIFT pays anyway.
+            oracle_all, oracle_block = embed_seconds + record["seconds"], record["seconds"] * len(rows) * len(
+                columns) / (n * m)
+        else:
+            per_row = record["seconds"] / record["new_gradient_rows"]
+            oracle_all, oracle_block = per_row * (n + m), per_row * (len(rows) + len(columns))
+        nn_seconds = {"embed": embed_seconds, "oracle": oracle_block, "fit": fit_seconds, "predict": predict_seconds}
+        report["oracles"][name] = {
+            **summary(quadrants), "cost_reduction": 1 - sum(nn_seconds.values()) / oracle_all,
+            "quadrants": quadrants, "nn_cift_seconds": nn_seconds, "oracle_all_seconds": oracle_all,
+            "oracle_record": record, "config": asdict(config),
+            "q4_references": q4_references(embeddings["pool"], embeddings["targets"], full[rows][:, columns], rows,
+                                           columns, complement(rows, n), complement(columns, m),
+                                           full[complement(rows, n)][:, complement(columns, m)]),
+        }
+        report["sweep"][name] = results
+        atomic_write_json(args.json, json_safe(report))
+
+    if "delift" in args.oracles:
+        log("oracle delift: the training block and a fresh Q4 block")
+        generator = torch.Generator().manual_seed(SEED + 1)
+        # Half the block's rows and columns (a quarter of its pairs): DELIFT's forward pass per pair is the cost.
+        fresh_rows = complement(rows, n)[torch.randperm(n - len(rows), generator=generator)[
+            : math.ceil(len(rows) / 2)]].sort().values
+        fresh_columns = complement(columns, m)[torch.randperm(m - len(columns), generator=generator)[
+            : math.ceil(len(columns) / 2)]].sort().values
+        oracle = DeliftOracle(model, tokenizer, FormattingConfig(max_length=MAX_LENGTH), batch_size=8,
+                              show_progress=False)
+        with base_model(model):
+            (training, training_record), (q4, q4_record) = delift_blocks(cache, oracle, pool, targets, rows, columns,
+                                                                         fresh_rows, fresh_columns)
+        results = {}
+        for variant in DELIFT_SWEEP:
+            config = replace(NNCIFTConfig(oracle="delift"), **SWEEP[variant])
+            network, fit_seconds, history = fit_network(config, embeddings["pool"], embeddings["targets"], rows,
+                                                        columns, training)
+            # Only Q1 and Q4 were scored: the matrix over the block's and the fresh rows and columns, with NaN
+            # in the unscored Q2 / Q3 corners (left out of the figures).
+            all_rows, all_columns = torch.cat([rows, fresh_rows]), torch.cat([columns, fresh_columns])
+            matrix = torch.full((len(all_rows), len(all_columns)), math.nan)
+            matrix[: len(rows), : len(columns)], matrix[len(rows):, len(columns):] = training, q4
+            predicted = network.predict(embeddings["pool"][all_rows], embeddings["targets"][all_columns])
+            quadrants = quadrants_of(predicted, matrix, torch.arange(len(rows)), torch.arange(len(columns)),
+                                     network.label_normalization)
+            results[variant] = {**summary(quadrants), "fit_seconds": fit_seconds,
+                                "epochs": len(history["validation_loss"]), "settings": SWEEP[variant]}
+            log_variant(variant, results[variant])
+            if variant == "default":
+                default = (quadrants, fit_seconds)
+        quadrants, fit_seconds = default
+        per_pair = q4_record["seconds"] / q4_record["pairs"]
+        nn_seconds = {"embed": embed_seconds, "oracle": training_record["seconds"], "fit": fit_seconds,
+                      "predict": 0.0}
+        oracle_all = per_pair * n * m
+        report["oracles"]["delift"] = {
+            **summary(quadrants), "cost_reduction": 1 - sum(nn_seconds.values()) / oracle_all,
+            "quadrants": quadrants, "nn_cift_seconds": nn_seconds, "oracle_all_seconds": oracle_all,
+            "oracle_record": {"training_block": training_record, "q4_block": q4_record},
+            "note": "Q2 and Q3 not scored (a forward pass per pair); oracle_all = measured seconds per pair x n x m",
+        }
+        report["sweep"]["delift"] = results
+        atomic_write_json(args.json, json_safe(report))
+    print_table(report)
     return 0
+
+
+def log_variant(variant: str, result: dict) -> None:
+    log(f"  {variant:<36} Q4 Spearman {result['q4_spearman']:.3f}, per-target {result['q4_column_spearman']:.3f}, "
+        f"MSE {result['q4_mse']:.4f} (mean baseline {result['q4_mse_mean_baseline']:.4f})")
+
+
+def complement(indices: torch.Tensor, size: int) -> torch.Tensor:
+    mask = torch.ones(size, dtype=torch.bool)
+    mask[indices] = False
+    return mask.nonzero().squeeze(1)
+
+
+def print_table(report: dict) -> None:
+    print(f"\nNN-CIFT, {report['pool_rows']} pool rows x {report['target_rows']} targets, block "
+          f"{report['block_rows']} x {report['block_columns']}")
+    print(f"{'oracle':<30}{'Q4 Spearman':>12}{'per-target':>12}{'Q4 MSE':>10}{'mean-baseline':>15}{'cost red.':>11}")
+    for name, row in report["oracles"].items():
+        print(f"{name:<30}{row['q4_spearman']:>12.3f}{row['q4_column_spearman']:>12.3f}{row['q4_mse']:>10.4f}"
+              f"{row['q4_mse_mean_baseline']:>15.4f}{row['cost_reduction']:>11.1%}")
 
 
 if __name__ == "__main__":
