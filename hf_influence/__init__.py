@@ -19,6 +19,7 @@ from .model_passes import target_loss
 from .models import DEFAULT_MODEL, LoraSettings, add_lora, load_model
 from .network import InfluenceNetwork
 from .nn_cift_pipeline import NNCIFTConfig, NNCIFTResult, nn_cift
+from .pretrained import load_network, network_summary, select_with_network
 from .optimizer_warmup import WarmupConfig, WarmupMismatchError, WarmupResult, load_optimizer_state, warmup
 from .optimizers import AffineStep, OptimizerStateError, affine_step
 from .options import SelectionConfig
@@ -89,6 +90,9 @@ __all__ = [
     "nn_cift",
     "pad_batch",
     "per_sample_losses",
+    "load_network",
+    "network_summary",
+    "select_with_network",
     "predict_scores",
     "process_state",
     "push_influence_network",

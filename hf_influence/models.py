@@ -162,6 +162,8 @@ def weights_digest(model: nn.Module) -> str:
     for name, parameter in base.named_parameters():
         if "lora_" in name:
             continue
+        # PEFT moves a wrapped layer's own weight to `<layer>.base_layer.weight`: the same weight, the same digest.
+        name = name.replace(".base_layer.", ".")
         flat = parameter.detach().reshape(-1)
         count = min(flat.numel(), _DIGEST_SAMPLES)
         # Integer arithmetic: a float linspace rounds past the last index of a large tensor.

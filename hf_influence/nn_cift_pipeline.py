@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .encoders import TEXT_FORMAT, encode_rows, encoder_identity, load_encoder
 from .network import InfluenceNetwork, standardize_columns
-from .options import NNCIFTConfig
+from .options import ORACLE_RULES, NNCIFTConfig
 from .oracles import DeliftOracle, DeliftSEOracle, MethodOracle, Oracle, SelectITOracle
 from .scores import ScoreTable, provenance_record
 from .store import fingerprint_dataset
@@ -72,7 +72,9 @@ class NNCIFTResult:
         names = [str(i) for i in (target["id"] if "id" in target.column_names else range(len(target)))]
         mask = torch.zeros(len(pool), dtype=torch.bool)
         mask[self.block_rows] = True
+        # The rule a later selection from the table takes (the trainer reads it): the oracle's paper's.
         record = provenance_record(method="nn_cift", oracle=config.oracle, configs=asdict(config),
+                                   selection=ORACLE_RULES.get(config.oracle, "round_robin"),
                                    pool_fingerprint=fingerprint_dataset(pool),
                                    target_fingerprint=fingerprint_dataset(target), **provenance)
         return ScoreTable.from_matrix(self.scores, list(range(len(pool))),

@@ -161,6 +161,11 @@ class SelectionConfig:
 
 
 ORACLES = ("influence_distillation_exact", "influence_distillation", "less", "rds", "delift", "delift_se", "selectit")
+# The rule each oracle's paper selects with, NN-CIFT's default: DELIFT covers the targets with facility location
+# (DELIFT-SE too), LESS takes the top rows by its max-over-tasks score, SelectIT the top rows of its pointwise
+# scores; Influence Distillation's paper (and RDS+) go round-robin over the target rows.
+ORACLE_RULES = {"delift": "facility_location", "delift_se": "facility_location", "less": "less",
+                "selectit": "mean_top_k"}
 
 
 @dataclass

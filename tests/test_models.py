@@ -107,3 +107,14 @@ def test_lora_settings_convert_to_the_peft_config():
     assert (config.r, config.lora_alpha, config.lora_dropout, config.target_modules) == (4, 12, 0.1, "all-linear")
     assert config.task_type == "CAUSAL_LM"
     assert set(LoraSettings().to_peft_config().target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+
+
+def test_weights_digest_is_the_base_weights_whatever_the_adapter():
+    from hf_influence.models import weights_digest
+
+    model, _ = tiny_causal_lm("llama", seed=0)
+    bare = weights_digest(model)
+    wrapped = add_lora(model, LoraSettings(lora_r=4, lora_target_modules=["q_proj", "v_proj"]))
+    assert weights_digest(wrapped) == bare  # PEFT renames the wrapped layers' weights (base_layer): same weights
+    other, _ = tiny_causal_lm("llama", seed=1)
+    assert weights_digest(other) != bare

@@ -9,16 +9,14 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from ..encoders import encode_rows, encoder_identity, load_encoder
 from ..hub import push_influence_network, push_score_table
 from ..methods.nn_cift import oracle_options
 from ..network import InfluenceNetwork
 from ..nn_cift_pipeline import nn_cift
+from ..pretrained import load_network, network_summary, select_with_network, unseen_quadrant
 from ..options import CONFIG_TYPES, NNCIFTConfig, SelectionConfig
-from ..scores import ScoreTable, json_safe, provenance_record
-from ..selection import resolve_budget, select_indices
-from ..store import atomic_write_json, fingerprint_dataset
-from ..streaming import predict_scores
+from ..scores import ScoreTable, json_safe
+from ..store import atomic_write_json
 from .arguments import (
     HubArguments,
     ModelArguments,
@@ -67,39 +65,31 @@ def run_fit_network(argv: list[str]) -> dict:
 
 
 def run_predict(argv: list[str]) -> dict:
-    """Score --pool x --target with an InfluenceNetwork; writes scores/ (and selected.jsonl with --budget)."""
+    """Score --pool x --target with an InfluenceNetwork and select --budget rows (`select_with_network`); prints
+    what the network was measured to do on unseen rows and targets; writes selected.jsonl, scores/, report.json."""
     hub_args, args, selection = parse(
         argv, (HubArguments, SelectArguments, SelectionConfig),
         "Predict influence for every (pool, target) pair with a saved or Hub InfluenceNetwork, using the "
-        "encoder it was trained with, and select --budget rows (round-robin over targets by default).",
+        "encoder it was trained with, and select --budget rows (by default with the rule of the network's oracle).",
     )
     if not hub_args.network:
         raise SystemExit("--network is required: an InfluenceNetwork folder or Hub repo id.")
+    budget = parse_budget(args.budget)  # a bad --budget ends here, before anything is loaded
     pool, target = load_pool_and_target(args)
-    folder = Path(hub_args.network)
-    network = InfluenceNetwork.from_pretrained(str(folder / "network" if (folder / "network").is_dir() else folder))
-    encoder = load_encoder(network.embedding_model)
+    network = load_network(hub_args.network)
+    print(network_summary(network))
     start = time.perf_counter()
-    pool_embeddings = encode_rows(pool, encoder)
-    target_embeddings = encode_rows(target, encoder)
-    # The streaming module's chunked prediction, the path select_by_influence's NN-CIFT selection takes.
-    scores = predict_scores(pool_embeddings, network, None if network.kind == "pointwise" else target_embeddings,
-                            embedding_model=encoder_identity(encoder)[0])
+    selected, table = select_with_network(pool, target, network, budget, selection=selection.selection,
+                                          selection_seed=selection.selection_seed,
+                                          target_task_column=selection.target_task_column,
+                                          show_progress=selection.show_progress, return_scores=True)
     seconds = time.perf_counter() - start
-    budget = resolve_budget(parse_budget(args.budget), len(pool))
-    chosen = select_indices(scores, budget, rule=selection.selection or "round_robin", seed=selection.selection_seed)
-    output = Path(args.output)
-    targets = [str(i) for i in (target["id"] if "id" in target.column_names else range(len(target)))]
-    table = ScoreTable.from_matrix(scores, list(range(len(pool))), targets if scores.shape[1] > 1 else ["pointwise"],
-                                   provenance=provenance_record(method="nn_cift_predict", network=network.config,
-                                                                pool_fingerprint=fingerprint_dataset(pool),
-                                                                target_fingerprint=fingerprint_dataset(target)))
-    selected = pool.select(chosen.tolist())
     report = {"method": "nn_cift_predict", "model_id": hub_args.network, "pool_rows": len(pool),
               "target_rows": len(target), "selected_rows": len(selected), "seconds": {"total": seconds},
+              "selection": table.provenance["selection"], "network_q4": (unseen_quadrant(network) or (None, None))[1],
               "pool_share": group_shares(pool, args.group_column),
               "selected_share": group_shares(selected, args.group_column)}
-    write_selection(output, selected, table, report)
+    write_selection(Path(args.output), selected, table, report)
     print_report(report)
     return report
 

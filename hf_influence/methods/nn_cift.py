@@ -11,14 +11,8 @@ import torch
 
 from ..engine import Context, MethodOutput, ScoreStream
 from ..nn_cift_pipeline import block_overrides, nn_cift
-from ..options import NNCIFTConfig, SelectionConfig
+from ..options import ORACLE_RULES, NNCIFTConfig, SelectionConfig
 from ..registry import register_method
-
-# The rule each oracle's paper selects with: DELIFT covers the targets with facility location (DELIFT-SE too), LESS
-# takes the top rows by its max-over-tasks score, SelectIT the top rows of its pointwise scores; Influence
-# Distillation's paper (and RDS+) go round-robin over the target rows.
-ORACLE_RULES = {"delift": "facility_location", "delift_se": "facility_location", "less": "less",
-                "selectit": "mean_top_k"}
 
 # SelectionConfig fields that describe the outer selection, not how a method oracle scores a block.
 _NOT_ORACLE_FIELDS = ("method", "selection", "target_task_column")

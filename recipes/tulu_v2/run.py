@@ -4,6 +4,8 @@ fine-tune on it with InfluenceSFTTrainer, or distil the selection into an NN-CIF
     accelerate launch recipes/tulu_v2/run.py --targets gsm8k mmlu                 # GPUs: the YAML configs as written
     python recipes/tulu_v2/run.py --targets gsm8k --offline                       # CPU smoke run, no Hub
     python recipes/tulu_v2/run.py --targets gsm8k --network --repo_id me/tulu-v2-id   # NN-CIFT, pushed to the Hub
+    python recipes/tulu_v2/run.py --targets gsm8k mmlu bbh tydiqa --pretrained --repo_id me/tulu-v2-nn-cift
+                                                              # one network over every target: for new targets
     python recipes/tulu_v2/run.py --targets bbh --offline -- --max_steps 8        # flags after `--` reach the CLI
 
 Train mode runs, per target, `hf_influence.cli.run_train` (the `hf-influence train` command: warm-up, selection,
@@ -12,6 +14,9 @@ SFT, summary.json) with `--config <target>.yaml` and then, later flags winning: 
 `influence_options` mapping (a flag would replace the whole mapping), with --offline's CPU sizes and a work_dir
 under --output_root. Network mode runs `hf-influence fit-network` with network.yaml on the same seeded pool sample
 as the SFT recipe (so the score table's pool_row_id indexes that recipe's pool), then `hf-influence push`.
+Pretrained mode fits one network the same way against the rows of every --targets task together, so that its
+block holds targets of several tasks and the network is meant for targets it never saw (`select_with_network`,
+`hf-influence predict --network REPO_ID`); it is pushed to --repo_id with its card.
 
 Rows the CLI cannot reach by flags are written once to parquet files under --output_root (by the main process
 first under `accelerate launch`): the held-out split of GSM8K / MMLU from the Hub, every BBH subtask config from the
@@ -32,7 +37,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from datasets import Dataset
+from datasets import Dataset, concatenate_datasets
 from transformers import HfArgumentParser
 
 from hf_influence import cli
@@ -106,6 +111,8 @@ class RecipeArguments:
             Codex have no shared file, so --offline needs one for them).
         output_root: each target writes under OUTPUT_ROOT/TASK (network mode: OUTPUT_ROOT/network/TASK).
         network: fit an NN-CIFT InfluenceNetwork per target with network.yaml instead of selection + SFT.
+        pretrained: fit one InfluenceNetwork with network.yaml against every target's rows together (output
+            OUTPUT_ROOT/network/pretrained), pushed to REPO_ID itself (scores: REPO_ID-scores, config pretrained).
         repo_id: network mode: push each network to REPO_ID-TASK (model repo) and its score table to
             REPO_ID-scores (dataset repo, config TASK); None pushes nothing.
     """
@@ -117,9 +124,13 @@ class RecipeArguments:
     target_files: list[str] = field(default_factory=list, metadata={"help": "TASK=PATH target files."})
     output_root: str = field(default="runs/tulu_v2", metadata={"help": "Output folder of all targets."})
     network: bool = field(default=False, metadata={"help": "Fit and push an NN-CIFT network per target."})
+    pretrained: bool = field(default=False, metadata={"help": "Fit and push one NN-CIFT network over all targets."})
     repo_id: str | None = field(default=None, metadata={"help": "Network mode: Hub repo prefix to push to."})
 
     def __post_init__(self) -> None:
+        if self.network and self.pretrained:
+            raise ValueError("--network (a network per target) and --pretrained (one over all targets) exclude each "
+                             "other.")
         unknown = [task for task in self.targets if task not in TARGETS]
         if unknown or not self.targets:
             raise ValueError(f"--targets must name tasks of {list(TARGETS)}, got {self.targets}.")
@@ -220,18 +231,18 @@ def train_argv(task: str, args: RecipeArguments, extra: list[str]) -> list[str]:
     return [*argv, "--influence_options", json.dumps(options), *extra]
 
 
-def network_argv(task: str, args: RecipeArguments, extra: list[str]) -> list[str]:
-    """The `hf-influence fit-network` arguments of one target: network.yaml, the SFT recipe's pool sample and target
-    rows (as prompt/completion), the --offline settings, then the flags after `--`."""
+def network_argv(tasks: list[str], name: str, args: RecipeArguments, extra: list[str]) -> list[str]:
+    """The `hf-influence fit-network` arguments of a network over the rows of `tasks` (output OUTPUT_ROOT/network/
+    NAME): network.yaml, the SFT recipe's pool sample and the tasks' target rows (as prompt/completion, one file),
+    the --offline settings, then the flags after `--`."""
     config_path, _ = recipe_config("network")
-    _, task_config = recipe_config(task)
+    _, task_config = recipe_config(tasks[0])  # the task YAMLs differ only in their target (a test checks it)
     offline = OFFLINE_TRAIN_FLAGS if args.offline else {}
     source_pool, pool_split = args.pool or task_config["pool"], task_config.get("pool_split", "train")
     count = offline.get("pool_sample", task_config.get("pool_sample"))
-    limit = offline.get("target_limit", task_config.get("target_limit"))
     seed = task_config.get("sample_seed", 0)
     root = Path(args.output_root) / "network"
-    output = root / task
+    output = root / name
     pool = source_pool
     if count is not None:
         key = hashlib.sha256(f"{source_pool}:{pool_split}".encode()).hexdigest()[:12]
@@ -239,22 +250,25 @@ def network_argv(task: str, args: RecipeArguments, extra: list[str]) -> list[str
             load_rows(source_pool, split=pool_split), count, seed)))
     argv = ["--config", str(config_path), "--pool", pool, "--pool_split", pool_split, "--output", str(output),
             "--work_dir", str(output / "oracle")]  # the oracle's gradient stores: a rerun resumes each block
-    if "--target" not in extra:  # fit-network reads --target as is: write the task's rows as prompt/completion
-        source = target_source(task, args)
-        key = hashlib.sha256(f"{source}:{args.data_dir}:{limit}:{seed}".encode()).hexdigest()[:12]
-        argv += ["--target", str(write_rows_once(output / f"target-{key}.parquet", lambda: load_target(
-            task, source=source, data_dir=args.data_dir, limit=limit, seed=seed)))]
+    if "--target" not in extra:  # fit-network reads --target as is: write the tasks' rows as prompt/completion
+        sources = {task: (target_source(task, args), offline.get("target_limit", recipe_config(task)[1].get(
+            "target_limit"))) for task in tasks}
+        key = hashlib.sha256(f"{sorted(sources.items())}:{args.data_dir}:{seed}".encode()).hexdigest()[:12]
+        argv += ["--target", str(write_rows_once(output / f"target-{key}.parquet", lambda: concatenate_datasets([
+            load_target(task, source=source, data_dir=args.data_dir, limit=limit, seed=seed)
+            for task, (source, limit) in sources.items()])))]
     return [*argv, *as_flags(OFFLINE_NETWORK_FLAGS if args.offline else {}), *extra]
 
 
-def run_network(task: str, args: RecipeArguments, extra: list[str]) -> dict:
-    """fit-network for one target, then push the network and its score table when --repo_id is given."""
-    report = cli.run_fit_network(network_argv(task, args, extra))
-    output = Path(args.output_root) / "network" / task
-    if args.repo_id:
-        report["network_repo"] = cli.run_push(["--network", str(output), "--repo_id", f"{args.repo_id}-{task}"])
+def run_network(tasks: list[str], name: str, repo_id: str | None, args: RecipeArguments, extra: list[str]) -> dict:
+    """fit-network over the tasks' rows, then push the network to `repo_id` and its score table to
+    `<repo_id>-scores` (config NAME) when a repo id is given."""
+    report = cli.run_fit_network(network_argv(tasks, name, args, extra))
+    output = Path(args.output_root) / "network" / name
+    if repo_id:
+        report["network_repo"] = cli.run_push(["--network", str(output), "--repo_id", repo_id])
         report["scores_repo"] = cli.run_push(["--scores", str(output / "scores"), "--repo_id",
-                                              f"{args.repo_id}-scores", "--config_name", task])
+                                              f"{args.repo_id}-scores", "--config_name", name])
     return report
 
 
@@ -276,13 +290,15 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         args=ours)
     state = process_state()
     main_process = state is None or state.is_main_process
-    if args.network and state is not None:
+    if (args.network or args.pretrained) and state is not None:
         raise SystemExit("--network runs in one process (fit-network writes one network and score table): launch it "
                          "with python, not accelerate launch / torchrun.")
+    if args.pretrained:
+        return {"pretrained": run_network(list(args.targets), "pretrained", args.repo_id, args, extra)}
     results = {}
     for task in args.targets:
         if args.network:
-            results[task] = run_network(task, args, extra)
+            results[task] = run_network([task], task, args.repo_id and f"{args.repo_id}-{task}", args, extra)
         else:
             results[task] = cli.run_train(train_argv(task, args, extra))
         # The next target loads its own model: free this one's before it does.

@@ -1,0 +1,165 @@
+"""Select with a pretrained InfluenceNetwork: no oracle, no valuation model, only the network's sentence encoder.
+
+A network distilled once (`nn_cift`, `hf-influence fit-network`) and shared on the Hub predicts the influence of
+any pool row on any target row from their sentence embeddings. `select_with_network` loads it (a Hub repo id, a
+folder, or the object), embeds the new pool and targets with the encoder the network records, predicts and
+selects by the rule of the network's oracle (see `options.ORACLE_RULES`), streaming the pool for the
+streaming rules. Before anything is embedded it logs what the network is and what it was measured to do on
+rows and targets it never saw (its Q4 figures travel in its config), because that is what the user is trusting.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from datasets import Dataset
+
+from .encoders import TEXT_FORMAT, encode_rows, encoder_identity, load_encoder
+from .engine import as_dataset
+from .network import InfluenceNetwork
+from .options import ORACLE_RULES
+from .scores import ScoreTable, provenance_record
+from .selection import RULES, parse_budget, resolve_budget, select_indices
+from .store import fingerprint_dataset
+from .streaming import predict_scores, stream_select
+
+logger = logging.getLogger(__name__)
+
+
+def load_network(network: str | os.PathLike | InfluenceNetwork, revision: str | None = None) -> InfluenceNetwork:
+    """An InfluenceNetwork from a Hub repo id, a saved folder, or a `fit-network` output folder (its `network/`).
+
+    Raises:
+        FileNotFoundError: a local path that does not exist or holds no network (named as such, not as a repo id).
+    """
+    if isinstance(network, InfluenceNetwork):
+        return network
+    path = Path(network)
+    if path.is_dir():
+        folder = path / "network" if (path / "network").is_dir() else path
+        return InfluenceNetwork.from_pretrained(str(folder))
+    if path.exists() or str(network).startswith((".", "/", "~")) or os.sep + os.sep in str(network):
+        raise FileNotFoundError(f"{network} is not a folder holding an InfluenceNetwork (config.json and "
+                                f"model.safetensors, or a fit-network output with network/).")
+    return InfluenceNetwork.from_pretrained(str(network), revision=revision)
+
+
+def unseen_quadrant(network: InfluenceNetwork) -> tuple[str, dict] | None:
+    """(name, figures) of the network's measured quadrant of unseen rows and targets: Q4 (pairwise) or Q3
+    (pointwise: unseen rows); None when it carries no figures."""
+    metrics = network.config.get("metrics") or {}
+    name = "Q4" if "Q4" in metrics else "Q3" if "Q3" in metrics else None
+    return None if name is None else (name, metrics[name])
+
+
+def network_summary(network: InfluenceNetwork) -> str:
+    """One paragraph: the network's oracle, valuation model, encoder, and its measured figures on unseen rows and
+    targets (Q4, or Q3 for a pointwise network), or a warning that it carries none."""
+    config = network.config
+    head = (f"InfluenceNetwork ({config['kind']}) distilled from the {config['oracle']!r} oracle"
+            + (f" with {config['valuation_model']}" if config.get("valuation_model") else "")
+            + f", reading {config['embedding_model']} embeddings.")
+    measured = unseen_quadrant(network)
+    if measured is None:
+        return head + (" It carries no measured figures: nothing says how well it predicts rows and targets it "
+                       "never saw (fit it with evaluation_fraction > 0).")
+    quadrant_name, quadrant = measured
+    spearman, column = quadrant.get("spearman"), quadrant.get("column_spearman")
+    return head + (
+        f" Measured on {quadrant['rows']} unseen rows x {quadrant['columns']} "
+        f"{'unseen targets' if quadrant_name == 'Q4' else 'targets'} ({quadrant_name}): Spearman "
+        f"{'n/a' if spearman is None else f'{spearman:.3f}'}"
+        + ("" if column is None else f" (per target {column:.3f})")
+        + f", MSE {quadrant['mse']:.4f} against {quadrant['mean_baseline_mse']:.4f} for predicting the mean"
+        + ("" if quadrant["mse"] < quadrant["mean_baseline_mse"] else
+           " (no better than the mean: treat its ranking with caution)") + ".")
+
+
+def select_with_network(
+    pool: Dataset | list[dict] | str,
+    target: Dataset | list[dict] | str,
+    network: str | os.PathLike | InfluenceNetwork,
+    budget: int | float,
+    selection: str | None = None,
+    selection_seed: int = 0,
+    target_task_column: str | None = "task",
+    encoder=None,
+    encoder_batch_size: int = 64,
+    revision: str | None = None,
+    show_progress: bool = True,
+    return_scores: bool = False,
+) -> Dataset | tuple[Dataset, ScoreTable]:
+    """Select `budget` pool rows for `target` with a pretrained InfluenceNetwork (no oracle call).
+
+    Args:
+        pool, target: rows (Dataset, list of dicts, or a file / folder / Hub dataset id) in any row format the
+            library reads (chat or prompt/response); a pointwise network ignores the target.
+        network: Hub repo id, folder, or InfluenceNetwork.
+        budget: rows (int) or pool share (float in (0, 1)).
+        selection: the rule; None: the rule of the network's oracle (ORACLE_RULES; round-robin otherwise).
+        selection_seed: seed of the round-robin order.
+        target_task_column: target column naming each row's task (for round_robin_task and less); ignored when
+            absent.
+        encoder: a loaded SentenceTransformer to use instead of loading the network's (its id must match).
+        encoder_batch_size: rows per encoder call.
+        revision: Hub revision of the network.
+        show_progress: show the encoders' progress bars.
+        return_scores: also return the ScoreTable [pool rows x targets] (then the scores are held in memory;
+            without it a streaming rule never holds the [n, m] matrix).
+
+    Returns:
+        The selected rows in selection order, or (rows, ScoreTable).
+
+    Raises:
+        ValueError: the network was fitted on texts made another way than this version makes them, the encoder
+            is another model, or a bad budget / rule.
+    """
+    budget_value = parse_budget(budget)
+    network = load_network(network, revision)
+    if network.text_format is not None and network.text_format != TEXT_FORMAT:
+        raise ValueError(f"this network was fitted on rows embedded as {network.text_format!r}; this version of "
+                         f"hf-influence embeds them as {TEXT_FORMAT!r}, so its predictions would not apply: refit it, "
+                         f"or use the hf-influence version it was made with.")
+    pool = as_dataset(pool, "pool")
+    pointwise = network.kind == "pointwise"
+    target = None if pointwise and target is None else as_dataset(target, "target")
+    budget_rows = resolve_budget(budget_value, len(pool))
+    rule = selection or ORACLE_RULES.get(network.oracle, "round_robin")
+    # The figures the user is trusting; louder when there are none or they are no better than the mean.
+    measured = unseen_quadrant(network)
+    trusted = measured is not None and measured[1]["mse"] < measured[1]["mean_baseline_mse"]
+    logger.log(logging.INFO if trusted else logging.WARNING, network_summary(network))
+    encoder = encoder if encoder is not None else load_encoder(network.embedding_model)
+    encoder_id, encoder_revision = encoder_identity(encoder)
+    if network.embedding_revision is not None and encoder_revision != network.embedding_revision:
+        logger.warning("The encoder %s loaded at revision %s, the network was fitted on revision %s: if its weights "
+                       "differ, so do the embeddings the network reads.", encoder_id, encoder_revision,
+                       network.embedding_revision)
+    pool_embeddings = encode_rows(pool, encoder, batch_size=encoder_batch_size, show_progress=show_progress)
+    target_embeddings = None if pointwise else encode_rows(target, encoder, batch_size=encoder_batch_size,
+                                                           show_progress=show_progress)
+    groups = None
+    if rule in ("round_robin_task", "less") and not pointwise and target_task_column in target.column_names:
+        groups = list(target[target_task_column])
+    if rule in RULES and not return_scores:
+        chosen = stream_select(pool_embeddings, network, budget_rows, rule, target_embeddings=target_embeddings,
+                               target_groups=groups, seed=selection_seed, embedding_model=encoder_id)
+        return pool.select(chosen.tolist())
+    scores = predict_scores(pool_embeddings, network, target_embeddings, embedding_model=encoder_id)
+    chosen = select_indices(scores, budget_rows, rule=rule, seed=selection_seed, target_groups=groups)
+    selected = pool.select(chosen.tolist())
+    if not return_scores:
+        return selected
+    names = ["pointwise"] if pointwise else [
+        str(i) for i in (target["id"] if "id" in target.column_names else range(len(target)))]
+    tasks = None if groups is None else dict(zip(names, groups))
+    record = provenance_record(method="nn_cift_predict", network=network.config, selection=rule,
+                               budget=budget_rows, selected_pool_row_ids=chosen.tolist(),
+                               pool_fingerprint=fingerprint_dataset(pool),
+                               target_fingerprint=None if target is None else fingerprint_dataset(target),
+                               target_tasks=tasks)
+    table = ScoreTable.from_matrix(scores, list(range(len(pool))), names, provenance=record)
+    return selected, table
+
