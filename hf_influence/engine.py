@@ -6,7 +6,6 @@ registered method called, its scores and provenance collected (`compute_scores`)
 from __future__ import annotations
 
 import contextlib
-import logging
 import tempfile
 import time
 from collections.abc import Callable
@@ -30,8 +29,6 @@ from .scores import ScoreTable, provenance_record
 from .selection import SelectionError, select_indices, weighted_sample
 from .store import VectorStore, fingerprint_dataset
 from .streaming import predict_scores, stream_select
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -315,9 +312,7 @@ def _run_method(spec: MethodSpec, pool, target, model, tokenizer, optimizer, bud
     if formatted_target.skipped:
         raise ValueError(f"Target rows cannot be scored (row: reason): {formatted_target.skipped}. Fix or remove "
                          "them: a target row without label tokens has no loss and no gradient.")
-    if formatted_pool.skipped:
-        logger.warning("%d pool rows are skipped and cannot be selected: %s", len(formatted_pool.skipped),
-                       dict(list(formatted_pool.skipped.items())[:10]))
+    # Skipped pool rows were warned about once, by format_dataset; the provenance lists them.
     usable = len(formatted_pool.dataset)
     if budget_rows is not None and budget_rows > usable:
         raise SelectionError(f"budget {budget_rows} is larger than the {usable} usable pool rows "

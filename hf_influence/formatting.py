@@ -21,7 +21,6 @@ the right. `"drop"` skips over-long rows and `"error"` refuses them.
 from __future__ import annotations
 
 import copy
-import logging
 import warnings
 from collections.abc import Iterable
 from dataclasses import InitVar, dataclass, field
@@ -32,7 +31,9 @@ from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 from transformers.utils.logging import tqdm
 
-logger = logging.getLogger(__name__)
+from .verbosity import get_logger
+
+logger = get_logger(__name__)
 
 IGNORE_INDEX = -100
 FORMATS = ("chat", "prompt_completion", "prompt_answer")

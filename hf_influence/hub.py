@@ -165,8 +165,9 @@ def influence_network_card(network, repo_id: str, training: dict, evaluation: di
     config = network.config
     card_data = ModelCardData(library_name="hf-influence", tags=TAGS + ["nn-cift"], license="apache-2.0",
                               pipeline_tag="tabular-regression")
-    quadrants = {name: SimpleNamespace(**values) for name, values in (evaluation or {}).items()
-                 if name in ("Q1", "Q2", "Q3", "Q4")}
+    # Figures an older network does not carry (per-target Spearman) show as n/a.
+    quadrants = {name: SimpleNamespace(**{"column_spearman": None, **values})
+                 for name, values in (evaluation or {}).items() if name in ("Q1", "Q2", "Q3", "Q4")}
     return ModelCard.from_template(
         card_data, template_str=card_template("influence_network.md"), repo_id=repo_id,
         oracle=config["oracle"], valuation_model=config.get("valuation_model"),

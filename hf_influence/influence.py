@@ -16,7 +16,6 @@ target-Hessian products on the landmarks, Q ~ C Q_L C^T) -> selection.
 
 from __future__ import annotations
 
-import logging
 import tempfile
 import time
 from pathlib import Path
@@ -32,8 +31,9 @@ from .options import SelectionConfig, split_options
 from .registry import METHODS
 from .scores import ScoreTable
 from .selection import RULES, resolve_budget
+from .verbosity import get_logger
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 
 def select_by_influence(

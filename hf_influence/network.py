@@ -34,7 +34,7 @@ import safetensors.torch
 import scipy.stats
 import torch
 import torch.nn.functional as F
-from huggingface_hub import PyTorchModelHubMixin, constants, hf_hub_download
+from huggingface_hub import ModelCard, PyTorchModelHubMixin, constants, hf_hub_download
 from huggingface_hub.errors import RemoteEntryNotFoundError
 from torch import Tensor, nn
 
@@ -237,6 +237,11 @@ class InfluenceNetwork(
             raise ValueError(f"need embedding_dim >= 1 and hidden sizes >= 1, got {embedding_dim}, {hidden_sizes}")
         if interaction_rank < 0 or (interaction_rank and kind != "pairwise"):
             raise ValueError(f"interaction_rank must be >= 0, and 0 for a pointwise network, got {interaction_rank}")
+        if (label_min is None) != (label_max is None) or (label_min is not None and not (
+                math.isfinite(label_min) and math.isfinite(label_max) and label_min < label_max)):
+            raise ValueError(f"label_min and label_max must both be None (not fitted) or finite with label_min < "
+                             f"label_max, got {label_min!r} and {label_max!r}: swapped values would invert every "
+                             f"ranking the network predicts.")
         if label_normalization not in LABEL_NORMALIZATIONS:
             raise ValueError(f"label_normalization must be one of {list(LABEL_NORMALIZATIONS)}, "
                              f"got {label_normalization!r}")
@@ -683,9 +688,21 @@ class InfluenceNetwork(
     # Hub: the config is always the network's own, weights are safetensors only, loading is strict
 
     def save_pretrained(self, save_directory, **kwargs):
-        """PyTorchModelHubMixin.save_pretrained, always with this network's current config (label range, metrics)."""
+        """PyTorchModelHubMixin.save_pretrained, always with this network's current config (label range, metrics)
+        and its real model card (README.md: oracle, encoder, measured quadrants), not the mixin's placeholder."""
         kwargs["config"] = self.config
         return super().save_pretrained(save_directory, **kwargs)
+
+    def generate_model_card(self, repo_id: str | None = None, training: dict | None = None,
+                            plot_file: str | None = None, **_) -> ModelCard:
+        """The card save_pretrained / push_to_hub write (`hub.influence_network_card`): the quadrant figures come
+        from the network's metrics, the training block's size from its Q1 (when evaluated)."""
+        from .hub import influence_network_card  # hub renders cards for tables too; imported where used
+
+        metrics = self.metrics or {}
+        block = metrics.get("Q1") or {}
+        training = training or {"block_rows": block.get("rows"), "block_columns": block.get("columns")}
+        return influence_network_card(self, repo_id or "<repo_id>", training, metrics or None, plot_file)
 
     @classmethod
     def _from_pretrained(
@@ -725,4 +742,8 @@ class InfluenceNetwork(
         # strict: a missing or unexpected tensor is an error (the mixin's default, strict=False, would
         # silently keep random weights for a missing layer).
         safetensors.torch.load_model(network, weights, strict=True, device=map_location)
+        for name, tensor in network.state_dict().items():
+            if not torch.isfinite(tensor).all():
+                raise ValueError(f"{model_id}: weight {name!r} in {constants.SAFETENSORS_SINGLE_FILE} holds NaN or "
+                                 f"inf values; the network would predict NaN for every pair (refit or re-upload it).")
         return network

@@ -149,41 +149,46 @@ def nn_cift(pool: Dataset, target: Dataset, config: NNCIFTConfig | None = None, 
     seconds["embed"] = time.perf_counter() - start
     rows, columns = block_indices(len(pool), 1 if oracle.pointwise else len(target), config)
     start = time.perf_counter()
-    labels = oracle.compute_block(pool.select(rows.tolist()),
-                                  None if oracle.pointwise else target.select(columns.tolist()))
-    seconds["oracle"] = time.perf_counter() - start
-    encoder_id, encoder_revision = encoder_identity(encoder)
-    network = InfluenceNetwork(
-        kind="pointwise" if oracle.pointwise else "pairwise", embedding_dim=pool_embeddings.shape[1],
-        hidden_sizes=list(config.network_hidden_sizes), embedding_model=encoder_id, oracle=oracle.name,
-        valuation_model=oracle.identity().get("model_id"), seed=config.nn_cift_seed,
-        embedding_revision=encoder_revision, text_format=TEXT_FORMAT,
-        interaction_rank=0 if oracle.pointwise else config.network_interaction_rank,
-        label_normalization=config.network_label_normalization,
-    )
-    start = time.perf_counter()
-    network.fit(pool_embeddings[rows], None if oracle.pointwise else target_embeddings[columns],
-                labels[:, 0] if oracle.pointwise else labels, epochs=config.network_epochs,
-                batch_size=config.network_batch_size, lr=config.network_learning_rate,
-                patience=config.network_patience, seed=config.nn_cift_seed, num_threads=config.network_num_threads,
-                validation_split=config.network_validation_split)
-    seconds["fit"] = time.perf_counter() - start
-    # The block keeps its oracle values, in the units the network predicts.
-    if config.network_label_normalization == "column":
-        labels = standardize_columns(labels)
-    scores = None
-    if predict:
+    # Pool-wide oracle state (a method oracle's warm-up on the whole pool) before any block; undone at the end.
+    oracle.prepare(pool)
+    try:
+        labels = oracle.compute_block(pool.select(rows.tolist()),
+                                      None if oracle.pointwise else target.select(columns.tolist()))
+        seconds["oracle"] = time.perf_counter() - start
+        encoder_id, encoder_revision = encoder_identity(encoder)
+        network = InfluenceNetwork(
+            kind="pointwise" if oracle.pointwise else "pairwise", embedding_dim=pool_embeddings.shape[1],
+            hidden_sizes=list(config.network_hidden_sizes), embedding_model=encoder_id, oracle=oracle.name,
+            valuation_model=oracle.identity().get("model_id"), seed=config.nn_cift_seed,
+            embedding_revision=encoder_revision, text_format=TEXT_FORMAT,
+            interaction_rank=0 if oracle.pointwise else config.network_interaction_rank,
+            label_normalization=config.network_label_normalization,
+        )
         start = time.perf_counter()
-        # The same fixed blocks as a streamed selection, so both pick the same rows.
-        scores = predict_scores(pool_embeddings, network, None if oracle.pointwise else target_embeddings,
-                                **block_overrides(rows, columns, labels, oracle.pointwise))
-        seconds["predict"] = time.perf_counter() - start
-    result = NNCIFTResult(network, scores, rows, columns, labels, pool_embeddings, target_embeddings, seconds)
-    if config.evaluation_fraction > 0:
-        start = time.perf_counter()
-        _evaluate(result, oracle, pool, target, config)
-        seconds["evaluation"] = time.perf_counter() - start
-    return result
+        network.fit(pool_embeddings[rows], None if oracle.pointwise else target_embeddings[columns],
+                    labels[:, 0] if oracle.pointwise else labels, epochs=config.network_epochs,
+                    batch_size=config.network_batch_size, lr=config.network_learning_rate,
+                    patience=config.network_patience, seed=config.nn_cift_seed, num_threads=config.network_num_threads,
+                    validation_split=config.network_validation_split)
+        seconds["fit"] = time.perf_counter() - start
+        # The block keeps its oracle values, in the units the network predicts.
+        if config.network_label_normalization == "column":
+            labels = standardize_columns(labels)
+        scores = None
+        if predict:
+            start = time.perf_counter()
+            # The same fixed blocks as a streamed selection, so both pick the same rows.
+            scores = predict_scores(pool_embeddings, network, None if oracle.pointwise else target_embeddings,
+                                    **block_overrides(rows, columns, labels, oracle.pointwise))
+            seconds["predict"] = time.perf_counter() - start
+        result = NNCIFTResult(network, scores, rows, columns, labels, pool_embeddings, target_embeddings, seconds)
+        if config.evaluation_fraction > 0:
+            start = time.perf_counter()
+            _evaluate(result, oracle, pool, target, config)
+            seconds["evaluation"] = time.perf_counter() - start
+        return result
+    finally:
+        oracle.release()
 
 
 def _evaluate(result: NNCIFTResult, oracle: Oracle, pool: Dataset, target: Dataset, config: NNCIFTConfig) -> None:

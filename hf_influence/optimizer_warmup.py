@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
 import os
 import pickle
@@ -33,8 +32,9 @@ from torch import nn
 
 from .distributed import process_state
 from .formatting import FormattedDataset
+from .verbosity import get_logger
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 OPTIMIZER_FILE = "optimizer.pt"  # transformers.trainer.OPTIMIZER_NAME
 # transformers.Trainer.get_decay_parameter_names: parameters matching these never get weight decay and go to the
@@ -78,8 +78,10 @@ class WarmupConfig:
     warmup_weight_decay: float = field(default=0.0, metadata={"help": "AdamW (decoupled) weight decay."})
     warmup_seed: int = field(default=0, metadata={"help": "seed of the row slice, the data order and the trainer."})
     warmup_show_progress: bool = field(
-        default=True,
-        metadata={"help": "show the training progress bar and per-step logs."})
+        default=False,
+        metadata={"help": "show the warm-up trainer's progress bar and per-step logs (off by default: the warm-up is "
+                          "an internal step of a selection, and its trainer would print loss dicts that no logging "
+                          "switch silences)."})
 
     def __post_init__(self) -> None:
         def fail(name: str, requirement: str) -> None:

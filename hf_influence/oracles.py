@@ -35,12 +35,13 @@ from transformers import PreTrainedTokenizerBase
 from transformers.utils.logging import tqdm
 
 from .encoders import DEFAULT_ENCODER, TEXT_FORMAT, encode_rows, encoder_identity, load_encoder, prompt_and_response
-from .engine import compute_scores
+from .engine import compute_scores, prepare_model
 from .formatting import IGNORE_INDEX, FormattingConfig, FormattingError, format_dataset
 from .gradients import causal_lm_parts, response_token_losses
 from .model_passes import eval_mode, run_batches
 from .models import DEFAULT_MODEL, model_identity
-from .options import split_options
+from .optimizer_warmup import WarmupConfig, warmup
+from .options import SelectionConfig, split_options
 from .rds_embeddings import cosine_scores
 from .registry import METHODS
 from .store import fingerprint_dataset
@@ -92,6 +93,13 @@ class Oracle(ABC):
     @abstractmethod
     def _compute(self, pool_rows: Rows, target_rows: Rows | None) -> Tensor:
         """The block, [len(pool), len(target)] (or [len(pool), 1]); inputs are non-empty."""
+
+    def prepare(self, pool_rows: Rows) -> None:
+        """Called once with the whole pool before any block (nn_cift does): pool-wide state goes here, e.g. the
+        warm-up of a method oracle. The default does nothing."""
+
+    def release(self) -> None:
+        """Called once after the last block: undoes what `prepare` did to a user's objects."""
 
     @abstractmethod
     def identity(self) -> dict[str, Any]:
@@ -160,6 +168,34 @@ class MethodOracle(Oracle):
         self.name, self.model, self.tokenizer, self.optimizer = method, model, tokenizer, optimizer
         self.options = {**options, "method": method}
         self.configs = split_options(dict(self.options))  # validates the options now, not at the first block
+
+    def prepare(self, pool_rows: Rows) -> None:
+        """Warm up once on the whole pool, as a full-pool run of the method would (same rows, seed and state), and
+        score every block with that optimizer state. Without it each block would warm up on its own rows (5% of
+        a block is a handful of rows), so blocks would disagree with each other and with the full run. With a
+        work_dir the warm-up is the one a full-pool run keeps there (work_dir/warmup)."""
+        selection = self.configs[SelectionConfig]
+        if self.optimizer is not None or selection.optimizer_state != "warmup":
+            return
+        pool = pool_rows if isinstance(pool_rows, Dataset) else Dataset.from_list(list(pool_rows))
+        model, tokenizer, restore = prepare_model(self.model, self.tokenizer, self.configs)
+        formatted = format_dataset(pool, tokenizer, self.configs[FormattingConfig], show_progress=False)
+        cache_dir = None if selection.work_dir is None else Path(selection.work_dir) / "warmup"
+        try:
+            result = warmup(model, tokenizer, formatted, self.configs[WarmupConfig], cache_dir=cache_dir,
+                            overwrite=selection.overwrite)
+        except BaseException:
+            restore()
+            raise
+        self._prepared = (self.model, self.tokenizer, self.optimizer, restore)
+        self.model, self.tokenizer, self.optimizer = model, tokenizer, result.optimizer
+
+    def release(self) -> None:
+        if getattr(self, "_prepared", None) is None:
+            return
+        self.model, self.tokenizer, self.optimizer, restore = self._prepared
+        self._prepared = None
+        restore()
 
     def _compute(self, pool_rows: Rows, target_rows: Rows) -> Tensor:
         pool = pool_rows if isinstance(pool_rows, Dataset) else Dataset.from_list(list(pool_rows))

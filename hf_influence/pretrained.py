@@ -10,7 +10,6 @@ rows and targets it never saw (its Q4 figures travel in its config), because tha
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
@@ -24,8 +23,9 @@ from .scores import ScoreTable, provenance_record
 from .selection import RULES, parse_budget, resolve_budget, select_indices
 from .store import fingerprint_dataset
 from .streaming import predict_scores, stream_select
+from .verbosity import get_logger
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 
 def load_network(network: str | os.PathLike | InfluenceNetwork, revision: str | None = None) -> InfluenceNetwork:
@@ -127,10 +127,9 @@ def select_with_network(
     target = None if pointwise and target is None else as_dataset(target, "target")
     budget_rows = resolve_budget(budget_value, len(pool))
     rule = selection or ORACLE_RULES.get(network.oracle, "round_robin")
-    # The figures the user is trusting; louder when there are none or they are no better than the mean.
-    measured = unseen_quadrant(network)
-    trusted = measured is not None and measured[1]["mse"] < measured[1]["mean_baseline_mse"]
-    logger.log(logging.INFO if trusted else logging.WARNING, network_summary(network))
+    # The figures the user is trusting, shown at the default verbosity (transformers' set_verbosity_error()
+    # silences them).
+    logger.warning(network_summary(network))
     encoder = encoder if encoder is not None else load_encoder(network.embedding_model)
     encoder_id, encoder_revision = encoder_identity(encoder)
     if network.embedding_revision is not None and encoder_revision != network.embedding_revision:

@@ -6,7 +6,6 @@ SLSQP / projected gradient (second order, dense or landmark-factored Q ~ C Q_L C
 Everything that solves an optimisation problem works in float64.
 """
 
-import logging
 import warnings
 
 import numpy as np
@@ -14,7 +13,9 @@ import scipy.optimize
 import torch
 from torch import Tensor
 
-logger = logging.getLogger(__name__)
+from .verbosity import get_logger
+
+logger = get_logger(__name__)
 
 # When lam is raised to make the objective convex, it is raised this much (relative) past the
 # PSD boundary, so the problem is strongly convex and the solvers converge linearly.

@@ -40,7 +40,6 @@ result is broadcast, so float differences between devices can never split the ra
 from __future__ import annotations
 
 import json
-import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -63,8 +62,9 @@ from .registry import METHODS
 from .scores import HUB_TAG, ScoreTable, json_safe, provenance_record
 from .selection import SelectionError, parse_budget, resolve_budget, select_indices, weighted_sample
 from .store import atomic_write_bytes
+from .verbosity import get_logger
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 MODES = ("select", "weight", "online")
 NORMALIZATIONS = ("sample", "token")
@@ -421,9 +421,8 @@ class InfluenceSFTTrainer(SFTTrainer):
     def _options(self) -> dict[str, Any]:
         options = dict(self.args.influence_options)
         options.setdefault("selection_seed", self.args.seed)
-        show_progress = not self.args.disable_tqdm
-        options.setdefault("show_progress", show_progress)
-        options.setdefault("warmup_show_progress", show_progress)
+        # The selection's bars follow the SFT run's; the warm-up stays silent unless warmup_show_progress asks.
+        options.setdefault("show_progress", not self.args.disable_tqdm)
         return options
 
     def _scoring(self):

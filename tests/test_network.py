@@ -390,3 +390,18 @@ def test_hub_round_trip_and_pickle_only_repo(local_hub, tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "load", lambda *args, **kwargs: pytest.fail("a pickle was loaded"))
     with pytest.raises(FileNotFoundError, match="pickle-only has no model.safetensors"):
         InfluenceNetwork.from_pretrained(pickle_repo)
+
+
+@pytest.mark.parametrize(("label_min", "label_max"), [(1.0, 0.0), (0.5, 0.5), (0.0, float("nan")), (None, 1.0)])
+def test_a_config_with_a_bad_label_range_is_refused(label_min, label_max):
+    with pytest.raises(ValueError, match="label_min and label_max"):
+        InfluenceNetwork(embedding_dim=4, label_min=label_min, label_max=label_max)
+
+
+def test_loading_a_network_with_non_finite_weights_is_refused(tmp_path):
+    network = InfluenceNetwork(embedding_dim=4, label_min=0.0, label_max=1.0)
+    with torch.no_grad():
+        network.output.weight[0, 3] = float("nan")
+    network.save_pretrained(tmp_path / "nan")
+    with pytest.raises(ValueError, match="'output.weight'.*NaN"):
+        InfluenceNetwork.from_pretrained(str(tmp_path / "nan"))

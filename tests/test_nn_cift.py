@@ -224,3 +224,24 @@ def test_score_table_of_a_result(rows, distilled):
     torch.testing.assert_close(scores, distilled.scores.to(scores.dtype))
     assert torch.equal(table.landmark_mask.nonzero().flatten().sort().values, distilled.block_rows.sort().values)
     assert table.provenance["oracle"] == "delift_se" and table.provenance["details"] == {"note": 1}
+
+
+def test_a_method_oracle_warms_up_once_on_the_whole_pool(rows):
+    """With the warm-up on the whole pool (MethodOracle.prepare), the block is the full-pool run's scores on the
+    block's rows and columns: the same warm-up slice and optimizer state, not one warm-up per block."""
+    from hf_influence import compute_scores
+
+    pool, target = rows
+    model, tokenizer = lora_model(seed=0)
+    options = {"projection_dim": 128, "warmup_fraction": 0.25, "warmup_min_steps": 2, "show_progress": False}
+    full = compute_scores(pool, target, model=model, tokenizer=tokenizer, method="influence_distillation_exact",
+                          **options).output.scores
+    config = NNCIFTConfig(oracle="influence_distillation_exact", block_fraction=0.2, min_block_rows=8,
+                          network_epochs=2)
+    result = nn_cift(pool, target, config, model=model, tokenizer=tokenizer, **options)
+    expected = full[result.block_rows][:, result.block_columns]
+    torch.testing.assert_close(result.block_labels, expected, atol=1e-5, rtol=1e-4)
+    # The user's adapter is as it was (the warm-up restores it; release undoes the oracle's preparation).
+    again = compute_scores(pool, target, model=model, tokenizer=tokenizer, method="influence_distillation_exact",
+                           **options).output.scores
+    torch.testing.assert_close(again, full)

@@ -283,5 +283,31 @@ def test_network_recipe_fits_and_pushes(local_hub, tmp_path):
     trainer = InfluenceSFTTrainer(model, args=args, train_dataset=pool, processing_class=tokenizer)
     selection = trainer.influence_selections[-1]
     scores, row_ids, _ = pushed_table.to_matrix()
-    expected = select_indices(scores, 6, rule="round_robin", seed=args.seed).tolist()
+    # DELIFT-SE's paper selects by facility location: the table records it and the trainer follows it.
+    assert pushed_table.provenance["selection"] == "facility_location"
+    expected = select_indices(scores, 6, rule="facility_location", seed=args.seed).tolist()
     assert selection.source == "score_table" and selection.row_ids == [row_ids[i] for i in expected]
+
+
+@needs_data
+def test_pretrained_network_recipe_serves_new_pools_and_targets(local_hub, tmp_path, monkeypatch):
+    from hf_influence import load_target, select_with_network
+    from hf_influence.oracles import Oracle
+
+    repo_id = f"{local_hub.user}/tulu-v2-nn-cift"
+    report = run.main(["--targets", "gsm8k", "mmlu", "--offline", "--pretrained", "--repo_id", repo_id,
+                       "--output_root", str(tmp_path), "--", "--oracle", "delift_se",
+                       "--show_progress", "false"])["pretrained"]
+    # One network over both tasks' target rows, pushed with its card and figures.
+    assert report["target_rows"] == 16 and report["network_repo"].endswith(repo_id)
+    target = load_rows(next((tmp_path / "network" / "pretrained").glob("target-*.parquet")))
+    assert {task.split("/")[0] for task in target["task"]} == {"gsm8k", "mmlu"}
+    network = InfluenceNetwork.from_pretrained(repo_id)
+    assert network.metrics["Q4"]["rows"] > 0
+    assert "| Q4 |" in ModelCard.load(repo_id).text
+    # Pulled by repo id, it selects from other pool rows for a task it never saw, with no oracle call.
+    monkeypatch.setattr(Oracle, "compute_block", None)  # any oracle call would fail
+    pool = load_rows(str(DATA_DIR / "pool.jsonl.gz")).select(range(5000, 5040))
+    selected = select_with_network(pool, load_target("bbh", data_dir=DATA_DIR, limit=6), repo_id, budget=5,
+                                   show_progress=False)
+    assert len(set(selected["id"])) == 5

@@ -165,8 +165,12 @@ class TrainDataArguments:
     use_lora: bool = field(default=True, metadata={"help": "Train a LoRA adapter (lora_* options)."})
 
 
-def parse(argv: list[str], dataclass_types: tuple, description: str, defaults: dict | None = None) -> tuple:
-    """Parse argv into the dataclasses; precedence: flags over the --config YAML over `defaults`."""
+def parse(argv: list[str], dataclass_types: tuple, description: str, defaults: dict | None = None,
+          used: set[str] | None = None) -> tuple:
+    """Parse argv into the dataclasses; precedence: flags over the --config YAML over `defaults`.
+
+    used: the options the command reads (None: all); a flag or YAML key outside them ends the command with a
+    one-line error (exit code 2) instead of being accepted and ignored."""
     # No prefix abbreviations: `--num_land 4` would silently mean whichever option it abbreviates today.
     parser = HfArgumentParser(dataclass_types, description=description, allow_abbrev=False)
     parser.set_defaults(**(defaults or {}))
@@ -191,6 +195,15 @@ def parse(argv: list[str], dataclass_types: tuple, description: str, defaults: d
         if unknown:  # argparse would silently ignore them
             parser.error(f"{known.config} has unknown keys {unknown}; see --help for the options of this command")
         parser.set_defaults(**values)
+    if used is not None:
+        given = {action.dest for action in parser._actions for flag in action.option_strings
+                 if any(arg == flag or arg.startswith(f"{flag}=") for arg in argv)}
+        if known.config:
+            given |= set(values)
+        ignored = sorted(given - used - {"config", "help"})
+        if ignored:
+            parser.error(f"this command does not use {', '.join('--' + name for name in ignored)}: remove "
+                         f"{'it' if len(ignored) == 1 else 'them'} (see --help)")
     *parsed, extra = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if extra:
         parser.error(f"unrecognised arguments: {' '.join(extra)}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import fields
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
@@ -64,6 +65,10 @@ def run_fit_network(argv: list[str]) -> dict:
     return report
 
 
+# The SelectionConfig options predict reads; every other one (a method, landmarks, a work_dir) would be ignored.
+PREDICT_SELECTION_OPTIONS = ("selection", "selection_seed", "target_task_column", "show_progress")
+
+
 def run_predict(argv: list[str]) -> dict:
     """Score --pool x --target with an InfluenceNetwork and select --budget rows (`select_with_network`); prints
     what the network was measured to do on unseen rows and targets; writes selected.jsonl, scores/, report.json."""
@@ -71,6 +76,7 @@ def run_predict(argv: list[str]) -> dict:
         argv, (HubArguments, SelectArguments, SelectionConfig),
         "Predict influence for every (pool, target) pair with a saved or Hub InfluenceNetwork, using the "
         "encoder it was trained with, and select --budget rows (by default with the rule of the network's oracle).",
+        used={"network", *(f.name for f in fields(SelectArguments)), *PREDICT_SELECTION_OPTIONS},
     )
     if not hub_args.network:
         raise SystemExit("--network is required: an InfluenceNetwork folder or Hub repo id.")

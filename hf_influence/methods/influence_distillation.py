@@ -7,7 +7,6 @@ landmark and target gradients -> P_L = G_L G_T^T -> regression -> robust weights
 
 from __future__ import annotations
 
-import logging
 import math
 
 import scipy.stats
@@ -26,10 +25,11 @@ from ..registry import register_method
 from ..selection import RULES
 from ..store import VectorStore, fingerprint_dataset
 from ..robust_weighting import robust_weights
+from ..verbosity import get_logger
 from .stores import (gradient_vectors, landmark_feature_rows, optimizer_step, pool_row_gradients, store_rows,
                      target_gradient_vectors)
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 
 def _device(context: Context) -> torch.device:
