@@ -21,8 +21,11 @@ from datasets import Dataset
 from torch import Tensor
 
 from .encoders import TEXT_FORMAT, encode_rows, encoder_identity, load_encoder
+from .formatting import FormattingConfig
+from .models import DEFAULT_MODEL, load_model, model_identity
 from .network import InfluenceNetwork, standardize_columns
-from .options import ORACLE_RULES, NNCIFTConfig
+from .options import ORACLE_RULES, NNCIFTConfig, split_options
+from .rds_embeddings import LM_ENCODER, LM_ENCODER_PREFIX, LM_TEXT_FORMAT, lm_row_embeddings
 from .oracles import DeliftOracle, DeliftSEOracle, MethodOracle, Oracle, SelectITOracle
 from .scores import ScoreTable, provenance_record
 from .store import fingerprint_dataset
@@ -86,7 +89,9 @@ def make_oracle(config: NNCIFTConfig, model=None, tokenizer=None, optimizer=None
                 **options) -> Oracle:
     """The oracle named by `config.oracle`; `options` go to method oracles (select_by_influence options)."""
     if config.oracle == "delift_se":
-        return DeliftSEOracle(encoder=config.encoder, batch_size=config.encoder_batch_size,
+        # DELIFT-SE is a sentence encoder's cosine: with encoder="lm" (the network's input) it keeps the default one.
+        return DeliftSEOracle(encoder=None if config.encoder == LM_ENCODER else config.encoder,
+                              batch_size=config.encoder_batch_size,
                               show_progress=show_progress)
     if config.oracle in ("delift", "selectit"):
         if model is None or isinstance(model, str) or tokenizer is None:
@@ -137,30 +142,25 @@ def nn_cift(pool: Dataset, target: Dataset, config: NNCIFTConfig | None = None, 
     oracle = oracle or make_oracle(config, model, tokenizer, optimizer, show_progress=show_progress, **options)
     seconds = {}
     start = time.perf_counter()
-    encoder = load_encoder(config.encoder)
-    cache = None if options.get("work_dir") is None else Path(options["work_dir"]) / "sentence_embeddings"
-    # The target's store is named by its rows, as the target gradients are: another target on the same
-    # work_dir gets its own store instead of a refused one.
-    target_store = f"target-{fingerprint_dataset(target)[:16]}"
-    pool_embeddings, target_embeddings = (
-        encode_rows(rows, encoder, cache_dir=None if cache is None else cache / name,
-                    batch_size=config.encoder_batch_size, show_progress=show_progress)
-        for rows, name in ((pool, "pool"), (target, target_store)))
-    seconds["embed"] = time.perf_counter() - start
-    rows, columns = block_indices(len(pool), 1 if oracle.pointwise else len(target), config)
-    start = time.perf_counter()
     # Pool-wide oracle state (a method oracle's warm-up on the whole pool) before any block; undone at the end.
     oracle.prepare(pool)
+    seconds["prepare"] = time.perf_counter() - start
     try:
+        start = time.perf_counter()
+        (pool_embeddings, target_embeddings), encoder_id, encoder_revision = _embeddings(
+            pool, target, config, oracle, model, tokenizer, options, show_progress)
+        seconds["embed"] = time.perf_counter() - start
+        rows, columns = block_indices(len(pool), 1 if oracle.pointwise else len(target), config)
+        start = time.perf_counter()
         labels = oracle.compute_block(pool.select(rows.tolist()),
                                       None if oracle.pointwise else target.select(columns.tolist()))
-        seconds["oracle"] = time.perf_counter() - start
-        encoder_id, encoder_revision = encoder_identity(encoder)
+        seconds["oracle"] = time.perf_counter() - start + seconds.pop("prepare")
         network = InfluenceNetwork(
             kind="pointwise" if oracle.pointwise else "pairwise", embedding_dim=pool_embeddings.shape[1],
             hidden_sizes=list(config.network_hidden_sizes), embedding_model=encoder_id, oracle=oracle.name,
             valuation_model=oracle.identity().get("model_id"), seed=config.nn_cift_seed,
-            embedding_revision=encoder_revision, text_format=TEXT_FORMAT,
+            embedding_revision=encoder_revision,
+            text_format=LM_TEXT_FORMAT if config.encoder == LM_ENCODER else TEXT_FORMAT,
             interaction_rank=0 if oracle.pointwise else config.network_interaction_rank,
             label_normalization=config.network_label_normalization,
         )
@@ -189,6 +189,35 @@ def nn_cift(pool: Dataset, target: Dataset, config: NNCIFTConfig | None = None, 
         return result
     finally:
         oracle.release()
+
+
+def _embeddings(pool: Dataset, target: Dataset, config: NNCIFTConfig, oracle: Oracle, model, tokenizer,
+                options: dict, show_progress: bool) -> tuple[tuple[Tensor, Tensor], str, str | None]:
+    """((pool [n, e], target [m, e]) embeddings, encoder id, encoder revision) for config.encoder.
+
+    A sentence encoder's embeddings are kept under work_dir/sentence_embeddings when a work_dir is given (pool,
+    and the target's store named by its rows, so that one work_dir serves several targets). encoder="lm" embeds
+    with the valuation model (the oracle's, else `model`, else the default model), adapter off; its id is
+    recorded as "lm:<model id>"."""
+    if config.encoder == LM_ENCODER:
+        lm_model = getattr(oracle, "model", None) or model
+        lm_tokenizer = getattr(oracle, "tokenizer", None) or tokenizer
+        if lm_model is None or isinstance(lm_model, str):
+            lm_model, lm_tokenizer = load_model(lm_model or DEFAULT_MODEL)
+        formatting = split_options({key: value for key, value in options.items()
+                                    if key in FormattingConfig.__dataclass_fields__})[FormattingConfig]
+        embeddings = tuple(lm_row_embeddings(lm_model, lm_tokenizer, rows, formatting,
+                                             batch_size=config.encoder_batch_size, show_progress=show_progress)
+                           for rows in (pool, target))
+        model_id, revision = model_identity(lm_model)
+        return embeddings, f"{LM_ENCODER_PREFIX}{model_id}", revision
+    encoder = load_encoder(config.encoder)
+    cache = None if options.get("work_dir") is None else Path(options["work_dir"]) / "sentence_embeddings"
+    target_store = f"target-{fingerprint_dataset(target)[:16]}"
+    embeddings = tuple(encode_rows(rows, encoder, cache_dir=None if cache is None else cache / name,
+                                   batch_size=config.encoder_batch_size, show_progress=show_progress)
+                       for rows, name in ((pool, "pool"), (target, target_store)))
+    return (embeddings, *encoder_identity(encoder))
 
 
 def _evaluate(result: NNCIFTResult, oracle: Oracle, pool: Dataset, target: Dataset, config: NNCIFTConfig) -> None:

@@ -195,7 +195,10 @@ class NNCIFTConfig:
         metadata={"help": "lower bound on the block's pool rows (a network cannot learn from a handful)."})
     encoder: str = field(
         default=DEFAULT_ENCODER,
-        metadata={"help": "sentence-transformers encoder of the rows' text (Hub id or folder)."})
+        metadata={"help": 'sentence-transformers encoder of the rows\' text (Hub id or folder), or "lm": the '
+                          "valuation model's own position-weighted mean of its last hidden states (RDS+'s "
+                          "representation; a forward pass per row, and the model is needed again to select with "
+                          "the network). Measured on the ID oracle: twice MiniLM's Q4 Spearman (README)."})
     encoder_batch_size: int = field(default=64, metadata={"help": "rows per encoder call."})
     network_hidden_sizes: list[int] = field(
         default_factory=lambda: [100],

@@ -17,8 +17,11 @@ from datasets import Dataset
 
 from .encoders import TEXT_FORMAT, encode_rows, encoder_identity, load_encoder
 from .engine import as_dataset
+from .formatting import FormattingConfig
+from .models import load_model, model_identity
 from .network import InfluenceNetwork
 from .options import ORACLE_RULES
+from .rds_embeddings import LM_ENCODER_PREFIX, LM_TEXT_FORMAT, lm_row_embeddings
 from .scores import ScoreTable, provenance_record
 from .selection import RULES, parse_budget, resolve_budget, select_indices
 from .store import fingerprint_dataset
@@ -87,6 +90,9 @@ def select_with_network(
     target_task_column: str | None = "task",
     encoder=None,
     encoder_batch_size: int = 64,
+    model=None,
+    tokenizer=None,
+    formatting: FormattingConfig | None = None,
     revision: str | None = None,
     show_progress: bool = True,
     return_scores: bool = False,
@@ -104,6 +110,9 @@ def select_with_network(
             absent.
         encoder: a loaded SentenceTransformer to use instead of loading the network's (its id must match).
         encoder_batch_size: rows per encoder call.
+        model, tokenizer: for a network that reads the valuation model's hidden states (embedding_model
+            "lm:<id>"): that model (default: loaded from the recorded id) and its tokenizer.
+        formatting: how such a network's rows are formatted (max_length, columns); the default FormattingConfig.
         revision: Hub revision of the network.
         show_progress: show the encoders' progress bars.
         return_scores: also return the ScoreTable [pool rows x targets] (then the scores are held in memory;
@@ -118,9 +127,11 @@ def select_with_network(
     """
     budget_value = parse_budget(budget)
     network = load_network(network, revision)
-    if network.text_format is not None and network.text_format != TEXT_FORMAT:
+    reads_lm = (network.embedding_model or "").startswith(LM_ENCODER_PREFIX)
+    expected_format = LM_TEXT_FORMAT if reads_lm else TEXT_FORMAT
+    if network.text_format is not None and network.text_format != expected_format:
         raise ValueError(f"this network was fitted on rows embedded as {network.text_format!r}; this version of "
-                         f"hf-influence embeds them as {TEXT_FORMAT!r}, so its predictions would not apply: refit it, "
+                         f"hf-influence embeds them as {expected_format!r}, so its predictions would not apply: refit it, "
                          f"or use the hf-influence version it was made with.")
     pool = as_dataset(pool, "pool")
     pointwise = network.kind == "pointwise"
@@ -130,15 +141,29 @@ def select_with_network(
     # The figures the user is trusting, shown at the default verbosity (transformers' set_verbosity_error()
     # silences them).
     logger.warning(network_summary(network))
-    encoder = encoder if encoder is not None else load_encoder(network.embedding_model)
-    encoder_id, encoder_revision = encoder_identity(encoder)
+    if reads_lm:
+        if model is None or isinstance(model, str):
+            model, tokenizer = load_model(model or network.embedding_model[len(LM_ENCODER_PREFIX):])
+        elif tokenizer is None:
+            raise ValueError("tokenizer=... is required with a model object (pass its tokenizer).")
+        model_id, encoder_revision = model_identity(model)
+        encoder_id = f"{LM_ENCODER_PREFIX}{model_id}"
+
+        def embed(rows):
+            return lm_row_embeddings(model, tokenizer, rows, formatting, batch_size=encoder_batch_size,
+                                     show_progress=show_progress)
+    else:
+        encoder = encoder if encoder is not None else load_encoder(network.embedding_model)
+        encoder_id, encoder_revision = encoder_identity(encoder)
+
+        def embed(rows):
+            return encode_rows(rows, encoder, batch_size=encoder_batch_size, show_progress=show_progress)
     if network.embedding_revision is not None and encoder_revision != network.embedding_revision:
         logger.warning("The encoder %s loaded at revision %s, the network was fitted on revision %s: if its weights "
                        "differ, so do the embeddings the network reads.", encoder_id, encoder_revision,
                        network.embedding_revision)
-    pool_embeddings = encode_rows(pool, encoder, batch_size=encoder_batch_size, show_progress=show_progress)
-    target_embeddings = None if pointwise else encode_rows(target, encoder, batch_size=encoder_batch_size,
-                                                           show_progress=show_progress)
+    pool_embeddings = embed(pool)
+    target_embeddings = None if pointwise else embed(target)
     groups = None
     if rule in ("round_robin_task", "less") and not pointwise and target_task_column in target.column_names:
         groups = list(target[target_task_column])

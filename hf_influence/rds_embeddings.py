@@ -14,8 +14,9 @@ from datasets import Dataset
 from torch import Tensor, nn
 from transformers.utils.logging import tqdm
 
-from .formatting import pad_batch
+from .formatting import FormattingConfig, FormattingError, format_dataset, pad_batch
 from .gradients import causal_lm_parts
+from .models import base_model
 
 
 def pooled_batch(decoder: nn.Module, batch: dict[str, Tensor], device: torch.device) -> Tensor:
@@ -94,3 +95,34 @@ def cosine_scores(pool_embeddings: Tensor, target_embeddings: Tensor, chunk_rows
         chunk = pool_embeddings[start : start + chunk_rows].to(device=target.device, dtype=dtype)
         scores[start : start + chunk.shape[0]] = F.normalize(chunk, dim=1) @ target.T
     return scores
+
+
+# NN-CIFT's encoder="lm": a network reading these embeddings records this prefix and the model's id.
+LM_ENCODER = "lm"
+LM_ENCODER_PREFIX = "lm:"
+# Its rows are the formatted token sequences (chat template, max_length), not the sentence encoders' text.
+LM_TEXT_FORMAT = "formatted_tokens_v1"
+
+
+def lm_row_embeddings(model: nn.Module, tokenizer, rows, formatting=None, batch_size: int = 8,
+                      show_progress: bool = True) -> Tensor:
+    """`lm_pooled_embeddings` of raw rows (chat or prompt/response), with the base model (a PEFT adapter switched
+    off): NN-CIFT's `encoder="lm"`, the valuation model's own representation of a row.
+
+    Args:
+        model, tokenizer: the causal LM and its tokenizer.
+        rows: a Dataset or list of dicts.
+        formatting: FormattingConfig (columns, chat template, max_length); every row must keep a response token.
+
+    Returns:
+        float32 [len(rows), hidden_size], unit rows, in the order of `rows`.
+
+    Raises:
+        FormattingError: a row that formatting skips (no response token): every row needs an embedding.
+    """
+    formatted = format_dataset(rows, tokenizer, formatting or FormattingConfig(), show_progress=False)
+    if formatted.skipped:
+        raise FormattingError(f"Rows cannot be embedded by the LM (row: reason): {formatted.skipped}")
+    with base_model(model):
+        return lm_pooled_embeddings(model, formatted.dataset, batch_size=batch_size,
+                                    pad_token_id=tokenizer.pad_token_id, show_progress=show_progress)

@@ -131,3 +131,36 @@ def test_predict_refuses_options_it_does_not_use(tmp_path, capsys):
             cli.run_predict(["--network", "x", "--pool", "p.jsonl", "--target", "t.jsonl", *flags])
         assert exit_info.value.code == 2
         assert f"does not use {flags[0]}" in capsys.readouterr().err
+
+
+def test_an_lm_encoder_network_reads_the_valuation_models_hidden_states():
+    from hf_influence.formatting import FormattingConfig, format_dataset
+    from hf_influence.rds_embeddings import LM_TEXT_FORMAT, lm_pooled_embeddings
+    from hf_influence.testing import lora_model, tiny_causal_lm
+
+    model, tokenizer = lora_model(seed=0)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # an adapter that changes the hidden states: the encoder must switch it off
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator))
+    pool, target = demo_pool(8, seed=0), _targets(("math", "qa"), 3, seed=1)
+    config = NNCIFTConfig(oracle="delift_se", encoder="lm", block_fraction=0.4, min_block_rows=8, network_epochs=3)
+    result = nn_cift(pool, target, config, model=model, tokenizer=tokenizer, show_progress=False)
+    formatted = format_dataset(pool, tokenizer, FormattingConfig(), show_progress=False).dataset
+    with model.disable_adapter():
+        base = lm_pooled_embeddings(model, formatted, pad_token_id=tokenizer.pad_token_id, show_progress=False)
+    adapted = lm_pooled_embeddings(model, formatted, pad_token_id=tokenizer.pad_token_id, show_progress=False)
+    assert not torch.allclose(base, adapted)
+    torch.testing.assert_close(result.pool_embeddings, base)
+    assert result.network.embedding_model.startswith("lm:") and result.network.text_format == LM_TEXT_FORMAT
+    # Selecting with it runs the same model on the new rows (no oracle), and refuses another model.
+    selected, table = select_with_network(pool, target, result.network, budget=4, model=model, tokenizer=tokenizer,
+                                          selection="round_robin", show_progress=False, return_scores=True)
+    expected = predict_scores(result.pool_embeddings, result.network, result.target_embeddings)
+    torch.testing.assert_close(table.to_matrix()[0], expected)
+    assert selected["id"] == pool.select(select_indices(expected, 4, rule="round_robin").tolist())["id"]
+    other, other_tokenizer = tiny_causal_lm("qwen2", seed=0)
+    with pytest.raises(ValueError, match="lm:"):
+        select_with_network(pool, target, result.network, budget=4, model=other, tokenizer=other_tokenizer,
+                            show_progress=False)

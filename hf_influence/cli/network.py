@@ -14,6 +14,7 @@ from ..hub import push_influence_network, push_score_table
 from ..methods.nn_cift import oracle_options
 from ..network import InfluenceNetwork
 from ..nn_cift_pipeline import nn_cift
+from ..rds_embeddings import LM_ENCODER
 from ..pretrained import load_network, network_summary, select_with_network, unseen_quadrant
 from ..options import CONFIG_TYPES, NNCIFTConfig, SelectionConfig
 from ..scores import ScoreTable, json_safe
@@ -39,7 +40,7 @@ def run_fit_network(argv: list[str]) -> dict:
     )
     pool, target = load_pool_and_target(args)
     nn_config = next(config for config in configs if isinstance(config, NNCIFTConfig))
-    needs_model = nn_config.oracle != "delift_se"
+    needs_model = nn_config.oracle != "delift_se" or nn_config.encoder == LM_ENCODER
     model, tokenizer = load_cli_model(model_args) if needs_model else (None, None)
     options = oracle_options({type(config): config for config in configs})
     result = nn_cift(pool, target, nn_config, model=model, tokenizer=tokenizer,
