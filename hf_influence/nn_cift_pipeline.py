@@ -25,8 +25,8 @@ from .formatting import FormattingConfig
 from .models import DEFAULT_MODEL, load_model, model_identity
 from .network import InfluenceNetwork, standardize_columns
 from .options import ORACLE_RULES, NNCIFTConfig, split_options
-from .rds_embeddings import LM_ENCODER, LM_ENCODER_PREFIX, LM_TEXT_FORMAT, lm_row_embeddings
 from .oracles import DeliftOracle, DeliftSEOracle, MethodOracle, Oracle, SelectITOracle
+from .rds_embeddings import LM_ENCODER, LM_ENCODER_PREFIX, LM_TEXT_FORMAT, lm_row_embeddings
 from .scores import ScoreTable, provenance_record
 from .store import fingerprint_dataset
 from .streaming import predict_scores

@@ -14,9 +14,9 @@ from ..hub import push_influence_network, push_score_table
 from ..methods.nn_cift import oracle_options
 from ..network import InfluenceNetwork
 from ..nn_cift_pipeline import nn_cift
-from ..rds_embeddings import LM_ENCODER
-from ..pretrained import load_network, network_summary, select_with_network, unseen_quadrant
 from ..options import CONFIG_TYPES, NNCIFTConfig, SelectionConfig
+from ..pretrained import load_network, network_summary, select_with_network, unseen_quadrant
+from ..rds_embeddings import LM_ENCODER
 from ..scores import ScoreTable, json_safe
 from ..store import atomic_write_json
 from .arguments import (
