@@ -101,6 +101,15 @@ class ScoreTable:
 
     def __post_init__(self) -> None:
         _check_schema(self.dataset.features.arrow_schema, "ScoreTable.dataset")
+        # Every way a table comes into being (load, a Hub pull, a hand-built Dataset) passes here: a NaN score
+        # would be silently ranked first or last by every rule.
+        table = self._table()
+        scores = table.column("score").to_numpy(zero_copy_only=False)
+        bad = np.flatnonzero(~np.isfinite(scores))
+        if len(bad):
+            row = table.slice(int(bad[0]), 1).to_pylist()[0]
+            raise ScoreTableError(f"the score table has {len(bad)} non-finite scores; the first, {row['score']}, is "
+                                  f"for pool row id {row['pool_row_id']}, target {row['target']!r}.")
         if not isinstance(self.provenance, dict):
             raise ScoreTableError(f"provenance must be a dict, got {type(self.provenance).__name__}.")
         _check_json(self.provenance)

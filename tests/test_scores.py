@@ -133,6 +133,18 @@ def test_load_refuses_a_wrong_dtype_or_missing_column(table, tmp_path):
         ScoreTable.load(path)
 
 
+def test_a_table_with_a_non_finite_score_is_refused_on_load(table, tmp_path):
+    path = table.save(tmp_path / "run")
+    arrow = pq.read_table(path / "scores.parquet")
+    scores = arrow["score"].to_numpy().copy()
+    scores[4] = np.nan
+    pq.write_table(arrow.set_column(2, "score", pa.array(scores, pa.float32())), path / "scores.parquet")
+    row = arrow.slice(4, 1).to_pylist()[0]
+    with pytest.raises(ScoreTableError, match=f"1 non-finite scores.*pool row id {row['pool_row_id']}, target "
+                                              f"'{row['target']}'"):
+        ScoreTable.load(path)
+
+
 def test_load_refuses_provenance_that_is_not_an_object(table, tmp_path):
     path = table.save(tmp_path / "run")
     (path / "provenance.json").write_text("[1, 2]")
