@@ -164,3 +164,13 @@ def test_an_lm_encoder_network_reads_the_valuation_models_hidden_states():
     with pytest.raises(ValueError, match="lm:"):
         select_with_network(pool, target, result.network, budget=4, model=other, tokenizer=other_tokenizer,
                             show_progress=False)
+
+
+def test_a_group_column_asked_for_by_name_must_exist(fitted, tmp_path, capsys):
+    pool_file, target_file = tmp_path / "pool.jsonl", tmp_path / "target.jsonl"
+    demo_pool(3, seed=3).to_json(str(pool_file))
+    _targets(("qa",), 2, seed=4).to_json(str(target_file))
+    fitted.network.save_pretrained(tmp_path / "net")
+    with pytest.raises(SystemExit, match="'domain' is not a column of the pool"):
+        cli.run_predict(["--network", str(tmp_path / "net"), "--pool", str(pool_file), "--target", str(target_file),
+                         "--budget", "2", "--output", str(tmp_path / "out"), "--group_column", "domain"])

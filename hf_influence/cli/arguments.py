@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -235,5 +235,10 @@ def parse_budget(text: str, flag: str = "--budget") -> int | float:
 def load_pool_and_target(args: SelectArguments) -> tuple[Dataset, Dataset]:
     if not args.pool or not args.target:
         raise SystemExit("--pool and --target are required: a jsonl/json/parquet/csv file, a folder, or a Hub id.")
-    return (load_rows(args.pool, split=args.pool_split, limit=args.pool_limit),
-            load_rows(args.target, split=args.target_split, limit=args.target_limit))
+    pool = load_rows(args.pool, split=args.pool_split, limit=args.pool_limit)
+    default_group = next(f.default for f in fields(SelectArguments) if f.name == "group_column")
+    if args.group_column != default_group and args.group_column not in pool.column_names:
+        # Asked for by name, so an empty per-group report would hide a typo.
+        raise SystemExit(f"--group_column {args.group_column!r} is not a column of the pool "
+                         f"(columns: {', '.join(pool.column_names)}).")
+    return pool, load_rows(args.target, split=args.target_split, limit=args.target_limit)
