@@ -6,6 +6,7 @@ registered method called, its scores and provenance collected (`compute_scores`)
 from __future__ import annotations
 
 import contextlib
+import json
 import tempfile
 import time
 from collections.abc import Callable
@@ -29,6 +30,9 @@ from .scores import ScoreTable, provenance_record
 from .selection import SelectionError, select_indices, weighted_sample
 from .store import VectorStore, fingerprint_dataset
 from .streaming import predict_scores, stream_select
+from .verbosity import get_logger
+
+logger = get_logger(__name__)
 
 
 @dataclass
@@ -264,6 +268,27 @@ def compute_scores(pool: Dataset | list[dict] | str, target: Dataset | list[dict
                         Path(scratch))
 
 
+def duplicate_pool_rows(pool: Dataset) -> dict[str, Any]:
+    """Pool rows that repeat an earlier row: by `id` and by content (every other column), with counts and the
+    first (earlier row, repeat) pair of each; {} when there are none. A repeated row can be selected twice."""
+    found = {}
+    columns = [name for name in pool.column_names if name != "id"]
+    for kind, values in (("id", pool["id"] if "id" in pool.column_names else None),
+                         ("content", None if not columns else [json.dumps(row, sort_keys=True, default=str)
+                                                               for row in pool.select_columns(columns).to_list()])):
+        if values is None:
+            continue
+        first, repeats = {}, []
+        for index, value in enumerate(values):
+            if value in first:
+                repeats.append((first[value], index))
+            else:
+                first[value] = index
+        if repeats:
+            found[kind] = {"repeated_rows": len(repeats), "first": list(repeats[0])}
+    return found
+
+
 def compute(pool: Dataset, target, model, tokenizer, optimizer, configs: dict, budget_rows: int | None,
              scratch: Path, stream_selection: bool = False) -> ScoreRun:
     """Score with the configured method; stores go to work_dir, else to `scratch` (a folder the caller removes
@@ -271,6 +296,11 @@ def compute(pool: Dataset, target, model, tokenizer, optimizer, configs: dict, b
     config = configs[SelectionConfig]
     target = as_dataset(target, "target")
     spec = METHODS[config.method]
+    duplicates = duplicate_pool_rows(pool)
+    for kind, found in duplicates.items():  # said before any model pass; kept in the provenance
+        logger.warning("%d pool rows repeat an earlier row's %s (the first: row %d repeats row %d); a repeated row "
+                       "can be selected more than once.", found["repeated_rows"], kind, found["first"][1],
+                       found["first"][0])
     if config.order == 2 and not spec.second_order:
         raise ValueError(f"order=2 needs a method with a second-order term "
                          f"({sorted(name for name, s in METHODS.items() if s.second_order)}); method "
@@ -294,6 +324,7 @@ def compute(pool: Dataset, target, model, tokenizer, optimizer, configs: dict, b
         "configs": {config_type.__name__: asdict(value) for config_type, value in configs.items()},
         "pool_fingerprint": fingerprint_dataset(pool), "target_fingerprint": fingerprint_dataset(target),
         "skipped_pool_rows": {str(row): reason for row, reason in skipped.items()},
+        "duplicate_pool_rows": duplicates,
     }
     return ScoreRun(output, pool_row_ids, target_names, tasks, skipped, configs, provenance,
                     {"seconds": context.seconds, **output.details})

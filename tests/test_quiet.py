@@ -58,3 +58,19 @@ def test_a_skipped_row_is_warned_about_once_at_the_default_verbosity(hf_switches
     assert len(skipped) == 1 and skipped[0].name.startswith("hf_influence"), [r.getMessage() for r in skipped]
     out, _ = capfd.readouterr()
     assert "loss" not in out and "train_runtime" not in out  # the warm-up trainer printed nothing
+
+
+def test_duplicate_pool_rows_are_counted_warned_and_recorded(caplog):
+    from hf_influence import compute_scores
+    from hf_influence.engine import duplicate_pool_rows
+
+    pool = demo_pool(3, seed=0).to_list()
+    pool.append({**pool[2], "id": "copy-of-2"})  # the same content under another id
+    pool.append({**pool[5], "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]})
+    found = duplicate_pool_rows(datasets.Dataset.from_list(pool))
+    assert found == {"id": {"repeated_rows": 1, "first": [5, 13]}, "content": {"repeated_rows": 1, "first": [2, 12]}}
+    assert duplicate_pool_rows(datasets.Dataset.from_list(pool[:12])) == {}
+    run = compute_scores(pool, demo_target("math", 2, seed=1), method="random")
+    assert run.provenance["duplicate_pool_rows"] == found
+    messages = [record.getMessage() for record in caplog.records if "repeat an earlier row" in record.getMessage()]
+    assert len(messages) == 2 and "row 13 repeats row 5" in messages[0]
