@@ -31,32 +31,30 @@ def _rows():
     return pool, demo_target("math", 2, seed=1)
 
 
-def test_a_selection_prints_nothing_under_hf_switches(hf_switches, capfd):
+def _select(verbosity: int, capfd) -> tuple[str, str]:
+    """A landmark ID selection on the tiny model at the given transformers verbosity, progress bars off (HF's
+    switches, datasets' included); returns what it printed (stdout, stderr)."""
     model, tokenizer = lora_model(seed=0)
     pool, target = _rows()
-    hf_logging.set_verbosity_error()
+    hf_logging.set_verbosity(verbosity)
     hf_logging.disable_progress_bar()
     datasets.disable_progress_bars()
     capfd.readouterr()
     selected = select_by_influence(pool, target, model=model, tokenizer=tokenizer, budget=3, max_length=256,
                                    truncation="drop", **FAST)
     assert len(selected) == 3
-    out, err = capfd.readouterr()
+    return capfd.readouterr()
+
+
+def test_a_selection_prints_nothing_under_hf_switches(hf_switches, capfd):
+    out, err = _select(hf_logging.ERROR, capfd)
     assert out == "" and err == "", (out, err)
 
 
 def test_a_skipped_row_is_warned_about_once_at_the_default_verbosity(hf_switches, capfd, caplog):
-    model, tokenizer = lora_model(seed=0)
-    pool, target = _rows()
-    hf_logging.set_verbosity_warning()
-    hf_logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    capfd.readouterr()
-    select_by_influence(pool, target, model=model, tokenizer=tokenizer, budget=3, max_length=256,
-                        truncation="drop", **FAST)
+    out, _ = _select(hf_logging.WARNING, capfd)
     skipped = [record for record in caplog.records if "skipped" in record.getMessage()]
     assert len(skipped) == 1 and skipped[0].name.startswith("hf_influence"), [r.getMessage() for r in skipped]
-    out, _ = capfd.readouterr()
     assert "loss" not in out and "train_runtime" not in out  # the warm-up trainer printed nothing
 
 
