@@ -122,9 +122,16 @@ def prepare_model(model, tokenizer, configs) -> tuple[nn.Module, Any, Callable[[
     """Load or wrap the model with LoRA; returns (model, tokenizer, restore) where restore() undoes our changes
     to a user's model (LoRA weights trained by the warm-up, or the adapter we added)."""
     lora = configs[LoraSettings]
+    init = configs[SelectionConfig].model_init_kwargs
     if model is None or isinstance(model, str):
-        loaded, loaded_tokenizer = load_model(model or DEFAULT_MODEL)
+        init = dict(init or {})
+        if isinstance(init.get("dtype"), str):
+            init["dtype"] = getattr(torch, init["dtype"].removeprefix("torch."))
+        loaded, loaded_tokenizer = load_model(model or DEFAULT_MODEL, **init)
         return add_lora(loaded, lora), tokenizer or loaded_tokenizer, lambda: None
+    if init:
+        raise ValueError("model_init_kwargs says how to load a model id, but model is an object: load it with those "
+                         "settings yourself, or pass the id.")
     if tokenizer is None:
         raise ValueError("tokenizer=... is required when model is a model object (pass its tokenizer).")
     if hasattr(model, "peft_config"):

@@ -5,9 +5,12 @@ are unique across CONFIG_TYPES) to their dataclass."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
 
 from .encoders import DEFAULT_ENCODER
 from .formatting import FormattingConfig
@@ -109,6 +112,12 @@ class SelectionConfig:
     selection_seed: int = field(
         default=0,
         metadata={"help": "seed of landmarks, selection order and random baselines."})
+    model_init_kwargs: dict | str | None = field(
+        default=None,
+        metadata={"help": "when `model` is a Hub id or folder: how to load it, as TRL's SFTConfig.model_init_kwargs: "
+                          '"dtype" ("bfloat16", "float16", "float32"), "device" ("cuda", "cpu", ...), "revision", '
+                          '"attn_implementation"; a JSON string on the command line. Without it an id loads in '
+                          "float32 on the CPU."})
     work_dir: str | None = field(
         default=None,
         metadata={"help": "folder for the resumable stores (embeddings, gradients) and the saved warm-up; None "
@@ -158,8 +167,28 @@ class SelectionConfig:
                              "leave it None) with order=2.")
         if not self.robust_lambda > 0:
             raise ValueError(f"SelectionConfig.robust_lambda must be > 0, got {self.robust_lambda}")
+        if isinstance(self.model_init_kwargs, str):  # the command line gives JSON
+            try:
+                self.model_init_kwargs = json.loads(self.model_init_kwargs)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"SelectionConfig.model_init_kwargs must be a JSON object, got "
+                                 f"{self.model_init_kwargs!r} ({error})") from None
+        if self.model_init_kwargs is not None:
+            if not isinstance(self.model_init_kwargs, dict):
+                raise ValueError(f"SelectionConfig.model_init_kwargs must be a dict, got {self.model_init_kwargs!r}")
+            unknown = sorted(set(self.model_init_kwargs) - set(MODEL_INIT_KEYS))
+            if unknown:
+                raise ValueError(f"SelectionConfig.model_init_kwargs has unknown keys {unknown}; known: "
+                                 f"{list(MODEL_INIT_KEYS)}")
+            dtype = self.model_init_kwargs.get("dtype")
+            if dtype is not None and not isinstance(getattr(torch, str(dtype).removeprefix("torch."), None),
+                                                    torch.dtype):
+                raise ValueError(f"SelectionConfig.model_init_kwargs['dtype'] must name a torch dtype (e.g. "
+                                 f"'bfloat16'), got {dtype!r}")
 
 
+# The keys of SelectionConfig.model_init_kwargs: the loading options of models.load_model.
+MODEL_INIT_KEYS = ("dtype", "device", "revision", "attn_implementation")
 ORACLES = ("influence_distillation_exact", "influence_distillation", "less", "rds", "delift", "delift_se", "selectit")
 # The rule each oracle's paper selects with, NN-CIFT's default: DELIFT covers the targets with facility location
 # (DELIFT-SE too), LESS takes the top rows by its max-over-tasks score, SelectIT the top rows of its pointwise

@@ -118,3 +118,31 @@ def test_weights_digest_is_the_base_weights_whatever_the_adapter():
     assert weights_digest(wrapped) == bare  # PEFT renames the wrapped layers' weights (base_layer): same weights
     other, _ = tiny_causal_lm("llama", seed=1)
     assert weights_digest(other) != bare
+
+
+def test_a_model_id_loads_with_model_init_kwargs(tmp_path, monkeypatch):
+    from hf_influence import compute_scores, engine
+    from hf_influence.demo import demo_pool, demo_target
+
+    model, tokenizer = tiny_causal_lm("llama", seed=0)
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    seen, real = {}, engine.load_model
+
+    def recording(name, **kwargs):
+        loaded = real(name, **kwargs)
+        seen.update(kwargs, parameter_dtype=next(loaded[0].parameters()).dtype)
+        return loaded
+
+    monkeypatch.setattr(engine, "load_model", recording)
+    pool, target = demo_pool(2, seed=0), demo_target("math", 2, seed=1)
+    run = compute_scores(pool, target, model=str(tmp_path / "model"), method="rds", show_progress=False,
+                         model_init_kwargs='{"dtype": "bfloat16"}')  # as the command line gives it
+    assert seen["dtype"] is torch.bfloat16 and seen["parameter_dtype"] is torch.bfloat16
+    assert run.provenance["configs"]["SelectionConfig"]["model_init_kwargs"] == {"dtype": "bfloat16"}
+    with pytest.raises(ValueError, match="model is an object"):
+        compute_scores(pool, target, model=model, tokenizer=tokenizer, method="rds",
+                       model_init_kwargs={"dtype": "float16"})
+    with pytest.raises(ValueError, match="unknown keys \\['device_mapp'\\]"):
+        compute_scores(pool, target, model=str(tmp_path / "model"), method="rds",
+                       model_init_kwargs={"device_mapp": "cpu"})
