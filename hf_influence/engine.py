@@ -26,7 +26,7 @@ from .models import DEFAULT_MODEL, LoraSettings, add_lora, load_model, model_ide
 from .network import InfluenceNetwork
 from .options import SelectionConfig, split_options
 from .registry import METHODS, MethodSpec
-from .scores import ScoreTable, provenance_record
+from .scores import ScoreTable, provenance_record, rows_digest
 from .selection import SelectionError, select_indices, weighted_sample
 from .store import VectorStore, fingerprint_dataset
 from .streaming import predict_scores, stream_select
@@ -332,6 +332,7 @@ def compute(pool: Dataset, target, model, tokenizer, optimizer, configs: dict, b
         "pool_fingerprint": fingerprint_dataset(pool), "target_fingerprint": fingerprint_dataset(target),
         "skipped_pool_rows": {str(row): reason for row, reason in skipped.items()},
         "duplicate_pool_rows": duplicates,
+        "pool_rows_digest": rows_digest(pool, pool_row_ids),
     }
     return ScoreRun(output, pool_row_ids, target_names, tasks, skipped, configs, provenance,
                     {"seconds": context.seconds, **output.details})

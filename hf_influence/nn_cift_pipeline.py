@@ -27,7 +27,7 @@ from .network import InfluenceNetwork, standardize_columns
 from .options import ORACLE_RULES, NNCIFTConfig, split_options
 from .oracles import DeliftOracle, DeliftSEOracle, MethodOracle, Oracle, SelectITOracle
 from .rds_embeddings import LM_ENCODER, LM_ENCODER_PREFIX, LM_TEXT_FORMAT, lm_row_embeddings
-from .scores import ScoreTable, provenance_record
+from .scores import ScoreTable, provenance_record, rows_digest
 from .store import fingerprint_dataset
 from .streaming import predict_scores
 
@@ -79,6 +79,7 @@ class NNCIFTResult:
         record = provenance_record(method="nn_cift", oracle=config.oracle, configs=asdict(config),
                                    selection=ORACLE_RULES.get(config.oracle, "round_robin"),
                                    pool_fingerprint=fingerprint_dataset(pool),
+                                   pool_rows_digest=rows_digest(pool, range(len(pool))),
                                    target_fingerprint=fingerprint_dataset(target), **provenance)
         return ScoreTable.from_matrix(self.scores, list(range(len(pool))),
                                       names if self.scores.shape[1] > 1 else ["pointwise"], landmark_mask=mask,

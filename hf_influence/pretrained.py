@@ -22,7 +22,7 @@ from .models import load_model, model_identity
 from .network import InfluenceNetwork
 from .options import ORACLE_RULES
 from .rds_embeddings import LM_ENCODER_PREFIX, LM_TEXT_FORMAT, lm_row_embeddings
-from .scores import ScoreTable, provenance_record
+from .scores import ScoreTable, provenance_record, rows_digest
 from .selection import RULES, parse_budget, resolve_budget, select_indices
 from .store import fingerprint_dataset
 from .streaming import predict_scores, stream_select
@@ -182,6 +182,7 @@ def select_with_network(
     record = provenance_record(method="nn_cift_predict", network=network.config, selection=rule,
                                budget=budget_rows, selected_pool_row_ids=chosen.tolist(),
                                pool_fingerprint=fingerprint_dataset(pool),
+                               pool_rows_digest=rows_digest(pool, range(len(pool))),
                                target_fingerprint=None if target is None else fingerprint_dataset(target),
                                target_tasks=tasks)
     table = ScoreTable.from_matrix(scores, list(range(len(pool))), names, provenance=record)

@@ -75,6 +75,19 @@ def provenance_record(**fields: Any) -> dict[str, Any]:
     return record
 
 
+def rows_digest(rows: datasets.Dataset, positions: Sequence[int], columns: Sequence[str] | None = None) -> dict:
+    """Content fingerprint of the rows at `positions`, in that order: {"columns": the sorted columns read (default
+    all), "sha256": over each row's canonical JSON}. A score table records it for the pool rows it scored, so that
+    whoever selects from the table later can tell whether their pool still holds those rows at those ids (a
+    dataset's own fingerprint changes with any edit, even one that keeps the rows)."""
+    columns = sorted(columns or rows.column_names)
+    digest = hashlib.sha256()
+    for row in rows.select_columns(columns).select(list(positions)).to_list():
+        digest.update(json.dumps(row, sort_keys=True, ensure_ascii=False, default=str).encode())
+        digest.update(b"\n")
+    return {"columns": columns, "sha256": digest.hexdigest()}
+
+
 def json_safe(value: Any) -> Any:
     """`value` with every non-finite float (NaN, inf) inside dicts / lists / tuples replaced by None."""
     if isinstance(value, float):

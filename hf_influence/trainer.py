@@ -59,7 +59,7 @@ from .engine import compute_scores
 from .influence import select_by_influence
 from .options import split_options
 from .registry import METHODS
-from .scores import HUB_TAG, ScoreTable, json_safe, provenance_record
+from .scores import HUB_TAG, ScoreTable, json_safe, provenance_record, rows_digest
 from .selection import SelectionError, parse_budget, resolve_budget, select_indices, weighted_sample
 from .store import atomic_write_bytes
 from .verbosity import get_logger
@@ -137,6 +137,11 @@ class InfluenceSFTConfig(SFTConfig):
     )
     influence_row_id_column: str = field(
         default="row_id", metadata={"help": "Pool column of integer row ids (created from positions if missing)."}
+    )
+    influence_allow_stale_table: bool = field(
+        default=False,
+        metadata={"help": "Use a score table even when train_dataset's rows at the table's pool_row_ids are not the "
+                          "rows it scored (reordered, filtered or edited since); by default that is refused."},
     )
     influence_weight_column: str = field(
         default="weight", metadata={"help": "Weight mode: pool column of per-sample loss weights."}
@@ -328,6 +333,8 @@ class InfluenceSFTTrainer(SFTTrainer):
                              f"the {'target' if table is None else 'score table'}: rename that column or set "
                              f"influence_weight_column to a free name.")
         row_ids = _pool_row_ids(train_dataset, args.influence_row_id_column)
+        if table is not None and not args.influence_allow_stale_table:
+            _check_table_content(table, train_dataset, row_ids)
         self._influence_budget = None if mode == "weight" else resolve_budget(args.influence_budget, len(row_ids))
         self._influence_pool = train_dataset
         self._influence_row_ids = row_ids
@@ -709,6 +716,28 @@ def _score_table(args: InfluenceSFTConfig, table: ScoreTable | None, target) -> 
         raise ValueError("Pass either target_dataset (scores computed with the trainer's model) or a score table, "
                          "not both.")
     return table
+
+
+def _check_table_content(table: ScoreTable, pool: Dataset, row_ids: list[int]) -> None:
+    """Refuse a score table whose scored rows are not the pool's rows at the same ids (compared by content, with
+    the digest the table recorded; tables from before the digest are not checked)."""
+    recorded = table.provenance.get("pool_rows_digest")
+    if not recorded:
+        return
+    missing = [column for column in recorded["columns"] if column not in pool.column_names]
+    position = {row_id: k for k, row_id in enumerate(row_ids)}
+    table_ids = table.pool_row_ids
+    if any(row_id not in position for row_id in table_ids):
+        return  # ids the pool does not have: _check_table_rows names them when the trainer selects
+    if missing:
+        problem = f"it scored rows with columns {missing} that train_dataset lacks"
+    elif rows_digest(pool, [position[row_id] for row_id in table_ids], recorded["columns"]) != recorded:
+        problem = "train_dataset's rows at its pool_row_ids have other content than the rows it scored"
+    else:
+        return
+    raise ValueError(f"The score table does not fit train_dataset: {problem} (the pool was reordered, filtered or "
+                     f"edited since it was scored). Pass the pool it scored (ids in influence_row_id_column), score "
+                     f"again, or set influence_allow_stale_table=True to use it anyway.")
 
 
 def _pool_row_ids(pool: Dataset, column: str) -> list[int]:

@@ -506,3 +506,25 @@ def test_a_score_table_keeps_its_target_tasks_for_the_rules_that_group_by_them(t
     assert chosen == [pool["id"].index(i) for i in selected["id"]]
     if ungrouped is not None:  # the grouping changes the rows here, so the check above could fail
         assert [row_ids[i] for i in ungrouped.tolist()] != chosen
+
+
+def test_a_score_table_made_for_other_rows_is_refused_before_any_model_pass(tmp_path, pool):
+    _, table = select_by_influence(pool, demo_target("math", 2, seed=1), budget=4, method="random",
+                                   return_scores=True)
+    model, tokenizer = tiny_causal_lm(seed=0)
+    forwards = []
+    model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    table.save(tmp_path / "scores")
+    args = config(tmp_path, influence_score_table=str(tmp_path / "scores"), influence_budget=4)
+    InfluenceSFTTrainer(model, args=args, train_dataset=pool, processing_class=tokenizer)  # the rows it scored
+    reordered = pool.shuffle(seed=3)
+    with pytest.raises(ValueError, match="other content than the rows it scored.*influence_allow_stale_table"):
+        InfluenceSFTTrainer(model, args=args, train_dataset=reordered, processing_class=tokenizer)
+    with pytest.raises(ValueError, match=r"columns \['messages'\] that train_dataset lacks"):
+        InfluenceSFTTrainer(model, args=args, train_dataset=pool.rename_column("messages", "conversation"),
+                            processing_class=tokenizer)
+    assert forwards == []
+    stale = config(tmp_path, influence_score_table=str(tmp_path / "scores"), influence_budget=4,
+                   influence_allow_stale_table=True)
+    trainer = InfluenceSFTTrainer(model, args=stale, train_dataset=reordered, processing_class=tokenizer)
+    assert len(trainer.influence_selections[-1].row_ids) == 4
