@@ -151,8 +151,9 @@ def delift_blocks(cache: Cache, oracle: DeliftOracle, pool, targets, rows, colum
     def block(row_index, column_index):
         return lambda: (oracle.compute_block(pool.select(row_index.tolist()), targets.select(column_index.tolist())),
                         {"pairs": len(row_index) * len(column_index)})
-    training = cache.get("delift_training_block", block(rows, columns))
-    q4 = cache.get("delift_q4_block", block(fresh_rows, fresh_columns))
+    shape = f"{len(rows)}x{len(columns)}"  # blocks of another size are other cache entries
+    training = cache.get(f"delift_training_block_{shape}", block(rows, columns))
+    q4 = cache.get(f"delift_q4_block_{shape}", block(fresh_rows, fresh_columns))
     return training, q4
 
 
@@ -277,6 +278,9 @@ def main() -> int:
     parser.add_argument("--oracles", nargs="+", default=list(ORACLES), choices=ORACLES,
                         help="DELIFT is the slow one: a forward pass per (pool, target) pair, about 0.8 s per pair "
                              "on a 2-core CPU (its 5,356-pair block is over an hour there)")
+    parser.add_argument("--delift-share", type=float, default=1.0,
+                        help="DELIFT's training block as a share of the default block's rows and of its columns "
+                             "(0.5: a quarter of the pairs)")
     parser.add_argument("--pool-rows", type=int, default=POOL_ROWS,
                         help="smaller for a smoke run (the gradient oracles then fill a new work_dir)")
     parser.add_argument("--target-share", type=float, default=1.0, help="share of each task's target rows")
@@ -397,7 +401,10 @@ def main() -> int:
     if "delift" in args.oracles:
         log("oracle delift: the training block and a fresh Q4 block")
         generator = torch.Generator().manual_seed(SEED + 1)
-        # Half the block's rows and columns (a quarter of its pairs): DELIFT's forward pass per pair is the cost.
+        # DELIFT's forward pass per pair is the cost: its training block is --delift-share of the default block's
+        # rows and of its columns (the first ones of the same seeded orders), and its Q4 block half that again.
+        rows, columns = block_indices(n, m, math.ceil(args.delift_share * len(columns)),
+                                      math.ceil(args.delift_share * len(rows)))
         fresh_rows = complement(rows, n)[torch.randperm(n - len(rows), generator=generator)[
             : math.ceil(len(rows) / 2)]].sort().values
         fresh_columns = complement(columns, m)[torch.randperm(m - len(columns), generator=generator)[
@@ -434,6 +441,7 @@ def main() -> int:
             **summary(quadrants), "cost_reduction": 1 - sum(nn_seconds.values()) / oracle_all,
             "quadrants": quadrants, "nn_cift_seconds": nn_seconds, "oracle_all_seconds": oracle_all,
             "oracle_record": {"training_block": training_record, "q4_block": q4_record},
+            "block_rows": len(rows), "block_columns": len(columns),
             "note": "Q2 and Q3 not scored (a forward pass per pair); oracle_all = measured seconds per pair x n x m",
         }
         report["sweep"]["delift"] = results

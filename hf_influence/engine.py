@@ -367,5 +367,8 @@ def _run_method(spec: MethodSpec, pool, target, model, tokenizer, optimizer, bud
                       raw_target=target, budget_rows=budget_rows, rule=config.selection or spec.selection_rule(configs),
                       target_tasks=tasks, stream_selection=stream_selection)
     output = spec.function(context)
+    if formatted_pool.truncated:  # format_dataset warned; the provenance keeps the count per kind of cut
+        kinds = list(formatted_pool.truncated.values())
+        output.details["truncated_pool_rows"] = {kind: kinds.count(kind) for kind in sorted(set(kinds))}
     return (output, context, formatted_pool.dataset["row_id"], _target_names(target, formatted_target.dataset),
             tasks, formatted_pool.skipped)

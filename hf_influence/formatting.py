@@ -102,11 +102,15 @@ class FormattedDataset:
             `labels` (lists of ints) and `num_label_tokens`.
         skipped: {input row index: reason} for rows that produced no training signal.
         format: the detected row format, one of FORMATS.
+        truncated: {input row index: what prompt_left truncation cut} for the kept rows it shortened:
+            "part_of_prompt", "whole_prompt" (every token before the response) or "response" (the prompt gone and
+            response tokens cut from the right too).
     """
 
     dataset: Dataset
     skipped: dict[int, str] = field(default_factory=dict)
     format: str = "chat"
+    truncated: dict[int, str] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -234,6 +238,13 @@ def _truncate(
     return input_ids[: config.max_length], labels[: config.max_length]
 
 
+def _truncation_kind(first_label: int, excess: int) -> str:
+    """What prompt_left truncation of a row `excess` tokens too long cut, for FormattedDataset.truncated."""
+    if excess < first_label:
+        return "part_of_prompt"
+    return "whole_prompt" if excess == first_label else "response"
+
+
 def _rows(dataset: Dataset | list[dict]) -> tuple[list[str], Iterable[dict]]:
     if isinstance(dataset, Dataset):
         return dataset.column_names, iter(dataset)
@@ -293,6 +304,7 @@ def format_dataset(
 
     output: dict[str, list] = {"row_id": [], "input_ids": [], "attention_mask": [], "labels": [], "num_label_tokens": []}
     skipped: dict[int, str] = {}
+    cut: dict[int, str] = {}
     for row_id, row in enumerate(tqdm(rows, total=num_rows, desc="Formatting", disable=not show_progress)):
         messages = _as_messages(row, row_id, row_format, config)
         if use_template:
@@ -302,6 +314,8 @@ def format_dataset(
         if not any(label != IGNORE_INDEX for label in labels):
             skipped[row_id] = "no_label_tokens"
             continue
+        length = len(input_ids)
+        first_label = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
         truncated = _truncate(input_ids, labels, row_id, config)
         if isinstance(truncated, str):
             skipped[row_id] = truncated
@@ -311,6 +325,8 @@ def format_dataset(
         if num_labels == 0:
             skipped[row_id] = "truncated_away"
             continue
+        if len(input_ids) < length:
+            cut[row_id] = _truncation_kind(first_label, length - config.max_length)
         output["row_id"].append(row_id)
         output["input_ids"].append(input_ids)
         output["attention_mask"].append([1] * len(input_ids))
@@ -326,7 +342,14 @@ def format_dataset(
                 + " Check for empty responses and raise max_length if rows were truncated away."
             )
         logger.warning(message + ("..." if len(skipped) > 10 else ""))
-    return FormattedDataset(dataset=Dataset.from_dict(output), skipped=skipped, format=row_format)
+    if cut:
+        counts = {kind: sum(value == kind for value in cut.values()) for kind in ("part_of_prompt", "whole_prompt",
+                                                                                 "response")}
+        logger.warning("%d of %d rows were longer than max_length=%d and were cut from the left: %d lost part of "
+                       "their prompt, %d their whole prompt, %d also response tokens (first: row %d). Raise "
+                       "max_length to keep them whole.", len(cut), num_rows, config.max_length,
+                       counts["part_of_prompt"], counts["whole_prompt"], counts["response"], next(iter(cut)))
+    return FormattedDataset(dataset=Dataset.from_dict(output), skipped=skipped, format=row_format, truncated=cut)
 
 
 def _with_template(tokenizer: PreTrainedTokenizerBase, chat_template: str) -> PreTrainedTokenizerBase:

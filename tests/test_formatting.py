@@ -127,3 +127,25 @@ def test_progress_is_an_argument_of_the_pass_and_of_the_run(tokenizer, capsys):
     assert "Formatting" not in capsys.readouterr().err
     assert "show_progress" not in {f.name for f in dataclasses.fields(FormattingConfig)}
     assert split_options({"show_progress": False})[SelectionConfig].show_progress is False
+
+
+def test_prompt_left_truncation_is_counted_by_what_it_cut(caplog):
+    from hf_influence.testing import tiny_causal_lm
+
+    _, tokenizer = tiny_causal_lm("llama", seed=0)
+    rows = [{"prompt": "word " * n_prompt, "completion": "yes " * n_response}
+            for n_prompt, n_response in ((2, 1), (60, 1), (200, 30), (200, 300))]
+    lengths = [len(format_dataset([row], tokenizer, FormattingConfig(max_length=4096), show_progress=False)
+                   .dataset[0]["input_ids"]) for row in rows]
+    first_labels = [next(i for i, label in enumerate(formatted["labels"]) if label != -100) for formatted in
+                    (format_dataset([row], tokenizer, FormattingConfig(max_length=4096), show_progress=False)
+                     .dataset[0] for row in rows)]
+    # A max_length that keeps row 0 whole, cuts into row 1's prompt, removes row 2's whole prompt exactly and
+    # cuts row 3's response too.
+    max_length = lengths[2] - first_labels[2]
+    assert lengths[0] <= max_length < lengths[1] and lengths[1] - max_length < first_labels[1]
+    assert lengths[3] - first_labels[3] > max_length
+    formatted = format_dataset(rows, tokenizer, FormattingConfig(max_length=max_length), show_progress=False)
+    assert formatted.truncated == {1: "part_of_prompt", 2: "whole_prompt", 3: "response"}
+    message = next(record.getMessage() for record in caplog.records if "cut from the left" in record.getMessage())
+    assert "3 of 4 rows" in message and "1 lost part of their prompt, 1 their whole prompt, 1 also response" in message
