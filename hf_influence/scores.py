@@ -284,6 +284,26 @@ class ScoreTable:
             raise ScoreTableError(f"{provenance_path} must hold a JSON object, got a {type(provenance).__name__}.")
         return cls(_as_dataset(table), provenance)
 
+    def push_to_hub(self, repo_id: str, config_name: str = "default", private: bool | None = None,
+                    token: str | None = None, pretty_name: str | None = None) -> str:
+        """Push this table as config `config_name` of the dataset repo `repo_id`, with its provenance and card
+        (`hub.push_score_table`). Returns the repo URL."""
+        from .hub import push_score_table  # hub builds on this module
+
+        return push_score_table(self, repo_id, config_name=config_name, private=private, token=token,
+                                pretty_name=pretty_name)
+
+    @classmethod
+    def from_pretrained(cls, repo_id_or_folder: str | os.PathLike[str], config_name: str = "default",
+                        revision: str | None = None, token: str | None = None) -> ScoreTable:
+        """A table from a folder written by `save`, or config `config_name` of a Hub dataset repo pushed by
+        `push_to_hub` (`hub.load_score_table`)."""
+        if Path(repo_id_or_folder).is_dir():
+            return cls.load(repo_id_or_folder)
+        from .hub import load_score_table
+
+        return load_score_table(str(repo_id_or_folder), config_name=config_name, revision=revision, token=token)
+
     def __len__(self) -> int:
         """Number of (pool row, target) scores: n * m for a full table."""
         return len(self.dataset)

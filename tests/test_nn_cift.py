@@ -245,3 +245,20 @@ def test_a_method_oracle_warms_up_once_on_the_whole_pool(rows):
     again = compute_scores(pool, target, model=model, tokenizer=tokenizer, method="influence_distillation_exact",
                            **options).output.scores
     torch.testing.assert_close(again, full)
+
+
+def test_artifacts_push_and_load_through_their_own_methods(local_hub, rows, distilled):
+    from hf_influence import ScoreTable
+
+    pool, target = rows
+    url = distilled.push_to_hub(f"{local_hub.user}/nn-cift-result")
+    assert url.endswith("nn-cift-result")
+    pulled = InfluenceNetwork.from_pretrained(f"{local_hub.user}/nn-cift-result")
+    assert pulled.config == distilled.network.config
+    card = ModelCard.load(f"{local_hub.user}/nn-cift-result")
+    assert "| Q4 |" in card.text and "predicted_vs_true.svg" in card.text
+    table = distilled.score_table(pool, target, NNCIFTConfig(oracle="delift_se"))
+    table.push_to_hub(f"{local_hub.user}/nn-cift-scores", config_name="demo")
+    loaded = ScoreTable.from_pretrained(f"{local_hub.user}/nn-cift-scores", config_name="demo")
+    assert loaded.to_matrix()[0].tolist() == table.to_matrix()[0].tolist()
+    assert loaded.provenance["pool_rows_digest"] == table.provenance["pool_rows_digest"]
