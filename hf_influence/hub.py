@@ -22,7 +22,7 @@ from types import SimpleNamespace
 
 import datasets
 import torch
-from huggingface_hub import DatasetCard, DatasetCardData, HfApi, ModelCard, ModelCardData, hf_hub_download
+from huggingface_hub import DatasetCard, DatasetCardData, EvalResult, HfApi, ModelCard, ModelCardData, hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError
 from torch import Tensor
 
@@ -152,7 +152,7 @@ def scatter_svg(predicted: Tensor, true: Tensor, max_points: int = 2000, size: i
 
 
 def influence_network_card(network, repo_id: str, training: dict, evaluation: dict | None = None,
-                           plot_file: str | None = None) -> ModelCard:
+                           plot_file: str | None = None, license: str | None = None) -> ModelCard:
     """The model card of an InfluenceNetwork, rendered from `model_cards/influence_network.md`.
 
     Args:
@@ -161,13 +161,25 @@ def influence_network_card(network, repo_id: str, training: dict, evaluation: di
         training: {"block_rows", "block_columns", "block_fraction"} of the training block.
         evaluation: `network.evaluate(...)` output ({"Q1": {...}, ...}); None leaves the table empty.
         plot_file: file name of the predicted-vs-true plot in the repo, if any.
+        license: the card's licence (the user's call: it follows the oracle's data and models); None leaves it out.
     """
     config = network.config
-    card_data = ModelCardData(library_name="hf-influence", tags=TAGS + ["nn-cift"], license="apache-2.0",
-                              pipeline_tag="tabular-regression")
     # Figures an older network does not carry (per-target Spearman) show as n/a.
     quadrants = {name: SimpleNamespace(**{"column_spearman": None, **values})
                  for name, values in (evaluation or {}).items() if name in ("Q1", "Q2", "Q3", "Q4")}
+    # The measured generalisation as model-index metrics, so the Hub shows them: the quadrant of unseen rows and
+    # targets (Q4; Q3 for a pointwise network).
+    unseen = quadrants.get("Q4") or quadrants.get("Q3")
+    eval_results = None if unseen is None else [
+        EvalResult(task_type="tabular-regression", dataset_type="hf-influence/oracle-values",
+                   dataset_name=f"{config['oracle']} influence on unseen rows and targets",
+                   metric_type=metric, metric_name=name, metric_value=value)
+        for metric, name, value in (("spearmanr", "Spearman (unseen rows and targets)", unseen.spearman),
+                                    ("mse", "MSE, min-max-normalised labels", unseen.mse),
+                                    ("mse", "MSE of predicting the mean", unseen.mean_baseline_mse))
+        if value is not None]
+    card_data = ModelCardData(library_name="hf-influence", tags=TAGS + ["nn-cift"], license=license,
+                              model_name=repo_id, eval_results=eval_results or None)
     return ModelCard.from_template(
         card_data, template_str=card_template("influence_network.md"), repo_id=repo_id,
         oracle=config["oracle"], valuation_model=config.get("valuation_model"),

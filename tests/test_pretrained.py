@@ -123,6 +123,11 @@ def test_save_pretrained_writes_the_networks_real_card(fitted, tmp_path):
     q4 = fitted.network.metrics["Q4"]
     assert "| Q4 |" in card.text and f"{q4['mse']:.4f}" in card.text and "select_with_network" in card.text
     assert "delift_se" in card.text and fitted.network.embedding_model in card.text
+    # The measured generalisation is model-index metadata; the encoder links to its Hub page; no made-up licence.
+    spearman = next(result for result in card.data.eval_results if result.metric_type == "spearmanr")
+    assert spearman.metric_value == pytest.approx(q4["spearman"])
+    assert f"(https://huggingface.co/{fitted.network.embedding_model})" in card.text
+    assert card.data.license is None
 
 
 def test_predict_refuses_options_it_does_not_use(tmp_path, capsys):
