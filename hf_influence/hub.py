@@ -196,11 +196,12 @@ def influence_network_card(network, repo_id: str, training: dict, evaluation: di
 
 def push_influence_network(network, repo_id: str, training: dict, evaluation: dict | None = None,
                            plot: tuple[Tensor, Tensor] | None = None, private: bool | None = None,
-                           token: str | None = None) -> str:
+                           token: str | None = None, license: str | None = None) -> str:
     """Push an InfluenceNetwork (safetensors + config.json), its card and a predicted-vs-true plot in one commit.
 
     Args:
         plot: (predicted, true) values (e.g. the Q4 quadrant) for `predicted_vs_true.svg`; None for no plot.
+        license: the card's licence (it follows the oracle's data and models); None leaves it out.
     Returns:
         The URL of the model repo.
     """
@@ -212,7 +213,7 @@ def push_influence_network(network, repo_id: str, training: dict, evaluation: di
         if plot is not None:
             plot_file = "predicted_vs_true.svg"
             Path(folder, plot_file).write_text(scatter_svg(*plot))
-        card = influence_network_card(network, repo_id, training, evaluation, plot_file)
+        card = influence_network_card(network, repo_id, training, evaluation, plot_file, license)
         Path(folder, "README.md").write_text(str(card))
         api.upload_folder(folder_path=folder, repo_id=repo_id, commit_message="Upload InfluenceNetwork")
     return f"{api.endpoint}/{repo_id}"

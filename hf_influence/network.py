@@ -694,15 +694,16 @@ class InfluenceNetwork(
         return super().save_pretrained(save_directory, **kwargs)
 
     def generate_model_card(self, repo_id: str | None = None, training: dict | None = None,
-                            plot_file: str | None = None, **_) -> ModelCard:
+                            plot_file: str | None = None, license: str | None = None, **_) -> ModelCard:
         """The card save_pretrained / push_to_hub write (`hub.influence_network_card`): the quadrant figures come
-        from the network's metrics, the training block's size from its Q1 (when evaluated)."""
+        from the network's metrics, the training block's size from its Q1 (when evaluated). Pass these through
+        `save_pretrained(..., model_card_kwargs={"license": "apache-2.0"})`."""
         from .hub import influence_network_card  # hub renders cards for tables too; imported where used
 
         metrics = self.metrics or {}
         block = metrics.get("Q1") or {}
         training = training or {"block_rows": block.get("rows"), "block_columns": block.get("columns")}
-        return influence_network_card(self, repo_id or "<repo_id>", training, metrics or None, plot_file)
+        return influence_network_card(self, repo_id or "<repo_id>", training, metrics or None, plot_file, license)
 
     @classmethod
     def _from_pretrained(

@@ -63,13 +63,14 @@ class NNCIFTResult:
     evaluation_pairs: tuple[Tensor, Tensor] | None = None
     evaluation_block: tuple[Tensor, Tensor, Tensor] | None = None
 
-    def push_to_hub(self, repo_id: str, private: bool | None = None, token: str | None = None) -> str:
+    def push_to_hub(self, repo_id: str, private: bool | None = None, token: str | None = None,
+                    license: str | None = None) -> str:
         """Push the network with its card (oracle, encoder, training block, measured quadrants) and, when the
         result was evaluated, its predicted-vs-true plot (`hub.push_influence_network`). Returns the repo URL."""
         training = {"block_rows": len(self.block_rows), "block_columns": len(self.block_columns),
                     "block_fraction": len(self.block_rows) / len(self.pool_embeddings)}
         return push_influence_network(self.network, repo_id, training=training, evaluation=self.evaluation,
-                                      plot=self.evaluation_pairs, private=private, token=token)
+                                      plot=self.evaluation_pairs, private=private, token=token, license=license)
 
     def score_table(self, pool: Dataset, target: Dataset, config: NNCIFTConfig, **provenance) -> ScoreTable:
         """The predictions as a ScoreTable: every pool row (row ids 0..n-1) x target (the target's `id`s, or
