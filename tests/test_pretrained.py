@@ -128,6 +128,9 @@ def test_save_pretrained_writes_the_networks_real_card(fitted, tmp_path):
     assert spearman.metric_value == pytest.approx(q4["spearman"])
     assert f"(https://huggingface.co/{fitted.network.embedding_model})" in card.text
     assert card.data.license is None
+    fitted.network.save_pretrained(tmp_path / "licensed", model_card_kwargs={"license": "mit"})
+    assert ModelCard.load(tmp_path / "licensed" / "README.md").data.license == "mit"
+    InfluenceNetwork(embedding_dim=4, label_min=0.0, label_max=1.0).save_pretrained(tmp_path / "bare")  # no ids
 
 
 def test_predict_refuses_options_it_does_not_use(tmp_path, capsys):
