@@ -216,3 +216,26 @@ def test_train_help_documents_every_option(capsys):
         assert f"--{name}" in text
     text = " ".join(text.split())  # argparse wraps lines (and may break them at a hyphen: check unhyphenated text)
     assert "Seeded random sample of N pool rows" in text and "Held-out target rows" in text
+
+
+def test_select_checks_its_output_folder_before_loading_anything(tmp_path, monkeypatch):
+    from hf_influence.cli import select as select_module
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output folder was checked")
+
+    monkeypatch.setattr(select_module, "load_cli_model", no_model)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"prompt": "What is 1 + 1?", "completion": "2"}) + "\n")
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("mine")
+    (tmp_path / "bad_scores" / "scores").mkdir(parents=True)
+    (tmp_path / "bad_scores" / "scores" / "other.bin").write_text("x")
+    cases = {"a_file": "is a file", "foreign": r"does not write \(notes.txt\)",
+             "bad_scores": "is not a score table", "a_file/below": "cannot be written"}
+    for output, message in cases.items():
+        with pytest.raises(SystemExit, match=message):
+            cli.run_select(["--pool", str(rows), "--target", str(rows), "--budget", "1",
+                            "--output", str(tmp_path / output)])
+    assert (tmp_path / "foreign" / "notes.txt").read_text() == "mine"  # nothing touched

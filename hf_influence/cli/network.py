@@ -28,7 +28,7 @@ from .arguments import (
     parse,
     parse_budget,
 )
-from .select import group_shares, print_report, write_selection
+from .select import check_output, group_shares, print_report, write_selection
 
 
 def run_fit_network(argv: list[str]) -> dict:
@@ -81,7 +81,8 @@ def run_predict(argv: list[str]) -> dict:
     )
     if not hub_args.network:
         raise SystemExit("--network is required: an InfluenceNetwork folder or Hub repo id.")
-    budget = parse_budget(args.budget)  # a bad --budget ends here, before anything is loaded
+    budget = parse_budget(args.budget)  # a bad --budget or --output ends here, before anything is loaded
+    check_output(Path(args.output))
     pool, target = load_pool_and_target(args)
     network = load_network(hub_args.network)
     print(network_summary(network))

@@ -4,20 +4,21 @@ report (shares of a pool column in the selection against the pool, stage seconds
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 from datasets import Dataset
 
-from ..data import load_rows
 from ..demo import demo_pool, demo_target
 from ..influence import select_by_influence
 from ..models import model_identity
 from ..options import CONFIG_TYPES, SelectionConfig
 from ..scores import ScoreTable
 from ..store import atomic_write_bytes, atomic_write_json
-from .arguments import DemoArguments, ModelArguments, SelectArguments, load_cli_model, parse, parse_budget
+from .arguments import (DemoArguments, ModelArguments, SelectArguments, load_cli_model, load_pool_and_target, parse,
+                        parse_budget)
 
 
 def group_shares(rows: Dataset, column: str) -> dict[str, float]:
@@ -30,6 +31,31 @@ def group_shares(rows: Dataset, column: str) -> dict[str, float]:
 def selection_options(configs: tuple) -> dict:
     """The fields of the parsed config dataclasses as select_by_influence keyword options."""
     return {name: value for config in configs for name, value in asdict(config).items()}
+
+
+# What select, predict and demo write into --output (an earlier run's are replaced, nothing else is touched).
+SELECTION_OUTPUTS = ("selected.jsonl", "scores", "report.json")
+
+
+def check_output(output: Path) -> None:
+    """Before any work: --output must be a folder this command can write, holding nothing but an earlier run's
+    outputs (SELECTION_OUTPUTS; a scores/ that is a score table). Ends the command with a one-line message."""
+    if output.exists() and not output.is_dir():
+        raise SystemExit(f"--output {output} is a file: pass a folder (new, or an earlier run's).")
+    if output.is_dir():
+        foreign = sorted(path.name for path in output.iterdir() if path.name not in SELECTION_OUTPUTS)
+        if foreign:
+            raise SystemExit(f"--output {output} holds files this command does not write ({', '.join(foreign[:5])}"
+                             f"{', ...' if len(foreign) > 5 else ''}): pass a new folder or an earlier run's.")
+        scores = output / "scores"
+        if scores.exists() and not (scores / "scores.parquet").is_file():
+            raise SystemExit(f"{scores} exists and is not a score table: move it, or pass another --output.")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output):
+            pass
+    except OSError as error:
+        raise SystemExit(f"--output {output} cannot be written: {error}") from None
 
 
 def write_selection(output: Path, selected: Dataset, table: ScoreTable | None, report: dict) -> None:
@@ -125,12 +151,12 @@ def run_select(argv: list[str]) -> dict:
         "Select the pool rows that help most on the target (Influence Distillation by default; --method for "
         "influence_distillation_exact, less, rds, random).",
     )
-    if not args.pool or not args.target:
-        raise SystemExit("--pool and --target are required: a jsonl/json/parquet/csv file, a folder, or a Hub id.")
-    pool = load_rows(args.pool, split=args.pool_split, limit=args.pool_limit)
-    target = load_rows(args.target, split=args.target_split, limit=args.target_limit)
+    # Everything that can be checked without a model pass is, first: nothing is lost to a late refusal.
+    budget = parse_budget(args.budget)
+    check_output(Path(args.output))
+    pool, target = load_pool_and_target(args)
     model, tokenizer = load_cli_model(model_args)
-    selected, table, report = select_and_report(pool, target, model, tokenizer, parse_budget(args.budget),
+    selected, table, report = select_and_report(pool, target, model, tokenizer, budget,
                                                  selection_options(configs), args.group_column, args.save_scores)
     write_selection(Path(args.output), selected, table, report)
     print_report(report)
