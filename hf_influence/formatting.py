@@ -31,6 +31,7 @@ from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 from transformers.utils.logging import tqdm
 
+from .errors import HFInfluenceError
 from .verbosity import get_logger
 
 logger = get_logger(__name__)
@@ -39,7 +40,7 @@ IGNORE_INDEX = -100
 FORMATS = ("chat", "prompt_completion", "prompt_answer")
 
 
-class FormattingError(ValueError):
+class FormattingError(HFInfluenceError, ValueError):
     """A dataset or row that cannot be formatted; the message names the row, column or option."""
 
 

@@ -26,13 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .errors import HFInfluenceError
 from .formatting import IGNORE_INDEX
 from .projection import FactoredProjector, Projector, derive_seed, make_projector
 
 PARAMETER_MODES = ("lora", "pattern")
 
 
-class GradientError(ValueError):
+class GradientError(HFInfluenceError, ValueError):
     """Per-sample gradients cannot be computed for this model, configuration or row."""
 
 

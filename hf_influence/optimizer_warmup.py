@@ -30,6 +30,7 @@ import torch
 from datasets import Dataset
 from torch import nn
 
+from .errors import HFInfluenceError
 from .distributed import process_state
 from .formatting import FormattedDataset
 from .verbosity import get_logger
@@ -299,7 +300,7 @@ def _save_cached(result: WarmupResult, model: nn.Module, folder: Path, identity:
                                                "steps": result.steps})
 
 
-class WarmupMismatchError(ValueError):
+class WarmupMismatchError(HFInfluenceError, ValueError):
     """A work_dir's saved warm-up was made for other rows, settings, model or initial adapter weights."""
 
 

@@ -20,8 +20,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .errors import HFInfluenceError
 
-class OptimizerStateError(ValueError):
+
+class OptimizerStateError(HFInfluenceError, ValueError):
     """The optimizer (or its state) cannot be turned into an affine step."""
 
 

@@ -33,6 +33,7 @@ import torch
 from datasets.table import InMemoryTable
 from torch import Tensor
 
+from .errors import HFInfluenceError
 from .store import _fsync_dir, atomic_write_bytes
 
 FORMAT_VERSION = 1
@@ -50,7 +51,7 @@ SCHEMA = datasets.Features(
 )
 
 
-class ScoreTableError(ValueError):
+class ScoreTableError(HFInfluenceError, ValueError):
     """A score table is malformed, or its inputs or files do not describe one."""
 
 

@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .errors import HFInfluenceError
+
 RULES = ("round_robin", "round_robin_task", "mean_top_k", "less")
 
 # A Tensor input is read in chunks of about this many scores, so that the candidate merge (a sort of
@@ -40,7 +42,7 @@ _PRUNE_ELEMENTS = 2**24
 ScoreInput = Tensor | Iterable[tuple[int, Tensor]]
 
 
-class SelectionError(ValueError):
+class SelectionError(HFInfluenceError, ValueError):
     """Bad input to a selection rule; the message names the argument, pool row or target column."""
 
 

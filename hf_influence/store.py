@@ -39,6 +39,8 @@ import numpy as np
 import torch
 from numpy.lib.format import open_memmap
 
+from .errors import HFInfluenceError
+
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 DONE_NAME = "done.npy"
@@ -194,7 +196,7 @@ class StoreSpec:
         }
 
 
-class StoreMismatchError(ValueError):
+class StoreMismatchError(HFInfluenceError, ValueError):
     """An existing store was made for something other than what is requested.
 
     Attributes:
@@ -219,7 +221,7 @@ class StoreMismatchError(ValueError):
         super().__init__("\n".join(lines))
 
 
-class IncompleteStoreError(RuntimeError):
+class IncompleteStoreError(HFInfluenceError, RuntimeError):
     """Rows were read that have not been written yet (the extraction stopped early)."""
 
 

@@ -88,8 +88,16 @@ def test_gradients_command_on_a_local_model_and_file(tmp_path, capsys):
     assert "5 rows x 64 gradient store" in capsys.readouterr().out
     manifest = json.loads((tmp_path / "store" / "manifest.json").read_text())
     assert manifest["num_rows"] == 5 and manifest["config"]["projection_dim"] == 64
-    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+    with pytest.raises(SystemExit) as stop:  # a user error: one line naming the file, exit code 2
         cli.main(["gradients", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "missing.jsonl")])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]  # (after the model's loading bar)
+    assert last.startswith("hf-influence gradients: error:") and "missing.jsonl" in last
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):  # --debug keeps the exception and traceback
+        cli.main(["gradients", "--debug", "--model", str(tmp_path / "model"), "--data",
+                  str(tmp_path / "missing.jsonl")])
 
 
 FAST_FLAGS = ["--num_blocks", "1", "--warmup_min_steps", "2", "--projection_dim", "128", "--jvp_projection_dim", "64", "--warmup_fraction", "0.25",
@@ -239,3 +247,29 @@ def test_select_checks_its_output_folder_before_loading_anything(tmp_path, monke
             cli.run_select(["--pool", str(rows), "--target", str(rows), "--budget", "1",
                             "--output", str(tmp_path / output)])
     assert (tmp_path / "foreign" / "notes.txt").read_text() == "mine"  # nothing touched
+
+
+def test_a_commands_own_refusal_exits_with_code_2_and_one_line(tmp_path, capsys):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"prompt": "What is 1 + 1?", "completion": "2"}) + "\n")
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["select", "--pool", str(rows), "--target", str(rows), "--budget", "two"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--budget" in err and "'two'" in err
+
+
+def test_every_library_error_is_an_hf_influence_error():
+    from hf_influence.errors import HFInfluenceError
+    from hf_influence.formatting import FormattingError
+    from hf_influence.gradients import GradientError
+    from hf_influence.optimizer_warmup import WarmupMismatchError
+    from hf_influence.optimizers import OptimizerStateError
+    from hf_influence.scores import ScoreTableError
+    from hf_influence.selection import SelectionError
+    from hf_influence.store import IncompleteStoreError, StoreMismatchError
+
+    for error in (FormattingError, GradientError, WarmupMismatchError, OptimizerStateError, ScoreTableError,
+                  SelectionError, StoreMismatchError, IncompleteStoreError):
+        assert issubclass(error, HFInfluenceError), error
+    assert issubclass(FormattingError, ValueError) and issubclass(IncompleteStoreError, RuntimeError)

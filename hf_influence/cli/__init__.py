@@ -15,8 +15,10 @@ flag (`--projection_dim 4096`) and `--config FILE.yaml` supplies defaults that f
 
 from __future__ import annotations
 
+import os
 import sys
 
+from ..errors import HFInfluenceError
 from .network import run_fit_network, run_predict, run_push
 from .select import run_demo, run_select
 from .stores import run_embed, run_gradients
@@ -27,13 +29,32 @@ COMMANDS = {"demo": run_demo, "select": run_select, "fit-network": run_fit_netwo
             "train": run_train}
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point of the `hf-influence` console script."""
+# What a user's input, options or files can raise: one line, exit code 2. Anything else is a bug and keeps its
+# traceback.
+USER_ERRORS = (HFInfluenceError, ValueError, KeyError, OSError)
+
+
+def main(argv: list[str] | None = None):
+    """Entry point of the `hf-influence` console script. A user error (a bad option, row, file or store) ends it
+    with one line on stderr and exit code 2; `--debug` (anywhere) or HF_INFLUENCE_DEBUG=1 shows the traceback."""
     argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv or os.environ.get("HF_INFLUENCE_DEBUG", "") not in ("", "0")
+    argv = [arg for arg in argv if arg != "--debug"]
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(__doc__.strip())
-        print("\nRun `hf-influence COMMAND --help` for the options of a command.")
+        print("\nRun `hf-influence COMMAND --help` for the options of a command; --debug shows tracebacks.")
         if argv and argv[0] not in ("-h", "--help"):
             raise SystemExit(f"\nUnknown command {argv[0]!r}: choose from {', '.join(COMMANDS)}.")
-        return
-    COMMANDS[argv[0]](argv[1:])
+        return None
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except SystemExit as stop:
+        if not isinstance(stop.code, str) or debug:  # argparse (exit 2 already), --help (0), or --debug
+            raise
+        message = stop.code
+    except USER_ERRORS as error:
+        if debug:
+            raise
+        message = f"{type(error).__name__}: {error}"
+    print(f"hf-influence {argv[0]}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
