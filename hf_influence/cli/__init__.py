@@ -44,7 +44,9 @@ def main(argv: list[str] | None = None):
         print(__doc__.strip())
         print("\nRun `hf-influence COMMAND --help` for the options of a command; --debug shows tracebacks.")
         if argv and argv[0] not in ("-h", "--help"):
-            raise SystemExit(f"\nUnknown command {argv[0]!r}: choose from {', '.join(COMMANDS)}.")
+            print(f"hf-influence: error: Unknown command {argv[0]!r}: choose from {', '.join(COMMANDS)}.",
+                  file=sys.stderr)
+            raise SystemExit(2)
         return None
     try:
         return COMMANDS[argv[0]](argv[1:])

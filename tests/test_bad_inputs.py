@@ -1,0 +1,134 @@
+"""Bad inputs, table-driven: each case asserts the exception type (API) or exit code 2 and a one-line message
+(CLI), and the words that name the culprit (the option, row, column or file). On the tiny model, offline."""
+
+import json
+
+import pytest
+import torch
+
+from hf_influence import InfluenceNetwork, NNCIFTConfig, ScoreTable, cli, select_by_influence
+from hf_influence.demo import demo_pool, demo_target
+from hf_influence.errors import HFInfluenceError
+from hf_influence.formatting import FormattingConfig
+from hf_influence.gradients import GradientConfig
+from hf_influence.optimizer_warmup import WarmupConfig
+from hf_influence.oracles import DeliftOracle
+from hf_influence.testing import lora_model, tiny_causal_lm
+
+POOL = demo_pool(2, seed=0).to_list()  # 8 chat rows
+TARGET = [{"prompt": "What is 2 + 3?", "completion": "5"}]
+GOOD = {"prompt": "What is 1 + 1?", "completion": "2"}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return lora_model(seed=0)
+
+
+def _select(model, pool=POOL, target=TARGET, budget=2, **options):
+    return select_by_influence(pool, target, model=model[0], tokenizer=model[1], budget=budget,
+                               show_progress=False, **options)
+
+
+API_CASES = [
+    # (id, call(model), exception type, words of the message)
+    ("empty pool", lambda m: _select(m, pool=[]), HFInfluenceError, "pool is empty"),
+    ("empty target", lambda m: _select(m, target=[]), HFInfluenceError, "target is empty"),
+    ("budget 0", lambda m: _select(m, budget=0), HFInfluenceError, "budget must be at least 1"),
+    ("budget share above 1", lambda m: _select(m, budget=1.5), HFInfluenceError, "budget fraction must be in (0, 1], got 1.5"),
+    ("budget not a number", lambda m: _select(m, budget="abc"), HFInfluenceError, "budget must be an int count or a float fraction, got 'abc'"),
+    ("budget above the pool", lambda m: _select(m, budget=50), HFInfluenceError, "budget 50 is larger than the pool (8 rows)"),
+    ("unknown option", lambda m: _select(m, num_landmark=4), TypeError, "num_landmark"),
+    ("unknown method", lambda m: _select(m, method="nope"), ValueError, "SelectionConfig.method"),
+    ("unknown rule", lambda m: _select(m, selection="nope"), ValueError, "SelectionConfig.selection"),
+    ("num_landmarks 0", lambda m: _select(m, num_landmarks=0), ValueError, "num_landmarks must be >= 1"),
+    ("negative shortlist", lambda m: _select(m, shortlist_factor=-1), ValueError, "shortlist_factor must be >= 0"),
+    ("negative ridge", lambda m: _select(m, kernel_ridge=-1.0), ValueError, "kernel_ridge must be >= 0"),
+    ("robust lambda 0", lambda m: _select(m, robust_lambda=0.0), ValueError, "robust_lambda must be > 0"),
+    ("order 2 without a second-order term", lambda m: _select(m, method="less", order=2), ValueError,
+     "order=2 needs a method"),
+    ("weighted rule without weights", lambda m: _select(m, method="less", selection="weighted"), ValueError,
+     "needs robust weights"),
+    ("unknown model_init_kwargs key", lambda m: _select(m, model_init_kwargs={"device_mapp": "cpu"}), ValueError,
+     "device_mapp"),
+    ("model_init_kwargs with a model object", lambda m: _select(m, model_init_kwargs={"dtype": "float16"}),
+     ValueError, "model is an object"),
+    ("more JVP blocks than the model has", lambda m: _select(m, num_blocks=4), ValueError,
+     "num_blocks=4 exceeds the model's 2 blocks"),
+    ("row of an unknown format", lambda m: _select(m, pool=[{"question": "x"}] + POOL), HFInfluenceError,
+     "Cannot tell the row format"),
+    ("target row with an empty response", lambda m: _select(m, target=[{"prompt": "x", "completion": " "}]),
+     HFInfluenceError, "0 (no_label_tokens)"),
+    ("bad truncation", lambda m: FormattingConfig(truncation="cut"), ValueError, "truncation='cut'"),
+    ("bad warm-up share", lambda m: WarmupConfig(warmup_fraction=0), ValueError, "warmup_fraction must be in"),
+    ("bad gradient parameters", lambda m: GradientConfig(parameters="all"), ValueError, "parameters='all'"),
+    ("unknown NN-CIFT oracle", lambda m: NNCIFTConfig(oracle="nope"), ValueError, "NNCIFTConfig.oracle"),
+    ("swapped label range", lambda m: InfluenceNetwork(embedding_dim=4, label_min=1.0, label_max=0.0), ValueError,
+     "label_min and label_max"),
+    ("unknown network kind", lambda m: InfluenceNetwork(kind="triple"), ValueError, "kind must be one of"),
+    ("pointwise bilinear network", lambda m: InfluenceNetwork(kind="pointwise", interaction_rank=2), ValueError,
+     "interaction_rank"),
+    ("NaN score", lambda m: ScoreTable.from_matrix(torch.tensor([[float("nan")]]), [0], ["t"]), HFInfluenceError,
+     "pool row id 0, target 't'"),
+    ("DELIFT distance", lambda m: DeliftOracle(*tiny_causal_lm("llama", seed=0), distance="l1"), ValueError,
+     "distance='l1'"),
+    ("missing network folder", lambda m: __import__("hf_influence").load_network("./no/such/network"),
+     FileNotFoundError, "no/such/network"),
+    ("unknown target task", lambda m: __import__("hf_influence").load_target("gsm9k"), KeyError,
+     "unknown target task 'gsm9k'"),
+    ("score table folder that is not one", lambda m: ScoreTable.load("."), HFInfluenceError, "is not a score table"),
+]
+
+
+@pytest.mark.parametrize(("call", "error", "words"), [case[1:] for case in API_CASES],
+                         ids=[case[0] for case in API_CASES])
+def test_api_refuses_bad_input_naming_the_culprit(model, call, error, words):
+    with pytest.raises(error) as raised:
+        call(model)
+    assert words in str(raised.value)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bad_inputs")
+    rows = folder / "rows.jsonl"
+    rows.write_text("".join(json.dumps(GOOD) + "\n" for _ in range(3)))
+    (folder / "a_file").write_text("x")
+    (folder / "bad.yaml").write_text("num_landmark: 4\n")
+    return folder
+
+
+CLI_CASES = [
+    # (id, argv (FOLDER is the files fixture), words of the one-line message)
+    ("select without a pool", ["select", "--target", "FOLDER/rows.jsonl"], "--pool and --target are required"),
+    ("select: budget not a number", ["select", "--pool", "FOLDER/rows.jsonl", "--target", "FOLDER/rows.jsonl",
+                                     "--budget", "two"], "'two'"),
+    ("select: missing pool file", ["select", "--pool", "FOLDER/missing.jsonl", "--target", "FOLDER/rows.jsonl",
+                                   "--output", "FOLDER/out1"], "missing.jsonl"),
+    ("select: abbreviated flag", ["select", "--num_land", "4"], "unrecognised arguments: --num_land"),
+    ("select: unknown YAML key", ["select", "--config", "FOLDER/bad.yaml"], "unknown keys ['num_landmark']"),
+    ("select: output is a file", ["select", "--pool", "FOLDER/rows.jsonl", "--target", "FOLDER/rows.jsonl",
+                                  "--output", "FOLDER/a_file"], "is a file"),
+    ("select: unknown group column", ["select", "--pool", "FOLDER/rows.jsonl", "--target", "FOLDER/rows.jsonl",
+                                      "--output", "FOLDER/out2", "--group_column", "domain"],
+     "'domain' is not a column"),
+    ("predict without a network", ["predict", "--pool", "FOLDER/rows.jsonl"], "--network is required"),
+    ("predict: an option it ignores", ["predict", "--network", "x", "--method", "random"],
+     "does not use --method"),
+    ("predict: a missing network folder", ["predict", "--network", "FOLDER/no_network", "--pool",
+                                           "FOLDER/rows.jsonl", "--target", "FOLDER/rows.jsonl", "--output",
+                                           "FOLDER/out3"], "no_network"),
+    ("push without a repo", ["push", "--network", "FOLDER"], "push needs --repo_id"),
+    ("unknown command", ["selcet"], "Unknown command 'selcet'"),
+]
+
+
+@pytest.mark.parametrize(("argv", "words"), [case[1:] for case in CLI_CASES], ids=[case[0] for case in CLI_CASES])
+def test_cli_refuses_bad_input_in_one_line_with_exit_code_2(files, argv, words, capsys):
+    argv = [arg.replace("FOLDER", str(files)) for arg in argv]
+    with pytest.raises(SystemExit) as stop:
+        cli.main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert words in err.strip().splitlines()[-1], err
