@@ -80,6 +80,17 @@ API_CASES = [
 ]
 
 
+def test_too_many_jvp_blocks_are_refused_before_the_warm_up(model, monkeypatch):
+    from hf_influence.methods import stores
+
+    def no_warm_up(*args, **kwargs):
+        raise AssertionError("the warm-up ran before num_blocks was checked")
+
+    monkeypatch.setattr(stores, "warmup", no_warm_up)
+    with pytest.raises(ValueError, match="num_blocks=4 exceeds the model's 2 blocks"):
+        _select(model, num_blocks=4)
+
+
 @pytest.mark.parametrize(("call", "error", "words"), [case[1:] for case in API_CASES],
                          ids=[case[0] for case in API_CASES])
 def test_api_refuses_bad_input_naming_the_culprit(model, call, error, words):

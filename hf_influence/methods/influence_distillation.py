@@ -19,6 +19,7 @@ from ..engine import Context, MethodOutput, ScoreStream
 from ..formatting import pad_batch
 from ..gradients import GradientConfig, PerSampleGradients
 from ..hessian import TargetHessian
+from ..jvp import JVPConfig, truncated_decoder
 from ..landmarks import LandmarkRegressor, first_order_scores, select_landmarks
 from ..optimizers import AffineStep
 from ..registry import register_method
@@ -123,6 +124,8 @@ def _weights(context: Context, p: Tensor, q_factors: tuple[Tensor, Tensor] | Non
 def influence_distillation(context: Context) -> MethodOutput:
     """Landmark Influence Distillation: exact gradients for k landmarks, KRR on JVP embeddings for the rest."""
     config, n = context.config, len(context.pool)
+    if "jvp" in config.landmark_features:  # a model too shallow for num_blocks is refused before the warm-up runs
+        truncated_decoder(context.model, context.configs[JVPConfig].num_blocks)
     tracked = PerSampleGradients(context.model, context.configs[GradientConfig])
     step = optimizer_step(context, tracked)
     store = landmark_feature_rows(context)
