@@ -26,7 +26,7 @@ from torch import Tensor
 from transformers.utils.logging import tqdm
 
 from .distributed import fill_store
-from .formatting import FormattingConfig, FormattingError, detect_format
+from .formatting import FormattingConfig, FormattingError, alpaca_prompt, detect_format
 from .models import hub_reachable, hub_unreachable_reason
 from .store import StoreSpec, VectorStore, fingerprint_dataset
 from .verbosity import get_logger
@@ -139,6 +139,11 @@ def prompt_and_response(row: Mapping[str, Any], config: FormattingConfig | None 
         if not answers:
             raise FormattingError(f"The row has no non-empty assistant turn: {row[config.messages_column]!r}.")
         return messages[: answers[-1]], str(messages[answers[-1]]["content"])
+    if row_format == "alpaca":
+        response = row.get("output")
+        if response is None or not str(response).strip():
+            raise FormattingError(f"The row has an empty 'output' (the response): {dict(row)!r}.")
+        return [{"role": "user", "content": alpaca_prompt(row)}], str(response)
     response_column = config.response_column or ("completion" if row_format == "prompt_completion" else "answer")
     response = row.get(response_column)
     if response is None or not str(response).strip():

@@ -37,7 +37,7 @@ from .verbosity import get_logger
 logger = get_logger(__name__)
 
 IGNORE_INDEX = -100
-FORMATS = ("chat", "prompt_completion", "prompt_answer")
+FORMATS = ("chat", "prompt_completion", "prompt_answer", "alpaca")
 
 
 class FormattingError(HFInfluenceError, ValueError):
@@ -118,7 +118,7 @@ class FormattedDataset:
 
 
 def detect_format(column_names: Iterable[str], config: FormattingConfig | None = None) -> str:
-    """Return the row format ("chat", "prompt_completion" or "prompt_answer") implied by the columns."""
+    """Return the row format ("chat", "prompt_completion", "prompt_answer" or "alpaca") implied by the columns."""
     config = config or FormattingConfig()
     columns = set(column_names)
     if config.messages_column in columns:
@@ -134,11 +134,20 @@ def detect_format(column_names: Iterable[str], config: FormattingConfig | None =
             return "prompt_completion"
         if "answer" in columns:
             return "prompt_answer"
+    if {"instruction", "output"} <= columns:
+        return "alpaca"
     raise FormattingError(
         f"Cannot tell the row format from columns {sorted(columns)}: expected a "
-        f"{config.messages_column!r} column (chat), or {config.prompt_column!r} with 'completion' or "
-        f"'answer' (or FormattingConfig.response_column naming the response column)."
+        f"{config.messages_column!r} column (chat), {config.prompt_column!r} with 'completion' or "
+        f"'answer' (or FormattingConfig.response_column naming the response column), or Alpaca's 'instruction' "
+        f"(+ optional 'input') and 'output'."
     )
+
+
+def alpaca_prompt(row: dict[str, Any]) -> str:
+    """The prompt of an Alpaca row: its instruction, then its input (when non-empty) after a blank line."""
+    instruction, extra = str(row.get("instruction") or ""), str(row.get("input") or "").strip()
+    return f"{instruction}\n\n{extra}" if extra else instruction
 
 
 def _response_column(row_format: str, config: FormattingConfig) -> str:
@@ -160,6 +169,9 @@ def _as_messages(row: dict[str, Any], row_id: int, row_format: str, config: Form
                     f"Row {row_id}, message {turn}: each message needs 'role' and 'content' keys, got {message!r}."
                 )
         return [{"role": m["role"], "content": m["content"] or ""} for m in messages]
+    if row_format == "alpaca":
+        return [{"role": "user", "content": alpaca_prompt(row)},
+                {"role": "assistant", "content": "" if row.get("output") is None else str(row["output"])}]
     response_column = _response_column(row_format, config)
     for column in (config.prompt_column, response_column):
         if column not in row:

@@ -149,3 +149,23 @@ def test_prompt_left_truncation_is_counted_by_what_it_cut(caplog):
     assert formatted.truncated == {1: "part_of_prompt", 2: "whole_prompt", 3: "response"}
     message = next(record.getMessage() for record in caplog.records if "cut from the left" in record.getMessage())
     assert "3 of 4 rows" in message and "1 lost part of their prompt, 1 their whole prompt, 1 also response" in message
+
+
+def test_alpaca_rows_format_as_their_prompt_and_response():
+    from hf_influence.encoders import prompt_and_response, row_text
+    from hf_influence.testing import tiny_causal_lm
+
+    _, tokenizer = tiny_causal_lm("llama", seed=0)
+    alpaca = [{"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+              {"instruction": "Name a colour.", "input": "", "output": "Blue."}]
+    plain = [{"prompt": "Add the numbers.\n\n2 and 3", "completion": "5"},
+             {"prompt": "Name a colour.", "completion": "Blue."}]
+    formatted = format_dataset(alpaca, tokenizer, show_progress=False)
+    expected = format_dataset(plain, tokenizer, show_progress=False)
+    assert formatted.format == "alpaca"
+    assert formatted.dataset["input_ids"] == expected.dataset["input_ids"]
+    assert formatted.dataset["labels"] == expected.dataset["labels"]
+    assert prompt_and_response(alpaca[0]) == ([{"role": "user", "content": "Add the numbers.\n\n2 and 3"}], "5")
+    assert row_text(alpaca[1]) == "Name a colour.\n##Answer: Blue."
+    with pytest.raises(FormattingError, match="empty 'output'"):
+        prompt_and_response({"instruction": "x", "output": " "})
