@@ -262,8 +262,9 @@ class ScoreRun:
 
 def compute_scores(pool: Dataset | list[dict] | str, target: Dataset | list[dict] | str,
                    model: str | nn.Module | None = None, method: str | None = None, tokenizer=None,
-                   optimizer: torch.optim.Optimizer | None = None, **options: Any) -> ScoreRun:
-    """Run a method's scoring without selecting: the arguments of `select_by_influence` without budget.
+                   optimizer: torch.optim.Optimizer | None = None, configs=None, **options: Any) -> ScoreRun:
+    """Run a method's scoring without selecting: the arguments of `select_by_influence` without budget
+    (`configs`: config dataclass instances as defaults, keyword options override them).
 
     Returns:
         ScoreRun; `run.output.scores` is [usable pool rows, target rows] (`run.pool_row_ids` maps rows back).
@@ -271,8 +272,8 @@ def compute_scores(pool: Dataset | list[dict] | str, target: Dataset | list[dict
     if method is not None:
         options["method"] = method
     with tempfile.TemporaryDirectory(prefix="hf_influence_") as scratch:
-        return compute(as_dataset(pool, "pool"), target, model, tokenizer, optimizer, split_options(options), None,
-                        Path(scratch))
+        return compute(as_dataset(pool, "pool"), target, model, tokenizer, optimizer, split_options(options, configs),
+                       None, Path(scratch))
 
 
 def duplicate_pool_rows(pool: Dataset) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import tempfile
 import time
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -45,6 +46,7 @@ def select_by_influence(
     tokenizer=None,
     optimizer: torch.optim.Optimizer | None = None,
     return_scores: bool = False,
+    configs: Iterable[Any] | None = None,
     **options: Any,
 ) -> Dataset | tuple[Dataset, ScoreTable]:
     """Select the pool rows that help most on the target.
@@ -62,6 +64,8 @@ def select_by_influence(
         optimizer: a torch AdamW / SGD holding the LoRA parameters with state (e.g. your own warm-up);
             skips the built-in warm-up.
         return_scores: also return the ScoreTable (scores of every pool row for every target).
+        configs: config dataclass instances (e.g. [SelectionConfig(method="less"), GradientConfig(...)]) as the
+            defaults; keyword options override their fields.
         **options: fields of SelectionConfig, FormattingConfig, GradientConfig, JVPConfig, WarmupConfig and
             LoraSettings (e.g. num_landmarks=1024, order=2, max_length=2048).
 
@@ -76,7 +80,7 @@ def select_by_influence(
     """
     if method is not None:
         options["method"] = method
-    configs = split_options(options)
+    configs = split_options(options, configs)
     config: SelectionConfig = configs[SelectionConfig]
     pool = as_dataset(pool, "pool")
     budget_rows = resolve_budget(budget, len(pool))

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import warnings
 from dataclasses import dataclass, field
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -283,12 +284,25 @@ class NNCIFTConfig:
 CONFIG_TYPES = (SelectionConfig, FormattingConfig, GradientConfig, JVPConfig, WarmupConfig, LoraSettings, NNCIFTConfig)
 
 
-def split_options(options: dict[str, Any], base: dict[type, Any] | None = None) -> dict[type, Any]:
+def split_options(options: dict[str, Any], base: dict[type, Any] | Iterable[Any] | None = None) -> dict[type, Any]:
     """Route keyword options to the config dataclass that declares them; returns {type: instance}.
 
+    base: config instances ({type: instance}, or an iterable of instances such as [SelectionConfig(...),
+        GradientConfig(...)]) whose fields are the defaults the keyword options override.
+
     Raises:
-        TypeError: an option no config declares (the message lists the close matches' dataclasses).
+        TypeError: an option no config declares (the message lists the close matches' dataclasses), or a base
+            that is not one config instance per CONFIG_TYPES type.
     """
+    if base is not None and not isinstance(base, dict):
+        instances, base = list(base), {}
+        for instance in instances:
+            if type(instance) not in CONFIG_TYPES:
+                raise TypeError(f"configs takes instances of {', '.join(t.__name__ for t in CONFIG_TYPES)}; got "
+                                f"{type(instance).__name__}.")
+            if type(instance) in base:
+                raise TypeError(f"configs has two {type(instance).__name__} instances: pass one.")
+            base[type(instance)] = instance
     configs = dict(base or {})
     if "seed" in options:  # GradientConfig.seed until it was renamed: it never was the selection's seed
         warnings.warn("the option `seed` is deprecated: it set the gradient projection's seed, not the selection's. "

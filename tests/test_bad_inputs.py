@@ -143,3 +143,22 @@ def test_cli_refuses_bad_input_in_one_line_with_exit_code_2(files, argv, words, 
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert words in err.strip().splitlines()[-1], err
+
+
+def test_config_objects_are_accepted_beside_keywords():
+    from hf_influence.gradients import GradientConfig
+    from hf_influence.options import SelectionConfig
+
+    pool, target = demo_pool(3, seed=0), demo_target("math", 2, seed=1)
+    by_keywords = select_by_influence(pool, target, budget=4, method="random", selection_seed=3)
+    by_config = select_by_influence(pool, target, budget=4, configs=[SelectionConfig(method="random",
+                                                                                     selection_seed=3)])
+    assert by_config["id"] == by_keywords["id"]
+    overridden = select_by_influence(pool, target, budget=4, selection_seed=3,
+                                     configs=[SelectionConfig(method="random", selection_seed=9)])
+    assert overridden["id"] == by_keywords["id"]  # the keyword wins over the config's field
+    with pytest.raises(TypeError, match="configs takes instances of"):
+        select_by_influence(pool, target, budget=4, configs=[{"method": "random"}])
+    with pytest.raises(TypeError, match="two SelectionConfig"):
+        select_by_influence(pool, target, budget=4, configs=[SelectionConfig(), SelectionConfig()])
+    assert GradientConfig in __import__("hf_influence").options.split_options({}, [GradientConfig()])
