@@ -51,6 +51,9 @@ class FormattingConfig:
     Each field's help is in its metadata (TRL's convention: `--help` shows it).
     """
 
+    # HfArgumentParser shows this class's fields as one group of the --help.
+    _argument_group_name = "row formatting (FormattingConfig)"
+
     max_length: int = field(
         default=1024,
         metadata={"help": "maximum tokens per row (prompt + response), after the chat template."})

@@ -44,6 +44,9 @@ class GradientConfig:
     Each field's help is in its metadata (TRL's convention: `--help` shows it).
     """
 
+    # HfArgumentParser shows this class's fields as one group of the --help.
+    _argument_group_name = "per-sample gradients (GradientConfig)"
+
     parameters: str = field(
         default="lora",
         metadata={"help": '"lora" (every LoRA A/B matrix of a PEFT model) or "pattern" (the weight and bias of '

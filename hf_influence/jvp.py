@@ -41,6 +41,9 @@ class JVPConfig:
     Each field's help is in its metadata (TRL's convention: `--help` shows it).
     """
 
+    # HfArgumentParser shows this class's fields as one group of the --help.
+    _argument_group_name = "JVP embeddings (JVPConfig)"
+
     num_blocks: int = field(default=4, metadata={"help": "decoder blocks kept in the truncated model (B)."})
     num_tangents: int = field(
         default=1,

@@ -256,6 +256,9 @@ class LoraSettings:
     Each field's help is in its metadata (TRL's convention: `--help` shows it).
     """
 
+    # HfArgumentParser shows this class's fields as one group of the --help.
+    _argument_group_name = "LoRA adapter (LoraSettings)"
+
     lora_r: int = field(default=8, metadata={"help": "adapter rank."})
     lora_alpha: int = field(default=16, metadata={"help": "scaling numerator (scale = lora_alpha / lora_r)."})
     lora_target_modules: list[str] = field(

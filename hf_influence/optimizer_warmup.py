@@ -50,6 +50,9 @@ class WarmupConfig:
     Each field's help is in its metadata (TRL's convention: `--help` shows it).
     """
 
+    # HfArgumentParser shows this class's fields as one group of the --help.
+    _argument_group_name = "warm-up (WarmupConfig)"
+
     warmup_fraction: float = field(
         default=0.05,
         metadata={"help": "share of the pool trained on during warm-up, in (0, 1] (LESS uses 0.05)."})

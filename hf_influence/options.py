@@ -33,6 +33,9 @@ class SelectionConfig:
     Each field's help is in its metadata (TRL's convention: `--help` shows it).
     """
 
+    # HfArgumentParser shows this class's fields as one group of the --help.
+    _argument_group_name = "selection (SelectionConfig)"
+
     method: str = field(
         default="influence_distillation",
         metadata={"help": 'registered method: "influence_distillation" (landmarks), '
@@ -204,6 +207,9 @@ class NNCIFTConfig:
 
     Each field's help is in its metadata (TRL's convention: `--help` shows it).
     """
+
+    # HfArgumentParser shows this class's fields as one group of the --help.
+    _argument_group_name = "NN-CIFT (NNCIFTConfig)"
 
     oracle: str = field(
         default="influence_distillation_exact",

@@ -30,6 +30,9 @@ class ModelArguments:
         dtype: "float32", "bfloat16" or "float16".
     """
 
+    # HfArgumentParser shows this class's fields as one group of the --help.
+    _argument_group_name = "model"
+
     model: str = field(default=DEFAULT_MODEL, metadata={"help": "Hub id or local folder of a causal LM."})
     revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit)."})
     dtype: str = field(default="float32", metadata={"help": "float32, bfloat16 or float16."})
@@ -47,6 +50,9 @@ class DataArguments:
         overwrite: replace stores made with another model, dataset or configuration.
     """
 
+    # HfArgumentParser shows this class's fields as one group of the --help.
+    _argument_group_name = "data"
+
     data: str | None = field(default=None, metadata={"help": "jsonl/json/parquet/csv file, folder, or Hub dataset id."})
     output: str = field(default="runs/hf-influence", metadata={"help": "Output folder."})
     split: str = field(default="train", metadata={"help": "Split of a Hub dataset."})
@@ -57,6 +63,9 @@ class DataArguments:
 @dataclass
 class PassArguments:
     """Options of a command that makes one pass over --data into a store (gradients, embed)."""
+
+    # HfArgumentParser shows this class's fields as one group of the --help.
+    _argument_group_name = "pass"
 
     show_progress: bool = field(default=True, metadata={"help": "Progress bars of formatting and of the pass."})
 
@@ -72,6 +81,9 @@ class DemoArguments:
         output: output folder.
         data_seed: data seed.
     """
+
+    # HfArgumentParser shows this class's fields as one group of the --help.
+    _argument_group_name = "demo"
 
     rows_per_domain: int = field(default=16, metadata={"help": "Pool rows per demo domain."})
     target_rows: int = field(default=8, metadata={"help": "Rows of the math target."})
@@ -99,6 +111,9 @@ class SelectArguments:
             are held, so memory does not grow with the pool (see README, "Streaming selection").
     """
 
+    # HfArgumentParser shows this class's fields as one group of the --help.
+    _argument_group_name = "pool, target and output"
+
     pool: str | None = field(default=None, metadata={"help": "Pool file, folder or Hub dataset id."})
     target: str | None = field(default=None, metadata={"help": "Target file, folder or Hub dataset id."})
     budget: str = field(default="0.05", metadata={"help": "Rows (int) or pool share (float in (0, 1])."})
@@ -122,6 +137,9 @@ class HubArguments:
         config_name: config of the score table in its dataset repo (one per target set).
         private: create the repo private.
     """
+
+    # HfArgumentParser shows this class's fields as one group of the --help.
+    _argument_group_name = "network, score table and Hub"
 
     network: str | None = field(default=None, metadata={"help": "InfluenceNetwork folder or Hub repo id."})
     scores: str | None = field(default=None, metadata={"help": "Score-table folder."})
@@ -151,6 +169,9 @@ class TrainDataArguments:
         sample_seed: seed of the samples (pool_sample, target_limit, eval_limit).
         use_lora: train a LoRA adapter (lora_* options) rather than every weight.
     """
+
+    # HfArgumentParser shows this class's fields as one group of the --help.
+    _argument_group_name = "pool, target and held-out rows"
 
     pool: str | None = field(default=None, metadata={"help": "Pool file, folder or Hub dataset id."})
     pool_split: str = field(default="train", metadata={"help": "Split of a Hub pool dataset."})
