@@ -38,7 +38,7 @@ from huggingface_hub import ModelCard, PyTorchModelHubMixin, constants, hf_hub_d
 from huggingface_hub.errors import RemoteEntryNotFoundError
 from torch import Tensor, nn
 
-from .scores import HUB_TAG
+from .cards import HUB_TAG
 from .selection import TopRows
 
 KINDS = ("pairwise", "pointwise")

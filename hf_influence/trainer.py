@@ -55,11 +55,12 @@ from torch import Tensor
 from torch.utils.data import Sampler
 from trl import SFTConfig, SFTTrainer
 
+from .cards import HUB_TAG
 from .engine import compute_scores
 from .influence import select_by_influence
 from .options import split_options
 from .registry import METHODS
-from .scores import HUB_TAG, ScoreTable, json_safe, provenance_record, rows_digest
+from .scores import ScoreTable, json_safe, provenance_record, rows_digest
 from .selection import SelectionError, parse_budget, resolve_budget, select_indices, weighted_sample
 from .store import atomic_write_bytes
 from .verbosity import get_logger
