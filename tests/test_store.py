@@ -79,11 +79,15 @@ def dir_bytes(path: Path) -> dict[str, bytes]:
 # The writer processes load store.py by its path instead of through the hf_influence package,
 # whose __init__ imports transformers and would add seconds to every start (store.py imports
 # nothing else from the package). Then they run this file as a script.
+# store.py and the one module it imports (errors.py, no imports of its own) are loaded from their files, without
+# the package's __init__ (which would import torch-heavy modules and take seconds per writer).
 _WRITER_BOOTSTRAP = """
-import importlib.util, runpy, sys
-spec = importlib.util.spec_from_file_location("hf_influence.store", sys.argv[1])
-sys.modules["hf_influence.store"] = module = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(module)
+import importlib.util, pathlib, runpy, sys
+for name in ("errors", "store"):
+    path = pathlib.Path(sys.argv[1]).with_name(name + ".py")
+    spec = importlib.util.spec_from_file_location("hf_influence." + name, path)
+    sys.modules["hf_influence." + name] = module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
 sys.argv = sys.argv[2:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
