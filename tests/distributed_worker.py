@@ -59,6 +59,10 @@ def main(stores: str, log_dir: str, kinds: str) -> None:
     if "sentence_embeddings" in kinds:
         extract_sentence_embeddings(ROWS, os.path.join(stores, "sentence_embeddings"), batch_size=SENTENCE_BATCH,
                                     show_progress=False)
+    # A clean exit: every rank done, then the process group (and its threads) torn down before the interpreter.
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

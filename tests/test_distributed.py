@@ -50,8 +50,10 @@ def launch(launcher: str, processes: int, stores: Path, log: Path, kinds: list[s
     """Run the worker as `processes` processes; returns the CompletedProcess. Every process uses the CPU and
     one thread."""
     log.mkdir(parents=True)
+    # TOKENIZERS_PARALLELISM: no Rust thread pool left running when a process exits (a joinable thread at exit
+    # aborted a rank once: "terminate called without an active exception").
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "true",
-           "HF_INFLUENCE_TEST_EXIT": exit_after}
+           "TOKENIZERS_PARALLELISM": "false", "HF_INFLUENCE_TEST_EXIT": exit_after}
     port = str(free_port())
     if launcher == "python":
         command = [sys.executable]
