@@ -27,7 +27,7 @@ from .network import InfluenceNetwork
 from .options import SelectionConfig, split_options
 from .registry import METHODS, MethodSpec
 from .scores import ScoreTable, provenance_record, rows_digest
-from .selection import SelectionError, select_indices, weighted_sample
+from .selection import GROUPED_RULES, SelectionError, select_indices, weighted_sample
 from .store import VectorStore, fingerprint_dataset
 from .streaming import predict_scores, stream_select
 from .verbosity import get_logger
@@ -209,7 +209,7 @@ def select_rows(run: ScoreRun, budget_rows: int, rule: str, seed: int) -> Tensor
     """Positions (into run.pool_row_ids) of the `budget_rows` rows `rule` picks, in selection order."""
     output = run.output
     with _Timer(run.details.setdefault("seconds", {}), "selection"):
-        groups = run.target_tasks if rule in ("round_robin_task", "less") else None
+        groups = run.target_tasks if rule in GROUPED_RULES else None
         if output.stream is not None:
             return output.stream.select(budget_rows, rule, seed, groups)
         rows = None if output.selectable is None else output.selectable.nonzero().squeeze(1)

@@ -23,7 +23,7 @@ from .network import InfluenceNetwork
 from .options import ORACLE_RULES
 from .rds_embeddings import LM_ENCODER_PREFIX, LM_TEXT_FORMAT, lm_row_embeddings
 from .scores import ScoreTable, provenance_record, rows_digest
-from .selection import RULES, parse_budget, resolve_budget, select_indices
+from .selection import GROUPED_RULES, RULES, parse_budget, resolve_budget, select_indices
 from .store import fingerprint_dataset
 from .streaming import predict_scores, stream_select
 from .verbosity import get_logger
@@ -165,7 +165,7 @@ def select_with_network(
     pool_embeddings = embed(pool)
     target_embeddings = None if pointwise else embed(target)
     groups = None
-    if rule in ("round_robin_task", "less") and not pointwise and target_task_column in target.column_names:
+    if rule in GROUPED_RULES and not pointwise and target_task_column in target.column_names:
         groups = list(target[target_task_column])
     if rule in RULES and not return_scores:
         chosen = stream_select(pool_embeddings, network, budget_rows, rule, target_embeddings=target_embeddings,

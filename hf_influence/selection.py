@@ -32,6 +32,8 @@ from torch import Tensor
 from .errors import HFInfluenceError
 
 RULES = ("round_robin", "round_robin_task", "mean_top_k", "less")
+# The rules that group the target columns by task (they need each column's task).
+GROUPED_RULES = ("round_robin_task", "less")
 
 # A Tensor input is read in chunks of about this many scores, so that the candidate merge (a sort of
 # budget + chunk rows per column) never needs more than one chunk of temporaries.

@@ -61,7 +61,7 @@ from .influence import select_by_influence
 from .options import split_options
 from .registry import METHODS
 from .scores import ScoreTable, json_safe, provenance_record, rows_digest
-from .selection import SelectionError, parse_budget, resolve_budget, select_indices, weighted_sample
+from .selection import GROUPED_RULES, SelectionError, parse_budget, resolve_budget, select_indices, weighted_sample
 from .store import atomic_write_bytes
 from .verbosity import get_logger
 
@@ -563,7 +563,7 @@ class InfluenceSFTTrainer(SFTTrainer):
 
     def _table_groups(self, rule: str, targets: list[str]) -> list[str] | None:
         """The task of each target column, for the rules that group by it (recorded by the run that made the table)."""
-        if rule not in ("round_robin_task", "less"):
+        if rule not in GROUPED_RULES:
             return None
         tasks = self._influence_table.provenance.get("target_tasks")
         if not tasks:

@@ -23,7 +23,7 @@ from ..jvp import JVPConfig, truncated_decoder
 from ..landmarks import LandmarkRegressor, first_order_scores, select_landmarks
 from ..optimizers import AffineStep
 from ..registry import register_method
-from ..selection import RULES
+from ..selection import GROUPED_RULES, RULES
 from ..store import VectorStore, fingerprint_dataset
 from ..robust_weighting import robust_weights
 from ..verbosity import get_logger
@@ -207,7 +207,7 @@ def _shortlisted(context: Context, stream: ScoreStream, store, landmarks: Tensor
     their gradients are computed (or read from a finished exact store), so the rule's choice among the likely
     rows is exact influence's. Records the shortlist's size and fidelity in `diagnostics`."""
     rule = context.rule if context.rule in RULES else "mean_top_k"
-    groups = context.target_tasks if rule in ("round_robin_task", "less") else None
+    groups = context.target_tasks if rule in GROUPED_RULES else None
     with context.timed("shortlist"):
         shortlist = stream.select(size, rule, context.config.selection_seed, groups)
     new = shortlist[~torch.isin(shortlist, landmarks)].sort().values
