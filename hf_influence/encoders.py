@@ -27,7 +27,8 @@ from transformers.utils.logging import tqdm
 
 from .distributed import fill_store
 from .formatting import FormattingConfig, FormattingError, alpaca_prompt, detect_format
-from .models import hub_reachable, hub_unreachable_reason
+from .models import hub_reachable, hub_unreachable_reason, model_identity
+from .rds_embeddings import LM_ENCODER, LM_ENCODER_PREFIX, LM_TEXT_FORMAT, lm_row_embeddings
 from .store import StoreSpec, VectorStore, fingerprint_dataset
 from .verbosity import get_logger
 
@@ -297,3 +298,44 @@ def extract_sentence_embeddings(
     )
     return fill_store(output_dir, spec, encode, batch_size, overwrite=overwrite, show_progress=show_progress,
                       description="Sentence embeddings")
+
+
+def text_format_of(encoder_id: str | None) -> str:
+    """How rows become the input of the encoder `encoder_id`: the formatted token sequences for the valuation
+    model's own hidden states ("lm:<model id>"), else the sentence encoders' text (TEXT_FORMAT)."""
+    return LM_TEXT_FORMAT if (encoder_id or "").startswith(LM_ENCODER_PREFIX) else TEXT_FORMAT
+
+
+def row_embedder(encoder, model=None, tokenizer=None, formatting: FormattingConfig | None = None,
+                 batch_size: int = 64, show_progress: bool = True):
+    """How an InfluenceNetwork reads rows, for NN-CIFT and for selecting with a pretrained network alike.
+
+    Args:
+        encoder: a SentenceTransformer, a name for `load_encoder`, or LM_ENCODER ("lm"): the causal LM `model`'s
+            own position-weighted mean of its last hidden states (adapter off; `rds_embeddings.lm_row_embeddings`).
+        model, tokenizer, formatting: the LM, its tokenizer and how its rows are formatted (encoder "lm" only).
+        batch_size: rows per encoder call.
+
+    Returns:
+        (embed(rows, cache_dir=None) -> float32 [len(rows), e], encoder id, encoder revision, text format). A
+        sentence encoder keeps its embeddings in a store at cache_dir when one is given (see `encode_rows`); the LM
+        recomputes them. The LM's id is recorded as "lm:<model id>".
+    """
+    if encoder == LM_ENCODER:
+        if model is None or tokenizer is None:
+            raise ValueError('encoder="lm" reads the valuation model\'s hidden states: pass its model and tokenizer.')
+
+        def embed(rows, cache_dir=None):
+            return lm_row_embeddings(model, tokenizer, rows, formatting, batch_size=batch_size,
+                                     show_progress=show_progress)
+
+        model_id, revision = model_identity(model)
+        encoder_id = f"{LM_ENCODER_PREFIX}{model_id}"
+        return embed, encoder_id, revision, text_format_of(encoder_id)
+    encoder = load_encoder(encoder) if isinstance(encoder, str) else encoder
+
+    def embed(rows, cache_dir=None):
+        return encode_rows(rows, encoder, cache_dir=cache_dir, batch_size=batch_size, show_progress=show_progress)
+
+    encoder_id, revision = encoder_identity(encoder)
+    return embed, encoder_id, revision, text_format_of(encoder_id)

@@ -20,14 +20,14 @@ import torch
 from datasets import Dataset
 from torch import Tensor
 
-from .encoders import TEXT_FORMAT, encode_rows, encoder_identity, load_encoder
+from .encoders import row_embedder
 from .formatting import FormattingConfig
 from .hub import push_influence_network
-from .models import DEFAULT_MODEL, load_model, model_identity
+from .models import DEFAULT_MODEL, load_model
 from .network import InfluenceNetwork, standardize_columns
 from .options import ORACLE_RULES, NNCIFTConfig, split_options
 from .oracles import DeliftOracle, DeliftSEOracle, MethodOracle, Oracle, SelectITOracle
-from .rds_embeddings import LM_ENCODER, LM_ENCODER_PREFIX, LM_TEXT_FORMAT, lm_row_embeddings
+from .rds_embeddings import LM_ENCODER
 from .scores import ScoreTable, provenance_record, rows_digest
 from .store import fingerprint_dataset
 from .streaming import predict_scores
@@ -158,7 +158,7 @@ def nn_cift(pool: Dataset, target: Dataset, config: NNCIFTConfig | None = None, 
     seconds["prepare"] = time.perf_counter() - start
     try:
         start = time.perf_counter()
-        (pool_embeddings, target_embeddings), encoder_id, encoder_revision = _embeddings(
+        (pool_embeddings, target_embeddings), encoder_id, encoder_revision, text_format = _embeddings(
             pool, target, config, oracle, model, tokenizer, options, show_progress)
         seconds["embed"] = time.perf_counter() - start
         rows, columns = block_indices(len(pool), 1 if oracle.pointwise else len(target), config)
@@ -170,8 +170,7 @@ def nn_cift(pool: Dataset, target: Dataset, config: NNCIFTConfig | None = None, 
             kind="pointwise" if oracle.pointwise else "pairwise", embedding_dim=pool_embeddings.shape[1],
             hidden_sizes=list(config.network_hidden_sizes), embedding_model=encoder_id, oracle=oracle.name,
             valuation_model=oracle.identity().get("model_id"), seed=config.nn_cift_seed,
-            embedding_revision=encoder_revision,
-            text_format=LM_TEXT_FORMAT if config.encoder == LM_ENCODER else TEXT_FORMAT,
+            embedding_revision=encoder_revision, text_format=text_format,
             interaction_rank=0 if oracle.pointwise else config.network_interaction_rank,
             label_normalization=config.network_label_normalization,
         )
@@ -203,13 +202,12 @@ def nn_cift(pool: Dataset, target: Dataset, config: NNCIFTConfig | None = None, 
 
 
 def _embeddings(pool: Dataset, target: Dataset, config: NNCIFTConfig, oracle: Oracle, model, tokenizer,
-                options: dict, show_progress: bool) -> tuple[tuple[Tensor, Tensor], str, str | None]:
-    """((pool [n, e], target [m, e]) embeddings, encoder id, encoder revision) for config.encoder.
-
-    A sentence encoder's embeddings are kept under work_dir/sentence_embeddings when a work_dir is given (pool,
-    and the target's store named by its rows, so that one work_dir serves several targets). encoder="lm" embeds
-    with the valuation model (the oracle's, else `model`, else the default model), adapter off; its id is
-    recorded as "lm:<model id>"."""
+                options: dict, show_progress: bool) -> tuple[tuple[Tensor, Tensor], str, str | None, str]:
+    """((pool [n, e], target [m, e]) embeddings, encoder id, revision, text format) for config.encoder
+    (`encoders.row_embedder`). A sentence encoder's embeddings are kept under work_dir/sentence_embeddings when a
+    work_dir is given (pool, and the target's store named by its rows, so that one work_dir serves several
+    targets). encoder="lm" embeds with the valuation model: the oracle's, else `model`, else the default one."""
+    lm_model, lm_tokenizer, formatting = None, None, None
     if config.encoder == LM_ENCODER:
         lm_model = getattr(oracle, "model", None) or model
         lm_tokenizer = getattr(oracle, "tokenizer", None) or tokenizer
@@ -217,18 +215,13 @@ def _embeddings(pool: Dataset, target: Dataset, config: NNCIFTConfig, oracle: Or
             lm_model, lm_tokenizer = load_model(lm_model or DEFAULT_MODEL)
         formatting = split_options({key: value for key, value in options.items()
                                     if key in FormattingConfig.__dataclass_fields__})[FormattingConfig]
-        embeddings = tuple(lm_row_embeddings(lm_model, lm_tokenizer, rows, formatting,
-                                             batch_size=config.encoder_batch_size, show_progress=show_progress)
-                           for rows in (pool, target))
-        model_id, revision = model_identity(lm_model)
-        return embeddings, f"{LM_ENCODER_PREFIX}{model_id}", revision
-    encoder = load_encoder(config.encoder)
+    embed, encoder_id, revision, text_format = row_embedder(config.encoder, lm_model, lm_tokenizer, formatting,
+                                                            config.encoder_batch_size, show_progress)
     cache = None if options.get("work_dir") is None else Path(options["work_dir"]) / "sentence_embeddings"
     target_store = f"target-{fingerprint_dataset(target)[:16]}"
-    embeddings = tuple(encode_rows(rows, encoder, cache_dir=None if cache is None else cache / name,
-                                   batch_size=config.encoder_batch_size, show_progress=show_progress)
+    embeddings = tuple(embed(rows, None if cache is None else cache / name)
                        for rows, name in ((pool, "pool"), (target, target_store)))
-    return (embeddings, *encoder_identity(encoder))
+    return embeddings, encoder_id, revision, text_format
 
 
 def _evaluate(result: NNCIFTResult, oracle: Oracle, pool: Dataset, target: Dataset, config: NNCIFTConfig) -> None:

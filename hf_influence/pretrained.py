@@ -15,13 +15,13 @@ from pathlib import Path
 
 from datasets import Dataset
 
-from .encoders import TEXT_FORMAT, encode_rows, encoder_identity, load_encoder
+from .encoders import row_embedder, text_format_of
 from .engine import as_dataset
 from .formatting import FormattingConfig
-from .models import load_model, model_identity
+from .models import load_model
 from .network import InfluenceNetwork
 from .options import ORACLE_RULES
-from .rds_embeddings import LM_ENCODER_PREFIX, LM_TEXT_FORMAT, lm_row_embeddings
+from .rds_embeddings import LM_ENCODER, LM_ENCODER_PREFIX
 from .scores import ScoreTable, provenance_record, rows_digest
 from .selection import GROUPED_RULES, RULES, parse_budget, resolve_budget, select_indices
 from .store import fingerprint_dataset
@@ -127,8 +127,7 @@ def select_with_network(
     """
     budget_value = parse_budget(budget)
     network = load_network(network, revision)
-    reads_lm = (network.embedding_model or "").startswith(LM_ENCODER_PREFIX)
-    expected_format = LM_TEXT_FORMAT if reads_lm else TEXT_FORMAT
+    expected_format = text_format_of(network.embedding_model)
     if network.text_format is not None and network.text_format != expected_format:
         raise ValueError(f"this network was fitted on rows embedded as {network.text_format!r}; this version of "
                          f"hf-influence embeds them as {expected_format!r}, so its predictions would not apply: refit it, "
@@ -141,23 +140,15 @@ def select_with_network(
     # The figures the user is trusting, shown at the default verbosity (transformers' set_verbosity_error()
     # silences them).
     logger.warning(network_summary(network))
-    if reads_lm:
+    if (network.embedding_model or "").startswith(LM_ENCODER_PREFIX):
         if model is None or isinstance(model, str):
             model, tokenizer = load_model(model or network.embedding_model[len(LM_ENCODER_PREFIX):])
         elif tokenizer is None:
             raise ValueError("tokenizer=... is required with a model object (pass its tokenizer).")
-        model_id, encoder_revision = model_identity(model)
-        encoder_id = f"{LM_ENCODER_PREFIX}{model_id}"
-
-        def embed(rows):
-            return lm_row_embeddings(model, tokenizer, rows, formatting, batch_size=encoder_batch_size,
-                                     show_progress=show_progress)
-    else:
-        encoder = encoder if encoder is not None else load_encoder(network.embedding_model)
-        encoder_id, encoder_revision = encoder_identity(encoder)
-
-        def embed(rows):
-            return encode_rows(rows, encoder, batch_size=encoder_batch_size, show_progress=show_progress)
+        encoder = LM_ENCODER
+    embed, encoder_id, encoder_revision, _ = row_embedder(encoder if encoder is not None else network.embedding_model,
+                                                          model, tokenizer, formatting, encoder_batch_size,
+                                                          show_progress)
     if network.embedding_revision is not None and encoder_revision != network.embedding_revision:
         logger.warning("The encoder %s loaded at revision %s, the network was fitted on revision %s: if its weights "
                        "differ, so do the embeddings the network reads.", encoder_id, encoder_revision,
