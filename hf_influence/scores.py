@@ -238,7 +238,7 @@ class ScoreTable:
             ScoreTableError: `directory` exists and is neither a score table nor an empty folder.
         """
         directory = Path(directory)
-        if directory.exists() and not _is_replaceable(directory):
+        if directory.exists() and not is_replaceable_table_folder(directory):
             raise ScoreTableError(
                 f"{directory} exists and is not a score table (no {SCORES_NAME} + {PROVENANCE_NAME}); "
                 f"refusing to overwrite it."
@@ -383,7 +383,8 @@ def _per_row(name: str, values: Tensor, n: int, dtype: type) -> np.ndarray:
     return array.astype(dtype)
 
 
-def _is_replaceable(directory: Path) -> bool:
+def is_replaceable_table_folder(directory: Path) -> bool:
+    """Whether `ScoreTable.save` may write into the existing `directory`: empty, or holding exactly a table's files."""
     if not directory.is_dir():
         return False
     names = {path.name for path in directory.iterdir()}

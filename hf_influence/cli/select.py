@@ -15,7 +15,7 @@ from ..demo import demo_pool, demo_target
 from ..influence import select_by_influence
 from ..models import model_identity
 from ..options import CONFIG_TYPES, SelectionConfig
-from ..scores import ScoreTable
+from ..scores import ScoreTable, is_replaceable_table_folder
 from ..store import atomic_write_bytes, atomic_write_json
 from .arguments import (DemoArguments, ModelArguments, SelectArguments, load_cli_model, load_pool_and_target, parse,
                         parse_budget)
@@ -48,7 +48,7 @@ def check_output(output: Path) -> None:
             raise SystemExit(f"--output {output} holds files this command does not write ({', '.join(foreign[:5])}"
                              f"{', ...' if len(foreign) > 5 else ''}): pass a new folder or an earlier run's.")
         scores = output / "scores"
-        if scores.exists() and not (scores / "scores.parquet").is_file():
+        if scores.exists() and not is_replaceable_table_folder(scores):  # what ScoreTable.save would refuse
             raise SystemExit(f"{scores} exists and is not a score table: move it, or pass another --output.")
     try:
         output.mkdir(parents=True, exist_ok=True)
