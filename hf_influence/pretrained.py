@@ -43,7 +43,8 @@ def load_network(network: str | os.PathLike | InfluenceNetwork, revision: str | 
     if path.is_dir():
         folder = path / "network" if (path / "network").is_dir() else path
         return InfluenceNetwork.from_pretrained(str(folder))
-    if path.exists() or str(network).startswith((".", "/", "~")) or os.sep + os.sep in str(network):
+    # Anything that exists, starts like a path, or has more than the one "/" of "owner/name" is a local path.
+    if path.exists() or str(network).startswith((".", "/", "~")) or str(network).count("/") > 1:
         raise FileNotFoundError(f"{network} is not a folder holding an InfluenceNetwork (config.json and "
                                 f"model.safetensors, or a fit-network output with network/).")
     return InfluenceNetwork.from_pretrained(str(network), revision=revision)
