@@ -64,7 +64,7 @@ from hf_influence.data import load_rows
 from hf_influence.encoders import encode_rows, load_encoder
 from hf_influence.formatting import FormattingConfig, format_dataset
 from hf_influence.models import base_model
-from hf_influence.network import InfluenceNetwork, column_spearman, topk_overlap
+from hf_influence.network import InfluenceNetwork, column_spearman, standardize_columns, topk_overlap
 from hf_influence.nn_cift_pipeline import NNCIFTConfig
 from hf_influence.oracles import DeliftOracle
 from hf_influence.rds_embeddings import cosine_scores, lm_pooled_embeddings
@@ -198,19 +198,12 @@ def fit_network(config: NNCIFTConfig, pool_embeddings, target_embeddings, rows, 
     return network, time.perf_counter() - start, history
 
 
-def standardized(labels: torch.Tensor) -> torch.Tensor:
-    """Each column minus its mean over its scored (non-NaN) rows, over their standard deviation."""
-    mean = labels.nanmean(0, keepdim=True)
-    std = (labels - mean).square().nanmean(0, keepdim=True).sqrt()
-    return (labels - mean) / torch.where(std > 0, std, torch.ones_like(std))
-
-
 def quadrants_of(predicted, labels, rows, columns, label_normalization: str) -> dict:
     """Per quadrant (left out when unscored, i.e. NaN): MSE, Spearman, per-target Spearman and top-10 overlap of
     predicted [n, m] against labels [n, m], with the baselines of the module docstring. Both are min-max
     normalised with the training block's range, after per-column standardisation for a "column" network
     (whose predictions are in those units), so MSEs compare across variants."""
-    labels = standardized(labels.double()) if label_normalization == "column" else labels.double()
+    labels = standardize_columns(labels.double()) if label_normalization == "column" else labels.double()
     seen_rows = torch.zeros(labels.shape[0], dtype=torch.bool)
     seen_rows[rows] = True
     seen_columns = torch.zeros(labels.shape[1], dtype=torch.bool)

@@ -175,8 +175,10 @@ def _torch_threads(count: int | None):
 
 def standardize_columns(labels: Tensor) -> Tensor:
     """Each column of labels [r, c] minus its mean, over its standard deviation (population; a constant column
-    becomes 0): the "column" label normalisation. Pointwise labels [r] are one column."""
-    mean, std = labels.mean(0, keepdim=True), labels.std(0, correction=0, keepdim=True)
+    becomes 0): the "column" label normalisation. Pointwise labels [r] are one column. NaN entries (unscored
+    pairs) are left out of a column's statistics and stay NaN."""
+    mean = labels.nanmean(0, keepdim=True)
+    std = (labels - mean).square().nanmean(0, keepdim=True).sqrt()
     return (labels - mean) / torch.where(std > 0, std, torch.ones_like(std))
 
 
