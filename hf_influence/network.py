@@ -26,6 +26,7 @@ the bilinear term represents one directly (an embedding cosine exactly, with r =
 
 import contextlib
 import itertools
+import json
 import math
 import os
 import warnings
@@ -39,6 +40,7 @@ from huggingface_hub.errors import RemoteEntryNotFoundError
 from torch import Tensor, nn
 
 from .cards import HUB_TAG
+from .models import looks_like_local_path
 from .selection import TopRows
 
 KINDS = ("pairwise", "pointwise")
@@ -708,6 +710,21 @@ class InfluenceNetwork(
         return influence_network_card(self, repo_id or "<repo_id>", training, metrics or None, plot_file, license)
 
     @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "InfluenceNetwork":
+        """The mixin's loader, with a missing local folder named as a folder (not judged as a Hub repo id) and an
+        unreadable config.json named as the file it is."""
+        name = str(pretrained_model_name_or_path)
+        if looks_like_local_path(name) and not os.path.isdir(os.path.expanduser(name)):
+            raise FileNotFoundError(f"InfluenceNetwork folder {name!r} does not exist (a local path, not a Hub id).")
+        try:
+            return super().from_pretrained(os.path.expanduser(name) if os.path.isdir(os.path.expanduser(name))
+                                           else name, **kwargs)
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{name}: {constants.CONFIG_NAME} is not UTF-8 JSON ({error})") from error
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{name}: {constants.CONFIG_NAME} is not valid JSON ({error})") from error
+
+    @classmethod
     def _from_pretrained(
         cls,
         *,
@@ -744,7 +761,10 @@ class InfluenceNetwork(
         network = cls(**model_kwargs)
         # strict: a missing or unexpected tensor is an error (the mixin's default, strict=False, would
         # silently keep random weights for a missing layer).
-        safetensors.torch.load_model(network, weights, strict=True, device=map_location)
+        try:
+            safetensors.torch.load_model(network, weights, strict=True, device=map_location)
+        except safetensors.SafetensorError as error:
+            raise ValueError(f"{model_id}: {weights} is not a readable safetensors file ({error})") from error
         for name, tensor in network.state_dict().items():
             if not torch.isfinite(tensor).all():
                 raise ValueError(f"{model_id}: weight {name!r} in {constants.SAFETENSORS_SINGLE_FILE} holds NaN or "

@@ -18,7 +18,7 @@ from datasets import Dataset
 from .encoders import row_embedder, text_format_of
 from .engine import as_dataset
 from .formatting import FormattingConfig
-from .models import load_model
+from .models import load_model, looks_like_local_path
 from .network import InfluenceNetwork
 from .options import ORACLE_RULES
 from .rds_embeddings import LM_ENCODER, LM_ENCODER_PREFIX
@@ -43,8 +43,7 @@ def load_network(network: str | os.PathLike | InfluenceNetwork, revision: str | 
     if path.is_dir():
         folder = path / "network" if (path / "network").is_dir() else path
         return InfluenceNetwork.from_pretrained(str(folder))
-    # Anything that exists, starts like a path, or has more than the one "/" of "owner/name" is a local path.
-    if path.exists() or str(network).startswith((".", "/", "~")) or str(network).count("/") > 1:
+    if path.exists() or looks_like_local_path(str(network)):
         raise FileNotFoundError(f"{network} is not a folder holding an InfluenceNetwork (config.json and "
                                 f"model.safetensors, or a fit-network output with network/).")
     return InfluenceNetwork.from_pretrained(str(network), revision=revision)

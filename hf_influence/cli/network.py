@@ -113,6 +113,9 @@ def run_push(argv: list[str]) -> str:
                                private=hub_args.private)
     else:
         folder = Path(hub_args.network)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"--network {hub_args.network!r} is not a folder (push takes a fit-network output "
+                                    "or a saved InfluenceNetwork folder).")
         report = json.loads((folder / "report.json").read_text()) if (folder / "report.json").exists() else {}
         pairs_file = folder / "evaluation_pairs.safetensors"
         plot = None
