@@ -26,7 +26,7 @@ from torch import Tensor
 from transformers.utils.logging import tqdm
 
 from .distributed import fill_store
-from .formatting import FormattingConfig, FormattingError, alpaca_prompt, detect_format
+from .formatting import FormattingConfig, FormattingError, alpaca_prompt, detect_format, response_column
 from .models import hub_reachable, hub_unreachable_reason, model_identity
 from .rds_embeddings import LM_ENCODER, LM_ENCODER_PREFIX, LM_TEXT_FORMAT, lm_row_embeddings
 from .store import StoreSpec, VectorStore, fingerprint_dataset
@@ -122,12 +122,13 @@ def prompt_and_response(row: Mapping[str, Any], config: FormattingConfig | None 
     """Split a row into its context turns and its (last) response.
 
     Args:
-        row: a chat row (`messages`) or a prompt/response row (see `hf_influence.formatting`).
-        config: which columns hold the prompt, the response and the messages.
+        row: a row of any format of `hf_influence.formatting` (chat, prompt/response, Alpaca, text).
+        config: which columns hold the prompt, the response, the messages and the text.
 
     Returns:
         (context, response): context is a list of {"role", "content"} turns (a prompt/response row gives one user
-        turn; a chat row gives every turn before its last non-empty assistant turn), response that turn's text.
+        turn; a chat row gives every turn before its last non-empty assistant turn; a text row none), response
+        that turn's text (a text row's whole text).
 
     Raises:
         FormattingError: the format cannot be told from the keys, or the row has no non-empty response.
@@ -145,10 +146,15 @@ def prompt_and_response(row: Mapping[str, Any], config: FormattingConfig | None 
         if response is None or not str(response).strip():
             raise FormattingError(f"The row has an empty 'output' (the response): {dict(row)!r}.")
         return [{"role": "user", "content": alpaca_prompt(row)}], str(response)
-    response_column = config.response_column or ("completion" if row_format == "prompt_completion" else "answer")
-    response = row.get(response_column)
+    if row_format == "text":
+        text = row.get(config.text_column)
+        if text is None or not str(text).strip():
+            raise FormattingError(f"The row has an empty {config.text_column!r}: {dict(row)!r}.")
+        return [], str(text)
+    column = response_column(row.keys(), config)
+    response = row.get(column)
     if response is None or not str(response).strip():
-        raise FormattingError(f"The row has an empty {response_column!r} (the response): {dict(row)!r}.")
+        raise FormattingError(f"The row has an empty {column!r} (the response): {dict(row)!r}.")
     prompt = row.get(config.prompt_column)
     return [{"role": "user", "content": "" if prompt is None else str(prompt)}], str(response)
 
@@ -157,13 +163,17 @@ def row_text(row: Mapping[str, Any], config: FormattingConfig | None = None) -> 
     """The text a sentence encoder embeds for a row: prompt + "\\n##Answer: " + response (NN-CIFT's joining).
 
     A prompt/response row's prompt is its prompt column (response column chosen as in `hf_influence.formatting`:
-    `config.response_column`, else `completion`, else `answer`); a chat row's prompt is every turn before its last
+    `config.response_column`, else the first of `completion`, `solution`, `answer`); a text row is its text; a
+    chat row's prompt is every turn before its last
     non-empty assistant turn as "role: content", one per line, and that turn is the response. Raises
     FormattingError for a row without a non-empty response.
     """
     config = config or FormattingConfig()
     context, response = prompt_and_response(row, config)
-    if detect_format(row.keys(), config) == "chat":
+    row_format = detect_format(row.keys(), config)
+    if row_format == "text":
+        return response  # a language-modelling row has no prompt/answer split to join
+    if row_format == "chat":
         prompt = "\n".join(f"{m['role']}: {m['content']}" for m in context)
     else:
         prompt = context[0]["content"]

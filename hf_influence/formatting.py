@@ -4,8 +4,12 @@ Accepted row formats (detected from the columns):
 - chat: a `messages` column of [{"role", "content"}, ...] (Tulu / open-instruct style); every assistant
   turn is a response, everything else is prompt;
 - prompt/completion: `prompt` + `completion` columns;
-- prompt/answer: `prompt` + `answer` columns (the form of the target files in ../shared/data); any other
-  response column can be named with `FormattingConfig.response_column` (e.g. GSM8K's `solution`).
+- prompt/answer: `prompt` + a response column other than `completion`: `solution` when there is one (GSM8K
+  rows carry both a worked `solution` and its bare final `answer`, and training on "18" teaches nothing of
+  the reasoning), else `answer`; `FormattingConfig.response_column` names any other;
+- alpaca: `instruction` (+ optional `input`) and `output`;
+- text: a `text` column only (TRL's language-modelling rows): every token is a label, as SFTTrainer trains on
+  them, with the tokenizer's special tokens and an end-of-sequence token but no chat template.
 Prompt/response rows become a user turn and an assistant turn and go through the tokenizer's chat template
 too, so pool and target share one format.
 
@@ -37,7 +41,9 @@ from .verbosity import get_logger
 logger = get_logger(__name__)
 
 IGNORE_INDEX = -100
-FORMATS = ("chat", "prompt_completion", "prompt_answer", "alpaca")
+FORMATS = ("chat", "prompt_completion", "prompt_answer", "alpaca", "text")
+# Response columns of prompt/response rows when FormattingConfig.response_column is None, first present wins.
+RESPONSE_COLUMNS = ("completion", "solution", "answer")
 
 
 class FormattingError(HFInfluenceError, ValueError):
@@ -63,8 +69,13 @@ class FormattingConfig:
                           'response tokens from the right), "drop" (skip and report the row) or "error".'})
     response_column: str | None = field(
         default=None,
-        metadata={"help": "response column of prompt/response rows; None picks `completion`, else `answer`."})
+        metadata={"help": "response column of prompt/response rows; None picks the first of `completion`, "
+                          "`solution`, `answer` that the rows have."})
     prompt_column: str = field(default="prompt", metadata={"help": "prompt column of prompt/response rows."})
+    text_column: str = field(
+        default="text",
+        metadata={"help": "column of language-modelling rows (TRL's dataset_text_field): every token is trained "
+                          "on; used when the rows have no chat or prompt/response columns."})
     messages_column: str = field(default="messages", metadata={"help": "column holding chat messages."})
     chat_template: str | None = field(
         default=None,
@@ -121,7 +132,7 @@ class FormattedDataset:
 
 
 def detect_format(column_names: Iterable[str], config: FormattingConfig | None = None) -> str:
-    """Return the row format ("chat", "prompt_completion", "prompt_answer" or "alpaca") implied by the columns."""
+    """Return the row format (one of FORMATS) implied by the columns."""
     config = config or FormattingConfig()
     columns = set(column_names)
     if config.messages_column in columns:
@@ -133,18 +144,27 @@ def detect_format(column_names: Iterable[str], config: FormattingConfig | None =
                     f"response_column={config.response_column!r} is not a column; columns: {sorted(columns)}."
                 )
             return "prompt_completion" if config.response_column == "completion" else "prompt_answer"
-        if "completion" in columns:
-            return "prompt_completion"
-        if "answer" in columns:
-            return "prompt_answer"
+        response = next((column for column in RESPONSE_COLUMNS if column in columns), None)
+        if response is not None:
+            return "prompt_completion" if response == "completion" else "prompt_answer"
     if {"instruction", "output"} <= columns:
         return "alpaca"
+    if config.text_column in columns:
+        return "text"
     raise FormattingError(
         f"Cannot tell the row format from columns {sorted(columns)}: expected a "
-        f"{config.messages_column!r} column (chat), {config.prompt_column!r} with 'completion' or "
-        f"'answer' (or FormattingConfig.response_column naming the response column), or Alpaca's 'instruction' "
-        f"(+ optional 'input') and 'output'."
+        f"{config.messages_column!r} column (chat), {config.prompt_column!r} with one of {list(RESPONSE_COLUMNS)} "
+        f"(or FormattingConfig.response_column naming the response column), Alpaca's 'instruction' "
+        f"(+ optional 'input') and 'output', or a {config.text_column!r} column (language modelling)."
     )
+
+
+def response_column(column_names: Iterable[str], config: FormattingConfig | None = None) -> str:
+    """The response column of prompt/response rows with these columns: `config.response_column`, else the first
+    of RESPONSE_COLUMNS present (`completion` when none is, so that the error names it)."""
+    config = config or FormattingConfig()
+    columns = set(column_names)
+    return config.response_column or next((column for column in RESPONSE_COLUMNS if column in columns), "completion")
 
 
 def alpaca_prompt(row: dict[str, Any]) -> str:
@@ -153,13 +173,9 @@ def alpaca_prompt(row: dict[str, Any]) -> str:
     return f"{instruction}\n\n{extra}" if extra else instruction
 
 
-def _response_column(row_format: str, config: FormattingConfig) -> str:
-    if config.response_column is not None:
-        return config.response_column
-    return "completion" if row_format == "prompt_completion" else "answer"
-
-
-def _as_messages(row: dict[str, Any], row_id: int, row_format: str, config: FormattingConfig) -> list[dict]:
+def _as_messages(row: dict[str, Any], row_id: int, row_format: str, config: FormattingConfig,
+                 response: str) -> list[dict]:
+    """The row as chat turns; `response` is the response column of prompt/response rows."""
     if row_format == "chat":
         if config.messages_column not in row:
             raise FormattingError(f"Row {row_id} has no {config.messages_column!r} field; its keys: {sorted(row)}.")
@@ -175,14 +191,13 @@ def _as_messages(row: dict[str, Any], row_id: int, row_format: str, config: Form
     if row_format == "alpaca":
         return [{"role": "user", "content": alpaca_prompt(row)},
                 {"role": "assistant", "content": "" if row.get("output") is None else str(row["output"])}]
-    response_column = _response_column(row_format, config)
-    for column in (config.prompt_column, response_column):
+    for column in (config.prompt_column, response):
         if column not in row:
             raise FormattingError(f"Row {row_id} has no {column!r} field (format {row_format!r}); its keys: {sorted(row)}.")
-    prompt, response = row[config.prompt_column], row[response_column]
+    prompt, answer = row[config.prompt_column], row[response]
     return [
         {"role": "user", "content": "" if prompt is None else str(prompt)},
-        {"role": "assistant", "content": "" if response is None else str(response)},
+        {"role": "assistant", "content": "" if answer is None else str(answer)},
     ]
 
 
@@ -224,6 +239,22 @@ def _tokenize_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict], row
         for token, offset in zip(input_ids, encoded["offset_mapping"])
     ]
     return input_ids, labels
+
+
+def _tokenize_text(tokenizer: PreTrainedTokenizerBase, row: dict[str, Any], row_id: int,
+                   config: FormattingConfig) -> tuple[list[int], list[int]]:
+    """A language-modelling row as SFTTrainer tokenises it: special tokens, the text, end-of-sequence; every
+    token a label (the first is never predicted, as in any causal LM loss)."""
+    text = row.get(config.text_column)
+    if text is not None and not isinstance(text, str):
+        raise FormattingError(f"Row {row_id}: column {config.text_column!r} must hold a string, got "
+                              f"{type(text).__name__}.")
+    if not text or not text.strip():
+        return [], []
+    input_ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    if tokenizer.eos_token_id is not None and (not input_ids or input_ids[-1] != tokenizer.eos_token_id):
+        input_ids = input_ids + [tokenizer.eos_token_id]
+    return input_ids, list(input_ids)
 
 
 def _tokenize_plain(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> tuple[list[int], list[int]]:
@@ -304,13 +335,13 @@ def format_dataset(
     if config.chat_template is not None:
         tokenizer = _with_template(tokenizer, config.chat_template)
     use_template = config.use_chat_template
-    if use_template and not getattr(tokenizer, "chat_template", None):
+    if use_template and row_format != "text" and not getattr(tokenizer, "chat_template", None):
         raise FormattingError(
             f"Tokenizer {getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__!r} has no chat "
             f"template. Pass FormattingConfig(chat_template=...) or, for prompt/response rows, "
             f"FormattingConfig(use_chat_template=False) to format them as prompt + response + eos."
         )
-    if use_template and not getattr(tokenizer, "is_fast", False):
+    if use_template and row_format != "text" and not getattr(tokenizer, "is_fast", False):
         raise FormattingError(
             f"{type(tokenizer).__name__} is a slow tokenizer: response masking needs character offsets. Load the "
             f"fast tokenizer (AutoTokenizer.from_pretrained(..., use_fast=True))."
@@ -321,12 +352,14 @@ def format_dataset(
     output: dict[str, list] = {"row_id": [], "input_ids": [], "attention_mask": [], "labels": [], "num_label_tokens": []}
     skipped: dict[int, str] = {}
     cut: dict[int, str] = {}
+    response = response_column(columns, config)
     for row_id, row in enumerate(tqdm(rows, total=num_rows, desc="Formatting", disable=not show_progress)):
-        messages = _as_messages(row, row_id, row_format, config)
-        if use_template:
-            input_ids, labels = _tokenize_chat(tokenizer, messages, row_id)
+        if row_format == "text":
+            input_ids, labels = _tokenize_text(tokenizer, row, row_id, config)
+        elif use_template:
+            input_ids, labels = _tokenize_chat(tokenizer, _as_messages(row, row_id, row_format, config, response), row_id)
         else:
-            input_ids, labels = _tokenize_plain(tokenizer, messages)
+            input_ids, labels = _tokenize_plain(tokenizer, _as_messages(row, row_id, row_format, config, response))
         if not any(label != IGNORE_INDEX for label in labels):
             skipped[row_id] = "no_label_tokens"
             continue

@@ -22,6 +22,10 @@ from pathlib import Path
 from datasets import Dataset, concatenate_datasets, get_dataset_config_names
 
 from .data import load_rows, sample_rows
+from .errors import HFInfluenceError
+
+# Environment variable naming the offline data folder that `load_target` reads when no data_dir is passed.
+DATA_DIR_ENV = "HF_INFLUENCE_DATA_DIR"
 
 
 @dataclass(frozen=True)
@@ -128,6 +132,10 @@ def to_prompt_response(rows: Dataset, task: str, task_column: str | None = None)
     return rows.map(convert, with_indices=True, remove_columns=rows.column_names, desc=f"{task} target")
 
 
+class TargetNotFoundError(HFInfluenceError, OSError):
+    """A target task whose rows are neither given, nor in a local data folder, nor readable from the Hub."""
+
+
 def load_target(task: str, source: str | os.PathLike | Dataset | None = None, data_dir: str | os.PathLike | None = None,
                 limit: int | None = None, seed: int = 0, held_out: bool = False) -> Dataset:
     """The rows of a target task as `id`, `prompt`, `completion`, `task` columns.
@@ -136,7 +144,8 @@ def load_target(task: str, source: str | os.PathLike | Dataset | None = None, da
         task: a key of TARGET_TASKS (gsm8k, mmlu, bbh, tydiqa, squad, codex).
         source: where to read the rows: a file / folder / Hub id / Dataset in any schema of this module.
             None: the task's file in `data_dir` when given and present, else its Hub dataset and split.
-        data_dir: the shared offline data folder (with `targets/`).
+        data_dir: an offline data folder holding `targets/<task file>` (e.g. `targets/gsm8k_train.jsonl.gz`);
+            None: `$HF_INFLUENCE_DATA_DIR` when set.
         limit: keep `limit` rows, drawn at random with `seed` (few-shot targets are small; a seeded draw
             keeps every subtask in reach, unlike the first rows).
         seed: seed of the draw.
@@ -146,6 +155,8 @@ def load_target(task: str, source: str | os.PathLike | Dataset | None = None, da
     Raises:
         KeyError: an unknown task (the message lists the known ones).
         ValueError: held_out for a task without held-out rows.
+        TargetNotFoundError: no source, no local file, and the Hub dataset cannot be read (offline): the message
+            names the file `data_dir` should hold.
     """
     if task not in TARGET_TASKS:
         raise KeyError(f"unknown target task {task!r}; known: {sorted(TARGET_TASKS)}")
@@ -157,13 +168,22 @@ def load_target(task: str, source: str | os.PathLike | Dataset | None = None, da
                              f"{sorted(name for name, t in TARGET_TASKS.items() if t.held_out_split)}); pass the "
                              f"held-out rows as a file instead")
         split, local_file = spec.held_out_split, spec.held_out_local_file
+    data_dir = data_dir if data_dir is not None else os.environ.get(DATA_DIR_ENV) or None
     if source is None and data_dir is not None and local_file is not None:
         local = Path(data_dir) / local_file
         source = local if local.exists() else None
-    if source is None and spec.configs_are_subtasks:
-        rows = subtask_configs(spec.hub_id, split, spec.task_column)
+    if source is not None:
+        rows = load_rows(source, split=split)
     else:
-        rows = load_rows(spec.hub_id if source is None else source, split=split)
+        try:
+            rows = (subtask_configs(spec.hub_id, split, spec.task_column) if spec.configs_are_subtasks
+                    else load_rows(spec.hub_id, split=split))
+        except ConnectionError as error:
+            where = (f"data_dir={str(data_dir)!r} has no {local_file}" if data_dir is not None else
+                     f"pass data_dir= (or set ${DATA_DIR_ENV}) to a folder holding {local_file}" if local_file
+                     else "pass source= a file or folder of its rows")
+            raise TargetNotFoundError(f"load_target({task!r}) reads the Hub dataset {spec.hub_id}, which cannot be "
+                                      f"reached ({error}); {where}.") from error
     return to_prompt_response(sample_rows(rows, limit, seed), task, spec.task_column)
 
 

@@ -98,6 +98,8 @@ API_CASES = [
      ValueError, "config.json is not valid JSON"),
     ("network weights that are not safetensors", lambda m: InfluenceNetwork.from_pretrained(
         _broken_network("weights")), ValueError, "model.safetensors is not a readable safetensors file"),
+    ("target task offline without data_dir", lambda m: __import__("hf_influence").load_target("gsm8k"),
+     HFInfluenceError, "pass data_dir= (or set $HF_INFLUENCE_DATA_DIR) to a folder holding targets/gsm8k_train"),
     ("score table folder that is not one", lambda m: ScoreTable.load("."), HFInfluenceError, "is not a score table"),
 ]
 

@@ -40,12 +40,32 @@ def test_prompt_response_formats(tokenizer, columns, expected):
     assert response_text(tokenizer, formatted.dataset[0]) == "4<|im_end|>\n"
 
 
-def test_response_column_override_and_plain_formatting(tokenizer):
+def test_gsm8k_rows_train_on_the_worked_solution_and_the_response_column_overrides(tokenizer):
+    """GSM8K rows carry a worked `solution` and its bare final `answer`: the solution is the response by default
+    (training on "4" teaches nothing of the reasoning); response_column picks another."""
     rows = Dataset.from_dict({"prompt": ["Add 2 and 2."], "answer": ["4"], "solution": ["2 + 2 = 4. #### 4"]})
-    formatted = format_dataset(rows, tokenizer, FormattingConfig(response_column="solution"), show_progress=False)
+    formatted = format_dataset(rows, tokenizer, show_progress=False)
     assert response_text(tokenizer, formatted.dataset[0]).startswith("2 + 2 = 4.")
-    plain = format_dataset(rows, tiny_tokenizer(chat_template=None), FormattingConfig(use_chat_template=False), show_progress=False)
+    plain = format_dataset(rows, tiny_tokenizer(chat_template=None),
+                           FormattingConfig(use_chat_template=False, response_column="answer"), show_progress=False)
     assert response_text(tokenizer, plain.dataset[0]) == "4<|im_end|>"
+
+
+def test_text_rows_train_on_every_token_as_sft_trainer_does(tokenizer):
+    """TRL's language-modelling rows (a `text` column): no template, every token a label, end of sequence added;
+    an empty text is skipped like an empty response; the sentence encoder embeds the text itself."""
+    from hf_influence.encoders import row_text
+
+    rows = [{"text": "The Seine flows through Paris."}, {"text": "  "}]
+    formatted = format_dataset(rows, tokenizer, show_progress=False)
+    assert formatted.format == "text" and formatted.skipped == {1: "no_label_tokens"}
+    row = formatted.dataset[0]
+    expected = tokenizer("The Seine flows through Paris.")["input_ids"] + [tokenizer.eos_token_id]
+    assert row["input_ids"] == expected and row["labels"] == expected
+    assert row["num_label_tokens"] == len(expected) - 1
+    assert row_text(rows[0]) == "The Seine flows through Paris."
+    with pytest.raises(FormattingError, match="Row 0: column 'text' must hold a string"):
+        format_dataset([{"text": 3}], tokenizer, show_progress=False)
 
 
 def test_empty_responses_are_skipped_and_reported(tokenizer, caplog):
@@ -78,8 +98,8 @@ def test_truncation_policies(tokenizer):
 
 
 def test_clear_errors(tokenizer):
-    with pytest.raises(FormattingError, match="Cannot tell the row format from columns \\['id', 'text'\\]"):
-        format_dataset(Dataset.from_dict({"id": [1], "text": ["x"]}), tokenizer)
+    with pytest.raises(FormattingError, match="Cannot tell the row format from columns \\['body', 'id'\\]"):
+        format_dataset(Dataset.from_dict({"id": [1], "body": ["x"]}), tokenizer)
     with pytest.raises(FormattingError, match="empty"):
         format_dataset([], tokenizer)
     with pytest.raises(FormattingError, match="has no chat template"):
