@@ -67,7 +67,8 @@ def select_by_influence(
         configs: config dataclass instances (e.g. [SelectionConfig(method="less"), GradientConfig(...)]) as the
             defaults; keyword options override their fields.
         **options: fields of SelectionConfig, FormattingConfig, GradientConfig, JVPConfig, WarmupConfig and
-            LoraSettings (e.g. num_landmarks=1024, order=2, max_length=2048).
+            LoraSettings (e.g. num_landmarks=1024, order=2, max_length=2048); `peft_config=LoraConfig(...)` gives
+            the adapter as TRL does (its settings become LoraSettings).
 
     Returns:
         `pool.select(indices)`: the selected rows with all pool columns, in selection order (the order the

@@ -19,7 +19,7 @@ import socket
 import tempfile
 import urllib.parse
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -262,9 +262,15 @@ def installed_smollm2_gguf() -> Path:
     return path
 
 
+# LoraSettings' own fields, as peft.LoraConfig spells them; task_type is always CAUSAL_LM here.
+_LORA_OWN_FIELDS = {"r": "lora_r", "lora_alpha": "lora_alpha", "target_modules": "lora_target_modules",
+                    "lora_dropout": "lora_dropout", "task_type": None}
+
+
 @dataclass
 class LoraSettings:
-    """LoRA adapter settings for gradient extraction (PEFT `LoraConfig` underneath).
+    """LoRA adapter settings for gradient extraction: the flat spelling of a `peft.LoraConfig` (the command line's
+    --lora_r ...; `LoraSettings.from_peft_config` reads a LoraConfig, `to_peft_config` writes one).
 
     Each field's help is in its metadata (TRL's convention: `--help` shows it).
     """
@@ -281,6 +287,71 @@ class LoraSettings:
         default=0.0,
         metadata={"help": "adapter dropout (inactive during extraction, which runs in eval mode)."})
     lora_seed: int = field(default=0, metadata={"help": "seed for the adapter initialisation."})
+    lora_config_kwargs: dict | str | None = field(
+        default=None,
+        metadata={"help": 'any other peft.LoraConfig argument, e.g. {"use_rslora": true, "bias": "lora_only"} (a '
+                          "JSON string on the command line); passing peft_config=LoraConfig(...) fills it."})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lora_config_kwargs, str):  # the command line gives JSON
+            try:
+                self.lora_config_kwargs = json.loads(self.lora_config_kwargs)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"LoraSettings.lora_config_kwargs must be a JSON object, got "
+                                 f"{self.lora_config_kwargs!r} ({error})") from None
+        if self.lora_config_kwargs is None:
+            return
+        if not isinstance(self.lora_config_kwargs, dict):
+            raise ValueError(f"LoraSettings.lora_config_kwargs must be a dict, got {self.lora_config_kwargs!r}")
+        from peft import LoraConfig
+
+        known = {f.name for f in fields(LoraConfig)}
+        unknown = sorted(set(self.lora_config_kwargs) - known)
+        own = sorted(set(self.lora_config_kwargs) & set(_LORA_OWN_FIELDS))
+        if unknown or own:
+            raise ValueError(f"LoraSettings.lora_config_kwargs: {unknown or own} "
+                             + ("are not peft.LoraConfig arguments" if unknown else
+                                "have their own fields (lora_r, lora_alpha, lora_target_modules, lora_dropout; the "
+                                "task is always CAUSAL_LM)"))
+
+    @classmethod
+    def from_peft_config(cls, config, lora_seed: int = 0) -> "LoraSettings":
+        """The settings of a `peft.LoraConfig`: r, alpha, target modules and dropout in their fields, every other
+        argument that differs from LoraConfig's default in `lora_config_kwargs` (JSON values: stores and score
+        tables record them).
+
+        Raises:
+            ValueError: not a LoraConfig, a task type other than CAUSAL_LM, or a setting JSON cannot record.
+        """
+        from peft import LoraConfig
+
+        if not isinstance(config, LoraConfig):
+            raise ValueError(f"peft_config must be a peft.LoraConfig (hf-influence extracts LoRA gradients), got "
+                             f"{type(config).__name__}")
+        if config.task_type not in (None, "CAUSAL_LM"):
+            raise ValueError(f"peft_config.task_type={config.task_type!r}: hf-influence scores causal LMs "
+                             "(task_type='CAUSAL_LM')")
+        default = LoraConfig()
+        extra = {}
+        for item in fields(LoraConfig):
+            if not item.init or item.name in _LORA_OWN_FIELDS:
+                continue
+            value = getattr(config, item.name)
+            if value == getattr(default, item.name):
+                continue
+            value = sorted(value) if isinstance(value, set) else value
+            try:
+                json.dumps(value)
+            except TypeError:
+                raise ValueError(f"peft_config.{item.name}={value!r} cannot be recorded with the run's stores; "
+                                 "pass a JSON value") from None
+            extra[item.name] = value
+        targets = config.target_modules
+        targets = ["all-linear"] if targets == "all-linear" else sorted(targets) if targets else []
+        if not targets:
+            raise ValueError("peft_config.target_modules is empty: name the modules to adapt (or 'all-linear')")
+        return cls(lora_r=config.r, lora_alpha=config.lora_alpha, lora_target_modules=targets,
+                   lora_dropout=config.lora_dropout, lora_seed=lora_seed, lora_config_kwargs=extra or None)
 
     def to_peft_config(self):
         """The `peft.LoraConfig` these settings describe (causal LM; "all-linear" as PEFT spells it). The seed is
@@ -290,14 +361,18 @@ class LoraSettings:
         targets = self.lora_target_modules
         return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
                           target_modules="all-linear" if targets in ("all-linear", ["all-linear"]) else targets,
-                          task_type="CAUSAL_LM")
+                          task_type="CAUSAL_LM", **(self.lora_config_kwargs or {}))
 
 
-def add_lora(model: PreTrainedModel, settings: LoraSettings | None = None):
-    """Wrap `model` in a PEFT LoRA model (seeded), in eval mode, with only adapter weights trainable."""
+def add_lora(model: PreTrainedModel, settings=None):
+    """Wrap `model` in a PEFT LoRA model (seeded), in eval mode, with only adapter weights trainable.
+
+    settings: LoraSettings, or a `peft.LoraConfig` (initialised with seed 0); None: LoraSettings()."""
     from peft import get_peft_model
 
     settings = settings or LoraSettings()
+    if not isinstance(settings, LoraSettings):
+        settings = LoraSettings.from_peft_config(settings)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.lora_seed)
         peft_model = get_peft_model(model, settings.to_peft_config())

@@ -287,6 +287,12 @@ class NNCIFTConfig:
             raise ValueError(f"NNCIFTConfig.network_num_threads must be >= 1 or None, got {self.network_num_threads}")
 
 
+def _is_peft_lora_config(value: Any) -> bool:
+    from peft import LoraConfig
+
+    return isinstance(value, LoraConfig)
+
+
 CONFIG_TYPES = (SelectionConfig, FormattingConfig, GradientConfig, JVPConfig, WarmupConfig, LoraSettings, NNCIFTConfig)
 
 
@@ -294,20 +300,28 @@ def split_options(options: dict[str, Any], base: dict[type, Any] | Iterable[Any]
     """Route keyword options to the config dataclass that declares them; returns {type: instance}.
 
     base: config instances ({type: instance}, or an iterable of instances such as [SelectionConfig(...),
-        GradientConfig(...)]) whose fields are the defaults the keyword options override.
+        GradientConfig(...)]) whose fields are the defaults the keyword options override. A `peft.LoraConfig`
+        (in base, or as the option `peft_config`, TRL's spelling) stands for its LoraSettings.
 
     Raises:
         TypeError: an option no config declares (the message lists the close matches' dataclasses), or a base
             that is not one config instance per CONFIG_TYPES type.
     """
+    if "peft_config" in options:
+        options = dict(options)
+        peft_config = options.pop("peft_config")
+        if peft_config is not None:
+            base = [*(base.values() if isinstance(base, dict) else base or []), peft_config]
     if base is not None and not isinstance(base, dict):
         instances, base = list(base), {}
         for instance in instances:
+            if _is_peft_lora_config(instance):
+                instance = LoraSettings.from_peft_config(instance)
             if type(instance) not in CONFIG_TYPES:
                 raise TypeError(f"configs takes instances of {', '.join(t.__name__ for t in CONFIG_TYPES)}; got "
                                 f"{type(instance).__name__}.")
             if type(instance) in base:
-                raise TypeError(f"configs has two {type(instance).__name__} instances: pass one.")
+                raise TypeError(f"configs has two {type(instance).__name__} instances (a peft LoraConfig, also as 'peft_config', counts as LoraSettings): pass one.")
             base[type(instance)] = instance
     configs = dict(base or {})
     if "seed" in options:  # GradientConfig.seed until it was renamed: it never was the selection's seed

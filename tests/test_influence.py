@@ -263,6 +263,34 @@ def test_users_models_are_left_as_they_were(pool, target):
     assert not any("lora" in name for name, _ in base.named_modules())
 
 
+def test_a_peft_lora_config_is_accepted_as_trl_spells_it(pool, target):
+    """peft_config=LoraConfig(...) (TRL's spelling, also in configs=[...]) gives a base model exactly the adapter of
+    the equivalent flat options, other LoraConfig arguments included (rsLoRA changes the scores, so it is used)."""
+    from peft import LoraConfig
+
+    def scores(**options):
+        base, tokenizer = tiny_causal_lm("llama", seed=0)
+        _, table = select_by_influence(pool, target, model=base, tokenizer=tokenizer, budget=3, method="less",
+                                       return_scores=True, **{**FAST, **options})
+        return table.to_matrix()[0], table.provenance["configs"]["LoraSettings"]
+
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], use_rslora=True,
+                        task_type="CAUSAL_LM")
+    by_peft, recorded = scores(peft_config=config)
+    assert recorded["lora_r"] == 2 and recorded["lora_config_kwargs"] == {"use_rslora": True}
+    by_flat, _ = scores(lora_r=2, lora_alpha=4, lora_target_modules=["q_proj", "v_proj"],
+                        lora_config_kwargs='{"use_rslora": true}')
+    torch.testing.assert_close(by_peft, by_flat, rtol=0, atol=0)
+    by_configs, _ = scores(configs=[config])
+    torch.testing.assert_close(by_peft, by_configs, rtol=0, atol=0)
+    without_rslora, _ = scores(lora_r=2, lora_alpha=4, lora_target_modules=["q_proj", "v_proj"])
+    assert not torch.allclose(by_peft, without_rslora)
+    with pytest.raises(ValueError, match="task_type='SEQ_CLS'"):
+        scores(peft_config=LoraConfig(r=2, task_type="SEQ_CLS"))
+    with pytest.raises(ValueError, match=r"\['use_rs_lora'\] are not peft.LoraConfig arguments"):
+        scores(lora_config_kwargs={"use_rs_lora": True})
+
+
 def test_input_require_grads_hooks_are_lifted_for_the_pass_and_restored(pool, target):
     # Trainers with adapters and gradient checkpointing add these hooks; functorch's jvp refuses them.
     base, tokenizer = tiny_causal_lm("llama", seed=0)
