@@ -7,9 +7,10 @@
 
 Modes (`InfluenceSFTConfig.influence_mode`):
 
-- "select": before training, score the pool (`select_by_influence` with the trainer's own model and tokenizer,
-  or a given `ScoreTable` with no model pass) and train on the selected rows only. TRL prepares just those
-  rows, so packing and padding-free work as in a plain SFTTrainer given `pool.select(selected)`.
+- "select": before SFTTrainer is built, score the pool (`select_by_influence` with the model and tokenizer the
+  trainer is given, its `peft_config` as the scoring adapter, on the device it will train on; or a given
+  `ScoreTable` with no model pass), then build SFTTrainer on `pool.select(selected)`: TRL prepares just those
+  rows through its public constructor, so packing and padding-free work as in a plain SFTTrainer.
 - "weight": train on the whole pool with per-sample loss weights w_i: the Influence Distillation robust
   weights (from a ScoreTable or `compute_scores`), or a weight column of the pool.
 - "online": re-select every `influence_reselect_steps` optimizer steps from the current model and the
@@ -42,6 +43,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +51,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from accelerate import PartialState
 from accelerate.utils import is_peft_model
 from datasets import Dataset
 from torch import Tensor
@@ -165,6 +168,10 @@ class InfluenceSFTConfig(SFTConfig):
         for reserved, instead in (("method", "influence_method"), ("budget", "influence_budget")):
             if reserved in self.influence_options:
                 raise ValueError(f"influence_options must not set {reserved!r}: use {instead}.")
+        if "max_length" in self.influence_options:
+            warnings.warn("influence_options['max_length'] is deprecated: rows are scored at SFTConfig.max_length, "
+                          "the length they train at; drop it from influence_options (it still wins for now).",
+                          FutureWarning, stacklevel=3)
         # Builds the option dataclasses once: unknown names (TypeError) and bad values fail here, not after a
         # model pass.
         split_options({**self.influence_options, "method": self.influence_method})
@@ -344,12 +351,20 @@ class InfluenceSFTTrainer(SFTTrainer):
         self._influence_logs: dict[str, float] = {}
         self._influence_sampler: SelectionSampler | None = None
         self.influence_selections: list[InfluenceSelection] = []
-        # Select mode prepares only the selected rows, after selection (see _prepare_dataset).
-        self._influence_defer_train = mode == "select"
         if mode == "weight":
             self.loss_is_scaled_for_ga = True  # divided by the whole step's count, see get_batch_samples
         if args.influence_row_id_column not in train_dataset.column_names:
             train_dataset = train_dataset.add_column(args.influence_row_id_column, row_ids)
+        if mode == "select":
+            # Selected before SFTTrainer is built, so that TRL's constructor prepares (tokenises, packs) only the
+            # selected rows, in selection order.
+            # A model id is loaded here to score and again by SFTTrainer (as TRL loads it, model_init_kwargs and
+            # all); the scoring copy is released before that.
+            scoring_model, scoring_tokenizer = _scoring_model(model, processing_class, args)
+            selection = self._select(None, args, scoring_model, scoring_tokenizer, kwargs.get("peft_config"))
+            del scoring_model
+            position = {row_id: i for i, row_id in enumerate(row_ids)}
+            train_dataset = train_dataset.select([position[row_id] for row_id in selection.row_ids])
         super().__init__(model, args, data_collator, train_dataset, eval_dataset, processing_class, **kwargs)
 
         if mode == "online":
@@ -368,42 +383,30 @@ class InfluenceSFTTrainer(SFTTrainer):
                                               {args.influence_row_id_column: torch.long, **weight_dtype})
 
         if mode == "select":
-            selection = self._select(optimizer=None)
-            self.train_dataset = self._prepare_selected(selection.row_ids)
+            self._check_selected_rows_survived(selection.row_ids)
             selection.statistics["influence/selected_rows"] = float(self._training_row_count())
         elif mode == "weight":
             self._attach_weights()
         else:
-            self._select(optimizer=None)
+            self._select(None, args, self.model, self._tokenizer)
             self._influence_sampler = SelectionSampler(self._online_positions, rows_per_pass, seed=args.seed)
         self._influence_logs.update(self.influence_selections[-1].statistics)
 
     # ------------------------------------------------------------------------------------------------
     # Data
 
-    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
-        if dataset_name == "train" and self._influence_defer_train:
-            self._influence_defer_train = False
-            return dataset
-        return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
-
-    def _prepare_selected(self, selected_ids: list[int]) -> Dataset:
-        """TRL's preparation (tokenising, truncation, packing) of the selected pool rows, in selection order."""
-        position = {row_id: i for i, row_id in enumerate(self._influence_row_ids)}
-        subset = self.train_dataset.select([position[row_id] for row_id in selected_ids])
-        if self._skip_prepare_dataset:
-            return subset
-        prepared = super()._prepare_dataset(subset, self.processing_class, self.args, self.args.packing,
-                                            self._formatting_func, "train")
+    def _check_selected_rows_survived(self, selected_ids: list[int]) -> None:
+        """Refuse a selection that TRL's preparation dropped entirely; warn about the rows it dropped."""
+        prepared = self.train_dataset
         if len(prepared) == 0:
-            raise ValueError(f"TRL's preparation dropped all {len(subset)} selected rows (no trainable token left, "
-                             f"e.g. fully masked by assistant_only_loss or truncation to max_length="
+            raise ValueError(f"TRL's preparation dropped all {len(selected_ids)} selected rows (no trainable token "
+                             f"left, e.g. fully masked by assistant_only_loss or truncation to max_length="
                              f"{self.args.max_length}): check those settings against the selected rows "
                              f"{selected_ids[:10]}{'...' if len(selected_ids) > 10 else ''}.")
-        if not self.args.packing and len(prepared) < len(subset):
+        if not self.args.packing and len(prepared) < len(selected_ids):
             logger.warning("TRL's preparation dropped %d of the %d selected rows (no trainable token left); "
-                           "training on the other %d.", len(subset) - len(prepared), len(subset), len(prepared))
-        return prepared
+                           "training on the other %d.", len(selected_ids) - len(prepared), len(selected_ids),
+                           len(prepared))
 
     def _training_row_count(self) -> int:
         column = self.args.influence_row_id_column
@@ -426,24 +429,15 @@ class InfluenceSFTTrainer(SFTTrainer):
     # ------------------------------------------------------------------------------------------------
     # Selection
 
-    def _options(self) -> dict[str, Any]:
-        options = dict(self.args.influence_options)
-        options.setdefault("selection_seed", self.args.seed)
-        # The selection's bars follow the SFT run's; the warm-up stays silent unless warmup_show_progress asks.
-        options.setdefault("show_progress", not self.args.disable_tqdm)
-        return options
-
-    def _scoring(self):
-        """Context for a model pass: eval mode; training mode and random streams restored."""
-        return _ScoringContext(self.model, self.accelerator.device)
-
-    def _select(self, optimizer) -> InfluenceSelection:
-        """Select `budget` pool rows (from the score table, or the target with the current model); records it."""
+    def _select(self, optimizer, args: InfluenceSFTConfig, model, tokenizer, peft_config=None) -> InfluenceSelection:
+        """Select `budget` pool rows (from the score table, or the target with `model`, to which a base model gets
+        `peft_config` as its scoring adapter); records it. Called before SFTTrainer is built in select mode."""
         start = time.perf_counter()
+        step = self.state.global_step if hasattr(self, "state") else 0
         budget = self._influence_budget
         if self._influence_table is not None:
             scores, table_ids, targets = self._influence_table.to_matrix()
-            self._check_table_rows(table_ids)
+            self._check_table_rows(table_ids, args.influence_row_id_column)
             if budget > len(table_ids):
                 raise SelectionError(f"influence_budget {budget} is larger than the {len(table_ids)} pool rows the "
                                      f"score table covers.")
@@ -451,9 +445,9 @@ class InfluenceSFTTrainer(SFTTrainer):
             # The rule the table's run selected with (recorded by select_by_influence and the CLI), else its
             # method's default.
             method = METHODS.get(provenance.get("method"))
-            rule = (self._options().get("selection") or provenance.get("selection")
+            rule = (_options(args).get("selection") or provenance.get("selection")
                     or (method.selection_rule({}) if method else "round_robin"))
-            seed = self._options()["selection_seed"]
+            seed = _options(args)["selection_seed"]
             if rule == "weighted":
                 chosen = weighted_sample(self._table_weights(table_ids), budget, seed=seed)
             else:
@@ -462,15 +456,17 @@ class InfluenceSFTTrainer(SFTTrainer):
             selected = [table_ids[i] for i in chosen.tolist()]
             source, score_ids = "score_table", table_ids
         else:
-            options = self._options()
-            if self.args.influence_mode == "online" and options.get("work_dir"):
+            options = _options(args)
+            if args.influence_mode == "online" and options.get("work_dir"):
                 # Each round scores with other adapter weights and optimizer state: stores of its own, so a
                 # restarted run resumes the round it was in.
-                options["work_dir"] = str(Path(options["work_dir"]) / f"step-{self.state.global_step}")
-            with self._scoring():
+                options["work_dir"] = str(Path(options["work_dir"]) / f"step-{step}")
+            if peft_config is not None and not is_peft_model(model) and "peft_config" not in options:
+                options["peft_config"] = peft_config
+            with _ScoringContext(model):
                 _, table = select_by_influence(
-                    self._influence_pool, self._influence_target, model=self.model, budget=budget,
-                    method=self.args.influence_method, tokenizer=self._tokenizer, optimizer=optimizer,
+                    self._influence_pool, self._influence_target, model=model, budget=budget,
+                    method=args.influence_method, tokenizer=tokenizer, optimizer=optimizer,
                     return_scores=True, **options)
             selected = [self._influence_row_ids[p] for p in table.provenance["selected_pool_row_ids"]]
             scores, positions, _ = table.to_matrix()
@@ -480,9 +476,9 @@ class InfluenceSFTTrainer(SFTTrainer):
         statistics = {"influence/budget": float(budget), "influence/pool_rows": float(len(self._influence_row_ids)),
                       **_score_statistics(scores, score_ids, selected),
                       "influence/selection_seconds": time.perf_counter() - start}
-        if self.args.influence_mode == "online":
+        if args.influence_mode == "online":
             statistics["influence/round"] = float(len(self.influence_selections))
-        selection = InfluenceSelection(self.state.global_step, selected, None, source, provenance, statistics)
+        selection = InfluenceSelection(step, selected, None, source, provenance, statistics)
         self.influence_selections.append(selection)
         return selection
 
@@ -490,8 +486,8 @@ class InfluenceSFTTrainer(SFTTrainer):
         """Positions (in the prepared pool) of the rows to train on until the next re-selection."""
         last = self.influence_selections[-1]
         if self.state.global_step != last.step:
-            optimizer = None if self._options().get("optimizer_state") == "gd" else _unwrap(self.optimizer)
-            last = self._select(optimizer=optimizer)
+            optimizer = None if _options(self.args).get("optimizer_state") == "gd" else _unwrap(self.optimizer)
+            last = self._select(optimizer, self.args, self.model, self._tokenizer)
             self._influence_logs.update(last.statistics)
         position = {row_id: i for i, row_id in enumerate(self.train_dataset[self.args.influence_row_id_column])}
         positions = [position[row_id] for row_id in last.row_ids if row_id in position]
@@ -509,12 +505,13 @@ class InfluenceSFTTrainer(SFTTrainer):
         provenance: dict = {}
         if self._influence_table is not None:
             ids = self._influence_table.pool_row_ids
-            self._check_table_rows(ids)
+            self._check_table_rows(ids, self.args.influence_row_id_column)
             weights, source, provenance = self._table_weights(ids), "score_table", self._influence_table.provenance
         elif self._influence_target is not None:
-            with self._scoring():
+            with _ScoringContext(self.model):
                 run = compute_scores(self._influence_pool, self._influence_target, model=self.model,
-                                     method=self.args.influence_method, tokenizer=self._tokenizer, **self._options())
+                                     method=self.args.influence_method, tokenizer=self._tokenizer,
+                                     **_options(self.args))
             if run.output.weights is None:
                 raise ValueError(f"influence_method={self.args.influence_method!r} gives no per-sample weights; "
                                  f"influence_mode='weight' needs robust weights (influence_distillation or "
@@ -573,21 +570,24 @@ class InfluenceSFTTrainer(SFTTrainer):
             return None  # LESS without tasks: each target column is its own task, as in select_by_influence
         return [tasks[name] for name in targets]
 
-    def _check_table_rows(self, table_ids: list[int]) -> None:
+    def _check_table_rows(self, table_ids: list[int], column: str) -> None:
         known = set(self._influence_row_ids)
         unknown = [row_id for row_id in table_ids if row_id not in known]
         if unknown:
             raise ValueError(f"The score table has pool_row_id {unknown[0]} ({len(unknown)} ids in all) that no pool "
-                             f"row has in column {self.args.influence_row_id_column!r}: the table was made for "
+                             f"row has in column {column!r}: the table was made for "
                              f"another pool, or set influence_row_id_column to the column its ids refer to.")
 
-    def _from_main_process(self, values: Tensor) -> Tensor:
-        """Rank 0's values on every rank (same shape everywhere); unchanged in a single process."""
-        if self.accelerator.num_processes == 1:
+    @staticmethod
+    def _from_main_process(values: Tensor) -> Tensor:
+        """Rank 0's values on every rank (same shape everywhere); unchanged in a single process. Through
+        PartialState, which holds before SFTTrainer is built (select mode selects then)."""
+        state = PartialState()
+        if state.num_processes == 1:
             return values
         from accelerate.utils import broadcast
 
-        return broadcast(values.to(self.accelerator.device), from_process=0).cpu()
+        return broadcast(values.to(state.device), from_process=0).cpu()
 
     # ------------------------------------------------------------------------------------------------
     # Loss
@@ -673,14 +673,51 @@ class InfluenceSFTTrainer(SFTTrainer):
         }
 
 
+def _options(args: InfluenceSFTConfig) -> dict[str, Any]:
+    """The select_by_influence options of a trainer run: influence_options, with the selection seed, the progress
+    bars and the row length taken from the SFT run's own settings unless influence_options sets them."""
+    options = dict(args.influence_options)
+    options.setdefault("selection_seed", args.seed)
+    # The selection's bars follow the SFT run's; the warm-up stays silent unless warmup_show_progress asks.
+    options.setdefault("show_progress", not args.disable_tqdm)
+    if args.max_length is not None:
+        options.setdefault("max_length", args.max_length)  # rows are scored as long as they are trained
+    return options
+
+
+def _scoring_model(model, processing_class, args: InfluenceSFTConfig):
+    """The model and tokenizer select mode scores with before SFTTrainer is built: a model id is loaded as TRL
+    loads it (`args.model_init_kwargs`), and the model is put on the device the trainer will train on (a model
+    placed by device_map or quantization stays where it is)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if isinstance(model, str):
+        name = model
+        model = AutoModelForCausalLM.from_pretrained(name, **_from_pretrained_kwargs(args.model_init_kwargs))
+        processing_class = processing_class or AutoTokenizer.from_pretrained(name)
+    elif getattr(model, "hf_device_map", None) is None and not getattr(model, "is_quantized", False):
+        model.to(PartialState().device)
+    return model, processing_class
+
+
+def _from_pretrained_kwargs(model_init_kwargs: dict | None) -> dict:
+    """TRL's model_init_kwargs as from_pretrained takes them (a dtype may be a string; "auto" passes through)."""
+    kwargs = dict(model_init_kwargs or {})
+    dtype = kwargs.get("dtype")
+    if isinstance(dtype, str) and dtype != "auto":
+        kwargs["dtype"] = getattr(torch, dtype.removeprefix("torch."))
+    return kwargs
+
+
 class _ScoringContext:
     """Eval mode (no dropout) around a model pass made for selection; afterwards the training mode and the
     random streams as they were. (The requires_grad flags of a model that got a LoRA adapter for the pass are
     restored by select_by_influence itself.)
     """
 
-    def __init__(self, model, device: torch.device):
+    def __init__(self, model):
         self.model = model
+        device = next(model.parameters()).device
         self.devices = [device.index or 0] if device.type == "cuda" else []
 
     def __enter__(self):

@@ -528,3 +528,20 @@ def test_a_score_table_made_for_other_rows_is_refused_before_any_model_pass(tmp_
                    influence_allow_stale_table=True)
     trainer = InfluenceSFTTrainer(model, args=stale, train_dataset=reordered, processing_class=tokenizer)
     assert len(trainer.influence_selections[-1].row_ids) == 4
+
+
+def test_select_mode_scores_at_the_sft_max_length_and_prepares_through_trls_constructor(tmp_path, pool, target):
+    """One max_length: rows are scored at SFTConfig.max_length, the length they train at (influence_options'
+    own max_length is deprecated). Select mode selects before SFTTrainer is built, so TRL's public constructor
+    prepares exactly the selected rows: no private TRL method is overridden."""
+    assert "_prepare_dataset" not in InfluenceSFTTrainer.__dict__
+    model, tokenizer = tiny_causal_lm(seed=0)
+    args = config(tmp_path, influence_budget=3, influence_method="rds", max_length=24, max_steps=1)
+    trainer = InfluenceSFTTrainer(model, args=args, train_dataset=pool, target_dataset=target,
+                                  processing_class=tokenizer)
+    selection = trainer.influence_selections[0]
+    assert selection.provenance["configs"]["FormattingConfig"]["max_length"] == 24
+    assert len(trainer.train_dataset) == 3 and max(map(len, trainer.train_dataset["input_ids"])) <= 24
+    assert trainer.train_dataset["row_id"] == selection.row_ids  # TRL kept the selection order
+    with pytest.warns(FutureWarning, match=r"influence_options\['max_length'\] is deprecated"):
+        config(tmp_path, influence_options={"max_length": 32})
