@@ -1,5 +1,6 @@
 """The CLI: option help from the fields' metadata, YAML defaults under flags, and runs of every command."""
 
+import os
 import json
 
 import hub_server
@@ -273,3 +274,21 @@ def test_every_library_error_is_an_hf_influence_error():
                   SelectionError, StoreMismatchError, IncompleteStoreError):
         assert issubclass(error, HFInfluenceError), error
     assert issubclass(FormattingError, ValueError) and issubclass(IncompleteStoreError, RuntimeError)
+
+
+def test_config_files_are_merged_by_trls_parser(tmp_path, monkeypatch):
+    """--config goes through TRL's TrlParser: flags over YAML over defaults, its `env:` mapping exported, the
+    `--config=PATH` spelling too; a key no option has is refused naming the file."""
+    from hf_influence.cli.arguments import CommandParser, SelectArguments
+
+    monkeypatch.delenv("HF_INFLUENCE_TEST_VAR", raising=False)
+    config = tmp_path / "select.yaml"
+    config.write_text("env:\n  HF_INFLUENCE_TEST_VAR: from-yaml\nbudget: '7'\nprojection_dim: 64\n")
+    for argv in (["--config", str(config), "--projection_dim", "128"], [f"--config={config}", "--projection_dim=128"]):
+        select, gradients = parse(argv, (SelectArguments, GradientConfig), "test")
+        assert (select.budget, gradients.projection_dim) == ("7", 128)
+    assert os.environ["HF_INFLUENCE_TEST_VAR"] == "from-yaml"
+    assert issubclass(CommandParser, __import__("trl").TrlParser)
+    config.write_text("budgett: 3\n")
+    with pytest.raises(SystemExit):
+        parse(["--config", str(config)], (SelectArguments, GradientConfig), "test")

@@ -1,5 +1,5 @@
 """The command line's argument dataclasses and the parsing shared by every subcommand: flags from the dataclass
-fields (`transformers.HfArgumentParser`), `--config FILE.yaml` defaults that flags override, the model loader."""
+fields (TRL's `TrlParser`, an `HfArgumentParser`), `--config FILE.yaml` defaults that flags override, the model loader."""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
-import yaml
 from datasets import Dataset
-from transformers import HfArgumentParser
+from trl import TrlParser
 
 from .. import selection
 from ..data import load_rows
@@ -186,48 +185,64 @@ class TrainDataArguments:
     use_lora: bool = field(default=True, metadata={"help": "Train a LoRA adapter (lora_* options)."})
 
 
+class CommandParser(TrlParser):
+    """TRL's parser (the --config YAML merged under the flags, its `env:` mapping exported), refusing what TRL would
+    pass on: a YAML key no option has ends the command with a one-line error naming the file; the deprecated key
+    `seed` (GradientConfig's projection seed before the rename) still works, with a warning."""
+
+    def __init__(self, dataclass_types, seed_alias: bool, **kwargs):
+        super().__init__(dataclass_types, **kwargs)
+        self.seed_alias, self.config_path, self.config_keys = seed_alias, None, set()
+
+    def set_defaults_with_config(self, **values) -> list[str]:
+        if self.seed_alias and "seed" in values:
+            warnings.warn(f"{self.config_path}: the key `seed` is deprecated (the gradient projection's seed); write "
+                          f"projection_seed.", FutureWarning, stacklevel=2)
+            values["projection_seed"] = values.pop("seed")
+        self.config_keys = set(values)
+        unknown = sorted(set(values) - {action.dest for action in self._actions})
+        if unknown:  # TRL hands them back as strings; argparse would then call them unrecognised flags
+            self.error(f"{self.config_path} has unknown keys {unknown}; see --help for the options of this command")
+        return super().set_defaults_with_config(**values)
+
+
 def parse(argv: list[str], dataclass_types: tuple, description: str, defaults: dict | None = None,
           used: set[str] | None = None) -> tuple:
-    """Parse argv into the dataclasses; precedence: flags over the --config YAML over `defaults`.
+    """Parse argv into the dataclasses with TRL's parser; precedence: flags over the --config YAML over `defaults`.
 
     used: the options the command reads (None: all); a flag or YAML key outside them ends the command with a
     one-line error (exit code 2) instead of being accepted and ignored."""
-    # No prefix abbreviations: `--num_land 4` would silently mean whichever option it abbreviates today.
-    parser = HfArgumentParser(dataclass_types, description=description, allow_abbrev=False)
-    parser.set_defaults(**(defaults or {}))
-    parser.add_argument("--config", default=None, help="YAML file of defaults; flags override it.")
     # --seed was GradientConfig's projection seed until the rename: still read (hidden), with a warning.
     seed_alias = any(config is GradientConfig for config in dataclass_types) and not any(
         "seed" in getattr(config, "__dataclass_fields__", {}) for config in dataclass_types)
+    # No prefix abbreviations: `--num_land 4` would silently mean whichever option it abbreviates today.
+    parser = CommandParser(dataclass_types, seed_alias, description=description, allow_abbrev=False)
+    parser.set_defaults(**(defaults or {}))
+    # TrlParser reads --config itself; declared here so that --help lists it.
+    parser.add_argument("--config", default=None, help="YAML file of defaults (TRL's format, `env:` included); "
+                                                        "flags override it.")
     if seed_alias:
         parser.add_argument("--seed", dest="projection_seed", type=int, default=argparse.SUPPRESS,
                             help=argparse.SUPPRESS)
         if any(arg == "--seed" or arg.startswith("--seed=") for arg in argv):
             warnings.warn("--seed is deprecated: it sets the gradient projection's seed; use --projection_seed "
                           "(or --selection_seed for the selection).", FutureWarning, stacklevel=2)
-    known, _ = parser.parse_known_args(argv)
-    if known.config:
-        values = yaml.safe_load(Path(known.config).read_text()) or {}
-        if seed_alias and "seed" in values:
-            warnings.warn(f"{known.config}: the key `seed` is deprecated (the gradient projection's seed); write "
-                          f"projection_seed.", FutureWarning, stacklevel=2)
-            values["projection_seed"] = values.pop("seed")
-        unknown = sorted(set(values) - {action.dest for action in parser._actions})
-        if unknown:  # argparse would silently ignore them
-            parser.error(f"{known.config} has unknown keys {unknown}; see --help for the options of this command")
-        parser.set_defaults(**values)
+    # TrlParser looks for `--config PATH`: the `--config=PATH` spelling is split into that form.
+    argv = [part for arg in argv for part in (arg.split("=", 1) if arg.startswith("--config=") else [arg])]
+    if "--config" in argv:
+        parser.config_path = argv[argv.index("--config") + 1] if argv.index("--config") + 1 < len(argv) else None
+        if parser.config_path is None or not Path(parser.config_path).is_file():
+            parser.error(f"--config {parser.config_path!r} is not a file")
+    *parsed, extra = parser.parse_args_and_config(args=argv, return_remaining_strings=True)
+    if extra:
+        parser.error(f"unrecognised arguments: {' '.join(extra)}")
     if used is not None:
         given = {action.dest for action in parser._actions for flag in action.option_strings
-                 if any(arg == flag or arg.startswith(f"{flag}=") for arg in argv)}
-        if known.config:
-            given |= set(values)
+                 if any(arg == flag or arg.startswith(f"{flag}=") for arg in argv)} | parser.config_keys
         ignored = sorted(given - used - {"config", "help"})
         if ignored:
             parser.error(f"this command does not use {', '.join('--' + name for name in ignored)}: remove "
                          f"{'it' if len(ignored) == 1 else 'them'} (see --help)")
-    *parsed, extra = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
-    if extra:
-        parser.error(f"unrecognised arguments: {' '.join(extra)}")
     # The --config flag comes back as a trailing Namespace after the dataclasses.
     return tuple(parsed[: len(dataclass_types)])
 
