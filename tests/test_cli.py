@@ -1,7 +1,7 @@
 """The CLI: option help from the fields' metadata, YAML defaults under flags, and runs of every command."""
 
-import os
 import json
+import os
 
 import hub_server
 import pytest
