@@ -292,3 +292,26 @@ def test_config_files_are_merged_by_trls_parser(tmp_path, monkeypatch):
     config.write_text("budgett: 3\n")
     with pytest.raises(SystemExit):
         parse(["--config", str(config)], (SelectArguments, GradientConfig), "test")
+
+
+def test_the_group_report_groups_by_depth_and_prints_the_top_groups(capsys):
+    """On a pool of many sources the report stays a screenful: --group_depth merges "family/task" sources into
+    their family, --top prints the leading groups and sums the rest in one line; the shares still add up."""
+    from datasets import Dataset
+
+    from hf_influence.cli.select import group_shares, print_report
+
+    sources = [f"family{i % 3}/task{i}" for i in range(30)]
+    pool = Dataset.from_dict({"source": sources})
+    selected = pool.select([0, 3, 6, 1])
+    assert group_shares(pool, "source", 1) == pytest.approx({"family0": 1 / 3, "family1": 1 / 3, "family2": 1 / 3})
+    assert len(group_shares(pool, "source")) == 30
+    report = {"method": "m", "pool_rows": 30, "target_rows": 1, "selected_rows": 4, "seconds": {"total": 1.0},
+              "pool_share": group_shares(pool, "source"), "selected_share": group_shares(selected, "source")}
+    print_report(report, top=3)
+    lines = capsys.readouterr().out.splitlines()
+    table = lines[lines.index(next(line for line in lines if "pool share" in line)) + 1:]
+    assert len(table) == 4 and table[-1].split()[:3] == ["(27", "other", "groups)"]
+    assert [line.split()[0] for line in table[:3]] == ["family0/task0", "family0/task3", "family0/task6"]
+    assert float(table[-1].split()[3]) == pytest.approx(27 / 30, abs=1e-3)  # the rest's pool share
+    assert float(table[-1].split()[4]) == pytest.approx(0.25, abs=1e-3)  # and its selected share

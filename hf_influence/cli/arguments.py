@@ -105,6 +105,9 @@ class SelectArguments:
         pool_limit: use only the first N pool rows.
         target_limit: use only the first N target rows.
         group_column: pool column summarised in the report (share of each value in the selection vs the pool).
+        group_depth: group the column's values by their first N "/"-separated parts (Tulu sources such as
+            "flan_v2/cot_gsm8k" group into "flan_v2" at depth 1); None keeps whole values.
+        top: groups printed (by selected share; the rest summed in one line); report.json keeps them all.
         save_scores: write the score table (scores/, every pool row x target row). False streams the selection
             for first-order landmark Influence Distillation: neither the [n, m] scores nor the [n, e] embeddings
             are held, so memory does not grow with the pool (see README, "Streaming selection").
@@ -122,6 +125,9 @@ class SelectArguments:
     pool_limit: int | None = field(default=None, metadata={"help": "Use only the first N pool rows."})
     target_limit: int | None = field(default=None, metadata={"help": "Use only the first N target rows."})
     group_column: str = field(default="source", metadata={"help": "Pool column summarised in the report."})
+    group_depth: int | None = field(
+        default=None, metadata={"help": 'Group the column\'s values by their first N "/"-separated parts.'})
+    top: int | None = field(default=20, metadata={"help": "Groups printed in the report (the rest summed)."})
     save_scores: bool = field(default=True, metadata={"help": "Write scores/ (False: streamed selection)."})
 
 

@@ -95,10 +95,11 @@ def run_predict(argv: list[str]) -> dict:
     report = {"method": "nn_cift_predict", "model_id": hub_args.network, "pool_rows": len(pool),
               "target_rows": len(target), "selected_rows": len(selected), "seconds": {"total": seconds},
               "selection": table.provenance["selection"], "network_q4": (unseen_quadrant(network) or (None, None))[1],
-              "pool_share": group_shares(pool, args.group_column),
-              "selected_share": group_shares(selected, args.group_column)}
+              "group_column": args.group_column, "group_depth": args.group_depth,
+              "pool_share": group_shares(pool, args.group_column, args.group_depth),
+              "selected_share": group_shares(selected, args.group_column, args.group_depth)}
     write_selection(Path(args.output), selected, table, report)
-    print_report(report)
+    print_report(report, args.top)
     return report
 
 

@@ -3,6 +3,7 @@ report (shares of a pool column in the selection against the pool, stage seconds
 
 from __future__ import annotations
 
+import collections
 import json
 import tempfile
 import time
@@ -21,11 +22,14 @@ from .arguments import (DemoArguments, ModelArguments, SelectArguments, load_cli
                         parse_budget)
 
 
-def group_shares(rows: Dataset, column: str) -> dict[str, float]:
+def group_shares(rows: Dataset, column: str, depth: int | None = None) -> dict[str, float]:
+    """{group: share of rows} for the values of `column`; depth keeps the first `depth` "/"-separated parts of a
+    value (sources such as "t0/adversarial_qa_..." group into "t0" at depth 1), None the whole value."""
     if column not in rows.column_names or len(rows) == 0:
         return {}
-    values = [str(value) for value in rows[column]]
-    return {value: values.count(value) / len(values) for value in sorted(set(values))}
+    values = ["/".join(str(value).split("/")[:depth]) for value in rows[column]]
+    counts = collections.Counter(values)
+    return {value: counts[value] / len(values) for value in sorted(counts)}
 
 
 def selection_options(configs: tuple) -> dict:
@@ -68,7 +72,9 @@ def write_selection(output: Path, selected: Dataset, table: ScoreTable | None, r
     atomic_write_json(output / "report.json", report)
 
 
-def print_report(report: dict) -> None:
+def print_report(report: dict, top: int | None = 20) -> None:
+    """The run's summary; the group table lists the `top` groups by selected share (None: all) and sums the rest
+    in one line, so a pool of hundreds of sources still prints a screenful (report.json keeps every group)."""
     seconds = report["seconds"]
     print(f"\n{report['method']}: selected {report['selected_rows']} of {report['pool_rows']} pool rows "
           f"for {report['target_rows']} target rows in {seconds.get('total', 0.0):.1f} s")
@@ -82,13 +88,21 @@ def print_report(report: dict) -> None:
               f"{landmarks['landmark_share_selected']:.1%} of the selection); leave-one-out Spearman "
               f"{spearman}; {bandwidth}ridge {landmarks['ridge']:g}")
     if report["selected_share"]:
-        print(f"\n  {'group':<32}{'pool share':>12}{'selected share':>16}")
-        for group, share in sorted(report["pool_share"].items(), key=lambda item: -report["selected_share"].get(item[0], 0)):
-            print(f"  {group:<32}{share:>12.3f}{report['selected_share'].get(group, 0.0):>16.3f}")
+        selected = report["selected_share"]
+        groups = sorted(report["pool_share"].items(), key=lambda item: (-selected.get(item[0], 0.0), item[0]))
+        shown, rest = groups[:top] if top is not None else groups, groups[top:] if top is not None else []
+        print(f"\n  {'group':<40}{'pool share':>12}{'selected share':>16}{'ratio':>8}")
+        for group, share in shown:
+            print(f"  {group:<40}{share:>12.3f}{selected.get(group, 0.0):>16.3f}{selected.get(group, 0.0) / share:>8.2f}")
+        if rest:
+            pool_rest = sum(share for _, share in rest)
+            selected_rest = sum(selected.get(group, 0.0) for group, _ in rest)
+            print(f"  {f'({len(rest)} other groups)':<40}{pool_rest:>12.3f}{selected_rest:>16.3f}"
+                  f"{selected_rest / pool_rest:>8.2f}")
 
 
 def select_and_report(pool: Dataset, target: Dataset, model, tokenizer, budget, options: dict, group_column: str,
-                       save_scores: bool = True):
+                       save_scores: bool = True, group_depth: int | None = None):
     start = time.perf_counter()
     if save_scores:
         selected, table = select_by_influence(pool, target, model=model, tokenizer=tokenizer, budget=budget,
@@ -104,7 +118,9 @@ def select_and_report(pool: Dataset, target: Dataset, model, tokenizer, budget, 
         "method": method, "model_id": model_id,
         "pool_rows": len(pool), "target_rows": len(target), "selected_rows": len(selected),
         "seconds": seconds,
-        "pool_share": group_shares(pool, group_column), "selected_share": group_shares(selected, group_column),
+        "group_column": group_column, "group_depth": group_depth,
+        "pool_share": group_shares(pool, group_column, group_depth),
+        "selected_share": group_shares(selected, group_column, group_depth),
     }
     if landmarks is not None:
         report["landmarks"] = landmarks
@@ -156,9 +172,9 @@ def run_select(argv: list[str]) -> dict:
     check_output(Path(args.output))
     pool, target = load_pool_and_target(args)
     model, tokenizer = load_cli_model(model_args)
-    selected, table, report = select_and_report(pool, target, model, tokenizer, budget,
-                                                 selection_options(configs), args.group_column, args.save_scores)
+    selected, table, report = select_and_report(pool, target, model, tokenizer, budget, selection_options(configs),
+                                                 args.group_column, args.save_scores, args.group_depth)
     write_selection(Path(args.output), selected, table, report)
-    print_report(report)
+    print_report(report, args.top)
     print(f"\nselected.jsonl, {'scores/ ' if table is not None else ''}and report.json in {args.output}/")
     return report
