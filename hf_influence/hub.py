@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
+import scipy.stats
 import torch
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from torch import Tensor
@@ -29,40 +30,48 @@ from .cards import TAGS, card_template
 # this module's public API too.
 from .scores import load_score_table, push_score_table
 
-__all__ = ["influence_network_card", "load_score_table", "push_influence_network", "push_score_table",
-           "scatter_svg"]
+__all__ = ["PLOT_FILE", "influence_network_card", "load_score_table", "plot_predicted_vs_true",
+           "push_influence_network", "push_score_table"]
 
-def scatter_svg(predicted: Tensor, true: Tensor, max_points: int = 2000, size: int = 360) -> str:
-    """A small SVG scatter plot of predicted vs true values (1-D tensors), with the y = x line."""
+# File name of the predicted-vs-true plot beside a network's weights (its card shows it).
+PLOT_FILE = "predicted_vs_true.png"
+
+
+def plot_predicted_vs_true(predicted: Tensor, true: Tensor, path: str | Path, what: str = "unseen rows and targets",
+                           max_points: int = 5000) -> Path:
+    """Draw a PNG scatter plot of an InfluenceNetwork's predictions against the oracle's values, with the y = x
+    line, ticks, and the pairs' count and Spearman in the title.
+
+    Args:
+        predicted, true: 1-D tensors of the same length (influence values, the oracle's units).
+        path: the PNG file to write.
+        what: which pairs they are, for the title (default: the Q4 quadrant's).
+        max_points: an even subsample of at most this many pairs is drawn (the Spearman uses them all).
+
+    Returns:
+        path, as a Path.
+    """
+    # The object-oriented API with no pyplot: no global figure state, no GUI backend needed on a server.
+    from matplotlib.figure import Figure
+
     predicted, true = predicted.flatten().double(), true.flatten().double()
-    if predicted.numel() > max_points:  # an even subsample keeps the file small
+    rho = scipy.stats.spearmanr(predicted.numpy(), true.numpy()).statistic if predicted.numel() > 1 else float("nan")
+    if predicted.numel() > max_points:
         keep = torch.linspace(0, predicted.numel() - 1, max_points).long()
         predicted, true = predicted[keep], true[keep]
+    figure = Figure(figsize=(4.8, 4.5), dpi=100, layout="constrained")
+    axes = figure.add_subplot()
+    axes.scatter(true.numpy(), predicted.numpy(), s=6, alpha=0.4, color="tab:blue", linewidths=0)
     low = float(torch.minimum(predicted.min(), true.min()))
     high = float(torch.maximum(predicted.max(), true.max()))
-    span = (high - low) or 1.0
-    margin = 40
-
-    def position(value: float, flip: bool) -> float:
-        fraction = (value - low) / span
-        return margin + (1 - fraction if flip else fraction) * (size - 2 * margin)
-
-    points = "".join(
-        f'<circle cx="{position(t, False):.1f}" cy="{position(p, True):.1f}" r="1.5"/>'
-        for p, t in zip(predicted.tolist(), true.tolist())
-    )
-    a, b = margin, size - margin
-    return (
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{size}" height="{size}" font-family="sans-serif" '
-        f'font-size="11"><rect width="100%" height="100%" fill="white"/>'
-        f'<line x1="{a}" y1="{b}" x2="{b}" y2="{a}" stroke="#999" stroke-dasharray="4"/>'
-        f'<rect x="{a}" y="{a}" width="{b - a}" height="{b - a}" fill="none" stroke="black"/>'
-        f'<g fill="#1f77b4" fill-opacity="0.5">{points}</g>'
-        f'<text x="{size / 2}" y="{size - 10}" text-anchor="middle">true influence</text>'
-        f'<text x="12" y="{size / 2}" text-anchor="middle" transform="rotate(-90 12 {size / 2})">predicted</text>'
-        f'<text x="{a}" y="{b + 14}">{low:.3g}</text><text x="{b}" y="{b + 14}" text-anchor="end">{high:.3g}</text>'
-        "</svg>"
-    )
+    axes.plot([low, high], [low, high], linestyle="--", color="0.5", linewidth=1, label="y = x")
+    axes.set_xlabel("true influence (oracle)")
+    axes.set_ylabel("predicted influence (network)")
+    axes.set_title(f"{what}: {len(true):,} pairs shown, Spearman {rho:.3f}", fontsize=9)
+    axes.legend(loc="upper left", fontsize=8)
+    axes.grid(alpha=0.3)
+    figure.savefig(path, format="png")
+    return Path(path)
 
 
 def influence_network_card(network, repo_id: str, training: dict, evaluation: dict | None = None,
@@ -114,7 +123,7 @@ def push_influence_network(network, repo_id: str, training: dict, evaluation: di
     """Push an InfluenceNetwork (safetensors + config.json), its card and a predicted-vs-true plot in one commit.
 
     Args:
-        plot: (predicted, true) values (e.g. the Q4 quadrant) for `predicted_vs_true.svg`; None for no plot.
+        plot: (predicted, true) values (e.g. the Q4 quadrant) for `predicted_vs_true.png`; None for no plot.
         license: the card's licence (it follows the oracle's data and models); None leaves it out.
     Returns:
         The URL of the model repo.
@@ -125,8 +134,7 @@ def push_influence_network(network, repo_id: str, training: dict, evaluation: di
         network.save_pretrained(folder)
         plot_file = None
         if plot is not None:
-            plot_file = "predicted_vs_true.svg"
-            Path(folder, plot_file).write_text(scatter_svg(*plot))
+            plot_file = plot_predicted_vs_true(*plot, Path(folder, PLOT_FILE)).name
         card = influence_network_card(network, repo_id, training, evaluation, plot_file, license)
         Path(folder, "README.md").write_text(str(card))
         api.upload_folder(folder_path=folder, repo_id=repo_id, commit_message="Upload InfluenceNetwork")

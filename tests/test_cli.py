@@ -168,6 +168,13 @@ def test_fit_network_push_and_predict(tmp_path, local_hub, capsys):
                                   "--show_progress", "false"])
     assert report["training"]["block_rows"] == 20 and "Q4" in report["evaluation"]
     assert (run / "network" / "model.safetensors").exists() and (run / "evaluation_pairs.safetensors").exists()
+    # The folder's card is the real one, and shows the PNG saved beside it.
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(run / "network" / "README.md")
+    assert card.data.library_name == "hf-influence" and "predicted_vs_true.png" in card.text
+    assert card.data.eval_results and card.data.eval_results[0].metric_type == "spearmanr"
+    assert (run / "network" / "predicted_vs_true.png").read_bytes().startswith(b"\x89PNG")
     repo_id = f"{local_hub.user}/cli-network"
     cli.run_push(["--network", str(run), "--repo_id", repo_id])
     cli.run_push(["--scores", str(run / "scores"), "--repo_id", f"{local_hub.user}/cli-scores",

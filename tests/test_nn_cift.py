@@ -1,10 +1,12 @@
 """NN-CIFT end to end: oracle on a block, InfluenceNetwork fit and predict, selection, and the Hub round trip."""
 
+from pathlib import Path
+
 import datasets
 import hub_server
 import pytest
 import torch
-from huggingface_hub import HfApi, ModelCard
+from huggingface_hub import HfApi, ModelCard, hf_hub_download
 
 from hf_influence import select_by_influence
 from hf_influence.demo import demo_pool, demo_target
@@ -207,11 +209,13 @@ def test_network_push_and_pull_through_the_hub(local_hub, distilled):
                                distilled.network.predict(distilled.pool_embeddings, distilled.target_embeddings))
     card = ModelCard.load(repo_id)
     assert {"hf_influence", "nn-cift"} <= set(card.data.tags)
-    for text in ("delift_se", "sentence-transformers/all-MiniLM-L6-v2", "| Q4 |", "predicted_vs_true.svg",
+    for text in ("delift_se", "sentence-transformers/all-MiniLM-L6-v2", "| Q4 |", "predicted_vs_true.png",
                  "Valid only for the same oracle"):
         assert text in card.text
     card.validate()
-    assert "predicted_vs_true.svg" in HfApi().list_repo_files(repo_id)
+    assert "predicted_vs_true.png" in HfApi().list_repo_files(repo_id)
+    png = Path(hf_hub_download(repo_id, "predicted_vs_true.png")).read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000  # drawn by matplotlib, not a stub
     with pytest.raises(ValueError, match="dimension|embedding"):
         loaded.predict(torch.randn(3, 17), torch.randn(2, 17))
 
@@ -256,7 +260,7 @@ def test_artifacts_push_and_load_through_their_own_methods(local_hub, rows, dist
     pulled = InfluenceNetwork.from_pretrained(f"{local_hub.user}/nn-cift-result")
     assert pulled.config == distilled.network.config
     card = ModelCard.load(f"{local_hub.user}/nn-cift-result")
-    assert "| Q4 |" in card.text and "predicted_vs_true.svg" in card.text
+    assert "| Q4 |" in card.text and "predicted_vs_true.png" in card.text
     table = distilled.score_table(pool, target, NNCIFTConfig(oracle="delift_se"))
     table.push_to_hub(f"{local_hub.user}/nn-cift-scores", config_name="demo")
     loaded = ScoreTable.from_pretrained(f"{local_hub.user}/nn-cift-scores", config_name="demo")

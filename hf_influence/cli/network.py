@@ -10,7 +10,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from ..hub import push_influence_network, push_score_table
+from ..hub import PLOT_FILE, plot_predicted_vs_true, push_influence_network, push_score_table
 from ..methods.nn_cift import oracle_options
 from ..network import InfluenceNetwork
 from ..nn_cift_pipeline import nn_cift
@@ -46,9 +46,14 @@ def run_fit_network(argv: list[str]) -> dict:
     result = nn_cift(pool, target, nn_config, model=model, tokenizer=tokenizer,
                      show_progress=options.pop("show_progress"), **options)
     output = Path(args.output)
-    result.network.save_pretrained(output / "network")
     training = {"block_rows": len(result.block_rows), "block_columns": len(result.block_columns),
                 "block_fraction": nn_config.block_fraction}
+    plot_file = None
+    if result.evaluation_pairs is not None:  # the card beside the weights shows it, as on the Hub
+        (output / "network").mkdir(parents=True, exist_ok=True)
+        plot_file = plot_predicted_vs_true(*result.evaluation_pairs, output / "network" / PLOT_FILE).name
+    result.network.save_pretrained(output / "network",
+                                   model_card_kwargs={"training": training, "plot_file": plot_file})
     report = {"oracle": nn_config.oracle, "pool_rows": len(pool), "target_rows": len(target), "training": training,
               "seconds": result.seconds, "evaluation": result.evaluation}
     if result.evaluation_pairs is not None:
