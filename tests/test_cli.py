@@ -322,3 +322,19 @@ def test_the_group_report_groups_by_depth_and_prints_the_top_groups(capsys):
     assert [line.split()[0] for line in table[:3]] == ["family0/task0", "family0/task3", "family0/task6"]
     assert float(table[-1].split()[3]) == pytest.approx(27 / 30, abs=1e-3)  # the rest's pool share
     assert float(table[-1].split()[4]) == pytest.approx(0.25, abs=1e-3)  # and its selected share
+
+
+def test_model_init_kwargs_load_the_cli_model_beside_its_flags(tiny_model_folder, monkeypatch):
+    """--model_init_kwargs gives the command's own model load the API's loading options (it used to reach the run
+    with an already-loaded model and be refused); a flag and the JSON saying the same thing agree."""
+    import torch
+
+    from hf_influence.cli import arguments
+
+    loads = []
+    monkeypatch.setattr(arguments, "load_model", lambda name, **kwargs: loads.append((name, kwargs)))
+    args = arguments.ModelArguments(model=tiny_model_folder)
+    arguments.load_cli_model(args, {"dtype": "bfloat16", "attn_implementation": "eager"})
+    arguments.load_cli_model(arguments.ModelArguments(model=tiny_model_folder, dtype="bfloat16"), {"dtype": "bfloat16"})
+    assert [kwargs["dtype"] for _, kwargs in loads] == [torch.bfloat16, torch.bfloat16]
+    assert loads[0][1]["attn_implementation"] == "eager" and loads[0][1]["device"] == "cpu"

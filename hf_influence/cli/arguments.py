@@ -253,12 +253,25 @@ def parse(argv: list[str], dataclass_types: tuple, description: str, defaults: d
     return tuple(parsed[: len(dataclass_types)])
 
 
-def load_cli_model(model_args: ModelArguments):
-    dtype = getattr(torch, model_args.dtype)
-    # Under `accelerate launch` / torchrun each process runs the model on its own device.
+def load_cli_model(model_args: ModelArguments, model_init_kwargs: dict | None = None):
+    """The command's model: --model with --dtype / --revision, and --model_init_kwargs (the same loading options
+    as JSON, as the Python API takes them) merged in; one option given both ways with two values is refused.
+    Under `accelerate launch` / torchrun each process runs the model on its own device, else CUDA when there is
+    one."""
     state = process_state()
     device = state.device if state is not None else ("cuda" if torch.cuda.is_available() else "cpu")
-    return load_model(model_args.model, revision=model_args.revision, dtype=dtype, device=device)
+    flags = {"dtype": model_args.dtype, "revision": model_args.revision, "device": device}
+    defaults = {f.name: f.default for f in fields(ModelArguments)}
+    given = {name: value for name, value in flags.items() if name != "device" and value != defaults[name]}
+    init = dict(model_init_kwargs or {})
+    clash = sorted(name for name in init.keys() & given.keys() if str(init[name]) != str(given[name]))
+    if clash:
+        raise SystemExit(f"--{clash[0]} {given[clash[0]]!r} and --model_init_kwargs {{{clash[0]!r}: "
+                         f"{init[clash[0]]!r}}} disagree: give it once.")
+    merged = {**flags, **init}
+    return load_model(model_args.model, revision=merged["revision"], device=merged["device"],
+                      dtype=getattr(torch, str(merged["dtype"]).removeprefix("torch.")),
+                      attn_implementation=merged.get("attn_implementation"))
 
 
 def is_main_process() -> bool:

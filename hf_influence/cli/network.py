@@ -41,8 +41,10 @@ def run_fit_network(argv: list[str]) -> dict:
     pool, target = load_pool_and_target(args)
     nn_config = next(config for config in configs if isinstance(config, NNCIFTConfig))
     needs_model = nn_config.oracle != "delift_se" or nn_config.encoder == LM_ENCODER
-    model, tokenizer = load_cli_model(model_args) if needs_model else (None, None)
     options = oracle_options({type(config): config for config in configs})
+    # The command loads the model itself, with these options too: the oracle then gets the loaded model.
+    init = options.pop("model_init_kwargs")
+    model, tokenizer = load_cli_model(model_args, init) if needs_model else (None, None)
     result = nn_cift(pool, target, nn_config, model=model, tokenizer=tokenizer,
                      show_progress=options.pop("show_progress"), **options)
     output = Path(args.output)

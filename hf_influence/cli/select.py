@@ -139,7 +139,7 @@ def run_demo(argv: list[str]) -> dict:
         options["num_landmarks"] = demo.rows_per_domain
     if options["response_column"] is None:
         options["response_column"] = "solution"  # the math target's worked answer (pool rows are chat rows)
-    model, tokenizer = load_cli_model(model_args)
+    model, tokenizer = load_cli_model(model_args, options.pop("model_init_kwargs"))
     pool = demo_pool(demo.rows_per_domain, seed=demo.data_seed)
     target = demo_target("math", demo.target_rows, seed=demo.data_seed + 1)
     output = Path(demo.output)
@@ -171,8 +171,10 @@ def run_select(argv: list[str]) -> dict:
     budget = parse_budget(args.budget)
     check_output(Path(args.output))
     pool, target = load_pool_and_target(args)
-    model, tokenizer = load_cli_model(model_args)
-    selected, table, report = select_and_report(pool, target, model, tokenizer, budget, selection_options(configs),
+    options = selection_options(configs)
+    # The command loads the model itself, with these options too: the run then gets the loaded model.
+    model, tokenizer = load_cli_model(model_args, options.pop("model_init_kwargs"))
+    selected, table, report = select_and_report(pool, target, model, tokenizer, budget, options,
                                                  args.group_column, args.save_scores, args.group_depth)
     write_selection(Path(args.output), selected, table, report)
     print_report(report, args.top)
