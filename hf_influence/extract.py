@@ -1,4 +1,5 @@
-"""Resumable extraction of per-sample gradients, JVP, LM-pooled and sentence embeddings into a `VectorStore`.
+"""Resumable extraction of per-sample gradients, target-Hessian products, JVP, LM-pooled and sentence embeddings
+into a `VectorStore`.
 
 Rows go through fixed batches [b * batch_size, (b + 1) * batch_size): after a crash, only the batches
 not marked done are recomputed, and since a batch is always computed from the same rows with the same
@@ -26,6 +27,7 @@ from .rds_embeddings import pooled_batch
 from .encoders import extract_sentence_embeddings  # noqa: F401  (public here with the other extractors)
 from .formatting import pad_batch
 from .gradients import GradientConfig, PerSampleGradients, causal_lm_parts
+from .hessian import TargetHessian
 from .jvp import JVPConfig, JVPEmbedder
 from .models import adapter_digest, base_model, model_identity, weights_digest
 from .store import MANIFEST_NAME, StoreMismatchError, StoreSpec, VectorStore, fingerprint_dataset
@@ -151,6 +153,70 @@ def finished_gradients(model: nn.Module, formatted: Dataset, output_dir: str | P
     except StoreMismatchError:
         return None
     return store if store.is_complete() else None
+
+
+def target_hessian(model: nn.Module, gradients: PerSampleGradients, target: Dataset, config: GradientConfig,
+                   kind: str = "exact", pad_token_id: int | None = None) -> TargetHessian:
+    """The Hessian H_T of the target rows' loss in the tracked parameters, batched as `config.batch_size`. With
+    unit-normalised gradients (config.normalize) each target row is weighted by 1 / |g_j|: p_i = mean_j <v_i,
+    g_j / |g_j|> is then the first-order change of (1/m) sum_j l_j / |g_j|, whose Hessian this is, so that the
+    first- and second-order terms are on one scale."""
+    pad = _pad_token_id(model, pad_token_id)
+    device = next(model.parameters()).device
+    batches = [{key: value.to(device) for key, value in pad_batch(list(target.select(range(s, min(
+        s + config.batch_size, len(target))))), pad).items()} for s in range(0, len(target), config.batch_size)]
+    weights = None
+    if config.normalize:
+        weights = 1.0 / torch.cat([gradients.raw(batch).float().norm(dim=1).cpu() for batch in batches])
+    return TargetHessian(model, gradients.parameters, batches, kind=kind, target_weights=weights)
+
+
+def extract_hessian_products(
+    model: nn.Module,
+    formatted: Dataset,
+    target: Dataset,
+    output_dir: str | Path,
+    config: GradientConfig | None = None,
+    hessian: str = "exact",
+    preconditioner: Tensor | None = None,
+    pad_token_id: int | None = None,
+    overwrite: bool = False,
+    show_progress: bool = True,
+) -> VectorStore:
+    """P(H_T v_i) of every formatted row into (or resumed from) a store at `output_dir`: v_i = A g_i, the row's
+    gradient times the preconditioner (unit-normalised when config.normalize), H_T the target Hessian
+    (`target_hessian`), P the gradient projection, so the products share the gradient stores' coordinates.
+    Second-order Influence Distillation's dominant cost: a rerun on the same work_dir reads them back.
+
+    Args: as `extract_gradients`, plus
+        target: the formatted target rows whose loss H_T is the Hessian of (their fingerprint is in the identity).
+        hessian: "exact" or "gauss_newton".
+
+    Returns:
+        The completed VectorStore: float32 [len(formatted), output_dim].
+    """
+    config = config or GradientConfig()
+    if config.projection == "factored":
+        raise ValueError("order=2 needs an elementwise projection (countsketch, srht, gaussian or none), "
+                         "not projection='factored'.")
+    gradients = PerSampleGradients(model, config)
+    device = next(model.parameters()).device
+    operator: list[TargetHessian] = []  # built on the first pending batch: a finished store needs no target pass
+
+    def compute(batch: dict[str, Tensor], row_ids: list[int]) -> Tensor:
+        if not operator:
+            operator.append(target_hessian(model, gradients, target, config, hessian, pad_token_id))
+        vectors = gradients.raw({key: value.to(device) for key, value in batch.items()}).float()
+        if preconditioner is not None:
+            vectors = vectors * preconditioner.to(device)
+        if config.normalize:
+            vectors = vectors / vectors.norm(dim=1, keepdim=True)
+        return gradients.project(operator[0].matmul(vectors)).float().cpu()
+
+    record = {**_gradient_record(gradients, config, preconditioner), "hessian": hessian,
+              "target_fingerprint": fingerprint_dataset(target)}
+    return _extract("hessian_products", model, formatted, output_dir, record, gradients.output_dim, config.batch_size,
+                    pad_token_id, compute, overwrite, show_progress)
 
 
 def extract_jvp_embeddings(

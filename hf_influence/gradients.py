@@ -247,6 +247,14 @@ class PerSampleGradients:
             self._projector = make_projector(self.config.projection, self.raw_dim, dim, self.config.projection_seed)
             self.output_dim = self._projector.output_dim
 
+    def project(self, vectors: Tensor) -> Tensor:
+        """Raw-coordinate vectors [b, raw_dim] (e.g. Hessian-vector products) in the stored gradients' coordinates
+        [b, output_dim]: the same projection, without normalisation. Elementwise projections only."""
+        if self._projector is None:
+            raise GradientError("projection='factored' projects per-layer factors of a gradient, not arbitrary "
+                                "vectors: use an elementwise projection (countsketch, srht, gaussian or none).")
+        return self._projector.project(vectors)
+
     @property
     def parameter_names(self) -> list[str]:
         """Names of the tracked parameters, in flattening order."""

@@ -335,6 +335,28 @@ def test_work_dir_makes_a_rerun_reuse_its_stores(pool, target, model, tmp_path):
     torch.testing.assert_close(table.to_matrix()[0], again.to_matrix()[0])
 
 
+@pytest.mark.parametrize("method", ["influence_distillation", "influence_distillation_exact"])
+def test_an_order_2_rerun_reads_its_hessian_products_back(pool, target, model, tmp_path, monkeypatch, method):
+    """The target-Hessian products, order 2's dominant cost, are kept in work_dir: a rerun reads them (no
+    Hessian-vector product at all) and scores the same; the store is what a fresh computation gives."""
+    from hf_influence.hessian import TargetHessian
+
+    options = {"budget": 4, "num_landmarks": 8, "order": 2, "method": method, "optimizer_state": "gd",
+               "step_size": 1e-3}
+    _, first = _select(pool, target, model, **options, work_dir=str(tmp_path))
+    assert len(list(tmp_path.glob("hessian_products-*"))) == 1
+
+    def no_products(*args, **kwargs):
+        raise AssertionError("a Hessian-vector product was computed again")
+
+    monkeypatch.setattr(TargetHessian, "matmul", no_products)
+    _, again = _select(pool, target, model, **options, work_dir=str(tmp_path))
+    torch.testing.assert_close(first.weights, again.weights, rtol=0, atol=0)
+    monkeypatch.undo()
+    _, fresh = _select(pool, target, lora_model(seed=0), **options, work_dir=str(tmp_path / "fresh"))
+    torch.testing.assert_close(first.weights, fresh.weights, rtol=1e-6, atol=1e-9)
+
+
 @pytest.mark.parametrize("optimizer_state", ["gd", "warmup"])
 def test_landmark_runs_after_an_exact_run_read_its_gradients(pool, target, model, tmp_path, monkeypatch,
                                                              optimizer_state):

@@ -15,7 +15,7 @@ import torch
 from hf_influence.testing import lora_model
 
 from hf_influence.demo import demo_pool, demo_target
-from hf_influence.formatting import format_dataset, pad_batch
+from hf_influence.formatting import FormattingConfig, format_dataset, pad_batch
 from hf_influence.gradients import GradientConfig, PerSampleGradients, per_sample_losses
 from hf_influence.hessian import TargetHessian
 from hf_influence.optimizers import affine_step
@@ -37,7 +37,8 @@ def one_thread():
 def _problem():
     model, tokenizer = lora_model(dtype=torch.float64, seed=3)
     pool = format_dataset(demo_pool(2, seed=0), tokenizer).dataset  # 8 rows, 4 domains
-    target = format_dataset(demo_target("math", 3, seed=1), tokenizer).dataset
+    # The bare final answers: short targets, on which a step of lr 1e-3 is small enough for the Taylor test.
+    target = format_dataset(demo_target("math", 3, seed=1), tokenizer, FormattingConfig(response_column="answer")).dataset
     pad = tokenizer.pad_token_id
     return model, pad_batch(list(pool), pad), pad_batch(list(target), pad)
 

@@ -13,12 +13,10 @@ import scipy.stats
 import torch
 from datasets import Dataset
 from torch import Tensor
-from transformers.utils.logging import tqdm
 
 from ..engine import Context, MethodOutput, ScoreStream
-from ..formatting import pad_batch
+from ..extract import extract_hessian_products, target_hessian
 from ..gradients import GradientConfig, PerSampleGradients
-from ..hessian import TargetHessian
 from ..jvp import JVPConfig, truncated_decoder
 from ..landmarks import LandmarkRegressor, first_order_scores, select_landmarks
 from ..optimizers import AffineStep
@@ -42,40 +40,22 @@ def _hessian_projected(context: Context, tracked: PerSampleGradients, rows: Data
     """P(H_T v_i) [len(rows) (+1), output_dim] for v_i = A g_i (unit-normalised when the gradients are), and
     optionally for one more raw vector `extra` (the drift b), in the coordinates of the stored gradients.
 
-    With unit-normalised gradients, p_i = mean_j <v_i, g_j / |g_j|> is the first-order change of the target
-    objective (1/m) sum_j l_j / |g_j|, so H_T is that objective's Hessian (target weights 1 / |g_j|): the first-
-    and second-order terms are then on one scale, and eta means the same thing for both.
+    The rows' products are kept in a store under work_dir, one per target and row set (`extract_hessian_products`):
+    they are the run's dominant cost, and a rerun (a crash, other selection settings) reads them back.
     """
     gradient_config = context.configs[GradientConfig]
-    if gradient_config.projection == "factored":
-        raise ValueError("order=2 needs an elementwise projection (countsketch, srht, gaussian or none), "
-                         "not projection='factored'.")
-    pad = context.tokenizer.pad_token_id
-    target_batches = [pad_batch(list(context.target.select(range(s, min(s + gradient_config.batch_size,
-                                                                       len(context.target))))), pad)
-                      for s in range(0, len(context.target), gradient_config.batch_size)]
-    device = _device(context)
-    target_batches = [{key: value.to(device) for key, value in batch.items()} for batch in target_batches]
-    target_weights = None
-    if gradient_config.normalize:
-        target_weights = 1.0 / torch.cat([tracked.raw(batch).float().norm(dim=1).cpu() for batch in target_batches])
-    hessian = TargetHessian(context.model, tracked.parameters, target_batches, kind=context.config.hessian,
-                            target_weights=target_weights)
-    scale = None if step is None else step.scale.to(device)
-    projected = []
-    batch_size = gradient_config.batch_size
-    for start in tqdm(range(0, len(rows), batch_size), desc="hessian products", unit="batches",
-                      disable=not context.show_progress):
-        batch = pad_batch(list(rows.select(range(start, min(start + batch_size, len(rows))))), pad)
-        vectors = tracked.raw({key: value.to(device) for key, value in batch.items()}).float()
-        if scale is not None:
-            vectors = vectors * scale
-        if gradient_config.normalize:
-            vectors = vectors / vectors.norm(dim=1, keepdim=True)
-        projected.append(tracked._projector.project(hessian.matmul(vectors)).float().cpu())
+    folder = (f"hessian_products-{fingerprint_dataset(context.target)[:16]}-"
+              f"{fingerprint_dataset(rows)[:16]}")
+    store = extract_hessian_products(context.model, rows, context.target, context.work_dir / folder, gradient_config,
+                                     context.config.hessian, None if step is None else step.scale,
+                                     pad_token_id=context.tokenizer.pad_token_id, overwrite=context.config.overwrite,
+                                     show_progress=context.show_progress)
+    products = [store.to_tensor()]
     if extra is not None:
-        projected.append(tracked._projector.project(hessian.matmul(extra.to(device)[None])).float().cpu())
-    return torch.cat(projected)
+        hessian = target_hessian(context.model, tracked, context.target, gradient_config, context.config.hessian,
+                                 context.tokenizer.pad_token_id)
+        products.append(tracked.project(hessian.matmul(extra.to(_device(context))[None])).float().cpu())
+    return torch.cat(products)
 
 
 def _landmark_second_order(context: Context, tracked, landmark_rows: Dataset, landmark_vectors: Tensor,
