@@ -280,9 +280,10 @@ class LoraSettings:
 
     lora_r: int = field(default=8, metadata={"help": "adapter rank."})
     lora_alpha: int = field(default=16, metadata={"help": "scaling numerator (scale = lora_alpha / lora_r)."})
-    lora_target_modules: list[str] = field(
+    lora_target_modules: list[str] | None = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
-        metadata={"help": 'module names, or ["all-linear"] for every Linear layer but the LM head (PEFT).'})
+        metadata={"help": 'module names, or ["all-linear"] for every Linear layer but the LM head (PEFT); None: '
+                          "PEFT's default modules for the model's architecture."})
     lora_dropout: float = field(
         default=0.0,
         metadata={"help": "adapter dropout (inactive during extraction, which runs in eval mode)."})
@@ -347,9 +348,7 @@ class LoraSettings:
                                  "pass a JSON value") from None
             extra[item.name] = value
         targets = config.target_modules
-        targets = ["all-linear"] if targets == "all-linear" else sorted(targets) if targets else []
-        if not targets:
-            raise ValueError("peft_config.target_modules is empty: name the modules to adapt (or 'all-linear')")
+        targets = ["all-linear"] if targets == "all-linear" else None if targets is None else sorted(targets)
         return cls(lora_r=config.r, lora_alpha=config.lora_alpha, lora_target_modules=targets,
                    lora_dropout=config.lora_dropout, lora_seed=lora_seed, lora_config_kwargs=extra or None)
 

@@ -56,6 +56,7 @@ from accelerate.utils import is_peft_model
 from datasets import Dataset
 from torch import Tensor
 from torch.utils.data import Sampler
+from transformers.utils import is_torch_bf16_gpu_available
 from trl import SFTConfig, SFTTrainer
 
 from .cards import HUB_TAG
@@ -157,6 +158,10 @@ class InfluenceSFTConfig(SFTConfig):
     )
 
     def __post_init__(self) -> None:
+        # TRL turns an unset bf16 on, which transformers then refuses on a machine without a bf16 accelerator:
+        # unset, it follows the machine here (an explicit bf16=True is still the user's, and still refused there).
+        if self.bf16 is None and not self.fp16 and (self.use_cpu or not is_torch_bf16_gpu_available()):
+            self.bf16 = False
         super().__post_init__()
         if self.influence_mode not in MODES:
             raise ValueError(f"influence_mode must be one of {list(MODES)}, got {self.influence_mode!r}.")

@@ -212,9 +212,9 @@ class CommandParser(TrlParser):
         return super().set_defaults_with_config(**values)
 
 
-def parse(argv: list[str], dataclass_types: tuple, description: str, defaults: dict | None = None,
-          used: set[str] | None = None) -> tuple:
-    """Parse argv into the dataclasses with TRL's parser; precedence: flags over the --config YAML over `defaults`.
+def parse(argv: list[str], dataclass_types: tuple, description: str, used: set[str] | None = None) -> tuple:
+    """Parse argv into the dataclasses with TRL's parser; precedence: flags over the --config YAML over the fields'
+    defaults.
 
     used: the options the command reads (None: all); a flag or YAML key outside them ends the command with a
     one-line error (exit code 2) instead of being accepted and ignored."""
@@ -223,7 +223,6 @@ def parse(argv: list[str], dataclass_types: tuple, description: str, defaults: d
         "seed" in getattr(config, "__dataclass_fields__", {}) for config in dataclass_types)
     # No prefix abbreviations: `--num_land 4` would silently mean whichever option it abbreviates today.
     parser = CommandParser(dataclass_types, seed_alias, description=description, allow_abbrev=False)
-    parser.set_defaults(**(defaults or {}))
     # TrlParser reads --config itself; declared here so that --help lists it.
     parser.add_argument("--config", default=None, help="YAML file of defaults (TRL's format, `env:` included); "
                                                         "flags override it.")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
 from datasets import Dataset
 
 from ..data import load_rows, sample_rows
@@ -34,8 +33,6 @@ def run_train(argv: list[str]) -> dict:
         "Fine-tune with TRL on the pool rows that help the target most: select --influence_budget rows (or "
         "weight every row, or re-select online) with --influence_method, then SFT (LoRA by default). Selection "
         "options go in --influence_options as JSON or a YAML mapping; every SFTConfig option is a flag too.",
-        # SFTConfig defaults to bf16, which transformers refuses without a GPU.
-        defaults=None if torch.cuda.is_available() else {"bf16": False},
     )
     if not data.pool:
         raise SystemExit("--pool is required: a jsonl/json/parquet/csv file, a folder, or a Hub dataset id.")
