@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import gzip
+import json
 import os
 from pathlib import Path
 
 from datasets import Dataset, load_dataset
 
+from .errors import HFInfluenceError
+
 _LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+class DataFileError(HFInfluenceError, ValueError):
+    """A data file that cannot be read as rows; the message names the file (and the line, for JSON Lines)."""
 
 
 def load_rows(source: str | os.PathLike | Dataset, split: str = "train", limit: int | None = None) -> Dataset:
@@ -22,6 +30,7 @@ def load_rows(source: str | os.PathLike | Dataset, split: str = "train", limit: 
     Raises:
         FileNotFoundError: a path-like source that does not exist (naming it).
         ValueError: an unsupported file extension.
+        DataFileError: a file the reader fails on, named with the first malformed line of a JSON Lines file.
     """
     if isinstance(source, Dataset):
         dataset = source
@@ -34,7 +43,11 @@ def load_rows(source: str | os.PathLike | Dataset, split: str = "train", limit: 
             builder = _builder(files[0])
             if builder is None:
                 raise ValueError(f"Unsupported file {path}: use .jsonl, .json, .parquet or .csv (optionally .gz).")
-            dataset = load_dataset(builder, data_files=[str(f) for f in files], split="train")
+            try:
+                dataset = load_dataset(builder, data_files=[str(f) for f in files], split="train")
+            except Exception as error:  # the builders' errors bury the file and row in a generic message
+                raise DataFileError(_first_bad_line(files) or f"Cannot read {', '.join(map(str, files))} as "
+                                    f"{builder} rows: {error}") from error
         elif str(source).startswith((".", "/", "~")) or Path(str(source)).suffix in _LOCAL_BUILDERS or str(source).endswith(".gz"):
             raise FileNotFoundError(f"No such data file: {source}")
         else:
@@ -48,6 +61,24 @@ def load_rows(source: str | os.PathLike | Dataset, split: str = "train", limit: 
 def sample_rows(rows: Dataset, count: int | None, seed: int = 0) -> Dataset:
     """A seeded random sample of `count` rows (all rows, in order, when count is None or >= len(rows))."""
     return rows if count is None or count >= len(rows) else rows.shuffle(seed=seed).select(range(count))
+
+
+def _first_bad_line(files: list[Path]) -> str | None:
+    """"FILE, line N: ..." for the first line of a JSON Lines file that is not one JSON object; None if all are."""
+    for path in files:
+        if ".jsonl" not in path.suffixes:
+            continue
+        with (gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")) as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as error:
+                    return f"{path}, line {number}: not valid JSON ({error.msg}, column {error.colno}): {line[:80]!r}"
+                if not isinstance(row, dict):
+                    return f"{path}, line {number}: a row must be a JSON object, got {type(row).__name__}"
+    return None
 
 
 def _builder(path: Path) -> str | None:

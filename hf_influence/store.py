@@ -30,12 +30,14 @@ hosts over a network file system open it with ``multi_writer=True`` (see
 :meth:`VectorStore.open`); :mod:`hf_influence.distributed` does this for multi-process extraction.
 """
 
+import contextlib
 import copy
 import hashlib
 import io
 import json
 import os
 import secrets
+import shutil
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,6 +133,29 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
         temp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def folder_replacement(folder: str | os.PathLike[str]) -> Iterator[Path]:
+    """Write a result of several files as one: yields a new sibling folder to write into; when the block ends
+    without an error it takes `folder`'s place (the previous folder is kept until then, then removed), else it is
+    deleted and `folder` is untouched. A crash leaves the old result or the new one, never a mix of the two
+    (at worst a hidden `.NAME.*` sibling to delete)."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = folder.with_name(f".{folder.name}.{os.getpid()}.{secrets.token_hex(4)}.new")
+    staging.mkdir(mode=0o777)  # honours the umask, like the folder it replaces
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    old = folder.with_name(f".{folder.name}.{os.getpid()}.{secrets.token_hex(4)}.old")
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(staging, folder)
+    _fsync_dir(folder.parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -314,6 +315,18 @@ class InfluenceSFTTrainer(SFTTrainer):
 
     _tag_names: ClassVar[list[str]] = ["trl", "sft", HUB_TAG]
     _name = "Influence SFT"
+    # TRL's convention: the card of a trained model names and cites the method's paper.
+    _paper: ClassVar[dict[str, str]] = {
+        "title": "Efficient Data Selection at Scale via Influence Distillation",
+        "id": "2505.19051",
+        "citation": textwrap.dedent("""\
+            @article{nikdan2025influence,
+                title        = {{Efficient Data Selection at Scale via Influence Distillation}},
+                author       = {Mahdi Nikdan and Vincent Cohen-Addad and Dan Alistarh and Vahab Mirrokni},
+                year         = 2025,
+                eprint       = {arXiv:2505.19051},
+            }"""),
+    }
 
     def __init__(self, model, args: InfluenceSFTConfig | None = None, data_collator=None,
                  train_dataset: Dataset | None = None, eval_dataset=None, processing_class=None, *,

@@ -130,6 +130,9 @@ def files(tmp_path_factory):
     rows.write_text("".join(json.dumps(GOOD) + "\n" for _ in range(3)))
     (folder / "a_file").write_text("x")
     (folder / "bad.yaml").write_text("num_landmark: 4\n")
+    (folder / "malformed.jsonl").write_text(json.dumps(GOOD) + "\n" + '{"prompt": "x", "completion": \n' + json.dumps(GOOD) + "\n")
+    (folder / "earlier_fit").mkdir()
+    (folder / "earlier_fit" / "notes.txt").write_text("mine")
     return folder
 
 
@@ -157,6 +160,16 @@ CLI_CASES = [
                                                           "FOLDER/rows.jsonl", "--output", "FOLDER/out5", "--dtype",
                                                           "bfloat16", "--model_init_kwargs", '{"dtype": "float16"}'],
      "--dtype 'bfloat16' and --model_init_kwargs {'dtype': 'float16'} disagree"),
+    ("select: a malformed JSON Lines pool", ["select", "--pool", "FOLDER/malformed.jsonl", "--target",
+                                             "FOLDER/rows.jsonl", "--output", "FOLDER/out6"],
+     "malformed.jsonl, line 2: not valid JSON"),
+    ("fit-network: output holds foreign files", ["fit-network", "--pool", "FOLDER/rows.jsonl", "--target",
+                                                 "FOLDER/rows.jsonl", "--output", "FOLDER/earlier_fit"],
+     "holds files this command does not write (notes.txt)"),
+    ("fit-network: output is a file", ["fit-network", "--pool", "FOLDER/rows.jsonl", "--target",
+                                       "FOLDER/rows.jsonl", "--output", "FOLDER/a_file"], "is a file"),
+    ("train: output_dir is a file", ["train", "--pool", "FOLDER/rows.jsonl", "--target", "FOLDER/rows.jsonl",
+                                     "--output_dir", "FOLDER/a_file"], "--output_dir FOLDER/a_file is a file"),
     ("push without a repo", ["push", "--network", "FOLDER"], "push needs --repo_id"),
     ("push: a missing network folder", ["push", "--network", "FOLDER/no_network", "--repo_id", "me/x"],
      "--network 'FOLDER/no_network' is not a folder"),
@@ -195,3 +208,37 @@ def test_config_objects_are_accepted_beside_keywords():
     with pytest.raises(TypeError, match="two SelectionConfig"):
         select_by_influence(pool, target, budget=4, configs=[SelectionConfig(), SelectionConfig()])
     assert GradientConfig in __import__("hf_influence").options.split_options({}, [GradientConfig()])
+
+
+def test_a_refused_or_failed_write_leaves_the_earlier_result_whole(tmp_path):
+    """store.folder_replacement: the new result replaces the folder only once it is complete; an error while
+    writing it leaves the earlier folder byte for byte, and no staging folder behind."""
+    from hf_influence.store import folder_replacement
+
+    folder = tmp_path / "out"
+    with folder_replacement(folder) as staging:
+        (staging / "selected.jsonl").write_text("old rows\n")
+        (staging / "report.json").write_text("{}")
+    with pytest.raises(RuntimeError, match="crashed halfway"):
+        with folder_replacement(folder) as staging:
+            (staging / "selected.jsonl").write_text("new rows\n")
+            raise RuntimeError("crashed halfway")
+    assert (folder / "selected.jsonl").read_text() == "old rows\n" and (folder / "report.json").exists()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
+    with folder_replacement(folder) as staging:
+        (staging / "selected.jsonl").write_text("new rows\n")
+    assert sorted(path.name for path in folder.iterdir()) == ["selected.jsonl"]  # no stale report.json beside it
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
+
+
+def test_fit_network_refuses_a_foreign_output_before_any_oracle_call(files, monkeypatch):
+    from hf_influence.cli import network
+
+    def no_oracle(*args, **kwargs):
+        raise AssertionError("the oracle ran before --output was checked")
+
+    monkeypatch.setattr(network, "nn_cift", no_oracle)
+    with pytest.raises(SystemExit, match="notes.txt"):
+        network.run_fit_network(["--pool", str(files / "rows.jsonl"), "--target", str(files / "rows.jsonl"),
+                                 "--output", str(files / "earlier_fit")])
+    assert (files / "earlier_fit" / "notes.txt").read_text() == "mine"

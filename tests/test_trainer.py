@@ -211,6 +211,7 @@ def test_select_from_a_score_table_folder_trains_on_exactly_the_selected_rows(tm
     card = ModelCard.load(tmp_path / "out" / "README.md")
     assert "hf_influence" in card.data.tags
     assert card.data.hf_influence["method"] == "influence_distillation"
+    assert "2505.19051" in card.text and "nikdan2025influence" in card.text  # the paper, as TRL cites it
     assert card.data.hf_influence["budget"] == 6 and card.data.hf_influence["source"] == "score_table"
     assert '"model_id": "tiny"' in card.text
 

@@ -18,7 +18,7 @@ from ..options import CONFIG_TYPES, NNCIFTConfig, SelectionConfig
 from ..pretrained import load_network, network_summary, select_with_network, unseen_quadrant
 from ..rds_embeddings import LM_ENCODER
 from ..scores import ScoreTable, json_safe
-from ..store import atomic_write_json
+from ..store import atomic_write_json, folder_replacement
 from .arguments import (
     HubArguments,
     ModelArguments,
@@ -31,6 +31,10 @@ from .arguments import (
 from .select import check_output, group_shares, print_report, write_selection
 
 
+# What fit-network writes into --output (an earlier run's are replaced, as one folder).
+FIT_NETWORK_OUTPUTS = ("network", "scores", "report.json", "evaluation_pairs.safetensors")
+
+
 def run_fit_network(argv: list[str]) -> dict:
     """NN-CIFT: the oracle on a block, an InfluenceNetwork fitted on it; writes network/, scores/, report.json."""
     args, model_args, *configs = parse(
@@ -38,6 +42,8 @@ def run_fit_network(argv: list[str]) -> dict:
         "Distil an influence oracle (--oracle) into an InfluenceNetwork from a u-block (--block_fraction) of "
         "--pool x --target, predict every pair, and save the network, the score table and a report.",
     )
+    output = Path(args.output)
+    check_output(output, FIT_NETWORK_OUTPUTS)  # before the oracle's work, which a late refusal would lose
     pool, target = load_pool_and_target(args)
     nn_config = next(config for config in configs if isinstance(config, NNCIFTConfig))
     needs_model = nn_config.oracle != "delift_se" or nn_config.encoder == LM_ENCODER
@@ -47,22 +53,21 @@ def run_fit_network(argv: list[str]) -> dict:
     model, tokenizer = load_cli_model(model_args, init) if needs_model else (None, None)
     result = nn_cift(pool, target, nn_config, model=model, tokenizer=tokenizer,
                      show_progress=options.pop("show_progress"), **options)
-    output = Path(args.output)
     training = {"block_rows": len(result.block_rows), "block_columns": len(result.block_columns),
                 "block_fraction": nn_config.block_fraction}
-    plot_file = None
-    if result.evaluation_pairs is not None:  # the card beside the weights shows it, as on the Hub
-        (output / "network").mkdir(parents=True, exist_ok=True)
-        plot_file = plot_predicted_vs_true(*result.evaluation_pairs, output / "network" / PLOT_FILE).name
-    result.network.save_pretrained(output / "network",
-                                   model_card_kwargs={"training": training, "plot_file": plot_file})
     report = {"oracle": nn_config.oracle, "pool_rows": len(pool), "target_rows": len(target), "training": training,
               "seconds": result.seconds, "evaluation": result.evaluation}
-    if result.evaluation_pairs is not None:
-        save_file({"predicted": result.evaluation_pairs[0].contiguous(), "true": result.evaluation_pairs[1].contiguous()},
-                  str(output / "evaluation_pairs.safetensors"))
-    result.score_table(pool, target, nn_config, details=report).save(output / "scores")
-    atomic_write_json(output / "report.json", json_safe(report))
+    with folder_replacement(output) as staging:  # an earlier run's folder stays whole until this one is
+        plot_file = None
+        if result.evaluation_pairs is not None:  # the card beside the weights shows it, as on the Hub
+            (staging / "network").mkdir()
+            plot_file = plot_predicted_vs_true(*result.evaluation_pairs, staging / "network" / PLOT_FILE).name
+            save_file({"predicted": result.evaluation_pairs[0].contiguous(),
+                       "true": result.evaluation_pairs[1].contiguous()}, str(staging / "evaluation_pairs.safetensors"))
+        result.network.save_pretrained(staging / "network",
+                                       model_card_kwargs={"training": training, "plot_file": plot_file})
+        result.score_table(pool, target, nn_config, details=report).save(staging / "scores")
+        atomic_write_json(staging / "report.json", json_safe(report))
     print(f"\nInfluenceNetwork ({nn_config.oracle}) fitted on a {training['block_rows']} x {training['block_columns']} "
           f"block of {len(pool)} x {len(target)}: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items()))
     for name, quadrant in (result.evaluation or {}).items():

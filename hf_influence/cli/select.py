@@ -17,7 +17,7 @@ from ..influence import select_by_influence
 from ..models import model_identity
 from ..options import CONFIG_TYPES, SelectionConfig
 from ..scores import ScoreTable, is_replaceable_table_folder
-from ..store import atomic_write_bytes, atomic_write_json
+from ..store import atomic_write_bytes, atomic_write_json, folder_replacement
 from .arguments import (DemoArguments, ModelArguments, SelectArguments, load_cli_model, load_pool_and_target, parse,
                         parse_budget)
 
@@ -41,35 +41,45 @@ def selection_options(configs: tuple) -> dict:
 SELECTION_OUTPUTS = ("selected.jsonl", "scores", "report.json")
 
 
-def check_output(output: Path) -> None:
+def check_output(output: Path, outputs: tuple[str, ...] = SELECTION_OUTPUTS) -> None:
     """Before any work: --output must be a folder this command can write, holding nothing but an earlier run's
-    outputs (SELECTION_OUTPUTS; a scores/ that is a score table). Ends the command with a one-line message."""
+    `outputs` (a scores/ that is a score table). Ends the command with a one-line message. The folder is then
+    written as one (`store.folder_replacement`): an earlier run's result stays whole until the new one is."""
     if output.exists() and not output.is_dir():
         raise SystemExit(f"--output {output} is a file: pass a folder (new, or an earlier run's).")
     if output.is_dir():
-        foreign = sorted(path.name for path in output.iterdir() if path.name not in SELECTION_OUTPUTS)
+        foreign = sorted(path.name for path in output.iterdir() if path.name not in outputs)
         if foreign:
             raise SystemExit(f"--output {output} holds files this command does not write ({', '.join(foreign[:5])}"
                              f"{', ...' if len(foreign) > 5 else ''}): pass a new folder or an earlier run's.")
         scores = output / "scores"
         if scores.exists() and not is_replaceable_table_folder(scores):  # what ScoreTable.save would refuse
             raise SystemExit(f"{scores} exists and is not a score table: move it, or pass another --output.")
+    check_writable_folder(output, "--output")
+
+
+def check_writable_folder(folder: Path, flag: str) -> None:
+    """Before any work: `folder` (created if missing) takes new files. Ends the command with a one-line message
+    naming `flag` otherwise."""
+    if folder.exists() and not folder.is_dir():
+        raise SystemExit(f"{flag} {folder} is a file: pass a folder.")
     try:
-        output.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=output):
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as error:
-        raise SystemExit(f"--output {output} cannot be written: {error}") from None
+        raise SystemExit(f"{flag} {folder} cannot be written: {error}") from None
 
 
 def write_selection(output: Path, selected: Dataset, table: ScoreTable | None, report: dict) -> None:
-    """selected.jsonl, scores/ (unless table is None) and report.json under output, each written atomically."""
-    output.mkdir(parents=True, exist_ok=True)
-    lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in selected)
-    atomic_write_bytes(output / "selected.jsonl", lines.encode())
-    if table is not None:
-        table.save(output / "scores")
-    atomic_write_json(output / "report.json", report)
+    """selected.jsonl, scores/ (unless table is None) and report.json as the new content of output, replacing an
+    earlier run's only once all three are written."""
+    with folder_replacement(output) as staging:
+        lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in selected)
+        atomic_write_bytes(staging / "selected.jsonl", lines.encode())
+        if table is not None:
+            table.save(staging / "scores")
+        atomic_write_json(staging / "report.json", report)
 
 
 def print_report(report: dict, top: int | None = 20) -> None:

@@ -16,6 +16,7 @@ from ..store import atomic_write_json
 from ..targets import load_target
 from ..trainer import InfluenceSFTConfig, InfluenceSFTTrainer
 from .arguments import ModelArguments, TrainDataArguments, load_cli_model, parse
+from .select import check_writable_folder
 
 
 def _train_target(args: TrainDataArguments, source: str | None, limit: int | None, what: str) -> Dataset:
@@ -36,6 +37,8 @@ def run_train(argv: list[str]) -> dict:
     )
     if not data.pool:
         raise SystemExit("--pool is required: a jsonl/json/parquet/csv file, a folder, or a Hub dataset id.")
+    # Checked before the selection and training it would otherwise lose.
+    check_writable_folder(Path(config.output_dir), "--output_dir")
     pool = sample_rows(load_rows(data.pool, split=data.pool_split), data.pool_sample, data.sample_seed)
     # A score table replaces the target (target_task then only names the held-out rows); without either the
     # trainer needs a weight column, and says so.
