@@ -64,20 +64,25 @@ def sample_rows(rows: Dataset, count: int | None, seed: int = 0) -> Dataset:
 
 
 def _first_bad_line(files: list[Path]) -> str | None:
-    """"FILE, line N: ..." for the first line of a JSON Lines file that is not one JSON object; None if all are."""
+    """"FILE, line N: ..." for the first line of a JSON Lines file that is not one JSON object, or "FILE is empty";
+    None if every line is a row."""
     for path in files:
         if ".jsonl" not in path.suffixes:
             continue
+        rows = 0
         with (gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")) as handle:
             for number, line in enumerate(handle, start=1):
                 if not line.strip():
                     continue
+                rows += 1
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as error:
                     return f"{path}, line {number}: not valid JSON ({error.msg}, column {error.colno}): {line[:80]!r}"
                 if not isinstance(row, dict):
                     return f"{path}, line {number}: a row must be a JSON object, got {type(row).__name__}"
+        if rows == 0:
+            return f"{path} is empty: it holds no rows"
     return None
 
 

@@ -131,6 +131,7 @@ def files(tmp_path_factory):
     (folder / "a_file").write_text("x")
     (folder / "bad.yaml").write_text("num_landmark: 4\n")
     (folder / "malformed.jsonl").write_text(json.dumps(GOOD) + "\n" + '{"prompt": "x", "completion": \n' + json.dumps(GOOD) + "\n")
+    (folder / "empty.jsonl").write_text("\n")
     (folder / "earlier_fit").mkdir()
     (folder / "earlier_fit" / "notes.txt").write_text("mine")
     return folder
@@ -163,6 +164,8 @@ CLI_CASES = [
     ("select: a malformed JSON Lines pool", ["select", "--pool", "FOLDER/malformed.jsonl", "--target",
                                              "FOLDER/rows.jsonl", "--output", "FOLDER/out6"],
      "malformed.jsonl, line 2: not valid JSON"),
+    ("select: an empty target file", ["select", "--pool", "FOLDER/rows.jsonl", "--target", "FOLDER/empty.jsonl",
+                                      "--output", "FOLDER/out7"], "empty.jsonl is empty: it holds no rows"),
     ("fit-network: output holds foreign files", ["fit-network", "--pool", "FOLDER/rows.jsonl", "--target",
                                                  "FOLDER/rows.jsonl", "--output", "FOLDER/earlier_fit"],
      "holds files this command does not write (notes.txt)"),

@@ -338,3 +338,20 @@ def test_model_init_kwargs_load_the_cli_model_beside_its_flags(tiny_model_folder
     arguments.load_cli_model(arguments.ModelArguments(model=tiny_model_folder, dtype="bfloat16"), {"dtype": "bfloat16"})
     assert [kwargs["dtype"] for _, kwargs in loads] == [torch.bfloat16, torch.bfloat16]
     assert loads[0][1]["attn_implementation"] == "eager" and loads[0][1]["device"] == "cpu"
+
+
+def test_the_console_script_exits_0_after_a_successful_command(tmp_path):
+    """The installed `hf-influence` runs `sys.exit(main())`: main returns None, so a finished command exits 0
+    without printing its result dict (it used to exit 1 with the report on stderr)."""
+    import subprocess
+    import sys
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": "a"}) + "\n" for i in range(4)))
+    script = "import sys; from hf_influence.cli import main; sys.exit(main())"
+    done = subprocess.run([sys.executable, "-c", script, "select", "--pool", str(rows), "--target", str(rows),
+                           "--budget", "2", "--method", "random", "--output", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "'method': 'random'" not in done.stderr
+    assert len((tmp_path / "out" / "selected.jsonl").read_text().splitlines()) == 2

@@ -34,9 +34,11 @@ COMMANDS = {"demo": run_demo, "select": run_select, "fit-network": run_fit_netwo
 USER_ERRORS = (HFInfluenceError, ValueError, KeyError, OSError)
 
 
-def main(argv: list[str] | None = None):
+def main(argv: list[str] | None = None) -> None:
     """Entry point of the `hf-influence` console script. A user error (a bad option, row, file or store) ends it
-    with one line on stderr and exit code 2; `--debug` (anywhere) or HF_INFLUENCE_DEBUG=1 shows the traceback."""
+    with one line on stderr and exit code 2; `--debug` (anywhere) or HF_INFLUENCE_DEBUG=1 shows the traceback.
+    Returns None: the console script exits with `sys.exit(main())`, which would print any other value and exit
+    with code 1 (the commands' results are in their output folders; `run_<command>` returns them in Python)."""
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv or os.environ.get("HF_INFLUENCE_DEBUG", "") not in ("", "0")
     argv = [arg for arg in argv if arg != "--debug"]
@@ -49,7 +51,8 @@ def main(argv: list[str] | None = None):
             raise SystemExit(2)
         return None
     try:
-        return COMMANDS[argv[0]](argv[1:])
+        COMMANDS[argv[0]](argv[1:])
+        return None
     except SystemExit as stop:
         if not isinstance(stop.code, str) or debug:  # argparse (exit 2 already), --help (0), or --debug
             raise
