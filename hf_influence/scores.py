@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Sequence
@@ -284,11 +285,12 @@ class ScoreTable:
         return cls(_as_dataset(table), provenance)
 
     def push_to_hub(self, repo_id: str, config_name: str = "default", private: bool | None = None,
-                    token: str | None = None, pretty_name: str | None = None) -> str:
+                    token: str | None = None, pretty_name: str | None = None, license: str | None = None,
+                    source_datasets: list[str] | None = None) -> str:
         """Push this table as config `config_name` of the dataset repo `repo_id`, with its provenance and card
-        (`hub.push_score_table`). Returns the repo URL."""
+        (`hub.push_score_table`: `license` and `source_datasets` go on the card). Returns the repo URL."""
         return push_score_table(self, repo_id, config_name=config_name, private=private, token=token,
-                                pretty_name=pretty_name)
+                                pretty_name=pretty_name, license=license, source_datasets=source_datasets)
 
     @classmethod
     def from_pretrained(cls, repo_id_or_folder: str | os.PathLike[str], config_name: str = "default",
@@ -426,6 +428,10 @@ def _config_summary(name: str, provenance: dict) -> dict:
         "method": provenance.get("method"),
         "selection": provenance.get("selection"),
         "model_id": provenance.get("model_id"),
+        # A Hub id links to its page; a local folder or an in-memory model's class name does not.
+        "model_url": (f"https://huggingface.co/{provenance['model_id']}" if re.fullmatch(
+            r"[\w.-]+/[\w.-]+", str(provenance.get("model_id") or "")) and not Path(provenance["model_id"]).exists()
+            else None),
         "model_revision": provenance.get("model_revision"),
         "pool_rows": provenance.get("pool_rows", "?"),
         "targets": provenance.get("target_count", "?"),
@@ -438,11 +444,21 @@ def _config_summary(name: str, provenance: dict) -> dict:
 
 
 def push_score_table(table: ScoreTable, repo_id: str, config_name: str = "default", private: bool | None = None,
-                     token: str | None = None, pretty_name: str | None = None) -> str:
+                     token: str | None = None, pretty_name: str | None = None, license: str | None = None,
+                     source_datasets: list[str] | None = None) -> str:
     """Push `table` as config `config_name` of the dataset repo `repo_id` (created if needed).
 
     Writes the rows (parquet, via `Dataset.push_to_hub`), `provenance/{config_name}.json`, and the dataset
-    card (every config of the repo summarised, with usage). Returns the URL of the repo.
+    card (every config of the repo summarised, with usage, links to each config's model on the Hub).
+
+    Args:
+        license: the card's licence. Scores derive from the pool, the targets and the model, so it is the
+            user's call; None keeps what the card had (nothing, on a new repo).
+        source_datasets: Hub ids of the pool and target datasets, added to the card's `source_datasets` (the
+            provenance only records their fingerprints).
+
+    Returns:
+        The URL of the repo.
     """
     api = HfApi(token=token)
     api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
@@ -456,6 +472,10 @@ def push_score_table(table: ScoreTable, repo_id: str, config_name: str = "defaul
     metadata = DatasetCard.load(repo_id, repo_type="dataset", token=token).data.to_dict()
     metadata["tags"] = sorted(set(metadata.get("tags") or []) | set(TAGS))
     metadata["pretty_name"] = pretty_name or metadata.get("pretty_name") or repo_id.split("/")[-1]
+    if license is not None:
+        metadata["license"] = license
+    if source_datasets:
+        metadata["source_datasets"] = sorted(set(metadata.get("source_datasets") or []) | set(source_datasets))
     names = [entry["config_name"] for entry in metadata.get("configs", [])] or [config_name]
     summaries = [_config_summary(name, provenance if name == config_name
                                  else _remote_provenance(repo_id, name, token=token) or {}) for name in names]

@@ -63,6 +63,7 @@ from trl import SFTConfig, SFTTrainer
 from .cards import HUB_TAG
 from .engine import compute_scores
 from .influence import select_by_influence
+from .models import looks_like_local_path
 from .options import split_options
 from .registry import METHODS
 from .scores import ScoreTable, json_safe, provenance_record, rows_digest
@@ -655,13 +656,20 @@ class InfluenceSFTTrainer(SFTTrainer):
                           tags: str | list[str] | None = None):
         """TRL's model card, tagged `hf_influence`, with the selection's provenance (metadata and a section)."""
         tags = [tags] if isinstance(tags, str) else list(tags or [])
+        # TRL titles the card with model_name ("Model Card for None" without one): the output folder's name, as
+        # transformers' Trainer names a model it pushes.
+        model_name = model_name or Path(self.args.output_dir).name
         super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=[*tags, HUB_TAG])
-        if not self.is_world_process_zero() or not self.influence_selections:
+        if not self.is_world_process_zero():
             return
         from huggingface_hub import ModelCard
 
         path = Path(self.args.output_dir) / "README.md"
         card = ModelCard.load(path)
+        _name_the_base_model(card, getattr(self.model.config, "hf_influence_model_id", None))
+        if not self.influence_selections:
+            atomic_write_bytes(path, str(card).encode("utf-8"))
+            return
         summary = self.influence_summary()
         card.data.hf_influence = json_safe({key: value for key, value in summary.items()
                                             if key != "provenance" and value is not None})
@@ -747,6 +755,18 @@ class _ScoringContext:
     def __exit__(self, *exc):
         self.model.train(self.was_training)
         self.rng.__exit__(*exc)
+
+
+def _name_the_base_model(card, model_id: str | None) -> None:
+    """TRL links the base model only when the model was loaded from a Hub id, and writes "[None]" otherwise. A
+    model that `load_model` loaded from a Hub id (the offline copy of the default model included) recorded the
+    id: link it; a local folder is named as one."""
+    missing = "[None](https://huggingface.co/None)"
+    if card.data.base_model is None and model_id and not looks_like_local_path(model_id) and not Path(model_id).exists():
+        card.data.base_model = model_id
+        card.text = card.text.replace(missing, f"[{model_id}](https://huggingface.co/{model_id})")
+    else:
+        card.text = card.text.replace(missing, f"the local model `{model_id or 'unknown'}`")
 
 
 def _score_table(args: InfluenceSFTConfig, table: ScoreTable | None, target) -> ScoreTable | None:

@@ -216,7 +216,9 @@ def test_train_command_selects_trains_and_measures_the_target_loss(tmp_path, tin
     assert summary["target_loss_after"] != summary["target_loss_before"]  # the adapter trained
     assert json.loads((output / "summary.json").read_text())["train_loss"] == pytest.approx(summary["train_loss"])
     assert (output / "adapter_model.safetensors").exists()
-    assert "hf_influence" in (output / "README.md").read_text()
+    card = __import__("huggingface_hub").ModelCard.load(output / "README.md")
+    assert "hf_influence" in card.data.tags and "Model Card for None" not in card.text
+    assert "[None]" not in card.text and "2505.19051" in card.text  # names its (local) base model, cites the paper
     out = capsys.readouterr().out
     assert "target loss before" in out and "trained on 6 of 24 pool rows" in out
     with pytest.raises(ValueError, match="needs target_dataset"):

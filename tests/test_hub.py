@@ -27,7 +27,8 @@ def test_push_and_load_score_tables_with_configs(local_hub):
     repo_id = f"{local_hub.user}/scores"
     gsm8k, mmlu = _table(0), _table(1, n=5, m=2, method="less")
     push_score_table(gsm8k, repo_id, config_name="gsm8k")
-    push_score_table(mmlu, repo_id, config_name="mmlu")
+    mmlu.provenance["model_id"] = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    mmlu.push_to_hub(repo_id, config_name="mmlu", license="odc-by", source_datasets=["allenai/tulu-v2-sft-mixture"])
     for name, table in (("gsm8k", gsm8k), ("mmlu", mmlu)):
         loaded = load_score_table(repo_id, config_name=name)
         assert loaded.provenance["method"] == table.provenance["method"]
@@ -43,6 +44,8 @@ def test_push_and_load_score_tables_with_configs(local_hub):
     for text in ("### `gsm8k`", "### `mmlu`", "`less`", "target0", "target1", "load_score_table"):
         assert text in card.text
     card.validate(repo_type="dataset")
+    assert card.data.license == "odc-by" and card.data.source_datasets == ["allenai/tulu-v2-sft-mixture"]
+    assert "[`HuggingFaceTB/SmolLM2-135M-Instruct`](https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct)" in card.text
     files = HfApi().list_repo_files(repo_id, repo_type="dataset")
     assert {"provenance/gsm8k.json", "provenance/mmlu.json", "README.md"} <= set(files)
 

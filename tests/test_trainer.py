@@ -546,3 +546,20 @@ def test_select_mode_scores_at_the_sft_max_length_and_prepares_through_trls_cons
     assert trainer.train_dataset["row_id"] == selection.row_ids  # TRL kept the selection order
     with pytest.warns(FutureWarning, match=r"influence_options\['max_length'\] is deprecated"):
         config(tmp_path, influence_options={"max_length": 32})
+
+
+def test_the_card_names_a_base_model_loaded_by_id_even_from_a_local_copy():
+    """TRL writes "[None]" when the model came from a folder; load_model records the id it was asked for (the
+    offline copy of the default model included), which the card then links; a local folder is named as one."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from hf_influence.trainer import _name_the_base_model
+
+    text = "This model is a fine-tuned version of [None](https://huggingface.co/None).\n"
+    card = ModelCard.from_template(ModelCardData(), template_str="---\n{{ card_data }}\n---\n" + text)
+    _name_the_base_model(card, "HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert "[HuggingFaceTB/SmolLM2-135M-Instruct](https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct)" in card.text
+    local = ModelCard.from_template(ModelCardData(), template_str="---\n{{ card_data }}\n---\n" + text)
+    _name_the_base_model(local, "/models/my-llm")
+    assert local.data.base_model is None and "the local model `/models/my-llm`" in local.text
