@@ -353,6 +353,10 @@ def format_dataset(
     skipped: dict[int, str] = {}
     cut: dict[int, str] = {}
     response = response_column(columns, config)
+    if config.response_column is None and row_format == "prompt_answer" and {"solution", "answer"} <= set(columns):
+        # Changed after 0.5, which trained these rows on the bare `answer`.
+        logger.warning("Rows have both 'solution' and 'answer': the worked solution is the response (hf-influence "
+                       "0.5 trained on the bare answer; FormattingConfig(response_column='answer') keeps that).")
     for row_id, row in enumerate(tqdm(rows, total=num_rows, desc="Formatting", disable=not show_progress)):
         if row_format == "text":
             input_ids, labels = _tokenize_text(tokenizer, row, row_id, config)

@@ -16,6 +16,7 @@ reads both back (parquet and JSON: nothing is unpickled).
 from __future__ import annotations
 
 import tempfile
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -31,7 +32,7 @@ from .cards import TAGS, card_template
 from .scores import load_score_table, push_score_table
 
 __all__ = ["PLOT_FILE", "influence_network_card", "load_score_table", "plot_predicted_vs_true",
-           "push_influence_network", "push_score_table"]
+           "push_influence_network", "push_score_table", "scatter_svg"]
 
 # File name of the predicted-vs-true plot beside a network's weights (its card shows it).
 PLOT_FILE = "predicted_vs_true.png"
@@ -44,7 +45,7 @@ def plot_predicted_vs_true(predicted: Tensor, true: Tensor, path: str | Path, wh
 
     Args:
         predicted, true: 1-D tensors of the same length (influence values, the oracle's units).
-        path: the PNG file to write.
+        path: the file to write (PNG for the card; the format follows the suffix).
         what: which pairs they are, for the title (default: the Q4 quadrant's).
         max_points: an even subsample of at most this many pairs is drawn (the Spearman uses them all).
 
@@ -70,8 +71,17 @@ def plot_predicted_vs_true(predicted: Tensor, true: Tensor, path: str | Path, wh
     axes.set_title(f"{what}: {len(true):,} pairs shown, Spearman {rho:.3f}", fontsize=9)
     axes.legend(loc="upper left", fontsize=8)
     axes.grid(alpha=0.3)
-    figure.savefig(path, format="png")
+    figure.savefig(path)  # the format follows the file's suffix
     return Path(path)
+
+
+def scatter_svg(predicted: Tensor, true: Tensor, max_points: int = 2000, size: int = 360) -> str:
+    """Deprecated (the card's plot is now `PLOT_FILE`, a PNG): the same plot as SVG text. `size` is ignored."""
+    warnings.warn("hf_influence.hub.scatter_svg is deprecated and will be removed in the next version: use "
+                  "plot_predicted_vs_true(predicted, true, path), which draws the card's PNG.", FutureWarning,
+                  stacklevel=2)
+    with tempfile.TemporaryDirectory() as folder:
+        return plot_predicted_vs_true(predicted, true, Path(folder, "plot.svg"), max_points=max_points).read_text()
 
 
 def influence_network_card(network, repo_id: str, training: dict, evaluation: dict | None = None,

@@ -61,3 +61,13 @@ def test_loading_a_repo_that_is_not_a_score_table_fails_clearly(local_hub):
                         repo_type="dataset")
     with pytest.raises(ScoreTableError, match="not a score table"):
         load_score_table(repo_id)
+
+
+def test_scatter_svg_still_works_for_one_version_with_a_warning():
+    import torch
+
+    from hf_influence.hub import scatter_svg
+
+    with pytest.warns(FutureWarning, match="plot_predicted_vs_true"):
+        svg = scatter_svg(torch.arange(10.0), torch.arange(10.0) + 0.5)
+    assert svg.lstrip().startswith("<?xml") and "<svg" in svg
