@@ -262,6 +262,23 @@ def installed_smollm2_gguf() -> Path:
     return path
 
 
+def kwargs_option(value: dict | str | None, name: str) -> dict | None:
+    """A config field of keyword arguments for a Hugging Face constructor (model_init_kwargs, lora_config_kwargs):
+    a dict, its JSON (as the command line gives it), or None.
+
+    Raises:
+        ValueError: JSON that is not an object, or another type, naming the field.
+    """
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{name} must be a JSON object, got {value!r} ({error})") from None
+    if value is not None and not isinstance(value, dict):
+        raise ValueError(f"{name} must be a dict (or its JSON), got {value!r}")
+    return value
+
+
 # LoraSettings' own fields, as peft.LoraConfig spells them; task_type is always CAUSAL_LM here.
 _LORA_OWN_FIELDS = {"r": "lora_r", "lora_alpha": "lora_alpha", "target_modules": "lora_target_modules",
                     "lora_dropout": "lora_dropout", "task_type": None}
@@ -294,16 +311,9 @@ class LoraSettings:
                           "JSON string on the command line); passing peft_config=LoraConfig(...) fills it."})
 
     def __post_init__(self) -> None:
-        if isinstance(self.lora_config_kwargs, str):  # the command line gives JSON
-            try:
-                self.lora_config_kwargs = json.loads(self.lora_config_kwargs)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"LoraSettings.lora_config_kwargs must be a JSON object, got "
-                                 f"{self.lora_config_kwargs!r} ({error})") from None
+        self.lora_config_kwargs = kwargs_option(self.lora_config_kwargs, "LoraSettings.lora_config_kwargs")
         if self.lora_config_kwargs is None:
             return
-        if not isinstance(self.lora_config_kwargs, dict):
-            raise ValueError(f"LoraSettings.lora_config_kwargs must be a dict, got {self.lora_config_kwargs!r}")
         from peft import LoraConfig
 
         known = {f.name for f in fields(LoraConfig)}

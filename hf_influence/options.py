@@ -5,7 +5,6 @@ are unique across CONFIG_TYPES) to their dataclass."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import warnings
 from dataclasses import dataclass, field
 from collections.abc import Iterable
@@ -18,7 +17,7 @@ from .formatting import FormattingConfig
 from .gradients import GradientConfig
 from .hessian import HESSIAN_KINDS
 from .jvp import JVPConfig
-from .models import LoraSettings
+from .models import LoraSettings, kwargs_option
 from .optimizer_warmup import WarmupConfig
 from .registry import METHODS
 from .selection import RULES
@@ -171,15 +170,8 @@ class SelectionConfig:
                              "leave it None) with order=2.")
         if not self.robust_lambda > 0:
             raise ValueError(f"SelectionConfig.robust_lambda must be > 0, got {self.robust_lambda}")
-        if isinstance(self.model_init_kwargs, str):  # the command line gives JSON
-            try:
-                self.model_init_kwargs = json.loads(self.model_init_kwargs)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"SelectionConfig.model_init_kwargs must be a JSON object, got "
-                                 f"{self.model_init_kwargs!r} ({error})") from None
+        self.model_init_kwargs = kwargs_option(self.model_init_kwargs, "SelectionConfig.model_init_kwargs")
         if self.model_init_kwargs is not None:
-            if not isinstance(self.model_init_kwargs, dict):
-                raise ValueError(f"SelectionConfig.model_init_kwargs must be a dict, got {self.model_init_kwargs!r}")
             unknown = sorted(set(self.model_init_kwargs) - set(MODEL_INIT_KEYS))
             if unknown:
                 raise ValueError(f"SelectionConfig.model_init_kwargs has unknown keys {unknown}; known: "

@@ -300,7 +300,7 @@ def test_pretrained_network_recipe_serves_new_pools_and_targets(local_hub, tmp_p
                        "--show_progress", "false"])["pretrained"]
     # One network over both tasks' target rows, pushed with its card and figures.
     assert report["target_rows"] == 16 and report["network_repo"].endswith(repo_id)
-    target = load_rows(next((tmp_path / "network" / "pretrained").glob("target-*.parquet")))
+    target = load_rows(next((tmp_path / "network").glob("pretrained-target-*.parquet")))
     assert {task.split("/")[0] for task in target["task"]} == {"gsm8k", "mmlu"}
     network = InfluenceNetwork.from_pretrained(repo_id)
     assert network.metrics["Q4"]["rows"] > 0

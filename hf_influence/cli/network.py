@@ -43,7 +43,8 @@ def run_fit_network(argv: list[str]) -> dict:
         "--pool x --target, predict every pair, and save the network, the score table and a report.",
     )
     output = Path(args.output)
-    check_output(output, FIT_NETWORK_OUTPUTS)  # before the oracle's work, which a late refusal would lose
+    work_dir = next(config for config in configs if isinstance(config, SelectionConfig)).work_dir
+    check_output(output, FIT_NETWORK_OUTPUTS, work_dir)  # before the oracle's work, which a late refusal would lose
     pool, target = load_pool_and_target(args)
     nn_config = next(config for config in configs if isinstance(config, NNCIFTConfig))
     needs_model = nn_config.oracle != "delift_se" or nn_config.encoder == LM_ENCODER

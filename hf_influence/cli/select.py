@@ -41,10 +41,14 @@ def selection_options(configs: tuple) -> dict:
 SELECTION_OUTPUTS = ("selected.jsonl", "scores", "report.json")
 
 
-def check_output(output: Path, outputs: tuple[str, ...] = SELECTION_OUTPUTS) -> None:
+def check_output(output: Path, outputs: tuple[str, ...] = SELECTION_OUTPUTS, work_dir: str | None = None) -> None:
     """Before any work: --output must be a folder this command can write, holding nothing but an earlier run's
-    `outputs` (a scores/ that is a score table). Ends the command with a one-line message. The folder is then
-    written as one (`store.folder_replacement`): an earlier run's result stays whole until the new one is."""
+    `outputs` (a scores/ that is a score table), and not holding --work_dir. Ends the command with a one-line
+    message. The folder is then written as one (`store.folder_replacement`): an earlier run's result stays whole
+    until the new one is, and the folder's old content goes."""
+    if work_dir is not None and Path(work_dir).resolve().is_relative_to(output.resolve()):
+        raise SystemExit(f"--work_dir {work_dir} is inside --output {output}, which is replaced as a whole when the "
+                         f"run ends: put the work_dir beside it.")
     if output.exists() and not output.is_dir():
         raise SystemExit(f"--output {output} is a file: pass a folder (new, or an earlier run's).")
     if output.is_dir():
@@ -179,7 +183,8 @@ def run_select(argv: list[str]) -> dict:
     )
     # Everything that can be checked without a model pass is, first: nothing is lost to a late refusal.
     budget = parse_budget(args.budget)
-    check_output(Path(args.output))
+    selection_config = next(config for config in configs if isinstance(config, SelectionConfig))
+    check_output(Path(args.output), work_dir=selection_config.work_dir)
     pool, target = load_pool_and_target(args)
     options = selection_options(configs)
     # The command loads the model itself, with these options too: the run then gets the loaded model.

@@ -248,13 +248,15 @@ def network_argv(tasks: list[str], name: str, args: RecipeArguments, extra: list
         key = hashlib.sha256(f"{source_pool}:{pool_split}".encode()).hexdigest()[:12]
         pool = str(write_rows_once(root / f"pool-{key}-sample{count}-seed{seed}.parquet", lambda: sample_rows(
             load_rows(source_pool, split=pool_split), count, seed)))
+    # The oracle's gradient stores (a rerun resumes each block) and the target rows live beside the output folder,
+    # which fit-network replaces as a whole.
     argv = ["--config", str(config_path), "--pool", pool, "--pool_split", pool_split, "--output", str(output),
-            "--work_dir", str(output / "oracle")]  # the oracle's gradient stores: a rerun resumes each block
+            "--work_dir", str(root / f"{name}-oracle")]
     if "--target" not in extra:  # fit-network reads --target as is: write the tasks' rows as prompt/completion
         sources = {task: (target_source(task, args), offline.get("target_limit", recipe_config(task)[1].get(
             "target_limit"))) for task in tasks}
         key = hashlib.sha256(f"{sorted(sources.items())}:{args.data_dir}:{seed}".encode()).hexdigest()[:12]
-        argv += ["--target", str(write_rows_once(output / f"target-{key}.parquet", lambda: concatenate_datasets([
+        argv += ["--target", str(write_rows_once(root / f"{name}-target-{key}.parquet", lambda: concatenate_datasets([
             load_target(task, source=source, data_dir=args.data_dir, limit=limit, seed=seed)
             for task, (source, limit) in sources.items()])))]
     return [*argv, *as_flags(OFFLINE_NETWORK_FLAGS if args.offline else {}), *extra]
