@@ -64,7 +64,7 @@ from hf_influence.data import load_rows
 from hf_influence.encoders import encode_rows, load_encoder
 from hf_influence.formatting import FormattingConfig, format_dataset
 from hf_influence.models import base_model
-from hf_influence.network import InfluenceNetwork, column_spearman, standardize_columns, topk_overlap
+from hf_influence.network import InfluenceNetwork, column_spearman, complement, standardize_columns, topk_overlap
 from hf_influence.nn_cift_pipeline import NNCIFTConfig
 from hf_influence.oracles import DeliftOracle
 from hf_influence.rds_embeddings import cosine_scores, lm_pooled_embeddings
@@ -457,12 +457,6 @@ def main() -> int:
 def log_variant(variant: str, result: dict) -> None:
     log(f"  {variant:<36} Q4 Spearman {result['q4_spearman']:.3f}, per-target {result['q4_column_spearman']:.3f}, "
         f"MSE {result['q4_mse']:.4f} (mean baseline {result['q4_mse_mean_baseline']:.4f})")
-
-
-def complement(indices: torch.Tensor, size: int) -> torch.Tensor:
-    mask = torch.ones(size, dtype=torch.bool)
-    mask[indices] = False
-    return mask.nonzero().squeeze(1)
 
 
 def print_table(report: dict) -> None:

@@ -184,8 +184,8 @@ def standardize_columns(labels: Tensor) -> Tensor:
     return (labels - mean) / torch.where(std > 0, std, torch.ones_like(std))
 
 
-def _complement(indices: Tensor, size: int) -> Tensor:
-    """Sorted indices of 0..size-1 that are not in `indices`."""
+def complement(indices: Tensor, size: int) -> Tensor:
+    """The indices of range(size) not in `indices` (LongTensor), ascending: the unseen rows or columns of a block."""
     mask = torch.ones(size, dtype=torch.bool)
     mask[indices] = False
     return mask.nonzero().squeeze(1)
@@ -655,8 +655,8 @@ class InfluenceNetwork(
         predictions = (predictions - label_min) / label_scale
         labels = (labels - label_min) / label_scale
         seen_rows, seen_columns = torch.as_tensor(seen_rows).long(), torch.as_tensor(seen_columns).long()
-        unseen_rows = _complement(seen_rows, labels.shape[0])
-        unseen_columns = _complement(seen_columns, labels.shape[1])
+        unseen_rows = complement(seen_rows, labels.shape[0])
+        unseen_columns = complement(seen_columns, labels.shape[1])
         training_mean = labels[seen_rows][:, seen_columns].mean().item()
         generator = torch.Generator().manual_seed(self.seed)
 
