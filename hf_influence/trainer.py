@@ -8,9 +8,10 @@
 Modes (`InfluenceSFTConfig.influence_mode`):
 
 - "select": before SFTTrainer is built, score the pool (`select_by_influence` with the model and tokenizer the
-  trainer is given, its `peft_config` as the scoring adapter, on the device it will train on; or a given
-  `ScoreTable` with no model pass), then build SFTTrainer on `pool.select(selected)`: TRL prepares just those
-  rows through its public constructor, so packing and padding-free work as in a plain SFTTrainer.
+  trainer is given, a model id loaded once as TRL loads it, its `peft_config` as the scoring adapter, on the
+  device it will train on; or a given `ScoreTable` with no model pass), then build SFTTrainer on
+  `pool.select(selected)` and that model: TRL prepares just those rows through its public constructor, so
+  packing and padding-free work as in a plain SFTTrainer.
 - "weight": train on the whole pool with per-sample loss weights w_i: the Influence Distillation robust
   weights (from a ScoreTable or `compute_scores`), or a weight column of the pool.
 - "online": re-select every `influence_reselect_steps` optimizer steps from the current model and the
@@ -374,17 +375,23 @@ class InfluenceSFTTrainer(SFTTrainer):
             self.loss_is_scaled_for_ga = True  # divided by the whole step's count, see get_batch_samples
         if args.influence_row_id_column not in train_dataset.column_names:
             train_dataset = train_dataset.add_column(args.influence_row_id_column, row_ids)
+        loads_id = mode == "select" and isinstance(model, str)
         if mode == "select":
             # Selected before SFTTrainer is built, so that TRL's constructor prepares (tokenises, packs) only the
-            # selected rows, in selection order.
-            # A model id is loaded here to score and again by SFTTrainer (as TRL loads it, model_init_kwargs and
-            # all); the scoring copy is released before that.
-            scoring_model, scoring_tokenizer = _scoring_model(model, processing_class, args)
-            selection = self._select(None, args, scoring_model, scoring_tokenizer, kwargs.get("peft_config"))
-            del scoring_model
+            # selected rows, in selection order. A model id is loaded here, once, as TRL would: SFTTrainer then
+            # trains the object that scored.
+            quantization = kwargs.pop("quantization_config", None) if loads_id else None
+            model, processing_class = _selection_model(model, processing_class, args, quantization)
+            selection = self._select(None, args, model, processing_class, kwargs.get("peft_config"))
             position = {row_id: i for i, row_id in enumerate(row_ids)}
             train_dataset = train_dataset.select([position[row_id] for row_id in selection.row_ids])
-        super().__init__(model, args, data_collator, train_dataset, eval_dataset, processing_class, **kwargs)
+        init_kwargs = args.model_init_kwargs
+        if loads_id:  # applied above; SFTTrainer would warn that a model object ignores them
+            args.model_init_kwargs = None
+        try:
+            super().__init__(model, args, data_collator, train_dataset, eval_dataset, processing_class, **kwargs)
+        finally:
+            args.model_init_kwargs = init_kwargs
 
         if mode == "online":
             if not is_peft_model(self.model):
@@ -711,28 +718,29 @@ def _options(args: InfluenceSFTConfig) -> dict[str, Any]:
     return options
 
 
-def _scoring_model(model, processing_class, args: InfluenceSFTConfig):
-    """The model and tokenizer select mode scores with before SFTTrainer is built: a model id is loaded as TRL
-    loads it (`args.model_init_kwargs`), and the model is put on the device the trainer will train on (a model
-    placed by device_map or quantization stays where it is)."""
+def _selection_model(model, processing_class, args: InfluenceSFTConfig, quantization_config=None):
+    """Select mode's model and tokenizer, on the device the trainer will train on (`args.device`; a model placed
+    by device_map or quantization stays where it is). A model id is loaded as SFTTrainer loads one: `args.model_init_kwargs`,
+    float32 unless they name a dtype, `args.trust_remote_code`, the trainer's quantization_config, and no
+    device_map under multi-GPU DDP; its tokenizer at the same revision."""
+    from accelerate.utils import DistributedType
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if isinstance(model, str):
         name = model
-        model = AutoModelForCausalLM.from_pretrained(name, **_from_pretrained_kwargs(args.model_init_kwargs))
-        processing_class = processing_class or AutoTokenizer.from_pretrained(name)
-    elif getattr(model, "hf_device_map", None) is None and not getattr(model, "is_quantized", False):
-        model.to(PartialState().device)
+        kwargs = {"dtype": "float32", "trust_remote_code": args.trust_remote_code, **(args.model_init_kwargs or {})}
+        if quantization_config is not None:
+            kwargs["quantization_config"] = quantization_config
+        if PartialState().distributed_type in (DistributedType.MULTI_GPU, DistributedType.DEEPSPEED):
+            kwargs["device_map"] = None  # as TRL: DDP places the model itself ("auto" fails)
+        if isinstance(kwargs["dtype"], str) and kwargs["dtype"] != "auto":
+            kwargs["dtype"] = getattr(torch, kwargs["dtype"].removeprefix("torch."))
+        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+        processing_class = processing_class or AutoTokenizer.from_pretrained(
+            name, revision=kwargs.get("revision"), trust_remote_code=kwargs["trust_remote_code"])
+    if getattr(model, "hf_device_map", None) is None and not getattr(model, "is_quantized", False):
+        model.to(args.device)
     return model, processing_class
-
-
-def _from_pretrained_kwargs(model_init_kwargs: dict | None) -> dict:
-    """TRL's model_init_kwargs as from_pretrained takes them (a dtype may be a string; "auto" passes through)."""
-    kwargs = dict(model_init_kwargs or {})
-    dtype = kwargs.get("dtype")
-    if isinstance(dtype, str) and dtype != "auto":
-        kwargs["dtype"] = getattr(torch, dtype.removeprefix("torch."))
-    return kwargs
 
 
 class _ScoringContext:

@@ -563,3 +563,30 @@ def test_the_card_names_a_base_model_loaded_by_id_even_from_a_local_copy():
     local = ModelCard.from_template(ModelCardData(), template_str="---\n{{ card_data }}\n---\n" + text)
     _name_the_base_model(local, "/models/my-llm")
     assert local.data.base_model is None and "the local model `/models/my-llm`" in local.text
+
+
+def test_select_mode_loads_a_model_id_once_and_trains_the_object_that_scored(tmp_path, pool, target, monkeypatch,
+                                                                             caplog):
+    """Given a model id, select mode loads it once, as TRL would (model_init_kwargs applied), scores with it and
+    hands that object to SFTTrainer: no second load, no warning that model_init_kwargs were ignored, and the
+    user's config keeps its model_init_kwargs."""
+    import transformers
+
+    model, tokenizer = tiny_causal_lm(seed=0)
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    loads = []
+    original = transformers.AutoModelForCausalLM.from_pretrained.__func__
+
+    def counting(cls, name, *args, **kwargs):
+        loads.append((str(name), kwargs.get("dtype")))
+        return original(cls, name, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", classmethod(counting))
+    args = config(tmp_path, influence_budget=3, influence_method="rds", max_steps=1,
+                  model_init_kwargs={"dtype": "float32"})
+    trainer = InfluenceSFTTrainer(str(tmp_path / "model"), args=args, train_dataset=pool, target_dataset=target)
+    assert loads == [(str(tmp_path / "model"), torch.float32)]
+    assert args.model_init_kwargs == {"dtype": "float32"} and "will be ignored" not in caplog.text
+    assert len(trainer.train_dataset) == 3
+    trainer.train()
