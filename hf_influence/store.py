@@ -20,8 +20,8 @@ Crash safety rests on two orderings:
 
 A complete store is sealed: the owner's :meth:`VectorStore.update_manifest` records the SHA-256 of every
 shard, ``done.npy`` and ``row_ids.npy``, and every later open verifies them, so flipped or overwritten bytes
-are refused instead of read. Verifying reads the whole store once per open: about 1.7 GB/s of hashing on one
-core of the build machine (a 64 MB gradient store of 2,000 rows takes about 40 ms), plus the disk read.
+are refused instead of read. Verifying reads the whole store once per open: 1.5 GB/s of hashing on one core of
+the build machine with a warm page cache (benchmarks/store_checksums.py: 44 ms for 64 MB), plus any disk read.
 
 Several processes may write one store at once, each its own disjoint rows; only the process that
 created the store (rank 0) calls :meth:`VectorStore.update_manifest`. On one host, where all of
