@@ -590,3 +590,22 @@ def test_select_mode_loads_a_model_id_once_and_trains_the_object_that_scored(tmp
     assert args.model_init_kwargs == {"dtype": "float32"} and "will be ignored" not in caplog.text
     assert len(trainer.train_dataset) == 3
     trainer.train()
+
+
+def test_text_rows_select_and_train_as_sft_trainer_takes_them(tmp_path):
+    """TRL's language-modelling rows (a `text` column) go through select mode: scored as every-token rows, the
+    same rows select_by_influence picks, then prepared and trained by TRL."""
+    from datasets import Dataset
+
+    pool = Dataset.from_list([{"text": m[0]["content"] + "\n" + m[1]["content"]} for m in demo_pool(3)["messages"]])
+    target = [{"text": row["prompt"] + "\n" + row["solution"]} for row in demo_target("math", 3)]
+    base, tokenizer = tiny_causal_lm(seed=0)
+    expected = select_by_influence(pool, target, model=tiny_causal_lm(seed=0)[0], tokenizer=tokenizer, budget=4,
+                                   selection_seed=42, max_length=64, show_progress=False, return_scores=True,
+                                   **FAST)[1].provenance["selected_pool_row_ids"]
+    args = config(tmp_path, influence_budget=4, influence_options=FAST, max_steps=1, max_length=64)
+    trainer = InfluenceSFTTrainer(base, args=args, train_dataset=pool, target_dataset=target,
+                                  processing_class=tokenizer)
+    assert trainer.influence_selections[0].row_ids == expected
+    assert trainer.train_dataset["row_id"] == expected and "input_ids" in trainer.train_dataset.column_names
+    trainer.train()
