@@ -22,7 +22,8 @@ from .data import load_rows
 from .distributed import process_state
 from .formatting import FormattingConfig, format_dataset
 from .landmarks import LandmarkRegressor
-from .models import DEFAULT_MODEL, LoraSettings, add_lora, load_model, model_identity, weights_digest
+from .models import (DEFAULT_MODEL, LoraSettings, add_lora, load_model, model_identity, torch_dtype,
+                     weights_digest)
 from .network import InfluenceNetwork
 from .options import SelectionConfig, split_options
 from .registry import METHODS, MethodSpec
@@ -126,7 +127,7 @@ def prepare_model(model, tokenizer, configs) -> tuple[nn.Module, Any, Callable[[
     if model is None or isinstance(model, str):
         init = dict(init or {})
         if isinstance(init.get("dtype"), str):
-            init["dtype"] = getattr(torch, init["dtype"].removeprefix("torch."))
+            init["dtype"] = torch_dtype(init["dtype"])
         loaded, loaded_tokenizer = load_model(model or DEFAULT_MODEL, **init)
         return add_lora(loaded, lora), tokenizer or loaded_tokenizer, lambda: None
     if init:

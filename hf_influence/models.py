@@ -262,6 +262,20 @@ def installed_smollm2_gguf() -> Path:
     return path
 
 
+def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """A dtype given as itself or by name ("bfloat16", "torch.float16": a JSON option or a flag names it).
+
+    Raises:
+        ValueError: a name torch has no dtype for.
+    """
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"{dtype!r} names no torch dtype (e.g. 'bfloat16', 'float32')")
+    return value
+
+
 def kwargs_option(value: dict | str | None, name: str) -> dict | None:
     """A config field of keyword arguments for a Hugging Face constructor (model_init_kwargs, lora_config_kwargs):
     a dict, its JSON (as the command line gives it), or None.

@@ -10,14 +10,12 @@ from dataclasses import dataclass, field
 from collections.abc import Iterable
 from typing import Any
 
-import torch
-
 from .encoders import DEFAULT_ENCODER
 from .formatting import FormattingConfig
 from .gradients import GradientConfig
 from .hessian import HESSIAN_KINDS
 from .jvp import JVPConfig
-from .models import LoraSettings, kwargs_option
+from .models import LoraSettings, kwargs_option, torch_dtype
 from .optimizer_warmup import WarmupConfig
 from .registry import METHODS
 from .selection import RULES
@@ -177,10 +175,12 @@ class SelectionConfig:
                 raise ValueError(f"SelectionConfig.model_init_kwargs has unknown keys {unknown}; known: "
                                  f"{list(MODEL_INIT_KEYS)}")
             dtype = self.model_init_kwargs.get("dtype")
-            if dtype is not None and not isinstance(getattr(torch, str(dtype).removeprefix("torch."), None),
-                                                    torch.dtype):
+            try:
+                if dtype is not None:
+                    torch_dtype(dtype)
+            except ValueError:
                 raise ValueError(f"SelectionConfig.model_init_kwargs['dtype'] must name a torch dtype (e.g. "
-                                 f"'bfloat16'), got {dtype!r}")
+                                 f"'bfloat16'), got {dtype!r}") from None
 
 
 # The keys of SelectionConfig.model_init_kwargs: the loading options of models.load_model.

@@ -64,7 +64,7 @@ from trl import SFTConfig, SFTTrainer
 from .cards import HUB_TAG
 from .engine import compute_scores
 from .influence import select_by_influence
-from .models import looks_like_local_path
+from .models import looks_like_local_path, torch_dtype
 from .options import split_options
 from .registry import METHODS
 from .scores import ScoreTable, json_safe, provenance_record, rows_digest
@@ -734,7 +734,7 @@ def _selection_model(model, processing_class, args: InfluenceSFTConfig, quantiza
         if PartialState().distributed_type in (DistributedType.MULTI_GPU, DistributedType.DEEPSPEED):
             kwargs["device_map"] = None  # as TRL: DDP places the model itself ("auto" fails)
         if isinstance(kwargs["dtype"], str) and kwargs["dtype"] != "auto":
-            kwargs["dtype"] = getattr(torch, kwargs["dtype"].removeprefix("torch."))
+            kwargs["dtype"] = torch_dtype(kwargs["dtype"])
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
         processing_class = processing_class or AutoTokenizer.from_pretrained(
             name, revision=kwargs.get("revision"), trust_remote_code=kwargs["trust_remote_code"])

@@ -62,6 +62,8 @@ API_CASES = [
      "needs robust weights"),
     ("unknown model_init_kwargs key", lambda m: _select(m, model_init_kwargs={"device_mapp": "cpu"}), ValueError,
      "device_mapp"),
+    ("model_init_kwargs with a dtype torch lacks", lambda m: _select(m, model_init_kwargs={"dtype": "float17"}),
+     ValueError, "model_init_kwargs['dtype'] must name a torch dtype (e.g. 'bfloat16'), got 'float17'"),
     ("model_init_kwargs with a model object", lambda m: _select(m, model_init_kwargs={"dtype": "float16"}),
      ValueError, "model is an object"),
     ("more JVP blocks than the model has", lambda m: _select(m, num_blocks=4), ValueError,

@@ -16,7 +16,7 @@ from .. import selection
 from ..data import load_rows
 from ..distributed import process_state
 from ..gradients import GradientConfig
-from ..models import DEFAULT_MODEL, load_model
+from ..models import DEFAULT_MODEL, load_model, torch_dtype
 
 
 @dataclass
@@ -269,7 +269,7 @@ def load_cli_model(model_args: ModelArguments, model_init_kwargs: dict | None = 
                          f"{init[clash[0]]!r}}} disagree: give it once.")
     merged = {**flags, **init}
     return load_model(model_args.model, revision=merged["revision"], device=merged["device"],
-                      dtype=getattr(torch, str(merged["dtype"]).removeprefix("torch.")),
+                      dtype=torch_dtype(merged["dtype"]),
                       attn_implementation=merged.get("attn_implementation"))
 
 
