@@ -22,12 +22,12 @@ from safetensors.torch import load_file, save_file
 
 from hf_influence import DEFAULT_MODEL, load_model
 from hf_influence.data import load_rows
-from hf_influence.rds_embeddings import lm_pooled_embeddings
+from hf_influence.rds_embeddings import lm_pooled_embeddings, pooled_batch
 from hf_influence.encoders import encode_rows
 from hf_influence.extract import extract_gradients, extract_jvp_embeddings
-from hf_influence.formatting import FormattingConfig, format_dataset
-from hf_influence.gradients import GradientConfig, PerSampleGradients
-from hf_influence.jvp import JVPConfig
+from hf_influence.formatting import FormattingConfig, format_dataset, pad_batch
+from hf_influence.gradients import GradientConfig, PerSampleGradients, causal_lm_parts
+from hf_influence.jvp import JVPConfig, JVPEmbedder
 from hf_influence.models import LoraSettings, add_lora
 from hf_influence.optimizers import affine_step
 from hf_influence.targets import load_target
@@ -50,7 +50,24 @@ JVP_VARIANTS = {
     "jvp": JVPConfig(),
     "jvp_reference": JVPConfig(num_tangents=2, perturb_embeddings=True),
     "jvp_response_mean": JVPConfig(jvp_pooling="response_mean"),
+    "jvp8": JVPConfig(num_blocks=8),  # (b) through more of the model: 8 of 30 blocks
 }
+# Cheap gradient features of the cost-vs-fidelity frontier, each cached for the pool and the targets so the lab can
+# regress on the vectors or on their inner products with the targets' (a "proxy influence"). SmolLM2-135M has 30
+# blocks. Pool rows are preconditioned by the warm-up's Adam state restricted to the tracked LoRA layers.
+PROXY_GRADIENTS = {
+    # (d) a smaller proxy: the model truncated to its first blocks (then the final norm and the LM head).
+    "trunc4": GradientConfig(num_blocks=4),
+    "trunc8": GradientConfig(num_blocks=8),
+    # (a) the exact LoRA gradient of the last block only: a full forward, a backward that stops after one block.
+    "tail1": GradientConfig(parameter_pattern=r"\.layers\.29\."),
+    # (c) LoGra-style low-rank factors (activations x output gradients) of the last two MLP down_proj, projected
+    # per layer to 16 x 16: no Adam state for base weights, so plain GD.
+    "logra_tail2": GradientConfig(parameters="pattern", parameter_pattern=r"^layers\.(28|29)\.mlp\.down_proj$",
+                                  projection="factored", factored_out_dim=16, factored_in_dim=16),
+}
+# Rows timed side by side, in one process, for the feature costs (seconds per row / a LoRA gradient row's).
+COST_ROWS = 48
 
 
 @dataclass
@@ -106,9 +123,11 @@ def _rds_embeddings(cache: Path, model, data: LabData, pad: int) -> None:
 
 
 def build_cache(cache: Path, data_dir: Path, pool_rows: int, target_rows: int, max_length: int, seed: int,
-                gradients: list[str], jvp_variants: list[str], variant_rows: int | None = None) -> LabData:
+                gradients: list[str], jvp_variants: list[str], variant_rows: int | None = None,
+                proxies: tuple[str, ...] = ()) -> LabData:
     """Compute (or resume) every cached piece; returns the formatted data. Gradient variants other than "lora"
-    cover the first `variant_rows` pool rows only when it is given (a cheaper side-by-side comparison)."""
+    cover the first `variant_rows` pool rows only when it is given (a cheaper side-by-side comparison).
+    `proxies`: PROXY_GRADIENTS features to cache; with any, the feature costs are measured too (costs.json)."""
     cache.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_model(DEFAULT_MODEL)
     model = add_lora(model, LoraSettings())
@@ -132,10 +151,13 @@ def build_cache(cache: Path, data_dir: Path, pool_rows: int, target_rows: int, m
     # The default JVP variant and LoRA gradients first: the lab's main comparison can start while the others run.
     steps = [("jvp", v) for v in jvp_variants[:1]] + [("gradients", g) for g in gradients[:1]] + [("rds", "rds")]
     steps += [("jvp", v) for v in jvp_variants[1:]] + [("gradients", g) for g in gradients[1:]]
+    steps += [("proxy", p) for p in proxies]
     for kind, variant in steps:
         started = time.perf_counter()
         if kind == "rds":
             _rds_embeddings(cache, model, data, pad)
+        elif kind == "proxy":
+            _proxy_gradients(cache, model, optimizer, data, variant, pad)
         elif kind == "jvp":
             extract_jvp_embeddings(model, data.pool, cache / variant, JVP_VARIANTS[variant], pad_token_id=pad,
                                    show_progress=False)
@@ -152,4 +174,53 @@ def build_cache(cache: Path, data_dir: Path, pool_rows: int, target_rows: int, m
                               pad_token_id=pad, show_progress=False)
         _log(f"{kind} {variant}: {time.perf_counter() - started:.0f} s")
         _record_seconds(cache, f"{kind}/{variant}", time.perf_counter() - started)
+    if proxies and not (cache / "costs.json").exists():
+        _measure_costs(cache, model, optimizer, data, jvp_variants, proxies, pad)
     return data
+
+
+def _proxy_gradients(cache: Path, model, optimizer, data: LabData, name: str, pad: int) -> None:
+    """A PROXY_GRADIENTS feature of every pool row (store cache/name) and of every target row (cache/name_target-t)."""
+    config = PROXY_GRADIENTS[name]
+    tracked = PerSampleGradients(model, config)
+    scale = affine_step(optimizer, tracked.parameters).scale if config.parameters == "lora" else None
+    for target_name, target in data.targets.items():
+        extract_gradients(model, target, cache / f"{name}_target-{target_name}", config, pad_token_id=pad,
+                          show_progress=False)
+    extract_gradients(model, data.pool, cache / name, config, preconditioner=scale, pad_token_id=pad,
+                      show_progress=False)
+
+
+def _measure_costs(cache: Path, model, optimizer, data: LabData, jvp_variants: list[str], proxies, pad: int) -> None:
+    """Seconds per row of every feature and of the exact LoRA gradient, measured side by side in this process on the
+    same COST_ROWS pool rows (batches as the extraction makes them, one untimed batch first): cache/costs.json."""
+    rows = [data.pool[i] for i in range(min(COST_ROWS + 8, len(data.pool)))]
+    batches = [pad_batch(rows[start:start + 8], pad) for start in range(0, len(rows), 8)]
+    full = PerSampleGradients(model, GRADIENTS["lora"])
+    scale = affine_step(optimizer, full.parameters).scale
+    compute = {"gradient": lambda batch: full.compute(batch, preconditioner=scale)}
+    for name in jvp_variants:
+        compute[name] = JVPEmbedder(model, JVP_VARIANTS[name]).embed
+    for name in proxies:
+        compute[name] = PerSampleGradients(model, PROXY_GRADIENTS[name]).compute
+
+    decoder, _ = causal_lm_parts(model)
+
+    def lm(batch):  # the "lm" feature: the base model's pooled last hidden state, a full forward pass
+        with model.disable_adapter(), torch.no_grad():
+            return pooled_batch(decoder, batch, torch.device("cpu"))
+    compute["lm"] = lm
+    seconds = {}
+    model.eval()
+    for name, function in compute.items():
+        function(batches[0])
+        started = time.perf_counter()
+        for batch in batches[1:]:
+            function(batch)
+        seconds[name] = (time.perf_counter() - started) / sum(len(b["input_ids"]) for b in batches[1:])
+        _log(f"cost {name}: {seconds[name] * 1000:.0f} ms per row")
+    record = {"rows": sum(len(b["input_ids"]) for b in batches[1:]), "seconds_per_row": seconds,
+              "fraction_of_gradient": {name: value / seconds["gradient"] for name, value in seconds.items()}}
+    tmp = cache / "costs.tmp"
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(cache / "costs.json")

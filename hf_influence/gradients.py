@@ -53,7 +53,14 @@ class GradientConfig:
                           "every Linear layer of the decoder whose qualified name matches `parameter_pattern`)."})
     parameter_pattern: str | None = field(
         default=None,
-        metadata={"help": 'regular expression (re.search) on module names for "pattern", e.g. "down_proj".'})
+        metadata={"help": 'regular expression (re.search) on module names: the Linear layers of "pattern", e.g. '
+                          '"down_proj"; with "lora", the LoRA layers kept (e.g. "layers\\.29\\." for the last '
+                          "block's adapters: the backward pass then stops there)."})
+    num_blocks: int | None = field(
+        default=None,
+        metadata={"help": "gradient of a truncated model: its first num_blocks decoder blocks, the final norm and "
+                          "the LM head, with the tracked layers of those blocks only (a cheap proxy of the full "
+                          "gradient, used as landmark regression features); None: the whole model."})
     normalize: bool = field(
         default=True,
         metadata={"help": "divide each gradient by its L2 norm (after preconditioning, before projection)."})
@@ -89,6 +96,8 @@ class GradientConfig:
             )
         if self.batch_size < 1:
             raise ValueError(f"GradientConfig.batch_size must be >= 1, got {self.batch_size}.")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError(f"GradientConfig.num_blocks must be >= 1 (or None for the whole model), got {self.num_blocks}.")
 
 
 @dataclass
@@ -118,7 +127,9 @@ def causal_lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return decoder, lm_head
 
 
-def _lora_layers(model: nn.Module) -> list[TrackedLayer]:
+def _lora_layers(model: nn.Module, pattern: str | None = None) -> list[TrackedLayer]:
+    """Every trainable LoRA A/B layer, or those whose name matches `pattern`: the others are left out on purpose
+    (their parameters keep requires_grad, but the backward pass never reaches them)."""
     peft_config = getattr(model, "peft_config", None)
     if not peft_config:
         raise GradientError(
@@ -151,7 +162,49 @@ def _lora_layers(model: nn.Module) -> list[TrackedLayer]:
         )
     if not layers:
         raise GradientError("The PEFT model has no trainable LoRA Linear layer.")
+    if pattern is not None:
+        regex = re.compile(pattern)
+        layers = [layer for layer in layers if regex.search(layer.name)]
+        if not layers:
+            raise GradientError(f"parameter_pattern={pattern!r} matches no LoRA layer of the model.")
     return layers
+
+
+def _in_blocks(layers: list[TrackedLayer], model: nn.Module, num_blocks: int) -> list[TrackedLayer]:
+    """The layers that belong to the first `num_blocks` decoder blocks."""
+    blocks = _decoder_blocks(model)
+    if num_blocks > len(blocks):
+        raise GradientError(f"GradientConfig.num_blocks={num_blocks} exceeds the model's {len(blocks)} blocks.")
+    kept = {id(module) for block in blocks[:num_blocks] for module in block.modules()}
+    layers = [layer for layer in layers if id(layer.module) in kept]
+    if not layers:
+        raise GradientError(f"The first {num_blocks} decoder blocks hold no tracked layer.")
+    return layers
+
+
+def _decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    decoder, _ = causal_lm_parts(model)
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise GradientError(f"{type(decoder).__name__} has no `layers` ModuleList: a truncated model (num_blocks) "
+                            f"needs a Llama/Qwen2-style decoder.")
+    return layers
+
+
+@contextmanager
+def first_blocks(model: nn.Module, num_blocks: int | None) -> Iterator[None]:
+    """Run the model with only its first `num_blocks` decoder blocks (then the final norm and the LM head), for the
+    duration; None leaves it whole. The blocks are shared, not copied."""
+    if num_blocks is None:
+        yield
+        return
+    decoder, _ = causal_lm_parts(model)
+    layers = _decoder_blocks(model)
+    decoder.layers = nn.ModuleList(list(layers[:num_blocks]))
+    try:
+        yield
+    finally:
+        decoder.layers = layers
 
 
 def _pattern_layers(model: nn.Module, pattern: str) -> list[TrackedLayer]:
@@ -225,9 +278,11 @@ class PerSampleGradients:
         self.model = model
         self.config = config or GradientConfig()
         if self.config.parameters == "lora":
-            self.layers = _lora_layers(model)
+            self.layers = _lora_layers(model, self.config.parameter_pattern)
         else:
             self.layers = _pattern_layers(model, self.config.parameter_pattern)
+        if self.config.num_blocks is not None:
+            self.layers = _in_blocks(self.layers, model, self.config.num_blocks)
         self.raw_dim = sum(p.numel() for layer in self.layers for _, p in layer.parameters)
         self._factored: list[FactoredProjector] | None = None
         self._projector: Projector | None = None
@@ -291,7 +346,7 @@ class PerSampleGradients:
         was_training = self.model.training
         self.model.eval()  # no dropout: the gradient must be a function of the sample alone
         try:
-            with self._capture() as captured:
+            with self._capture() as captured, first_blocks(self.model, self.config.num_blocks):
                 losses = per_sample_losses(self.model, batch)
                 outputs = [captured[layer.name][1] for layer in self.layers]
                 deltas = torch.autograd.grad(losses.sum(), outputs, allow_unused=True)

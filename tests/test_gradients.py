@@ -72,6 +72,42 @@ def test_full_parameter_pattern_matches_loop(arch):
     assert all(p.requires_grad for p in model.parameters())
 
 
+def test_truncated_model_gradient_matches_loop_on_a_truncated_copy():
+    """num_blocks: the per-sample gradient of the model cut after its first blocks (then the final norm and head)
+    equals HF's own loss on a copy whose decoder keeps those blocks only; the model itself stays whole."""
+    import copy
+
+    model, tokenizer = lora_model("llama", dtype=torch.float64, num_layers=3)
+    formatted, batch = formatted_batch(tokenizer)
+    per_sample = PerSampleGradients(model, GradientConfig(num_blocks=2, projection="none", normalize=False))
+    assert per_sample.parameter_names and all(".layers.2." not in name for name in per_sample.parameter_names)
+    assert any(".layers.1." in name for name in per_sample.parameter_names)
+    truncated = copy.deepcopy(model)
+    decoder = truncated.get_base_model().model
+    decoder.layers = torch.nn.ModuleList(list(decoder.layers[:2]))
+    named = dict(truncated.named_parameters())
+    reference = loop_gradients(truncated, [named[name] for name in per_sample.parameter_names], formatted)
+    assert relative_error(per_sample.raw(batch), reference) <= 1e-8
+    assert len(model.get_base_model().model.layers) == 3
+    full = PerSampleGradients(model, GradientConfig(projection="none", normalize=False))
+    assert relative_error(per_sample.raw(batch), full.raw(batch)[:, : per_sample.raw_dim]) > 1e-3  # not the full model's
+
+
+def test_lora_pattern_keeps_the_matching_slice_of_the_full_gradient():
+    model, tokenizer = lora_model("qwen2", dtype=torch.float64, num_layers=3)
+    _, batch = formatted_batch(tokenizer)
+    full = PerSampleGradients(model, GradientConfig(projection="none", normalize=False))
+    tail = PerSampleGradients(model, GradientConfig(parameter_pattern=r"\.layers\.2\.", projection="none", normalize=False))
+    assert tail.parameter_names and all(".layers.2." in name for name in tail.parameter_names)
+    columns = torch.cat([torch.full((p.numel(),), name in tail.parameter_names)
+                         for name, p in zip(full.parameter_names, full.parameters)])
+    assert relative_error(tail.raw(batch), full.raw(batch)[:, columns]) <= 1e-10
+    with pytest.raises(GradientError, match="matches no LoRA layer"):
+        PerSampleGradients(model, GradientConfig(parameter_pattern="no_such_layer"))
+    with pytest.raises(GradientError, match="exceeds the model's 3 blocks"):
+        PerSampleGradients(model, GradientConfig(num_blocks=4))
+
+
 def test_frozen_base_weights_are_restored():
     model, tokenizer = tiny_causal_lm("llama")
     for parameter in model.parameters():
