@@ -79,12 +79,18 @@ class SelectionConfig:
         default=None,
         metadata={"help": "first-order landmark runs with a budget: the regression shortlists the shortlist_factor x"
                           " budget rows it ranks highest (under the selection rule), those rows get exact gradients"
-                          " too, and every row with an exact gradient (landmarks and shortlist) is scored exactly "
-                          "before the rule selects. The choice among the likely rows is then exact influence's: in "
-                          "the fidelity lab (16:1) the selection's Jaccard overlap with exact influence's rose from"
-                          " 0.12-0.17 to 0.45-0.65 with 4, for up to 4 x budget more gradients. None: 4 for "
-                          "first-order runs with a budget, off otherwise; 0: off (landmark rows then ranked as "
-                          "landmark_scores says)."})
+                          " too and are scored exactly before the rule selects (an exact re-rank: the choice among "
+                          "the likely rows is exact influence's). None: 4 for first-order runs with a budget, off "
+                          "otherwise; 0: off (the paper's algorithm: the regression alone decides). "
+                          "exact_gradient_fraction bounds it."})
+    exact_gradient_fraction: float | None = field(
+        default=0.15,
+        metadata={"help": "the most exact gradients a landmark run takes, as a fraction of the pool rows: landmarks "
+                          "+ shortlisted rows <= exact_gradient_fraction x n (the landmarks take at most a quarter of"
+                          " it when the run shortlists, at least 16 rows). The pool side then costs about this "
+                          "fraction plus the features' (JVP: 0.17 of a gradient row) of exact influence's, whatever "
+                          "the budget: 0.15 keeps it >= 3x cheaper. None: no bound (num_landmarks and "
+                          "shortlist_factor as given; the shortlist grows with the budget)."})
     kernel: str = field(default="rbf", metadata={"help": 'kernel of the landmark regression: "rbf" or "linear".'})
     kernel_bandwidth: float | None = field(
         default=1.0,
@@ -162,6 +168,9 @@ class SelectionConfig:
         if self.shortlist_factor is not None and not self.shortlist_factor >= 0:
             raise ValueError(f"SelectionConfig.shortlist_factor must be >= 0 (0: off; None: 4 for first-order runs "
                              f"with a budget), got {self.shortlist_factor}")
+        if self.exact_gradient_fraction is not None and not 0 < self.exact_gradient_fraction <= 1:
+            raise ValueError(f"SelectionConfig.exact_gradient_fraction must be in (0, 1] (or None: no bound), got "
+                             f"{self.exact_gradient_fraction}")
         if self.shortlist_factor and self.order == 2:
             raise ValueError("shortlist_factor > 0 with order=2: the shortlist refines first-order scores only (the "
                              "second-order term of shortlisted rows is not computed). Pass shortlist_factor=0 (or "

@@ -6,7 +6,7 @@ import scipy.stats
 import torch
 
 import hf_influence
-from hf_influence import ScoreTable, SelectionError, select_by_influence
+from hf_influence import ScoreTable, SelectionConfig, SelectionError, select_by_influence
 from hf_influence.demo import demo_pool, demo_target
 from hf_influence.extract import extract_gradients
 from hf_influence.formatting import FormattingError
@@ -54,7 +54,7 @@ def test_landmarks_equal_to_the_pool_reproduce_exact_influence(pool, target, mod
     options = {"budget": 6, "optimizer_state": optimizer_state, "order": order, "step_size": 1e-3,
                "hessian": hessian}
     selected, table = _select(pool, target, model, num_landmarks=len(pool), landmark_selection=landmark_selection,
-                              kernel=kernel, **options)
+                              kernel=kernel, exact_gradient_fraction=None, **options)
     exact_selected, exact_table = _select(pool, target, model, method="influence_distillation_exact", **options)
     scores, rows, targets = table.to_matrix()
     exact_scores, exact_rows, exact_targets = exact_table.to_matrix()
@@ -75,7 +75,8 @@ def _copied_pool(copies: int = 4):
 @pytest.mark.parametrize("landmark_features", ["lm", "jvp+lm"])
 def test_other_regression_features_reproduce_exact_influence_with_landmarks_equal_to_the_pool(
         pool, target, model, landmark_features):
-    _, table = _select(pool, target, model, budget=4, num_landmarks=len(pool), landmark_features=landmark_features)
+    _, table = _select(pool, target, model, budget=4, num_landmarks=len(pool), landmark_features=landmark_features,
+                       exact_gradient_fraction=None)
     _, exact = _select(pool, target, lora_model(seed=0), budget=4, method="influence_distillation_exact")
     torch.testing.assert_close(table.to_matrix()[0], exact.to_matrix()[0])
     assert table.provenance["selected_pool_row_ids"] == exact.provenance["selected_pool_row_ids"]
@@ -105,13 +106,14 @@ def test_fewer_landmarks_track_exact_influence_without_favouring_landmarks(targe
     assert diagnostics["bandwidth_scale"] in BANDWIDTH_GRID and diagnostics["bandwidth"] > 0
 
 
-@pytest.mark.parametrize("rule", ["round_robin", "mean_top_k"])
-def test_the_shortlist_scores_the_rows_the_regression_ranks_highest_exactly(target, rule):
+@pytest.mark.parametrize(("rule", "landmark_scores"),
+                         [("round_robin", "loo"), ("mean_top_k", "loo"), ("round_robin", "exact")])
+def test_the_shortlist_scores_the_rows_the_regression_ranks_highest_exactly(target, rule, landmark_scores):
     """Brute force: the shortlist is the rule's choice of shortlist_factor x budget rows from the run without a
-    shortlist (landmarks ranked by leave-one-out); those rows and the landmarks then carry exact influence, every
-    other row its prediction, and the rule selects from that. It cannot pick worse rows than no shortlist here."""
+    shortlist (landmarks ranked by leave-one-out, or exactly with landmark_scores="exact"); those rows then carry
+    exact influence, every other row its score in the run without shortlist, and the rule selects from that. It cannot pick worse rows than no shortlist."""
     pool, budget = _copied_pool(), 4  # 48 rows, 8 landmarks: the regression alone is far from exact
-    options = {"budget": budget, "selection": rule}
+    options = {"budget": budget, "selection": rule, "landmark_scores": landmark_scores, "exact_gradient_fraction": None}
     _, exact = _select(pool, target, lora_model(seed=0), **options, method="influence_distillation_exact")
     _, plain = _select(pool, target, lora_model(seed=0), **options, num_landmarks=8, shortlist_factor=0)
     _, refined = _select(pool, target, lora_model(seed=0), **options, num_landmarks=8, shortlist_factor=3)
@@ -119,7 +121,8 @@ def test_the_shortlist_scores_the_rows_the_regression_ranks_highest_exactly(targ
     shortlist = select_indices(plain_scores, 3 * budget, rule=rule)
     scored_exactly = torch.zeros(len(pool), dtype=torch.bool)
     scored_exactly[shortlist] = True
-    scored_exactly |= plain.landmark_mask
+    if landmark_scores == "exact":
+        scored_exactly |= plain.landmark_mask
     torch.testing.assert_close(refined_scores[scored_exactly], exact_scores[scored_exactly], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(refined_scores[~scored_exactly], plain_scores[~scored_exactly])
     selected = refined.provenance["selected_pool_row_ids"]
@@ -128,16 +131,63 @@ def test_the_shortlist_scores_the_rows_the_regression_ranks_highest_exactly(targ
     streamed = select_by_influence(pool, target, model=network, tokenizer=tokenizer, **FAST, **options,
                                    num_landmarks=8, shortlist_factor=3)
     assert streamed["id"] == pool.select(selected)["id"]
-    diagnostics = refined.provenance["details"]["landmarks"]
-    assert diagnostics["shortlist_rows"] == 3 * budget and diagnostics["landmark_scores"] == "exact"
-    assert diagnostics["shortlist_new_gradients"] == int((scored_exactly & ~plain.landmark_mask).sum())
+    details = refined.provenance["details"]
+    diagnostics = details["landmarks"]
+    assert diagnostics["shortlist_rows"] == 3 * budget
+    assert diagnostics["landmark_scores"] == ("exact" if landmark_scores == "exact" else "loo outside the shortlist")
+    new = torch.zeros(len(pool), dtype=torch.bool)
+    new[shortlist] = True
+    new &= ~plain.landmark_mask
+    assert diagnostics["shortlist_new_gradients"] == int(new.sum())
     assert diagnostics["shortlist_rule"] == rule and -1 <= diagnostics["shortlist_spearman"] <= 1
+    cost = details["exact_gradients"]
+    assert cost["exact_gradient_rows"] == 8 + int(new.sum()) and cost["bound_rows"] is None
+    assert cost["decided_by"] == "ID + exact re-rank (12 shortlisted rows)"
+    assert cost["predicted_speedup_vs_exact"] == pytest.approx(1 / (0.17 + cost["exact_gradient_rows"] / 48))
 
     def overlap(table):
         chosen, best = set(table.provenance["selected_pool_row_ids"]), set(exact.provenance["selected_pool_row_ids"])
         return len(chosen & best) / len(chosen | best)
 
-    assert overlap(refined) >= overlap(plain) and overlap(refined) > 0
+    if landmark_scores == "loo":  # exact landmarks tie with their copies' exact scores, which exact ID picks first
+        assert overlap(refined) >= overlap(plain) and overlap(refined) > 0
+
+
+@pytest.mark.parametrize(("rows", "budget", "options", "expected"), [
+    # The default at a real budget: landmarks take a quarter of 15% of the pool, the shortlist the rest.
+    (100_000, 5_000, {}, (3750, 11250, 15000)),
+    (100_000, 10_000, {}, (3750, 11250, 15000)),
+    # A small budget: 4 x budget fits under the bound.
+    (100_000, 1_000, {}, (3750, 4000, 15000)),
+    # A tiny pool: at least 16 landmarks, the shortlist gets what the bound leaves (nothing here).
+    (40, 4, {}, (16, 0, 6)),
+    # No budget (compute_scores): no shortlist, the landmarks take the whole bound.
+    (100_000, None, {}, (4096, 0, 15000)),
+    (100_000, None, {"num_landmarks": 50_000}, (15000, 0, 15000)),
+    # No bound: the settings as given (the shortlist then grows with the budget).
+    (100_000, 10_000, {"exact_gradient_fraction": None}, (4096, 40000, None)),
+    # Every row a landmark: exact influence, no shortlist.
+    (100, 5, {"exact_gradient_fraction": None, "num_landmarks": 100}, (100, 0, None)),
+    (100_000, 10_000, {"shortlist_factor": 0}, (4096, 0, 15000)),
+])
+def test_exact_gradient_plan_bounds_landmarks_and_shortlist(rows, budget, options, expected):
+    from hf_influence.methods.influence_distillation import exact_gradient_plan
+
+    plan = exact_gradient_plan(SelectionConfig(**options), rows, budget)
+    assert (plan.landmarks, plan.shortlist, plan.bound) == expected
+    if plan.bound is not None:
+        assert plan.landmarks + plan.shortlist <= max(plan.bound, 16)
+
+
+def test_a_bounded_run_takes_no_more_exact_gradients_than_the_bound_and_reports_it(target):
+    pool = _copied_pool()  # 48 rows; bound 0.5 x 48 = 24: 16 landmarks (the minimum), a shortlist of 8
+    _, table = _select(pool, target, lora_model(seed=0), budget=4, exact_gradient_fraction=0.5)
+    cost = table.provenance["details"]["exact_gradients"]
+    assert (cost["bound_rows"], cost["landmark_rows"], cost["shortlist_rows"]) == (24, 16, 8)
+    assert cost["exact_gradient_rows"] <= 24 and int(table.landmark_mask.sum()) == 16
+    new = table.provenance["details"]["landmarks"]["shortlist_new_gradients"]
+    assert cost["exact_gradient_rows"] == 16 + new
+    assert cost["measured_speedup_vs_exact"] > 0
 
 
 def test_the_shortlist_needs_a_budget_and_first_order(pool, target, model):

@@ -101,6 +101,13 @@ def print_report(report: dict, top: int | None = 20) -> None:
         print(f"  landmarks: {landmarks['num_landmarks']} ({landmarks['landmark_share_pool']:.1%} of the pool, "
               f"{landmarks['landmark_share_selected']:.1%} of the selection); leave-one-out Spearman "
               f"{spearman}; {bandwidth}ridge {landmarks['ridge']:g}")
+    if "exact_gradients" in report:
+        cost = report["exact_gradients"]
+        measured = ("" if cost["measured_speedup_vs_exact"] is None
+                    else f", measured {cost['measured_speedup_vs_exact']:.1f}x")
+        print(f"  decided by: {cost['decided_by']}; exact gradients for {cost['exact_gradient_rows']} rows "
+              f"({cost['exact_gradient_share']:.1%} of the pool); pool side vs exact influence: predicted "
+              f"{cost['predicted_speedup_vs_exact']:.1f}x cheaper{measured}")
     if report["selected_share"]:
         selected = report["selected_share"]
         groups = sorted(report["pool_share"].items(), key=lambda item: (-selected.get(item[0], 0.0), item[0]))
@@ -124,10 +131,11 @@ def select_and_report(pool: Dataset, target: Dataset, model, tokenizer, budget, 
         method, model_id, seconds = (table.provenance["method"], table.provenance["model_id"],
                                      table.provenance["details"].get("seconds", {}))
         landmarks = table.provenance["details"].get("landmarks")
+        cost = table.provenance["details"].get("exact_gradients")
     else:  # streamed: no table, so no per-stage timings or landmark diagnostics either (the warning still logs)
         selected = select_by_influence(pool, target, model=model, tokenizer=tokenizer, budget=budget, **options)
         table, method, seconds = None, options["method"], {"total": time.perf_counter() - start}
-        model_id, landmarks = model_identity(model)[0], None
+        model_id, landmarks, cost = model_identity(model)[0], None, None
     report = {
         "method": method, "model_id": model_id,
         "pool_rows": len(pool), "target_rows": len(target), "selected_rows": len(selected),
@@ -138,6 +146,8 @@ def select_and_report(pool: Dataset, target: Dataset, model, tokenizer, budget, 
     }
     if landmarks is not None:
         report["landmarks"] = landmarks
+    if cost is not None:
+        report["exact_gradients"] = cost
     return selected, table, report
 
 

@@ -8,6 +8,7 @@ landmark and target gradients -> P_L = G_L G_T^T -> regression -> robust weights
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import scipy.stats
 import torch
@@ -25,8 +26,8 @@ from ..selection import GROUPED_RULES, RULES
 from ..store import VectorStore, fingerprint_dataset
 from ..robust_weighting import robust_weights
 from ..verbosity import get_logger
-from .stores import (gradient_vectors, landmark_feature_rows, optimizer_step, pool_row_gradients, store_rows,
-                     target_gradient_vectors)
+from .stores import (gradient_vectors, landmark_feature_rows, optimizer_step, pool_row_gradients, pool_row_scores,
+                     store_rows, target_gradient_vectors)
 
 logger = get_logger(__name__)
 
@@ -102,10 +103,13 @@ def _weights(context: Context, p: Tensor, q_factors: tuple[Tensor, Tensor] | Non
 @register_method("influence_distillation", default_selection="round_robin", robust_weights=True, second_order=True,
                  streams=True)
 def influence_distillation(context: Context) -> MethodOutput:
-    """Landmark Influence Distillation: exact gradients for k landmarks, KRR on JVP embeddings for the rest."""
+    """Landmark Influence Distillation: exact gradients for k landmarks, KRR on cheap row features for the rest,
+    then (first order, with a budget) an exact re-rank of the rows the regression shortlists; the landmarks and the
+    shortlist together stay within exact_gradient_fraction of the pool."""
     config, n = context.config, len(context.pool)
     if "jvp" in config.landmark_features:  # a model too shallow for num_blocks is refused before the warm-up runs
         truncated_decoder(context.model, context.configs[JVPConfig].num_blocks)
+    plan = exact_gradient_plan(config, n, context.budget_rows)
     tracked = PerSampleGradients(context.model, context.configs[GradientConfig])
     step = optimizer_step(context, tracked)
     store = landmark_feature_rows(context)
@@ -114,13 +118,17 @@ def influence_distillation(context: Context) -> MethodOutput:
     embeddings = store if isinstance(store, Tensor) else None
     if embeddings is None and (config.landmark_selection == "kmeans++" or config.order == 2):
         embeddings = store.to_tensor()
-    k = min(config.num_landmarks, n)
+    k = plan.landmarks
     landmarks = select_landmarks(n, k, config.landmark_selection, embeddings=embeddings, seed=config.selection_seed)
     landmark_rows = context.pool.select(landmarks.tolist())
     preconditioner = None if step is None else step.scale
-    landmark_vectors = pool_row_gradients(context, landmarks, "landmark_gradients", preconditioner)
     target_vectors = target_gradient_vectors(context)
-    landmark_scores = first_order_scores(landmark_vectors, target_vectors)  # [k, m]
+    if config.order == 2:
+        landmark_vectors = pool_row_gradients(context, landmarks, "landmark_gradients", preconditioner)
+        landmark_scores, computed = first_order_scores(landmark_vectors, target_vectors), None  # [k, m]
+    else:  # streamed from the store: the landmarks' gradients are never all in memory
+        landmark_scores, computed = pool_row_scores(context, landmarks, "landmark_gradients", preconditioner,
+                                                    target_vectors)
     regression_columns = landmark_scores
     if config.order == 2:
         q_landmarks, drift_product = _landmark_second_order(context, tracked, landmark_rows, landmark_vectors, step, n)
@@ -140,10 +148,13 @@ def influence_distillation(context: Context) -> MethodOutput:
     stream = ScoreStream(store if embeddings is None else embeddings, regressor,
                          {"exact_rows": landmarks, "exact_scores": regressor.loo if calibrated else regression_columns},
                          config.chunk_rows)
-    size = shortlist_size(context, k)
-    if size:
-        stream = _shortlisted(context, stream, store, landmarks, landmark_scores, target_vectors, preconditioner,
-                              size, details["landmarks"])
+    exact_rows = k
+    if plan.shortlist:
+        stream, new, new_computed = _shortlisted(context, stream, store, landmarks, landmark_scores, target_vectors,
+                                                 preconditioner, plan.shortlist, details["landmarks"], calibrated)
+        exact_rows += new
+        computed = None if computed is None else computed + new_computed
+    details["exact_gradients"] = _cost_report(context, plan, exact_rows, computed)
     if config.order == 1 and context.stream_selection:
         return MethodOutput(None, landmark_mask=landmark_mask, stream=stream, details=details)
     with context.timed("regression"):
@@ -161,31 +172,98 @@ def influence_distillation(context: Context) -> MethodOutput:
     return MethodOutput(scores, _weights(context, p, (transfer, q_landmarks), eta), landmark_mask, details=details)
 
 
-# Shortlist rows per budget row when SelectionConfig.shortlist_factor is None: the fidelity lab's choice (16:1,
-# 5% budget: selection Jaccard against exact influence 0.45-0.65, against 0.12-0.17 with no shortlist).
+# Shortlist rows per budget row when SelectionConfig.shortlist_factor is None (then bounded by
+# exact_gradient_fraction): benchmarks/landmark_fidelity.py measures what the re-rank buys per gradient.
 SHORTLIST_FACTOR = 4.0
+# With a shortlist, the landmarks take at most this share of the exact-gradient bound, and at least MIN_LANDMARKS
+# rows: the fidelity lab finds a gradient spent on the shortlist worth more than one spent on a landmark.
+LANDMARK_SHARE = 0.25
+MIN_LANDMARKS = 16
+# Seconds of one pool row of each regression feature / of one exact gradient row, measured side by side on the
+# 2-core CPU (benchmarks/results/landmark_fidelity_cpu.json, "feature_costs"): the predicted speed-up.
+FEATURE_COSTS = {"jvp": 0.17, "lm": 0.34}
 
 
-def shortlist_size(context: Context, num_landmarks: int) -> int:
-    """Rows the regression shortlists for exact gradients: shortlist_factor x budget (None: SHORTLIST_FACTOR for
-    a first-order run with a budget), 0 when there is no shortlist or every pool row is a landmark."""
-    factor, budget, n = context.config.shortlist_factor, context.budget_rows, len(context.pool)
+@dataclass(frozen=True)
+class ExactGradientPlan:
+    """How many pool rows a landmark run gives exact gradients: `landmarks` plus at most `shortlist` more (the
+    shortlist may contain landmarks, which need none); `bound` is exact_gradient_fraction x n (None: unbounded)."""
+
+    landmarks: int
+    shortlist: int
+    bound: int | None
+
+
+def exact_gradient_plan(config, num_rows: int, budget: int | None) -> ExactGradientPlan:
+    """The landmarks and shortlist of a run on `num_rows` pool rows selecting `budget` rows (None: scores only):
+    num_landmarks and shortlist_factor x budget (SHORTLIST_FACTOR when None, first-order runs with a budget),
+    bounded together by exact_gradient_fraction x num_rows, of which the landmarks take at most LANDMARK_SHARE
+    (at least MIN_LANDMARKS) when there is a shortlist."""
+    factor = config.shortlist_factor
     if factor is None:
-        factor = SHORTLIST_FACTOR if context.config.order == 1 and budget is not None else 0.0
+        factor = SHORTLIST_FACTOR if config.order == 1 and budget is not None else 0.0
     elif factor > 0 and budget is None:
         raise ValueError("shortlist_factor > 0 needs the run's budget: compute_scores selects nothing; use "
                          "select_by_influence (or leave shortlist_factor None).")
-    if factor == 0 or num_landmarks >= n:
-        return 0
-    return min(n, math.ceil(factor * budget))
+    landmarks = min(config.num_landmarks, num_rows)
+    shortlist = min(num_rows, math.ceil(factor * budget)) if factor else 0
+    bound = None
+    if config.exact_gradient_fraction is not None:
+        bound = max(1, math.floor(config.exact_gradient_fraction * num_rows))
+        if shortlist:
+            landmarks = min(landmarks, max(MIN_LANDMARKS, math.floor(LANDMARK_SHARE * bound)))
+        else:
+            landmarks = min(landmarks, max(MIN_LANDMARKS, bound))
+        shortlist = min(shortlist, max(0, bound - landmarks))
+    if landmarks >= num_rows:
+        shortlist = 0
+    return ExactGradientPlan(landmarks, shortlist, bound)
+
+
+def _cost_report(context: Context, plan: ExactGradientPlan, exact_rows: int, computed: int | None) -> dict:
+    """What decided the selection and what the run's pool side cost against exact influence's: predicted from
+    FEATURE_COSTS, and measured (this run's feature and gradient seconds against n gradients at this run's own
+    gradient rate; None when no gradient was computed here). Warns when the run is no cheaper than exact."""
+    n, config = len(context.pool), context.config
+    if plan.landmarks >= n:
+        decided_by = "exact ID (every pool row a landmark)"
+    elif plan.shortlist:
+        decided_by = f"ID + exact re-rank ({plan.shortlist} shortlisted rows)"
+    else:
+        decided_by = "landmark ID (the regression alone, as the paper)"
+    parts = config.landmark_features.split("+")
+    feature_cost = sum(FEATURE_COSTS.get(part, 1.0) for part in parts)
+    predicted = 1.0 / (feature_cost + exact_rows / n)
+    seconds = context.seconds
+    gradient_seconds = seconds.get("landmark_gradients", 0.0) + seconds.get("shortlist_gradients", 0.0)
+    measured = None
+    if computed:
+        feature_seconds = sum(seconds.get(f"{part}_embeddings", 0.0) for part in parts)
+        measured = n * gradient_seconds / computed / (feature_seconds + gradient_seconds)
+    report = {"decided_by": decided_by, "exact_gradient_fraction": config.exact_gradient_fraction,
+              "bound_rows": plan.bound, "landmark_rows": plan.landmarks, "shortlist_rows": plan.shortlist,
+              "exact_gradient_rows": exact_rows, "exact_gradient_share": exact_rows / n,
+              "predicted_speedup_vs_exact": predicted, "measured_speedup_vs_exact": measured}
+    slowest = min(value for value in (predicted, measured) if value is not None)
+    if slowest < 1.0:
+        logger.warning("This landmark run is no cheaper than exact influence (%s speed-up %.2fx: %d exact gradients "
+                       "for %d pool rows, plus the features): use method='influence_distillation_exact', or lower "
+                       "exact_gradient_fraction / num_landmarks / shortlist_factor.",
+                       "measured" if measured is not None and measured == slowest else "predicted", slowest,
+                       exact_rows, n)
+    return report
 
 
 def _shortlisted(context: Context, stream: ScoreStream, store, landmarks: Tensor, landmark_scores: Tensor,
-                 target_vectors: Tensor, preconditioner: Tensor | None, size: int, diagnostics: dict) -> ScoreStream:
-    """The stream with exact first-order scores for the landmarks and for the `size` rows the regression ranks
-    highest under the run's rule ("mean_top_k" for weighted sampling, whose weights follow the mean score):
-    their gradients are computed (or read from a finished exact store), so the rule's choice among the likely
-    rows is exact influence's. Records the shortlist's size and fidelity in `diagnostics`."""
+                 target_vectors: Tensor, preconditioner: Tensor | None, size: int, diagnostics: dict,
+                 calibrated: bool) -> tuple[ScoreStream, int, int]:
+    """The stream with exact first-order scores for the `size` rows the regression ranks highest under the run's
+    rule ("mean_top_k" for weighted sampling, whose weights follow the mean score): their gradients are computed
+    (or read from a finished exact store), so the rule's choice among the likely rows is exact influence's.
+    Landmarks the regression did not shortlist keep their leave-one-out scores when `calibrated` (so a uniformly
+    drawn row does not outrank predicted rows for being exact), their exact ones otherwise. Returns the stream,
+    the new (non-landmark) shortlisted rows and how many gradients were computed; records the shortlist's size
+    and fidelity in `diagnostics`."""
     rule = context.rule if context.rule in RULES else "mean_top_k"
     groups = context.target_tasks if rule in GROUPED_RULES else None
     with context.timed("shortlist"):
@@ -193,17 +271,21 @@ def _shortlisted(context: Context, stream: ScoreStream, store, landmarks: Tensor
     new = shortlist[~torch.isin(shortlist, landmarks)].sort().values
     # A store per shortlist (its rows depend on the target and the settings): a rerun reuses its own.
     folder = f"shortlist_gradients-{fingerprint_dataset(context.pool.select(new.tolist()))[:16]}" if len(new) else None
-    new_scores = (first_order_scores(pool_row_gradients(context, new, "shortlist_gradients", preconditioner, folder),
-                                     target_vectors) if len(new) else landmark_scores[:0])
+    new_scores, computed = (pool_row_scores(context, new, "shortlist_gradients", preconditioner, target_vectors, folder)
+                            if len(new) else (landmark_scores[:0], 0))
     fidelity = None
     if len(new):
         embeddings = store_rows(store, new) if isinstance(store, VectorStore) else store[new]
         predicted = stream.predictor.predict(embeddings)[:, : new_scores.shape[1]].double().mean(1)
         fidelity = _spearman(predicted, new_scores.double().mean(1))
-    diagnostics.update(landmark_scores="exact", shortlist_rows=size, shortlist_new_gradients=len(new),
-                       shortlist_rule=rule, shortlist_spearman=fidelity)
-    exact = {"exact_rows": torch.cat([landmarks, new]), "exact_scores": torch.cat([landmark_scores, new_scores])}
-    return ScoreStream(stream.embeddings, stream.predictor, exact, stream.chunk_rows)
+    shortlisted = torch.isin(landmarks, shortlist)
+    kept = stream.exact["exact_scores"][:, : landmark_scores.shape[1]] if calibrated else landmark_scores
+    landmark_values = torch.where(shortlisted[:, None], landmark_scores.to(kept.dtype), kept)
+    diagnostics.update(landmark_scores="loo outside the shortlist" if calibrated else "exact", shortlist_rows=size,
+                       shortlist_new_gradients=len(new), shortlist_rule=rule, shortlist_spearman=fidelity)
+    exact = {"exact_rows": torch.cat([landmarks, new]),
+             "exact_scores": torch.cat([landmark_values, new_scores.to(landmark_values.dtype)])}
+    return ScoreStream(stream.embeddings, stream.predictor, exact, stream.chunk_rows), len(new), computed
 
 
 def _spearman(predicted: Tensor, exact: Tensor) -> float | None:

@@ -14,7 +14,7 @@ from ..engine import Context
 from ..extract import extract_gradients, extract_jvp_embeddings, extract_lm_embeddings, finished_gradients
 from ..gradients import GradientConfig, PerSampleGradients
 from ..jvp import JVPConfig
-from ..landmarks import concatenate_scaled
+from ..landmarks import concatenate_scaled, first_order_scores
 from ..optimizer_warmup import WarmupConfig, warmup
 from ..optimizers import AffineStep, affine_step
 from ..store import VectorStore, fingerprint_dataset
@@ -77,18 +77,43 @@ def landmark_feature_rows(context: Context) -> VectorStore | Tensor:
     return concatenate_scaled([store.to_tensor() for store in stores], seed=context.config.selection_seed)
 
 
-def pool_row_gradients(context: Context, rows: Tensor, name: str, preconditioner: Tensor | None,
-                       folder: str | None = None) -> Tensor:
-    """Gradients [r, d] of some pool rows (landmarks, a shortlist), timed as `name`. When an exact run on this
-    work_dir already holds every pool row's gradient (same model, adapter, data and settings), its rows are
-    read: trying other landmark settings after an exact run then costs no model pass. Otherwise they are
+def pool_row_store(context: Context, rows: Tensor, name: str, preconditioner: Tensor | None,
+                   folder: str | None = None) -> tuple[VectorStore, Tensor, int]:
+    """The gradient store holding some pool rows (landmarks, a shortlist), timed as `name`: (store, the rows'
+    positions in it [r], how many gradients this call computed). When an exact run on this work_dir already holds
+    every pool row's gradient (same model, adapter, data and settings), that store is used and nothing is computed:
+    trying other landmark settings after an exact run then costs no model pass. Otherwise the rows' gradients are
     computed into work_dir/folder (default: name)."""
     exact = finished_gradients(context.model, context.pool, context.work_dir / "pool_gradients",
                                context.configs[GradientConfig], preconditioner)
-    if exact is None:
-        return gradient_vectors(context, context.pool.select(rows.tolist()), name, preconditioner, folder)
+    if exact is not None:
+        return exact, rows, 0
     with context.timed(name):
-        return store_rows(exact, rows)
+        store = extract_gradients(context.model, context.pool.select(rows.tolist()), context.work_dir / (folder or name),
+                                  context.configs[GradientConfig], preconditioner=preconditioner,
+                                  pad_token_id=context.tokenizer.pad_token_id, overwrite=context.config.overwrite,
+                                  show_progress=context.show_progress)
+    return store, torch.arange(len(rows)), len(rows)
+
+
+def pool_row_gradients(context: Context, rows: Tensor, name: str, preconditioner: Tensor | None,
+                       folder: str | None = None) -> Tensor:
+    """Gradients [r, d] of some pool rows in memory (the order-2 terms need them; first-order runs stream their
+    scores with `pool_row_scores`)."""
+    store, positions, _ = pool_row_store(context, rows, name, preconditioner, folder)
+    return store_rows(store, positions)
+
+
+def pool_row_scores(context: Context, rows: Tensor, name: str, preconditioner: Tensor | None, targets: Tensor,
+                    folder: str | None = None) -> tuple[Tensor, int]:
+    """First-order scores [r, m] of some pool rows against the target gradients [m, d], streamed from their
+    gradient store chunk_rows rows at a time (memory: r x m scores, not r x d gradients), and how many gradients
+    this call computed (0: read from an exact run's store)."""
+    store, positions, computed = pool_row_store(context, rows, name, preconditioner, folder)
+    chunk = context.config.chunk_rows
+    blocks = [first_order_scores(store_rows(store, positions[start:start + chunk]), targets)
+              for start in range(0, len(positions), chunk)]
+    return (torch.cat(blocks) if blocks else targets.new_zeros(0, len(targets))), computed
 
 
 def store_rows(store: VectorStore, rows: Tensor) -> Tensor:
