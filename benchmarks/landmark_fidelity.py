@@ -34,6 +34,7 @@ import argparse
 import itertools
 import json
 import logging
+import math
 import os
 import platform
 import sys
@@ -46,23 +47,28 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import scipy.stats
 import torch
 from datasets.utils.logging import disable_progress_bar
-from fidelity_cache import GRADIENTS, JVP_VARIANTS, TARGETS, build_cache
+from fidelity_cache import GRADIENTS, JVP_VARIANTS, PROXY_GRADIENTS, TARGETS, build_cache
 from machine_info import cpu_model
 from safetensors.torch import load_file
 
 from hf_influence.data import load_rows
 from hf_influence.landmarks import LandmarkRegressor, concatenate_scaled, select_landmarks
-from hf_influence.methods.influence_distillation import SHORTLIST_FACTOR, landmark_diagnostics
+from hf_influence.methods.influence_distillation import exact_gradient_plan, landmark_diagnostics
 from hf_influence.options import SelectionConfig
 from hf_influence.selection import select_indices
 from hf_influence.store import VectorStore
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 IN_DOMAIN = {"gsm8k": ("flan_cot/gsm8k", "flan_cot/aqua"), "mmlu": None, "bbh": None}
-FEATURES = ("jvp", "jvp_reference", "jvp_response_mean", "lm", "minilm", "jvp+lm", "jvp+minilm")
+FEATURES = ("jvp", "jvp_reference", "jvp_response_mean", "jvp8", "lm", "minilm", "jvp+lm", "jvp+minilm",
+            *PROXY_GRADIENTS, *(f"{name}@scores" for name in PROXY_GRADIENTS))
+# "NAME@scores": the proxy gradients' inner products with the target rows' proxy gradients ([n, m], one column per
+# target row), a "proxy influence" the regression then maps to exact influence; "NAME": the proxy vectors themselves.
 # Feature names as SelectionConfig.landmark_features spells them ("lm": the RDS+ embeddings, cached as rds_*).
 CACHE_NAMES = {"lm": "rds"}
 LANDMARK_COUNTS = (32, 64, 128, 256, 512)
+BOUNDS = (0.10, 0.15, 0.25)  # exact_gradient_fraction values evaluated (0.15: the library's default)
+BUDGETS = (0.05, 0.10)
 RULES = ("round_robin", "mean_top_k")
 BUDGET_FRACTION = 0.05
 
@@ -79,22 +85,55 @@ class Lab:
         self.sources = [raw[row]["source"] for row in row_ids]
         self.n = len(row_ids)
         self.budget = max(1, round(BUDGET_FRACTION * self.n))
-        self.features = {name: self._features(name) for name in FEATURES if self._has_features(name)}
+        self.proxies = {name: self._proxy(name) for name in PROXY_GRADIENTS if self._has_proxy(name)}
+        self.features = {name: self._features(name) for name in FEATURES if "@" not in name and self._has_features(name)}
+        self.features.update({name: None for name in FEATURES if "@" in name and name.split("@")[0] in self.proxies})
+        costs = cache / "costs.json"
+        self.costs = json.loads(costs.read_text())["fraction_of_gradient"] if costs.exists() else {}
         if "jvp" not in self.features:
             raise FileNotFoundError(f"{cache / 'jvp'} is missing or incomplete: build the cache first")
         self.gradients = {kind: self._gradients(kind) for kind in GRADIENTS if self._has_gradients(kind)}
 
+    def _has_proxy(self, name: str) -> bool:
+        folders = [name] + [f"{name}_target-{t}" for t in TARGETS]
+        return all((self.cache / f).exists() and VectorStore.open(self.cache / f).is_complete() for f in folders)
+
+    def _proxy(self, name: str) -> dict:
+        """A PROXY_GRADIENTS feature: pool vectors [n, d'] and per target its rows' vectors [m, d']."""
+        return {"pool": VectorStore.open(self.cache / name).to_tensor().double(),
+                "targets": {t: VectorStore.open(self.cache / f"{name}_target-{t}").to_tensor().double() for t in TARGETS}}
+
+    def feature(self, name: str, target: str) -> torch.Tensor:
+        """[n, e] float64 regression features of every pool row for this target."""
+        if name.endswith("@scores"):
+            proxy = self.proxies[name.split("@")[0]]
+            return proxy["pool"] @ proxy["targets"][target].T
+        return self.features[name]
+
+    def cost(self, name: str) -> float | None:
+        """Seconds per pool row of a feature / of an exact gradient row (costs.json); a concatenation adds its parts."""
+        parts = [part.split("@")[0] for part in name.split("+")]
+        return sum(self.costs[part] for part in parts) if all(part in self.costs for part in parts) else None
+
+    def proxy_spearman(self, name: str, target: str) -> float:
+        """Spearman of the mean proxy influence (no regression) against exact influence's per-row mean."""
+        exact = self.gradients["lora"]["exact"][target]
+        return float(scipy.stats.spearmanr(self.feature(f"{name}@scores", target).mean(1).numpy(),
+                                           exact.mean(1).numpy()).statistic)
+
     def _has_features(self, name: str) -> bool:
         parts = name.split("+")
         return all((self.cache / part).exists() and VectorStore.open(self.cache / part).is_complete()
-                   if part in JVP_VARIANTS else (self.cache / f"{CACHE_NAMES.get(part, part)}_pool.safetensors").exists()
+                   if part in JVP_VARIANTS or part in PROXY_GRADIENTS else (self.cache / f"{CACHE_NAMES.get(part, part)}_pool.safetensors").exists()
                    for part in parts)
 
     def _features(self, name: str) -> torch.Tensor:
         """[n, e] float64; a concatenation is scaled part by part as the library does (`concatenate_scaled`)."""
         parts = []
         for part in name.split("+"):
-            if part in JVP_VARIANTS:
+            if part in self.proxies:
+                values = self.proxies[part]["pool"]
+            elif part in JVP_VARIANTS:
                 values = VectorStore.open(self.cache / part).to_tensor().double()
             else:
                 values = load_file(str(self.cache / f"{CACHE_NAMES.get(part, part)}_pool.safetensors"))["embeddings"].double()
@@ -125,13 +164,16 @@ class Lab:
 
     def evaluate(self, target: str, features: str, k: int, seed: int, landmark_selection: str = "uniform",
                  kernel: str = "rbf", bandwidth: float | None = None, ridge: float | None = None,
-                 landmark_scores: str = "loo", gradient_cosine: bool = False, shortlist_factor: float = 0) -> dict:
-        """Metrics of one landmark configuration on one target, per selection rule. With shortlist_factor > 0,
-        as the library does (SelectionConfig.shortlist_factor): the rule shortlists shortlist_factor x budget rows
-        from the scores above, and those rows and the landmarks are then scored exactly (their gradients are rows
-        of the exact store); spearman and topk_jaccard are then per rule, on the final scores."""
+                 landmark_scores: str = "loo", gradient_cosine: bool = False, shortlist: int = 0,
+                 budget_fraction: float = BUDGET_FRACTION) -> dict:
+        """Metrics of one landmark configuration on one target, per selection rule, selecting budget_fraction of
+        the pool. With shortlist > 0, as the library does: the rule shortlists that many rows from the scores
+        above, and those rows are then scored exactly (their gradients are rows of the exact store), landmarks
+        outside the shortlist keep their leave-one-out scores ("loo") or their exact ones ("exact"); spearman and
+        topk_jaccard are then per rule, on the final scores. cost_fraction: the pool side's cost against exact
+        influence's, the feature's measured cost plus the rows with an exact gradient over n."""
         exact = self.gradients["lora"]["exact"][target]
-        embeddings = self.features[features]
+        embeddings = self.feature(features, target)
         landmarks = select_landmarks(self.n, k, landmark_selection, embeddings=embeddings.float(), seed=seed)
         regressor = LandmarkRegressor().fit(embeddings[landmarks], exact[landmarks], kernel=kernel, ridge=ridge,
                                             bandwidth=bandwidth, seed=seed)
@@ -141,7 +183,7 @@ class Lab:
         mask = torch.zeros(self.n, dtype=torch.bool)
         mask[landmarks] = True
         means, exact_means = scores.mean(1), exact.mean(1)
-        top = self.budget
+        top = max(1, round(budget_fraction * self.n))
         result = {
             "spearman": float(scipy.stats.spearmanr(means.numpy(), exact_means.numpy()).statistic),
             "topk_jaccard": _jaccard(means.topk(top).indices, exact_means.topk(top).indices),
@@ -150,13 +192,16 @@ class Lab:
         }
         for rule in RULES:
             final, extra = scores, {}
-            if shortlist_factor:
-                shortlist = select_indices(scores.float(), round(shortlist_factor * top), rule=rule, seed=seed)
+            exact_rows = k
+            if shortlist:
+                chosen_rows = select_indices(scores.float(), shortlist, rule=rule, seed=seed)
                 final = scores.clone()
-                final[shortlist], final[landmarks] = exact[shortlist], exact[landmarks]
+                final[chosen_rows] = exact[chosen_rows]
+                exact_rows = int((mask | torch.isin(torch.arange(self.n), chosen_rows)).sum())
                 extra = {"spearman": float(scipy.stats.spearmanr(final.mean(1).numpy(), exact_means.numpy()).statistic),
-                         "topk_jaccard": _jaccard(final.mean(1).topk(top).indices, exact_means.topk(top).indices),
-                         "exact_rows": int((mask | torch.isin(torch.arange(self.n), shortlist)).sum())}
+                         "topk_jaccard": _jaccard(final.mean(1).topk(top).indices, exact_means.topk(top).indices)}
+            cost = self.cost(features)
+            extra.update(exact_rows=exact_rows, cost_fraction=None if cost is None else cost + exact_rows / self.n)
             chosen = select_indices(final.float(), top, rule=rule, seed=seed)
             reference = select_indices(exact.float(), top, rule=rule, seed=seed)
             result[rule] = {"selection_jaccard": _jaccard(chosen, reference),
@@ -169,12 +214,35 @@ class Lab:
         return result
 
 
+    def uniform_exact(self, target: str, rows: int, budget_fraction: float, seed: int, rule: str) -> dict:
+        """The cost-matched control: exact influence on `rows` uniformly drawn pool rows only (as many exact
+        gradients as a bounded run takes, no features), the rule selecting from them."""
+        exact = self.gradients["lora"]["exact"][target]
+        top = max(1, round(budget_fraction * self.n))
+        drawn = select_landmarks(self.n, rows, "uniform", seed=seed)
+        chosen = drawn[select_indices(exact[drawn].float(), top, rule=rule, seed=seed)]
+        reference = select_indices(exact.float(), top, rule=rule, seed=seed)
+        return {"selection_jaccard": _jaccard(chosen, reference), "in_domain_share": self.in_domain_share(target, chosen),
+                "exact_rows": rows, "cost_fraction": rows / self.n}
+
     def ceiling(self, target: str, features: str) -> float:
         """Spearman of the leave-one-out predictions with every other pool row as a landmark (k = n): the most a
         regression on these features can recover of exact influence's per-row ranking, at any k."""
         exact = self.gradients["lora"]["exact"][target]
-        regressor = LandmarkRegressor().fit(self.features[features], exact)
+        regressor = LandmarkRegressor().fit(self.feature(features, target), exact)
         return float(scipy.stats.spearmanr(regressor.loo.mean(1).numpy(), exact.mean(1).numpy()).statistic)
+
+
+def bounded_name(features: str, fraction: float, budget: float, scores: str) -> str:
+    return f"bounded/{features}/f{fraction:g}/b{budget:g}/{scores}-landmarks"
+
+
+def bounded_options(lab: Lab, features: str, fraction: float, budget: float, scores: str) -> dict:
+    """`evaluate` options of the library's cost-bounded path: landmarks and shortlist from exact_gradient_plan."""
+    config = SelectionConfig(exact_gradient_fraction=fraction, landmark_scores=scores)
+    plan = exact_gradient_plan(config, lab.n, max(1, round(budget * lab.n)))
+    return {"features": features, "k": plan.landmarks, "shortlist": plan.shortlist, "landmark_scores": scores,
+            "bandwidth": config.kernel_bandwidth, "ridge": config.kernel_ridge}
 
 
 def _jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -185,6 +253,10 @@ def _jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
 def _mean(values: list) -> float | None:
     values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else None
+
+
+def _mean_dicts(results: list[dict]) -> dict:
+    return {key: _mean([result[key] for result in results]) for key in results[0]}
 
 
 def _flatten(result: dict, rule: str) -> dict:
@@ -324,15 +396,34 @@ def main() -> int:
                 configs[name] = averaged(lab, seeds, features=features, k=min(128, counts[-1]), landmark_scores=scores,
                                          **options)
 
-    # The shortlist (the library's default: 4 x budget; median bandwidth, ridge 0.01 as the library's defaults),
-    # by factor at 16:1 and by k at factor 4, and with leave-one-out bandwidth and ridge.
+    # The shortlist by factor at 16:1 and by k at factor 4 (median bandwidth, ridge 0.01 as the library's
+    # defaults), every landmark scored exactly as 0.5 did, and with leave-one-out bandwidth and ridge.
     for k, factor, label, options in [(128, 2, "median/ridge0.01", {"bandwidth": 1.0, "ridge": 0.01}),
                                       (128, 3, "median/ridge0.01", {"bandwidth": 1.0, "ridge": 0.01}),
                                       *[(k, 4, "median/ridge0.01", {"bandwidth": 1.0, "ridge": 0.01}) for k in counts],
                                       (128, 4, "loo-tuned", {})]:
         if k in counts:
             name = f"jvp/k{k}/{label}/shortlist{factor:g}"
-            configs[name] = averaged(lab, seeds, features="jvp", k=k, shortlist_factor=factor, **options)
+            configs[name] = averaged(lab, seeds, features="jvp", k=k, shortlist=round(factor * lab.budget),
+                                     landmark_scores="exact", **options)
+    # The cost-bounded library path (exact_gradient_plan: landmarks + shortlist <= fraction x n) per feature, bound
+    # and budget, with the library's kernel settings; and its cost-matched control.
+    bounded, controls = {}, {}
+    for features, fraction, budget, scores in itertools.product(
+            [f for f in features_list if lab.cost(f) is not None], BOUNDS, BUDGETS, ("loo", "exact")):
+        name = bounded_name(features, fraction, budget, scores)
+        bounded[name] = averaged(lab, seeds, budget_fraction=budget,
+                                 **bounded_options(lab, features, fraction, budget, scores))
+        mean = bounded[name]["mean"]["round_robin"]
+        print(f"{name:<50} spearman {mean['spearman']:.3f} selection {mean['selection_jaccard']:.3f} cost "
+              f"{mean['cost_fraction']:.3f} landmarks {mean['landmark_share_selected']:.2f}/"
+              f"{mean['landmark_share_pool']:.2f}", flush=True)
+    for fraction, budget in itertools.product(BOUNDS, BUDGETS):
+        rows = math.floor(fraction * lab.n)
+        control = {t: {rule: _mean_dicts([lab.uniform_exact(t, rows, budget, seed, rule) for seed in seeds])
+                       for rule in RULES} for t in TARGETS}
+        control["mean"] = {rule: _mean_dicts([control[t][rule] for t in TARGETS]) for rule in RULES}
+        controls[f"uniform_exact/f{fraction:g}/b{budget:g}"] = control
     summary = {
         "config": {"model": "HuggingFaceTB/SmolLM2-135M-Instruct (offline copy)", "pool_rows": args.pool_rows,
                    "usable_rows": lab.n, "max_length": args.max_length, "targets": {t: args.target_rows for t in TARGETS},
@@ -342,7 +433,11 @@ def main() -> int:
         "cache_seconds": cache_seconds, "evaluation_seconds": time.perf_counter() - started - cache_seconds,
         "references": references(lab, args.cache),
         "ceilings": {features: {t: lab.ceiling(t, features) for t in TARGETS} for features in features_list},
-        "configs": configs,
+        "proxy_spearman": {name: {t: lab.proxy_spearman(name, t) for t in TARGETS} for name in lab.proxies},
+        "feature_costs": {"fraction_of_gradient": {f: lab.cost(f) for f in features_list},
+                          "measured": json.loads((args.cache / "costs.json").read_text())
+                          if (args.cache / "costs.json").exists() else None},
+        "configs": configs, "bounded": bounded, "cost_matched_controls": controls,
     }
     # Configurations and ceilings of an earlier run with the same settings that this run did not evaluate (e.g.
     # other --features) are kept, so a partial rerun refreshes what it evaluates and loses nothing.
@@ -353,17 +448,16 @@ def main() -> int:
                                      if name not in configs}, **configs}
             summary["ceilings"] = {**earlier.get("ceilings", {}), **summary["ceilings"]}
     default = SelectionConfig()
-    tuning = "loo-tuned" if default.kernel_bandwidth is None else f"median/ridge{default.kernel_ridge:g}"
-    shortlist = SHORTLIST_FACTOR if default.shortlist_factor is None else default.shortlist_factor
-    if shortlist:
-        best_name = f"jvp/k128/{tuning}/shortlist{shortlist:g}"
-    else:
-        best_name = (f"jvp/k128/uniform/rbf/loo-tuned/{default.landmark_scores}-landmarks" if tuning == "loo-tuned"
-                     else f"jvp/k128/{tuning}/{default.landmark_scores}-landmarks")
     rule = default.selection or "round_robin"
-    if best_name in configs:
-        summary["best"] = {"name": best_name, "rule": rule, **configs[best_name]["mean"][rule],
-                           "per_target": {t: configs[best_name][t][rule] for t in TARGETS}}
+    summary["budgets"] = []
+    for budget in BUDGETS:
+        name = bounded_name(default.landmark_features, default.exact_gradient_fraction, budget, default.landmark_scores)
+        if name in bounded:
+            entry = {"name": name, "rule": rule, "budget": budget, **bounded[name]["mean"][rule],
+                     "per_target": {t: bounded[name][t][rule] for t in TARGETS}}
+            summary["budgets"].append(entry)
+            if budget == BUDGET_FRACTION:
+                summary["best"] = entry
     exact = summary["references"].get("exact_lora", {}).get("gsm8k", {})
     summary["exact"] = {"in_domain_share": exact.get("round_robin"), "in_domain_share_mean_top_k": exact.get("mean_top_k")}
     print_tables(summary)

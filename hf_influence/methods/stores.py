@@ -110,10 +110,15 @@ def pool_row_scores(context: Context, rows: Tensor, name: str, preconditioner: T
     gradient store chunk_rows rows at a time (memory: r x m scores, not r x d gradients), and how many gradients
     this call computed (0: read from an exact run's store)."""
     store, positions, computed = pool_row_store(context, rows, name, preconditioner, folder)
-    chunk = context.config.chunk_rows
-    blocks = [first_order_scores(store_rows(store, positions[start:start + chunk]), targets)
-              for start in range(0, len(positions), chunk)]
-    return (torch.cat(blocks) if blocks else targets.new_zeros(0, len(targets))), computed
+    return store_scores(store, positions, targets, context.config.chunk_rows), computed
+
+
+def store_scores(store: VectorStore, positions: Tensor, targets: Tensor, chunk_rows: int) -> Tensor:
+    """First-order scores [r, m] of the store's rows at `positions` [r] against targets [m, d], reading at most
+    chunk_rows gradients at a time."""
+    blocks = [first_order_scores(store_rows(store, positions[start:start + chunk_rows]), targets)
+              for start in range(0, len(positions), chunk_rows)]
+    return torch.cat(blocks) if blocks else targets.new_zeros(0, len(targets))
 
 
 def store_rows(store: VectorStore, rows: Tensor) -> Tensor:
