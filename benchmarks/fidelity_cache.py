@@ -57,8 +57,8 @@ JVP_VARIANTS = {
 # blocks. Pool rows are preconditioned by the warm-up's Adam state restricted to the tracked LoRA layers.
 PROXY_GRADIENTS = {
     # (d) a smaller proxy: the model truncated to its first blocks (then the final norm and the LM head).
-    "trunc4": GradientConfig(num_blocks=4),
-    "trunc8": GradientConfig(num_blocks=8),
+    "trunc4": GradientConfig(gradient_blocks=4),
+    "trunc8": GradientConfig(gradient_blocks=8),
     # (a) the exact LoRA gradient of the last block only: a full forward, a backward that stops after one block.
     "tail1": GradientConfig(parameter_pattern=r"\.layers\.29\."),
     # (c) LoGra-style low-rank factors (activations x output gradients) of the last two MLP down_proj, projected

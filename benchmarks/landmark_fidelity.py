@@ -354,6 +354,8 @@ def main() -> int:
     parser.add_argument("--seeds", default="0,1,2", help="Landmark draws averaged per configuration.")
     parser.add_argument("--gradients", default="lora,down_proj", help=f"Gradient variants to cache: {list(GRADIENTS)}.")
     parser.add_argument("--jvp", default=",".join(JVP_VARIANTS), help=f"JVP variants to cache: {list(JVP_VARIANTS)}.")
+    parser.add_argument("--proxies", default=",".join(PROXY_GRADIENTS),
+                        help=f"Proxy-gradient features to cache (and whose costs to measure): {list(PROXY_GRADIENTS)}.")
     parser.add_argument("--variant-rows", type=int, default=None,
                         help="Compute gradient variants other than lora on the first N pool rows only (cheaper).")
     parser.add_argument("--features", default=",".join(FEATURES), help="Regression features to evaluate.")
@@ -369,7 +371,8 @@ def main() -> int:
     started = time.perf_counter()
     if not args.evaluate_only:
         build_cache(args.cache, args.data_dir, args.pool_rows, args.target_rows, args.max_length, args.seed,
-                    args.gradients.split(","), args.jvp.split(","), args.variant_rows)
+                    args.gradients.split(","), args.jvp.split(","), args.variant_rows,
+                    tuple(p for p in args.proxies.split(",") if p))
     cache_seconds = time.perf_counter() - started
     lab = Lab(args.cache, args.data_dir, args.seed)
     seeds = [int(s) for s in args.seeds.split(",")]

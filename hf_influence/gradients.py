@@ -56,9 +56,9 @@ class GradientConfig:
         metadata={"help": 'regular expression (re.search) on module names: the Linear layers of "pattern", e.g. '
                           '"down_proj"; with "lora", the LoRA layers kept (e.g. "layers\\.29\\." for the last '
                           "block's adapters: the backward pass then stops there)."})
-    num_blocks: int | None = field(
+    gradient_blocks: int | None = field(
         default=None,
-        metadata={"help": "gradient of a truncated model: its first num_blocks decoder blocks, the final norm and "
+        metadata={"help": "gradient of a truncated model: its first gradient_blocks decoder blocks, the final norm and "
                           "the LM head, with the tracked layers of those blocks only (a cheap proxy of the full "
                           "gradient, used as landmark regression features); None: the whole model."})
     normalize: bool = field(
@@ -96,8 +96,9 @@ class GradientConfig:
             )
         if self.batch_size < 1:
             raise ValueError(f"GradientConfig.batch_size must be >= 1, got {self.batch_size}.")
-        if self.num_blocks is not None and self.num_blocks < 1:
-            raise ValueError(f"GradientConfig.num_blocks must be >= 1 (or None for the whole model), got {self.num_blocks}.")
+        if self.gradient_blocks is not None and self.gradient_blocks < 1:
+            raise ValueError(f"GradientConfig.gradient_blocks must be >= 1 (or None for the whole model), got "
+                             f"{self.gradient_blocks}.")
 
 
 @dataclass
@@ -174,7 +175,7 @@ def _in_blocks(layers: list[TrackedLayer], model: nn.Module, num_blocks: int) ->
     """The layers that belong to the first `num_blocks` decoder blocks."""
     blocks = _decoder_blocks(model)
     if num_blocks > len(blocks):
-        raise GradientError(f"GradientConfig.num_blocks={num_blocks} exceeds the model's {len(blocks)} blocks.")
+        raise GradientError(f"GradientConfig.gradient_blocks={num_blocks} exceeds the model's {len(blocks)} blocks.")
     kept = {id(module) for block in blocks[:num_blocks] for module in block.modules()}
     layers = [layer for layer in layers if id(layer.module) in kept]
     if not layers:
@@ -186,7 +187,7 @@ def _decoder_blocks(model: nn.Module) -> nn.ModuleList:
     decoder, _ = causal_lm_parts(model)
     layers = getattr(decoder, "layers", None)
     if not isinstance(layers, nn.ModuleList):
-        raise GradientError(f"{type(decoder).__name__} has no `layers` ModuleList: a truncated model (num_blocks) "
+        raise GradientError(f"{type(decoder).__name__} has no `layers` ModuleList: a truncated model (gradient_blocks) "
                             f"needs a Llama/Qwen2-style decoder.")
     return layers
 
@@ -281,8 +282,8 @@ class PerSampleGradients:
             self.layers = _lora_layers(model, self.config.parameter_pattern)
         else:
             self.layers = _pattern_layers(model, self.config.parameter_pattern)
-        if self.config.num_blocks is not None:
-            self.layers = _in_blocks(self.layers, model, self.config.num_blocks)
+        if self.config.gradient_blocks is not None:
+            self.layers = _in_blocks(self.layers, model, self.config.gradient_blocks)
         self.raw_dim = sum(p.numel() for layer in self.layers for _, p in layer.parameters)
         self._factored: list[FactoredProjector] | None = None
         self._projector: Projector | None = None
@@ -346,7 +347,7 @@ class PerSampleGradients:
         was_training = self.model.training
         self.model.eval()  # no dropout: the gradient must be a function of the sample alone
         try:
-            with self._capture() as captured, first_blocks(self.model, self.config.num_blocks):
+            with self._capture() as captured, first_blocks(self.model, self.config.gradient_blocks):
                 losses = per_sample_losses(self.model, batch)
                 outputs = [captured[layer.name][1] for layer in self.layers]
                 deltas = torch.autograd.grad(losses.sum(), outputs, allow_unused=True)

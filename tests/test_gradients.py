@@ -73,13 +73,13 @@ def test_full_parameter_pattern_matches_loop(arch):
 
 
 def test_truncated_model_gradient_matches_loop_on_a_truncated_copy():
-    """num_blocks: the per-sample gradient of the model cut after its first blocks (then the final norm and head)
+    """gradient_blocks: the per-sample gradient of the model cut after its first blocks (then the final norm and head)
     equals HF's own loss on a copy whose decoder keeps those blocks only; the model itself stays whole."""
     import copy
 
     model, tokenizer = lora_model("llama", dtype=torch.float64, num_layers=3)
     formatted, batch = formatted_batch(tokenizer)
-    per_sample = PerSampleGradients(model, GradientConfig(num_blocks=2, projection="none", normalize=False))
+    per_sample = PerSampleGradients(model, GradientConfig(gradient_blocks=2, projection="none", normalize=False))
     assert per_sample.parameter_names and all(".layers.2." not in name for name in per_sample.parameter_names)
     assert any(".layers.1." in name for name in per_sample.parameter_names)
     truncated = copy.deepcopy(model)
@@ -105,7 +105,7 @@ def test_lora_pattern_keeps_the_matching_slice_of_the_full_gradient():
     with pytest.raises(GradientError, match="matches no LoRA layer"):
         PerSampleGradients(model, GradientConfig(parameter_pattern="no_such_layer"))
     with pytest.raises(GradientError, match="exceeds the model's 3 blocks"):
-        PerSampleGradients(model, GradientConfig(num_blocks=4))
+        PerSampleGradients(model, GradientConfig(gradient_blocks=4))
 
 
 def test_frozen_base_weights_are_restored():
