@@ -82,6 +82,10 @@ def _gradient_record(gradients: PerSampleGradients, config: GradientConfig, prec
     record = asdict(config)
     # Stores written before projection_seed was renamed recorded it as "seed": the same name keeps them valid.
     record["seed"] = record.pop("projection_seed")
+    # Whole-model gradients are what stores recorded before gradient_blocks existed: leaving the field out when it
+    # is None keeps those stores valid (a truncated model's gradients record it and so never match them).
+    if record["gradient_blocks"] is None:
+        del record["gradient_blocks"]
     return {
         **record,
         "parameter_names_digest": hashlib.sha256("\n".join(gradients.parameter_names).encode()).hexdigest(),
