@@ -320,6 +320,71 @@ def _subset_references(lab: Lab, rows: int, cache: Path) -> dict:
     return out
 
 
+def print_frontier(summary: dict) -> None:
+    """Markdown tables for README: each feature family's measured cost and k = n ceiling (and, for proxy
+    gradients, the Spearman of the proxy influence itself), then the cost-bounded path and its controls."""
+    costs = summary["feature_costs"]["fraction_of_gradient"]
+    print("\n| features | cost / gradient row | ceiling GSM8K | MMLU | BBH | mean | proxy influence alone (GSM8K / MMLU / BBH) |")
+    print("|---|---|---|---|---|---|---|")
+    for name, ceilings in sorted(summary["ceilings"].items(), key=lambda item: (costs.get(item[0]) or 9, item[0])):
+        cost = "" if costs.get(name) is None else f"{costs[name]:.2f}"
+        proxy = summary["proxy_spearman"].get(name)
+        direct = "" if proxy is None else " / ".join(f"{proxy[t]:.2f}" for t in TARGETS)
+        print(f"| {name} | {cost} | " + " | ".join(f"{ceilings[t]:.3f}" for t in TARGETS)
+              + f" | {_mean(list(ceilings.values())):.3f} | {direct} |")
+    print("\n| cost-bounded path (round_robin, mean of 3 targets) | selection Jaccard | Spearman | top-5% Jaccard | "
+          "cost / exact | landmarks selected / pool |")
+    print("|---|---|---|---|---|---|")
+    for name, result in summary["bounded"].items():
+        mean = result["mean"]["round_robin"]
+        print(f"| {name} | {mean['selection_jaccard']:.3f} | {mean['spearman']:.3f} | {mean['topk_jaccard']:.3f} | "
+              f"{mean['cost_fraction']:.3f} | {mean['landmark_share_selected']:.3f} / {mean['landmark_share_pool']:.3f} |")
+    for name, result in summary["cost_matched_controls"].items():
+        mean = result["mean"]["round_robin"]
+        print(f"| control: {name} | {mean['selection_jaccard']:.3f} | | | {mean['cost_fraction']:.3f} | |")
+
+
+def plot_frontier(summary: dict, path: Path) -> None:
+    """benchmarks/results/landmark_fidelity_frontier_cpu.png: each feature family's k = n ceiling (mean and per
+    target) against its measured cost per row, and the cost-bounded default's selection Jaccard by bound."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    costs = summary["feature_costs"]["fraction_of_gradient"]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 5))
+    for name, ceilings in summary["ceilings"].items():
+        if costs.get(name) is None:
+            continue
+        x = costs[name]
+        left.scatter([x] * len(TARGETS), [ceilings[t] for t in TARGETS], s=12, color="grey", alpha=0.5)
+        left.scatter([x], [_mean(list(ceilings.values()))], s=40)
+        left.annotate(name, (x, _mean(list(ceilings.values()))), fontsize=8, xytext=(4, 2), textcoords="offset points")
+    left.axhline(0.8, linestyle="--", color="red", linewidth=0.8)
+    left.axvline(0.35, linestyle="--", color="red", linewidth=0.8)
+    left.set_xlabel("feature cost per row / exact LoRA gradient row (measured)")
+    left.set_ylabel("k = n leave-one-out Spearman vs exact ID (grey: per target)")
+    left.set_title("Regression features: cost vs ceiling")
+    for features in sorted({name.split("/")[1] for name in summary["bounded"]}):
+        for budget in BUDGETS:
+            points = sorted((result["mean"]["round_robin"]["cost_fraction"], result["mean"]["round_robin"]["selection_jaccard"])
+                            for name, result in summary["bounded"].items()
+                            if name.split("/")[1] == features and name.endswith("loo-landmarks") and f"/b{budget:g}/" in name)
+            if points:
+                right.plot(*zip(*points), marker="o", label=f"{features}, budget {budget:.0%}")
+    for name, result in summary["cost_matched_controls"].items():
+        mean = result["mean"]["round_robin"]
+        right.scatter([mean["cost_fraction"]], [mean["selection_jaccard"]], marker="x", color="black")
+    right.set_xlabel("pool-side cost / exact influence's (features + exact gradients)")
+    right.set_ylabel("selection Jaccard vs exact ID (round-robin)")
+    right.set_title("Cost-bounded default by exact_gradient_fraction (x: uniform exact rows)")
+    right.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
 def print_tables(summary: dict) -> None:
     """Markdown tables for README: the main grid (round-robin) and the references."""
     print("\n| configuration (round_robin) | spearman | top-5% Jaccard | selection Jaccard | landmarks selected / pool "
@@ -464,7 +529,9 @@ def main() -> int:
     exact = summary["references"].get("exact_lora", {}).get("gsm8k", {})
     summary["exact"] = {"in_domain_share": exact.get("round_robin"), "in_domain_share_mean_top_k": exact.get("mean_top_k")}
     print_tables(summary)
+    print_frontier(summary)
     args.json.parent.mkdir(parents=True, exist_ok=True)
+    plot_frontier(summary, args.json.with_name(args.json.stem + "_frontier.png"))
     tmp = args.json.with_suffix(".tmp")
     tmp.write_text(json.dumps(summary, indent=1))
     tmp.replace(args.json)
