@@ -20,7 +20,7 @@ from .optimizer_warmup import WarmupConfig
 from .registry import METHODS
 from .selection import RULES
 
-LANDMARK_FEATURES = ("jvp", "lm", "jvp+lm")
+LANDMARK_FEATURES = ("jvp", "lm", "jvp+lm", "truncated_gradient")
 
 
 @dataclass
@@ -65,9 +65,11 @@ class SelectionConfig:
         default="jvp",
         metadata={"help": 'what the kernel regression reads for every pool row: "jvp" (JVP embeddings, '
                           "JVPConfig), \"lm\" (the base model's RDS+ embeddings: position-weighted mean of the last"
-                          ' hidden state, one forward pass of the whole model), or "jvp+lm" (both, each scaled by'
+                          ' hidden state, one forward pass of the whole model), "jvp+lm" (both, each scaled by'
                           " its median pairwise distance so that both weigh the same in the kernel; held in "
-                          "memory, [n, e_jvp + hidden])."})
+                          'memory, [n, e_jvp + hidden]) or "truncated_gradient" (the run\'s per-sample gradient, '
+                          "preconditioned and projected, of the model cut after JVPConfig.num_blocks blocks: the "
+                          "same truncated model as the JVP features, a backward pass instead of a forward-mode one)."})
     landmark_scores: str = field(
         default="loo",
         metadata={"help": 'what landmark rows are ranked by when there are fewer landmarks than pool rows: "loo" '

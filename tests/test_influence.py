@@ -72,7 +72,7 @@ def _copied_pool(copies: int = 4):
     return datasets.Dataset.from_list([dict(row, id=f"{row['id']}/copy{c}") for c in range(copies) for row in base])
 
 
-@pytest.mark.parametrize("landmark_features", ["lm", "jvp+lm"])
+@pytest.mark.parametrize("landmark_features", ["lm", "jvp+lm", "truncated_gradient"])
 def test_other_regression_features_reproduce_exact_influence_with_landmarks_equal_to_the_pool(
         pool, target, model, landmark_features):
     _, table = _select(pool, target, model, budget=4, num_landmarks=len(pool), landmark_features=landmark_features,
@@ -80,7 +80,8 @@ def test_other_regression_features_reproduce_exact_influence_with_landmarks_equa
     _, exact = _select(pool, target, lora_model(seed=0), budget=4, method="influence_distillation_exact")
     torch.testing.assert_close(table.to_matrix()[0], exact.to_matrix()[0])
     assert table.provenance["selected_pool_row_ids"] == exact.provenance["selected_pool_row_ids"]
-    assert "lm_embeddings" in table.provenance["details"]["seconds"]
+    part = "truncated_gradient" if landmark_features == "truncated_gradient" else "lm"
+    assert f"{part}_embeddings" in table.provenance["details"]["seconds"]
 
 
 @pytest.mark.parametrize("rule", ["round_robin", "mean_top_k"])

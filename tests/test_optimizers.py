@@ -104,3 +104,23 @@ def test_plain_gd_and_refusals():
         affine_step(optimizer, fresh)
     with pytest.raises(OptimizerStateError, match="not supported"):
         affine_step(torch.optim.RMSprop(fresh), fresh)
+
+
+def test_a_preconditioner_restricted_to_a_truncated_model_is_that_models_own():
+    """restricted_scale: the full run's Adam scale sliced to a truncated model's adapters equals the scale
+    affine_step builds for those adapters directly."""
+    from hf_influence.gradients import GradientConfig, PerSampleGradients
+    from hf_influence.methods.stores import restricted_scale
+    from hf_influence.optimizers import affine_step
+    from hf_influence.testing import lora_model
+
+    model, _ = lora_model(num_layers=3)
+    full = PerSampleGradients(model, GradientConfig())
+    part = PerSampleGradients(model, GradientConfig(gradient_blocks=2))
+    optimizer = torch.optim.AdamW(full.parameters, lr=1e-3)
+    for parameter in full.parameters:
+        parameter.grad = torch.randn_like(parameter)
+    optimizer.step()
+    assert part.raw_dim < full.raw_dim
+    torch.testing.assert_close(restricted_scale(affine_step(optimizer, full.parameters).scale, full, part),
+                               affine_step(optimizer, part.parameters).scale)

@@ -107,12 +107,12 @@ def influence_distillation(context: Context) -> MethodOutput:
     then (first order, with a budget) an exact re-rank of the rows the regression shortlists; the landmarks and the
     shortlist together stay within exact_gradient_fraction of the pool."""
     config, n = context.config, len(context.pool)
-    if "jvp" in config.landmark_features:  # a model too shallow for num_blocks is refused before the warm-up runs
+    if config.landmark_features != "lm":  # a model too shallow for num_blocks is refused before the warm-up runs
         truncated_decoder(context.model, context.configs[JVPConfig].num_blocks)
     plan = exact_gradient_plan(config, n, context.budget_rows)
     tracked = PerSampleGradients(context.model, context.configs[GradientConfig])
     step = optimizer_step(context, tracked)
-    store = landmark_feature_rows(context)
+    store = landmark_feature_rows(context, step, tracked)
     # Uniform landmarks and first-order scores need only the landmarks' rows in memory (the rest is read from
     # the store in blocks); kmeans++ and the order-2 transfer matrix need all [n, e] embeddings.
     embeddings = store if isinstance(store, Tensor) else None
@@ -181,7 +181,7 @@ LANDMARK_SHARE = 0.25
 MIN_LANDMARKS = 16
 # Seconds of one pool row of each regression feature / of one exact gradient row, measured side by side on the
 # 2-core CPU (benchmarks/results/landmark_fidelity_cpu.json, "feature_costs"): the predicted speed-up.
-FEATURE_COSTS = {"jvp": 0.17, "lm": 0.34}
+FEATURE_COSTS = {"jvp": 0.17, "lm": 0.34, "truncated_gradient": 0.13}
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@ work_dir (gradients of pool, landmark and target rows; JVP and LM embeddings of 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -52,14 +53,24 @@ def target_gradient_vectors(context: Context) -> Tensor:
     return gradient_vectors(context, context.target, "target_gradients", None, folder)
 
 
-def feature_store(context: Context, part: str) -> VectorStore:
-    """One part of the regression features of every pool row, in a resumable store under work_dir."""
+def feature_store(context: Context, part: str, step: AffineStep | None = None,
+                  tracked: PerSampleGradients | None = None) -> VectorStore:
+    """One part of the regression features of every pool row, in a resumable store under work_dir. step and
+    tracked: the run's optimizer step and gradients ("truncated_gradient" takes its preconditioner from them)."""
     pad, show = context.tokenizer.pad_token_id, context.show_progress
     if part == "jvp":
         with context.timed("jvp_embeddings"):
             return extract_jvp_embeddings(context.model, context.pool, context.work_dir / "jvp",
                                           context.configs[JVPConfig], pad_token_id=pad,
                                           overwrite=context.config.overwrite, show_progress=show)
+    if part == "truncated_gradient":
+        config = replace(context.configs[GradientConfig], gradient_blocks=context.configs[JVPConfig].num_blocks)
+        truncated = PerSampleGradients(context.model, config)
+        scale = None if step is None else restricted_scale(step.scale, tracked, truncated)
+        with context.timed("truncated_gradient_embeddings"):
+            return extract_gradients(context.model, context.pool, context.work_dir / "truncated_gradients", config,
+                                     preconditioner=scale, pad_token_id=pad, overwrite=context.config.overwrite,
+                                     show_progress=show)
     # The base model's representation, as method="rds" computes it (the warm-up's adapter is switched off).
     with context.timed("lm_embeddings"):
         return extract_lm_embeddings(context.model, context.pool, context.work_dir / "lm_embeddings",
@@ -67,11 +78,21 @@ def feature_store(context: Context, part: str) -> VectorStore:
                                      overwrite=context.config.overwrite, show_progress=show)
 
 
-def landmark_feature_rows(context: Context) -> VectorStore | Tensor:
+def restricted_scale(scale: Tensor, full: PerSampleGradients, part: PerSampleGradients) -> Tensor:
+    """The entries [part.raw_dim] of a preconditioner over `full`'s parameters [full.raw_dim] that belong to
+    `part`'s parameters (a subset of them, e.g. a truncated model's adapters), in `part`'s flattening order."""
+    spans, start = {}, 0
+    for parameter in full.parameters:
+        spans[id(parameter)] = (start, start + parameter.numel())
+        start += parameter.numel()
+    return torch.cat([scale[slice(*spans[id(parameter)])] for parameter in part.parameters])
+
+
+def landmark_feature_rows(context: Context, step: AffineStep | None, tracked: PerSampleGradients) -> VectorStore | Tensor:
     """The regression features of every pool row (SelectionConfig.landmark_features): a store for one part; for
     several, the rows [e_1 / s_1, e_2 / s_2] in memory, s_j the median pairwise distance of part j on a seeded
     sample of at most 1000 rows, so that each part weighs the same in the RBF distance whatever its units."""
-    stores = [feature_store(context, part) for part in context.config.landmark_features.split("+")]
+    stores = [feature_store(context, part, step, tracked) for part in context.config.landmark_features.split("+")]
     if len(stores) == 1:
         return stores[0]
     return concatenate_scaled([store.to_tensor() for store in stores], seed=context.config.selection_seed)
