@@ -86,12 +86,12 @@ class SelectionConfig:
                           "otherwise; 0: off (the paper's algorithm: the regression alone decides). "
                           "exact_gradient_fraction bounds it."})
     exact_gradient_fraction: float | None = field(
-        default=0.15,
+        default=0.14,
         metadata={"help": "the most exact gradients a landmark run takes, as a fraction of the pool rows: landmarks "
                           "+ shortlisted rows <= exact_gradient_fraction x n (the landmarks take at most a quarter of"
                           " it when the run shortlists, at least 16 rows). The pool side then costs about this "
-                          "fraction plus the features' (JVP: 0.17 of a gradient row) of exact influence's, whatever "
-                          "the budget: 0.15 keeps it >= 3x cheaper. None: no bound (num_landmarks and "
+                          "fraction plus the features' (JVP: 0.19 of a gradient row, measured) of exact influence's,"
+                          " whatever the budget: 0.14 keeps it >= 3x cheaper. None: no bound (num_landmarks and "
                           "shortlist_factor as given; the shortlist grows with the budget)."})
     kernel: str = field(default="rbf", metadata={"help": 'kernel of the landmark regression: "rbf" or "linear".'})
     kernel_bandwidth: float | None = field(

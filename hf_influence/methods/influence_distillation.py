@@ -181,7 +181,7 @@ LANDMARK_SHARE = 0.25
 MIN_LANDMARKS = 16
 # Seconds of one pool row of each regression feature / of one exact gradient row, measured side by side on the
 # 2-core CPU (benchmarks/results/landmark_fidelity_cpu.json, "feature_costs"): the predicted speed-up.
-FEATURE_COSTS = {"jvp": 0.17, "lm": 0.34, "truncated_gradient": 0.13}
+FEATURE_COSTS = {"jvp": 0.19, "lm": 0.42, "truncated_gradient": 0.16}
 
 
 @dataclass(frozen=True)
