@@ -36,14 +36,19 @@ def optimizer_step(context: Context, tracked: PerSampleGradients) -> AffineStep 
     return None if optimizer is None else affine_step(optimizer, tracked.parameters)
 
 
-def gradient_vectors(context: Context, rows: Dataset, name: str, preconditioner: Tensor | None,
-               folder: str | None = None) -> Tensor:
-    """Gradients of `rows` from (or into) the store work_dir/folder (default: name), timed as `name`."""
+def gradient_store(context: Context, rows: Dataset, name: str, preconditioner: Tensor | None,
+                   folder: str | None = None) -> VectorStore:
+    """The store work_dir/folder (default: name) of the gradients of `rows`, computed or resumed, timed as `name`."""
     with context.timed(name):
-        store = extract_gradients(context.model, rows, context.work_dir / (folder or name), context.configs[GradientConfig],
-                                  preconditioner=preconditioner, pad_token_id=context.tokenizer.pad_token_id,
-                                  overwrite=context.config.overwrite, show_progress=context.show_progress)
-    return store.to_tensor()
+        return extract_gradients(context.model, rows, context.work_dir / (folder or name), context.configs[GradientConfig],
+                                 preconditioner=preconditioner, pad_token_id=context.tokenizer.pad_token_id,
+                                 overwrite=context.config.overwrite, show_progress=context.show_progress)
+
+
+def gradient_vectors(context: Context, rows: Dataset, name: str, preconditioner: Tensor | None,
+                     folder: str | None = None) -> Tensor:
+    """Gradients of `rows` in memory [r, d], from `gradient_store`."""
+    return gradient_store(context, rows, name, preconditioner, folder).to_tensor()
 
 
 def target_gradient_vectors(context: Context) -> Tensor:
@@ -109,11 +114,7 @@ def pool_row_store(context: Context, rows: Tensor, name: str, preconditioner: Te
                                context.configs[GradientConfig], preconditioner)
     if exact is not None:
         return exact, rows, 0
-    with context.timed(name):
-        store = extract_gradients(context.model, context.pool.select(rows.tolist()), context.work_dir / (folder or name),
-                                  context.configs[GradientConfig], preconditioner=preconditioner,
-                                  pad_token_id=context.tokenizer.pad_token_id, overwrite=context.config.overwrite,
-                                  show_progress=context.show_progress)
+    store = gradient_store(context, context.pool.select(rows.tolist()), name, preconditioner, folder)
     return store, torch.arange(len(rows)), len(rows)
 
 
