@@ -203,14 +203,34 @@ def test_the_shortlist_needs_a_budget_and_first_order(pool, target, model):
     assert "shortlist_rows" not in run.details["landmarks"]  # None: no shortlist without a budget
 
 
+@pytest.mark.parametrize(("options", "rows", "budget", "remedy"), [
+    ({"num_landmarks": 30, "exact_gradient_fraction": None}, 300, None, "Raise num_landmarks (now 30)"),
+    ({}, 4096, 104, "Raise exact_gradient_fraction (now 0.14: it caps the landmarks at 143 of num_landmarks=4096)"),
+    ({"shortlist_factor": 0}, 4096, 104, "caps the landmarks at 573 of"),
+    ({"num_landmarks": 8, "shortlist_factor": 100, "exact_gradient_fraction": None}, 64, 4, None),  # all shortlisted
+    ({"num_landmarks": 64, "exact_gradient_fraction": None}, 64, 4, None),  # every row a landmark
+])
+def test_the_low_fidelity_warning_names_the_option_that_limits_the_landmarks(options, rows, budget, remedy):
+    from hf_influence.methods.influence_distillation import exact_gradient_plan, fidelity_remedy
+
+    config = SelectionConfig(**options)
+    got = fidelity_remedy(config, exact_gradient_plan(config, rows, budget), rows)
+    assert got == remedy if remedy is None or remedy.startswith("Raise") else remedy in got
+
+
 def test_low_landmark_fidelity_warns_and_names_num_landmarks(caplog):
     embeddings = torch.randn(30, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     scores = torch.randn(30, 3, generator=torch.Generator().manual_seed(1))  # unrelated to the embeddings
     regressor = LandmarkRegressor().fit(embeddings, scores)
     with caplog.at_level("WARNING", logger="hf_influence.influence"):
-        diagnostics = landmark_diagnostics(regressor, scores, num_pool_rows=300, calibrated=True)
+        diagnostics = landmark_diagnostics(regressor, scores, num_pool_rows=300, calibrated=True,
+                                           remedy="Raise num_landmarks (now 30)")
     assert diagnostics["loo_spearman"] < LOO_SPEARMAN_WARNING
-    assert "Raise num_landmarks (now 30)" in caplog.text
+    assert "Raise num_landmarks (now 30), or use method='influence_distillation_exact'" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hf_influence.influence"):  # nothing is left to the regression alone
+        landmark_diagnostics(regressor, scores, num_pool_rows=300, calibrated=True, remedy=None)
+    assert not caplog.text
     caplog.clear()
     smooth = embeddings[:, :1].expand(30, 3).float() * torch.tensor([1.0, 2.0, 3.0])  # a function of the embeddings
     with caplog.at_level("WARNING", logger="hf_influence.influence"):

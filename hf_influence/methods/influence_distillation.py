@@ -144,7 +144,8 @@ def influence_distillation(context: Context) -> MethodOutput:
     # Landmark rows are ranked by their leave-one-out predictions, like every other row by an out-of-sample one;
     # with landmarks = the whole pool they keep their exact values (this is then exact influence).
     calibrated = config.landmark_scores == "loo" and k < n
-    details = {"num_landmarks": k, "landmarks": landmark_diagnostics(regressor, landmark_scores, n, calibrated)}
+    details = {"num_landmarks": k, "landmarks": landmark_diagnostics(regressor, landmark_scores, n, calibrated,
+                                                                     fidelity_remedy(config, plan, n))}
     stream = ScoreStream(store if embeddings is None else embeddings, regressor,
                          {"exact_rows": landmarks, "exact_scores": regressor.loo if calibrated else regression_columns},
                          config.chunk_rows)
@@ -302,14 +303,26 @@ def _spearman(predicted: Tensor, exact: Tensor) -> float | None:
 LOO_SPEARMAN_WARNING = 0.5
 
 
+def fidelity_remedy(config, plan: ExactGradientPlan, num_rows: int) -> str | None:
+    """What a user can change when the landmark regression is unfaithful, for the low-fidelity warning; None when
+    no row is left to the regression alone (the landmarks or the shortlist cover the pool)."""
+    if plan.landmarks >= num_rows or plan.shortlist >= num_rows:
+        return None
+    if plan.landmarks < min(config.num_landmarks, num_rows):  # the exact-gradient bound capped the landmarks
+        return (f"Raise exact_gradient_fraction (now {config.exact_gradient_fraction}: it caps the landmarks at "
+                f"{plan.landmarks} of num_landmarks={config.num_landmarks})")
+    return f"Raise num_landmarks (now {plan.landmarks})"
+
+
 def landmark_diagnostics(regressor: LandmarkRegressor, landmark_scores: Tensor, num_pool_rows: int,
-                         calibrated: bool) -> dict:
+                         calibrated: bool, remedy: str | None = "Raise num_landmarks") -> dict:
     """How faithful the landmark regression is, from the landmarks alone (no extra model pass).
 
     loo_spearman: Spearman correlation, over the k landmarks, of their leave-one-out predicted mean score (over
     the m targets) with their exact mean score: how well the regression ranks a row it did not see (None when
     either is constant, which warns too). loo_error:
-    1 - leave-one-out R^2, averaged over the regression's columns. Logs a warning below LOO_SPEARMAN_WARNING.
+    1 - leave-one-out R^2, averaged over the regression's columns. Logs a warning below LOO_SPEARMAN_WARNING
+    that ends with `remedy` (fidelity_remedy; None: no row is left to the regression, no warning).
     landmark_scores: [k, m] exact first-order scores.
     """
     k, m = landmark_scores.shape
@@ -320,12 +333,11 @@ def landmark_diagnostics(regressor: LandmarkRegressor, landmark_scores: Tensor, 
         "bandwidth_scale": regressor.bandwidth, "ridge": regressor.ridge, "loo_spearman": loo_spearman,
         "loo_error": regressor.loo_error,
     }
-    if k < num_pool_rows and (loo_spearman is None or loo_spearman < LOO_SPEARMAN_WARNING):
+    if remedy is not None and k < num_pool_rows and (loo_spearman is None or loo_spearman < LOO_SPEARMAN_WARNING):
         logger.warning(
             "Landmark regression fidelity is low: leave-one-out Spearman %s over %d landmarks (below %.2f), so the "
-            "scores of the %d other pool rows are unreliable. Raise num_landmarks (now %d), or use "
-            "method='influence_distillation_exact'.", "undefined" if loo_spearman is None else f"{loo_spearman:.2f}",
-            k, LOO_SPEARMAN_WARNING, num_pool_rows - k, k)
+            "scores of the pool rows it alone ranks are unreliable. %s, or use method='influence_distillation_exact'.",
+            "undefined" if loo_spearman is None else f"{loo_spearman:.2f}", k, LOO_SPEARMAN_WARNING, remedy)
     return diagnostics
 
 
