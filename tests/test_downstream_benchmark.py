@@ -1,92 +1,171 @@
-"""The downstream benchmark's machinery (benchmarks/downstream.py) on a tiny model: its statistics against a
-brute-force computation, resume after an interrupted run, the same pool and evaluation rows for every method,
-and evaluation rows that never overlap selection rows."""
+"""The downstream benchmark of record (benchmarks/downstream.py, benchmarks/answer_eval.py) on a tiny model: its
+hierarchical bootstrap against exact enumeration and a coverage simulation, the answer-only scoring against a
+per-row autograd-free brute force, the pre-registered decision rules, fresh rows disjoint from what the earlier
+benchmarks' own loaders read, and resume after an interrupted run."""
 
+import itertools
 import json
-import math
 import sys
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from datasets import Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+import answer_eval  # noqa: E402
 import downstream  # noqa: E402
 
 from hf_influence.demo import demo_pool, demo_target  # noqa: E402
-from hf_influence.store import fingerprint_dataset  # noqa: E402
 from hf_influence.testing import tiny_causal_lm  # noqa: E402
 
-# Student t quantiles t_{0.975, df} from a printed table, so the interval is checked against numbers that do
-# not come from the code under test.
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 5: 2.571}
+DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def test_interval_is_the_t_interval_of_the_mean():
-    values = [0.3, -0.1, 0.25, 0.05, -0.2, 0.4]
-    mean = sum(values) / 6
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / 5)
-    got_mean, got_std, ci = downstream.interval(values)
-    assert got_mean == pytest.approx(mean) and got_std == pytest.approx(std)
-    half = T_975[5] * std / math.sqrt(6)
-    assert ci == pytest.approx([mean - half, mean + half], abs=1e-3)
-    assert downstream.interval([0.7]) == (0.7, 0.0, None)
+def test_bootstrap_matches_the_enumerated_two_level_distribution():
+    """Groups [0, 2] and [10]: draw 2 groups with replacement, then each drawn group's runs with replacement.
+    Enumerating every outcome gives the exact distribution of the mean; 40,000 resamples must match it."""
+    groups = [[0.0, 2.0], [10.0]]
+    exact = Counter()
+    for picked in itertools.product(range(2), repeat=2):  # each pair of groups: probability 1/4
+        within = [list(itertools.product(groups[g], repeat=len(groups[g]))) for g in picked]
+        for draws in itertools.product(*within):
+            probability = 0.25 * np.prod([1 / len(w) for w in within])
+            exact[round(float(np.mean([np.mean(d) for d in draws])), 6)] += probability
+    samples = downstream.bootstrap_means(groups, 40_000, seed=0)
+    observed = Counter(round(float(v), 6) for v in samples)
+    assert set(observed) == set(exact)
+    for value, probability in exact.items():
+        assert observed[value] / 40_000 == pytest.approx(probability, abs=0.01)
 
 
-def test_paired_difference_against_random_by_training_seed():
-    before = 2.0
-    after = {  # method -> {(selection seed, training seed): loss after}
-        "random": {(0, 0): 1.9, (1, 0): 1.8, (0, 1): 1.95, (1, 1): 1.75, (0, 2): 1.7, (1, 2): 1.9},
-        "rds": {(0, 0): 1.6, (0, 1): 1.7, (0, 2): 1.5},
-    }
-    runs = {m: [{"selection_seed": s, "train_seed": t, "target_loss_after": v, "train_seconds": 1.0}
-                for (s, t), v in values.items()] for m, values in after.items()}
-    selections = {m: [{"selection_seconds": 2.0}] for m in after}
-    report = downstream.summarize_target(runs, selections, before)["methods"]
-    # Brute force: per training seed, rds's change minus the mean of random's changes at that seed.
-    paired = []
-    for t in range(3):
-        random_changes = [v - before for (s, seed), v in after["random"].items() if seed == t]
-        paired.append(after["rds"][(0, t)] - before - sum(random_changes) / len(random_changes))
-    mean = sum(paired) / 3
-    std = math.sqrt(sum((p - mean) ** 2 for p in paired) / 2)
-    assert report["rds"]["diff_vs_random_mean"] == pytest.approx(mean)
-    assert report["rds"]["diff_vs_random_ci95"] == pytest.approx(
-        [mean - T_975[2] * std / math.sqrt(3), mean + T_975[2] * std / math.sqrt(3)], abs=1e-3)
-    random_changes = [v - before for v in after["random"].values()]
-    random_mean = sum(random_changes) / 6
-    random_std = math.sqrt(sum((c - random_mean) ** 2 for c in random_changes) / 5)
-    rds_mean = sum(v - before for v in after["rds"].values()) / 3
-    assert report["rds"]["sd_below_random"] == pytest.approx((random_mean - rds_mean) / random_std)
-    assert report["random"]["diff_vs_random_mean"] == pytest.approx(0.0, abs=1e-12)
-    assert report["random"]["loss_change_mean"] == pytest.approx(random_mean)
+def test_bootstrap_interval_covers_the_mean_about_95_percent_of_the_time():
+    rng = np.random.default_rng(1)
+    covered = 0
+    for trial in range(200):
+        groups = [list(0.3 + rng.normal(0, 1.0) + rng.normal(0, 0.5, size=2)) for _ in range(12)]
+        low, high = downstream.interval(downstream.bootstrap_means(groups, 2_000, seed=trial))
+        covered += low <= 0.3 <= high
+    assert 0.85 <= covered / 200 <= 0.99
+    assert downstream.interval(downstream.bootstrap_means([[0.7, 0.7], [0.7]], 500, seed=0)) == \
+        pytest.approx([0.7, 0.7])
 
 
-def test_evaluation_rows_never_overlap_selection_rows():
-    selection = Dataset.from_dict({"id": ["a", "b"], "prompt": ["p1", "p2"]})
-    # "c" repeats a selection prompt under another id; "b" repeats an id.
-    candidates = Dataset.from_dict({"id": ["b", "c", "d", "e", "f"], "prompt": ["x", "p1", "p3", "p4", "p5"]})
-    evaluation = downstream.disjoint_evaluation(selection, candidates, 3, seed=0)
-    assert sorted(evaluation["id"]) == ["d", "e", "f"]
-    with pytest.raises(ValueError, match="only 3 evaluation rows are left"):
-        downstream.disjoint_evaluation(selection, candidates, 4, seed=0)
+def test_summary_means_differences_and_effect_size():
+    groups = {"random": [[0.0], [-0.2], [0.1], [-0.1], [0.2]], "exact": [[-0.5, -0.4], [-0.6]],
+              "default": [[-0.3], [-0.5], [-0.4]], "rds": [[-0.1, -0.2, -0.3]]}
+    report = downstream.summarize_target(groups, 4_000)
+    methods = report["methods"]
+    random_means = [0.0, -0.2, 0.1, -0.1, 0.2]
+    sd = float(np.std(random_means, ddof=1))
+    assert report["random_sd"] == pytest.approx(sd)
+    assert methods["exact"]["mean"] == pytest.approx((-0.45 - 0.6) / 2)  # the mean of the draws' means
+    assert methods["default"]["vs_random_mean"] == pytest.approx(-0.4 - 0.0)
+    assert methods["default"]["vs_exact_mean"] == pytest.approx(-0.4 + 0.525)
+    assert methods["default"]["effect_size_vs_random"] == pytest.approx(-0.4 / sd)
+    assert methods["rds"]["selections"] == 1 and methods["rds"]["train_seeds"] == [3]
+    for row in methods.values():
+        assert row["ci95"][0] <= row["mean"] <= row["ci95"][1]
+    assert "vs_random_mean" not in methods["random"] and "effect_size_vs_random" not in methods["random"]
+    # Deterministic, and a method's interval does not depend on which other methods are reported.
+    alone = downstream.summarize_target({"default": groups["default"]}, 4_000)["methods"]["default"]
+    assert alone["ci95"] == methods["default"]["ci95"]
+
+
+def test_decision_rules():
+    def row(effect, vs_random, vs_rds, vs_exact):
+        return {"effect_size_vs_random": effect, "vs_random_ci95": vs_random, "vs_rds_ci95": vs_rds,
+                "vs_exact_ci95": vs_exact}
+
+    good = downstream.verdict({"default": row(-2.5, [-0.3, -0.1], [-0.1, 0.05], [-0.05, 0.1]), "random": {}})
+    assert good == {"helps_vs_random": {"default": True}, "default_2sd_better_than_random": True,
+                    "default_not_worse_than_rds": True, "default_within_exact_interval": True}
+    bad = downstream.verdict({"default": row(-1.9, [-0.3, 0.01], [0.01, 0.2], [0.02, 0.1])})
+    assert bad == {"helps_vs_random": {"default": False}, "default_2sd_better_than_random": False,
+                   "default_not_worse_than_rds": False, "default_within_exact_interval": False}
+    targets = {name: {"verdict": v} for name, v in (("a", good), ("b", good), ("c", bad))}
+    assert downstream.headline(targets)["holds"] is False  # worse than RDS+ on one target
+    bad_but_not_worse = {**bad, "default_not_worse_than_rds": True}
+    assert downstream.headline({**targets, "c": {"verdict": bad_but_not_worse}})["holds"] is True
+    assert downstream.headline({"a": {"verdict": good}})["holds"] is None
+
+
+def test_answer_metrics_score_the_answer_tokens_only():
+    model, tokenizer = tiny_causal_lm(seed=0)
+    rows = Dataset.from_list([
+        {"id": "q1", "prompt": "Which is right?\nA. x\nB. y", "completion": "B"},
+        {"id": "q2", "prompt": "Pick one: A or C " * 30, "completion": "C"},  # long: its prompt is cut
+        {"id": "q3", "prompt": "2 + 2?", "completion": "D"},
+    ])
+    result = answer_eval.answer_metrics(model, tokenizer, rows, max_length=48, choices=("A", "B", "C", "D"),
+                                        batch_size=2)
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    losses, correct = [], []
+    for row in rows:  # brute force: one row at a time, the answer's positions picked by hand
+        prompt = tokenizer(f"<|im_start|>user\n{row['prompt']}<|im_end|>\n<|im_start|>assistant\n",
+                           add_special_tokens=False)["input_ids"]
+        answer = tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
+        ids = (prompt + answer)[-48:]
+        assert end_of_turn not in answer
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0].double()
+        start = len(ids) - len(answer)
+        log_probs = logits[start - 1:len(ids) - 1].log_softmax(-1)
+        losses.append(-log_probs[torch.arange(len(answer)), torch.tensor(answer)].mean().item())
+        letters = [tokenizer(c, add_special_tokens=False)["input_ids"][0] for c in "ABCD"]
+        correct.append("ABCD"[int(logits[start - 1, letters].argmax())] == row["completion"])
+    assert result["answer_loss"] == pytest.approx(float(np.mean(losses)), rel=1e-5)
+    assert result["accuracy"] == pytest.approx(float(np.mean(correct)))
+    formatted = answer_eval.answer_rows(tokenizer, rows, 48)
+    assert [sum(label != -100 for label in row["labels"]) for row in formatted] == [1, 1, 1]
+    short = answer_eval.answer_rows(tokenizer, rows.select([0]).map(lambda row: {"completion": "B B B B"}), 3)
+    assert len(short[0]["input_ids"]) == 3 and short[0]["labels"][0] == -100  # one prompt token, the answer cut
+    with pytest.raises(ValueError, match="'q1': its completion has no token"):
+        answer_eval.answer_rows(tokenizer, rows.select([0]).map(lambda row: {"completion": ""}), 8)
+
+
+@pytest.mark.skipif(not (DATA_DIR / "pool.jsonl.gz").exists(), reason="needs ../shared/data")
+def test_fresh_rows_miss_every_row_the_earlier_benchmarks_loaders_read():
+    import nn_cift
+    import selection_quality
+
+    from hf_influence import load_target
+    from hf_influence.data import load_rows
+
+    settings = replace(downstream.Settings(), pool_rows=512, selection_rows=20, eval_rows=40)
+    data = downstream.load_data(DATA_DIR, settings)
+    assert data.overlap_check["clean"], data.overlap_check
+    pool_ids = set(data.pool["id"])
+    # The earlier benchmarks' own loaders, at the largest sizes they ran with (README, results JSON).
+    earlier_pool, earlier_gsm8k = selection_quality.load_data(DATA_DIR, 4096, 32, 0)
+    nn_pool = load_rows(DATA_DIR / "pool.jsonl.gz").shuffle(seed=nn_cift.SEED).select(range(nn_cift.POOL_ROWS))
+    assert not pool_ids & (set(earlier_pool["id"]) | set(nn_pool["id"]))
+    earlier_targets = set(earlier_gsm8k["id"])
+    for task, (rows, options) in nn_cift.TARGET_DRAW.items():
+        earlier_targets |= set(load_target(task, data_dir=DATA_DIR, limit=rows, seed=nn_cift.SEED, **options)["id"])
+    for selection, evaluation in data.targets.values():
+        assert not (set(selection["id"]) | set(evaluation["id"])) & earlier_targets
+        assert len(selection) == 20 and len(evaluation) == 40
 
 
 def _tiny_setup():
-    pool = demo_pool(6, seed=0)  # 24 rows
-    selection = demo_target("math", 3, seed=1)
-    candidates = demo_target("math", 12, seed=2)
-    data = downstream.BenchmarkData(pool, {"math": (selection,
-                                                    downstream.disjoint_evaluation(selection, candidates, 4, seed=1)),
-                                           "code": (demo_target("code", 2, seed=1), demo_target("code", 3, seed=5))})
+    def rows(domain, count, seed):
+        target = demo_target(domain, count, seed=seed)
+        return target.map(lambda row: {"completion": row["solution"]}).remove_columns(["answer", "solution"])
+
+    data = downstream.BenchmarkData(demo_pool(6, seed=0), {"math": (rows("math", 3, 1), rows("math", 4, 2))})
+    table = {**downstream.METHODS, "random": downstream.Method("random", draws=2),
+             **{name: replace(downstream.METHODS[name], draws=1) for name in ("default", "exact", "control")},
+             "rds": downstream.Method("rds", draws=1, train_seeds=2)}
     settings = downstream.Settings(
-        pool_rows=len(pool), max_length=128, budget=4, num_landmarks=8, targets=("math", "code"),
-        methods=("influence_distillation:selection=mean_top_k", "rds", "random"), random_seeds=2, train_seeds=2, max_steps=2,
-        batch_size=2, lora_r=2,
+        pool_rows=24, max_length=128, budget=4, batch_size=2, lora_r=2, targets=("math",),
+        methods=("random", "default", "exact", "control", "rds"), bootstrap_resamples=200, method_table=table,
         options={"num_blocks": 1, "warmup_fraction": 0.25, "warmup_min_steps": 2, "projection_dim": 256,
-                 "jvp_projection_dim": 128})
+                 "jvp_projection_dim": 128, "exact_gradient_fraction": 0.5, "num_landmarks": 8})
     return data, settings
 
 
@@ -94,42 +173,33 @@ def _loader():
     return tiny_causal_lm(seed=0)
 
 
-def test_benchmark_runs_every_method_on_the_same_rows_and_resumes(tmp_path, monkeypatch):
+REGISTRATION = {"commit": "test", "uncommitted_changes": False, "sha256": "a"}
+
+
+def test_benchmark_runs_every_method_resumes_and_refuses_other_settings(tmp_path, monkeypatch):
     data, settings = _tiny_setup()
-    seen = {"pool": set(), "evaluation": {}}
-    select_by_influence, target_loss = downstream.select_by_influence, downstream.target_loss
-
-    def recording_select(pool, target, **kwargs):
-        seen["pool"].add(fingerprint_dataset(pool))
-        return select_by_influence(pool, target, **kwargs)
-
-    def recording_loss(model, tokenizer, rows, formatting):
-        seen["evaluation"].setdefault(fingerprint_dataset(rows), 0)
-        seen["evaluation"][fingerprint_dataset(rows)] += 1
-        return target_loss(model, tokenizer, rows, formatting)
-
-    monkeypatch.setattr(downstream, "select_by_influence", recording_select)
-    monkeypatch.setattr(downstream, "target_loss", recording_loss)
-    log = downstream.run_benchmark(data, settings, tmp_path / "full", _loader)
-    assert len(seen["pool"]) == 1  # one pool for every method and target
-    runs_per_target = (1 + 1 + settings.random_seeds) * settings.train_seeds
-    # Per target one evaluation set, scored before training and after every run.
-    assert sorted(seen["evaluation"].values()) == [1 + runs_per_target] * 2
+    log = downstream.run_benchmark(data, settings, tmp_path / "full", _loader, REGISTRATION)
     report = downstream.summarize(log, settings)
-    for target in ("math", "code"):
-        methods = report[target]["methods"]
-        assert set(methods) == {"influence_distillation:selection=mean_top_k", "rds", "random"}
-        assert len(methods["random"]["runs"]) == 4 and len(methods["rds"]["runs"]) == 2
-        for method in methods.values():
-            assert method["diff_vs_random_ci95"] is not None and method["loss_change_ci95"] is not None
-    # Two random draws select different rows; a training seed changes the result of one selection.
-    draws = report["math"]["methods"]["random"]["selections"]
+    methods = report["math"]["methods"]
+    assert set(methods) == set(settings.methods)
+    assert [len(methods[m]["runs"]) for m in settings.methods] == [2, 1, 1, 1, 2]
+    assert methods["rds"]["selections"] == 1 and methods["random"]["selections"] == 2
+    assert all(len(s["selected_pool_row_ids"]) == 4 for m in methods.values() for s in m["selection_records"])
+    # The control: as many uniform rows as the default took exact gradients, its picks among them by exact ID's
+    # scores (brute force: the exact table restricted to those rows, its rule).
+    default, control = log.get("math/default/draw-0"), log.get("math/control/draw-0")
+    assert control["uniform_rows"] == default["exact_gradients"]["exact_gradient_rows"] < 24
+    exact = downstream.ScoreTable.load(tmp_path / "full" / "tables" / "math" / "exact-0")
+    scores, row_ids, _ = exact.to_matrix()
+    uniform = torch.randperm(24, generator=torch.Generator().manual_seed(0))[:control["uniform_rows"]].sort().values
+    best = downstream.select_indices(scores[uniform], 4, rule=exact.provenance["selection"], seed=0)
+    assert control["selected_pool_row_ids"] == [row_ids[i] for i in uniform[best].tolist()]
+    draws = report["math"]["methods"]["random"]["selection_records"]
     assert draws[0]["selected_pool_row_ids"] != draws[1]["selected_pool_row_ids"]
     rds_runs = report["math"]["methods"]["rds"]["runs"]
-    assert rds_runs[0]["target_loss_after"] != rds_runs[1]["target_loss_after"]
+    assert rds_runs[0]["answer_loss_after"] != rds_runs[1]["answer_loss_after"]  # a training seed matters
 
-    # Interrupted run: the fifth training run crashes. The rerun does only what is missing (no selection is
-    # recomputed) and its report equals the uninterrupted one's.
+    # Interrupted: the fifth training run crashes. The rerun does only what is missing and reports the same.
     train, calls = downstream.train, {"n": 0}
 
     def crashing_train(*args, **kwargs):
@@ -140,50 +210,43 @@ def test_benchmark_runs_every_method_on_the_same_rows_and_resumes(tmp_path, monk
 
     monkeypatch.setattr(downstream, "train", crashing_train)
     with pytest.raises(KeyboardInterrupt):
-        downstream.run_benchmark(data, settings, tmp_path / "crash", _loader)
+        downstream.run_benchmark(data, settings, tmp_path / "crash", _loader, REGISTRATION)
     finished = json.loads((tmp_path / "crash" / "runs.json").read_text())["results"]
     assert sum("/train-" in key for key in finished) == 4
-    selections_before = {k for k in finished if k.endswith(("selection-0", "selection-1"))}
     monkeypatch.setattr(downstream, "train", train)
-    resumed = downstream.run_benchmark(data, settings, tmp_path / "crash", _loader)
-    again = downstream.summarize(resumed, settings)
+    again = downstream.summarize(downstream.run_benchmark(data, settings, tmp_path / "crash", _loader, REGISTRATION),
+                                 settings)
     for target in report:
         for method, row in report[target]["methods"].items():
             other = again[target]["methods"][method]
-            assert [r["target_loss_after"] for r in other["runs"]] == [r["target_loss_after"] for r in row["runs"]]
-            assert [s["selected_pool_row_ids"] for s in other["selections"]] == \
-                [s["selected_pool_row_ids"] for s in row["selections"]]
-    assert selections_before <= set(resumed.data["results"])
+            assert [r["answer_loss_after"] for r in other["runs"]] == [r["answer_loss_after"] for r in row["runs"]]
+            assert other["loss_change_ci95"] == row["loss_change_ci95"]
 
-    # Other settings on the same cache are refused, not mixed in; fewer seeds and methods read a subset of the
-    # finished runs without computing anything.
-    with pytest.raises(ValueError, match="max_steps differ"):
-        downstream.run_benchmark(data, replace(settings, max_steps=3), tmp_path / "full", _loader)
-    monkeypatch.setattr(downstream, "train", crashing_train)
-    calls["n"] = 4  # the next training call would raise
-    subset = replace(settings, methods=("rds", "random"), random_seeds=1, train_seeds=1)
-    small = downstream.summarize(downstream.run_benchmark(data, subset, tmp_path / "full", _loader), subset)
-    assert small["math"]["methods"]["rds"]["runs"] == report["math"]["methods"]["rds"]["runs"][:1]
-
-
-def test_method_variants():
-    assert downstream.parse_method("rds") == ("rds", {})
-    assert downstream.parse_method("influence_distillation:selection=mean_top_k,num_landmarks=64") == (
-        "influence_distillation", {"selection": "mean_top_k", "num_landmarks": 64})
-    with pytest.raises(ValueError, match="unknown method 'lesss'"):
-        downstream.parse_method("lesss")
-    with pytest.raises(ValueError, match="option=value"):
-        downstream.parse_method("rds:selection")
+    # Other settings or another pre-registration on the same cache are refused; fewer methods read a subset.
+    with pytest.raises(ValueError, match="learning_rate differ"):
+        downstream.run_benchmark(data, replace(settings, learning_rate=1e-3), tmp_path / "full", _loader,
+                                 REGISTRATION)
+    with pytest.raises(ValueError, match="another pre-registration"):
+        downstream.run_benchmark(data, settings, tmp_path / "full", _loader, {**REGISTRATION, "sha256": "b"})
+    monkeypatch.setattr(downstream, "train", lambda *a, **k: pytest.fail("a finished run was redone"))
+    subset = replace(settings, methods=("random", "rds"))
+    small = downstream.summarize(downstream.run_benchmark(data, subset, tmp_path / "full", _loader, REGISTRATION),
+                                 subset)
+    assert small["math"]["methods"]["rds"]["runs"] == report["math"]["methods"]["rds"]["runs"]
 
 
-def test_variants_that_change_the_model_side_passes_get_stores_of_their_own(tmp_path):
-    """Selection-only options share the stores; warm-up, gradient or formatting options (and optimizer_state)
-    get a sibling folder per distinct setting, so they never meet the shared stores made with the defaults."""
-    work = tmp_path / "work"
-    for variant in ({}, {"selection": "mean_top_k", "num_landmarks": 512, "shortlist_factor": 0}):
-        assert downstream.variant_work_dir(work, variant) == work
-    longer = downstream.variant_work_dir(work, {"warmup_epochs": 4, "num_landmarks": 512})
-    assert longer.parent == tmp_path and longer != work
-    assert longer == downstream.variant_work_dir(work, {"num_landmarks": 64, "warmup_epochs": 4})
-    assert downstream.variant_work_dir(work, {"warmup_epochs": 2}) not in (work, longer)
-    assert downstream.variant_work_dir(work, {"optimizer_state": "gd"}) != work
+def test_preregistration_text_is_the_docstring_part():
+    text = downstream.preregistration()
+    assert text.startswith("PRE-REGISTRATION") and "Decision rules" in text and "END OF" not in text
+    record = downstream.preregistered_commit()
+    assert set(record) == {"commit", "uncommitted_changes", "sha256"}
+
+
+@pytest.mark.skipif(not (DATA_DIR / "pool.jsonl.gz").exists(), reason="needs ../shared/data")
+def test_a_seeded_draw_of_the_target_file_is_load_targets_own_draw():
+    from hf_influence import load_target
+    from hf_influence.data import sample_rows
+
+    for task, held_out in (("bbh", False), ("gsm8k", True)):
+        assert sample_rows(downstream.target_file(DATA_DIR, task, held_out), 40, 3)["id"] == \
+            load_target(task, data_dir=DATA_DIR, held_out=held_out, limit=40, seed=3)["id"]
