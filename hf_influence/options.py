@@ -5,10 +5,13 @@ are unique across CONFIG_TYPES) to their dataclass."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from dataclasses import dataclass, field
 from collections.abc import Iterable
 from typing import Any
+
+import numpy as np
 
 from .encoders import DEFAULT_ENCODER
 from .formatting import FormattingConfig
@@ -158,6 +161,19 @@ class SelectionConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"SelectionConfig.{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+        # Types first, so that a YAML `num_landmarks: 4.7` or `null` is refused here, before any model pass, and
+        # not as a raw TypeError after the warm-up.
+        def is_int(value) -> bool:
+            return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+        for name in ("num_landmarks", "chunk_rows", "selection_seed"):
+            if not is_int(getattr(self, name)):
+                raise ValueError(f"SelectionConfig.{name} must be an integer, got {getattr(self, name)!r}")
+        for name in ("kernel_ridge", "kernel_bandwidth", "shortlist_factor", "exact_gradient_fraction"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float, np.integer, np.floating))
+                                          and not isinstance(value, bool) and math.isfinite(value)):
+                raise ValueError(f"SelectionConfig.{name} must be a finite number or None, got {value!r}")
         for name in ("num_landmarks", "chunk_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"SelectionConfig.{name} must be >= 1, got {getattr(self, name)}")

@@ -53,6 +53,17 @@ API_CASES = [
     ("unknown method", lambda m: _select(m, method="nope"), ValueError, "SelectionConfig.method"),
     ("unknown rule", lambda m: _select(m, selection="nope"), ValueError, "SelectionConfig.selection"),
     ("num_landmarks 0", lambda m: _select(m, num_landmarks=0), ValueError, "num_landmarks must be >= 1"),
+    ("num_landmarks 4.7", lambda m: _select(m, num_landmarks=4.7), ValueError,
+     "SelectionConfig.num_landmarks must be an integer, got 4.7"),
+    ("num_landmarks None", lambda m: _select(m, num_landmarks=None), ValueError,
+     "SelectionConfig.num_landmarks must be an integer, got None"),
+    ("num_landmarks True", lambda m: _select(m, num_landmarks=True), ValueError, "must be an integer, got True"),
+    ("selection_seed a string", lambda m: _select(m, selection_seed="0"), ValueError,
+     "SelectionConfig.selection_seed must be an integer, got '0'"),
+    ("exact_gradient_fraction a string", lambda m: _select(m, exact_gradient_fraction="0.2"), ValueError,
+     "SelectionConfig.exact_gradient_fraction must be a finite number or None, got '0.2'"),
+    ("kernel_ridge nan", lambda m: _select(m, kernel_ridge=float("nan")), ValueError,
+     "kernel_ridge must be a finite number or None, got nan"),
     ("negative shortlist", lambda m: _select(m, shortlist_factor=-1), ValueError, "shortlist_factor must be >= 0"),
     ("negative ridge", lambda m: _select(m, kernel_ridge=-1.0), ValueError, "kernel_ridge must be >= 0"),
     ("robust lambda 0", lambda m: _select(m, robust_lambda=0.0), ValueError, "robust_lambda must be > 0"),
@@ -132,6 +143,8 @@ def files(tmp_path_factory):
     rows.write_text("".join(json.dumps(GOOD) + "\n" for _ in range(3)))
     (folder / "a_file").write_text("x")
     (folder / "bad.yaml").write_text("num_landmark: 4\n")
+    (folder / "fractional.yaml").write_text("num_landmarks: 4.7\n")
+    (folder / "null.yaml").write_text("num_landmarks: null\n")
     (folder / "malformed.jsonl").write_text(json.dumps(GOOD) + "\n" + '{"prompt": "x", "completion": \n' + json.dumps(GOOD) + "\n")
     (folder / "empty.jsonl").write_text("\n")
     (folder / "earlier_fit").mkdir()
@@ -148,6 +161,12 @@ CLI_CASES = [
                                    "--output", "FOLDER/out1"], "missing.jsonl"),
     ("select: abbreviated flag", ["select", "--num_land", "4"], "unrecognised arguments: --num_land"),
     ("select: unknown YAML key", ["select", "--config", "FOLDER/bad.yaml"], "unknown keys ['num_landmark']"),
+    ("select: YAML num_landmarks 4.7", ["select", "--config", "FOLDER/fractional.yaml", "--pool", "FOLDER/rows.jsonl",
+                                        "--target", "FOLDER/rows.jsonl", "--output", "FOLDER/out9"],
+     "num_landmarks must be an integer, got 4.7"),
+    ("select: YAML num_landmarks null", ["select", "--config", "FOLDER/null.yaml", "--pool", "FOLDER/rows.jsonl",
+                                         "--target", "FOLDER/rows.jsonl", "--output", "FOLDER/out10"],
+     "num_landmarks must be an integer, got None"),
     ("select: output is a file", ["select", "--pool", "FOLDER/rows.jsonl", "--target", "FOLDER/rows.jsonl",
                                   "--output", "FOLDER/a_file"], "is a file"),
     ("select: unknown group column", ["select", "--pool", "FOLDER/rows.jsonl", "--target", "FOLDER/rows.jsonl",
