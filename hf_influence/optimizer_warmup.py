@@ -33,6 +33,7 @@ from torch import nn
 from .errors import HFInfluenceError
 from .distributed import process_state
 from .formatting import FormattedDataset
+from .validation import is_int, is_number
 from .verbosity import get_logger
 
 logger = get_logger(__name__)
@@ -90,12 +91,6 @@ class WarmupConfig:
     def __post_init__(self) -> None:
         def fail(name: str, requirement: str) -> None:
             raise ValueError(f"WarmupConfig.{name} must be {requirement}, got {getattr(self, name)!r}.")
-
-        def is_int(value) -> bool:
-            return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-        def is_number(value) -> bool:
-            return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
         if not is_number(self.warmup_fraction) or not 0 < self.warmup_fraction <= 1:
             fail("warmup_fraction", "in (0, 1]")

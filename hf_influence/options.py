@@ -11,8 +11,6 @@ from dataclasses import dataclass, field
 from collections.abc import Iterable
 from typing import Any
 
-import numpy as np
-
 from .encoders import DEFAULT_ENCODER
 from .formatting import FormattingConfig
 from .gradients import GradientConfig
@@ -22,6 +20,7 @@ from .models import LoraSettings, kwargs_option, torch_dtype
 from .optimizer_warmup import WarmupConfig
 from .registry import METHODS
 from .selection import RULES
+from .validation import is_int, is_number
 
 LANDMARK_FEATURES = ("jvp", "lm", "jvp+lm", "truncated_gradient")
 
@@ -163,16 +162,12 @@ class SelectionConfig:
                 raise ValueError(f"SelectionConfig.{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
         # Types first, so that a YAML `num_landmarks: 4.7` or `null` is refused here, before any model pass, and
         # not as a raw TypeError after the warm-up.
-        def is_int(value) -> bool:
-            return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
         for name in ("num_landmarks", "chunk_rows", "selection_seed"):
             if not is_int(getattr(self, name)):
                 raise ValueError(f"SelectionConfig.{name} must be an integer, got {getattr(self, name)!r}")
         for name in ("kernel_ridge", "kernel_bandwidth", "shortlist_factor", "exact_gradient_fraction"):
             value = getattr(self, name)
-            if value is not None and not (isinstance(value, (int, float, np.integer, np.floating))
-                                          and not isinstance(value, bool) and math.isfinite(value)):
+            if value is not None and not (is_number(value) and math.isfinite(value)):
                 raise ValueError(f"SelectionConfig.{name} must be a finite number or None, got {value!r}")
         for name in ("num_landmarks", "chunk_rows"):
             if getattr(self, name) < 1:

@@ -70,6 +70,7 @@ from .registry import METHODS
 from .scores import ScoreTable, json_safe, provenance_record, rows_digest
 from .selection import GROUPED_RULES, SelectionError, parse_budget, resolve_budget, select_indices, weighted_sample
 from .store import atomic_write_bytes
+from .validation import is_int
 from .verbosity import get_logger
 
 logger = get_logger(__name__)
@@ -832,7 +833,7 @@ def _pool_row_ids(pool: Dataset, column: str) -> list[int]:
         return list(range(len(pool)))
     ids = pool[column]
     for position, value in enumerate(ids):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        if not is_int(value):
             raise TypeError(f"Pool column {column!r} (influence_row_id_column) must hold integer row ids; row "
                             f"{position} has {value!r}. Rename the column or set influence_row_id_column.")
     seen: set[int] = set()
