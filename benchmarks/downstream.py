@@ -116,8 +116,8 @@ CHOICES = {"mmlu": ("A", "B", "C", "D")}
 
 @dataclass(frozen=True)
 class Method:
-    """A row of the table: a registry method with options (None: derived, see `control_selection`), how many
-    selection draws and training seeds per draw it gets, and whether its draw seeds the warm-up."""
+    """A row of the table: a registry method with options (None: derived, see `control_selection`), and how many
+    selection draws and training seeds per draw it gets (`select` says which seeds a draw sets)."""
 
     registry: str | None
     options: dict = field(default_factory=dict)
@@ -349,8 +349,9 @@ def select(data: BenchmarkData, target: str, method: str, draw: int, settings: S
            model_loader: Callable) -> dict:
     """One selection draw of a registry method through `select_by_influence` (stores in cache/work/draw-<draw>);
     its ScoreTable goes to cache/tables/<target>/<method>-<draw>."""
-    model, tokenizer = model_loader()
     spec = settings.method_table[method]
+    # random reads no model: loading one per draw would only cost time
+    model, tokenizer = (None, None) if spec.registry == "random" else model_loader()
     options = {"selection_seed": draw}
     if spec.registry != "random":  # random reads no model and keeps no store
         options.update(max_length=settings.max_length, work_dir=str(cache / "work" / f"draw-{draw}"),
