@@ -237,7 +237,8 @@ def warmup(
     model_dtype = (frozen or [trainable[0][1]])[0].dtype
     snapshot = _model_snapshot(model)
 
-    with tempfile.TemporaryDirectory(prefix="hf_influence_warmup_") as output_dir, _preserved_rng(device):
+    with (tempfile.TemporaryDirectory(prefix="hf_influence_warmup_") as output_dir, _preserved_rng(device),
+          _preserved_accelerate_state()):
         trainer = _make_trainer(model, tokenizer, train_dataset, config, output_dir, device, model_dtype)
         try:
             trainer.train()
@@ -433,6 +434,24 @@ def _preserved_rng(device: torch.device) -> Iterator[None]:
     finally:
         random.setstate(python_state)
         np.random.set_state(numpy_state)
+
+
+@contextmanager
+def _preserved_accelerate_state() -> Iterator[None]:
+    """The warm-up's Trainer resets and re-initialises accelerate's process-wide states (its own precision, its
+    own gradient accumulation). Put the caller's back afterwards: a trainer the caller built before the warm-up
+    (InfluenceSFTTrainer in select mode, whose TrainingArguments already set up its devices) would otherwise meet
+    an AcceleratorState fixed at the warm-up's precision and refuse its own ("already initialized")."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    states = (PartialState, AcceleratorState, GradientState)
+    saved = [dict(state._shared_state) for state in states]
+    try:
+        yield
+    finally:
+        for state, values in zip(states, saved):
+            state._shared_state.clear()
+            state._shared_state.update(values)
 
 
 _PATCHED_ATTRIBUTES = ("forward", "_original_forward")

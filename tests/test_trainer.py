@@ -266,6 +266,22 @@ def test_selection_with_a_base_model_leaves_every_weight_trainable(tmp_path, poo
                            trainer.model.model.layers[0].self_attn.q_proj.weight)
 
 
+@pytest.mark.parametrize(("dtype", "bf16"), [(torch.float32, True), (torch.bfloat16, False)])
+def test_training_precision_other_than_the_models_dtype_trains_after_selection(tmp_path, pool, target, dtype, bf16):
+    # The warm-up runs its own Trainer at the model's precision; the SFT run's accelerator is then built at
+    # its own (TRL's bf16 default with an fp32 model, or a bf16 model trained without autocast).
+    model, tokenizer = tiny_causal_lm(seed=0)
+    model = model.to(dtype)
+    args = config(tmp_path, bf16=bf16, influence_budget=4, influence_options=FAST, max_steps=1, learning_rate=1e-2)
+    trainer = InfluenceSFTTrainer(model, args=args, train_dataset=pool, target_dataset=target,
+                                  processing_class=tokenizer)
+    assert trainer.accelerator.mixed_precision == ("bf16" if bf16 else "no")
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    trainer.train()
+    assert trainer.state.global_step == 1
+    assert any(not torch.equal(before[name], p) for name, p in trainer.model.named_parameters())
+
+
 class Snapshots(TrainerCallback):
     """Copies of the model and its torch optimizer (state included) after each optimizer step."""
 
