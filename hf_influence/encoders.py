@@ -26,7 +26,8 @@ from torch import Tensor
 from transformers.utils.logging import tqdm
 
 from .distributed import fill_store
-from .formatting import FormattingConfig, FormattingError, alpaca_prompt, detect_format, response_column
+from .formatting import (FormattingConfig, FormattingError, alpaca_prompt, detect_format, is_conversational,
+                         response_column, row_messages)
 from .models import hub_reachable, hub_unreachable_reason, model_identity
 from .rds_embeddings import LM_ENCODER, LM_ENCODER_PREFIX, LM_TEXT_FORMAT, lm_row_embeddings
 from .store import StoreSpec, VectorStore, fingerprint_dataset
@@ -127,19 +128,21 @@ def prompt_and_response(row: Mapping[str, Any], config: FormattingConfig | None 
 
     Returns:
         (context, response): context is a list of {"role", "content"} turns (a prompt/response row gives one user
-        turn; a chat row gives every turn before its last non-empty assistant turn; a text row none), response
-        that turn's text (a text row's whole text).
+        turn; a chat row, or TRL's conversational prompt/completion, every turn before its last non-empty
+        assistant turn; a text row none), response that turn's text (a text row's whole text).
 
     Raises:
         FormattingError: the format cannot be told from the keys, or the row has no non-empty response.
     """
     config = config or FormattingConfig()
     row_format = detect_format(row.keys(), config)
-    if row_format == "chat":
-        messages = [{"role": m["role"], "content": m["content"] or ""} for m in row[config.messages_column]]
-        answers = [i for i, m in enumerate(messages) if m["role"] == "assistant" and str(m["content"]).strip()]
+    if row_format == "chat" or is_conversational(row, row_format, config):
+        messages, first_response = row_messages(row, 0, row_format, config, response_column(row.keys(), config))
+        answers = [i for i, m in enumerate(messages)
+                   if i >= first_response and m["role"] == "assistant" and str(m["content"]).strip()]
         if not answers:
-            raise FormattingError(f"The row has no non-empty assistant turn: {row[config.messages_column]!r}.")
+            raise FormattingError(f"The row has no non-empty assistant turn"
+                                  f"{' in its completion' if first_response else ''}: {messages!r}.")
         return messages[: answers[-1]], str(messages[answers[-1]]["content"])
     if row_format == "alpaca":
         response = row.get("output")
@@ -173,7 +176,7 @@ def row_text(row: Mapping[str, Any], config: FormattingConfig | None = None) -> 
     row_format = detect_format(row.keys(), config)
     if row_format == "text":
         return response  # a language-modelling row has no prompt/answer split to join
-    if row_format == "chat":
+    if row_format == "chat" or is_conversational(row, row_format, config):
         prompt = "\n".join(f"{m['role']}: {m['content']}" for m in context)
     else:
         prompt = context[0]["content"]

@@ -3,7 +3,8 @@
 Accepted row formats (detected from the columns):
 - chat: a `messages` column of [{"role", "content"}, ...] (Tulu / open-instruct style); every assistant
   turn is a response, everything else is prompt;
-- prompt/completion: `prompt` + `completion` columns;
+- prompt/completion: `prompt` + `completion` columns, as strings or, in TRL's conversational form, as lists of
+  {"role", "content"} turns (the completion's assistant turns are the response, the prompt's turns never are);
 - prompt/answer: `prompt` + a response column other than `completion`: `solution` when there is one (GSM8K
   rows carry both a worked `solution` and its bare final `answer`, and training on "18" teaches nothing of
   the reasoning), else `answer`; `FormattingConfig.response_column` names any other;
@@ -173,32 +174,50 @@ def alpaca_prompt(row: dict[str, Any]) -> str:
     return f"{instruction}\n\n{extra}" if extra else instruction
 
 
-def _as_messages(row: dict[str, Any], row_id: int, row_format: str, config: FormattingConfig,
-                 response: str) -> list[dict]:
-    """The row as chat turns; `response` is the response column of prompt/response rows."""
+def _checked_messages(messages: Any, row_id: int, column: str) -> list[dict]:
+    """`messages` as a list of {"role", "content"} turns, or a FormattingError naming the row and column."""
+    if not isinstance(messages, list) or not messages:
+        raise FormattingError(f"Row {row_id}: column {column!r} must be a non-empty list of messages.")
+    for turn, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise FormattingError(
+                f"Row {row_id}, column {column!r}, message {turn}: each message needs 'role' and 'content' keys, "
+                f"got {message!r}.")
+    return [{"role": m["role"], "content": m["content"] or ""} for m in messages]
+
+
+def is_conversational(row: dict[str, Any], row_format: str, config: FormattingConfig) -> bool:
+    """Whether a row of `row_format` is TRL's conversational prompt/completion (its prompt a list of turns)."""
+    return row_format in ("prompt_completion", "prompt_answer") and isinstance(row.get(config.prompt_column), list)
+
+
+def row_messages(row: dict[str, Any], row_id: int, row_format: str, config: FormattingConfig,
+                 response: str) -> tuple[list[dict], int]:
+    """The row as chat turns and the index of the first turn that may be a response (assistant turns before it
+    are prompt); `response` is the response column of prompt/response rows."""
     if row_format == "chat":
         if config.messages_column not in row:
             raise FormattingError(f"Row {row_id} has no {config.messages_column!r} field; its keys: {sorted(row)}.")
-        messages = row[config.messages_column]
-        if not isinstance(messages, list) or not messages:
-            raise FormattingError(f"Row {row_id}: column {config.messages_column!r} must be a non-empty list.")
-        for turn, message in enumerate(messages):
-            if not isinstance(message, dict) or "role" not in message or "content" not in message:
-                raise FormattingError(
-                    f"Row {row_id}, message {turn}: each message needs 'role' and 'content' keys, got {message!r}."
-                )
-        return [{"role": m["role"], "content": m["content"] or ""} for m in messages]
+        return _checked_messages(row[config.messages_column], row_id, config.messages_column), 0
     if row_format == "alpaca":
         return [{"role": "user", "content": alpaca_prompt(row)},
-                {"role": "assistant", "content": "" if row.get("output") is None else str(row["output"])}]
+                {"role": "assistant", "content": "" if row.get("output") is None else str(row["output"])}], 1
     for column in (config.prompt_column, response):
         if column not in row:
             raise FormattingError(f"Row {row_id} has no {column!r} field (format {row_format!r}); its keys: {sorted(row)}.")
     prompt, answer = row[config.prompt_column], row[response]
+    if isinstance(prompt, list) or isinstance(answer, list):  # TRL's conversational prompt/completion
+        if not (isinstance(prompt, list) and isinstance(answer, list)):
+            raise FormattingError(
+                f"Row {row_id}: {config.prompt_column!r} and {response!r} must both be strings or both lists of "
+                f"messages (TRL's conversational prompt/completion), got {type(prompt).__name__} and "
+                f"{type(answer).__name__}.")
+        prompt_turns = _checked_messages(prompt, row_id, config.prompt_column)
+        return prompt_turns + _checked_messages(answer, row_id, response), len(prompt_turns)
     return [
         {"role": "user", "content": "" if prompt is None else str(prompt)},
         {"role": "assistant", "content": "" if answer is None else str(answer)},
-    ]
+    ], 1
 
 
 def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], generation_prompt: bool) -> str:
@@ -207,8 +226,9 @@ def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], generation
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
-def _tokenize_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict], row_id: int) -> tuple[list[int], list[int]]:
-    """Token ids of the whole conversation and labels that keep only the assistant turns.
+def _tokenize_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict], row_id: int,
+                   first_response: int = 0) -> tuple[list[int], list[int]]:
+    """Token ids of the whole conversation and labels that keep only the assistant turns from `first_response` on.
 
     Response spans are located in the rendered text (characters), then mapped to tokens through the
     offsets of one tokenisation of the whole text: tokens can merge across a turn boundary (a newline
@@ -219,7 +239,7 @@ def _tokenize_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict], row
     spans = []
     for turn, message in enumerate(messages):
         # An empty response would only teach the end-of-turn tokens: treat it as carrying no label.
-        if message["role"] != "assistant" or not str(message["content"]).strip():
+        if turn < first_response or message["role"] != "assistant" or not str(message["content"]).strip():
             continue
         prompt = _render(tokenizer, messages[:turn], generation_prompt=True)
         prefix = _render(tokenizer, messages[: turn + 1], generation_prompt=False)
@@ -361,9 +381,13 @@ def format_dataset(
         if row_format == "text":
             input_ids, labels = _tokenize_text(tokenizer, row, row_id, config)
         elif use_template:
-            input_ids, labels = _tokenize_chat(tokenizer, _as_messages(row, row_id, row_format, config, response), row_id)
+            messages, first_response = row_messages(row, row_id, row_format, config, response)
+            input_ids, labels = _tokenize_chat(tokenizer, messages, row_id, first_response)
         else:
-            input_ids, labels = _tokenize_plain(tokenizer, _as_messages(row, row_id, row_format, config, response))
+            if is_conversational(row, row_format, config):
+                raise FormattingError(f"Row {row_id}: conversational prompt/completion rows need a chat template: "
+                                      f"set FormattingConfig.use_chat_template=True.")
+            input_ids, labels = _tokenize_plain(tokenizer, row_messages(row, row_id, row_format, config, response)[0])
         if not any(label != IGNORE_INDEX for label in labels):
             skipped[row_id] = "no_label_tokens"
             continue

@@ -149,6 +149,10 @@ def test_row_text_joins_prompt_and_answer_as_nn_cift_does():
         "user: Which river flows through Paris?\nassistant: The Seine.\n"
         "user: And through London?\n##Answer: The Thames flows through London."
     )
+    conversational = {"prompt": CHAT_ROWS[4]["messages"][:-1], "completion": CHAT_ROWS[4]["messages"][-1:]}
+    assert row_text(conversational) == row_text(CHAT_ROWS[4])  # TRL's form of the same turns
+    with pytest.raises(FormattingError, match="no non-empty assistant turn in its completion"):
+        row_text({"prompt": CHAT_ROWS[4]["messages"], "completion": [{"role": "assistant", "content": " "}]})
 
 
 def test_rows_without_a_response_are_refused(encoder):

@@ -104,7 +104,7 @@ def test_clear_errors(tokenizer):
         format_dataset([], tokenizer)
     with pytest.raises(FormattingError, match="has no chat template"):
         format_dataset(CHAT_ROWS, tiny_tokenizer(chat_template=None))
-    with pytest.raises(FormattingError, match="Row 1, message 0"):
+    with pytest.raises(FormattingError, match="Row 1, column .messages., message 0"):
         format_dataset([CHAT_ROWS[0], {"messages": [{"content": "no role"}]}], tokenizer, show_progress=False)
     with pytest.raises(FormattingError, match="Row 1 has no 'messages' field"):
         format_dataset([CHAT_ROWS[0], {"prompt": "q", "completion": "a"}], tokenizer, show_progress=False)
@@ -189,3 +189,35 @@ def test_alpaca_rows_format_as_their_prompt_and_response():
     assert row_text(alpaca[1]) == "Name a colour.\n##Answer: Blue."
     with pytest.raises(FormattingError, match="empty 'output'"):
         prompt_and_response({"instruction": "x", "output": " "})
+
+
+def test_trl_conversational_prompt_completion_rows_train_on_the_completion_turns_only(tokenizer):
+    # TRL's conversational prompt/completion: the prompt's turns (an earlier assistant turn included) are context.
+    prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"},
+              {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "And of Italy?"}]
+    completion = [{"role": "assistant", "content": "Rome."}]
+    rows = Dataset.from_list([{"prompt": prompt, "completion": completion}])
+    formatted = format_dataset(rows, tokenizer, show_progress=False)
+    as_chat = format_dataset([{"messages": prompt + completion}], tokenizer, show_progress=False).dataset[0]
+    row = formatted.dataset[0]
+    assert formatted.format == "prompt_completion"
+    assert row["input_ids"] == as_chat["input_ids"]  # the same rendering as the chat row of the same turns
+    assert response_text(tokenizer, row) == "Rome.<|im_end|>\n"  # where the chat row also trains on "Paris."
+    assert response_text(tokenizer, as_chat) == "Paris.<|im_end|>\nRome.<|im_end|>\n"
+
+
+@pytest.mark.parametrize(("row", "match"), [
+    ({"prompt": [{"role": "user", "content": "2+2?"}], "completion": "4"}, "must both be strings or both lists"),
+    ({"prompt": [{"role": "user", "content": "2+2?"}], "completion": []}, "'completion' must be a non-empty list"),
+    ({"prompt": [{"role": "user"}], "completion": [{"role": "assistant", "content": "4"}]},
+     "column 'prompt', message 0: each message needs 'role' and 'content'"),
+])
+def test_malformed_conversational_rows_are_named(tokenizer, row, match):
+    with pytest.raises(FormattingError, match=f"Row 0.*{match}"):
+        format_dataset([row], tokenizer, show_progress=False)
+
+
+def test_conversational_rows_without_a_chat_template_are_refused(tokenizer):
+    row = {"prompt": [{"role": "user", "content": "2+2?"}], "completion": [{"role": "assistant", "content": "4"}]}
+    with pytest.raises(FormattingError, match="Row 0: conversational prompt/completion rows need a chat template"):
+        format_dataset([row], tokenizer, FormattingConfig(use_chat_template=False), show_progress=False)
