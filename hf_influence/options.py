@@ -126,9 +126,10 @@ class SelectionConfig:
     model_init_kwargs: dict | str | None = field(
         default=None,
         metadata={"help": "when `model` is a Hub id or folder: how to load it, as TRL's SFTConfig.model_init_kwargs: "
-                          '"dtype" ("bfloat16", "float16", "float32"), "device" ("cuda", "cpu", ...), "revision", '
-                          '"attn_implementation"; a JSON string on the command line. Without it an id loads in '
-                          "float32 on the CPU."})
+                          'keyword arguments of AutoModelForCausalLM.from_pretrained ("dtype": "bfloat16" / '
+                          '"float32" / "auto", "revision", "attn_implementation", "device_map", '
+                          '"trust_remote_code", ...) and "device" ("cuda", "cpu"; not with "device_map"); a JSON '
+                          "string on the command line. Without it an id loads in float32 on the CPU."})
     work_dir: str | None = field(
         default=None,
         metadata={"help": "folder for the resumable stores (embeddings, gradients) and the saved warm-up; None "
@@ -192,21 +193,24 @@ class SelectionConfig:
             raise ValueError(f"SelectionConfig.robust_lambda must be > 0, got {self.robust_lambda}")
         self.model_init_kwargs = kwargs_option(self.model_init_kwargs, "SelectionConfig.model_init_kwargs")
         if self.model_init_kwargs is not None:
-            unknown = sorted(set(self.model_init_kwargs) - set(MODEL_INIT_KEYS))
-            if unknown:
-                raise ValueError(f"SelectionConfig.model_init_kwargs has unknown keys {unknown}; known: "
-                                 f"{list(MODEL_INIT_KEYS)}")
-            dtype = self.model_init_kwargs.get("dtype")
-            try:
-                if dtype is not None:
-                    torch_dtype(dtype)
-            except ValueError:
-                raise ValueError(f"SelectionConfig.model_init_kwargs['dtype'] must name a torch dtype (e.g. "
-                                 f"'bfloat16'), got {dtype!r}") from None
+            check_model_init_kwargs(self.model_init_kwargs, "SelectionConfig.model_init_kwargs")
 
 
-# The keys of SelectionConfig.model_init_kwargs: the loading options of models.load_model.
-MODEL_INIT_KEYS = ("dtype", "device", "revision", "attn_implementation")
+def check_model_init_kwargs(kwargs: dict, name: str) -> None:
+    """Refuse, in one line naming `name`, the model_init_kwargs that loading would trip over late: a dtype that
+    is neither a torch dtype nor "auto", a legacy `torch_dtype` beside `dtype`, `device` with `device_map`."""
+    dtype = kwargs.get("dtype")
+    if dtype is not None and dtype != "auto":
+        try:
+            torch_dtype(dtype)
+        except ValueError:
+            raise ValueError(f"{name}['dtype'] must name a torch dtype (e.g. 'bfloat16') or be 'auto', "
+                             f"got {dtype!r}") from None
+    if "torch_dtype" in kwargs:
+        raise ValueError(f"{name} has 'torch_dtype', transformers' old name of 'dtype': pass 'dtype'.")
+    if kwargs.get("device") is not None and kwargs.get("device_map") is not None:
+        raise ValueError(f"{name} has both 'device' and 'device_map': give one (device_map places the model "
+                         f"while loading, device moves it after).")
 ORACLES = ("influence_distillation_exact", "influence_distillation", "less", "rds", "delift", "delift_se", "selectit")
 # The rule each oracle's paper selects with, NN-CIFT's default: DELIFT covers the targets with facility location
 # (DELIFT-SE too), LESS takes the top rows by its max-over-tasks score, SelectIT the top rows of its pointwise

@@ -71,10 +71,12 @@ API_CASES = [
      "order=2 needs a method"),
     ("weighted rule without weights", lambda m: _select(m, method="less", selection="weighted"), ValueError,
      "needs robust weights"),
-    ("unknown model_init_kwargs key", lambda m: _select(m, model_init_kwargs={"device_mapp": "cpu"}), ValueError,
-     "device_mapp"),
+    ("model_init_kwargs with device and device_map", lambda m: _select(m, model_init_kwargs={
+        "device": "cpu", "device_map": "auto"}), ValueError, "model_init_kwargs has both 'device' and 'device_map'"),
+    ("model_init_kwargs with the old torch_dtype", lambda m: _select(m, model_init_kwargs={"torch_dtype": "auto"}),
+     ValueError, "model_init_kwargs has 'torch_dtype', transformers' old name of 'dtype'"),
     ("model_init_kwargs with a dtype torch lacks", lambda m: _select(m, model_init_kwargs={"dtype": "float17"}),
-     ValueError, "model_init_kwargs['dtype'] must name a torch dtype (e.g. 'bfloat16'), got 'float17'"),
+     ValueError, "model_init_kwargs['dtype'] must name a torch dtype (e.g. 'bfloat16') or be 'auto', got 'float17'"),
     ("model_init_kwargs with a model object", lambda m: _select(m, model_init_kwargs={"dtype": "float16"}),
      ValueError, "model is an object"),
     ("more JVP blocks than the model has", lambda m: _select(m, num_blocks=4), ValueError,
@@ -130,10 +132,22 @@ def test_too_many_jvp_blocks_are_refused_before_the_warm_up(model, monkeypatch):
 
 @pytest.mark.parametrize(("call", "error", "words"), [case[1:] for case in API_CASES],
                          ids=[case[0] for case in API_CASES])
-def test_api_refuses_bad_input_naming_the_culprit(model, call, error, words):
+def test_api_refuses_bad_input_naming_the_culprit(model, call, error, words, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # anything a refused call writes by a relative path would land here
+    before = _model_state(*model)
     with pytest.raises(error) as raised:
         call(model)
     assert words in str(raised.value)
+    assert _model_state(*model) == before  # the caller's model and tokenizer as they were
+    assert list(tmp_path.iterdir()) == []
+
+
+def _model_state(model, tokenizer) -> tuple:
+    """What a call could change on the caller's model and tokenizer: weights, trainable flags, config,
+    training mode, special tokens."""
+    weights = tuple((name, p.detach().clone().numpy().tobytes(), p.requires_grad) for name, p in model.named_parameters())
+    return weights, model.config.to_json_string(), model.training, json.dumps(tokenizer.special_tokens_map,
+                                                                              sort_keys=True)
 
 
 @pytest.fixture(scope="module")

@@ -143,9 +143,18 @@ def test_a_model_id_loads_with_model_init_kwargs(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="model is an object"):
         compute_scores(pool, target, model=model, tokenizer=tokenizer, method="rds",
                        model_init_kwargs={"dtype": "float16"})
-    with pytest.raises(ValueError, match="unknown keys \\['device_mapp'\\]"):
+    with pytest.raises(ValueError, match="from_pretrained refused .*unexpected keyword argument 'device_mapp'"):
         compute_scores(pool, target, model=str(tmp_path / "model"), method="rds",
                        model_init_kwargs={"device_mapp": "cpu"})
+
+    # Whatever from_pretrained takes passes, as TRL's model_init_kwargs do.
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    tokenizer.save_pretrained(tmp_path / "bf16")
+    seen.clear()
+    compute_scores(pool, target, model=str(tmp_path / "bf16"), method="rds", show_progress=False,
+                   model_init_kwargs={"dtype": "auto", "device_map": "cpu", "trust_remote_code": False})
+    assert seen["parameter_dtype"] is torch.bfloat16  # "auto": the checkpoint's dtype
+    assert seen["device_map"] == "cpu" and seen["device"] is None and seen["trust_remote_code"] is False
 
 
 def test_offline_default_model_comes_from_the_installed_package_without_importing_it(monkeypatch):

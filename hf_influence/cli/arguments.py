@@ -268,9 +268,11 @@ def load_cli_model(model_args: ModelArguments, model_init_kwargs: dict | None = 
         raise SystemExit(f"--{clash[0]} {given[clash[0]]!r} and --model_init_kwargs {{{clash[0]!r}: "
                          f"{init[clash[0]]!r}}} disagree: give it once.")
     merged = {**flags, **init}
-    return load_model(model_args.model, revision=merged["revision"], device=merged["device"],
-                      dtype=torch_dtype(merged["dtype"]),
-                      attn_implementation=merged.get("attn_implementation"))
+    if merged.get("device_map") is not None:
+        merged["device"] = init.get("device")  # placed while loading: moved after only when asked
+    if merged["dtype"] != "auto":
+        merged["dtype"] = torch_dtype(merged["dtype"])
+    return load_model(model_args.model, **merged)
 
 
 def is_main_process() -> bool:
