@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from datasets import Dataset
+from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
 from torch import Tensor, nn
 
 from .data import load_rows
@@ -201,12 +202,27 @@ def _target_names(target: Dataset, formatted_target: Dataset) -> list[str]:
 
 
 def as_dataset(rows, name: str) -> Dataset:
+    """`rows` (a Dataset, a list of row dicts, or a file / folder / Hub id) as a non-empty Dataset; anything else
+    is a one-line SelectionError naming `name` ("pool", "target") and what to pass instead."""
+    if isinstance(rows, DatasetDict):
+        raise SelectionError(f"The {name} is a DatasetDict with splits {list(rows)}: pass one split, e.g. "
+                             f"rows[{next(iter(rows), 'train')!r}].")
+    if isinstance(rows, (IterableDataset, IterableDatasetDict)):
+        raise SelectionError(f"The {name} is a streamed {type(rows).__name__}: selection needs the row count and "
+                             f"random access. Load it without streaming=True, or take rows into a Dataset "
+                             f"(Dataset.from_list(list(rows.take(n)))).")
     if isinstance(rows, Dataset):
         dataset = rows
     elif isinstance(rows, list):
+        bad = next((i for i, row in enumerate(rows) if not isinstance(row, dict)), None)
+        if bad is not None:
+            raise SelectionError(f"The {name}'s row {bad} is a {type(rows[bad]).__name__}, not a dict of columns.")
         dataset = Dataset.from_list(rows) if rows else Dataset.from_dict({})
-    else:
+    elif isinstance(rows, (str, os.PathLike)):
         dataset = load_rows(rows)
+    else:
+        raise SelectionError(f"The {name} must be a datasets.Dataset, a list of row dicts, or a file, folder or Hub "
+                             f"dataset id; got {type(rows).__name__}.")
     if len(dataset) == 0:
         raise SelectionError(f"The {name} is empty: it needs at least one row.")
     return dataset

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from datasets import Dataset, DatasetDict
 
 from hf_influence import InfluenceNetwork, NNCIFTConfig, ScoreTable, cli, select_by_influence
 from hf_influence.demo import demo_pool, demo_target
@@ -71,6 +72,20 @@ API_CASES = [
      "order=2 needs a method"),
     ("weighted rule without weights", lambda m: _select(m, method="less", selection="weighted"), ValueError,
      "needs robust weights"),
+    ("pool a DatasetDict", lambda m: _select(m, pool=DatasetDict(train=Dataset.from_list(POOL))), HFInfluenceError,
+     "The pool is a DatasetDict with splits ['train']: pass one split, e.g. rows['train']."),
+    ("target a streamed dataset", lambda m: _select(m, target=Dataset.from_list(TARGET).to_iterable_dataset()),
+     HFInfluenceError, "The target is a streamed IterableDataset: selection needs the row count and random access"),
+    ("target None", lambda m: _select(m, target=None), HFInfluenceError,
+     "The target must be a datasets.Dataset, a list of row dicts, or a file, folder or Hub dataset id; got NoneType"),
+    ("target a number", lambda m: Dataset.from_list(POOL).select_by_influence(12345, model=m[0], tokenizer=m[1],
+                                                                               budget=2),
+     HFInfluenceError, "got int"),
+    ("pool row not a dict", lambda m: _select(m, pool=[*POOL[:3], "a row"]), HFInfluenceError,
+     "The pool's row 3 is a str, not a dict of columns"),
+    ("conversational prompt with a string completion", lambda m: _select(m, target=[
+        {"prompt": [{"role": "user", "content": "2+2?"}], "completion": "4"}]), HFInfluenceError,
+     "'prompt' and 'completion' must both be strings or both lists of messages"),
     ("model_init_kwargs with device and device_map", lambda m: _select(m, model_init_kwargs={
         "device": "cpu", "device_map": "auto"}), ValueError, "model_init_kwargs has both 'device' and 'device_map'"),
     ("model_init_kwargs with the old torch_dtype", lambda m: _select(m, model_init_kwargs={"torch_dtype": "auto"}),
