@@ -259,6 +259,9 @@ class InfluenceNetwork(
         self.label_max = label_max
         self.seed = int(seed)
         self.metrics = metrics
+        # (predicted, true) of the unseen pairs of the last `evaluate` (its label units), for the card's plot;
+        # in memory only.
+        self.evaluation_pairs: tuple[Tensor, Tensor] | None = None
         self.embedding_revision = embedding_revision
         self.text_format = text_format
         self.interaction_rank = int(interaction_rank)
@@ -403,6 +406,7 @@ class InfluenceNetwork(
 
         # New weights: old metrics no longer describe them.
         self.seed, self.label_min, self.label_max, self.metrics = seed, label_min, label_max, None
+        self.evaluation_pairs = None
         self._initialise(seed)
         optimizer = torch.optim.Adam(self.parameters(), lr=lr)
         history = {"train_loss": [], "validation_loss": [], "train_pairs": len(train),
@@ -652,11 +656,15 @@ class InfluenceNetwork(
         if self.label_normalization == "column":
             # The network predicts per-target standard units: compare with each column's standardised labels.
             labels = standardize_columns(labels)
-        predictions = (predictions - label_min) / label_scale
-        labels = (labels - label_min) / label_scale
         seen_rows, seen_columns = torch.as_tensor(seen_rows).long(), torch.as_tensor(seen_columns).long()
         unseen_rows = complement(seen_rows, labels.shape[0])
         unseen_columns = complement(seen_columns, labels.shape[1])
+        # The unseen pairs (Q4; Q3 for a pointwise network), in the labels' own units.
+        plotted = unseen_columns if self.kind == "pairwise" else seen_columns
+        self.evaluation_pairs = None if len(unseen_rows) == 0 or len(plotted) == 0 else (
+            predictions[unseen_rows][:, plotted].flatten().float(), labels[unseen_rows][:, plotted].flatten().float())
+        predictions = (predictions - label_min) / label_scale
+        labels = (labels - label_min) / label_scale
         training_mean = labels[seen_rows][:, seen_columns].mean().item()
         generator = torch.Generator().manual_seed(self.seed)
 
@@ -693,9 +701,26 @@ class InfluenceNetwork(
 
     def save_pretrained(self, save_directory, **kwargs):
         """PyTorchModelHubMixin.save_pretrained, always with this network's current config (label range, metrics)
-        and its real model card (README.md: oracle, encoder, measured quadrants), not the mixin's placeholder."""
+        and its real model card (README.md: oracle, encoder, measured quadrants), not the mixin's placeholder;
+        after `evaluate`, with the predicted-vs-true plot of the unseen pairs beside it (PLOT_FILE)."""
+        from .hub import PLOT_FILE, plot_predicted_vs_true  # hub imports this module
+
         kwargs["config"] = self.config
+        card_kwargs = dict(kwargs.get("model_card_kwargs") or {})
+        # The repo a folder becomes when pushed is named after it (the mixin's own default).
+        card_kwargs.setdefault("repo_id", kwargs.get("repo_id") or os.path.basename(os.path.normpath(save_directory)))
+        if card_kwargs.get("plot_file") is None and self.evaluation_pairs is not None:
+            os.makedirs(save_directory, exist_ok=True)
+            card_kwargs["plot_file"] = plot_predicted_vs_true(
+                *self.evaluation_pairs, os.path.join(save_directory, PLOT_FILE)).name
+        kwargs["model_card_kwargs"] = card_kwargs
         return super().save_pretrained(save_directory, **kwargs)
+
+    def push_to_hub(self, repo_id: str, *, model_card_kwargs: dict | None = None, **kwargs) -> str:
+        """PyTorchModelHubMixin.push_to_hub, the card's usage snippet and model-index naming `repo_id`; pass
+        `model_card_kwargs={"license": ...}` for the licence (it follows the oracle's data and models)."""
+        return super().push_to_hub(repo_id, model_card_kwargs={"repo_id": repo_id, **(model_card_kwargs or {})},
+                                   **kwargs)
 
     def generate_model_card(self, repo_id: str | None = None, training: dict | None = None,
                             plot_file: str | None = None, license: str | None = None, **_) -> ModelCard:
@@ -707,7 +732,8 @@ class InfluenceNetwork(
         metrics = self.metrics or {}
         block = metrics.get("Q1") or {}
         training = training or {"block_rows": block.get("rows"), "block_columns": block.get("columns")}
-        return influence_network_card(self, repo_id or "<repo_id>", training, metrics or None, plot_file, license)
+        return influence_network_card(self, repo_id or "influence-network", training, metrics or None, plot_file,
+                                      license)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "InfluenceNetwork":

@@ -244,16 +244,7 @@ def _evaluate(result: NNCIFTResult, oracle: Oracle, pool: Dataset, target: Datas
     seen_rows = torch.arange(len(result.block_rows))
     if oracle.pointwise:
         result.evaluation = result.network.evaluate(result.pool_embeddings[rows], None, labels[:, 0], seen_rows)
-        unseen = slice(len(seen_rows), None)
-        true = standardize_columns(labels)[:, 0] if result.network.label_normalization == "column" else labels[:, 0]
-        result.evaluation_pairs = (result.network.predict(result.pool_embeddings[rows][unseen]), true[unseen])
-        return
-    seen_columns = torch.arange(len(result.block_columns))
-    result.evaluation = result.network.evaluate(result.pool_embeddings[rows], result.target_embeddings[columns],
-                                                labels, seen_rows, seen_columns)
-    unseen_rows, unseen_columns = slice(len(seen_rows), None), slice(len(seen_columns), None)
-    predicted = result.network.predict(result.pool_embeddings[rows][unseen_rows],
-                                       result.target_embeddings[columns][unseen_columns])
-    if result.network.label_normalization == "column":  # the plot compares like with like (evaluate does too)
-        labels = standardize_columns(labels)
-    result.evaluation_pairs = (predicted.flatten(), labels[unseen_rows, unseen_columns].flatten())
+    else:
+        result.evaluation = result.network.evaluate(result.pool_embeddings[rows], result.target_embeddings[columns],
+                                                    labels, seen_rows, torch.arange(len(result.block_columns)))
+    result.evaluation_pairs = result.network.evaluation_pairs

@@ -667,7 +667,14 @@ class InfluenceSFTTrainer(SFTTrainer):
         # TRL titles the card with model_name ("Model Card for None" without one): the output folder's name, as
         # transformers' Trainer names a model it pushes.
         model_name = model_name or Path(self.args.output_dir).name
-        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=[*tags, HUB_TAG])
+        # TRL's usage snippet loads `hub_model_id`, which transformers sets only when pushing (else the card says
+        # model="None"): until then, the repo the run will push to, or the folder the model is saved in.
+        pushed_id = self.hub_model_id
+        self.hub_model_id = pushed_id or self.args.hub_model_id or self.args.output_dir
+        try:
+            super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=[*tags, HUB_TAG])
+        finally:
+            self.hub_model_id = pushed_id
         if not self.is_world_process_zero():
             return
         from huggingface_hub import ModelCard

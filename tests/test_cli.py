@@ -176,9 +176,13 @@ def test_fit_network_push_and_predict(tmp_path, local_hub, capsys):
     assert card.data.eval_results and card.data.eval_results[0].metric_type == "spearmanr"
     assert (run / "network" / "predicted_vs_true.png").read_bytes().startswith(b"\x89PNG")
     repo_id = f"{local_hub.user}/cli-network"
-    cli.run_push(["--network", str(run), "--repo_id", repo_id])
+    cli.run_push(["--network", str(run), "--repo_id", repo_id, "--license", "apache-2.0"])
     cli.run_push(["--scores", str(run / "scores"), "--repo_id", f"{local_hub.user}/cli-scores",
-                  "--config_name", "math"])
+                  "--config_name", "math", "--license", "odc-by"])
+    assert ModelCard.load(repo_id).data.license == "apache-2.0"
+    from huggingface_hub import DatasetCard
+
+    assert DatasetCard.load(f"{local_hub.user}/cli-scores", repo_type="dataset").data.license == "odc-by"
     predicted = cli.run_predict(["--network", repo_id, *data, "--budget", "5", "--output", str(tmp_path / "pred")])
     assert predicted["selected_rows"] == 5
     assert len((tmp_path / "pred" / "selected.jsonl").read_text().splitlines()) == 5

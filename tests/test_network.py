@@ -8,7 +8,7 @@ import pytest
 import safetensors.torch
 import scipy.stats
 import torch
-from huggingface_hub import HfApi
+from huggingface_hub import HfApi, ModelCard
 
 from hf_influence import network as network_module
 from hf_influence.network import InfluenceNetwork, column_spearman, split_held_out, split_pairs
@@ -374,12 +374,22 @@ def test_folders_without_config_or_safetensors_are_refused(tmp_path, monkeypatch
 
 
 def test_hub_round_trip_and_pickle_only_repo(local_hub, tmp_path, monkeypatch):
-    network, pool, target, _ = _fitted_network()
+    network, pool, target, labels = _fitted_network()
     repo_id = f"{local_hub.user}/influence-network"
     network.push_to_hub(repo_id)
     loaded = InfluenceNetwork.from_pretrained(repo_id)
     assert loaded.config == network.config
     assert torch.equal(loaded.predict(pool, target), network.predict(pool, target))
+
+    # The mixin path publishes the real card: the repo in its snippet and model-index, the licence asked for,
+    # and after evaluate() the plot of the unseen pairs.
+    network.evaluate(pool, target, labels, torch.arange(30), torch.arange(6))
+    card_repo = f"{local_hub.user}/evaluated-network"
+    network.push_to_hub(card_repo, model_card_kwargs={"license": "apache-2.0"})
+    card = ModelCard.load(card_repo)
+    assert "<repo_id>" not in str(card) and f'select_with_network(pool, target, "{card_repo}"' in card.text
+    assert card.data.model_name == card_repo and card.data.license == "apache-2.0"
+    assert "predicted_vs_true.png" in card.text and "predicted_vs_true.png" in HfApi().list_repo_files(card_repo)
 
     pickle_repo = f"{local_hub.user}/pickle-only"
     api = HfApi()

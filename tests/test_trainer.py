@@ -214,6 +214,7 @@ def test_select_from_a_score_table_folder_trains_on_exactly_the_selected_rows(tm
     assert "2505.19051" in card.text and "nikdan2025influence" in card.text  # the paper, as TRL cites it
     assert card.data.hf_influence["budget"] == 6 and card.data.hf_influence["source"] == "score_table"
     assert '"model_id": "tiny"' in card.text
+    assert 'model="None"' not in card.text and f'model="{tmp_path / "out"}"' in card.text  # TRL's snippet runs
 
 
 def test_select_from_the_target_uses_the_trainers_model_and_restores_its_adapter(tmp_path, pool, target):

@@ -141,6 +141,7 @@ class HubArguments:
         repo_id: Hub repo to push to (model repo for a network, dataset repo for a score table).
         config_name: config of the score table in its dataset repo (one per target set).
         private: create the repo private.
+        license: the card's licence (a Hub licence id); None leaves it out.
     """
 
     # HfArgumentParser shows this class's fields as one group of the --help.
@@ -151,6 +152,11 @@ class HubArguments:
     repo_id: str | None = field(default=None, metadata={"help": "Hub repo to push to."})
     config_name: str = field(default="default", metadata={"help": "Config name of a pushed score table."})
     private: bool = field(default=False, metadata={"help": "Create a private repo."})
+    license: str | None = field(
+        default=None,
+        metadata={"help": "licence of the card (a Hub licence id, e.g. apache-2.0). It follows the data and models "
+                          "the scores come from, so it is yours to name; none leaves it out (a score table's repo "
+                          "keeps the one it has)."})
 
 
 @dataclass

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from ..hub import PLOT_FILE, plot_predicted_vs_true, push_influence_network, push_score_table
+from ..hub import push_influence_network, push_score_table
 from ..methods.nn_cift import oracle_options
 from ..network import InfluenceNetwork
 from ..nn_cift_pipeline import nn_cift
@@ -59,14 +59,11 @@ def run_fit_network(argv: list[str]) -> dict:
     report = {"oracle": nn_config.oracle, "pool_rows": len(pool), "target_rows": len(target), "training": training,
               "seconds": result.seconds, "evaluation": result.evaluation}
     with folder_replacement(output) as staging:  # an earlier run's folder stays whole until this one is
-        plot_file = None
-        if result.evaluation_pairs is not None:  # the card beside the weights shows it, as on the Hub
-            (staging / "network").mkdir()
-            plot_file = plot_predicted_vs_true(*result.evaluation_pairs, staging / "network" / PLOT_FILE).name
+        if result.evaluation_pairs is not None:  # `push` draws the Hub card's plot from them
             save_file({"predicted": result.evaluation_pairs[0].contiguous(),
                        "true": result.evaluation_pairs[1].contiguous()}, str(staging / "evaluation_pairs.safetensors"))
-        result.network.save_pretrained(staging / "network",
-                                       model_card_kwargs={"training": training, "plot_file": plot_file})
+        # The card beside the weights, with the plot of the evaluated pairs, as on the Hub.
+        result.network.save_pretrained(staging / "network", model_card_kwargs={"training": training})
         result.score_table(pool, target, nn_config, details=report).save(staging / "scores")
         atomic_write_json(staging / "report.json", json_safe(report))
     print(f"\nInfluenceNetwork ({nn_config.oracle}) fitted on a {training['block_rows']} x {training['block_columns']} "
@@ -124,7 +121,7 @@ def run_push(argv: list[str]) -> str:
         raise SystemExit("push needs --repo_id and one of --network (a fit-network folder) or --scores.")
     if hub_args.scores:
         url = push_score_table(ScoreTable.load(hub_args.scores), hub_args.repo_id, config_name=hub_args.config_name,
-                               private=hub_args.private)
+                               private=hub_args.private, license=hub_args.license)
     else:
         folder = Path(hub_args.network)
         if not folder.is_dir():
@@ -138,6 +135,7 @@ def run_push(argv: list[str]) -> str:
             plot = (pairs["predicted"], pairs["true"])
         network = InfluenceNetwork.from_pretrained(str(folder / "network" if (folder / "network").is_dir() else folder))
         url = push_influence_network(network, hub_args.repo_id, training=report.get("training", {}),
-                                     evaluation=report.get("evaluation"), plot=plot, private=hub_args.private)
+                                     evaluation=report.get("evaluation"), plot=plot, private=hub_args.private,
+                                     license=hub_args.license)
     print(f"pushed to {url}")
     return url
