@@ -33,6 +33,7 @@ from torch import nn
 from .errors import HFInfluenceError
 from .distributed import process_state
 from .formatting import FormattedDataset
+from .store import OVERWRITE
 from .validation import is_int, is_number
 from .verbosity import get_logger
 
@@ -324,7 +325,7 @@ def _load_cached(model: nn.Module, folder: Path, identity: dict, overwrite: bool
         if not overwrite:
             raise WarmupMismatchError(
                 f"The warm-up saved in {folder} differs from this run in: {', '.join(differs)}. Nothing was changed. Use "
-                f"another work_dir for this run, or pass overwrite=True (CLI: --overwrite) to replace the saved "
+                f"another work_dir for this run, or pass {OVERWRITE} to replace the saved "
                 f"warm-up and the stores made with it.")
         logger.warning("overwrite=True: the warm-up saved in %s differs from this run in: %s; training again and "
                        "replacing it.", folder, ", ".join(differs))

@@ -50,6 +50,8 @@ from numpy.lib.format import open_memmap
 from .errors import HFInfluenceError
 
 FORMAT_VERSION = 1
+# How every message that offers to start a store afresh names the option, for API and CLI users alike.
+OVERWRITE = "overwrite=True (CLI: --overwrite)"
 MANIFEST_NAME = "manifest.json"
 DONE_NAME = "done.npy"
 ROW_IDS_NAME = "row_ids.npy"
@@ -247,7 +249,7 @@ class StoreMismatchError(HFInfluenceError, ValueError):
         if detail:
             lines.append(detail)
         lines.append(
-            "Pass a new output directory to keep it, or overwrite=True to delete it and start over."
+            f"Pass a new output directory to keep it, or {OVERWRITE} to delete it and start over."
         )
         super().__init__("\n".join(lines))
 
@@ -465,7 +467,7 @@ class VectorStore:
         if self._manifest.get("checksums"):
             raise io.UnsupportedOperation(
                 f"the store at {self._path} is complete and sealed by its checksums; create it again "
-                f"(overwrite=True) to change its rows"
+                f"({OVERWRITE}) to change its rows"
             )
         array = _as_numpy(rows)
         if array.ndim != 2 or array.shape[1] != self.dim:
@@ -696,7 +698,7 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise CorruptStoreError(
             f"corrupt vector store: {manifest_path} is not valid JSON ({error}); delete the store or pass "
-            f"overwrite=True"
+            f"{OVERWRITE}"
         ) from error
     if not isinstance(manifest, dict):
         raise CorruptStoreError(f"corrupt vector store: {manifest_path} does not hold a JSON object")
@@ -719,7 +721,7 @@ def _verify_checksums(path: Path, checksums: Mapping[str, str]) -> None:
         if _file_sha256(path / name) != expected:
             raise CorruptStoreError(
                 f"corrupt vector store: {path / name} differs from the SHA-256 recorded when the store was "
-                f"completed (bytes flipped or overwritten since); delete the store or pass overwrite=True to "
+                f"completed (bytes flipped or overwritten since); delete the store or pass {OVERWRITE} to "
                 f"compute it again"
             )
 
@@ -728,7 +730,7 @@ def _open_array(path: Path, mode: str, shape: tuple[int, ...], dtype: np.dtype) 
     """Map an existing .npy file, checking it is the array the manifest describes."""
     if not path.exists():
         raise CorruptStoreError(
-            f"corrupt vector store: {path} is missing; delete the store or pass overwrite=True"
+            f"corrupt vector store: {path} is missing; delete the store or pass {OVERWRITE}"
         )
     # Checked before mapping: numpy extends a short file with zeros when it maps it for writing, which would
     # silently turn rows marked done into zero vectors.
@@ -741,13 +743,13 @@ def _open_array(path: Path, mode: str, shape: tuple[int, ...], dtype: np.dtype) 
     if size < needed:
         raise CorruptStoreError(
             f"corrupt vector store: {path} is truncated ({size} bytes, its array needs {needed}); the rows it "
-            f"held are lost. Delete the store or pass overwrite=True to compute it again"
+            f"held are lost. Delete the store or pass {OVERWRITE} to compute it again"
         )
     array = open_memmap(path, mode=mode)
     if array.shape != shape or array.dtype != dtype:
         raise CorruptStoreError(
             f"corrupt vector store: {path} holds {array.dtype} {list(array.shape)}, the manifest "
-            f"expects {dtype} {list(shape)}; delete the store or pass overwrite=True"
+            f"expects {dtype} {list(shape)}; delete the store or pass {OVERWRITE}"
         )
     return array
 

@@ -183,6 +183,15 @@ def files(tmp_path_factory):
 
 CLI_CASES = [
     # (id, argv (FOLDER is the files fixture), words of the one-line message)
+    ("select: an int option given a float", ["select", "--num_landmarks", "2.5"],
+     "argument --num_landmarks/--num-landmarks: invalid int value: '2.5'"),
+    ("train: an unknown flag", ["train", "--bogus", "1"], "unrecognised arguments: --bogus 1"),
+    ("select: group_depth 0", ["select", "--group_depth", "0"], "--group_depth must be at least 1, got 0"),
+    ("select: group_depth -1", ["select", "--group_depth", "-1"], "--group_depth must be at least 1, got -1"),
+    ("select: top -1", ["select", "--top", "-1"], "--top must be at least 0, got -1"),
+    ("select: pool_limit 0", ["select", "--pool_limit", "0"], "--pool_limit must be at least 1, got 0"),
+    ("train: pool_sample 0", ["train", "--pool_sample", "0"], "--pool_sample must be at least 1, got 0"),
+    ("gradients: limit -3", ["gradients", "--limit", "-3"], "--limit must be at least 1, got -3"),
     ("select without a pool", ["select", "--target", "FOLDER/rows.jsonl"], "--pool and --target are required"),
     ("select: budget not a number", ["select", "--pool", "FOLDER/rows.jsonl", "--target", "FOLDER/rows.jsonl",
                                      "--budget", "two"], "'two'"),
@@ -243,8 +252,12 @@ def test_cli_refuses_bad_input_in_one_line_with_exit_code_2(files, argv, words, 
         cli.main(argv)
     assert stop.value.code == 2
     err = capsys.readouterr().err
-    assert "Traceback" not in err
-    assert words.replace("FOLDER", str(files)) in err.strip().splitlines()[-1], err
+    assert "Traceback" not in err and "usage:" not in err
+    lines = err.strip().splitlines()
+    prefix = f"hf-influence {argv[0]}: error: " if argv[0] in cli.COMMANDS else "hf-influence: error: "
+    errors = [line for line in lines if line.startswith(prefix)]
+    assert len(errors) == 1 and words.replace("FOLDER", str(files)) in errors[0], err
+    assert len(lines) <= 3, err  # the error, at most a pointer to --help, at most one warning
 
 
 def test_config_objects_are_accepted_beside_keywords():

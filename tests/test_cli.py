@@ -143,6 +143,7 @@ def test_select_command_writes_rows_scores_and_report(tmp_path, tiny_model_folde
                     "--num_landmarks", "8", "--save_scores", "false", *FAST_FLAGS])
     assert (streamed / "selected.jsonl").read_text() == (output / "selected.jsonl").read_text()
     assert not (streamed / "scores").exists() and "total" in json.loads((streamed / "report.json").read_text())["seconds"]
+    assert "stages:" not in capsys.readouterr().out  # a streamed run records no stages: no empty line for them
     with pytest.raises(SystemExit, match="budget"):
         cli.run_select(["--pool", str(tmp_path / "pool.jsonl"), "--target", str(tmp_path / "target.jsonl"),
                         "--budget", "lots", "--model", tiny_model_folder])
@@ -236,6 +237,13 @@ def test_train_help_documents_every_option(capsys):
     text = capsys.readouterr().out
     for name in ("influence_mode", "influence_budget", "influence_options", "pool_sample", "eval_target", "lora_r"):
         assert f"--{name}" in text
+    # One usage line naming the command; the trainer's own options before the few hundred inherited from TRL.
+    assert text.startswith("usage: hf-influence train [--config FILE.yaml] [options]\n")
+    groups = [line for line in text.splitlines() if line and not line[0].isspace() and line.endswith(":")]
+    assert groups[-2:] == ["influence selection (InfluenceSFTConfig):",
+                           "training (TRL's SFTConfig and transformers' TrainingArguments):"]
+    influence = text.split(groups[-2])[1].split(groups[-1])[0]
+    assert "--influence_mode" in influence and "--learning_rate" not in influence
     text = " ".join(text.split())  # argparse wraps lines (and may break them at a hyphen: check unhyphenated text)
     assert "Seeded random sample of N pool rows" in text and "Held-out target rows" in text
 

@@ -56,6 +56,9 @@ class DataArguments:
     output: str = field(default="runs/hf-influence", metadata={"help": "Output folder."})
     split: str = field(default="train", metadata={"help": "Split of a Hub dataset."})
     limit: int | None = field(default=None, metadata={"help": "Use only the first N rows."})
+
+    def __post_init__(self):
+        check_at_least(self, 1, "limit")
     overwrite: bool = field(default=False, metadata={"help": "Replace mismatched stores instead of refusing them."})
 
 
@@ -89,6 +92,9 @@ class DemoArguments:
     demo_budget: str = field(default="16", metadata={"help": "Rows (int) or pool share (float) to select."})
     output: str = field(default="runs/demo", metadata={"help": "Output folder."})
     data_seed: int = field(default=0, metadata={"help": "Data seed."})
+
+    def __post_init__(self):
+        check_at_least(self, 1, "rows_per_domain", "target_rows")
 
 
 @dataclass
@@ -129,6 +135,10 @@ class SelectArguments:
         default=None, metadata={"help": 'Group the column\'s values by their first N "/"-separated parts.'})
     top: int | None = field(default=20, metadata={"help": "Groups printed in the report (the rest summed)."})
     save_scores: bool = field(default=True, metadata={"help": "Write scores/ (False: streamed selection)."})
+
+    def __post_init__(self):
+        check_at_least(self, 1, "pool_limit", "target_limit", "group_depth")
+        check_at_least(self, 0, "top")
 
 
 @dataclass
@@ -196,6 +206,17 @@ class TrainDataArguments:
     sample_seed: int = field(default=0, metadata={"help": "Seed of the pool / target samples."})
     use_lora: bool = field(default=True, metadata={"help": "Train a LoRA adapter (lora_* options)."})
 
+    def __post_init__(self):
+        check_at_least(self, 1, "pool_sample", "target_limit", "eval_limit")
+
+
+def check_at_least(arguments, minimum: int, *names: str) -> None:
+    """Refuse (naming the flag) an integer option below `minimum`; None (unset) passes."""
+    for name in names:
+        value = getattr(arguments, name)
+        if value is not None and value < minimum:
+            raise ValueError(f"--{name} must be at least {minimum}, got {value}.")
+
 
 class CommandParser(TrlParser):
     """TRL's parser (the --config YAML merged under the flags, its `env:` mapping exported), refusing what TRL would
@@ -205,6 +226,27 @@ class CommandParser(TrlParser):
     def __init__(self, dataclass_types, seed_alias: bool, **kwargs):
         super().__init__(dataclass_types, **kwargs)
         self.seed_alias, self.config_path, self.config_keys = seed_alias, None, set()
+        self._own_options_first()
+
+    def error(self, message: str):
+        """Two lines, naming the command (argparse would print the whole usage first: ~80 lines for `train`)."""
+        self.exit(2, f"{self.prog}: error: {message}\n(`{self.prog} --help` lists the options)\n")
+
+    def _own_options_first(self) -> None:
+        """In --help, the trainer's influence_* options get a group of their own, and the few hundred options
+        InfluenceSFTConfig inherits from TRL's SFTConfig and transformers' TrainingArguments come last, titled
+        as what they are (HfArgumentParser puts a dataclass without `_argument_group_name` in the main group)."""
+        inherited = self._optionals
+        own = [action for action in inherited._group_actions if action.dest.startswith("influence_")]
+        if not own:
+            return
+        group = self.add_argument_group("influence selection (InfluenceSFTConfig)")
+        for action in own:
+            inherited._group_actions.remove(action)
+            group._group_actions.append(action)
+        inherited.title = "training (TRL's SFTConfig and transformers' TrainingArguments)"
+        self._action_groups.remove(inherited)
+        self._action_groups.append(inherited)
 
     def set_defaults_with_config(self, **values) -> list[str]:
         if self.seed_alias and "seed" in values:
@@ -218,17 +260,21 @@ class CommandParser(TrlParser):
         return super().set_defaults_with_config(**values)
 
 
-def parse(argv: list[str], dataclass_types: tuple, description: str, used: set[str] | None = None) -> tuple:
+def parse(argv: list[str], dataclass_types: tuple, description: str, command: str,
+          used: set[str] | None = None) -> tuple:
     """Parse argv into the dataclasses with TRL's parser; precedence: flags over the --config YAML over the fields'
     defaults.
 
+    command: the subcommand's name, for the usage line and the errors (`hf-influence COMMAND: error: ...`).
     used: the options the command reads (None: all); a flag or YAML key outside them ends the command with a
     one-line error (exit code 2) instead of being accepted and ignored."""
     # --seed was GradientConfig's projection seed until the rename: still read (hidden), with a warning.
     seed_alias = any(config is GradientConfig for config in dataclass_types) and not any(
         "seed" in getattr(config, "__dataclass_fields__", {}) for config in dataclass_types)
     # No prefix abbreviations: `--num_land 4` would silently mean whichever option it abbreviates today.
-    parser = CommandParser(dataclass_types, seed_alias, description=description, allow_abbrev=False)
+    prog = f"hf-influence {command}"
+    parser = CommandParser(dataclass_types, seed_alias, prog=prog, usage=f"{prog} [--config FILE.yaml] [options]",
+                           description=description, allow_abbrev=False)
     # TrlParser reads --config itself; declared here so that --help lists it.
     parser.add_argument("--config", default=None, help="YAML file of defaults (TRL's format, `env:` included); "
                                                         "flags override it.")

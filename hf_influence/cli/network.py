@@ -41,6 +41,7 @@ def run_fit_network(argv: list[str]) -> dict:
         argv, (SelectArguments, ModelArguments, *CONFIG_TYPES),
         "Distil an influence oracle (--oracle) into an InfluenceNetwork from a u-block (--block_fraction) of "
         "--pool x --target, predict every pair, and save the network, the score table and a report.",
+        command="fit-network",
     )
     output = Path(args.output)
     work_dir = next(config for config in configs if isinstance(config, SelectionConfig)).work_dir
@@ -87,7 +88,7 @@ def run_predict(argv: list[str]) -> dict:
         argv, (HubArguments, SelectArguments, SelectionConfig),
         "Predict influence for every (pool, target) pair with a saved or Hub InfluenceNetwork, using the "
         "encoder it was trained with, and select --budget rows (by default with the rule of the network's oracle).",
-        used={"network", *(f.name for f in fields(SelectArguments)), *PREDICT_SELECTION_OPTIONS},
+        command="predict", used={"network", *(f.name for f in fields(SelectArguments)), *PREDICT_SELECTION_OPTIONS},
     )
     if not hub_args.network:
         raise SystemExit("--network is required: an InfluenceNetwork folder or Hub repo id.")
@@ -116,7 +117,8 @@ def run_predict(argv: list[str]) -> dict:
 def run_push(argv: list[str]) -> str:
     """Push an InfluenceNetwork (--network, a fit-network folder) or a score table (--scores) to --repo_id."""
     (hub_args,) = parse(argv, (HubArguments,), "Push an InfluenceNetwork (with its card and plot) or a score "
-                                                "table (as a dataset repo config) to the Hugging Face Hub.")
+                                                "table (as a dataset repo config) to the Hugging Face Hub.",
+                        command="push")
     if not hub_args.repo_id or not (hub_args.network or hub_args.scores):
         raise SystemExit("push needs --repo_id and one of --network (a fit-network folder) or --scores.")
     if hub_args.scores:

@@ -92,7 +92,9 @@ def print_report(report: dict, top: int | None = 20) -> None:
     seconds = report["seconds"]
     print(f"\n{report['method']}: selected {report['selected_rows']} of {report['pool_rows']} pool rows "
           f"for {report['target_rows']} target rows in {seconds.get('total', 0.0):.1f} s")
-    print("  stages: " + ", ".join(f"{stage} {value:.1f} s" for stage, value in seconds.items() if stage != "total"))
+    stages = [f"{stage} {value:.1f} s" for stage, value in seconds.items() if stage != "total"]
+    if stages:  # a streamed run records only its total
+        print("  stages: " + ", ".join(stages))
     if "landmarks" in report:
         landmarks = report["landmarks"]
         bandwidth = ("" if landmarks["bandwidth_scale"] is None
@@ -157,6 +159,7 @@ def run_demo(argv: list[str]) -> dict:
         argv, (DemoArguments, ModelArguments, *CONFIG_TYPES),
         "Select training rows for a math target from a generated multi-domain pool (math, code, extractive QA, "
         "classification) with Influence Distillation on the embedded default model, and compare with random.",
+        command="demo",
     )
     options = selection_options(configs)
     if options["num_landmarks"] == SelectionConfig.num_landmarks:  # not set: a quarter of the pool, to show KRR
@@ -190,6 +193,7 @@ def run_select(argv: list[str]) -> dict:
         argv, (SelectArguments, ModelArguments, *CONFIG_TYPES),
         "Select the pool rows that help most on the target (Influence Distillation by default; --method for "
         "influence_distillation_exact, less, rds, random).",
+        command="select",
     )
     # Everything that can be checked without a model pass is, first: nothing is lost to a late refusal.
     budget = parse_budget(args.budget)

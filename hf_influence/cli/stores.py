@@ -24,6 +24,7 @@ def run_gradients(argv: list[str]) -> None:
     data, passing, model_args, lora, formatting, gradient_config = parse(
         argv, (DataArguments, PassArguments, ModelArguments, LoraSettings, FormattingConfig, GradientConfig),
         "Per-sample LoRA gradients (preconditioned, normalised, projected) into a resumable store.",
+        command="gradients",
     )
     model, tokenizer = load_cli_model(model_args)
     formatted = formatted_input(data, formatting, tokenizer, passing.show_progress)
@@ -40,6 +41,7 @@ def run_embed(argv: list[str]) -> None:
     data, passing, model_args, formatting, jvp_config = parse(
         argv, (DataArguments, PassArguments, ModelArguments, FormattingConfig, JVPConfig),
         "JVP embeddings (truncated model, random tangents, projected) into a resumable store.",
+        command="embed",
     )
     model, tokenizer = load_cli_model(model_args)
     formatted = formatted_input(data, formatting, tokenizer, passing.show_progress)

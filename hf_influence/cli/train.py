@@ -33,7 +33,9 @@ def run_train(argv: list[str]) -> dict:
         argv, (TrainDataArguments, ModelArguments, LoraSettings, InfluenceSFTConfig),
         "Fine-tune with TRL on the pool rows that help the target most: select --influence_budget rows (or "
         "weight every row, or re-select online) with --influence_method, then SFT (LoRA by default). Selection "
-        "options go in --influence_options as JSON or a YAML mapping; every SFTConfig option is a flag too.",
+        "options go in --influence_options as JSON or a YAML mapping; every SFTConfig option is a flag too "
+        "(listed last).",
+        command="train",
     )
     if not data.pool:
         raise SystemExit("--pool is required: a jsonl/json/parquet/csv file, a folder, or a Hub dataset id.")
