@@ -162,6 +162,14 @@ def _finalise(path: str | Path) -> None:
     store.update_manifest()
 
 
+def run_on_main(state: PartialState | None, step: str, action: Callable[[], T]) -> T | None:
+    """`action()` on process 0 only (a single process: here), then meet the other processes; an error there is
+    raised on every process (see `_step`). Returns the action's result on process 0, None elsewhere."""
+    if state is None:
+        return action()
+    return _step(state, step, action if state.is_main_process else None)
+
+
 def _step(state: PartialState, step: str, action: Callable[[], T] | None) -> T | None:
     """Run `action` (None: nothing to do on this process), then meet the other processes: a collective every
     process must reach. An error is raised where it happened, and a RuntimeError naming the failed processes

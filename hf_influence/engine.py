@@ -23,6 +23,7 @@ from .data import load_rows
 from .distributed import process_state
 from .formatting import FormattingConfig, format_dataset
 from .landmarks import LandmarkRegressor
+from .locks import work_dir_lock
 from .models import (DEFAULT_MODEL, LoraSettings, add_lora, load_model, model_identity, torch_dtype,
                      weights_digest)
 from .network import InfluenceNetwork
@@ -390,7 +391,9 @@ def _run_method(spec: MethodSpec, pool, target, model, tokenizer, optimizer, bud
                       Path(config.work_dir or scratch), raw_pool=pool.select(formatted_pool.dataset["row_id"]),
                       raw_target=target, budget_rows=budget_rows, rule=config.selection or spec.selection_rule(configs),
                       target_tasks=tasks, stream_selection=stream_selection)
-    output = spec.function(context)
+    # One run at a time per work_dir: a second run started on it would write its warm-up and stores over this one's.
+    with work_dir_lock(config.work_dir) if config.work_dir is not None else contextlib.nullcontext():
+        output = spec.function(context)
     if formatted_pool.truncated:  # format_dataset warned; the provenance keeps the count per kind of cut
         kinds = list(formatted_pool.truncated.values())
         output.details["truncated_pool_rows"] = {kind: kinds.count(kind) for kind in sorted(set(kinds))}
