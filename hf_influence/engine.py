@@ -24,8 +24,8 @@ from .distributed import process_state
 from .formatting import FormattingConfig, format_dataset
 from .landmarks import LandmarkRegressor
 from .locks import work_dir_lock
-from .models import (DEFAULT_MODEL, LoraSettings, add_lora, load_model, model_identity, torch_dtype,
-                     weights_digest)
+from .models import (DEFAULT_MODEL, LoraSettings, add_lora, load_model, memoized_weights_digests, model_identity,
+                     torch_dtype, weights_digest)
 from .network import InfluenceNetwork
 from .options import SelectionConfig, split_options
 from .registry import METHODS, MethodSpec
@@ -321,6 +321,7 @@ def duplicate_pool_rows(pool: Dataset) -> dict[str, Any]:
     return found
 
 
+@memoized_weights_digests()  # the base weights do not change during a run: hash them once
 def compute(pool: Dataset, target, model, tokenizer, optimizer, configs: dict, budget_rows: int | None,
              scratch: Path, stream_selection: bool = False) -> ScoreRun:
     """Score with the configured method; stores go to work_dir, else to `scratch` (a folder the caller removes

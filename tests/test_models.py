@@ -120,6 +120,47 @@ def test_weights_digest_is_the_base_weights_whatever_the_adapter():
     assert weights_digest(other) != bare
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weights_digest_hashes_every_byte_and_sees_a_one_element_edit(dtype):
+    import hashlib
+
+    from hf_influence.models import memoized_weights_digests, weights_digest
+
+    model = tiny_causal_lm("llama", seed=0)[0].to(dtype)
+    reference = hashlib.sha256()  # the brute force: every parameter's name, shape, dtype and raw bytes
+    for name, parameter in model.named_parameters():
+        reference.update(f"{name}:{list(parameter.shape)}:{parameter.dtype}".encode())
+        reference.update(parameter.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    assert weights_digest(model) == reference.hexdigest()
+    before = weights_digest(model)
+    embedding = model.get_input_embeddings().weight
+    original = embedding.data[7, 3].clone()
+    with torch.no_grad():
+        embedding.data[7, 3] += 1  # one element of one row, behind autograd's back (no version bump)
+    assert weights_digest(model) != before
+    with memoized_weights_digests():  # a run hashes each model once
+        during = weights_digest(model)
+        with torch.no_grad():
+            embedding.data[7, 3] = original
+        assert weights_digest(model) == during
+    assert weights_digest(model) == before  # outside a run, always the weights as they are
+
+
+def test_an_edited_model_does_not_reuse_the_stores_of_the_original(tmp_path):
+    from hf_influence import WarmupMismatchError, select_by_influence
+    from hf_influence.demo import demo_pool, demo_target
+
+    model, tokenizer = tiny_causal_lm("llama", seed=0)
+    options = {"budget": 4, "num_blocks": 1, "warmup_fraction": 0.25, "warmup_min_steps": 2, "projection_dim": 256,
+               "jvp_projection_dim": 128, "num_landmarks": 6, "show_progress": False, "work_dir": str(tmp_path)}
+    pool, target = demo_pool(2, seed=0), demo_target("math", 2, seed=1)
+    select_by_influence(pool, target, model=model, tokenizer=tokenizer, **options)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[7, 3] += 1e-3
+    with pytest.raises(WarmupMismatchError, match="weights"):
+        select_by_influence(pool, target, model=model, tokenizer=tokenizer, **options)
+
+
 def test_a_model_id_loads_with_model_init_kwargs(tmp_path, monkeypatch):
     from hf_influence import compute_scores, engine
     from hf_influence.demo import demo_pool, demo_target
