@@ -239,8 +239,8 @@ def test_multi_writer_writes_the_same_bytes_without_the_maps(tmp_path, monkeypat
     for start, end in [(6, 10), (2, 6), (0, 2)]:  # [2, 6) straddles shards 0 and 1
         store.write(start, rows(start, end))
     monkeypatch.undo()
-    assert writes == ["shard-00001.npy", "shard-00002.npy", "done.npy", "shard-00000.npy", "shard-00001.npy",
-                      "done.npy", "shard-00000.npy", "done.npy"]
+    assert writes == ["shard-00001.npy", "shard-00002.npy", "row_digests.npy", "done.npy", "shard-00000.npy",
+                      "shard-00001.npy", "row_digests.npy", "done.npy", "shard-00000.npy", "row_digests.npy", "done.npy"]
     VectorStore.open(tmp_path / "positional", mode="r+").update_manifest()
     assert store_files(tmp_path / "positional") == store_files(tmp_path / "mapped")
 

@@ -77,14 +77,12 @@ def dir_bytes(path: Path) -> dict[str, bytes]:
     return {file.name: file.read_bytes() for file in sorted(path.iterdir())}
 
 
-# The writer processes load store.py by its path instead of through the hf_influence package,
-# whose __init__ imports transformers and would add seconds to every start (store.py imports
-# nothing else from the package). Then they run this file as a script.
-# store.py and the one module it imports (errors.py, no imports of its own) are loaded from their files, without
-# the package's __init__ (which would import torch-heavy modules and take seconds per writer).
+# The writer processes load store.py and the two modules it imports (errors.py, verbosity.py) from their files,
+# without the package's __init__ (which would import torch-heavy modules and take seconds per writer). Then they
+# run this file as a script.
 _WRITER_BOOTSTRAP = """
 import importlib.util, pathlib, runpy, sys
-for name in ("errors", "store"):
+for name in ("errors", "verbosity", "store"):
     path = pathlib.Path(sys.argv[1]).with_name(name + ".py")
     spec = importlib.util.spec_from_file_location("hf_influence." + name, path)
     sys.modules["hf_influence." + name] = module = importlib.util.module_from_spec(spec)
@@ -223,7 +221,7 @@ def test_data_is_flushed_before_done_flags_are_set(tmp_path, monkeypatch):
 
     monkeypatch.setattr(np.memmap, "flush", recording_flush)
     store.write(5, make_rows(5, 9))  # rows in shards 0 and 1
-    assert flushes == [("shard-00000.npy", 0), ("shard-00001.npy", 0), ("done.npy", 4)]
+    assert flushes == [("shard-00000.npy", 0), ("shard-00001.npy", 0), ("row_digests.npy", 0), ("done.npy", 4)]
 
 
 def test_resume_after_kill_9_is_byte_identical(tmp_path):
@@ -295,7 +293,7 @@ def test_mismatch_names_field_and_overwrite_recreates(
     assert store.spec.identity() == new_spec.identity()
     num_shards = -(-new_spec.num_rows // new_spec.shard_rows)
     expected_files = {f"shard-{i:05d}.npy" for i in range(num_shards)}
-    expected_files |= {"manifest.json", "done.npy", "notes.txt"}
+    expected_files |= {"manifest.json", "done.npy", "row_digests.npy", "notes.txt"}
     assert {p.name for p in path.iterdir()} == expected_files
     # The new store works end to end.
     store.write(0, make_rows(0, new_spec.num_rows, new_spec.dim))
@@ -354,7 +352,7 @@ def test_directory_without_manifest_is_recreated(tmp_path):
     np.testing.assert_array_equal(store.read(0, NUM_ROWS, require_complete=False), 0)
     assert store.row_ids is None
     shards = {"shard-00000.npy", "shard-00001.npy", "shard-00002.npy"}
-    assert {p.name for p in path.iterdir()} == shards | {"done.npy", "manifest.json", "notes.txt"}
+    assert {p.name for p in path.iterdir()} == shards | {"done.npy", "row_digests.npy", "manifest.json", "notes.txt"}
 
 
 @pytest.mark.parametrize(
@@ -573,3 +571,35 @@ def _writer_main(mode: str, path: str, *args: str) -> None:
 
 if __name__ == "__main__":
     _writer_main(*sys.argv[1:])
+
+
+def _flip_byte(store_path: Path, row: int) -> None:
+    """Change one byte of store row `row` on disk (shard 0), behind the store's back."""
+    shard = np.load(store_path / "shard-00000.npy", mmap_mode="r+")
+    shard.view(np.uint8)[row, 5] ^= 0xFF
+    shard.flush()
+
+
+def test_a_row_changed_between_a_crash_and_its_resume_is_computed_again(tmp_path, caplog):
+    build_reference(tmp_path / "ref", make_spec())
+    store = VectorStore.create_or_open(tmp_path / "s", make_spec(), row_ids=ROW_IDS)
+    for start, end in store.pending_batches(BATCH)[:2]:  # the run that crashed wrote two batches
+        store.write(start, make_rows(start, end))
+    del store
+    _flip_byte(tmp_path / "s", 3)
+    resumed = VectorStore.create_or_open(tmp_path / "s", make_spec(), row_ids=ROW_IDS)
+    assert "1 written rows changed on disk since they were written (first: row 3)" in caplog.text
+    assert resumed.pending_batches(BATCH)[0] == (0, BATCH)  # the damaged row's batch is redone
+    fill(resumed)
+    resumed.update_manifest()
+    assert dir_bytes(tmp_path / "s") == dir_bytes(tmp_path / "ref")  # sealed as an undamaged run seals it
+
+
+def test_a_store_with_a_row_changed_since_it_was_written_is_not_sealed(tmp_path):
+    store = VectorStore.create_or_open(tmp_path / "s", make_spec())
+    fill(store)
+    _flip_byte(tmp_path / "s", 6)
+    with pytest.raises(CorruptStoreError, match="1 rows changed on disk after they were written \\(first: row 6\\); "
+                                                "the store is not sealed"):
+        store.update_manifest()
+    assert not store.manifest.get("checksums") and store.pending_rows().tolist() == [6]
