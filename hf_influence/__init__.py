@@ -20,7 +20,8 @@ from .models import DEFAULT_MODEL, LoraSettings, add_lora, load_model
 from .network import InfluenceNetwork
 from .nn_cift_pipeline import NNCIFTConfig, NNCIFTResult, nn_cift
 from .pretrained import load_network, network_summary, select_with_network
-from .optimizer_warmup import WarmupConfig, WarmupMismatchError, WarmupResult, load_optimizer_state, warmup
+from .optimizer_warmup import (CorruptWarmupError, WarmupConfig, WarmupMismatchError, WarmupResult, load_optimizer_state,
+                               warmup)
 from .optimizers import AffineStep, OptimizerStateError, affine_step
 from .options import SelectionConfig
 from .projection import make_projector
@@ -70,6 +71,7 @@ __all__ = [
     "VectorStore",
     "WarmupConfig",
     "WarmupMismatchError",
+    "CorruptWarmupError",
     "WarmupResult",
     "add_lora",
     "affine_step",

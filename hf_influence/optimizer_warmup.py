@@ -14,6 +14,7 @@ exactly where our formatter put labels; it builds no labels from masks and re-to
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -294,14 +295,21 @@ def _save_cached(result: WarmupResult, model: nn.Module, folder: Path, identity:
                 tensors[f"{names[id(parameter)]}::{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
     folder.mkdir(parents=True, exist_ok=True)
     (folder / CACHE_MANIFEST).unlink(missing_ok=True)
-    atomic_write_bytes(folder / CACHE_TENSORS, save_tensors(tensors))
+    data = save_tensors(tensors)
+    atomic_write_bytes(folder / CACHE_TENSORS, data)
     atomic_write_json(folder / CACHE_MANIFEST, {"identity": identity, "param_groups": groups,
                                                "row_ids": result.row_ids, "losses": result.losses,
-                                               "steps": result.steps})
+                                               "steps": result.steps,
+                                               "tensors_sha256": hashlib.sha256(data).hexdigest()})
 
 
 class WarmupMismatchError(HFInfluenceError, ValueError):
     """A work_dir's saved warm-up was made for other rows, settings, model or initial adapter weights."""
+
+
+class CorruptWarmupError(HFInfluenceError, ValueError):
+    """A work_dir's saved warm-up cannot be trusted: its manifest is unreadable or its tensors differ from the
+    SHA-256 recorded when it was saved."""
 
 
 # What each part of a warm-up's identity is, for the refusal message.
@@ -312,12 +320,17 @@ _IDENTITY_PARTS = {"rows": "pool rows (data or max_length)", "config": "warm-up 
 def _load_cached(model: nn.Module, folder: Path, identity: dict, overwrite: bool) -> WarmupResult | None:
     """The saved warm-up when `folder` holds one made for `identity`; None when there is none, or when it
     differs and `overwrite` (it is then replaced); else WarmupMismatchError naming what differs."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     manifest_file = folder / CACHE_MANIFEST
     if not manifest_file.is_file():
         return None
-    manifest = json.loads(manifest_file.read_text())
+    try:
+        manifest = json.loads(manifest_file.read_text())
+        if not isinstance(manifest, dict):
+            raise ValueError("not a JSON object")
+    except (UnicodeDecodeError, ValueError) as error:
+        return _corrupt(folder, f"{manifest_file} is not a warm-up manifest ({error})", overwrite)
     stored = manifest.get("identity") or {}
     if stored != identity:
         differs = [_IDENTITY_PARTS.get(key, key) for key in sorted(identity.keys() | stored.keys())
@@ -330,7 +343,12 @@ def _load_cached(model: nn.Module, folder: Path, identity: dict, overwrite: bool
         logger.warning("overwrite=True: the warm-up saved in %s differs from this run in: %s; training again and "
                        "replacing it.", folder, ", ".join(differs))
         return None
-    tensors = load_file(str(folder / CACHE_TENSORS))
+    data = (folder / CACHE_TENSORS).read_bytes() if (folder / CACHE_TENSORS).is_file() else None
+    recorded = manifest.get("tensors_sha256")  # None in warm-ups saved before it was recorded
+    if data is None or (recorded is not None and hashlib.sha256(data).hexdigest() != recorded):
+        problem = "is missing" if data is None else "differs from the SHA-256 recorded when it was saved"
+        return _corrupt(folder, f"{folder / CACHE_TENSORS} {problem}", overwrite)
+    tensors = load(data)
     parameters = dict(model.named_parameters())
     groups = [{**group, "params": [parameters[name] for name in group["params"]],
                "betas": tuple(group.get("betas", (0.9, 0.999)))} for group in manifest["param_groups"]]
@@ -347,6 +365,15 @@ def _load_cached(model: nn.Module, folder: Path, identity: dict, overwrite: bool
     logger.info("Loaded the warm-up optimizer state from %s (%d steps).", folder, manifest["steps"])
     return WarmupResult(optimizer=optimizer, row_ids=manifest["row_ids"], losses=manifest["losses"],
                         steps=manifest["steps"])
+
+
+def _corrupt(folder: Path, problem: str, overwrite: bool) -> None:
+    """A damaged saved warm-up: refused (CorruptWarmupError), or with `overwrite` trained again (returns None)."""
+    if not overwrite:
+        raise CorruptWarmupError(f"The warm-up saved in {folder} is damaged: {problem}. Delete that folder or pass "
+                                 f"{OVERWRITE} to train it again.")
+    logger.warning("overwrite=True: the warm-up saved in %s is damaged (%s); training it again.", folder, problem)
+    return None
 
 
 def _max_steps(config: WarmupConfig, num_rows: int) -> int:

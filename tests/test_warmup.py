@@ -186,6 +186,40 @@ def test_cache_dir_gives_back_the_same_weights_and_state(pool, tmp_path, monkeyp
     assert len(trainings) == 3
 
 
+@pytest.mark.parametrize("damage", ["flipped tensor byte", "truncated manifest", "missing tensors"])
+def test_a_damaged_saved_warm_up_is_named_before_use_and_overwrite_trains_again(pool, tmp_path, damage, monkeypatch):
+    import importlib
+
+    from hf_influence import CorruptWarmupError
+
+    warmup_module = importlib.import_module("hf_influence.optimizer_warmup")
+    settings = config(warmup_fraction=0.1, warmup_max_steps=2)
+    model, tokenizer = lora_model()
+    warmup(model, tokenizer, pool, settings, cache_dir=tmp_path)
+    tensors, manifest = tmp_path / "optimizer.safetensors", tmp_path / "warmup.json"
+    if damage == "flipped tensor byte":  # a value flipped in the data, the safetensors header still valid
+        data = bytearray(tensors.read_bytes())
+        data[-3] ^= 0xFF
+        tensors.write_bytes(bytes(data))
+        words = "optimizer.safetensors differs from the SHA-256 recorded when it was saved"
+    elif damage == "truncated manifest":
+        manifest.write_text(manifest.read_text()[:40])
+        words = "warmup.json is not a warm-up manifest"
+    else:
+        tensors.unlink()
+        words = "optimizer.safetensors is missing"
+    damaged = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    with pytest.raises(CorruptWarmupError, match=f"The warm-up saved in .* is damaged: .*{words}.*overwrite=True"):
+        warmup(lora_model()[0], tokenizer, pool, settings, cache_dir=tmp_path)
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == damaged  # nothing changed
+    trainings = []
+    make_trainer = warmup_module._make_trainer
+    monkeypatch.setattr(warmup_module, "_make_trainer", lambda *a, **k: trainings.append(1) or make_trainer(*a, **k))
+    warmup(lora_model()[0], tokenizer, pool, settings, cache_dir=tmp_path, overwrite=True)
+    warmup(lora_model()[0], tokenizer, pool, settings, cache_dir=tmp_path)
+    assert trainings == [1]  # trained again once, then loaded
+
+
 def test_first_step_loss_is_our_response_only_token_mean():
     """The trainer's loss uses our labels exactly: prompt and padding masked, mean over response tokens."""
     model, tokenizer = lora_model()
