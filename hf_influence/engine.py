@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow.compute as pc
 import torch
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
 from torch import Tensor, nn
@@ -338,6 +339,8 @@ def compute(pool: Dataset, target, model, tokenizer, optimizer, configs: dict, b
         raise ValueError(f"order=2 needs a method with a second-order term "
                          f"({sorted(name for name, s in METHODS.items() if s.second_order)}); method "
                          f"{config.method!r} has none.")
+    # The passes run in eval mode; the caller's model gets its own train/eval flags back, module by module.
+    modes = [(module, module.training) for module in model.modules()] if isinstance(model, nn.Module) else []
     if spec.needs_model:
         model, tokenizer, restore = prepare_model(model, tokenizer, configs)
     else:
@@ -348,6 +351,8 @@ def compute(pool: Dataset, target, model, tokenizer, optimizer, configs: dict, b
                 spec, pool, target, model, tokenizer, optimizer, budget_rows, configs, scratch, stream_selection)
     finally:
         restore()
+        for module, training in modes:
+            module.training = training
     if output.pointwise:  # one score per pool row, whatever the target: one column, no target tasks
         target_names, tasks = ["pointwise"], None
     model_id, revision = model_identity(model) if model is not None else (None, None)
@@ -364,6 +369,20 @@ def compute(pool: Dataset, target, model, tokenizer, optimizer, configs: dict, b
                     {"seconds": context.seconds, **output.details})
 
 
+def _check_token_ids(formatted: Dataset, model: nn.Module, tokenizer, name: str) -> None:
+    """Refuse, before any model pass, rows whose token ids the model has no embedding for: a tokenizer that is
+    not the model's (the pass would fail deep in an embedding lookup, after the Trainer has aligned the model's
+    special tokens with it)."""
+    rows = model.get_input_embeddings().num_embeddings
+    largest = pc.max(pc.list_flatten(formatted.data.column("input_ids"))).as_py()
+    if largest is not None and largest >= rows:
+        row, token = next((row_id, max(ids)) for row_id, ids in zip(formatted["row_id"], formatted["input_ids"])
+                          if max(ids) >= rows)
+        raise ValueError(f"The tokenizer does not fit the model: {name} row {row} has token id {token}, and the "
+                         f"model's input embedding has {rows} rows ({type(tokenizer).__name__} with "
+                         f"{len(tokenizer)} tokens). Pass the tokenizer saved with the model.")
+
+
 def _run_method(spec: MethodSpec, pool, target, model, tokenizer, optimizer, budget_rows, configs, scratch: Path,
                 stream_selection: bool):
     """Format the rows and run the method: (output, context, pool row ids, target names, target tasks, skipped)."""
@@ -377,6 +396,8 @@ def _run_method(spec: MethodSpec, pool, target, model, tokenizer, optimizer, bud
     if formatted_target.skipped:
         raise ValueError(f"Target rows cannot be scored (row: reason): {formatted_target.skipped}. Fix or remove "
                          "them: a target row without label tokens has no loss and no gradient.")
+    for name, formatted in (("pool", formatted_pool.dataset), ("target", formatted_target.dataset)):
+        _check_token_ids(formatted, model, tokenizer, name)
     # Skipped pool rows were warned about once, by format_dataset; the provenance lists them.
     usable = len(formatted_pool.dataset)
     if budget_rows is not None and budget_rows > usable:

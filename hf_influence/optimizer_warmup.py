@@ -13,6 +13,7 @@ exactly where our formatter put labels; it builds no labels from masks and re-to
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -487,15 +488,20 @@ _MISSING = object()
 
 
 def _model_snapshot(model: nn.Module) -> dict:
-    """What training may change on the model: requires_grad flags and instance-level forward patches.
+    """What training may change on the model: requires_grad flags, instance-level forward patches and the
+    config / generation config.
 
     SFTTrainer replaces the base model's forward with a fused-LM-head wrapper (an instance attribute) and
-    accelerate may wrap the forward for mixed precision; the snapshot lets `_restore_model` undo both.
+    accelerate may wrap the forward for mixed precision; the Trainer turns `use_cache` off and aligns the config's
+    special-token ids with the tokenizer's. The snapshot lets `_restore_model` undo all of it.
     """
     modules = [model] + ([model.get_base_model()] if hasattr(model, "get_base_model") else [])
+    configs = [config for config in (getattr(model, "config", None), getattr(model, "generation_config", None))
+               if config is not None]
     return {
         "requires_grad": [(p, p.requires_grad) for p in model.parameters()],
         "attributes": [(m, a, m.__dict__.get(a, _MISSING)) for m in modules for a in _PATCHED_ATTRIBUTES],
+        "configs": [(config, copy.deepcopy(config.__dict__)) for config in configs],
     }
 
 
@@ -509,6 +515,9 @@ def _restore_model(model: nn.Module, snapshot: dict) -> None:
             module.__dict__.pop(attribute, None)
         else:
             module.__dict__[attribute] = value
+    for config, values in snapshot["configs"]:  # in place: the model's submodules share these objects
+        config.__dict__.clear()
+        config.__dict__.update(values)
 
 
 def _unwrap_optimizer(optimizer) -> torch.optim.AdamW:

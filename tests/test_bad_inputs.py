@@ -31,6 +31,15 @@ def _select(model, pool=POOL, target=TARGET, budget=2, **options):
                                show_progress=False, **options)
 
 
+def _grown_tokenizer(tokenizer):
+    """A copy of `tokenizer` with a token the model has no embedding for (as another model's tokenizer would)."""
+    import copy
+
+    grown = copy.deepcopy(tokenizer)
+    grown.add_tokens(["zebrafish"])
+    return grown
+
+
 def _broken_network(part: str) -> str:
     """A saved InfluenceNetwork folder with its config.json or its weights file replaced by junk."""
     import tempfile
@@ -72,6 +81,12 @@ API_CASES = [
      "order=2 needs a method"),
     ("weighted rule without weights", lambda m: _select(m, method="less", selection="weighted"), ValueError,
      "needs robust weights"),
+    ("a tokenizer that is not the model's", lambda m: select_by_influence(
+        [*POOL, {**POOL[0], "messages": [{"role": "user", "content": "A zebrafish?"},
+                                          {"role": "assistant", "content": "Yes."}]}], TARGET, model=m[0], tokenizer=_grown_tokenizer(m[1]),
+        budget=2, show_progress=False), ValueError,
+     "The tokenizer does not fit the model: pool row 8 has token id 509, and the model's input embedding has 509 "
+     "rows"),
     ("pool a DatasetDict", lambda m: _select(m, pool=DatasetDict(train=Dataset.from_list(POOL))), HFInfluenceError,
      "The pool is a DatasetDict with splits ['train']: pass one split, e.g. rows['train']."),
     ("target a streamed dataset", lambda m: _select(m, target=Dataset.from_list(TARGET).to_iterable_dataset()),
@@ -155,6 +170,25 @@ def test_api_refuses_bad_input_naming_the_culprit(model, call, error, words, tmp
     assert words in str(raised.value)
     assert _model_state(*model) == before  # the caller's model and tokenizer as they were
     assert list(tmp_path.iterdir()) == []
+
+
+FAST = {"num_blocks": 1, "warmup_fraction": 0.25, "warmup_min_steps": 2, "projection_dim": 256,
+        "jvp_projection_dim": 128, "num_landmarks": 4}
+
+
+@pytest.mark.parametrize("peft", [False, True], ids=["base model", "PEFT model"])
+@pytest.mark.parametrize("method", ["influence_distillation", "influence_distillation_exact", "less", "rds"])
+def test_a_selection_leaves_the_callers_model_and_tokenizer_as_they_were(method, peft):
+    # The warm-up's Trainer turns use_cache off and aligns the config's special tokens; the LoRA adapter of a base
+    # model is added and removed; a PEFT model's adapter is trained by the warm-up: all of it is put back.
+    model, tokenizer = lora_model(seed=0) if peft else tiny_causal_lm("llama", seed=0)
+    model.train()
+    before = _model_state(model, tokenizer)
+    vocabulary = (tokenizer.get_vocab(), tokenizer.chat_template, tokenizer.padding_side)
+    select_by_influence(POOL, TARGET, model=model, tokenizer=tokenizer, budget=2, method=method, show_progress=False,
+                        **FAST)
+    assert _model_state(model, tokenizer) == before
+    assert (tokenizer.get_vocab(), tokenizer.chat_template, tokenizer.padding_side) == vocabulary
 
 
 def _model_state(model, tokenizer) -> tuple:
