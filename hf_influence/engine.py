@@ -219,7 +219,14 @@ def as_dataset(rows, name: str) -> Dataset:
         bad = next((i for i, row in enumerate(rows) if not isinstance(row, dict)), None)
         if bad is not None:
             raise SelectionError(f"The {name}'s row {bad} is a {type(rows[bad]).__name__}, not a dict of columns.")
-        dataset = Dataset.from_list(rows) if rows else Dataset.from_dict({})
+        try:
+            dataset = Dataset.from_list(rows) if rows else Dataset.from_dict({})
+        except UnicodeEncodeError:  # a lone surrogate (e.g. from a bad decode): Arrow stores UTF-8 only
+            row, column = next((i, key) for i, row in enumerate(rows) for key, value in row.items()
+                               if not _encodes(value))
+            raise SelectionError(f"The {name}'s row {row}, column {column!r}, holds text that is not valid Unicode "
+                                 f"(a lone surrogate, often from decoding bytes with errors='surrogateescape'): "
+                                 f"clean it before selection.") from None
     elif isinstance(rows, (str, os.PathLike)):
         dataset = load_rows(rows)
     else:
@@ -228,6 +235,15 @@ def as_dataset(rows, name: str) -> Dataset:
     if len(dataset) == 0:
         raise SelectionError(f"The {name} is empty: it needs at least one row.")
     return dataset
+
+
+def _encodes(value) -> bool:
+    """Whether every string inside `value` (nested lists and dicts too) encodes as UTF-8."""
+    try:
+        json.dumps(value, ensure_ascii=False, default=str).encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def select_rows(run: ScoreRun, budget_rows: int, rule: str, seed: int) -> Tensor:

@@ -87,6 +87,13 @@ API_CASES = [
         budget=2, show_progress=False), ValueError,
      "The tokenizer does not fit the model: pool row 8 has token id 509, and the model's input embedding has 509 "
      "rows"),
+    ("a one-row pool for landmark ID", lambda m: _select(m, pool=[GOOD], budget=1, num_blocks=1), ValueError,
+     "needs at least 2 landmarks for its regression; this run has 1 (1 usable pool rows, num_landmarks=4096): use "
+     "method='influence_distillation_exact' on a pool this small"),
+    ("one landmark", lambda m: _select(m, num_landmarks=1, num_blocks=1), ValueError,
+     "raise num_landmarks to at least 2"),
+    ("a lone surrogate in a row", lambda m: _select(m, pool=[*POOL[:2], {**POOL[2], "source": "bad \ud800"}]),
+     HFInfluenceError, "The pool's row 2, column 'source', holds text that is not valid Unicode"),
     ("pool a DatasetDict", lambda m: _select(m, pool=DatasetDict(train=Dataset.from_list(POOL))), HFInfluenceError,
      "The pool is a DatasetDict with splits ['train']: pass one split, e.g. rows['train']."),
     ("target a streamed dataset", lambda m: _select(m, target=Dataset.from_list(TARGET).to_iterable_dataset()),

@@ -110,6 +110,12 @@ def influence_distillation(context: Context) -> MethodOutput:
     if config.landmark_features != "lm":  # a model too shallow for num_blocks is refused before the warm-up runs
         truncated_decoder(context.model, context.configs[JVPConfig].num_blocks)
     plan = exact_gradient_plan(config, n, context.budget_rows)
+    if plan.landmarks < 2:  # refused here, before the warm-up and feature passes it would otherwise waste
+        remedy = ("use method='influence_distillation_exact' on a pool this small" if n < 2
+                  else "raise num_landmarks to at least 2")
+        raise ValueError(f"Landmark Influence Distillation needs at least 2 landmarks for its regression; this run "
+                         f"has {plan.landmarks} ({n} usable pool rows, num_landmarks={config.num_landmarks}): "
+                         f"{remedy}.")
     tracked = PerSampleGradients(context.model, context.configs[GradientConfig])
     step = optimizer_step(context, tracked)
     store = landmark_feature_rows(context, step, tracked)
