@@ -40,6 +40,7 @@ from huggingface_hub.errors import RemoteEntryNotFoundError
 from torch import Tensor, nn
 
 from .cards import HUB_TAG
+from .errors import HFInfluenceError
 from .models import looks_like_local_path
 from .selection import TopRows
 
@@ -189,6 +190,10 @@ def complement(indices: Tensor, size: int) -> Tensor:
     mask = torch.ones(size, dtype=torch.bool)
     mask[indices] = False
     return mask.nonzero().squeeze(1)
+
+
+class NetworkMismatchError(HFInfluenceError, RuntimeError):
+    """A saved InfluenceNetwork whose weights do not fit its config (sizes, kind or layers differ)."""
 
 
 class InfluenceNetwork(
@@ -791,6 +796,13 @@ class InfluenceNetwork(
             safetensors.torch.load_model(network, weights, strict=True, device=map_location)
         except safetensors.SafetensorError as error:
             raise ValueError(f"{model_id}: {weights} is not a readable safetensors file ({error})") from error
+        except RuntimeError as error:  # torch's several-line state-dict report, said in one line with the config
+            details = "; ".join(line.strip() for line in str(error).splitlines()[1:] if line.strip())
+            shape = {key: model_kwargs.get(key) for key in ("kind", "embedding_dim", "hidden_sizes", "interaction_rank")}
+            raise NetworkMismatchError(
+                f"{model_id}: the weights in {constants.SAFETENSORS_SINGLE_FILE} do not fit the network its "
+                f"{constants.CONFIG_NAME} describes ({shape}): {details}. The config was edited, or belongs to "
+                f"another network.") from None
         for name, tensor in network.state_dict().items():
             if not torch.isfinite(tensor).all():
                 raise ValueError(f"{model_id}: weight {name!r} in {constants.SAFETENSORS_SINGLE_FILE} holds NaN or "

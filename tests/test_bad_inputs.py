@@ -40,6 +40,18 @@ def _grown_tokenizer(tokenizer):
     return grown
 
 
+def _edited_network_config(**changes) -> str:
+    """A saved InfluenceNetwork folder whose config.json says other sizes or another kind than its weights."""
+    import tempfile
+    from pathlib import Path
+
+    folder = Path(tempfile.mkdtemp(prefix="edited_network_"))
+    InfluenceNetwork(embedding_dim=4, hidden_sizes=(4,)).save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))
+    return str(folder)
+
+
 def _broken_network(part: str) -> str:
     """A saved InfluenceNetwork folder with its config.json or its weights file replaced by junk."""
     import tempfile
@@ -87,6 +99,11 @@ API_CASES = [
         budget=2, show_progress=False), ValueError,
      "The tokenizer does not fit the model: pool row 8 has token id 509, and the model's input embedding has 509 "
      "rows"),
+    ("a network config with other sizes", lambda m: InfluenceNetwork.from_pretrained(
+        _edited_network_config(hidden_sizes=[8])), HFInfluenceError,
+     "do not fit the network its config.json describes ({'kind': 'pairwise', 'embedding_dim': 4, 'hidden_sizes': [8]"),
+    ("a network config of another kind", lambda m: InfluenceNetwork.from_pretrained(
+        _edited_network_config(kind="pointwise")), HFInfluenceError, "size mismatch for hidden.0.weight"),
     ("a one-row pool for landmark ID", lambda m: _select(m, pool=[GOOD], budget=1, num_blocks=1), ValueError,
      "needs at least 2 landmarks for its regression; this run has 1 (1 usable pool rows, num_landmarks=4096): use "
      "method='influence_distillation_exact' on a pool this small"),

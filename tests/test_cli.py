@@ -190,6 +190,19 @@ def test_fit_network_push_and_predict(tmp_path, local_hub, capsys):
     assert "pushed to" in capsys.readouterr().out
 
 
+def test_fit_network_on_a_block_with_no_unseen_pair_saves_a_card_without_a_plot(tmp_path):
+    # 16 rows, evaluation_fraction 0.25: every evaluated row is in the block, so there is no Q4 pair to plot.
+    from hf_influence.demo import demo_pool, demo_target
+
+    demo_pool(4, seed=0).to_json(tmp_path / "pool.jsonl")
+    demo_target("math", 6, seed=1).to_json(tmp_path / "target.jsonl")
+    report = cli.run_fit_network(["--pool", str(tmp_path / "pool.jsonl"), "--target", str(tmp_path / "target.jsonl"),
+                                  "--output", str(tmp_path / "nn"), "--oracle", "delift_se", "--evaluation_fraction",
+                                  "0.25", "--network_epochs", "2", "--show_progress", "false"])
+    assert "Q4" not in report["evaluation"] and (tmp_path / "nn" / "network" / "README.md").exists()
+    assert not (tmp_path / "nn" / "network" / "predicted_vs_true.png").exists()
+
+
 def test_train_command_selects_trains_and_measures_the_target_loss(tmp_path, tiny_model_folder, capsys):
     from hf_influence.demo import demo_pool, demo_target
 
