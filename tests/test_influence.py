@@ -400,10 +400,17 @@ def test_dataset_method_is_registered_without_overwriting(pool, target, model, m
 
 def test_work_dir_makes_a_rerun_reuse_its_stores(pool, target, model, tmp_path):
     first, table = _select(pool, target, model, budget=4, num_landmarks=8, work_dir=str(tmp_path))
-    assert (tmp_path / "jvp").is_dir() and (tmp_path / "landmark_gradients").is_dir()
+    assert (tmp_path / "jvp").is_dir() and len(list(tmp_path.glob("landmark_gradients-*"))) == 1
     second, again = _select(pool, target, model, budget=4, num_landmarks=8, work_dir=str(tmp_path))
     assert first["id"] == second["id"]
     torch.testing.assert_close(table.to_matrix()[0], again.to_matrix()[0])
+    # Other landmark settings on the same work_dir: their own landmark store beside the first (the paper's
+    # algorithm and the default, compared on one warm-up and one set of features), not a store mismatch.
+    _, other = _select(pool, target, model, budget=4, num_landmarks=6, shortlist_factor=0, work_dir=str(tmp_path))
+    _, alone = _select(pool, target, lora_model(seed=0), budget=4, num_landmarks=6, shortlist_factor=0,
+                       work_dir=str(tmp_path / "alone"))
+    assert len(list(tmp_path.glob("landmark_gradients-*"))) == 2
+    torch.testing.assert_close(other.to_matrix()[0], alone.to_matrix()[0], rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("method", ["influence_distillation", "influence_distillation_exact"])
@@ -444,7 +451,7 @@ def test_landmark_runs_after_an_exact_run_read_its_gradients(pool, target, model
     monkeypatch.setattr(stores, "extract_gradients", lambda model, rows, *args, **kwargs: computed.append(len(rows))
                         or extract_gradients(model, rows, *args, **kwargs))
     _, reused = _select(pool, target, model, **options, work_dir=str(shared))
-    assert computed == [len(target)] and not (shared / "landmark_gradients").exists()  # only the target's rows
+    assert computed == [len(target)] and not list(shared.glob("landmark_gradients-*"))  # only the target's rows
     torch.testing.assert_close(reused.to_matrix()[0], alone.to_matrix()[0], rtol=1e-4, atol=1e-6)
 
 def test_one_work_dir_serves_several_targets_and_keeps_the_warm_up(pool, target, model, tmp_path, monkeypatch):
@@ -457,7 +464,7 @@ def test_one_work_dir_serves_several_targets_and_keeps_the_warm_up(pool, target,
     shared = tmp_path / "shared"
     _, first = _select(pool, target, model, **options, work_dir=str(shared))
     assert (shared / "warmup" / "warmup.json").is_file()
-    pool_side = {path: path.stat().st_mtime_ns for folder in ("jvp", "landmark_gradients")
+    pool_side = {path: path.stat().st_mtime_ns for folder in ("jvp", *shared.glob("landmark_gradients-*"))
                  for path in (shared / folder).rglob("*") if path.is_file() and path.name != "manifest.json"}
 
     def no_training(*args, **kwargs):

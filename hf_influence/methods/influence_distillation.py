@@ -129,12 +129,15 @@ def influence_distillation(context: Context) -> MethodOutput:
     landmark_rows = context.pool.select(landmarks.tolist())
     preconditioner = None if step is None else step.scale
     target_vectors = target_gradient_vectors(context)
+    # Named by the rows it holds (as the shortlist's and the targets' stores are): runs with other landmark
+    # settings (num_landmarks, shortlist_factor, seed) share one work_dir, its warm-up and its features.
+    folder = f"landmark_gradients-{fingerprint_dataset(landmark_rows)[:16]}"
     if config.order == 2:
-        landmark_vectors = pool_row_gradients(context, landmarks, "landmark_gradients", preconditioner)
+        landmark_vectors = pool_row_gradients(context, landmarks, "landmark_gradients", preconditioner, folder)
         landmark_scores, computed = first_order_scores(landmark_vectors, target_vectors), None  # [k, m]
     else:  # streamed from the store: the landmarks' gradients are never all in memory
         landmark_scores, computed = pool_row_scores(context, landmarks, "landmark_gradients", preconditioner,
-                                                    target_vectors)
+                                                    target_vectors, folder)
     regression_columns = landmark_scores
     if config.order == 2:
         q_landmarks, drift_product = _landmark_second_order(context, tracked, landmark_rows, landmark_vectors, step, n)
