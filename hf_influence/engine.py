@@ -28,7 +28,7 @@ from .locks import work_dir_lock
 from .models import (DEFAULT_MODEL, LoraSettings, add_lora, load_model, memoized_weights_digests, model_identity,
                      torch_dtype, weights_digest)
 from .network import InfluenceNetwork
-from .options import SelectionConfig, split_options
+from .options import NNCIFTConfig, SelectionConfig, split_options
 from .registry import METHODS, MethodSpec
 from .scores import ScoreTable, provenance_record, rows_digest
 from .selection import GROUPED_RULES, SelectionError, select_indices, weighted_sample
@@ -351,10 +351,12 @@ def compute(pool: Dataset, target, model, tokenizer, optimizer, configs: dict, b
         logger.warning("%d pool rows repeat an earlier row's %s (the first: row %d repeats row %d); a repeated row "
                        "can be selected more than once.", found["repeated_rows"], kind, found["first"][1],
                        found["first"][0])
-    if config.order == 2 and not spec.second_order:
+    if config.order == 2 and not spec.has_second_order(configs):
+        oracle = (f" with oracle {configs[NNCIFTConfig].oracle!r}"
+                  if config.method == "nn_cift" and NNCIFTConfig in configs else "")
         raise ValueError(f"order=2 needs a method with a second-order term "
-                         f"({sorted(name for name, s in METHODS.items() if s.second_order)}); method "
-                         f"{config.method!r} has none.")
+                         f"({sorted(name for name, s in METHODS.items() if s.second_order)}; nn_cift through an "
+                         f"Influence Distillation oracle); method {config.method!r}{oracle} has none.")
     # The passes run in eval mode; the caller's model gets its own train/eval flags back, module by module.
     modes = [(module, module.training) for module in model.modules()] if isinstance(model, nn.Module) else []
     if spec.needs_model:

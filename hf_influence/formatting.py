@@ -37,6 +37,7 @@ from transformers import PreTrainedTokenizerBase
 from transformers.utils.logging import tqdm
 
 from .errors import HFInfluenceError
+from .validation import check_fields
 from .verbosity import get_logger
 
 logger = get_logger(__name__)
@@ -99,6 +100,7 @@ class FormattingConfig:
             warnings.warn("FormattingConfig(show_progress=...) is deprecated: pass show_progress to format_dataset, "
                           "or to the run (select_by_influence(..., show_progress=...), SelectionConfig).",
                           FutureWarning, stacklevel=3)
+        check_fields(self, integers={"max_length": None})
         if self.max_length < 2:
             raise ValueError(f"FormattingConfig.max_length must be >= 2, got {self.max_length}.")
         if self.truncation not in ("prompt_left", "drop", "error"):

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from .errors import HFInfluenceError
 from .formatting import IGNORE_INDEX
 from .projection import FactoredProjector, Projector, derive_seed, make_projector
+from .validation import check_fields
 
 PARAMETER_MODES = ("lora", "pattern")
 
@@ -85,6 +86,9 @@ class GradientConfig:
     batch_size: int = field(default=8, metadata={"help": "rows per batch in the extraction loops."})
 
     def __post_init__(self) -> None:
+        check_fields(self, integers={"projection_dim": 1, "factored_out_dim": 1, "factored_in_dim": 1,
+                                     "projection_seed": None, "batch_size": 1, "gradient_blocks": 1},
+                     optional=("gradient_blocks",))
         if self.parameters not in PARAMETER_MODES:
             raise ValueError(f"GradientConfig.parameters={self.parameters!r}: use one of {PARAMETER_MODES}.")
         if self.parameters == "pattern" and not self.parameter_pattern:
@@ -94,11 +98,6 @@ class GradientConfig:
                 "GradientConfig.projection='factored' projects full weight matrices; LoRA gradients are small "
                 "enough to flatten: use 'countsketch', 'srht', 'gaussian' or 'none' with parameters='lora'."
             )
-        if self.batch_size < 1:
-            raise ValueError(f"GradientConfig.batch_size must be >= 1, got {self.batch_size}.")
-        if self.gradient_blocks is not None and self.gradient_blocks < 1:
-            raise ValueError(f"GradientConfig.gradient_blocks must be >= 1 (or None for the whole model), got "
-                             f"{self.gradient_blocks}.")
 
 
 @dataclass

@@ -29,6 +29,7 @@ from torch.func import functional_call, jvp, vmap
 from .formatting import IGNORE_INDEX
 from .gradients import causal_lm_parts
 from .projection import derive_seed, make_projector
+from .validation import check_fields
 
 
 JVP_POOLINGS = ("last", "response_mean")
@@ -69,8 +70,8 @@ class JVPConfig:
                           "over its response tokens, those with a label)."})
 
     def __post_init__(self) -> None:
-        if self.num_blocks < 1 or self.num_tangents < 1:
-            raise ValueError(f"JVPConfig needs num_blocks >= 1 and num_tangents >= 1, got {self.num_blocks}, {self.num_tangents}.")
+        check_fields(self, integers={"num_blocks": 1, "num_tangents": 1, "jvp_projection_dim": 1, "jvp_seed": None,
+                                     "jvp_batch_size": 1})
         if self.jvp_pooling not in JVP_POOLINGS:
             raise ValueError(f"JVPConfig.jvp_pooling must be one of {list(JVP_POOLINGS)}, got {self.jvp_pooling!r}.")
 

@@ -29,6 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from .errors import HFInfluenceError
 from .store import atomic_write_json
+from .validation import check_fields, is_number
 from .verbosity import get_logger
 
 logger = get_logger(__name__)
@@ -355,6 +356,9 @@ class LoraSettings:
                           "JSON string on the command line); passing peft_config=LoraConfig(...) fills it."})
 
     def __post_init__(self) -> None:
+        check_fields(self, integers={"lora_r": 1, "lora_seed": None}, numbers={"lora_alpha": (0, None)})
+        if not (is_number(self.lora_dropout) and 0 <= self.lora_dropout < 1):
+            raise ValueError(f"LoraSettings.lora_dropout must be a number in [0, 1), got {self.lora_dropout!r}")
         self.lora_config_kwargs = kwargs_option(self.lora_config_kwargs, "LoraSettings.lora_config_kwargs")
         if self.lora_config_kwargs is None:
             return

@@ -20,7 +20,7 @@ from .models import LoraSettings, kwargs_option, torch_dtype
 from .optimizer_warmup import WarmupConfig
 from .registry import METHODS
 from .selection import RULES
-from .validation import is_int, is_number
+from .validation import check_fields, is_int, is_number
 
 LANDMARK_FEATURES = ("jvp", "lm", "jvp+lm", "truncated_gradient")
 
@@ -292,17 +292,18 @@ class NNCIFTConfig:
                           "and card)."})
 
     def __post_init__(self) -> None:
+        check_fields(self, integers={"min_block_rows": 1, "encoder_batch_size": 1, "network_interaction_rank": 0,
+                                     "network_epochs": 1, "network_batch_size": 1, "network_patience": 0,
+                                     "network_num_threads": 1, "nn_cift_seed": None},
+                     numbers={"block_fraction": (0, 1), "network_learning_rate": (0, None),
+                              "evaluation_fraction": (None, 1)}, optional=("network_num_threads",))
+        if self.evaluation_fraction < 0:
+            raise ValueError(f"NNCIFTConfig.evaluation_fraction must be in [0, 1], got {self.evaluation_fraction}")
         if self.oracle not in ORACLES:
             raise ValueError(f"NNCIFTConfig.oracle must be one of {list(ORACLES)}, got {self.oracle!r}")
-        if not 0 < self.block_fraction <= 1:
-            raise ValueError(f"NNCIFTConfig.block_fraction must be in (0, 1], got {self.block_fraction}")
-        if self.min_block_rows < 1:
-            raise ValueError(f"NNCIFTConfig.min_block_rows must be >= 1, got {self.min_block_rows}")
         if self.network_validation_split not in ("pairs", "held_out"):
             raise ValueError(f"NNCIFTConfig.network_validation_split must be 'pairs' or 'held_out', "
                              f"got {self.network_validation_split!r}")
-        if self.network_num_threads is not None and self.network_num_threads < 1:
-            raise ValueError(f"NNCIFTConfig.network_num_threads must be >= 1 or None, got {self.network_num_threads}")
 
 
 def _is_peft_lora_config(value: Any) -> bool:

@@ -23,7 +23,8 @@ class MethodSpec:
         needs_model: False for methods that score the raw rows without a model ("random").
         uses_stores: writes resumable stores into work_dir (a multi-process launch then needs a shared work_dir).
         robust_weights: returns robust per-row weights (selection="weighted", the trainer's weight mode).
-        second_order: honours order=2 (itself, or through its oracle); other methods refuse it.
+        second_order: honours order=2, or a function of the run's configs that says whether it does (NN-CIFT:
+            through its oracle); other methods refuse it before any model pass.
         streams: may return its scores as a ScoreStream (never holding the [n, m] matrix) when asked.
     """
 
@@ -33,8 +34,12 @@ class MethodSpec:
     needs_model: bool = True
     uses_stores: bool = True
     robust_weights: bool = False
-    second_order: bool = False
+    second_order: bool | Callable[[dict[type, Any]], bool] = False
     streams: bool = False
+
+    def has_second_order(self, configs: dict[type, Any]) -> bool:
+        """Whether this method honours order=2 for the run's configs."""
+        return self.second_order(configs) if callable(self.second_order) else self.second_order
 
     def selection_rule(self, configs: dict[type, Any]) -> str:
         """The rule this method selects with when `selection` is not given, for the run's configs."""
@@ -45,7 +50,8 @@ METHODS: dict[str, MethodSpec] = {}
 
 
 def register_method(name: str, default_selection: str | Callable[[dict[type, Any]], str], needs_model: bool = True, uses_stores: bool = True,
-                    robust_weights: bool = False, second_order: bool = False, streams: bool = False):
+                    robust_weights: bool = False, second_order: bool | Callable[[dict[type, Any]], bool] = False,
+                    streams: bool = False):
     """Register `function(context) -> MethodOutput` under `name` for `select_by_influence(method=name)`, with
     its capabilities (see MethodSpec)."""
 

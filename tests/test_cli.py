@@ -47,17 +47,17 @@ def test_gradients_help_shows_the_field_help(capsys):
 def test_yaml_defaults_and_flag_override(tmp_path):
     config = tmp_path / "config.yaml"
     config.write_text("projection_dim: 128\nprojection_seed: 5\n")
-    (parsed,) = parse(["--config", str(config), "--projection_seed", "9"], (GradientConfig,), "test")
+    (parsed,) = parse(["--config", str(config), "--projection_seed", "9"], (GradientConfig,), "test", command="gradients")
     assert parsed.projection_dim == 128 and parsed.projection_seed == 9
-    (parsed,) = parse(["--config", str(config)], (GradientConfig,), "test")
+    (parsed,) = parse(["--config", str(config)], (GradientConfig,), "test", command="gradients")
     assert parsed.projection_seed == 5
     with pytest.raises(SystemExit):
-        parse(["--no_such_option", "1"], (GradientConfig,), "test")
+        parse(["--no_such_option", "1"], (GradientConfig,), "test", command="gradients")
     with pytest.raises(SystemExit):  # no prefix abbreviations
-        parse(["--projection_d", "64"], (GradientConfig,), "test")
+        parse(["--projection_d", "64"], (GradientConfig,), "test", command="gradients")
     config.write_text("projection_dim: 128\nprojektion: srht\n")  # a typo must not be ignored
     with pytest.raises(SystemExit):
-        parse(["--config", str(config)], (GradientConfig,), "test")
+        parse(["--config", str(config)], (GradientConfig,), "test", command="gradients")
 
 
 def test_the_old_seed_option_still_sets_the_projection_seed_with_a_warning(tmp_path):
@@ -66,12 +66,12 @@ def test_the_old_seed_option_still_sets_the_projection_seed_with_a_warning(tmp_p
     from hf_influence.options import split_options
 
     with pytest.warns(FutureWarning, match="--seed is deprecated"):
-        (parsed,) = parse(["--seed", "4"], (GradientConfig,), "test")
+        (parsed,) = parse(["--seed", "4"], (GradientConfig,), "test", command="gradients")
     assert parsed.projection_seed == 4
     config = tmp_path / "config.yaml"
     config.write_text("seed: 6\n")
     with pytest.warns(FutureWarning, match="the key `seed` is deprecated"):
-        (parsed,) = parse(["--config", str(config)], (GradientConfig,), "test")
+        (parsed,) = parse(["--config", str(config)], (GradientConfig,), "test", command="gradients")
     assert parsed.projection_seed == 6
     with pytest.warns(FutureWarning, match="projection_seed=... \\(the same meaning\\)"):
         configs = split_options({"seed": 3})
@@ -319,13 +319,13 @@ def test_config_files_are_merged_by_trls_parser(tmp_path, monkeypatch):
     config = tmp_path / "select.yaml"
     config.write_text("env:\n  HF_INFLUENCE_TEST_VAR: from-yaml\nbudget: '7'\nprojection_dim: 64\n")
     for argv in (["--config", str(config), "--projection_dim", "128"], [f"--config={config}", "--projection_dim=128"]):
-        select, gradients = parse(argv, (SelectArguments, GradientConfig), "test")
+        select, gradients = parse(argv, (SelectArguments, GradientConfig), "test", command="select")
         assert (select.budget, gradients.projection_dim) == ("7", 128)
     assert os.environ["HF_INFLUENCE_TEST_VAR"] == "from-yaml"
     assert issubclass(CommandParser, __import__("trl").TrlParser)
     config.write_text("budgett: 3\n")
     with pytest.raises(SystemExit):
-        parse(["--config", str(config)], (SelectArguments, GradientConfig), "test")
+        parse(["--config", str(config)], (SelectArguments, GradientConfig), "test", command="select")
 
 
 def test_the_group_report_groups_by_depth_and_prints_the_top_groups(capsys):

@@ -75,7 +75,7 @@ def test_bad_configuration():
     model, _ = tiny_causal_lm("llama", num_layers=2)
     with pytest.raises(ValueError, match="exceeds the model's 2 blocks"):
         JVPEmbedder(model, JVPConfig(num_blocks=3))
-    with pytest.raises(ValueError, match="num_blocks >= 1"):
+    with pytest.raises(ValueError, match="JVPConfig.num_blocks must be an integer >= 1, got 0"):
         JVPConfig(num_blocks=0)
     with pytest.raises(ValueError, match="jvp_pooling must be one of"):
         JVPConfig(jvp_pooling="max")

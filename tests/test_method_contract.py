@@ -10,6 +10,7 @@ from hf_influence.testing import lora_model
 from hf_influence import METHODS, compute_scores, select_by_influence
 from hf_influence.demo import demo_pool, demo_target
 from hf_influence.engine import ScoreStream
+from hf_influence.options import split_options
 from hf_influence.testing import tiny_causal_lm
 
 FAST = {"num_blocks": 1, "warmup_fraction": 0.25, "warmup_min_steps": 2, "warmup_show_progress": False,
@@ -78,17 +79,29 @@ def test_streams_exactly_when_declared_and_selects_the_same_rows(rows, method, m
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_refuses_what_it_cannot_do(rows, method):
+def test_does_what_it_declares_and_refuses_the_rest(rows, method):
+    """Weighted selection and order 2 work exactly for the methods registered with robust weights and a
+    second-order term, and are refused, before any model pass, for the others."""
     pool, target = rows
     model, tokenizer = lora_model(seed=0)
-    if not METHODS[method].robust_weights:
+    weighted = _options(method, selection="weighted")
+    if METHODS[method].robust_weights:
+        selected, table = select_by_influence(pool, target, model=model, tokenizer=tokenizer, budget=5,
+                                              return_scores=True, **weighted)
+        assert len(set(selected["id"])) == 5 and bool(torch.isfinite(table.weights).all())
+    else:
         with pytest.raises(ValueError, match="selection='weighted' needs robust weights"):
-            select_by_influence(pool, target, model=model, tokenizer=tokenizer, budget=5,
-                                **_options(method, selection="weighted"))
-    if not METHODS[method].second_order:
+            select_by_influence(pool, target, model=model, tokenizer=tokenizer, budget=5, **weighted)
+    second = _options(method, order=2, step_size=1e-3, shortlist_factor=0)
+    if METHODS[method].has_second_order(split_options(second)):  # NN-CIFT: through its oracle (LESS here: none)
+        _, first_order = select_by_influence(pool, target, model=model, tokenizer=tokenizer, budget=5,
+                                             return_scores=True, **{**second, "order": 1})
+        _, second_order = select_by_influence(pool, target, model=model, tokenizer=tokenizer, budget=5,
+                                              return_scores=True, **second)
+        assert not torch.equal(second_order.weights, first_order.weights)  # the second-order term changed them
+    else:
         with pytest.raises(ValueError, match="order=2 needs a method with a second-order term"):
-            select_by_influence(pool, target, model=model, tokenizer=tokenizer, budget=5,
-                                **_options(method, order=2, step_size=1e-3))
+            select_by_influence(pool, target, model=model, tokenizer=tokenizer, budget=5, **second)
 
 
 @pytest.mark.parametrize("kind", ["base", "peft"])

@@ -12,7 +12,7 @@ import torch
 from ..engine import Context, MethodOutput, ScoreStream
 from ..nn_cift_pipeline import block_overrides, nn_cift
 from ..options import ORACLE_RULES, NNCIFTConfig, SelectionConfig
-from ..registry import register_method
+from ..registry import METHODS, register_method
 
 # SelectionConfig fields that describe the outer selection, not how a method oracle scores a block.
 _NOT_ORACLE_FIELDS = ("method", "selection", "target_task_column")
@@ -32,7 +32,13 @@ def oracle_rule(configs: dict[type, Any]) -> str:
     return ORACLE_RULES.get(configs.get(NNCIFTConfig, NNCIFTConfig()).oracle, "round_robin")
 
 
-@register_method("nn_cift", default_selection=oracle_rule, second_order=True, streams=True)
+def oracle_second_order(configs: dict[type, Any]) -> bool:
+    """Whether the NN-CIFT oracle has a second-order term (an Influence Distillation method oracle)."""
+    oracle = configs.get(NNCIFTConfig, NNCIFTConfig()).oracle
+    return oracle in METHODS and METHODS[oracle].has_second_order(configs)
+
+
+@register_method("nn_cift", default_selection=oracle_rule, second_order=oracle_second_order, streams=True)
 def nn_cift_method(context: Context) -> MethodOutput:
     """NN-CIFT: an oracle (NNCIFTConfig.oracle) on a u-block, an InfluenceNetwork fitted on it predicts the rest."""
     config = context.configs[NNCIFTConfig]
