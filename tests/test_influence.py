@@ -490,7 +490,10 @@ def test_a_refused_run_leaves_the_saved_warm_up_and_stores_untouched(pool, targe
     warmup_module = importlib.import_module("hf_influence.optimizer_warmup")
     options = {"budget": 4, "num_landmarks": 8, "optimizer_state": "warmup", "work_dir": str(tmp_path)}
     _select(pool, target, lora_model(seed=0), **options)
-    saved = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+    def stored():  # the work_dir's data; the lock's holder file names each run that held it
+        return {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file() and "lock" not in path.name}
+
+    saved = stored()
     original = warmup_module._make_trainer
 
     def no_training(*args, **kwargs):
@@ -500,7 +503,7 @@ def test_a_refused_run_leaves_the_saved_warm_up_and_stores_untouched(pool, targe
     other_pool = pool.select(range(12))
     with pytest.raises(hf_influence.WarmupMismatchError, match=r"differs from this run in: pool rows .*overwrite=True"):
         _select(other_pool, target, lora_model(seed=0), **options)
-    assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == saved
+    assert stored() == saved
     monkeypatch.setattr(warmup_module, "_make_trainer", original)
     selected, _ = _select(other_pool, target, lora_model(seed=0), **options, overwrite=True)
     assert len(selected) == 4

@@ -66,7 +66,8 @@ def _fields(types) -> set[str]:
 
 def _parsed(argv: list[str], types) -> dict:
     """Every parsed field by name (the names are unique across a command's dataclasses)."""
-    return {name: value for parsed in arguments.parse(argv, types, "test") for name, value in vars(parsed).items()}
+    return {name: value for parsed in arguments.parse(argv, types, "test", command="recipe")
+            for name, value in vars(parsed).items()}
 
 
 def _config(name: str) -> dict:
