@@ -317,11 +317,15 @@ CLI_CASES = [
 
 
 @pytest.mark.parametrize(("argv", "words"), [case[1:] for case in CLI_CASES], ids=[case[0] for case in CLI_CASES])
-def test_cli_refuses_bad_input_in_one_line_with_exit_code_2(files, argv, words, capsys):
+def test_cli_refuses_bad_input_in_one_line_with_exit_code_2(files, argv, words, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a default output folder (runs/select, ...) would land here
     argv = [arg.replace("FOLDER", str(files)) for arg in argv]
+    before = {path: path.read_bytes() for path in files.rglob("*") if path.is_file()}
     with pytest.raises(SystemExit) as stop:
         cli.main(argv)
     assert stop.value.code == 2
+    assert {path: path.read_bytes() for path in files.rglob("*") if path.is_file()} == before  # nothing written
+    assert list(tmp_path.iterdir()) == []
     err = capsys.readouterr().err
     assert "Traceback" not in err and "usage:" not in err
     lines = err.strip().splitlines()

@@ -4,6 +4,7 @@ report (shares of a pool column in the selection against the pool, stage seconds
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import tempfile
 import time
@@ -63,16 +64,22 @@ def check_output(output: Path, outputs: tuple[str, ...] = SELECTION_OUTPUTS, wor
 
 
 def check_writable_folder(folder: Path, flag: str) -> None:
-    """Before any work: `folder` (created if missing) takes new files. Ends the command with a one-line message
+    """Before any work: `folder` takes new files (the folders it needs are created for the check and removed
+    again, so that a command refused later leaves nothing behind). Ends the command with a one-line message
     naming `flag` otherwise."""
     if folder.exists() and not folder.is_dir():
         raise SystemExit(f"{flag} {folder} is a file: pass a folder.")
+    missing = [path for path in (folder, *folder.parents) if not path.exists()]
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as error:
         raise SystemExit(f"{flag} {folder} cannot be written: {error}") from None
+    finally:
+        for path in missing:  # innermost first; only the folders this check made, still empty
+            with contextlib.suppress(OSError):
+                path.rmdir()
 
 
 def write_selection(output: Path, selected: Dataset, table: ScoreTable | None, report: dict) -> None:
