@@ -180,6 +180,25 @@ def test_exact_gradient_plan_bounds_landmarks_and_shortlist(rows, budget, option
         assert plan.landmarks + plan.shortlist <= max(plan.bound, 16)
 
 
+def test_feature_costs_are_the_committed_measurement():
+    """The predicted speed-up's per-feature costs are the fidelity lab's measured ones (a rerun of the lab that
+    moves them must move the constants too). truncated_gradient is the lab's trunc4: JVPConfig.num_blocks's
+    default of 4 blocks."""
+    import json
+    from pathlib import Path
+
+    from hf_influence.jvp import JVPConfig
+    from hf_influence.methods.influence_distillation import FEATURE_COSTS
+    from hf_influence.options import LANDMARK_FEATURES
+
+    lab = Path(__file__).parents[1] / "benchmarks" / "results" / "landmark_fidelity_cpu.json"
+    measured = json.loads(lab.read_text())["feature_costs"]["measured"]["fraction_of_gradient"]
+    assert JVPConfig().num_blocks == 4
+    names = {"jvp": "jvp", "lm": "lm", "truncated_gradient": "trunc4"}
+    assert {part for feature in LANDMARK_FEATURES for part in feature.split("+")} == set(FEATURE_COSTS)
+    assert FEATURE_COSTS == {part: round(measured[names[part]], 2) for part in FEATURE_COSTS}
+
+
 def test_a_bounded_run_takes_no_more_exact_gradients_than_the_bound_and_reports_it(target):
     pool = _copied_pool()  # 48 rows; bound 0.5 x 48 = 24: 16 landmarks (the minimum), a shortlist of 8
     _, table = _select(pool, target, lora_model(seed=0), budget=4, exact_gradient_fraction=0.5)

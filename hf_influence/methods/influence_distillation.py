@@ -192,7 +192,8 @@ SHORTLIST_FACTOR = 4.0
 LANDMARK_SHARE = 0.25
 MIN_LANDMARKS = 16
 # Seconds of one pool row of each regression feature / of one exact gradient row, measured side by side on the
-# 2-core CPU (benchmarks/results/landmark_fidelity_cpu.json, "feature_costs"): the predicted speed-up.
+# 2-core CPU (benchmarks/results/landmark_fidelity_cpu.json, "feature_costs", rounded; a test keeps them equal):
+# the predicted speed-up.
 FEATURE_COSTS = {"jvp": 0.19, "lm": 0.42, "truncated_gradient": 0.16}
 
 
