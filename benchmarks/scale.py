@@ -1,9 +1,11 @@
 """Simulated-scale streaming selection : seconds and peak anonymous memory per pool size, model passes excluded.
 
 --path default (the default) measures the library's default selection path: landmarks and shortlist from
-exact_gradient_plan (at most exact_gradient_fraction x n exact gradients), a first streaming pass that shortlists,
-the shortlisted rows' first-order scores read from their gradient store (--gradient-dim, float32, streamed), and a
-second streaming pass with those rows scored exactly. The shortlist's gradient store is written before its reads
+exact_gradient_plan (at most exact_gradient_fraction x n exact gradients), one streaming pass that keeps each
+target's best budget + landmarks + shortlist rows and shortlists from them, the shortlisted rows' first-order scores
+read from their gradient store (--gradient-dim, float32, streamed), and the final selection from the kept rows with
+the landmarks and the shortlist scored exactly (a second streaming pass instead when the kept rows would exceed
+ONE_PASS_MAX_CANDIDATES, as in the library; `passes` says which). The shortlist's gradient store is written before its reads
 are timed, as the model pass writes it in the library (that pass is excluded like every model pass, and the
 memory of the synthetic writer is not counted). --path regression measures the regression alone (the paper's
 algorithm, and what this benchmark measured before the shortlist existed).
@@ -53,11 +55,12 @@ import torch
 from machine_info import cpu_model
 
 from hf_influence.landmarks import LandmarkRegressor, select_landmarks
-from hf_influence.methods.influence_distillation import ExactGradientPlan, exact_gradient_plan
+from hf_influence.methods.influence_distillation import ONE_PASS_MAX_CANDIDATES, ExactGradientPlan, exact_gradient_plan
 from hf_influence.methods.stores import store_scores
 from hf_influence.options import SelectionConfig
+from hf_influence.selection import key_columns
 from hf_influence.store import StoreSpec, VectorStore, atomic_write_json
-from hf_influence.streaming import predict_scores, stream_select
+from hf_influence.streaming import predict_scores, stream_candidates, stream_select
 
 BANK_ROWS = 4096  # rows of each noise bank: BANK_ROWS**2 distinct rows
 CLUSTERS = 64
@@ -190,11 +193,17 @@ def measure(args: argparse.Namespace, rows: int, mode: str, store_path: str | No
     # The default path ranks landmarks by their leave-one-out predictions (landmark_scores="loo"); the regression
     # path keeps their exact scores, as this benchmark always measured it.
     known = regressor.loo.float() if args.path == "default" else scores
-    excluded, shortlist_seconds, new_rows = 0.0, 0.0, 0
+    excluded, shortlist_seconds, new_rows, retained = 0.0, 0.0, 0, None
+    stream = {"chunk_rows": args.chunk_rows, "block_rows": args.block_rows}
     if plan.shortlist:
-        shortlist = stream_select(source, regressor, plan.shortlist, "round_robin", seed=args.seed,
-                                  chunk_rows=args.chunk_rows, block_rows=args.block_rows, exact_rows=landmarks,
-                                  exact_scores=known)
+        keep = min(rows, budget + plan.landmarks + plan.shortlist)
+        if key_columns("round_robin", args.targets) * keep <= ONE_PASS_MAX_CANDIDATES:
+            retained = stream_candidates(source, regressor, keep, "round_robin", exact_rows=landmarks,
+                                         exact_scores=known, **stream)
+            shortlist = retained.select(plan.shortlist, seed=args.seed)
+        else:
+            shortlist = stream_select(source, regressor, plan.shortlist, "round_robin", seed=args.seed,
+                                      exact_rows=landmarks, exact_scores=known, **stream)
         new = shortlist[~torch.isin(shortlist, landmarks)].sort().values
         new_rows = len(new)
         paused = time.perf_counter()
@@ -215,8 +224,11 @@ def measure(args: argparse.Namespace, rows: int, mode: str, store_path: str | No
         shutil.rmtree(gradients_path, ignore_errors=True)
     else:
         exact_rows, exact_scores = landmarks, known
-    chosen = stream_select(source, regressor, budget, "round_robin", seed=args.seed, chunk_rows=args.chunk_rows,
-                           block_rows=args.block_rows, exact_rows=exact_rows, exact_scores=exact_scores)
+    if retained is not None:
+        chosen = retained.replaced(exact_rows, exact_scores).select(budget, seed=args.seed)
+    else:
+        chosen = stream_select(source, regressor, budget, "round_robin", seed=args.seed, exact_rows=exact_rows,
+                               exact_scores=exact_scores, **stream)
     total = time.perf_counter() - start - excluded
     generation = source.generation_seconds if mode == "on_the_fly" else 0.0
     peak = sampler.stop()
@@ -227,10 +239,11 @@ def measure(args: argparse.Namespace, rows: int, mode: str, store_path: str | No
     single = predict_scores(head, regressor, block_rows=args.block_rows).double()
     double = predict_scores(head, regressor, block_rows=args.block_rows, compute_dtype=torch.float64).double()
     seconds = total - generation
-    passes = 2 if plan.shortlist else 1
+    passes = 2 if plan.shortlist and retained is None else 1
     return {
         "rows": rows,
         "path": args.path,
+        "passes": passes,
         "landmarks": plan.landmarks, "shortlist_rows": plan.shortlist, "exact_gradient_rows": plan.landmarks + new_rows,
         "shortlist_scoring_seconds": shortlist_seconds,
         "seconds": seconds,

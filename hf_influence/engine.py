@@ -31,9 +31,9 @@ from .network import InfluenceNetwork
 from .options import NNCIFTConfig, SelectionConfig, split_options
 from .registry import METHODS, MethodSpec
 from .scores import ScoreTable, provenance_record, rows_digest
-from .selection import GROUPED_RULES, SelectionError, select_indices, weighted_sample
+from .selection import GROUPED_RULES, Candidates, SelectionError, select_indices, weighted_sample
 from .store import VectorStore, fingerprint_dataset
-from .streaming import predict_scores, stream_select
+from .streaming import predict_scores, stream_candidates, stream_select
 from .verbosity import get_logger
 
 logger = get_logger(__name__)
@@ -94,9 +94,19 @@ class ScoreStream:
     exact: dict[str, Tensor]  # exact_rows [r], exact_scores [r, m or c], optionally exact_columns [c]
     chunk_rows: int
     target_embeddings: Tensor | None = None  # [m, e], for a pairwise InfluenceNetwork
+    # What a pass over these very scores kept (a method that already streamed them, e.g. for a shortlist):
+    # a selection it serves needs no new pass.
+    retained: Candidates | None = None
+
+    def candidates(self, keep: int, rule: str, target_groups=None) -> Candidates:
+        """One pass keeping each key column's best `keep` rows (streaming.stream_candidates)."""
+        return stream_candidates(self.embeddings, self.predictor, keep, rule, target_embeddings=self.target_embeddings,
+                                 target_groups=target_groups, chunk_rows=self.chunk_rows, **self.exact)
 
     def select(self, budget: int, rule: str, seed: int, target_groups=None) -> Tensor:
         """stream_select: the rows select_indices(self.scores(), ...) would pick, in the same order."""
+        if self.retained is not None and self.retained.serves(budget, rule, target_groups):
+            return self.retained.select(budget, seed)
         return stream_select(self.embeddings, self.predictor, budget, rule, target_embeddings=self.target_embeddings,
                              target_groups=target_groups, seed=seed, chunk_rows=self.chunk_rows, **self.exact)
 

@@ -128,7 +128,7 @@ def _generator(seed: int) -> torch.Generator:
 
 
 def _chunks(scores: ScoreInput, num_rows: int | None) -> Iterator[tuple[int, Tensor]]:
-    """Validate the input and yield (start, chunk [rows, m]) in order, chunks promoted to >= float32."""
+    """Validate the input and yield (start, chunk [rows, m]) in order, in their own dtype."""
     pairs = scores
     if isinstance(scores, Tensor):
         if scores.dim() != 2:
@@ -161,8 +161,13 @@ def _chunks(scores: ScoreInput, num_rows: int | None) -> Iterator[tuple[int, Ten
             raise SelectionError(
                 f"scores has a non-finite value ({chunk[row, col].item()}) at pool row {start + row}, target column {col}"
             )
-        yield start, chunk.to(torch.promote_types(chunk.dtype, torch.float32))
+        yield start, chunk
         expected += len(chunk)
+
+
+def _promoted(chunk: Tensor) -> Tensor:
+    """Scores are ranked in at least float32 (a half-precision sum over targets would round)."""
+    return chunk.to(torch.promote_types(chunk.dtype, torch.float32))
 
 
 def _task_plan(target_groups: Sequence[Hashable], width: int) -> tuple[list[tuple[Tensor, Tensor]], Tensor]:
@@ -262,13 +267,12 @@ class TopRows:
         return self.top(seen)[1]
 
 
-def _round_robin(candidates: Tensor, budget: int, seed: int) -> Tensor:
+def _round_robin(candidates: Tensor, budget: int, generator: torch.Generator) -> Tensor:
     """
     Run the round-robin on each column's candidate rows [c, K], best first, K >= budget or K = n.
 
     Returns: LongTensor [budget] of pool rows in picking order.
     """
-    generator = _generator(seed)
     candidates = candidates.cpu().numpy()
     pointer = [0] * len(candidates)
     taken, picked = set(), []
@@ -284,6 +288,134 @@ def _round_robin(candidates: Tensor, budget: int, seed: int) -> Tensor:
             if len(picked) == budget:
                 break
     return torch.tensor(picked, dtype=torch.long)
+
+
+def _check_rule(rule: str, target_groups) -> None:
+    if rule not in RULES:
+        raise SelectionError(f"rule must be one of {(*RULES, 'facility_location')}, got {rule!r}")
+    if rule == "round_robin_task" and target_groups is None:
+        raise SelectionError("rule 'round_robin_task' needs target_groups (one task label per target column)")
+    if rule in ("round_robin", "mean_top_k") and target_groups is not None:
+        raise SelectionError(f"rule {rule!r} does not use target_groups; use 'round_robin_task' or 'less'")
+
+
+def _rule_keys(chunk: Tensor, rule: str, plan) -> Tensor:
+    """The rule's ranking keys [c, rows] of a score chunk [rows, m]: the targets (round_robin), the task means
+    (round_robin_task), their mean (mean_top_k) or their max (less). Per row and element-wise, so a row's keys
+    are bit-identical whatever chunk it comes in."""
+    keys = chunk.T.contiguous()  # [targets, rows]
+    if rule != "round_robin":
+        keys = _task_means(keys, *plan)
+    if rule == "less":
+        keys = keys.amax(dim=0, keepdim=True)
+    return keys
+
+
+class Candidates:
+    """
+    What a selection keeps of a whole score stream: each key column's best rows (keys and rows [c, K], best
+    first: key descending, then row ascending), enough to run the rule for any budget <= `valid` without
+    another pass. `replaced` updates it when some rows' scores change (an exact re-rank), so one pass over a
+    pool serves both a shortlist and the final selection.
+    """
+
+    def __init__(self, keys: Tensor, rows: Tensor, *, rule: str, target_groups, plan, width: int, seen: int,
+                 score_dtype: torch.dtype, valid: int):
+        self.keys, self.rows, self.rule, self.plan = keys, rows, rule, plan
+        self.target_groups = None if target_groups is None else tuple(target_groups)
+        self.width, self.seen, self.score_dtype, self.valid = width, seen, score_dtype, valid
+
+    def serves(self, budget: int, rule: str, target_groups) -> bool:
+        """Whether select(budget) is the selection `rule` with these groups would make on the stream."""
+        groups = None if target_groups is None else tuple(target_groups)
+        return rule == self.rule and groups == self.target_groups and budget <= self.valid
+
+    def select(self, budget: int, seed: int = 0) -> Tensor:
+        """The rule's `budget` rows (LongTensor [budget], CPU, selection order), as select_indices gives them."""
+        _count(budget, self.seen)
+        if budget > self.valid:
+            raise SelectionError(f"these candidates hold each column's best {self.valid} rows: a budget of {budget} "
+                                 f"needs another pass over the scores")
+        best = self.rows[:, :budget]
+        if self.rule in ("mean_top_k", "less"):
+            return best[0].long().cpu()
+        return _round_robin(best, budget, _generator(seed))
+
+    def replaced(self, rows: Tensor, scores: Tensor) -> "Candidates":
+        """
+        The candidates of the same stream with the scores of `rows` [r] (distinct pool rows) replaced by
+        `scores` [r, m] (cast to the stream's dtype first, as streaming.py's exact overrides are). Every other
+        row keeps its keys, so the best K - r rows of each column are known exactly afterwards (all of them
+        when the stream was kept whole): valid drops by r.
+        """
+        rows = torch.as_tensor(rows).reshape(-1).to(device=self.rows.device, dtype=self.rows.dtype)
+        scores = _promoted(torch.as_tensor(scores).to(device=self.keys.device, dtype=self.score_dtype))
+        if tuple(scores.shape) != (len(rows), self.width):
+            raise SelectionError(f"replacement scores must be [{len(rows)}, {self.width}], got {list(scores.shape)}")
+        new_keys = _rule_keys(scores, self.rule, self.plan)  # [c, r]
+        keep = self.keys.shape[1]
+        keys, kept_rows = torch.empty_like(self.keys), torch.empty_like(self.rows)
+        step = max(1, _PRUNE_ELEMENTS // max(1, keep + len(rows)))
+        for lo in range(0, len(keys), step):
+            old_keys = self.keys[lo : lo + step].masked_fill(torch.isin(self.rows[lo : lo + step], rows), -math.inf)
+            merged_keys = torch.cat([old_keys, new_keys[lo : lo + step]], dim=1)
+            merged_rows = torch.cat([self.rows[lo : lo + step], rows.expand(len(old_keys), -1)], dim=1)
+            # Row ascending, then (stable) key descending: select_indices' order; dropped entries sort last.
+            order = merged_rows.sort(dim=1, stable=True).indices
+            merged_keys, merged_rows = merged_keys.gather(1, order), merged_rows.gather(1, order)
+            order = merged_keys.sort(dim=1, descending=True, stable=True).indices[:, :keep]
+            keys[lo : lo + step], kept_rows[lo : lo + step] = merged_keys.gather(1, order), merged_rows.gather(1, order)
+        valid = self.seen if keep == self.seen else max(0, self.valid - len(rows))
+        return Candidates(keys, kept_rows, rule=self.rule, target_groups=self.target_groups, plan=self.plan,
+                          width=self.width, seen=self.seen, score_dtype=self.score_dtype, valid=valid)
+
+
+def key_columns(rule: str, width: int, target_groups=None) -> int:
+    """How many key columns c a rule ranks `width` target columns by: each target (round_robin), each task
+    (round_robin_task; less keeps one, the max over its tasks) or one (top-k rules)."""
+    if rule == "round_robin":
+        return width
+    if rule == "round_robin_task":
+        return len(set(target_groups))
+    return 1
+
+
+def top_candidates(scores: ScoreInput, keep: int, rule: str = "round_robin", target_groups=None,
+                   num_rows: int | None = None) -> Candidates:
+    """
+    Stream the scores once and keep each key column's best `keep` rows (see Candidates): select_indices(scores,
+    budget, ...) == top_candidates(scores, keep, ...).select(budget, seed) for every budget <= keep.
+
+    scores, rule, target_groups, num_rows: as in select_indices. keep: rows kept per key column (>= 1).
+    Memory: O(chunk x m + c x keep), c = m (round_robin), the number of tasks, or 1 (top-k rules).
+    """
+    _check_rule(rule, target_groups)
+    keep = _count(keep, None)
+    plan = candidates = None
+    seen = 0
+    for start, chunk in _chunks(scores, num_rows):
+        if candidates is None:  # the targets and the dtype are known from the first chunk on
+            width, score_dtype = chunk.shape[1], chunk.dtype
+            if rule != "round_robin":
+                groups = [0] * width if rule == "mean_top_k" else target_groups
+                plan = _task_plan(list(range(width)) if groups is None else groups, width)
+        keys = _rule_keys(_promoted(chunk), rule, plan)
+        if candidates is None:  # one keeper of the best `keep` rows per column, whatever the pool size
+            candidates = TopRows(len(keys), keep, max(len(chunk), keep // 4), keys.dtype, keys.device,
+                                 2**31 if num_rows is None else num_rows)
+        slack = candidates.capacity - candidates.k  # a chunk longer than the first is offered in pieces
+        for offset in range(0, keys.shape[1], slack):
+            candidates.add(keys[:, offset : offset + slack], start + offset)
+        seen += len(chunk)
+    if num_rows is not None and seen != num_rows:
+        raise SelectionError(f"num_rows is {num_rows} but the scores stream had {seen} rows")
+    if candidates is None:
+        _count(keep, 0)  # raises: an empty pool
+    candidates.prune()
+    width_kept = min(keep, seen)  # views of the keeper's buffer: no copy of c x keep entries
+    keys, rows = candidates.keys[:, :width_kept], candidates.rows[:, :width_kept]
+    return Candidates(keys, rows, rule=rule, target_groups=target_groups, plan=plan, width=width, seen=seen,
+                      score_dtype=score_dtype, valid=keys.shape[1])
 
 
 def select_indices(
@@ -311,42 +443,13 @@ def select_indices(
     if rule == "facility_location":
         if target_groups is not None:
             raise SelectionError("rule 'facility_location' does not use target_groups")
-        matrix = scores if isinstance(scores, Tensor) else torch.cat([chunk for _, chunk in _chunks(scores, num_rows)])
+        matrix = scores if isinstance(scores, Tensor) else torch.cat([_promoted(chunk)
+                                                                      for _, chunk in _chunks(scores, num_rows)])
         return facility_location(matrix, budget)
-    if rule not in RULES:
-        raise SelectionError(f"rule must be one of {(*RULES, 'facility_location')}, got {rule!r}")
-    if rule == "round_robin_task" and target_groups is None:
-        raise SelectionError("rule 'round_robin_task' needs target_groups (one task label per target column)")
-    if rule in ("round_robin", "mean_top_k") and target_groups is not None:
-        raise SelectionError(f"rule {rule!r} does not use target_groups; use 'round_robin_task' or 'less'")
+    _check_rule(rule, target_groups)
     _count(budget, num_rows)  # fail before streaming; without num_rows the size is checked at the end
     _generator(seed)  # validates the seed before streaming, too
-    plan = candidates = None
-    seen = 0
-    for start, chunk in _chunks(scores, num_rows):
-        if plan is None and rule != "round_robin":  # the targets are known from the first chunk on
-            width = chunk.shape[1]
-            groups = [0] * width if rule == "mean_top_k" else target_groups
-            plan = _task_plan(list(range(width)) if groups is None else groups, width)
-        keys = chunk.T.contiguous()  # [targets, rows]
-        if rule != "round_robin":
-            keys = _task_means(keys, *plan)
-        if rule == "less":
-            keys = keys.amax(dim=0, keepdim=True)
-        if candidates is None:  # one keeper of the best `budget` rows per column, whatever the pool size
-            candidates = TopRows(len(keys), budget, max(len(chunk), budget // 4), keys.dtype, keys.device,
-                                     2**31 if num_rows is None else num_rows)
-        slack = candidates.capacity - candidates.k  # a chunk longer than the first is offered in pieces
-        for offset in range(0, keys.shape[1], slack):
-            candidates.add(keys[:, offset : offset + slack], start + offset)
-        seen += len(chunk)
-    if num_rows is not None and seen != num_rows:
-        raise SelectionError(f"num_rows is {num_rows} but the scores stream had {seen} rows")
-    _count(budget, seen)
-    best = candidates.best(seen)
-    if rule in ("mean_top_k", "less"):
-        return best[0].cpu()
-    return _round_robin(best, budget, seed)
+    return top_candidates(scores, budget, rule, target_groups, num_rows).select(budget, seed)
 
 
 def facility_location(scores: Tensor, budget: int) -> Tensor:

@@ -41,7 +41,7 @@ from torch import Tensor
 
 from .landmarks import LandmarkRegressor
 from .network import InfluenceNetwork
-from .selection import RULES, SelectionError, select_indices
+from .selection import RULES, Candidates, SelectionError, select_indices, top_candidates
 from .store import IncompleteStoreError, VectorStore
 
 # A candidate prune sorts at most this many keys at a time (columns in slices), which bounds its temporaries.
@@ -327,3 +327,37 @@ def stream_select(
                                                compute_dtype, exact_rows, exact_scores, exact_columns, embedding_model)
     chunks = _rechunk(_blocks(n, read, score_block, block_rows, overrides), n, chunk_rows)
     return select_indices(chunks, budget, rule=rule, seed=seed, target_groups=target_groups, num_rows=n)
+
+
+def stream_candidates(
+    pool,
+    predictor: Predictor,
+    keep: int,
+    rule: str = "round_robin",
+    *,
+    target_embeddings: Tensor | None = None,
+    target_groups: Sequence[Hashable] | None = None,
+    chunk_rows: int = 16384,
+    block_rows: int = 2048,
+    compute_dtype: torch.dtype = torch.float32,
+    exact_rows: Tensor | None = None,
+    exact_scores: Tensor | None = None,
+    exact_columns: Tensor | None = None,
+    embedding_model: str | None = None,
+) -> Candidates:
+    """
+    One pass over the pool that keeps each key column's best `keep` rows (selection.Candidates), so that
+    several selections from these scores need no second pass: stream_candidates(..., keep).select(budget, seed)
+    == stream_select(..., budget, seed=seed) for every budget <= keep, and after `.replaced(rows, scores)` (some
+    rows' scores made exact) the selection stream_select would make with those rows among the exact ones, for
+    every budget <= keep - len(rows).
+
+    Arguments as in stream_select; keep: rows kept per key column (c = m targets, the number of tasks, or 1).
+    Memory: O(block_rows x (e + k) + chunk_rows x m + c x keep), independent of n.
+    """
+    if rule not in RULES:
+        raise SelectionError(f"stream_candidates supports the streaming rules {RULES}, got {rule!r}")
+    n, read, score_block, overrides = _prepare(pool, predictor, target_embeddings, chunk_rows, block_rows,
+                                               compute_dtype, exact_rows, exact_scores, exact_columns, embedding_model)
+    chunks = _rechunk(_blocks(n, read, score_block, block_rows, overrides), n, chunk_rows)
+    return top_candidates(chunks, min(keep, n), rule, target_groups, num_rows=n)

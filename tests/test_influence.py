@@ -309,17 +309,22 @@ def test_selection_rules(pool, target, model, selection):
 
 
 @pytest.mark.parametrize("selection", ["round_robin", "round_robin_task", "mean_top_k", "less"])
-def test_streamed_selection_equals_the_score_table_selection(pool, model, tmp_path, monkeypatch, selection):
+@pytest.mark.parametrize("shortlist", [False, True], ids=["regression", "shortlist"])
+def test_streamed_selection_equals_the_score_table_selection(pool, model, tmp_path, monkeypatch, selection, shortlist):
     """Without return_scores, first-order landmark ID streams: the scores stay a predictor over the JVP store, no
-    [n, m] matrix or [n, e] embedding tensor is built, and the rows and their order are those picked from the
-    full score table."""
+    [n, m] matrix or [n, e] embedding tensor is built, the pool is streamed once (with a shortlist too), and the
+    rows and their order are those picked from the full score table."""
+    from hf_influence import streaming
     from hf_influence.engine import ScoreStream
     from hf_influence.store import VectorStore
 
     tasks = demo_target("math", 3, seed=1).remove_columns("task").add_column("task", ["a", "b", "a"])
     options = {"budget": 5, "num_landmarks": 6, "selection": selection, "work_dir": str(tmp_path),
                "selection_seed": 3}
-    selected, _ = _select(pool, tasks, model, **options)
+    if shortlist:  # bound 10 of 20 rows: 6 landmarks and a shortlist of 4, fewer than the pool (kept in part)
+        options |= {"exact_gradient_fraction": 0.5, "shortlist_factor": 1}
+    selected, table = _select(pool, tasks, model, **options)
+    assert table.provenance["details"]["exact_gradients"]["shortlist_rows"] == (4 if shortlist else 0)
 
     def no_matrix(*args, **kwargs):
         raise AssertionError("the streamed selection built the [n, m] score matrix")
@@ -330,11 +335,27 @@ def test_streamed_selection_equals_the_score_table_selection(pool, model, tmp_pa
         assert store.path.name != "jvp", "the streamed selection loaded the [n, e] JVP embeddings"
         return to_tensor(store, *args, **kwargs)
 
+    passes = []
+    blocks = streaming._blocks
+
+    def counted(*args, **kwargs):
+        passes.append(1)
+        return blocks(*args, **kwargs)
+
     monkeypatch.setattr(ScoreStream, "scores", no_matrix)
     monkeypatch.setattr(VectorStore, "to_tensor", gradients_only)
+    monkeypatch.setattr(streaming, "_blocks", counted)
     network, tokenizer = model
     streamed = select_by_influence(pool, tasks, model=network, tokenizer=tokenizer, **{**FAST, **options})
     assert streamed["id"] == selected["id"]
+    assert len(passes) == 1
+    if shortlist and selection == "round_robin":  # too many candidates to hold: a second pass, the same rows
+        from hf_influence.methods import influence_distillation
+
+        monkeypatch.setattr(influence_distillation, "ONE_PASS_MAX_CANDIDATES", 1)
+        passes.clear()
+        streamed = select_by_influence(pool, tasks, model=network, tokenizer=tokenizer, **{**FAST, **options})
+        assert streamed["id"] == selected["id"] and len(passes) == 2
 
 
 def test_users_models_are_left_as_they_were(pool, target):

@@ -13,6 +13,7 @@ from hf_influence.selection import (
     parse_budget,
     resolve_budget,
     select_indices,
+    top_candidates,
     weighted_sample,
 )
 
@@ -148,6 +149,33 @@ def test_streaming_equals_in_memory(rule, dtype):
     for size in (1, 3, 10, 37, 100):
         streamed = select_indices(stream(scores, size), 11, rule, seed=5, target_groups=groups, num_rows=37)
         assert torch.equal(streamed, whole), size
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("keep", [9, 25, 40, 60])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_replaced_candidates_select_as_the_replaced_matrix(rule, keep, dtype, monkeypatch):
+    """One pass, then some rows' scores made exact (an exact re-rank): every budget the candidates still vouch for
+    selects what select_indices selects from the whole matrix with those rows replaced, ties included."""
+    monkeypatch.setattr(selection, "_PRUNE_ELEMENTS", 50)  # the merge runs in slices of columns
+    gen = torch.Generator().manual_seed(keep)
+    scores = torch.randint(0, 6, (40, 5), generator=gen).to(dtype) / 3  # many ties; 1/3 rounds in float16
+    rows = torch.tensor([33, 2, 17, 8, 39])
+    new = torch.randint(0, 9, (len(rows), 5), generator=gen).float() / 3
+    groups = groups_for(rule, ["x", "y", "x", "z", "y"])
+    replaced = scores.clone()
+    replaced[rows] = new.to(dtype)
+    candidates = top_candidates(stream(scores, 7), keep, rule, groups).replaced(rows, new)
+    assert candidates.valid == (40 if keep >= 40 else keep - len(rows))
+    for budget in range(1, candidates.valid + 1):
+        for seed in (0, 1):
+            assert torch.equal(candidates.select(budget, seed),
+                               select_indices(replaced, budget, rule, seed=seed, target_groups=groups)), (budget, seed)
+    assert candidates.serves(candidates.valid, rule, groups) and not candidates.serves(1, "other", groups)
+    if candidates.valid < 40:
+        assert not candidates.serves(candidates.valid + 1, rule, groups)
+        with pytest.raises(SelectionError, match="another pass"):
+            candidates.select(candidates.valid + 1)
 
 
 @pytest.mark.parametrize("rule", RULES)

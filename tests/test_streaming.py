@@ -12,7 +12,7 @@ from hf_influence.landmarks import LandmarkRegressor
 from hf_influence.network import InfluenceNetwork
 from hf_influence.selection import SelectionError, select_indices
 from hf_influence.store import IncompleteStoreError, StoreSpec, VectorStore
-from hf_influence.streaming import iter_scores, predict_scores, stream_select
+from hf_influence.streaming import iter_scores, predict_scores, stream_candidates, stream_select
 
 N, DIM, LANDMARKS, TARGETS = 301, 12, 40, 6  # N is prime: no chunk or block size divides it
 GROUPS = ["b", "a", "b", "c", "a", "b"]  # one label per target column, deliberately unsorted
@@ -248,6 +248,34 @@ def test_exact_landmark_scores_replace_predictions():
         assert torch.equal(chosen, select_indices(full, 20, rule=rule, target_groups=groups))
     assert stream_select(pool, predictor, 6, "mean_top_k", exact_rows=rows, exact_scores=exact).tolist() == [
         0, 32, 31, 77, 5, 300]
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_one_pass_candidates_then_exact_rows_equal_a_second_pass(rule, dtype):
+    """The default's shortlist path: one pass with the landmarks' (leave-one-out) scores, then the landmarks and
+    the shortlist made exact; the retained candidates select what a second stream_select with the final exact
+    rows selects; exact scores in float64 are cast to the stream's float32 as the overrides are."""
+    pool = embeddings()
+    predictor = regressor("rbf", pool)
+    groups = groups_for(rule, TARGETS)
+    landmarks = torch.tensor([300, 5, 77, 31])
+    generator = torch.Generator().manual_seed(4)
+    first = torch.randn(len(landmarks), TARGETS, generator=generator, dtype=dtype)
+    budget, size = 12, 30
+    candidates = stream_candidates(pool, predictor, budget + len(landmarks) + size, rule, target_groups=groups,
+                                   chunk_rows=7, block_rows=BLOCK, exact_rows=landmarks, exact_scores=first)
+    shortlist = candidates.select(size, seed=2)
+    assert torch.equal(shortlist, stream_select(pool, predictor, size, rule, target_groups=groups, seed=2,
+                                                block_rows=BLOCK, exact_rows=landmarks, exact_scores=first))
+    new = shortlist[~torch.isin(shortlist, landmarks)]
+    rows = torch.cat([landmarks, new])
+    final = torch.cat([first + 1.0, 3.0 * torch.randn(len(new), TARGETS, generator=generator, dtype=dtype)])
+    candidates = candidates.replaced(rows, final)
+    for take in (1, budget, candidates.valid):
+        second = stream_select(pool, predictor, take, rule, target_groups=groups, seed=2, block_rows=BLOCK,
+                               exact_rows=rows, exact_scores=final)
+        assert torch.equal(candidates.select(take, seed=2), second), take
 
 
 def test_an_exact_sub_block_replaces_only_its_columns():

@@ -22,7 +22,7 @@ from ..jvp import JVPConfig, truncated_decoder
 from ..landmarks import LandmarkRegressor, first_order_scores, select_landmarks
 from ..optimizers import AffineStep
 from ..registry import register_method
-from ..selection import GROUPED_RULES, RULES
+from ..selection import GROUPED_RULES, RULES, key_columns
 from ..store import VectorStore, fingerprint_dataset
 from ..robust_weighting import robust_weights
 from ..verbosity import get_logger
@@ -191,6 +191,10 @@ SHORTLIST_FACTOR = 4.0
 # The quarter itself was not tuned.
 LANDMARK_SHARE = 0.25
 MIN_LANDMARKS = 16
+# The one-pass shortlist holds (budget + landmarks + shortlist) candidates per key column of the rule (a key and a
+# row each, 8 bytes, plus the keeper's slack); past this many (about 1.3 GB) the run streams the pool a second
+# time instead. 1M rows, 300 targets, a 5% budget: 57M candidates, one pass.
+ONE_PASS_MAX_CANDIDATES = 2**27
 # Seconds of one pool row of each regression feature / of one exact gradient row, measured side by side on the
 # 2-core CPU (benchmarks/results/landmark_fidelity_cpu.json, "feature_costs", rounded; a test keeps them equal):
 # the predicted speed-up.
@@ -279,8 +283,18 @@ def _shortlisted(context: Context, stream: ScoreStream, store, landmarks: Tensor
     and fidelity in `diagnostics`."""
     rule = context.rule if context.rule in RULES else "mean_top_k"
     groups = context.target_tasks if rule in GROUPED_RULES else None
+    seed, retained = context.config.selection_seed, None
+    # One pass over the pool can serve the shortlist and the final selection: each key column keeps enough rows
+    # that, once the landmarks and the shortlist are exact, its best budget rows are still known.
+    keep = min(len(context.pool), context.budget_rows + len(landmarks) + size)
+    one_pass = (context.stream_selection and rule == context.rule
+                and key_columns(rule, landmark_scores.shape[1], groups) * keep <= ONE_PASS_MAX_CANDIDATES)
     with context.timed("shortlist"):
-        shortlist = stream.select(size, rule, context.config.selection_seed, groups)
+        if one_pass:
+            retained = stream.candidates(keep, rule, groups)
+            shortlist = retained.select(size, seed)
+        else:
+            shortlist = stream.select(size, rule, seed, groups)
     new = shortlist[~torch.isin(shortlist, landmarks)].sort().values
     # A store per shortlist (its rows depend on the target and the settings): a rerun reuses its own.
     folder = f"shortlist_gradients-{fingerprint_dataset(context.pool.select(new.tolist()))[:16]}" if len(new) else None
@@ -298,7 +312,10 @@ def _shortlisted(context: Context, stream: ScoreStream, store, landmarks: Tensor
                        shortlist_new_gradients=len(new), shortlist_rule=rule, shortlist_spearman=fidelity)
     exact = {"exact_rows": torch.cat([landmarks, new]),
              "exact_scores": torch.cat([landmark_values, new_scores.to(landmark_values.dtype)])}
-    return ScoreStream(stream.embeddings, stream.predictor, exact, stream.chunk_rows), len(new), computed
+    if retained is not None:
+        retained = retained.replaced(exact["exact_rows"], exact["exact_scores"])
+    final = ScoreStream(stream.embeddings, stream.predictor, exact, stream.chunk_rows, retained=retained)
+    return final, len(new), computed
 
 
 def _spearman(predicted: Tensor, exact: Tensor) -> float | None:
