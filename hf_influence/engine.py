@@ -23,17 +23,15 @@ from torch import Tensor, nn
 from .data import load_rows
 from .distributed import process_state
 from .formatting import FormattingConfig, format_dataset
-from .landmarks import LandmarkRegressor
 from .locks import work_dir_lock
 from .models import (DEFAULT_MODEL, LoraSettings, add_lora, load_model, memoized_weights_digests, model_identity,
                      torch_dtype, weights_digest)
-from .network import InfluenceNetwork
 from .options import NNCIFTConfig, SelectionConfig, split_options
 from .registry import METHODS, MethodSpec
 from .scores import ScoreTable, provenance_record, rows_digest
-from .selection import GROUPED_RULES, Candidates, SelectionError, select_indices, weighted_sample
-from .store import VectorStore, fingerprint_dataset
-from .streaming import predict_scores, stream_candidates, stream_select
+from .selection import SelectionError, choose_rows
+from .store import fingerprint_dataset
+from .streaming import ScoreStream
 from .verbosity import get_logger
 
 logger = get_logger(__name__)
@@ -81,38 +79,6 @@ class _Timer:
 
     def __exit__(self, *exc):
         self.record[self.name] = self.record.get(self.name, 0.0) + time.perf_counter() - self.start
-
-
-@dataclass
-class ScoreStream:
-    """Scores [n, m] left as a fitted predictor over the pool's embeddings (a VectorStore read in blocks, or a
-    tensor), with the known scores (landmark rows, or NN-CIFT's oracle block) as exact values: `select` never
-    holds more than a chunk of the pool (see streaming.py)."""
-
-    embeddings: VectorStore | Tensor  # [n, e]
-    predictor: LandmarkRegressor | InfluenceNetwork
-    exact: dict[str, Tensor]  # exact_rows [r], exact_scores [r, m or c], optionally exact_columns [c]
-    chunk_rows: int
-    target_embeddings: Tensor | None = None  # [m, e], for a pairwise InfluenceNetwork
-    # What a pass over these very scores kept (a method that already streamed them, e.g. for a shortlist):
-    # a selection it serves needs no new pass.
-    retained: Candidates | None = None
-
-    def candidates(self, keep: int, rule: str, target_groups=None) -> Candidates:
-        """One pass keeping each key column's best `keep` rows (streaming.stream_candidates)."""
-        return stream_candidates(self.embeddings, self.predictor, keep, rule, target_embeddings=self.target_embeddings,
-                                 target_groups=target_groups, chunk_rows=self.chunk_rows, **self.exact)
-
-    def select(self, budget: int, rule: str, seed: int, target_groups=None) -> Tensor:
-        """stream_select: the rows select_indices(self.scores(), ...) would pick, in the same order."""
-        if self.retained is not None and self.retained.serves(budget, rule, target_groups):
-            return self.retained.select(budget, seed)
-        return stream_select(self.embeddings, self.predictor, budget, rule, target_embeddings=self.target_embeddings,
-                             target_groups=target_groups, seed=seed, chunk_rows=self.chunk_rows, **self.exact)
-
-    def scores(self) -> Tensor:
-        """The whole [n, m] matrix (same blocks, same bits as `select`)."""
-        return predict_scores(self.embeddings, self.predictor, self.target_embeddings, **self.exact)
 
 
 @dataclass
@@ -260,20 +226,8 @@ def select_rows(run: ScoreRun, budget_rows: int, rule: str, seed: int) -> Tensor
     """Positions (into run.pool_row_ids) of the `budget_rows` rows `rule` picks, in selection order."""
     output = run.output
     with _Timer(run.details.setdefault("seconds", {}), "selection"):
-        groups = run.target_tasks if rule in GROUPED_RULES else None
-        if output.stream is not None:
-            return output.stream.select(budget_rows, rule, seed, groups)
-        rows = None if output.selectable is None else output.selectable.nonzero().squeeze(1)
-        if rows is not None and budget_rows > len(rows):
-            raise SelectionError(f"budget {budget_rows} is larger than the {len(rows)} selectable pool rows (the "
-                                 f"method leaves {len(output.selectable) - len(rows)} rows out of the selection).")
-        if rule == "weighted":
-            weights = output.weights if rows is None else output.weights[rows]
-            chosen = weighted_sample(weights, budget_rows, seed=seed)
-        else:
-            scores = output.scores if rows is None else output.scores[rows]
-            chosen = select_indices(scores, budget_rows, rule=rule, seed=seed, target_groups=groups)
-        return chosen if rows is None else rows[chosen]
+        return choose_rows(budget_rows, rule, seed, scores=output.scores, weights=output.weights, stream=output.stream,
+                           target_groups=run.target_tasks, selectable=output.selectable)
 
 
 @dataclass

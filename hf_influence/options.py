@@ -19,7 +19,7 @@ from .jvp import JVPConfig
 from .models import LoraSettings, kwargs_option, torch_dtype
 from .optimizer_warmup import WarmupConfig
 from .registry import METHODS
-from .selection import RULES
+from .selection import RULE_TABLE
 from .validation import check_fields, is_int, is_number
 
 LANDMARK_FEATURES = ("jvp", "lm", "jvp+lm", "truncated_gradient")
@@ -152,7 +152,7 @@ class SelectionConfig:
 
     def __post_init__(self) -> None:
         choices = {
-            "method": tuple(METHODS), "selection": (None, *RULES, "facility_location", "weighted"), "optimizer_state": ("warmup", "gd"),
+            "method": tuple(METHODS), "selection": (None, *RULE_TABLE), "optimizer_state": ("warmup", "gd"),
             "landmark_selection": ("uniform", "kmeans++"), "landmark_features": LANDMARK_FEATURES,
             "landmark_scores": ("loo", "exact"),
             "kernel": ("rbf", "linear"), "order": (1, 2),

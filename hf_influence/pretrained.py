@@ -23,9 +23,9 @@ from .network import InfluenceNetwork
 from .options import ORACLE_RULES
 from .rds_embeddings import LM_ENCODER, LM_ENCODER_PREFIX
 from .scores import ScoreTable, provenance_record, rows_digest
-from .selection import GROUPED_RULES, RULES, parse_budget, resolve_budget, select_indices
+from .selection import GROUPED_RULES, choose_rows, parse_budget, resolve_budget
 from .store import fingerprint_dataset
-from .streaming import predict_scores, stream_select
+from .streaming import ScoreStream
 from .verbosity import get_logger
 
 logger = get_logger(__name__)
@@ -158,15 +158,14 @@ def select_with_network(
     groups = None
     if rule in GROUPED_RULES and not pointwise and target_task_column in target.column_names:
         groups = list(target[target_task_column])
-    if rule in RULES and not return_scores:
-        chosen = stream_select(pool_embeddings, network, budget_rows, rule, target_embeddings=target_embeddings,
-                               target_groups=groups, seed=selection_seed, embedding_model=encoder_id)
+    stream = ScoreStream(pool_embeddings, network, target_embeddings=target_embeddings, embedding_model=encoder_id)
+    if not return_scores:  # a streaming rule never holds the [n, m] matrix
+        chosen = choose_rows(budget_rows, rule, selection_seed, stream=stream, scores=stream.scores,
+                             target_groups=groups)
         return pool.select(chosen.tolist())
-    scores = predict_scores(pool_embeddings, network, target_embeddings, embedding_model=encoder_id)
-    chosen = select_indices(scores, budget_rows, rule=rule, seed=selection_seed, target_groups=groups)
+    scores = stream.scores()
+    chosen = choose_rows(budget_rows, rule, selection_seed, scores=scores, target_groups=groups)
     selected = pool.select(chosen.tolist())
-    if not return_scores:
-        return selected
     names = ["pointwise"] if pointwise else [
         str(i) for i in (target["id"] if "id" in target.column_names else range(len(target)))]
     tasks = None if groups is None else dict(zip(names, groups))

@@ -8,6 +8,10 @@ pool sample i helps target j more. Rules:
 - round_robin_task: the same over target tasks, after averaging the columns within each task.
 - mean_top_k:       mean over targets, then the top-budget rows.
 - less:             LESS's rule: mean within each task, max over tasks, then the top-budget rows.
+- facility_location: lazy greedy coverage of the targets (DELIFT's), on the whole matrix.
+- weighted:         rows drawn without replacement in proportion to per-row weights (robust weighting).
+
+choose_rows is the one step from a run's scores (a matrix, a stream or weights) to rows, for every rule.
 
 Pool scores may have millions of rows, so every rule streams: `scores` is a Tensor [n, m] or an
 iterable of (start, chunk) pairs, chunk [rows, m] holding rows start..start+rows-1, consecutive from 0.
@@ -23,7 +27,8 @@ random choice comes from a CPU torch.Generator seeded with `seed`, so results ar
 import heapq
 import math
 import numbers
-from collections.abc import Hashable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,9 +36,29 @@ from torch import Tensor
 
 from .errors import HFInfluenceError
 
-RULES = ("round_robin", "round_robin_task", "mean_top_k", "less")
-# The rules that group the target columns by task (they need each column's task).
-GROUPED_RULES = ("round_robin_task", "less")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What a selection rule reads and how it runs (RULE_TABLE; choose_rows dispatches on it)."""
+
+    grouped: bool = False  # reads each target column's task label
+    streams: bool = False  # runs on a stream of score chunks, memory independent of the pool size
+    weights: bool = False  # reads per-row weights instead of scores
+
+
+# The one table of selection rules (the module docstring says what each does).
+RULE_TABLE = {
+    "round_robin": Rule(streams=True),
+    "round_robin_task": Rule(grouped=True, streams=True),
+    "mean_top_k": Rule(streams=True),
+    "less": Rule(grouped=True, streams=True),
+    "facility_location": Rule(),  # a lazy greedy over the whole [n, m] matrix
+    "weighted": Rule(weights=True),
+}
+# The rules select_indices streams, and those that group the target columns by task.
+RULES = tuple(name for name, rule in RULE_TABLE.items() if rule.streams)
+GROUPED_RULES = tuple(name for name, rule in RULE_TABLE.items() if rule.grouped)
 
 # A Tensor input is read in chunks of about this many scores, so that the candidate merge (a sort of
 # budget + chunk rows per column) never needs more than one chunk of temporaries.
@@ -514,3 +539,45 @@ def weighted_sample(weights: Tensor, budget: int, seed: int = 0) -> Tensor:
     race = torch.empty(len(weights), dtype=torch.float64).exponential_(generator=_generator(seed))
     keys = torch.where(weights > 0, race / weights, math.inf)
     return keys.sort(stable=True).indices[:budget]
+
+
+Lazy = Tensor | Callable[[], Tensor] | None
+
+
+def choose_rows(budget: int, rule: str, seed: int = 0, *, scores: Lazy = None, weights: Lazy = None, stream=None,
+                target_groups: Sequence[Hashable] | None = None, selectable: Tensor | None = None) -> Tensor:
+    """
+    The one step from scores to rows (the facade, the engine, the trainer and pretrained networks all call it).
+
+    budget: rows to select (an int, resolved already). rule: a name in RULE_TABLE. seed: the rule's seed.
+    scores: [n, m] (or a function returning it, called only when the rule reads scores and no stream serves it).
+    weights: [n] per-row weights, or a function returning them (called only for rule "weighted").
+    stream: an object with select(budget, rule, seed, target_groups) (streaming.ScoreStream), used for the
+        streaming rules instead of `scores`.
+    target_groups: [m] task labels; passed only to the rules that group (others ignore them).
+    selectable: [n] bool, the rows the rule may pick (None: all); not with a stream.
+    Returns: LongTensor [budget] of pool rows (into the n rows), in selection order.
+    Raises: SelectionError (unknown rule, budget above the selectable rows, missing weights, bad scores).
+    """
+    if rule not in RULE_TABLE:
+        raise SelectionError(f"rule must be one of {tuple(RULE_TABLE)}, got {rule!r}")
+    spec = RULE_TABLE[rule]
+    groups = target_groups if spec.grouped else None
+    if stream is not None and spec.streams:
+        return stream.select(budget, rule, seed, groups)
+    rows = None if selectable is None else selectable.nonzero().squeeze(1)
+    if rows is not None and budget > len(rows):
+        raise SelectionError(f"budget {budget} is larger than the {len(rows)} selectable pool rows (the method "
+                             f"leaves {len(selectable) - len(rows)} rows out of the selection).")
+    if spec.weights:
+        values = weights() if callable(weights) else weights
+        if values is None:
+            raise SelectionError("rule 'weighted' needs per-row weights, and this run has none")
+        chosen = weighted_sample(values if rows is None else values[rows], budget, seed=seed)
+    else:
+        values = scores() if callable(scores) else scores
+        if values is None:
+            raise SelectionError(f"rule {rule!r} needs the score matrix, and this run has none")
+        chosen = select_indices(values if rows is None else values[rows], budget, rule=rule, seed=seed,
+                                target_groups=groups)
+    return chosen if rows is None else rows[chosen]

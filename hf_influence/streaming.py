@@ -34,6 +34,7 @@ i.e. O(chunk x landmarks + targets x budget).
 
 import numbers
 from collections.abc import Callable, Hashable, Iterator, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -361,3 +362,40 @@ def stream_candidates(
                                                compute_dtype, exact_rows, exact_scores, exact_columns, embedding_model)
     chunks = _rechunk(_blocks(n, read, score_block, block_rows, overrides), n, chunk_rows)
     return top_candidates(chunks, min(keep, n), rule, target_groups, num_rows=n)
+
+
+@dataclass
+class ScoreStream:
+    """Scores [n, m] left as a fitted predictor over the pool's embeddings (a VectorStore read in blocks, or a
+    tensor), with the known scores (landmark rows, or NN-CIFT's oracle block) as exact values: `select` never
+    holds more than a chunk of the pool (see streaming.py)."""
+
+    embeddings: VectorStore | Tensor  # [n, e]
+    predictor: LandmarkRegressor | InfluenceNetwork
+    exact: dict[str, Tensor] = field(default_factory=dict)  # exact_rows [r], exact_scores [r, m or c], optionally
+    # exact_columns [c]: the known scores (landmarks, an oracle block), which replace the predictions
+    chunk_rows: int = 16384
+    target_embeddings: Tensor | None = None  # [m, e], for a pairwise InfluenceNetwork
+    embedding_model: str | None = None  # the embeddings' encoder, checked against an InfluenceNetwork's
+    # What a pass over these very scores kept (a method that already streamed them, e.g. for a shortlist):
+    # a selection it serves needs no new pass.
+    retained: Candidates | None = None
+
+    def candidates(self, keep: int, rule: str, target_groups=None) -> Candidates:
+        """One pass keeping each key column's best `keep` rows (streaming.stream_candidates)."""
+        return stream_candidates(self.embeddings, self.predictor, keep, rule, target_embeddings=self.target_embeddings,
+                                 target_groups=target_groups, chunk_rows=self.chunk_rows,
+                                 embedding_model=self.embedding_model, **self.exact)
+
+    def select(self, budget: int, rule: str, seed: int, target_groups=None) -> Tensor:
+        """stream_select: the rows select_indices(self.scores(), ...) would pick, in the same order."""
+        if self.retained is not None and self.retained.serves(budget, rule, target_groups):
+            return self.retained.select(budget, seed)
+        return stream_select(self.embeddings, self.predictor, budget, rule, target_embeddings=self.target_embeddings,
+                             target_groups=target_groups, seed=seed, chunk_rows=self.chunk_rows,
+                             embedding_model=self.embedding_model, **self.exact)
+
+    def scores(self) -> Tensor:
+        """The whole [n, m] matrix (same blocks, same bits as `select`)."""
+        return predict_scores(self.embeddings, self.predictor, self.target_embeddings,
+                              embedding_model=self.embedding_model, **self.exact)

@@ -68,7 +68,7 @@ from .models import looks_like_local_path, torch_dtype
 from .options import split_options
 from .registry import METHODS
 from .scores import ScoreTable, json_safe, provenance_record, rows_digest
-from .selection import GROUPED_RULES, SelectionError, parse_budget, resolve_budget, select_indices, weighted_sample
+from .selection import GROUPED_RULES, SelectionError, choose_rows, parse_budget, resolve_budget
 from .store import atomic_write_bytes
 from .validation import is_int
 from .verbosity import get_logger
@@ -474,12 +474,9 @@ class InfluenceSFTTrainer(SFTTrainer):
             method = METHODS.get(provenance.get("method"))
             rule = (_options(args).get("selection") or provenance.get("selection")
                     or (method.selection_rule({}) if method else "round_robin"))
-            seed = _options(args)["selection_seed"]
-            if rule == "weighted":
-                chosen = weighted_sample(self._table_weights(table_ids), budget, seed=seed)
-            else:
-                chosen = select_indices(scores, budget, rule=rule, seed=seed,
-                                        target_groups=self._table_groups(rule, targets))
+            chosen = choose_rows(budget, rule, _options(args)["selection_seed"], scores=scores,
+                                 weights=lambda: self._table_weights(table_ids),
+                                 target_groups=self._table_groups(rule, targets))
             selected = [table_ids[i] for i in chosen.tolist()]
             source, score_ids = "score_table", table_ids
         else:

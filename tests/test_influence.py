@@ -315,7 +315,7 @@ def test_streamed_selection_equals_the_score_table_selection(pool, model, tmp_pa
     [n, m] matrix or [n, e] embedding tensor is built, the pool is streamed once (with a shortlist too), and the
     rows and their order are those picked from the full score table."""
     from hf_influence import streaming
-    from hf_influence.engine import ScoreStream
+    from hf_influence.streaming import ScoreStream
     from hf_influence.store import VectorStore
 
     tasks = demo_target("math", 3, seed=1).remove_columns("task").add_column("task", ["a", "b", "a"])

@@ -9,7 +9,7 @@ from hf_influence.testing import lora_model
 
 from hf_influence import METHODS, compute_scores, select_by_influence
 from hf_influence.demo import demo_pool, demo_target
-from hf_influence.engine import ScoreStream
+from hf_influence.streaming import ScoreStream
 from hf_influence.options import split_options
 from hf_influence.testing import tiny_causal_lm
 

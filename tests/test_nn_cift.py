@@ -171,7 +171,7 @@ def test_streamed_nn_cift_selection_equals_the_score_table_selection(rows, monke
     its values): the same rows in the same order as the [n, m] table path, which is never built."""
     import importlib
 
-    from hf_influence.engine import ScoreStream
+    from hf_influence.streaming import ScoreStream
 
     method_module = importlib.import_module("hf_influence.methods.nn_cift")
 

@@ -8,8 +8,11 @@ import torch
 
 from hf_influence import selection
 from hf_influence.selection import (
+    GROUPED_RULES,
+    RULE_TABLE,
     RULES,
     SelectionError,
+    choose_rows,
     parse_budget,
     resolve_budget,
     select_indices,
@@ -479,3 +482,71 @@ def test_chunks_of_any_length_select_as_the_whole_matrix():
         whole = select_indices(scores, 40, rule=rule, seed=2)
         chunked = select_indices(((s, scores[s : s + n]) for s, n in zip(starts, sizes)), 40, rule=rule, seed=2)
         assert torch.equal(whole, chunked), rule
+
+
+# ---- choose_rows: the one scores -> rows step -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rule", list(RULE_TABLE))
+def test_choose_rows_is_each_rule_on_what_it_reads(rule):
+    """Every rule of the table through the one step: the rule's own function on the input it reads; the other
+    input is never computed (a lazy score matrix is not built for weights, nor weights for scores)."""
+    gen = torch.Generator().manual_seed(3)
+    scores, weights = torch.randn(30, 4, generator=gen), torch.rand(30, generator=gen)
+    groups = ["a", "b", "a", "b"]
+
+    def never():
+        raise AssertionError("computed an input the rule does not read")
+
+    if RULE_TABLE[rule].weights:
+        expected = weighted_sample(weights, 6, seed=2)
+        chosen = choose_rows(6, rule, 2, scores=never, weights=lambda: weights, target_groups=groups)
+    else:
+        expected = select_indices(scores, 6, rule, seed=2, target_groups=groups if rule in GROUPED_RULES else None)
+        chosen = choose_rows(6, rule, 2, scores=lambda: scores, weights=never, target_groups=groups)
+    assert torch.equal(chosen, expected)
+
+
+def test_choose_rows_streams_the_streaming_rules_and_maps_selectable_rows():
+    scores = torch.randn(30, 4, generator=torch.Generator().manual_seed(4))
+
+    class Stream:  # what a ScoreStream offers: select(budget, rule, seed, groups)
+        def select(self, budget, rule, seed, groups):
+            return select_indices(scores, budget, rule, seed=seed, target_groups=groups)
+
+    def never():
+        raise AssertionError("built the score matrix for a streaming rule")
+
+    for rule in RULES:
+        groups = ["a", "b", "a", "b"] if rule in GROUPED_RULES else None
+        assert torch.equal(choose_rows(5, rule, 1, scores=never, stream=Stream(), target_groups=["a", "b", "a", "b"]),
+                           select_indices(scores, 5, rule, seed=1, target_groups=groups))
+    # facility location reads the whole matrix even with a stream at hand
+    assert torch.equal(choose_rows(5, "facility_location", 0, scores=lambda: scores, stream=Stream()),
+                       select_indices(scores, 5, "facility_location"))
+    selectable = torch.zeros(30, dtype=torch.bool)
+    selectable[10:20] = True
+    chosen = choose_rows(4, "mean_top_k", 0, scores=scores, selectable=selectable)
+    assert torch.equal(chosen, 10 + select_indices(scores[10:20], 4, "mean_top_k"))
+    with pytest.raises(SelectionError, match="budget 11 is larger than the 10 selectable pool rows"):
+        choose_rows(11, "mean_top_k", 0, scores=scores, selectable=selectable)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"rule": "top_k", "scores": torch.zeros(3, 2)}, "rule must be one of"),
+    ({"rule": "weighted", "scores": torch.zeros(3, 2)}, "needs per-row weights"),
+    ({"rule": "round_robin", "weights": torch.ones(3)}, "needs the score matrix"),
+])
+def test_choose_rows_errors(kwargs, match):
+    with pytest.raises(SelectionError, match=match):
+        choose_rows(2, seed=0, **kwargs)
+
+
+def test_rule_table_is_the_one_list_of_rules():
+    from hf_influence.options import SelectionConfig
+
+    assert set(RULES) == {"round_robin", "round_robin_task", "mean_top_k", "less"}
+    assert set(GROUPED_RULES) == {"round_robin_task", "less"}
+    help_text = SelectionConfig.__dataclass_fields__["selection"].metadata["help"]
+    for rule in RULE_TABLE:  # every rule is documented where users choose it
+        assert f'"{rule}"' in help_text, rule

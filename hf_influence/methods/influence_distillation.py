@@ -15,7 +15,7 @@ import torch
 from datasets import Dataset
 from torch import Tensor
 
-from ..engine import Context, MethodOutput, ScoreStream
+from ..engine import Context, MethodOutput
 from ..extract import extract_hessian_products, target_hessian
 from ..gradients import GradientConfig, PerSampleGradients
 from ..jvp import JVPConfig, truncated_decoder
@@ -24,6 +24,7 @@ from ..optimizers import AffineStep
 from ..registry import register_method
 from ..selection import GROUPED_RULES, RULES, key_columns
 from ..store import VectorStore, fingerprint_dataset
+from ..streaming import ScoreStream
 from ..robust_weighting import robust_weights
 from ..verbosity import get_logger
 from .stores import (gradient_vectors, landmark_feature_rows, optimizer_step, pool_row_gradients, pool_row_scores,

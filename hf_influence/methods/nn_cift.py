@@ -9,10 +9,11 @@ from typing import Any
 
 import torch
 
-from ..engine import Context, MethodOutput, ScoreStream
+from ..engine import Context, MethodOutput
 from ..nn_cift_pipeline import block_overrides, nn_cift
 from ..options import ORACLE_RULES, NNCIFTConfig, SelectionConfig
 from ..registry import METHODS, register_method
+from ..streaming import ScoreStream
 
 # SelectionConfig fields that describe the outer selection, not how a method oracle scores a block.
 _NOT_ORACLE_FIELDS = ("method", "selection", "target_task_column")
