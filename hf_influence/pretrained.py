@@ -17,6 +17,7 @@ from datasets import Dataset
 
 from .encoders import row_embedder, text_format_of
 from .engine import as_dataset
+from .fit_folder import FitFolder
 from .formatting import FormattingConfig
 from .models import load_model, looks_like_local_path
 from .network import InfluenceNetwork
@@ -41,8 +42,7 @@ def load_network(network: str | os.PathLike | InfluenceNetwork, revision: str | 
         return network
     path = Path(network)
     if path.is_dir():
-        folder = path / "network" if (path / "network").is_dir() else path
-        return InfluenceNetwork.from_pretrained(str(folder))
+        return FitFolder(path).network()
     if path.exists() or looks_like_local_path(str(network)):
         raise FileNotFoundError(f"{network} is not a folder holding an InfluenceNetwork (config.json and "
                                 f"model.safetensors, or a fit-network output with network/).")

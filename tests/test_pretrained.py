@@ -109,6 +109,27 @@ def test_load_network_names_a_missing_folder_and_reads_fit_network_outputs(fitte
     assert load_network(tmp_path / "run").config == fitted.network.config
 
 
+def test_a_fit_folder_is_written_and_read_by_one_class(fitted, tmp_path):
+    """FitFolder writes what fit-network leaves and reads it back for load_network, predict and push; a second
+    write replaces the first whole (nothing of it is left)."""
+    from hf_influence.fit_folder import FitFolder
+
+    pool, target = demo_pool(20, seed=0), _targets(("math", "code", "qa"), 4, seed=1)
+    table = fitted.score_table(pool, target, NNCIFTConfig(oracle="delift_se"))
+    report = {"oracle": "delift_se", "training": {"block_rows": len(fitted.block_rows)}}
+    folder = FitFolder.write(tmp_path / "fit", fitted.network, table, report, fitted.evaluation_pairs)
+    assert sorted(p.name for p in folder.path.iterdir()) == sorted(FitFolder.OUTPUTS)
+    assert folder.report() == report and load_network(folder.path).config == fitted.network.config
+    predicted, true = folder.evaluation_pairs()
+    assert torch.equal(predicted, fitted.evaluation_pairs[0]) and torch.equal(true, fitted.evaluation_pairs[1])
+    assert FitFolder.network_path(tmp_path / "fit") == tmp_path / "fit" / "network"
+    FitFolder.write(tmp_path / "fit", fitted.network, table, {}, None)
+    assert folder.evaluation_pairs() is None and folder.report() == {}
+    fitted.network.save_pretrained(tmp_path / "plain")  # a plain saved network is its own network path
+    assert FitFolder.network_path(tmp_path / "plain") == tmp_path / "plain"
+    assert FitFolder(tmp_path / "plain").report() == {} and FitFolder(tmp_path / "plain").evaluation_pairs() is None
+
+
 def test_summary_warns_when_a_network_carries_no_figures():
     text = network_summary(InfluenceNetwork(embedding_dim=4, oracle="less", label_min=0.0, label_max=1.0))
     assert "no measured figures" in text and "'less'" in text

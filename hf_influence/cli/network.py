@@ -3,22 +3,18 @@ line."""
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import fields
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
-
+from ..fit_folder import FitFolder
 from ..hub import push_influence_network, push_score_table
 from ..methods.nn_cift import oracle_options
-from ..network import InfluenceNetwork
 from ..nn_cift_pipeline import nn_cift
 from ..options import CONFIG_TYPES, NNCIFTConfig, SelectionConfig
 from ..pretrained import load_network, network_summary, select_with_network, unseen_quadrant
 from ..rds_embeddings import LM_ENCODER
-from ..scores import ScoreTable, json_safe
-from ..store import atomic_write_json, folder_replacement
+from ..scores import ScoreTable
 from .arguments import (
     HubArguments,
     ModelArguments,
@@ -31,10 +27,6 @@ from .arguments import (
 from .select import check_output, group_shares, print_report, write_selection
 
 
-# What fit-network writes into --output (an earlier run's are replaced, as one folder).
-FIT_NETWORK_OUTPUTS = ("network", "scores", "report.json", "evaluation_pairs.safetensors")
-
-
 def run_fit_network(argv: list[str]) -> dict:
     """NN-CIFT: the oracle on a block, an InfluenceNetwork fitted on it; writes network/, scores/, report.json."""
     args, model_args, *configs = parse(
@@ -45,7 +37,7 @@ def run_fit_network(argv: list[str]) -> dict:
     )
     output = Path(args.output)
     work_dir = next(config for config in configs if isinstance(config, SelectionConfig)).work_dir
-    check_output(output, FIT_NETWORK_OUTPUTS, work_dir)  # before the oracle's work, which a late refusal would lose
+    check_output(output, FitFolder.OUTPUTS, work_dir)  # before the oracle's work, which a late refusal would lose
     pool, target = load_pool_and_target(args)
     nn_config = next(config for config in configs if isinstance(config, NNCIFTConfig))
     needs_model = nn_config.oracle != "delift_se" or nn_config.encoder == LM_ENCODER
@@ -59,14 +51,9 @@ def run_fit_network(argv: list[str]) -> dict:
                 "block_fraction": nn_config.block_fraction}
     report = {"oracle": nn_config.oracle, "pool_rows": len(pool), "target_rows": len(target), "training": training,
               "seconds": result.seconds, "evaluation": result.evaluation}
-    with folder_replacement(output) as staging:  # an earlier run's folder stays whole until this one is
-        if result.evaluation_pairs is not None:  # `push` draws the Hub card's plot from them
-            save_file({"predicted": result.evaluation_pairs[0].contiguous(),
-                       "true": result.evaluation_pairs[1].contiguous()}, str(staging / "evaluation_pairs.safetensors"))
-        # The card beside the weights, with the plot of the evaluated pairs, as on the Hub.
-        result.network.save_pretrained(staging / "network", model_card_kwargs={"training": training})
-        result.score_table(pool, target, nn_config, details=report).save(staging / "scores")
-        atomic_write_json(staging / "report.json", json_safe(report))
+    # The card beside the weights, with the plot of the evaluated pairs, as on the Hub; `push` reads the pairs.
+    FitFolder.write(output, result.network, result.score_table(pool, target, nn_config, details=report), report,
+                    result.evaluation_pairs)
     print(f"\nInfluenceNetwork ({nn_config.oracle}) fitted on a {training['block_rows']} x {training['block_columns']} "
           f"block of {len(pool)} x {len(target)}: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items()))
     for name, quadrant in (result.evaluation or {}).items():
@@ -129,15 +116,10 @@ def run_push(argv: list[str]) -> str:
         if not folder.is_dir():
             raise FileNotFoundError(f"--network {hub_args.network!r} is not a folder (push takes a fit-network output "
                                     "or a saved InfluenceNetwork folder).")
-        report = json.loads((folder / "report.json").read_text()) if (folder / "report.json").exists() else {}
-        pairs_file = folder / "evaluation_pairs.safetensors"
-        plot = None
-        if pairs_file.exists():
-            pairs = load_file(str(pairs_file))
-            plot = (pairs["predicted"], pairs["true"])
-        network = InfluenceNetwork.from_pretrained(str(folder / "network" if (folder / "network").is_dir() else folder))
-        url = push_influence_network(network, hub_args.repo_id, training=report.get("training", {}),
-                                     evaluation=report.get("evaluation"), plot=plot, private=hub_args.private,
-                                     license=hub_args.license)
+        fit = FitFolder(folder)
+        report = fit.report()
+        url = push_influence_network(fit.network(), hub_args.repo_id, training=report.get("training", {}),
+                                     evaluation=report.get("evaluation"), plot=fit.evaluation_pairs(),
+                                     private=hub_args.private, license=hub_args.license)
     print(f"pushed to {url}")
     return url
