@@ -25,8 +25,9 @@ from .formatting import FormattingConfig
 from .hub import push_influence_network
 from .models import DEFAULT_MODEL, load_model
 from .network import InfluenceNetwork, standardize_columns
-from .options import ORACLE_RULES, NNCIFTConfig, split_options
-from .oracles import DeliftOracle, DeliftSEOracle, MethodOracle, Oracle, SelectITOracle
+from .options import NNCIFTConfig, split_options
+from .oracles import Oracle
+from .registry import ORACLES, oracle_rule
 from .rds_embeddings import LM_ENCODER
 from .scores import ScoreTable, provenance_record, rows_digest
 from .store import fingerprint_dataset
@@ -87,7 +88,7 @@ class NNCIFTResult:
         mask[self.block_rows] = True
         # The rule a later selection from the table takes (the trainer reads it): the oracle's paper's.
         record = provenance_record(method="nn_cift", oracle=config.oracle, configs=asdict(config),
-                                   selection=ORACLE_RULES.get(config.oracle, "round_robin"),
+                                   selection=oracle_rule(config.oracle),
                                    pool_fingerprint=fingerprint_dataset(pool),
                                    pool_rows_digest=rows_digest(pool, range(len(pool))),
                                    target_fingerprint=fingerprint_dataset(target), **provenance)
@@ -98,19 +99,9 @@ class NNCIFTResult:
 
 def make_oracle(config: NNCIFTConfig, model=None, tokenizer=None, optimizer=None, show_progress: bool = True,
                 **options) -> Oracle:
-    """The oracle named by `config.oracle`; `options` go to method oracles (select_by_influence options)."""
-    if config.oracle == "delift_se":
-        # DELIFT-SE is a sentence encoder's cosine: with encoder="lm" (the network's input) it keeps the default one.
-        return DeliftSEOracle(encoder=None if config.encoder == LM_ENCODER else config.encoder,
-                              batch_size=config.encoder_batch_size,
-                              show_progress=show_progress)
-    if config.oracle in ("delift", "selectit"):
-        if model is None or isinstance(model, str) or tokenizer is None:
-            raise ValueError(f"oracle={config.oracle!r} needs a loaded valuation model and its tokenizer.")
-        oracle_class = DeliftOracle if config.oracle == "delift" else SelectITOracle
-        return oracle_class(model, tokenizer, show_progress=show_progress)
-    return MethodOracle(config.oracle, model=model, tokenizer=tokenizer, optimizer=optimizer,
-                        show_progress=show_progress, **options)
+    """The oracle named by `config.oracle` (its registered factory); `options` go to method oracles
+    (select_by_influence options)."""
+    return ORACLES[config.oracle].factory(config, model, tokenizer, optimizer, show_progress, **options)
 
 
 def block_indices(num_rows: int, num_columns: int, config: NNCIFTConfig) -> tuple[Tensor, Tensor]:

@@ -18,7 +18,7 @@ from .hessian import HESSIAN_KINDS
 from .jvp import JVPConfig
 from .models import LoraSettings, kwargs_option, torch_dtype
 from .optimizer_warmup import WarmupConfig
-from .registry import METHODS
+from .registry import METHODS, ORACLES
 from .selection import RULE_TABLE
 from .validation import check_fields, is_int, is_number
 
@@ -211,12 +211,6 @@ def check_model_init_kwargs(kwargs: dict, name: str) -> None:
     if kwargs.get("device") is not None and kwargs.get("device_map") is not None:
         raise ValueError(f"{name} has both 'device' and 'device_map': give one (device_map places the model "
                          f"while loading, device moves it after).")
-ORACLES = ("influence_distillation_exact", "influence_distillation", "less", "rds", "delift", "delift_se", "selectit")
-# The rule each oracle's paper selects with, NN-CIFT's default: DELIFT covers the targets with facility location
-# (DELIFT-SE too), LESS takes the top rows by its max-over-tasks score, SelectIT the top rows of its pointwise
-# scores; Influence Distillation's paper (and RDS+) go round-robin over the target rows.
-ORACLE_RULES = {"delift": "facility_location", "delift_se": "facility_location", "less": "less",
-                "selectit": "mean_top_k"}
 
 
 @dataclass
@@ -299,8 +293,8 @@ class NNCIFTConfig:
                               "evaluation_fraction": (None, 1)}, optional=("network_num_threads",))
         if self.evaluation_fraction < 0:
             raise ValueError(f"NNCIFTConfig.evaluation_fraction must be in [0, 1], got {self.evaluation_fraction}")
-        if self.oracle not in ORACLES:
-            raise ValueError(f"NNCIFTConfig.oracle must be one of {list(ORACLES)}, got {self.oracle!r}")
+        if self.oracle not in ORACLES:  # registered by oracles.py (register_oracle)
+            raise ValueError(f"NNCIFTConfig.oracle must be one of {sorted(ORACLES)}, got {self.oracle!r}")
         if self.network_validation_split not in ("pairs", "held_out"):
             raise ValueError(f"NNCIFTConfig.network_validation_split must be 'pairs' or 'held_out', "
                              f"got {self.network_validation_split!r}")

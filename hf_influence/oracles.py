@@ -42,8 +42,8 @@ from .model_passes import eval_mode, run_batches
 from .models import DEFAULT_MODEL, model_identity
 from .optimizer_warmup import WarmupConfig, warmup
 from .options import SelectionConfig, split_options
-from .rds_embeddings import cosine_scores
-from .registry import METHODS
+from .rds_embeddings import LM_ENCODER, cosine_scores
+from .registry import METHODS, register_oracle
 from .store import fingerprint_dataset
 
 if TYPE_CHECKING:
@@ -535,6 +535,42 @@ class SelectITOracle(_LMOracle):
         return {**self._model_identity(), "num_ratings": self.num_ratings, "rating_prompts": self.rating_prompts,
                 "aggregation": self.aggregation, "alpha": self.alpha, "formatting": dataclasses.asdict(
                     self.formatting)}
+
+
+# ---- the registered oracles: NNCIFTConfig.oracle names one; its factory builds it for a run -----------------
+
+
+@register_oracle("delift_se", selection="facility_location",
+                 needs_model=lambda config: config.encoder == LM_ENCODER)  # the network's input needs the LM
+def _delift_se(config, model, tokenizer, optimizer, show_progress: bool, **options) -> Oracle:
+    # DELIFT-SE is a sentence encoder's cosine: with encoder="lm" (the network's input) it keeps the default one.
+    return DeliftSEOracle(encoder=None if config.encoder == LM_ENCODER else config.encoder,
+                          batch_size=config.encoder_batch_size, show_progress=show_progress)
+
+
+def _valuation_model_oracle(oracle_class: type[_LMOracle]):
+    def factory(config, model, tokenizer, optimizer, show_progress: bool, **options) -> Oracle:
+        if model is None or isinstance(model, str) or tokenizer is None:
+            raise ValueError(f"oracle={config.oracle!r} needs a loaded valuation model and its tokenizer.")
+        return oracle_class(model, tokenizer, show_progress=show_progress)
+
+    return factory
+
+
+register_oracle("delift", selection="facility_location")(_valuation_model_oracle(DeliftOracle))
+register_oracle("selectit", selection="mean_top_k")(_valuation_model_oracle(SelectITOracle))
+
+
+def _method_oracle(config, model, tokenizer, optimizer, show_progress: bool, **options) -> Oracle:
+    return MethodOracle(config.oracle, model=model, tokenizer=tokenizer, optimizer=optimizer,
+                        show_progress=show_progress, **options)
+
+
+# Influence Distillation's paper and RDS+ go round-robin over the target rows; LESS takes the top rows by its
+# max-over-tasks score.
+for _name, _rule in (("influence_distillation_exact", "round_robin"), ("influence_distillation", "round_robin"),
+                     ("less", "less"), ("rds", "round_robin")):
+    register_oracle(_name, selection=_rule)(_method_oracle)
 
 
 def _checked_rows(rows: Rows, side: str, config: FormattingConfig) -> list[dict]:

@@ -3,7 +3,7 @@
 A network distilled once (`nn_cift`, `hf-influence fit-network`) and shared on the Hub predicts the influence of
 any pool row on any target row from their sentence embeddings. `select_with_network` loads it (a Hub repo id, a
 folder, or the object), embeds the new pool and targets with the encoder the network records, predicts and
-selects by the rule of the network's oracle (see `options.ORACLE_RULES`), streaming the pool for the
+selects by the rule of the network's oracle (see `registry.oracle_rule`), streaming the pool for the
 streaming rules. Before anything is embedded it logs what the network is and what it was measured to do on
 rows and targets it never saw (its Q4 figures travel in its config), because that is what the user is trusting.
 """
@@ -21,8 +21,8 @@ from .fit_folder import FitFolder
 from .formatting import FormattingConfig
 from .models import load_model, looks_like_local_path
 from .network import InfluenceNetwork
-from .options import ORACLE_RULES
 from .rds_embeddings import LM_ENCODER, LM_ENCODER_PREFIX
+from .registry import oracle_rule
 from .scores import ScoreTable, provenance_record, rows_digest
 from .selection import GROUPED_RULES, choose_rows, parse_budget, resolve_budget
 from .store import fingerprint_dataset
@@ -104,7 +104,7 @@ def select_with_network(
             library reads (chat or prompt/response); a pointwise network ignores the target.
         network: Hub repo id, folder, or InfluenceNetwork.
         budget: rows (int) or pool share (float in (0, 1)).
-        selection: the rule; None: the rule of the network's oracle (ORACLE_RULES; round-robin otherwise).
+        selection: the rule; None: the rule of the network's oracle (registry.oracle_rule; round-robin otherwise).
         selection_seed: seed of the round-robin order.
         target_task_column: target column naming each row's task (for round_robin_task and less); ignored when
             absent.
@@ -136,7 +136,7 @@ def select_with_network(
     pointwise = network.kind == "pointwise"
     target = None if pointwise and target is None else as_dataset(target, "target")
     budget_rows = resolve_budget(budget_value, len(pool))
-    rule = selection or ORACLE_RULES.get(network.oracle, "round_robin")
+    rule = selection or oracle_rule(network.oracle)
     # The figures the user is trusting, shown at the default verbosity (transformers' set_verbosity_error()
     # silences them).
     logger.warning(network_summary(network))

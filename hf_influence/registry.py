@@ -1,7 +1,8 @@
-"""The registry of selection methods: each method module registers itself with what it can do.
+"""The registries of selection methods and of NN-CIFT oracles: each registers itself with what it can do.
 
-A method is `function(context) -> MethodOutput` (engine.py). Its capabilities are declared here, once, so that
-the engine, the trainer and the CLI ask the registry instead of comparing method names.
+A method is `function(context) -> MethodOutput` (engine.py); an oracle is a factory of `oracles.Oracle`. Their
+capabilities are declared here, once, so that the engine, NN-CIFT, the trainer and the CLI ask the registry
+instead of comparing names.
 """
 
 from __future__ import annotations
@@ -61,3 +62,47 @@ def register_method(name: str, default_selection: str | Callable[[dict[type, Any
         return function
 
     return decorator
+
+
+@dataclass(frozen=True)
+class OracleSpec:
+    """A registered NN-CIFT oracle.
+
+    Attributes:
+        name: the name `NNCIFTConfig.oracle` takes.
+        factory: `factory(config, model, tokenizer, optimizer, show_progress, **options) -> Oracle`, config the
+            run's NNCIFTConfig; options are select_by_influence options (method oracles use them).
+        selection: the rule of the oracle's paper, NN-CIFT's default selection with it.
+        needs_model: whether it reads a loaded valuation model (the CLI then loads one), or a function of the
+            NNCIFTConfig that says so.
+    """
+
+    name: str
+    factory: Callable
+    selection: str = "round_robin"
+    needs_model: bool | Callable[[Any], bool] = True
+
+    def requires_model(self, config) -> bool:
+        """Whether this oracle reads a loaded valuation model under `config` (an NNCIFTConfig)."""
+        return self.needs_model(config) if callable(self.needs_model) else self.needs_model
+
+
+ORACLES: dict[str, OracleSpec] = {}
+
+
+def register_oracle(name: str, selection: str = "round_robin", needs_model: bool | Callable[[Any], bool] = True):
+    """Register `factory(config, model, tokenizer, optimizer, show_progress, **options) -> Oracle` under `name`
+    for `NNCIFTConfig(oracle=name)`, with its paper's selection rule (see OracleSpec)."""
+
+    def decorator(factory: Callable):
+        ORACLES[name] = OracleSpec(name, factory, selection, needs_model)
+        return factory
+
+    return decorator
+
+
+def oracle_rule(name: str | None) -> str:
+    """The selection rule of oracle `name`'s paper; round-robin for an oracle this version does not know (a
+    network from the Hub may name one)."""
+    spec = ORACLES.get(name)
+    return spec.selection if spec is not None else "round_robin"

@@ -125,10 +125,10 @@ def test_select_by_influence_with_nn_cift(rows):
 @pytest.mark.parametrize("oracle, rule", [("delift_se", "facility_location"), ("selectit", "mean_top_k"),
                                           ("less", "less"), ("influence_distillation_exact", "round_robin")])
 def test_each_oracle_selects_by_its_papers_rule(rows, oracle, rule):
-    from hf_influence.methods.nn_cift import oracle_rule
+    from hf_influence.methods.nn_cift import nn_cift_rule
     from hf_influence.options import split_options
 
-    assert oracle_rule(split_options({"oracle": oracle})) == rule
+    assert nn_cift_rule(split_options({"oracle": oracle})) == rule
     if oracle != "delift_se":  # one end-to-end run is enough: the rule is recorded with the table
         return
     pool, target = rows

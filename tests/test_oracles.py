@@ -13,6 +13,7 @@ from hf_influence.rds_embeddings import cosine_scores
 from hf_influence.encoders import encode_rows, load_encoder
 from hf_influence.formatting import FormattingConfig, FormattingError
 from hf_influence.oracles import DeliftOracle, DeliftSEOracle, Oracle, SelectITOracle
+from hf_influence.registry import ORACLES
 from hf_influence.testing import tiny_causal_lm
 
 POOL = CHAT_ROWS
@@ -315,3 +316,59 @@ def test_method_oracle_keeps_each_block_in_its_own_work_dir_subfolder(tmp_path):
     passed = oracle_options(configs)
     assert passed["optimizer_state"] == "gd" and passed["work_dir"] == "w" and passed["selection_seed"] == 3
     assert not {"method", "selection", "target_task_column", "oracle", "block_fraction"} & set(passed)
+
+
+# ---- the oracle registry: every registered oracle keeps one contract; a new one is one registration ----------
+
+
+@pytest.mark.parametrize("name", sorted(ORACLES))
+def test_every_registered_oracle_keeps_the_contract(name, tiny):
+    """make_oracle builds each registered oracle from its NNCIFTConfig; its blocks are float32 [pool, target]
+    ([pool, 1] pointwise), finite, oriented (sub-blocks are slices), its identity names it, and its paper's rule is
+    a selection rule."""
+    from hf_influence.nn_cift_pipeline import make_oracle
+    from hf_influence.options import NNCIFTConfig
+    from hf_influence.selection import RULE_TABLE
+
+    model, tokenizer = tiny
+    spec = ORACLES[name]
+    assert spec.name == name and spec.selection in RULE_TABLE
+    options = {"optimizer_state": "gd", "projection_dim": 256, "num_blocks": 1, "jvp_projection_dim": 64}
+    oracle = make_oracle(NNCIFTConfig(oracle=name), model, tokenizer, show_progress=False, **options)
+    assert isinstance(oracle, Oracle) and oracle.name == name
+    oracle.prepare(POOL)
+    block = oracle.compute_block(POOL, TARGETS)
+    assert block.shape == (len(POOL), 1 if oracle.pointwise else len(TARGETS))
+    assert block.dtype == torch.float32 and torch.isfinite(block).all()
+    torch.testing.assert_close(oracle.compute_block(POOL[1:3], TARGETS), block[1:3], atol=1e-5, rtol=0)
+    oracle.release()
+    assert json.loads(json.dumps(oracle.identity()))["name"] == name
+
+
+def test_a_new_oracle_is_one_registration(monkeypatch):
+    """A toy oracle registered in one place is accepted by NNCIFTConfig, built by make_oracle, distilled by
+    nn_cift and selects by its declared rule; an unregistered name is refused naming the registered ones."""
+    from hf_influence.demo import demo_pool, demo_target
+    from hf_influence.nn_cift_pipeline import nn_cift
+    from hf_influence.options import NNCIFTConfig
+    from hf_influence.registry import register_oracle
+
+    class LengthOracle(Oracle):
+        name, pointwise = "toy_length", False
+
+        def _compute(self, pool_rows, target_rows):
+            return torch.tensor([[float(len(json.dumps(p)) % 7 + len(json.dumps(t)) % 3) for t in target_rows]
+                                 for p in pool_rows])
+
+        def identity(self):
+            return {"name": self.name, "pointwise": False}
+
+    monkeypatch.setitem(ORACLES, "toy_length", None)  # so that the registration below is undone after the test
+    register_oracle("toy_length", selection="mean_top_k", needs_model=False)(
+        lambda config, model, tokenizer, optimizer, show_progress, **options: LengthOracle())
+    config = NNCIFTConfig(oracle="toy_length", block_fraction=0.5, min_block_rows=8, network_epochs=5)
+    result = nn_cift(demo_pool(4, seed=0), demo_target("math", 4, seed=1), config, show_progress=False)
+    table = result.score_table(demo_pool(4, seed=0), demo_target("math", 4, seed=1), config)
+    assert table.provenance["oracle"] == "toy_length" and table.provenance["selection"] == "mean_top_k"
+    with pytest.raises(ValueError, match="must be one of .*'delift'"):
+        NNCIFTConfig(oracle="toy_unregistered")

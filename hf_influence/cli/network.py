@@ -13,7 +13,7 @@ from ..methods.nn_cift import oracle_options
 from ..nn_cift_pipeline import nn_cift
 from ..options import CONFIG_TYPES, NNCIFTConfig, SelectionConfig
 from ..pretrained import load_network, network_summary, select_with_network, unseen_quadrant
-from ..rds_embeddings import LM_ENCODER
+from ..registry import ORACLES
 from ..scores import ScoreTable
 from .arguments import (
     HubArguments,
@@ -40,7 +40,7 @@ def run_fit_network(argv: list[str]) -> dict:
     check_output(output, FitFolder.OUTPUTS, work_dir)  # before the oracle's work, which a late refusal would lose
     pool, target = load_pool_and_target(args)
     nn_config = next(config for config in configs if isinstance(config, NNCIFTConfig))
-    needs_model = nn_config.oracle != "delift_se" or nn_config.encoder == LM_ENCODER
+    needs_model = ORACLES[nn_config.oracle].requires_model(nn_config)
     options = oracle_options({type(config): config for config in configs})
     # The command loads the model itself, with these options too: the oracle then gets the loaded model.
     init = options.pop("model_init_kwargs")

@@ -11,8 +11,8 @@ import torch
 
 from ..engine import Context, MethodOutput
 from ..nn_cift_pipeline import block_overrides, nn_cift
-from ..options import ORACLE_RULES, NNCIFTConfig, SelectionConfig
-from ..registry import METHODS, register_method
+from ..options import NNCIFTConfig, SelectionConfig
+from ..registry import METHODS, oracle_rule, register_method
 from ..streaming import ScoreStream
 
 # SelectionConfig fields that describe the outer selection, not how a method oracle scores a block.
@@ -28,9 +28,9 @@ def oracle_options(configs: dict[type, Any]) -> dict[str, Any]:
             if not (config_type is SelectionConfig and name in _NOT_ORACLE_FIELDS)}
 
 
-def oracle_rule(configs: dict[type, Any]) -> str:
-    """The selection rule of the NN-CIFT oracle's paper (ORACLE_RULES), for the run's configs."""
-    return ORACLE_RULES.get(configs.get(NNCIFTConfig, NNCIFTConfig()).oracle, "round_robin")
+def nn_cift_rule(configs: dict[type, Any]) -> str:
+    """The selection rule of the NN-CIFT oracle's paper (registry.oracle_rule), for the run's configs."""
+    return oracle_rule(configs.get(NNCIFTConfig, NNCIFTConfig()).oracle)
 
 
 def oracle_second_order(configs: dict[type, Any]) -> bool:
@@ -39,7 +39,7 @@ def oracle_second_order(configs: dict[type, Any]) -> bool:
     return oracle in METHODS and METHODS[oracle].has_second_order(configs)
 
 
-@register_method("nn_cift", default_selection=oracle_rule, second_order=oracle_second_order, streams=True)
+@register_method("nn_cift", default_selection=nn_cift_rule, second_order=oracle_second_order, streams=True)
 def nn_cift_method(context: Context) -> MethodOutput:
     """NN-CIFT: an oracle (NNCIFTConfig.oracle) on a u-block, an InfluenceNetwork fitted on it predicts the rest."""
     config = context.configs[NNCIFTConfig]
