@@ -241,24 +241,24 @@ def test_low_landmark_fidelity_warns_and_names_num_landmarks(caplog):
     embeddings = torch.randn(30, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     scores = torch.randn(30, 3, generator=torch.Generator().manual_seed(1))  # unrelated to the embeddings
     regressor = LandmarkRegressor().fit(embeddings, scores)
-    with caplog.at_level("WARNING", logger="hf_influence.influence"):
+    with caplog.at_level("WARNING", logger="hf_influence.methods.influence_distillation"):
         diagnostics = landmark_diagnostics(regressor, scores, num_pool_rows=300, calibrated=True,
                                            remedy="Raise num_landmarks (now 30)")
     assert diagnostics["loo_spearman"] < LOO_SPEARMAN_WARNING
     assert "Raise num_landmarks (now 30), or use method='influence_distillation_exact'" in caplog.text
     caplog.clear()
-    with caplog.at_level("WARNING", logger="hf_influence.influence"):  # nothing is left to the regression alone
+    with caplog.at_level("WARNING", logger="hf_influence.methods.influence_distillation"):  # nothing is left to the regression alone
         landmark_diagnostics(regressor, scores, num_pool_rows=300, calibrated=True, remedy=None)
     assert not caplog.text
     caplog.clear()
     smooth = embeddings[:, :1].expand(30, 3).float() * torch.tensor([1.0, 2.0, 3.0])  # a function of the embeddings
-    with caplog.at_level("WARNING", logger="hf_influence.influence"):
+    with caplog.at_level("WARNING", logger="hf_influence.methods.influence_distillation"):
         diagnostics = landmark_diagnostics(LandmarkRegressor().fit(embeddings, smooth), smooth, 300, True)
     assert diagnostics["loo_spearman"] > 0.9 and caplog.text == ""
     # A regression that predicts one value for every landmark has no ranking: undefined, and it warns.
     flat = LandmarkRegressor().fit(embeddings, scores, ridge=1e6, bandwidth=1e-3)
     flat.loo = torch.full_like(flat.loo, 0.5)
-    with caplog.at_level("WARNING", logger="hf_influence.influence"):
+    with caplog.at_level("WARNING", logger="hf_influence.methods.influence_distillation"):
         assert landmark_diagnostics(flat, scores, 300, True)["loo_spearman"] is None
     assert "leave-one-out Spearman undefined" in caplog.text
 
@@ -646,7 +646,7 @@ def test_second_order_with_a_decayed_learning_rate_uses_half_the_initial_rate(po
     network, tokenizer = lora_model(seed=0)
     optimizer = _decayed_adamw(network, with_scheduler=True)
     options = {**FAST, "budget": 4, "order": 2, "num_landmarks": 20, "return_scores": True}
-    with caplog.at_level("WARNING", logger="hf_influence.influence"):
+    with caplog.at_level("WARNING", logger="hf_influence.methods.influence_distillation"):
         _, fallback = select_by_influence(pool, target, model=network, tokenizer=tokenizer, optimizer=optimizer, **options)
     assert "initial_lr / 2 = 0.0005" in caplog.text
     _, explicit = select_by_influence(pool, target, model=network, tokenizer=tokenizer, optimizer=optimizer,
