@@ -60,7 +60,7 @@ from hf_influence.methods.stores import store_scores
 from hf_influence.options import SelectionConfig
 from hf_influence.selection import key_columns
 from hf_influence.store import StoreSpec, VectorStore, atomic_write_json
-from hf_influence.streaming import predict_scores, stream_candidates, stream_select
+from hf_influence.streaming import ScoreStream, predict_scores, stream_select
 
 BANK_ROWS = 4096  # rows of each noise bank: BANK_ROWS**2 distinct rows
 CLUSTERS = 64
@@ -198,8 +198,8 @@ def measure(args: argparse.Namespace, rows: int, mode: str, store_path: str | No
     if plan.shortlist:
         keep = min(rows, budget + plan.landmarks + plan.shortlist)
         if key_columns("round_robin", args.targets) * keep <= ONE_PASS_MAX_CANDIDATES:
-            retained = stream_candidates(source, regressor, keep, "round_robin", exact_rows=landmarks,
-                                         exact_scores=known, **stream)
+            retained = ScoreStream(source, regressor, {"exact_rows": landmarks, "exact_scores": known},
+                                   **stream).candidates(keep, "round_robin")
             shortlist = retained.select(plan.shortlist, seed=args.seed)
         else:
             shortlist = stream_select(source, regressor, plan.shortlist, "round_robin", seed=args.seed,

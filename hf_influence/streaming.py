@@ -45,9 +45,9 @@ from .network import InfluenceNetwork
 from .selection import RULES, Candidates, SelectionError, select_indices, top_candidates
 from .store import IncompleteStoreError, VectorStore
 
-# A candidate prune sorts at most this many keys at a time (columns in slices), which bounds its temporaries.
-
 Predictor = LandmarkRegressor | InfluenceNetwork
+# Pool rows per prediction block, the default of every function here (see Exactness in the module docstring).
+BLOCK_ROWS = 2048
 
 
 class _KernelRidgeBlocks:
@@ -187,7 +187,7 @@ def iter_scores(
     target_embeddings: Tensor | None = None,
     *,
     chunk_rows: int = 16384,
-    block_rows: int = 2048,
+    block_rows: int = BLOCK_ROWS,
     compute_dtype: torch.dtype = torch.float32,
     exact_rows: Tensor | None = None,
     exact_scores: Tensor | None = None,
@@ -266,7 +266,7 @@ def _rechunk(blocks: Iterator[Tensor], n: int, chunk_rows: int) -> Iterator[tupl
             pending_rows = len(merged) - len(chunk)
 
 
-def predict_scores(pool, predictor: Predictor, target_embeddings: Tensor | None = None, *, block_rows: int = 2048,
+def predict_scores(pool, predictor: Predictor, target_embeddings: Tensor | None = None, *, block_rows: int = BLOCK_ROWS,
                    compute_dtype: torch.dtype = torch.float32, exact_rows: Tensor | None = None,
                    exact_scores: Tensor | None = None, exact_columns: Tensor | None = None,
                    embedding_model: str | None = None) -> Tensor:
@@ -291,7 +291,7 @@ def stream_select(
     target_groups: Sequence[Hashable] | None = None,
     seed: int = 0,
     chunk_rows: int = 16384,
-    block_rows: int = 2048,
+    block_rows: int = BLOCK_ROWS,
     compute_dtype: torch.dtype = torch.float32,
     exact_rows: Tensor | None = None,
     exact_scores: Tensor | None = None,
@@ -330,40 +330,6 @@ def stream_select(
     return select_indices(chunks, budget, rule=rule, seed=seed, target_groups=target_groups, num_rows=n)
 
 
-def stream_candidates(
-    pool,
-    predictor: Predictor,
-    keep: int,
-    rule: str = "round_robin",
-    *,
-    target_embeddings: Tensor | None = None,
-    target_groups: Sequence[Hashable] | None = None,
-    chunk_rows: int = 16384,
-    block_rows: int = 2048,
-    compute_dtype: torch.dtype = torch.float32,
-    exact_rows: Tensor | None = None,
-    exact_scores: Tensor | None = None,
-    exact_columns: Tensor | None = None,
-    embedding_model: str | None = None,
-) -> Candidates:
-    """
-    One pass over the pool that keeps each key column's best `keep` rows (selection.Candidates), so that
-    several selections from these scores need no second pass: stream_candidates(..., keep).select(budget, seed)
-    == stream_select(..., budget, seed=seed) for every budget <= keep, and after `.replaced(rows, scores)` (some
-    rows' scores made exact) the selection stream_select would make with those rows among the exact ones, for
-    every budget <= keep - len(rows).
-
-    Arguments as in stream_select; keep: rows kept per key column (c = m targets, the number of tasks, or 1).
-    Memory: O(block_rows x (e + k) + chunk_rows x m + c x keep), independent of n.
-    """
-    if rule not in RULES:
-        raise SelectionError(f"stream_candidates supports the streaming rules {RULES}, got {rule!r}")
-    n, read, score_block, overrides = _prepare(pool, predictor, target_embeddings, chunk_rows, block_rows,
-                                               compute_dtype, exact_rows, exact_scores, exact_columns, embedding_model)
-    chunks = _rechunk(_blocks(n, read, score_block, block_rows, overrides), n, chunk_rows)
-    return top_candidates(chunks, min(keep, n), rule, target_groups, num_rows=n)
-
-
 @dataclass
 class ScoreStream:
     """Scores [n, m] left as a fitted predictor over the pool's embeddings (a VectorStore read in blocks, or a
@@ -377,15 +343,27 @@ class ScoreStream:
     chunk_rows: int = 16384
     target_embeddings: Tensor | None = None  # [m, e], for a pairwise InfluenceNetwork
     embedding_model: str | None = None  # the embeddings' encoder, checked against an InfluenceNetwork's
+    block_rows: int = BLOCK_ROWS  # rows per prediction block (the same blocks in select, candidates and scores)
     # What a pass over these very scores kept (a method that already streamed them, e.g. for a shortlist):
     # a selection it serves needs no new pass.
     retained: Candidates | None = None
 
     def candidates(self, keep: int, rule: str, target_groups=None) -> Candidates:
-        """One pass keeping each key column's best `keep` rows (streaming.stream_candidates)."""
-        return stream_candidates(self.embeddings, self.predictor, keep, rule, target_embeddings=self.target_embeddings,
-                                 target_groups=target_groups, chunk_rows=self.chunk_rows,
-                                 embedding_model=self.embedding_model, **self.exact)
+        """
+        One pass over the pool that keeps each key column's best `keep` rows (selection.Candidates; c = m targets,
+        the number of tasks, or 1), so that several selections need no second pass: candidates(keep).select(budget,
+        seed) == select(budget, rule, seed, ...) for every budget <= keep, and after `.replaced(rows, scores)` (some
+        rows' scores made exact) the selection a stream with those rows among its exact ones would make, for every
+        budget <= keep - len(rows). Memory: O(block x (e + k) + chunk_rows x m + c x keep), independent of n.
+        """
+        if rule not in RULES:
+            raise SelectionError(f"candidates supports the streaming rules {RULES}, got {rule!r}")
+        n, read, score_block, overrides = _prepare(
+            self.embeddings, self.predictor, self.target_embeddings, self.chunk_rows, self.block_rows, torch.float32,
+            self.exact.get("exact_rows"), self.exact.get("exact_scores"), self.exact.get("exact_columns"),
+            self.embedding_model)
+        chunks = _rechunk(_blocks(n, read, score_block, self.block_rows, overrides), n, self.chunk_rows)
+        return top_candidates(chunks, min(keep, n), rule, target_groups, num_rows=n)
 
     def select(self, budget: int, rule: str, seed: int, target_groups=None) -> Tensor:
         """stream_select: the rows select_indices(self.scores(), ...) would pick, in the same order."""
@@ -393,9 +371,9 @@ class ScoreStream:
             return self.retained.select(budget, seed)
         return stream_select(self.embeddings, self.predictor, budget, rule, target_embeddings=self.target_embeddings,
                              target_groups=target_groups, seed=seed, chunk_rows=self.chunk_rows,
-                             embedding_model=self.embedding_model, **self.exact)
+                             block_rows=self.block_rows, embedding_model=self.embedding_model, **self.exact)
 
     def scores(self) -> Tensor:
         """The whole [n, m] matrix (same blocks, same bits as `select`)."""
-        return predict_scores(self.embeddings, self.predictor, self.target_embeddings,
+        return predict_scores(self.embeddings, self.predictor, self.target_embeddings, block_rows=self.block_rows,
                               embedding_model=self.embedding_model, **self.exact)

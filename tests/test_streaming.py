@@ -12,7 +12,7 @@ from hf_influence.landmarks import LandmarkRegressor
 from hf_influence.network import InfluenceNetwork
 from hf_influence.selection import SelectionError, select_indices
 from hf_influence.store import IncompleteStoreError, StoreSpec, VectorStore
-from hf_influence.streaming import iter_scores, predict_scores, stream_candidates, stream_select
+from hf_influence.streaming import ScoreStream, iter_scores, predict_scores, stream_select
 
 N, DIM, LANDMARKS, TARGETS = 301, 12, 40, 6  # N is prime: no chunk or block size divides it
 GROUPS = ["b", "a", "b", "c", "a", "b"]  # one label per target column, deliberately unsorted
@@ -263,8 +263,9 @@ def test_one_pass_candidates_then_exact_rows_equal_a_second_pass(rule, dtype):
     generator = torch.Generator().manual_seed(4)
     first = torch.randn(len(landmarks), TARGETS, generator=generator, dtype=dtype)
     budget, size = 12, 30
-    candidates = stream_candidates(pool, predictor, budget + len(landmarks) + size, rule, target_groups=groups,
-                                   chunk_rows=7, block_rows=BLOCK, exact_rows=landmarks, exact_scores=first)
+    stream = ScoreStream(pool, predictor, {"exact_rows": landmarks, "exact_scores": first}, chunk_rows=7,
+                         block_rows=BLOCK)
+    candidates = stream.candidates(budget + len(landmarks) + size, rule, groups)
     shortlist = candidates.select(size, seed=2)
     assert torch.equal(shortlist, stream_select(pool, predictor, size, rule, target_groups=groups, seed=2,
                                                 block_rows=BLOCK, exact_rows=landmarks, exact_scores=first))
