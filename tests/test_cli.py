@@ -157,6 +157,7 @@ def test_demo_command_compares_with_random(tmp_path, tiny_model_folder, capsys):
     assert "Share of the selection from the target's domain" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_fit_network_push_and_predict(tmp_path, local_hub, capsys):
     from hf_influence.demo import demo_pool, demo_target
 
@@ -367,6 +368,7 @@ def test_model_init_kwargs_load_the_cli_model_beside_its_flags(tiny_model_folder
     assert loads[0][1]["attn_implementation"] == "eager" and loads[0][1]["device"] == "cpu"
 
 
+@pytest.mark.slow
 def test_the_console_script_exits_0_after_a_successful_command(tmp_path):
     """The installed `hf-influence` runs `sys.exit(main())`: main returns None, so a finished command exits 0
     without printing its result dict (it used to exit 1 with the report on stderr)."""

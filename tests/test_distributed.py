@@ -105,6 +105,7 @@ def reference(tmp_path_factory) -> Path:
     return root / "stores"
 
 
+@pytest.mark.slow
 def test_two_processes_write_the_single_process_store_and_select_the_same_rows(reference, tmp_path):
     check_ran(launch("accelerate", 2, tmp_path / "stores", tmp_path / "log", KINDS))
     for kind in KINDS:
@@ -125,6 +126,7 @@ def test_two_processes_write_the_single_process_store_and_select_the_same_rows(r
             assert len(set(chosen.tolist())) == 6
 
 
+@pytest.mark.slow
 def test_a_two_process_warm_up_takes_the_single_process_steps(tmp_path):
     """Under a launch the warm-up's Trainer runs DDP; split batches keep its rows and steps those of one process,
     so the state matches the single-process one to rounding (the all-reduce sums in another order), and every
@@ -145,6 +147,7 @@ def test_a_two_process_warm_up_takes_the_single_process_steps(tmp_path):
         torch.testing.assert_close(launched[name], single[name], rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.slow
 def test_killed_process_relaunched_with_other_process_counts_gives_the_same_store(reference, tmp_path):
     stores = tmp_path / "stores"
     gradients, jvp = (stores / "gradients", stores / "jvp_embeddings")
@@ -177,6 +180,7 @@ def test_killed_process_relaunched_with_other_process_counts_gives_the_same_stor
         assert store_files(stores / kind) == store_files(reference / kind), kind
 
 
+@pytest.mark.slow
 def test_a_refused_store_stops_every_process_with_a_clear_error(reference, tmp_path):
     """Process 0 finds a store made for another model revision: it raises the mismatch, process 1 says process 0
     failed, and neither waits for the other."""

@@ -129,6 +129,7 @@ def test_answer_metrics_score_the_answer_tokens_only():
 
 
 @pytest.mark.skipif(not (DATA_DIR / "pool.jsonl.gz").exists(), reason="needs ../shared/data")
+@pytest.mark.slow
 def test_fresh_rows_miss_every_row_the_earlier_benchmarks_loaders_read():
     import nn_cift
     import selection_quality
@@ -176,6 +177,7 @@ def _loader():
 REGISTRATION = {"commit": "test", "uncommitted_changes": False, "sha256": "a"}
 
 
+@pytest.mark.slow
 def test_benchmark_runs_every_method_resumes_and_refuses_other_settings(tmp_path, monkeypatch):
     data, settings = _tiny_setup()
     log = downstream.run_benchmark(data, settings, tmp_path / "full", _loader, REGISTRATION)

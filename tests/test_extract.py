@@ -69,6 +69,7 @@ def test_interrupted_gradient_extraction_resumes_byte_identical(tmp_path, monkey
     assert reference.manifest["config_hash"] == resumed.manifest["config_hash"]
 
 
+@pytest.mark.slow
 def test_killed_process_resumes_byte_identical(tmp_path):
     """A real SIGKILL in the middle of a run, then a resume in a fresh process."""
     script = textwrap.dedent("""

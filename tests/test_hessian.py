@@ -56,6 +56,7 @@ def _losses_with(model, parameters, batch):
 
 
 @pytest.mark.parametrize("target_weights", WEIGHTS)
+@pytest.mark.slow
 def test_exact_products_equal_the_full_hessian(target_weights):
     model, tracked, names, batches = _setup()
     model.eval()

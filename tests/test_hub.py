@@ -23,6 +23,7 @@ def _table(seed, n=6, m=3, method="influence_distillation"):
                                   landmark_mask=torch.arange(n) < 4, provenance=provenance)
 
 
+@pytest.mark.slow
 def test_push_and_load_score_tables_with_configs(local_hub):
     repo_id = f"{local_hub.user}/scores"
     gsm8k, mmlu = _table(0), _table(1, n=5, m=2, method="less")

@@ -194,6 +194,7 @@ def test_model_and_dataset_cards_roundtrip(local_hub):
     assert not local_hub.unhandled
 
 
+@pytest.mark.slow
 def test_dataset_push_to_hub_two_configs_and_load_dataset(local_hub):
     repo_id = f"{local_hub.user}/tiny-rows"
     chat = datasets.Dataset.from_dict({"prompt": ["What is 2+2?", "Say hi."], "answer": ["4", "hi"]})

@@ -49,6 +49,7 @@ def _select(pool, target, model, **options):
      ("warmup", 2, "exact", "uniform", "rbf"), ("gd", 2, "exact", "uniform", "rbf"),
      ("warmup", 2, "gauss_newton", "kmeans++", "rbf")],
 )
+@pytest.mark.slow
 def test_landmarks_equal_to_the_pool_reproduce_exact_influence(pool, target, model, optimizer_state, order, hessian,
                                                                landmark_selection, kernel):
     options = {"budget": 6, "optimizer_state": optimizer_state, "order": order, "step_size": 1e-3,
@@ -109,6 +110,7 @@ def test_fewer_landmarks_track_exact_influence_without_favouring_landmarks(targe
 
 @pytest.mark.parametrize(("rule", "landmark_scores"),
                          [("round_robin", "loo"), ("mean_top_k", "loo"), ("round_robin", "exact")])
+@pytest.mark.slow
 def test_the_shortlist_scores_the_rows_the_regression_ranks_highest_exactly(target, rule, landmark_scores):
     """Brute force: the shortlist is the rule's choice of shortlist_factor x budget rows from the run without a
     shortlist (landmarks ranked by leave-one-out, or exactly with landmark_scores="exact"); those rows then carry
@@ -374,6 +376,7 @@ def test_users_models_are_left_as_they_were(pool, target):
     assert not any("lora" in name for name, _ in base.named_modules())
 
 
+@pytest.mark.slow
 def test_a_peft_lora_config_is_accepted_as_trl_spells_it(pool, target):
     """peft_config=LoraConfig(...) (TRL's spelling, also in configs=[...]) gives a base model exactly the adapter of
     the equivalent flat options, other LoraConfig arguments included (rsLoRA changes the scores, so it is used)."""
@@ -454,6 +457,7 @@ def test_work_dir_makes_a_rerun_reuse_its_stores(pool, target, model, tmp_path):
 
 
 @pytest.mark.parametrize("method", ["influence_distillation", "influence_distillation_exact"])
+@pytest.mark.slow
 def test_an_order_2_rerun_reads_its_hessian_products_back(pool, target, model, tmp_path, monkeypatch, method):
     """The target-Hessian products, order 2's dominant cost, are kept in work_dir: a rerun reads them (no
     Hessian-vector product at all) and scores the same; the store is what a fresh computation gives."""
@@ -642,6 +646,7 @@ def _decayed_adamw(model, with_scheduler: bool):
     return optimizer
 
 
+@pytest.mark.slow
 def test_second_order_with_a_decayed_learning_rate_uses_half_the_initial_rate(pool, target, caplog):
     network, tokenizer = lora_model(seed=0)
     optimizer = _decayed_adamw(network, with_scheduler=True)

@@ -32,6 +32,7 @@ def _holding_process(work_dir: Path, then: str) -> subprocess.Popen:
     return process
 
 
+@pytest.mark.slow
 def test_a_held_work_dir_is_refused_naming_its_holder(tmp_path):
     holder = _holding_process(tmp_path, "wait")
     try:
@@ -46,6 +47,7 @@ def test_a_held_work_dir_is_refused_naming_its_holder(tmp_path):
         assert json.loads((tmp_path / HOLDER_FILE).read_text())["pid"] != holder.pid
 
 
+@pytest.mark.slow
 def test_the_lock_of_a_process_that_died_is_taken_over(tmp_path):
     dead = _holding_process(tmp_path, "exit")
     dead.wait()
@@ -64,6 +66,7 @@ def _files(folder: Path) -> dict[str, bytes]:
             if path.is_file() and path.name not in LOCK_FILES}
 
 
+@pytest.mark.slow
 def test_two_runs_racing_on_one_work_dir_leave_what_a_solo_run_leaves(tmp_path):
     shared = tmp_path / "shared"
     # The first run pauses inside the lock (in its warm-up) until the second one has been refused.

@@ -79,6 +79,7 @@ def test_streams_exactly_when_declared_and_selects_the_same_rows(rows, method, m
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.slow
 def test_does_what_it_declares_and_refuses_the_rest(rows, method):
     """Weighted selection and order 2 work exactly for the methods registered with robust weights and a
     second-order term, and are refused, before any model pass, for the others."""

@@ -111,6 +111,7 @@ def test_parameter_counts_match_the_paper():
     assert sum(p.numel() for p in InfluenceNetwork(embedding_dim=1024).parameters()) == 205_001
 
 
+@pytest.mark.slow
 def test_interaction_term_is_the_bilinear_form_and_learns_a_cosine():
     generator = torch.Generator().manual_seed(0)
     pool, target = _embeddings(300, 8, generator), _embeddings(60, 8, generator)

@@ -36,6 +36,7 @@ def distilled(rows):
     return nn_cift(pool, target, config, show_progress=False)
 
 
+@pytest.mark.slow
 def test_block_keeps_the_oracle_values_and_the_rest_is_predicted(rows, distilled):
     pool, target = rows
     assert distilled.scores.shape == (len(pool), len(target))
@@ -47,6 +48,7 @@ def test_block_keeps_the_oracle_values_and_the_rest_is_predicted(rows, distilled
     assert set(distilled.seconds) == {"embed", "oracle", "fit", "predict", "evaluation"}
 
 
+@pytest.mark.slow
 def test_column_normalised_network_keeps_the_block_in_standard_units(rows):
     from hf_influence.network import standardize_columns
 
@@ -80,6 +82,7 @@ def test_network_learns_the_embedding_oracle(distilled):
     assert torch.equal(labels[seen_rows:, seen_columns:].flatten(), true)
 
 
+@pytest.mark.slow
 def test_work_dir_keeps_the_sentence_embeddings(rows, tmp_path):
     pool, target = rows
     config = NNCIFTConfig(oracle="delift_se", block_fraction=0.4, min_block_rows=8, network_epochs=5)
@@ -109,6 +112,7 @@ def test_block_indices_are_seeded_and_bounded():
     assert len(block_indices(30, 1, config)[0]) == 10
 
 
+@pytest.mark.slow
 def test_select_by_influence_with_nn_cift(rows):
     pool, target = rows
     model, tokenizer = lora_model(seed=0)
@@ -124,6 +128,7 @@ def test_select_by_influence_with_nn_cift(rows):
 
 @pytest.mark.parametrize("oracle, rule", [("delift_se", "facility_location"), ("selectit", "mean_top_k"),
                                           ("less", "less"), ("influence_distillation_exact", "round_robin")])
+@pytest.mark.slow
 def test_each_oracle_selects_by_its_papers_rule(rows, oracle, rule):
     from hf_influence.methods.nn_cift import nn_cift_rule
     from hf_influence.options import split_options
@@ -143,6 +148,7 @@ def test_each_oracle_selects_by_its_papers_rule(rows, oracle, rule):
     assert selected["id"] == pool.select(facility_location(scores, 6).tolist())["id"]
 
 
+@pytest.mark.slow
 def test_unseen_only_selection_leaves_the_block_rows_out(rows):
     pool, target = rows
     model, tokenizer = lora_model(seed=0)
@@ -166,6 +172,7 @@ def test_unseen_only_selection_leaves_the_block_rows_out(rows):
 
 
 @pytest.mark.parametrize("oracle", ["delift_se", "selectit"])  # pairwise and pointwise networks
+@pytest.mark.slow
 def test_streamed_nn_cift_selection_equals_the_score_table_selection(rows, monkeypatch, oracle):
     """Without return_scores, method="nn_cift" predicts chunk by chunk while selecting (the oracle block keeps
     its values): the same rows in the same order as the [n, m] table path, which is never built."""
@@ -230,6 +237,7 @@ def test_score_table_of_a_result(rows, distilled):
     assert table.provenance["oracle"] == "delift_se" and table.provenance["details"] == {"note": 1}
 
 
+@pytest.mark.slow
 def test_a_method_oracle_warms_up_once_on_the_whole_pool(rows):
     """With the warm-up on the whole pool (MethodOracle.prepare), the block is the full-pool run's scores on the
     block's rows and columns: the same warm-up slice and optimizer state, not one warm-up per block."""
@@ -251,6 +259,7 @@ def test_a_method_oracle_warms_up_once_on_the_whole_pool(rows):
     torch.testing.assert_close(again, full)
 
 
+@pytest.mark.slow
 def test_artifacts_push_and_load_through_their_own_methods(local_hub, rows, distilled):
     from hf_influence import ScoreTable
 

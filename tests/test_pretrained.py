@@ -44,6 +44,7 @@ def no_oracle(monkeypatch):
     monkeypatch.setattr(Oracle, "compute_block", refuse)
 
 
+@pytest.mark.slow
 def test_pull_from_the_hub_and_select_from_a_new_pool_and_new_targets(local_hub, fitted, no_oracle, caplog):
     repo_id = f"{local_hub.user}/nn-cift-delift-se"
     push_influence_network(fitted.network, repo_id, training={"block_rows": 32, "block_columns": 5,

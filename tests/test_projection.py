@@ -155,6 +155,7 @@ def child_outputs(tmp_path_factory):
 
 
 @pytest.mark.parametrize("kind", RANDOM_KINDS)
+@pytest.mark.slow
 def test_bit_identical_across_processes(kind, child_outputs):
     (x, delta, acts), out = child_outputs
     assert torch.equal(_build(kind, seed=11)(x), out[kind])

@@ -72,6 +72,7 @@ def offline_world(tmp_path, monkeypatch):
         hub.stop()
 
 
+@pytest.mark.slow
 def test_every_readme_snippet_runs_as_written(offline_world, capsys):
     namespace: dict = {}
     for index, snippet in enumerate(readme_snippets()):

@@ -204,6 +204,7 @@ def _target_file_flags(task: str, folder: Path) -> list[str]:
 
 @needs_data
 @pytest.mark.parametrize("task", TASKS)
+@pytest.mark.slow
 def test_train_recipe_runs_offline(task, tiny_model_folder, short_pool, tmp_path):
     # gsm8k also trains with the recipes' assistant-only loss (TRL's Qwen2.5 training template).
     loss_flags = ["--assistant_only_loss", "true"] if task == "gsm8k" else []
@@ -237,6 +238,7 @@ def _card_provenance(output: Path) -> dict:
 
 
 @needs_data
+@pytest.mark.slow
 def test_train_recipe_under_accelerate_launch_selects_as_one_process(tiny_model_folder, short_pool, tmp_path):
     flags = ["--targets", "bbh", "--offline", "--pool", short_pool]
     extra = ["--", "--model", tiny_model_folder, "--pool_sample", "32", "--disable_tqdm", "true"]
@@ -259,6 +261,7 @@ def test_train_recipe_under_accelerate_launch_selects_as_one_process(tiny_model_
 
 
 @needs_data
+@pytest.mark.slow
 def test_network_recipe_fits_and_pushes(local_hub, tmp_path):
     repo_id = f"{local_hub.user}/tulu-v2-id"
     reports = run.main(["--targets", "gsm8k", "--offline", "--network", "--repo_id", repo_id,
@@ -291,6 +294,7 @@ def test_network_recipe_fits_and_pushes(local_hub, tmp_path):
 
 
 @needs_data
+@pytest.mark.slow
 def test_pretrained_network_recipe_serves_new_pools_and_targets(local_hub, tmp_path, monkeypatch):
     from hf_influence import load_target, select_with_network
     from hf_influence.oracles import Oracle

@@ -224,6 +224,7 @@ def test_data_is_flushed_before_done_flags_are_set(tmp_path, monkeypatch):
     assert flushes == [("shard-00000.npy", 0), ("shard-00001.npy", 0), ("row_digests.npy", 0), ("done.npy", 4)]
 
 
+@pytest.mark.slow
 def test_resume_after_kill_9_is_byte_identical(tmp_path):
     spec = make_spec(num_rows=2000, dim=64, shard_rows=128, config={"big": True})
     build_reference(tmp_path / "ref", spec, row_ids=None)
@@ -242,6 +243,7 @@ def test_resume_after_kill_9_is_byte_identical(tmp_path):
     assert dir_bytes(tmp_path / "s") == dir_bytes(tmp_path / "ref")
 
 
+@pytest.mark.slow
 def test_two_processes_write_disjoint_rows(tmp_path):
     build_reference(tmp_path / "ref", make_spec())
     store = VectorStore.create_or_open(tmp_path / "s", make_spec(), row_ids=ROW_IDS)  # rank 0

@@ -79,6 +79,7 @@ def test_held_out_rows_never_overlap_the_target_rows():
         load_target("bbh", data_dir=DATA_DIR, held_out=True)
 
 
+@pytest.mark.slow
 def test_bbh_from_the_hub_gathers_every_subtask_config(local_hub, monkeypatch):
     import dataclasses
 

@@ -145,12 +145,14 @@ def _adamw_without_momentum(params):
     ("name", "make_optimizer", "warmup_steps", "lr"),
     [("gd", _sgd, 0, 1e-3), ("adamw", _adamw, 200, 1e-5), ("adamw_beta1_0", _adamw_without_momentum, 200, 1e-5)],
 )
+@pytest.mark.slow
 def test_first_order_prediction_matches_a_small_real_step(name, make_optimizer, warmup_steps, lr):
     report = _report(name, make_optimizer, warmup_steps, lr)
     assert report["corr_first"] > 0.99
     assert report["error_first"] < 0.05 * report["spread"]
 
 
+@pytest.mark.slow
 def test_second_order_improves_a_large_gd_step():
     report = _report("gd", _sgd, 0, 1.0)
     assert report["corr_second"] > report["corr_first"] + 0.05
@@ -158,6 +160,7 @@ def test_second_order_improves_a_large_gd_step():
     assert report["corr_second"] > 0.95
 
 
+@pytest.mark.slow
 def test_second_order_improves_the_ranking_of_a_large_adamw_step():
     # Frozen second moment: the real step also updates v with the (weighted) gradient squared, which shrinks the
     # largest coordinates' steps, so the quadratic term overshoots in size; the ranking of weight vectors is what

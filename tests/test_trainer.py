@@ -294,6 +294,7 @@ class Snapshots(TrainerCallback):
 
 
 @pytest.mark.parametrize("with_work_dir", [False, True])
+@pytest.mark.slow
 def test_online_reselects_at_the_stated_steps_from_the_current_model_and_optimizer(tmp_path, pool, target,
                                                                                     with_work_dir):
     model, tokenizer = tiny_causal_lm(seed=0)
@@ -327,6 +328,7 @@ def test_online_reselects_at_the_stated_steps_from_the_current_model_and_optimiz
 
 
 @pytest.mark.parametrize("source", ["object", "hub"])
+@pytest.mark.slow
 def test_weights_from_a_score_table_are_rescaled_to_mean_one_and_reach_the_batches(tmp_path, pool, source, request):
     model, tokenizer = tiny_causal_lm(seed=0)
     raw = torch.rand(len(pool), generator=torch.Generator().manual_seed(5))
@@ -443,6 +445,7 @@ def test_clear_errors(tmp_path, overrides, make, error, match):
         InfluenceSFTTrainer(model, args=args, train_dataset=pool, **kwargs)
 
 
+@pytest.mark.slow
 def test_two_processes_select_the_same_rows_and_take_the_weighted_step_of_all_their_samples(tmp_path, pool, target):
     """torchrun, 2 CPU processes (gloo, DDP): this file is the worker (see the end of the file)."""
     with socket.socket() as sock:

@@ -136,6 +136,7 @@ def test_same_seed_reproduces_and_other_seed_changes_slice(pool):
     assert other.row_ids != first.row_ids
 
 
+@pytest.mark.slow
 def test_cache_dir_gives_back_the_same_weights_and_state(pool, tmp_path, monkeypatch):
     import importlib
 
