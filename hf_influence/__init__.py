@@ -26,7 +26,7 @@ from .optimizers import AffineStep, OptimizerStateError, affine_step
 from .options import SelectionConfig
 from .projection import make_projector
 from .rds_embeddings import cosine_scores, lm_pooled_embeddings
-from .registry import METHODS, register_method
+from .registry import METHODS, ORACLES, register_method, register_oracle
 from .robust_weighting import robust_weights
 from .scores import ScoreTable, ScoreTableError
 from .selection import SelectionError, resolve_budget, select_indices, weighted_sample
@@ -42,6 +42,7 @@ __version__ = "0.5.0"
 __all__ = [
     "DEFAULT_MODEL",
     "METHODS",
+    "ORACLES",
     "TARGET_TASKS",
     "AffineStep",
     "FormattedDataset",
@@ -100,6 +101,7 @@ __all__ = [
     "push_influence_network",
     "push_score_table",
     "register_method",
+    "register_oracle",
     "resolve_budget",
     "robust_weights",
     "select_by_influence",
