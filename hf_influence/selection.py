@@ -37,7 +37,6 @@ from torch import Tensor
 from .errors import HFInfluenceError
 
 
-
 @dataclass(frozen=True)
 class Rule:
     """What a selection rule reads and how it runs (RULE_TABLE; choose_rows dispatches on it)."""

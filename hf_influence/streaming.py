@@ -211,9 +211,16 @@ def iter_scores(
     embedding_model: encoder id of the embeddings, checked against an InfluenceNetwork's.
     Memory: O(block_rows x (e + k) + (chunk_rows + block_rows) x m); nothing of size n.
     """
+    return _scored_chunks(pool, predictor, target_embeddings, chunk_rows, block_rows, compute_dtype, exact_rows,
+                          exact_scores, exact_columns, embedding_model)[1]
+
+
+def _scored_chunks(pool, predictor, target_embeddings, chunk_rows, block_rows, compute_dtype, exact_rows, exact_scores,
+                   exact_columns, embedding_model) -> tuple[int, Iterator[tuple[int, Tensor]]]:
+    """(n, the iter_scores stream): every argument is checked now, the pool is read as the stream is consumed."""
     n, read, score_block, overrides = _prepare(pool, predictor, target_embeddings, chunk_rows, block_rows,
                                                compute_dtype, exact_rows, exact_scores, exact_columns, embedding_model)
-    return _rechunk(_blocks(n, read, score_block, block_rows, overrides), n, chunk_rows)
+    return n, _rechunk(_blocks(n, read, score_block, block_rows, overrides), n, chunk_rows)
 
 
 def _prepare(pool, predictor, target_embeddings, chunk_rows, block_rows, compute_dtype, exact_rows, exact_scores,
@@ -324,9 +331,8 @@ def stream_select(
         raise SelectionError(f"stream_select supports the streaming rules {RULES}, got {rule!r}"
                              + (" (facility_location needs the whole score matrix: use select_indices)"
                                 if rule == "facility_location" else ""))
-    n, read, score_block, overrides = _prepare(pool, predictor, target_embeddings, chunk_rows, block_rows,
-                                               compute_dtype, exact_rows, exact_scores, exact_columns, embedding_model)
-    chunks = _rechunk(_blocks(n, read, score_block, block_rows, overrides), n, chunk_rows)
+    n, chunks = _scored_chunks(pool, predictor, target_embeddings, chunk_rows, block_rows, compute_dtype, exact_rows,
+                               exact_scores, exact_columns, embedding_model)
     return select_indices(chunks, budget, rule=rule, seed=seed, target_groups=target_groups, num_rows=n)
 
 
@@ -358,11 +364,10 @@ class ScoreStream:
         """
         if rule not in RULES:
             raise SelectionError(f"candidates supports the streaming rules {RULES}, got {rule!r}")
-        n, read, score_block, overrides = _prepare(
-            self.embeddings, self.predictor, self.target_embeddings, self.chunk_rows, self.block_rows, torch.float32,
-            self.exact.get("exact_rows"), self.exact.get("exact_scores"), self.exact.get("exact_columns"),
-            self.embedding_model)
-        chunks = _rechunk(_blocks(n, read, score_block, self.block_rows, overrides), n, self.chunk_rows)
+        n, chunks = _scored_chunks(self.embeddings, self.predictor, self.target_embeddings, self.chunk_rows,
+                                   self.block_rows, torch.float32, self.exact.get("exact_rows"),
+                                   self.exact.get("exact_scores"), self.exact.get("exact_columns"),
+                                   self.embedding_model)
         return top_candidates(chunks, min(keep, n), rule, target_groups, num_rows=n)
 
     def select(self, budget: int, rule: str, seed: int, target_groups=None) -> Tensor:
