@@ -53,8 +53,9 @@ from safetensors.torch import load_file
 
 from hf_influence.data import load_rows
 from hf_influence.landmarks import LandmarkRegressor, concatenate_scaled, select_landmarks
+from hf_influence.registry import METHODS
 from hf_influence.methods.influence_distillation import exact_gradient_plan, landmark_diagnostics
-from hf_influence.options import SelectionConfig
+from hf_influence.methods.influence_distillation_config import InfluenceDistillationConfig
 from hf_influence.selection import select_indices
 from hf_influence.store import VectorStore
 
@@ -64,7 +65,7 @@ FEATURES = ("jvp", "jvp_reference", "jvp_response_mean", "jvp8", "lm", "minilm",
             *PROXY_GRADIENTS, *(f"{name}@scores" for name in PROXY_GRADIENTS))
 # "NAME@scores": the proxy gradients' inner products with the target rows' proxy gradients ([n, m], one column per
 # target row), a "proxy influence" the regression then maps to exact influence; "NAME": the proxy vectors themselves.
-# Feature names as SelectionConfig.landmark_features spells them ("lm": the RDS+ embeddings, cached as rds_*).
+# Feature names as InfluenceDistillationConfig.landmark_features spells them ("lm": the RDS+ embeddings, cached as rds_*).
 CACHE_NAMES = {"lm": "rds"}
 LANDMARK_COUNTS = (32, 64, 128, 256, 512)
 BOUNDS = (0.10, 0.14, 0.25)  # exact_gradient_fraction values evaluated (0.14: the library's default)
@@ -240,7 +241,7 @@ def bounded_name(features: str, fraction: float, budget: float, scores: str) -> 
 
 def bounded_options(lab: Lab, features: str, fraction: float, budget: float, scores: str) -> dict:
     """`evaluate` options of the library's cost-bounded path: landmarks and shortlist from exact_gradient_plan."""
-    config = SelectionConfig(exact_gradient_fraction=fraction, landmark_scores=scores)
+    config = InfluenceDistillationConfig(exact_gradient_fraction=fraction, landmark_scores=scores)
     plan = exact_gradient_plan(config, lab.n, max(1, round(budget * lab.n)))
     return {"features": features, "k": plan.landmarks, "shortlist": plan.shortlist, "landmark_scores": scores,
             "bandwidth": config.kernel_bandwidth, "ridge": config.kernel_ridge}
@@ -517,8 +518,8 @@ def main() -> int:
             summary["configs"] = {**{name: result for name, result in earlier["configs"].items()
                                      if name not in configs}, **configs}
             summary["ceilings"] = {**earlier.get("ceilings", {}), **summary["ceilings"]}
-    default = SelectionConfig()
-    rule = default.selection or "round_robin"
+    default = InfluenceDistillationConfig()
+    rule = METHODS["influence_distillation"].default_selection
     summary["budgets"] = []
     for budget in BUDGETS:
         name = bounded_name(default.landmark_features, default.exact_gradient_fraction, budget, default.landmark_scores)

@@ -57,7 +57,7 @@ from machine_info import cpu_model
 from hf_influence.landmarks import LandmarkRegressor, select_landmarks
 from hf_influence.methods.influence_distillation import ONE_PASS_MAX_CANDIDATES, ExactGradientPlan, exact_gradient_plan
 from hf_influence.methods.stores import store_scores
-from hf_influence.options import SelectionConfig
+from hf_influence.methods.influence_distillation_config import InfluenceDistillationConfig
 from hf_influence.selection import key_columns
 from hf_influence.store import StoreSpec, VectorStore, atomic_write_json
 from hf_influence.streaming import ScoreStream, predict_scores, stream_select
@@ -173,8 +173,9 @@ def measure(args: argparse.Namespace, rows: int, mode: str, store_path: str | No
     baseline = sampler.read()
     budget = max(1, round(args.budget * rows))
     if args.path == "default":
-        plan = exact_gradient_plan(SelectionConfig(num_landmarks=args.landmarks,
-                                                   exact_gradient_fraction=args.exact_fraction), rows, budget)
+        plan = exact_gradient_plan(InfluenceDistillationConfig(num_landmarks=args.landmarks,
+                                                               exact_gradient_fraction=args.exact_fraction), rows,
+                                   budget)
     else:
         plan = ExactGradientPlan(min(args.landmarks, rows), 0, None)
     landmarks = select_landmarks(rows, plan.landmarks, seed=args.seed)
@@ -323,7 +324,7 @@ def main() -> None:
     model.add_argument("--seed", type=int, default=0)
     model.add_argument("--path", choices=("default", "regression"), default="default",
                        help="the library's default path (cost-bounded shortlist) or the regression alone")
-    model.add_argument("--exact-fraction", type=float, default=SelectionConfig.exact_gradient_fraction,
+    model.add_argument("--exact-fraction", type=float, default=InfluenceDistillationConfig.exact_gradient_fraction,
                        help="exact_gradient_fraction of the default path")
     model.add_argument("--gradient-dim", type=int, default=8192, help="gradient dimension (the default projection)")
     model.add_argument("--gradient-store-dir", default=os.path.join(tempfile.gettempdir(), "hf_influence_scale"))

@@ -15,6 +15,7 @@ from .hub import load_score_table, push_influence_network, push_score_table
 from .influence import register_dataset_method, select_by_influence
 from .jvp import JVPConfig, JVPEmbedder
 from .landmarks import LandmarkRegressor, select_landmarks
+from .methods.influence_distillation_config import InfluenceDistillationConfig, InfluenceDistillationExactConfig
 from .model_passes import target_loss
 from .models import DEFAULT_MODEL, LoraSettings, add_lora, load_model
 from .network import InfluenceNetwork
@@ -65,6 +66,8 @@ __all__ = [
     "ScoreTable",
     "ScoreTableError",
     "SelectionConfig",
+    "InfluenceDistillationConfig",
+    "InfluenceDistillationExactConfig",
     "SelectionError",
     "StoreMismatchError",
     "StoreSpec",

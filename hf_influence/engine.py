@@ -26,7 +26,7 @@ from .formatting import FormattingConfig, format_dataset
 from .locks import work_dir_lock
 from .models import (DEFAULT_MODEL, LoraSettings, add_lora, load_model, memoized_weights_digests, model_identity,
                      torch_dtype, weights_digest)
-from .options import NNCIFTConfig, SelectionConfig, split_options
+from .options import SelectionConfig, split_options
 from .registry import METHODS, MethodSpec
 from .scores import ScoreTable, provenance_record, rows_digest
 from .selection import SelectionError, choose_rows
@@ -60,7 +60,13 @@ class Context:
 
     @property
     def config(self) -> SelectionConfig:
+        """The options every method shares."""
         return self.configs[SelectionConfig]
+
+    @property
+    def method_config(self) -> Any:
+        """The method's own options (its registered config_cls, e.g. InfluenceDistillationConfig)."""
+        return self.configs[METHODS[self.config.method].config_cls]
 
     @property
     def show_progress(self) -> bool:
@@ -315,12 +321,6 @@ def compute(pool: Dataset, target, model, tokenizer, optimizer, configs: dict, b
         logger.warning("%d pool rows repeat an earlier row's %s (the first: row %d repeats row %d); a repeated row "
                        "can be selected more than once.", found["repeated_rows"], kind, found["first"][1],
                        found["first"][0])
-    if config.order == 2 and not spec.has_second_order(configs):
-        oracle = (f" with oracle {configs[NNCIFTConfig].oracle!r}"
-                  if config.method == "nn_cift" and NNCIFTConfig in configs else "")
-        raise ValueError(f"order=2 needs a method with a second-order term "
-                         f"({sorted(name for name, s in METHODS.items() if s.second_order)}; nn_cift through an "
-                         f"Influence Distillation oracle); method {config.method!r}{oracle} has none.")
     # The passes run in eval mode; the caller's model gets its own train/eval flags back, module by module.
     modes = [(module, module.training) for module in model.modules()] if isinstance(model, nn.Module) else []
     if spec.needs_model:

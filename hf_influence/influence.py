@@ -3,10 +3,11 @@
     subset = select_by_influence(pool, target, model="HuggingFaceTB/SmolLM2-135M-Instruct", budget=0.05)
 
 Every method turns (pool, target) into a score matrix [pool rows, target rows] (or per-row weights), and
-one selection rule (`selection.py`) turns that into pool rows. Options are the fields of the config
+one selection rule (`selection.py`) turns that into pool rows. Options are the fields of the shared config
 dataclasses (`SelectionConfig`, `FormattingConfig`, `GradientConfig`, `JVPConfig`, `WarmupConfig`,
-`LoraSettings`); their names are unique, so `select_by_influence(..., num_landmarks=512, projection_dim=4096)`
-routes each keyword to its dataclass.
+`LoraSettings`) and of the method's own (e.g. `InfluenceDistillationConfig`, `NNCIFTConfig`); their names are
+unique, so `select_by_influence(..., num_landmarks=512, projection_dim=4096)` routes each keyword to its
+dataclass, and an option of a method the run does not use is refused by name.
 
 Influence Distillation (docs/algorithms.md): warm-up (AdamW optimizer state) -> JVP embeddings of the whole
 pool -> exact LoRA gradients of k landmarks and of the targets -> P_L = G_L G_T^T -> kernel ridge
@@ -66,9 +67,10 @@ def select_by_influence(
         return_scores: also return the ScoreTable (scores of every pool row for every target).
         configs: config dataclass instances (e.g. [SelectionConfig(method="less"), GradientConfig(...)]) as the
             defaults; keyword options override their fields.
-        **options: fields of SelectionConfig, FormattingConfig, GradientConfig, JVPConfig, WarmupConfig and
-            LoraSettings (e.g. num_landmarks=1024, order=2, max_length=2048); `peft_config=LoraConfig(...)` gives
-            the adapter as TRL does (its settings become LoraSettings).
+        **options: fields of SelectionConfig, FormattingConfig, GradientConfig, JVPConfig, WarmupConfig,
+            LoraSettings and of the method's own config (`METHODS[method].config_cls`: num_landmarks=1024 and
+            order=2 are InfluenceDistillationConfig's); `peft_config=LoraConfig(...)` gives the adapter as TRL
+            does (its settings become LoraSettings).
 
     Returns:
         `pool.select(indices)`: the selected rows with all pool columns, in selection order (the order the
@@ -77,7 +79,8 @@ def select_by_influence(
     Raises:
         SelectionError: empty pool/target, budget larger than the usable pool, bad scores.
         FormattingError: missing columns, unknown chat format, a tokenizer without a chat template.
-        ValueError: a target row with no label token (the message names it), or bad options.
+        ValueError: a target row with no label token (the message names it), or bad option values.
+        TypeError: an unknown option (with its close matches) or another method's (naming that method).
     """
     if method is not None:
         options["method"] = method

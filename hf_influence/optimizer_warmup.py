@@ -49,7 +49,8 @@ _NO_DECAY_PATTERNS = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)"
 
 @dataclass
 class WarmupConfig:
-    """The warm-up training run (LoRA, AdamW) whose optimizer state preconditions influence scores.
+    """Where the optimizer state that preconditions influence scores comes from when no optimizer is passed: the
+    warm-up training run (LoRA, AdamW) and its settings, or none (plain gradient descent).
 
     Each field's help is in its metadata (TRL's convention: `--help` shows it).
     """
@@ -57,6 +58,11 @@ class WarmupConfig:
     # HfArgumentParser shows this class's fields as one group of the --help.
     _argument_group_name = "warm-up (WarmupConfig)"
 
+    optimizer_state: str = field(
+        default="warmup",
+        metadata={"help": 'where the Adam state comes from when no optimizer object is passed: "warmup" (a short '
+                          'LoRA AdamW run on a slice of the pool, the warmup_* options) or "gd" (plain gradient '
+                          "descent, no preconditioning, no warm-up)."})
     warmup_fraction: float = field(
         default=0.05,
         metadata={"help": "share of the pool trained on during warm-up, in (0, 1] (LESS uses 0.05)."})
@@ -95,6 +101,8 @@ class WarmupConfig:
         def fail(name: str, requirement: str) -> None:
             raise ValueError(f"WarmupConfig.{name} must be {requirement}, got {getattr(self, name)!r}.")
 
+        if self.optimizer_state not in ("warmup", "gd"):
+            fail("optimizer_state", "one of ['warmup', 'gd']")
         if not is_number(self.warmup_fraction) or not 0 < self.warmup_fraction <= 1:
             fail("warmup_fraction", "in (0, 1]")
         if self.warmup_max_rows is not None and (not is_int(self.warmup_max_rows) or self.warmup_max_rows < 1):
@@ -269,7 +277,9 @@ def _cache_identity(model: nn.Module, dataset: Dataset, config: WarmupConfig) ->
     from .models import adapter_digest, model_identity, weights_digest
     from .store import fingerprint_dataset
 
-    settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "warmup_show_progress"}
+    # Neither changes the warm-up's result (optimizer_state="gd" runs none).
+    settings = {k: v for k, v in dataclasses.asdict(config).items()
+                if k not in ("warmup_show_progress", "optimizer_state")}
     return {"format": 1, "rows": fingerprint_dataset(dataset), "config": settings,
             "model": list(model_identity(model)), "weights": weights_digest(model),
             "initial_adapter": adapter_digest(model)}

@@ -1,11 +1,13 @@
-"""The options of a selection run, each defined once: SelectionConfig and NNCIFTConfig here, the other
-config dataclasses beside the stage they configure. `split_options` routes flat keyword options (their names
-are unique across CONFIG_TYPES) to their dataclass."""
+"""The options of a selection run, each defined once: SelectionConfig (what every method shares) and
+NNCIFTConfig here, the stage configs beside the stage they configure (SHARED_CONFIG_TYPES), and each method's
+own options in the config class it registers with (`register_method(config_cls=...)`, PEFT's pattern).
+`split_options` routes flat keyword options (their names are unique across `config_types()`) to the run's
+dataclasses, and refuses by name an option of a method the run does not use."""
 
 from __future__ import annotations
 
 import dataclasses
-import math
+import difflib
 import warnings
 from dataclasses import dataclass, field
 from collections.abc import Iterable
@@ -14,20 +16,19 @@ from typing import Any
 from .encoders import DEFAULT_ENCODER
 from .formatting import FormattingConfig
 from .gradients import GradientConfig
-from .hessian import HESSIAN_KINDS
 from .jvp import JVPConfig
 from .models import LoraSettings, kwargs_option, torch_dtype
 from .optimizer_warmup import WarmupConfig
 from .registry import METHODS, ORACLES
 from .selection import RULE_TABLE
-from .validation import check_fields, is_int, is_number
-
-LANDMARK_FEATURES = ("jvp", "lm", "jvp+lm", "truncated_gradient")
+from .validation import check_fields
 
 
 @dataclass
 class SelectionConfig:
-    """How `select_by_influence` scores and selects.
+    """The options of a `select_by_influence` run that every method shares: which method, which rule, the seed,
+    how a model id loads, the work_dir and its stores, chunking and progress. A method's own options are in the
+    config class it registers with (`METHODS[name].config_cls`, e.g. InfluenceDistillationConfig).
 
     Each field's help is in its metadata (TRL's convention: `--help` shows it).
     """
@@ -52,74 +53,6 @@ class SelectionConfig:
         default=None,
         metadata={"help": "target column naming each row's task (for \"round_robin_task\" and \"less\"); None uses "
                           '"task" when the target has it, else every target row is its own task.'})
-    optimizer_state: str = field(
-        default="warmup",
-        metadata={"help": 'where the Adam state comes from when no optimizer object is passed: "warmup" (a short '
-                          'LoRA AdamW run on a slice of the pool) or "gd" (plain gradient descent, no '
-                          "preconditioning)."})
-    num_landmarks: int = field(
-        default=4096,
-        metadata={"help": "landmark rows with exact gradients (capped at the pool size)."})
-    landmark_selection: str = field(
-        default="uniform",
-        metadata={"help": '"uniform" (seeded random) or "kmeans++" on the regression features.'})
-    landmark_features: str = field(
-        default="jvp",
-        metadata={"help": 'what the kernel regression reads for every pool row: "jvp" (JVP embeddings, '
-                          "JVPConfig), \"lm\" (the base model's RDS+ embeddings: position-weighted mean of the last"
-                          ' hidden state, one forward pass of the whole model), "jvp+lm" (both, each scaled by'
-                          " its median pairwise distance so that both weigh the same in the kernel; held in "
-                          'memory, [n, e_jvp + hidden]) or "truncated_gradient" (the run\'s per-sample gradient, '
-                          "preconditioned and projected, of the model cut after JVPConfig.num_blocks blocks: the "
-                          "same truncated model as the JVP features, a backward pass instead of a forward-mode one)."})
-    landmark_scores: str = field(
-        default="loo",
-        metadata={"help": 'what landmark rows are ranked by when there are fewer landmarks than pool rows: "loo" '
-                          "(their leave-one-out predictions, made from the other landmarks: every row is then an "
-                          'out-of-sample prediction on the same footing) or "exact" (their exact influence, which'
-                          " beats the ridge-shrunk predictions of the other rows and fills round-robin selections"
-                          " with landmarks). With landmarks = the whole pool both give exact influence."})
-    shortlist_factor: float | None = field(
-        default=None,
-        metadata={"help": "first-order landmark runs with a budget: the regression shortlists the shortlist_factor x"
-                          " budget rows it ranks highest (under the selection rule), those rows get exact gradients"
-                          " too and are scored exactly before the rule selects (an exact re-rank: the choice among "
-                          "the likely rows is exact influence's). None: 4 for first-order runs with a budget, off "
-                          "otherwise; 0: off (the paper's algorithm: the regression alone decides). "
-                          "exact_gradient_fraction bounds it."})
-    exact_gradient_fraction: float | None = field(
-        default=0.14,
-        metadata={"help": "the most exact gradients a landmark run takes, as a fraction of the pool rows: landmarks "
-                          "+ shortlisted rows <= exact_gradient_fraction x n (the landmarks take at most a quarter of"
-                          " it when the run shortlists, at least 16 rows). The pool side then costs about this "
-                          "fraction plus the features' (JVP: 0.19 of a gradient row, measured) of exact influence's,"
-                          " whatever the budget: 0.14 keeps it >= 3x cheaper. None: no bound (num_landmarks and "
-                          "shortlist_factor as given; the shortlist grows with the budget)."})
-    kernel: str = field(default="rbf", metadata={"help": 'kernel of the landmark regression: "rbf" or "linear".'})
-    kernel_bandwidth: float | None = field(
-        default=1.0,
-        metadata={"help": "RBF bandwidth as a multiple of the median pairwise landmark distance (1.0, the "
-                          "default, is the median heuristic); None chooses it by closed-form leave-one-out on the"
-                          " landmarks (better in the fidelity lab, but an argmin over a grid: rounding "
-                          "differences, e.g. a multi-process warm-up, can flip the choice and with it the "
-                          "selection, so it is opt-in)."})
-    kernel_ridge: float | None = field(
-        default=0.01,
-        metadata={"help": "ridge of the landmark regression, relative to the mean kernel diagonal (default 0.01);"
-                          " None chooses it by closed-form leave-one-out on the landmarks (see kernel_bandwidth)."})
-    order: int = field(
-        default=1,
-        metadata={"help": "1 (first-order influence) or 2 (adds the target-Hessian term to the robust weights)."})
-    hessian: str = field(
-        default="exact",
-        metadata={"help": '"exact" (double backward) or "gauss_newton", for order 2.'})
-    robust_lambda: float = field(
-        default=0.02,
-        metadata={"help": "lambda of the robust-weights objective (the paper's running example uses 0.02)."})
-    step_size: float | None = field(
-        default=None,
-        metadata={"help": "eta of the one-step objective; None uses the optimizer's learning rate (required for "
-                          'optimizer_state="gd" with order 2).'})
     selection_seed: int = field(
         default=0,
         metadata={"help": "seed of landmarks, selection order and random baselines."})
@@ -151,46 +84,13 @@ class SelectionConfig:
                           "silences them all."})
 
     def __post_init__(self) -> None:
-        choices = {
-            "method": tuple(METHODS), "selection": (None, *RULE_TABLE), "optimizer_state": ("warmup", "gd"),
-            "landmark_selection": ("uniform", "kmeans++"), "landmark_features": LANDMARK_FEATURES,
-            "landmark_scores": ("loo", "exact"),
-            "kernel": ("rbf", "linear"), "order": (1, 2),
-            "hessian": HESSIAN_KINDS,
-        }
+        choices = {"method": tuple(METHODS), "selection": (None, *RULE_TABLE)}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"SelectionConfig.{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
-        # Types first, so that a YAML `num_landmarks: 4.7` or `null` is refused here, before any model pass, and
-        # not as a raw TypeError after the warm-up.
-        for name in ("num_landmarks", "chunk_rows", "selection_seed"):
-            if not is_int(getattr(self, name)):
-                raise ValueError(f"SelectionConfig.{name} must be an integer, got {getattr(self, name)!r}")
-        for name in ("kernel_ridge", "kernel_bandwidth", "shortlist_factor", "exact_gradient_fraction"):
-            value = getattr(self, name)
-            if value is not None and not (is_number(value) and math.isfinite(value)):
-                raise ValueError(f"SelectionConfig.{name} must be a finite number or None, got {value!r}")
-        for name in ("num_landmarks", "chunk_rows"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"SelectionConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.kernel_ridge is not None and self.kernel_ridge < 0:
-            raise ValueError(f"SelectionConfig.kernel_ridge must be >= 0 (or None: chosen by leave-one-out), got "
-                             f"{self.kernel_ridge}")
-        if self.kernel_bandwidth is not None and not self.kernel_bandwidth > 0:
-            raise ValueError(f"SelectionConfig.kernel_bandwidth must be > 0 (a multiple of the median distance, or "
-                             f"None: chosen by leave-one-out), got {self.kernel_bandwidth}")
-        if self.shortlist_factor is not None and not self.shortlist_factor >= 0:
-            raise ValueError(f"SelectionConfig.shortlist_factor must be >= 0 (0: off; None: 4 for first-order runs "
-                             f"with a budget), got {self.shortlist_factor}")
-        if self.exact_gradient_fraction is not None and not 0 < self.exact_gradient_fraction <= 1:
-            raise ValueError(f"SelectionConfig.exact_gradient_fraction must be in (0, 1] (or None: no bound), got "
-                             f"{self.exact_gradient_fraction}")
-        if self.shortlist_factor and self.order == 2:
-            raise ValueError("shortlist_factor > 0 with order=2: the shortlist refines first-order scores only (the "
-                             "second-order term of shortlisted rows is not computed). Pass shortlist_factor=0 (or "
-                             "leave it None) with order=2.")
-        if not self.robust_lambda > 0:
-            raise ValueError(f"SelectionConfig.robust_lambda must be > 0, got {self.robust_lambda}")
+        # Types first, so that a YAML `chunk_rows: 4.7` or `null` is refused here, before any model pass, and not
+        # as a raw TypeError after the warm-up.
+        check_fields(self, integers={"chunk_rows": 1, "selection_seed": None})
         self.model_init_kwargs = kwargs_option(self.model_init_kwargs, "SelectionConfig.model_init_kwargs")
         if self.model_init_kwargs is not None:
             check_model_init_kwargs(self.model_init_kwargs, "SelectionConfig.model_init_kwargs")
@@ -306,35 +206,91 @@ def _is_peft_lora_config(value: Any) -> bool:
     return isinstance(value, LoraConfig)
 
 
-CONFIG_TYPES = (SelectionConfig, FormattingConfig, GradientConfig, JVPConfig, WarmupConfig, LoraSettings, NNCIFTConfig)
+# The configs of the stages every model-based method runs through, and the run's own: any method accepts them.
+SHARED_CONFIG_TYPES = (SelectionConfig, FormattingConfig, GradientConfig, JVPConfig, WarmupConfig, LoraSettings)
+
+
+def config_types() -> tuple[type, ...]:
+    """Every option dataclass: the shared ones, then each registered method's own (each once)."""
+    own = (spec.config_cls for spec in METHODS.values() if spec.config_cls is not None)
+    return (*SHARED_CONFIG_TYPES, *dict.fromkeys(own))
+
+
+def method_config_types(method: str, oracle: str | None = None) -> tuple[type, ...]:
+    """The config dataclasses of method `method`'s own options: its registered config_cls and, for NN-CIFT
+    (NNCIFTConfig) with a registered method as its oracle (`oracle`, None: NNCIFTConfig's default), that
+    method's, which the oracle runs with. () for an unknown method (SelectionConfig refuses its name)."""
+    spec = METHODS.get(method)
+    if spec is None or spec.config_cls is None:
+        return ()
+    if spec.config_cls is not NNCIFTConfig:
+        return (spec.config_cls,)
+    inner = METHODS.get(oracle or NNCIFTConfig.oracle)
+    return (NNCIFTConfig, *(() if inner is None or inner.config_cls is None else (inner.config_cls,)))
+
+
+def _owners(types: Iterable[type]) -> dict[str, list[type]]:
+    """{field name: the dataclasses that declare it}, an inherited field counted once, by its declaring class."""
+    owners: dict[str, list[type]] = {}
+    for config_type in types:
+        for f in dataclasses.fields(config_type):
+            declaring = next(c for c in reversed(config_type.__mro__) if f.name in vars(c).get("__annotations__", {}))
+            if declaring not in owners.setdefault(f.name, []):
+                owners[f.name].append(declaring)
+    return owners
+
+
+def refusal_message(names: list[str], method: str, oracle: str | None) -> str:
+    """Why options `names` are refused in a run of `method`: another method's (naming which), or unknown (with
+    the close matches)."""
+    run = f"method {method!r}" + (f" with oracle {oracle!r}" if oracle is not None else "")
+    every = _owners(config_types())
+    lines = []
+    for name in names:
+        if name in every:
+            users = [spec.name for spec in METHODS.values() if spec.config_cls is not None
+                     and name in {f.name for f in dataclasses.fields(spec.config_cls)}]
+            lines.append(f"{name!r} is an option of {', '.join(t.__name__ for t in every[name])} (method "
+                         f"{' / '.join(users)}), which {run} does not read")
+        else:
+            close = difflib.get_close_matches(name, every, n=3)
+            hint = " (did you mean " + " or ".join(
+                f"{match!r} of {every[match][0].__name__}" for match in close) + "?)" if close else ""
+            lines.append(f"unknown option {name!r}{hint}")
+    return ("Refused option(s) for " + run + ": " + "; ".join(lines) + ". Each method's options are the fields of "
+            "its config class and of the shared ones (" + ", ".join(t.__name__ for t in SHARED_CONFIG_TYPES) +
+            "); `hf-influence select --method NAME --help` lists them.")
 
 
 def split_options(options: dict[str, Any], base: dict[type, Any] | Iterable[Any] | None = None) -> dict[type, Any]:
-    """Route keyword options to the config dataclass that declares them; returns {type: instance}.
+    """Route keyword options to the config dataclasses of the run's method; returns {type: instance} for the
+    shared configs (SHARED_CONFIG_TYPES) and the method's own (`method_config_types`).
 
     base: config instances ({type: instance}, or an iterable of instances such as [SelectionConfig(...),
         GradientConfig(...)]) whose fields are the defaults the keyword options override. A `peft.LoraConfig`
         (in base, or as the option `peft_config`, TRL's spelling) stands for its LoraSettings.
 
     Raises:
-        TypeError: an option no config declares (the message lists the close matches' dataclasses), or a base
-            that is not one config instance per CONFIG_TYPES type.
+        TypeError: an option (or a base instance) of a method the run does not use, naming that method, or an
+            option no config declares, with its close matches; a base that is not one instance per type.
     """
     if "peft_config" in options:
         options = dict(options)
         peft_config = options.pop("peft_config")
         if peft_config is not None:
             base = [*(base.values() if isinstance(base, dict) else base or []), peft_config]
+    known = config_types()
     if base is not None and not isinstance(base, dict):
         instances, base = list(base), {}
         for instance in instances:
             if _is_peft_lora_config(instance):
                 instance = LoraSettings.from_peft_config(instance)
-            if type(instance) not in CONFIG_TYPES:
-                raise TypeError(f"configs takes instances of {', '.join(t.__name__ for t in CONFIG_TYPES)}; got "
+            if type(instance) not in known:
+                raise TypeError(f"configs takes instances of {', '.join(t.__name__ for t in known)}; got "
                                 f"{type(instance).__name__}.")
             if type(instance) in base:
-                raise TypeError(f"configs has two {type(instance).__name__} instances (a peft LoraConfig, also as 'peft_config', counts as LoraSettings): pass one.")
+                raise TypeError(f"configs has two {type(instance).__name__} instances (a peft LoraConfig, also as "
+                                f"'peft_config', counts as LoraSettings): pass one.")
             base[type(instance)] = instance
     configs = dict(base or {})
     if "seed" in options:  # GradientConfig.seed until it was renamed: it never was the selection's seed
@@ -342,13 +298,22 @@ def split_options(options: dict[str, Any], base: dict[type, Any] | Iterable[Any]
                       "Pass projection_seed=... (the same meaning) or selection_seed=... (the selection).",
                       FutureWarning, stacklevel=3)
         options = {**{k: v for k, v in options.items() if k != "seed"}, "projection_seed": options["seed"]}
-    owners = {f.name: config_type for config_type in CONFIG_TYPES for f in dataclasses.fields(config_type)}
-    unknown = sorted(set(options) - set(owners))
-    if unknown:
-        raise TypeError(f"Unknown option(s) {unknown}. Options are the fields of "
-                        f"{', '.join(t.__name__ for t in CONFIG_TYPES)}; each field has its help "
-                        f"(`hf-influence select --help` lists them).")
-    for config_type in CONFIG_TYPES:
+    # The run's method (and NN-CIFT's oracle) decides which method configs take options: read them first.
+    selection = configs.get(SelectionConfig)
+    method = options.get("method", selection.method if selection is not None else SelectionConfig.method)
+    nn_cift = configs.get(NNCIFTConfig)
+    uses_oracle = NNCIFTConfig in method_config_types(method)
+    oracle = options.get("oracle", nn_cift.oracle if nn_cift is not None else NNCIFTConfig.oracle) if uses_oracle else None
+    run_types = (*SHARED_CONFIG_TYPES, *method_config_types(method, oracle))
+    owners = {f.name: config_type for config_type in run_types for f in dataclasses.fields(config_type)}
+    refused = sorted(set(options) - set(owners))
+    foreign = sorted(t.__name__ for t in configs if t not in run_types)
+    if refused:
+        raise TypeError(refusal_message(refused, method, oracle))
+    if foreign:
+        raise TypeError(f"configs has {', '.join(foreign)}: the options of another method; method {method!r} reads "
+                        f"{', '.join(t.__name__ for t in run_types)}.")
+    for config_type in run_types:
         mine = {name: value for name, value in options.items() if owners[name] is config_type}
         current = configs.get(config_type)
         if current is None:

@@ -24,9 +24,10 @@ class MethodSpec:
         needs_model: False for methods that score the raw rows without a model ("random").
         uses_stores: writes resumable stores into work_dir (a multi-process launch then needs a shared work_dir).
         robust_weights: returns robust per-row weights (selection="weighted", the trainer's weight mode).
-        second_order: honours order=2, or a function of the run's configs that says whether it does (NN-CIFT:
-            through its oracle); other methods refuse it before any model pass.
         streams: may return its scores as a ScoreStream (never holding the [n, m] matrix) when asked.
+        config_cls: the dataclass of the method's own options (PEFT's pattern), or None when it has none beyond
+            the shared ones (SelectionConfig and the stage configs). Its flat keyword options are routed to it,
+            and another method's options are refused by name (options.split_options).
     """
 
     name: str
@@ -35,12 +36,8 @@ class MethodSpec:
     needs_model: bool = True
     uses_stores: bool = True
     robust_weights: bool = False
-    second_order: bool | Callable[[dict[type, Any]], bool] = False
     streams: bool = False
-
-    def has_second_order(self, configs: dict[type, Any]) -> bool:
-        """Whether this method honours order=2 for the run's configs."""
-        return self.second_order(configs) if callable(self.second_order) else self.second_order
+    config_cls: type | None = None
 
     def selection_rule(self, configs: dict[type, Any]) -> str:
         """The rule this method selects with when `selection` is not given, for the run's configs."""
@@ -50,15 +47,15 @@ class MethodSpec:
 METHODS: dict[str, MethodSpec] = {}
 
 
-def register_method(name: str, default_selection: str | Callable[[dict[type, Any]], str], needs_model: bool = True, uses_stores: bool = True,
-                    robust_weights: bool = False, second_order: bool | Callable[[dict[type, Any]], bool] = False,
-                    streams: bool = False):
+def register_method(name: str, default_selection: str | Callable[[dict[type, Any]], str], needs_model: bool = True,
+                    uses_stores: bool = True, robust_weights: bool = False, streams: bool = False,
+                    config_cls: type | None = None):
     """Register `function(context) -> MethodOutput` under `name` for `select_by_influence(method=name)`, with
-    its capabilities (see MethodSpec)."""
+    its capabilities and its own config dataclass (see MethodSpec)."""
 
     def decorator(function: Callable):
         METHODS[name] = MethodSpec(name, function, default_selection, needs_model, uses_stores, robust_weights,
-                                   second_order, streams)
+                                   streams, config_cls)
         return function
 
     return decorator

@@ -101,9 +101,10 @@ class InfluenceSFTConfig(SFTConfig):
             model and optimizer state). The rows trained between two selections are
             influence_reselect_steps x per_device_train_batch_size x gradient_accumulation_steps x processes;
             the budget must not exceed that, and a smaller selection is cycled through.
-        influence_options: keyword options of `select_by_influence` / `compute_scores` (fields of
-            SelectionConfig, FormattingConfig, GradientConfig, JVPConfig, WarmupConfig, LoraSettings,
-            NNCIFTConfig, e.g. {"num_landmarks": 1024, "selection": "round_robin"}), or their JSON.
+        influence_options: keyword options of `select_by_influence` / `compute_scores` (fields of the shared
+            configs SelectionConfig, FormattingConfig, GradientConfig, JVPConfig, WarmupConfig, LoraSettings and of
+            influence_method's own config, e.g. {"num_landmarks": 1024, "selection": "round_robin"} for
+            influence_distillation), or their JSON; another method's option is refused by name.
             selection_seed defaults to `seed`; progress bars follow `disable_tqdm`.
         influence_row_id_column: pool column of integer row ids (the ids a score table's `pool_row_id`
             refers to). When the pool has no such column it is created with each row's position.

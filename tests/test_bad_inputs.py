@@ -71,26 +71,31 @@ API_CASES = [
     ("budget share above 1", lambda m: _select(m, budget=1.5), HFInfluenceError, "budget fraction must be in (0, 1], got 1.5"),
     ("budget not a number", lambda m: _select(m, budget="abc"), HFInfluenceError, "budget must be an int count or a float fraction, got 'abc'"),
     ("budget above the pool", lambda m: _select(m, budget=50), HFInfluenceError, "budget 50 is larger than the pool (8 rows)"),
-    ("unknown option", lambda m: _select(m, num_landmark=4), TypeError, "num_landmark"),
+    ("unknown option", lambda m: _select(m, num_landmark=4), TypeError,
+     "unknown option 'num_landmark' (did you mean 'num_landmarks' of InfluenceDistillationConfig?)"),
+    ("another method's option", lambda m: _select(m, method="rds", num_landmarks=4), TypeError,
+     "'num_landmarks' is an option of InfluenceDistillationConfig (method influence_distillation), which method "
+     "'rds' does not read"),
     ("unknown method", lambda m: _select(m, method="nope"), ValueError, "SelectionConfig.method"),
     ("unknown rule", lambda m: _select(m, selection="nope"), ValueError, "SelectionConfig.selection"),
-    ("num_landmarks 0", lambda m: _select(m, num_landmarks=0), ValueError, "num_landmarks must be >= 1"),
+    ("num_landmarks 0", lambda m: _select(m, num_landmarks=0), ValueError, "num_landmarks must be an integer >= 1, got 0"),
     ("num_landmarks 4.7", lambda m: _select(m, num_landmarks=4.7), ValueError,
-     "SelectionConfig.num_landmarks must be an integer, got 4.7"),
+     "InfluenceDistillationConfig.num_landmarks must be an integer >= 1, got 4.7"),
     ("num_landmarks None", lambda m: _select(m, num_landmarks=None), ValueError,
-     "SelectionConfig.num_landmarks must be an integer, got None"),
-    ("num_landmarks True", lambda m: _select(m, num_landmarks=True), ValueError, "must be an integer, got True"),
+     "InfluenceDistillationConfig.num_landmarks must be an integer >= 1, got None"),
+    ("num_landmarks True", lambda m: _select(m, num_landmarks=True), ValueError, "must be an integer >= 1, got True"),
     ("selection_seed a string", lambda m: _select(m, selection_seed="0"), ValueError,
      "SelectionConfig.selection_seed must be an integer, got '0'"),
     ("exact_gradient_fraction a string", lambda m: _select(m, exact_gradient_fraction="0.2"), ValueError,
-     "SelectionConfig.exact_gradient_fraction must be a finite number or None, got '0.2'"),
+     "InfluenceDistillationConfig.exact_gradient_fraction must be a finite number or None, got '0.2'"),
     ("kernel_ridge nan", lambda m: _select(m, kernel_ridge=float("nan")), ValueError,
      "kernel_ridge must be a finite number or None, got nan"),
     ("negative shortlist", lambda m: _select(m, shortlist_factor=-1), ValueError, "shortlist_factor must be >= 0"),
     ("negative ridge", lambda m: _select(m, kernel_ridge=-1.0), ValueError, "kernel_ridge must be >= 0"),
-    ("robust lambda 0", lambda m: _select(m, robust_lambda=0.0), ValueError, "robust_lambda must be > 0"),
-    ("order 2 without a second-order term", lambda m: _select(m, method="less", order=2), ValueError,
-     "order=2 needs a method"),
+    ("robust lambda 0", lambda m: _select(m, robust_lambda=0.0), ValueError,
+     "InfluenceDistillationConfig.robust_lambda must be a finite number in (0, inf], got 0.0"),
+    ("order 2 without a second-order term", lambda m: _select(m, method="less", order=2), TypeError,
+     "'order' is an option of InfluenceDistillationExactConfig"),
     ("weighted rule without weights", lambda m: _select(m, method="less", selection="weighted"), ValueError,
      "needs robust weights"),
     ("a tokenizer that is not the model's", lambda m: select_by_influence(
@@ -210,7 +215,7 @@ def test_api_refuses_bad_input_naming_the_culprit(model, call, error, words, tmp
 
 
 FAST = {"num_blocks": 1, "warmup_fraction": 0.25, "warmup_min_steps": 2, "projection_dim": 256,
-        "jvp_projection_dim": 128, "num_landmarks": 4}
+        "jvp_projection_dim": 128}
 
 
 @pytest.mark.parametrize("peft", [False, True], ids=["base model", "PEFT model"])
@@ -222,8 +227,9 @@ def test_a_selection_leaves_the_callers_model_and_tokenizer_as_they_were(method,
     model.train()
     before = _model_state(model, tokenizer)
     vocabulary = (tokenizer.get_vocab(), tokenizer.chat_template, tokenizer.padding_side)
+    landmarks = {"num_landmarks": 4} if method == "influence_distillation" else {}
     select_by_influence(POOL, TARGET, model=model, tokenizer=tokenizer, budget=2, method=method, show_progress=False,
-                        **FAST)
+                        **FAST, **landmarks)
     assert _model_state(model, tokenizer) == before
     assert (tokenizer.get_vocab(), tokenizer.chat_template, tokenizer.padding_side) == vocabulary
 
@@ -268,14 +274,14 @@ CLI_CASES = [
                                      "--budget", "two"], "'two'"),
     ("select: missing pool file", ["select", "--pool", "FOLDER/missing.jsonl", "--target", "FOLDER/rows.jsonl",
                                    "--output", "FOLDER/out1"], "missing.jsonl"),
-    ("select: abbreviated flag", ["select", "--num_land", "4"], "unrecognised arguments: --num_land"),
-    ("select: unknown YAML key", ["select", "--config", "FOLDER/bad.yaml"], "unknown keys ['num_landmark']"),
+    ("select: abbreviated flag", ["select", "--num_land", "4"], "unknown option 'num_land' (did you mean 'num_landmarks'"),
+    ("select: unknown YAML key", ["select", "--config", "FOLDER/bad.yaml"], "unknown option 'num_landmark'"),
     ("select: YAML num_landmarks 4.7", ["select", "--config", "FOLDER/fractional.yaml", "--pool", "FOLDER/rows.jsonl",
                                         "--target", "FOLDER/rows.jsonl", "--output", "FOLDER/out9"],
-     "num_landmarks must be an integer, got 4.7"),
+     "num_landmarks must be an integer >= 1, got 4.7"),
     ("select: YAML num_landmarks null", ["select", "--config", "FOLDER/null.yaml", "--pool", "FOLDER/rows.jsonl",
                                          "--target", "FOLDER/rows.jsonl", "--output", "FOLDER/out10"],
-     "num_landmarks must be an integer, got None"),
+     "num_landmarks must be an integer >= 1, got None"),
     ("select: output is a file", ["select", "--pool", "FOLDER/rows.jsonl", "--target", "FOLDER/rows.jsonl",
                                   "--output", "FOLDER/a_file"], "is a file"),
     ("select: unknown group column", ["select", "--pool", "FOLDER/rows.jsonl", "--target", "FOLDER/rows.jsonl",

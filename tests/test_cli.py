@@ -19,9 +19,9 @@ def test_every_option_has_help_in_its_field_metadata():
     from dataclasses import fields
 
     from hf_influence.cli import arguments
-    from hf_influence.options import CONFIG_TYPES
+    from hf_influence.options import config_types
 
-    types = (*CONFIG_TYPES, arguments.ModelArguments, arguments.DataArguments, arguments.DemoArguments,
+    types = (*config_types(), arguments.ModelArguments, arguments.DataArguments, arguments.DemoArguments,
              arguments.SelectArguments, arguments.HubArguments, arguments.TrainDataArguments)
     missing = [f"{t.__name__}.{f.name}" for t in types for f in fields(t) if not f.metadata.get("help")]
     assert not missing

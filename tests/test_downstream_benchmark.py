@@ -160,13 +160,16 @@ def _tiny_setup():
 
     data = downstream.BenchmarkData(demo_pool(6, seed=0), {"math": (rows("math", 3, 1), rows("math", 4, 2))})
     table = {**downstream.METHODS, "random": downstream.Method("random", draws=2),
-             **{name: replace(downstream.METHODS[name], draws=1) for name in ("default", "exact", "control")},
+             **{name: replace(downstream.METHODS[name], draws=1) for name in ("exact", "control")},
+             # The landmark options are the default's own (another method refuses them).
+             "default": replace(downstream.METHODS["default"], draws=1,
+                                options={"exact_gradient_fraction": 0.5, "num_landmarks": 8}),
              "rds": downstream.Method("rds", draws=1, train_seeds=2)}
     settings = downstream.Settings(
         pool_rows=24, max_length=128, budget=4, batch_size=2, lora_r=2, targets=("math",),
         methods=("random", "default", "exact", "control", "rds"), bootstrap_resamples=200, method_table=table,
         options={"num_blocks": 1, "warmup_fraction": 0.25, "warmup_min_steps": 2, "projection_dim": 256,
-                 "jvp_projection_dim": 128, "exact_gradient_fraction": 0.5, "num_landmarks": 8})
+                 "jvp_projection_dim": 128})
     return data, settings
 
 

@@ -6,7 +6,7 @@ import scipy.stats
 import torch
 
 import hf_influence
-from hf_influence import ScoreTable, SelectionConfig, SelectionError, select_by_influence
+from hf_influence import InfluenceDistillationConfig, ScoreTable, SelectionError, select_by_influence
 from hf_influence.demo import demo_pool, demo_target
 from hf_influence.extract import extract_gradients
 from hf_influence.formatting import FormattingError
@@ -116,10 +116,11 @@ def test_the_shortlist_scores_the_rows_the_regression_ranks_highest_exactly(targ
     shortlist (landmarks ranked by leave-one-out, or exactly with landmark_scores="exact"); those rows then carry
     exact influence, every other row its score in the run without shortlist, and the rule selects from that. It cannot pick worse rows than no shortlist."""
     pool, budget = _copied_pool(), 4  # 48 rows, 8 landmarks: the regression alone is far from exact
-    options = {"budget": budget, "selection": rule, "landmark_scores": landmark_scores, "exact_gradient_fraction": None}
+    options = {"budget": budget, "selection": rule}
     _, exact = _select(pool, target, lora_model(seed=0), **options, method="influence_distillation_exact")
-    _, plain = _select(pool, target, lora_model(seed=0), **options, num_landmarks=8, shortlist_factor=0)
-    _, refined = _select(pool, target, lora_model(seed=0), **options, num_landmarks=8, shortlist_factor=3)
+    options.update(landmark_scores=landmark_scores, exact_gradient_fraction=None, num_landmarks=8)
+    _, plain = _select(pool, target, lora_model(seed=0), **options, shortlist_factor=0)
+    _, refined = _select(pool, target, lora_model(seed=0), **options, shortlist_factor=3)
     exact_scores, plain_scores, refined_scores = (t.to_matrix()[0] for t in (exact, plain, refined))
     shortlist = select_indices(plain_scores, 3 * budget, rule=rule)
     scored_exactly = torch.zeros(len(pool), dtype=torch.bool)
@@ -132,7 +133,7 @@ def test_the_shortlist_scores_the_rows_the_regression_ranks_highest_exactly(targ
     assert selected == select_indices(refined_scores, budget, rule=rule).tolist()
     network, tokenizer = lora_model(seed=0)  # without a score table the scores stream: the same rows
     streamed = select_by_influence(pool, target, model=network, tokenizer=tokenizer, **FAST, **options,
-                                   num_landmarks=8, shortlist_factor=3)
+                                   shortlist_factor=3)
     assert streamed["id"] == pool.select(selected)["id"]
     details = refined.provenance["details"]
     diagnostics = details["landmarks"]
@@ -176,7 +177,7 @@ def test_the_shortlist_scores_the_rows_the_regression_ranks_highest_exactly(targ
 def test_exact_gradient_plan_bounds_landmarks_and_shortlist(rows, budget, options, expected):
     from hf_influence.methods.influence_distillation import exact_gradient_plan
 
-    plan = exact_gradient_plan(SelectionConfig(**options), rows, budget)
+    plan = exact_gradient_plan(InfluenceDistillationConfig(**options), rows, budget)
     assert (plan.landmarks, plan.shortlist, plan.bound) == expected
     if plan.bound is not None:
         assert plan.landmarks + plan.shortlist <= max(plan.bound, 16)
@@ -191,7 +192,7 @@ def test_feature_costs_are_the_committed_measurement():
 
     from hf_influence.jvp import JVPConfig
     from hf_influence.methods.influence_distillation import FEATURE_COSTS
-    from hf_influence.options import LANDMARK_FEATURES
+    from hf_influence.methods.influence_distillation_config import LANDMARK_FEATURES
 
     lab = Path(__file__).parents[1] / "benchmarks" / "results" / "landmark_fidelity_cpu.json"
     measured = json.loads(lab.read_text())["feature_costs"]["measured"]["fraction_of_gradient"]
@@ -234,7 +235,7 @@ def test_the_shortlist_needs_a_budget_and_first_order(pool, target, model):
 def test_the_low_fidelity_warning_names_the_option_that_limits_the_landmarks(options, rows, budget, remedy):
     from hf_influence.methods.influence_distillation import exact_gradient_plan, fidelity_remedy
 
-    config = SelectionConfig(**options)
+    config = InfluenceDistillationConfig(**options)
     got = fidelity_remedy(config, exact_gradient_plan(config, rows, budget), rows)
     assert got == remedy if remedy is None or remedy.startswith("Raise") else remedy in got
 
@@ -275,7 +276,7 @@ def test_selection_contract(pool, target, model):
     assert provenance["method"] == "influence_distillation" and provenance["budget"] == 5
     assert provenance["model_id"] and provenance["pool_fingerprint"] and provenance["target_fingerprint"]
     assert provenance["selected_pool_row_ids"] == [pool["id"].index(i) for i in selected["id"]]
-    assert provenance["configs"]["SelectionConfig"]["num_landmarks"] == 4096
+    assert provenance["configs"]["InfluenceDistillationConfig"]["num_landmarks"] == 4096
     assert len(table) == len(pool) * len(target)
 
 
@@ -463,8 +464,8 @@ def test_an_order_2_rerun_reads_its_hessian_products_back(pool, target, model, t
     Hessian-vector product at all) and scores the same; the store is what a fresh computation gives."""
     from hf_influence.hessian import TargetHessian
 
-    options = {"budget": 4, "num_landmarks": 8, "order": 2, "method": method, "optimizer_state": "gd",
-               "step_size": 1e-3}
+    options = {"budget": 4, "order": 2, "method": method, "optimizer_state": "gd", "step_size": 1e-3,
+               **({"num_landmarks": 8} if method == "influence_distillation" else {})}
     _, first = _select(pool, target, model, **options, work_dir=str(tmp_path))
     assert len(list(tmp_path.glob("hessian_products-*"))) == 1
 
@@ -487,16 +488,17 @@ def test_landmark_runs_after_an_exact_run_read_its_gradients(pool, target, model
     the settings that store does not serve)."""
     import hf_influence.methods.stores as stores
 
-    options = {"budget": 4, "num_landmarks": 8, "optimizer_state": optimizer_state}
-    _, alone = _select(pool, target, lora_model(seed=0), **options, work_dir=str(tmp_path / "alone"))
+    options = {"budget": 4, "optimizer_state": optimizer_state}
+    _, alone = _select(pool, target, lora_model(seed=0), **options, num_landmarks=8, work_dir=str(tmp_path / "alone"))
     shared = tmp_path / "shared"
-    _select(pool, target, model, **{**options, "method": "influence_distillation_exact"}, work_dir=str(shared))
+    _select(pool, target, model, **options, method="influence_distillation_exact", work_dir=str(shared))
     computed = []
     monkeypatch.setattr(stores, "extract_gradients", lambda model, rows, *args, **kwargs: computed.append(len(rows))
                         or extract_gradients(model, rows, *args, **kwargs))
-    _, reused = _select(pool, target, model, **options, work_dir=str(shared))
+    _, reused = _select(pool, target, model, **options, num_landmarks=8, work_dir=str(shared))
     assert computed == [len(target)] and not list(shared.glob("landmark_gradients-*"))  # only the target's rows
     torch.testing.assert_close(reused.to_matrix()[0], alone.to_matrix()[0], rtol=1e-4, atol=1e-6)
+
 
 def test_one_work_dir_serves_several_targets_and_keeps_the_warm_up(pool, target, model, tmp_path, monkeypatch):
     import importlib

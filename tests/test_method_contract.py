@@ -3,6 +3,8 @@ registry, so that a new method is held to it as soon as it registers: one score 
 result for the same seed, streaming exactly when it declares it, a clear refusal of what it cannot do, and the
 user's model given back as it was."""
 
+import dataclasses
+
 import pytest
 import torch
 from hf_influence.testing import lora_model
@@ -10,7 +12,7 @@ from hf_influence.testing import lora_model
 from hf_influence import METHODS, compute_scores, select_by_influence
 from hf_influence.demo import demo_pool, demo_target
 from hf_influence.streaming import ScoreStream
-from hf_influence.options import split_options
+from hf_influence.options import SHARED_CONFIG_TYPES, config_types, method_config_types, split_options
 from hf_influence.testing import tiny_causal_lm
 
 FAST = {"num_blocks": 1, "warmup_fraction": 0.25, "warmup_min_steps": 2, "warmup_show_progress": False,
@@ -39,6 +41,55 @@ def _options(method, **extra):
 
 def test_every_method_is_covered():
     assert set(METHOD_OPTIONS) == set(METHODS)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_takes_its_own_options_and_refuses_every_other_methods_by_name(method):
+    """PEFT's pattern: a method's options live in the config class it registers with. Its own options and the
+    shared ones build that config; an option only another method reads is a TypeError naming its config."""
+    own = method_config_types(method, METHOD_OPTIONS[method].get("oracle"))
+    configs = split_options({**METHOD_OPTIONS[method], "method": method})
+    assert set(configs) == {*SHARED_CONFIG_TYPES, *own}
+    mine = {f.name for config in (*SHARED_CONFIG_TYPES, *own) for f in dataclasses.fields(config)}
+    foreign = {f.name: config for config in config_types() for f in dataclasses.fields(config) if f.name not in mine}
+    assert foreign
+    for name, config in foreign.items():
+        value = getattr(config(), name)
+        with pytest.raises(TypeError, match=f"'{name}' is an option of .*which method '{method}'"):
+            split_options({**METHOD_OPTIONS[method], "method": method, name: value})
+
+
+def test_a_toy_method_with_its_own_config_is_one_registration(rows, monkeypatch, capsys):
+    """Adding a method is one decorated function and its config class: select_by_influence routes the method's
+    option to it, every other method refuses that option by name, and the CLI's --help shows its group."""
+    from hf_influence import cli
+    from hf_influence.engine import MethodOutput
+    from hf_influence.registry import register_method
+
+    @dataclasses.dataclass
+    class ToyLengthConfig:
+        _argument_group_name = "toy (ToyLengthConfig)"
+        length_power: float = dataclasses.field(default=1.0, metadata={"help": "score = prompt length ** power"})
+
+    monkeypatch.setitem(METHODS, "toy_length", None)  # so that the registration below is undone after the test
+
+    @register_method("toy_length", default_selection="mean_top_k", needs_model=False, uses_stores=False,
+                     config_cls=ToyLengthConfig)
+    def toy_length(context):
+        lengths = torch.tensor([float(len(str(row))) for row in context.pool], dtype=torch.float32)
+        return MethodOutput((lengths ** context.method_config.length_power)[:, None])
+
+    pool, target = rows
+    selected, table = select_by_influence(pool, target, budget=3, method="toy_length", length_power=2.0,
+                                          return_scores=True)
+    longest = sorted(range(len(pool)), key=lambda i: (-len(str(pool[i])), i))[:3]
+    assert [pool["id"].index(row) for row in selected["id"]] == longest
+    assert table.provenance["configs"]["ToyLengthConfig"] == {"length_power": 2.0}
+    with pytest.raises(TypeError, match="'length_power' is an option of ToyLengthConfig \\(method toy_length\\)"):
+        split_options({"method": "random", "length_power": 2.0})
+    with pytest.raises(SystemExit):
+        cli.main(["select", "--method", "toy_length", "--help"])
+    assert "toy (ToyLengthConfig)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -81,8 +132,9 @@ def test_streams_exactly_when_declared_and_selects_the_same_rows(rows, method, m
 @pytest.mark.parametrize("method", sorted(METHODS))
 @pytest.mark.slow
 def test_does_what_it_declares_and_refuses_the_rest(rows, method):
-    """Weighted selection and order 2 work exactly for the methods registered with robust weights and a
-    second-order term, and are refused, before any model pass, for the others."""
+    """Weighted selection and order 2 work exactly for the methods registered with robust weights and with an
+    `order` option in their config (NN-CIFT: its oracle method's), and are refused, before any model pass, for
+    the others: order=2 as another method's option, named."""
     pool, target = rows
     model, tokenizer = lora_model(seed=0)
     weighted = _options(method, selection="weighted")
@@ -93,15 +145,16 @@ def test_does_what_it_declares_and_refuses_the_rest(rows, method):
     else:
         with pytest.raises(ValueError, match="selection='weighted' needs robust weights"):
             select_by_influence(pool, target, model=model, tokenizer=tokenizer, budget=5, **weighted)
-    second = _options(method, order=2, step_size=1e-3, shortlist_factor=0)
-    if METHODS[method].has_second_order(split_options(second)):  # NN-CIFT: through its oracle (LESS here: none)
+    second = _options(method, order=2, step_size=1e-3)
+    own = method_config_types(method, METHOD_OPTIONS[method].get("oracle"))  # NN-CIFT: its oracle's (LESS: none)
+    if any("order" in {f.name for f in dataclasses.fields(config)} for config in own):
         _, first_order = select_by_influence(pool, target, model=model, tokenizer=tokenizer, budget=5,
                                              return_scores=True, **{**second, "order": 1})
         _, second_order = select_by_influence(pool, target, model=model, tokenizer=tokenizer, budget=5,
                                               return_scores=True, **second)
         assert not torch.equal(second_order.weights, first_order.weights)  # the second-order term changed them
     else:
-        with pytest.raises(ValueError, match="order=2 needs a method with a second-order term"):
+        with pytest.raises(TypeError, match="'order' is an option of InfluenceDistillationExactConfig"):
             select_by_influence(pool, target, model=model, tokenizer=tokenizer, budget=5, **second)
 
 

@@ -133,7 +133,7 @@ def test_each_oracle_selects_by_its_papers_rule(rows, oracle, rule):
     from hf_influence.methods.nn_cift import nn_cift_rule
     from hf_influence.options import split_options
 
-    assert nn_cift_rule(split_options({"oracle": oracle})) == rule
+    assert nn_cift_rule(split_options({"method": "nn_cift", "oracle": oracle})) == rule
     if oracle != "delift_se":  # one end-to-end run is enough: the rule is recorded with the table
         return
     pool, target = rows

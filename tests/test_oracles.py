@@ -281,7 +281,7 @@ def test_method_oracle_is_the_methods_score_matrix():
     assert oracle.identity()["name"] == "less"
     with pytest.raises(ValueError, match="scoring method"):
         MethodOracle("random")
-    with pytest.raises(TypeError, match="Unknown option"):
+    with pytest.raises(TypeError, match="unknown option 'no_such_option'"):
         MethodOracle("less", no_such_option=1)
 
 
@@ -290,7 +290,7 @@ def test_method_oracle_keeps_each_block_in_its_own_work_dir_subfolder(tmp_path):
 
     from hf_influence.demo import demo_pool, demo_target
     from hf_influence.methods.nn_cift import oracle_options
-    from hf_influence.options import NNCIFTConfig, SelectionConfig
+    from hf_influence.options import split_options
     from hf_influence.oracles import MethodOracle
 
     pool, target = demo_pool(2, seed=0), demo_target("code", 3, seed=1)
@@ -311,10 +311,11 @@ def test_method_oracle_keeps_each_block_in_its_own_work_dir_subfolder(tmp_path):
     assert torch.equal(again.compute_block(evaluation, target), first[1])
     assert len(list(tmp_path.glob("block-*"))) == 2
 
-    configs = {SelectionConfig: SelectionConfig(method="nn_cift", optimizer_state="gd", work_dir="w", selection_seed=3),
-               NNCIFTConfig: NNCIFTConfig()}
+    configs = split_options({"method": "nn_cift", "optimizer_state": "gd", "work_dir": "w", "selection_seed": 3,
+                             "order": 2, "step_size": 0.1})
     passed = oracle_options(configs)
     assert passed["optimizer_state"] == "gd" and passed["work_dir"] == "w" and passed["selection_seed"] == 3
+    assert passed["order"] == 2 and passed["step_size"] == 0.1  # the oracle method's own config
     assert not {"method", "selection", "target_task_column", "oracle", "block_fraction"} & set(passed)
 
 

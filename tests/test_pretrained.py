@@ -156,7 +156,7 @@ def test_save_pretrained_writes_the_networks_real_card(fitted, tmp_path):
 
 
 def test_predict_refuses_options_it_does_not_use(tmp_path, capsys):
-    for flags in (["--method", "random"], ["--repo_id", "me/x"], ["--private", "true"], ["--num_landmarks", "4"]):
+    for flags in (["--method", "random"], ["--repo_id", "me/x"], ["--private", "true"], ["--work_dir", "w"]):
         with pytest.raises(SystemExit) as exit_info:
             cli.run_predict(["--network", "x", "--pool", "p.jsonl", "--target", "t.jsonl", *flags])
         assert exit_info.value.code == 2

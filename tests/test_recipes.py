@@ -24,7 +24,7 @@ from hf_influence import DEFAULT_MODEL, InfluenceNetwork, ScoreTable, cli, load_
 from hf_influence.cli import arguments
 from hf_influence.data import load_rows, sample_rows
 from hf_influence.models import LoraSettings
-from hf_influence.options import CONFIG_TYPES
+from hf_influence.options import SHARED_CONFIG_TYPES, method_config_types
 from hf_influence.selection import select_indices
 from hf_influence.testing import tiny_causal_lm
 from hf_influence.trainer import InfluenceSFTConfig, InfluenceSFTTrainer
@@ -36,7 +36,8 @@ DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_data = pytest.mark.skipif(not DATA_DIR.exists(), reason="../shared/data is absent")
 TASKS = ["gsm8k", "mmlu", "bbh", "tydiqa", "squad", "codex"]
 TRAIN_TYPES = (arguments.TrainDataArguments, arguments.ModelArguments, LoraSettings, InfluenceSFTConfig)
-NETWORK_TYPES = (arguments.SelectArguments, arguments.ModelArguments, *CONFIG_TYPES)
+NETWORK_TYPES = (arguments.SelectArguments, arguments.ModelArguments, *SHARED_CONFIG_TYPES,
+                 *method_config_types("nn_cift"))
 # What differs between the six train recipes; every other setting must be the same in all of them.
 PER_TARGET_KEYS = {"target_task", "target_limit", "output_dir"}
 CPU_FLAGS = ["--bf16", "false", "--tf32", "false"]

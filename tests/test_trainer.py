@@ -416,7 +416,7 @@ ONLINE = {"influence_mode": "online", "influence_reselect_steps": 1}
         ({"influence_reselect_steps": 2}, {}, ValueError, "only used by influence_mode='online'"),
         ({"influence_mode": "pick"}, {}, ValueError, "influence_mode must be one of"),
         ({"influence_budget": 1.5}, {}, ValueError, r"pool share must be in \(0, 1\]"),
-        ({"influence_options": {"num_landmark": 3}}, {}, TypeError, "Unknown option"),
+        ({"influence_options": {"num_landmark": 3}}, {}, TypeError, "unknown option 'num_landmark'"),
         ({"influence_options": {"method": "less"}}, {}, ValueError, "use influence_method"),
         ({**ONLINE, "influence_budget": 4}, {"target": True, "peft": True}, ValueError, "larger than the 2 rows"),
         (ONLINE, {"target": True}, ValueError, "train a PEFT model"),

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import argparse
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
+import yaml
 from datasets import Dataset
 from trl import TrlParser
 
@@ -17,6 +19,7 @@ from ..data import load_rows
 from ..distributed import process_state
 from ..gradients import GradientConfig
 from ..models import DEFAULT_MODEL, load_model, torch_dtype
+from ..options import SHARED_CONFIG_TYPES, NNCIFTConfig, SelectionConfig, method_config_types, refusal_message
 
 
 @dataclass
@@ -223,10 +226,15 @@ class CommandParser(TrlParser):
     pass on: a YAML key no option has ends the command with a one-line error naming the file; the deprecated key
     `seed` (GradientConfig's projection seed before the rename) still works, with a warning."""
 
-    def __init__(self, dataclass_types, seed_alias: bool, **kwargs):
+    def __init__(self, dataclass_types, seed_alias: bool, refusal=None, **kwargs):
         super().__init__(dataclass_types, **kwargs)
-        self.seed_alias, self.config_path, self.config_keys = seed_alias, None, set()
+        self.seed_alias, self.config_path, self.config_keys, self.refusal = seed_alias, None, set(), refusal
         self._own_options_first()
+
+    def refuse(self, names: list[str], generic: str):
+        """End the command for option names no dataclass has: `refusal(names)` says why (another method's
+        options, close matches) when the command has one, else `generic`."""
+        self.error(self.refusal(names) if self.refusal is not None and names else generic)
 
     def error(self, message: str):
         """Two lines, naming the command (argparse would print the whole usage first: ~80 lines for `train`)."""
@@ -256,25 +264,48 @@ class CommandParser(TrlParser):
         self.config_keys = set(values)
         unknown = sorted(set(values) - {action.dest for action in self._actions})
         if unknown:  # TRL hands them back as strings; argparse would then call them unrecognised flags
-            self.error(f"{self.config_path} has unknown keys {unknown}; see --help for the options of this command")
+            self.refuse(unknown, f"{self.config_path} has unknown keys {unknown}; see --help for the options of this "
+                                 f"command")
         return super().set_defaults_with_config(**values)
 
 
+def selection_types(argv: list[str], method: str | None = None) -> tuple[tuple[type, ...], Callable]:
+    """The option dataclasses of a selection command and the refusal of the options they lack: the shared
+    configs plus the method's own (`options.method_config_types`) for the method and NN-CIFT oracle argv names
+    (flags over the --config YAML over the defaults), or for `method` when the command fixes it. `--help` then
+    shows the shared groups and that method's, and another method's option is refused by name."""
+    early = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    for flag in ("--method", "--oracle", "--config"):
+        early.add_argument(flag)
+    given, _ = early.parse_known_args(argv)
+    defaults = {}
+    if given.config is not None and Path(given.config).is_file():  # `parse` refuses a missing file
+        loaded = yaml.safe_load(Path(given.config).read_text())
+        defaults = loaded if isinstance(loaded, dict) else {}
+    method = method or given.method or defaults.get("method") or SelectionConfig.method
+    oracle = given.oracle or defaults.get("oracle")
+    own = method_config_types(method, oracle)
+    oracle = (oracle or NNCIFTConfig.oracle) if NNCIFTConfig in own else None
+    return (*SHARED_CONFIG_TYPES, *own), lambda names: refusal_message(names, method, oracle)
+
+
 def parse(argv: list[str], dataclass_types: tuple, description: str, command: str,
-          used: set[str] | None = None) -> tuple:
+          used: set[str] | None = None, refusal: Callable[[list[str]], str] | None = None) -> tuple:
     """Parse argv into the dataclasses with TRL's parser; precedence: flags over the --config YAML over the fields'
     defaults.
 
     command: the subcommand's name, for the usage line and the errors (`hf-influence COMMAND: error: ...`).
     used: the options the command reads (None: all); a flag or YAML key outside them ends the command with a
-    one-line error (exit code 2) instead of being accepted and ignored."""
+    one-line error (exit code 2) instead of being accepted and ignored.
+    refusal: `refusal(option names)` -> the error for flags or YAML keys no dataclass has (`selection_types`'s,
+    naming the method an option belongs to); None: a generic one."""
     # --seed was GradientConfig's projection seed until the rename: still read (hidden), with a warning.
     seed_alias = any(config is GradientConfig for config in dataclass_types) and not any(
         "seed" in getattr(config, "__dataclass_fields__", {}) for config in dataclass_types)
     # No prefix abbreviations: `--num_land 4` would silently mean whichever option it abbreviates today.
     prog = f"hf-influence {command}"
-    parser = CommandParser(dataclass_types, seed_alias, prog=prog, usage=f"{prog} [--config FILE.yaml] [options]",
-                           description=description, allow_abbrev=False)
+    parser = CommandParser(dataclass_types, seed_alias, refusal, prog=prog,
+                           usage=f"{prog} [--config FILE.yaml] [options]", description=description, allow_abbrev=False)
     # TrlParser reads --config itself; declared here so that --help lists it.
     parser.add_argument("--config", default=None, help="YAML file of defaults (TRL's format, `env:` included); "
                                                         "flags override it.")
@@ -292,7 +323,8 @@ def parse(argv: list[str], dataclass_types: tuple, description: str, command: st
             parser.error(f"--config {parser.config_path!r} is not a file")
     *parsed, extra = parser.parse_args_and_config(args=argv, return_remaining_strings=True)
     if extra:
-        parser.error(f"unrecognised arguments: {' '.join(extra)}")
+        parser.refuse([arg[2:].split("=", 1)[0] for arg in extra if arg.startswith("--")],
+                      f"unrecognised arguments: {' '.join(extra)}")
     if used is not None:
         given = {action.dest for action in parser._actions for flag in action.option_strings
                  if any(arg == flag or arg.startswith(f"{flag}=") for arg in argv)} | parser.config_keys

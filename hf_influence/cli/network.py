@@ -11,7 +11,7 @@ from ..fit_folder import FitFolder
 from ..hub import push_influence_network, push_score_table
 from ..methods.nn_cift import oracle_options
 from ..nn_cift_pipeline import nn_cift
-from ..options import CONFIG_TYPES, NNCIFTConfig, SelectionConfig
+from ..options import NNCIFTConfig, SelectionConfig
 from ..pretrained import load_network, network_summary, select_with_network, unseen_quadrant
 from ..registry import ORACLES
 from ..scores import ScoreTable
@@ -23,17 +23,19 @@ from .arguments import (
     load_pool_and_target,
     parse,
     parse_budget,
+    selection_types,
 )
 from .select import check_output, group_shares, print_report, write_selection
 
 
 def run_fit_network(argv: list[str]) -> dict:
     """NN-CIFT: the oracle on a block, an InfluenceNetwork fitted on it; writes network/, scores/, report.json."""
+    types, refusal = selection_types(argv, method="nn_cift")
     args, model_args, *configs = parse(
-        argv, (SelectArguments, ModelArguments, *CONFIG_TYPES),
+        argv, (SelectArguments, ModelArguments, *types),
         "Distil an influence oracle (--oracle) into an InfluenceNetwork from a u-block (--block_fraction) of "
         "--pool x --target, predict every pair, and save the network, the score table and a report.",
-        command="fit-network",
+        command="fit-network", refusal=refusal,
     )
     output = Path(args.output)
     work_dir = next(config for config in configs if isinstance(config, SelectionConfig)).work_dir

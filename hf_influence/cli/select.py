@@ -16,11 +16,12 @@ from datasets import Dataset
 from ..demo import demo_pool, demo_target
 from ..influence import select_by_influence
 from ..models import model_identity
-from ..options import CONFIG_TYPES, SelectionConfig
+from ..methods.influence_distillation_config import InfluenceDistillationConfig
+from ..options import SHARED_CONFIG_TYPES, SelectionConfig
 from ..scores import ScoreTable, is_replaceable_table_folder
 from ..store import atomic_write_bytes, atomic_write_json, folder_replacement
 from .arguments import (DemoArguments, ModelArguments, SelectArguments, load_cli_model, load_pool_and_target, parse,
-                        parse_budget)
+                        parse_budget, selection_types)
 
 
 def group_shares(rows: Dataset, column: str, depth: int | None = None) -> dict[str, float]:
@@ -162,25 +163,29 @@ def select_and_report(pool: Dataset, target: Dataset, model, tokenizer, budget, 
 
 def run_demo(argv: list[str]) -> dict:
     """Main job: Influence Distillation vs random on a generated multi-domain pool for a math target."""
+    types, refusal = selection_types(argv)
     demo, model_args, *configs = parse(
-        argv, (DemoArguments, ModelArguments, *CONFIG_TYPES),
+        argv, (DemoArguments, ModelArguments, *types),
         "Select training rows for a math target from a generated multi-domain pool (math, code, extractive QA, "
         "classification) with Influence Distillation on the embedded default model, and compare with random.",
-        command="demo",
+        command="demo", refusal=refusal,
     )
     options = selection_options(configs)
-    if options["num_landmarks"] == SelectionConfig.num_landmarks:  # not set: a quarter of the pool, to show KRR
-        options["num_landmarks"] = demo.rows_per_domain
+    # Random reads the shared options only (the chosen method's own would be refused as another method's).
+    shared = selection_options([config for config in configs if type(config) in SHARED_CONFIG_TYPES])
+    if options.get("num_landmarks") == InfluenceDistillationConfig.num_landmarks:  # not set: a quarter of the
+        options["num_landmarks"] = demo.rows_per_domain  # pool, to show the regression at work
     if options["response_column"] is None:
         options["response_column"] = "solution"  # the math target's worked answer (pool rows are chat rows)
     model, tokenizer = load_cli_model(model_args, options.pop("model_init_kwargs"))
+    shared.pop("model_init_kwargs")
     pool = demo_pool(demo.rows_per_domain, seed=demo.data_seed)
     target = demo_target("math", demo.target_rows, seed=demo.data_seed + 1)
     output = Path(demo.output)
     summary = {}
-    for method in (options["method"], "random"):
-        selected, table, report = select_and_report(pool, target, model, tokenizer, parse_budget(demo.demo_budget, "--demo_budget"),
-                                                     {**options, "method": method}, "source")
+    budget = parse_budget(demo.demo_budget, "--demo_budget")
+    for method, run_options in ((options["method"], options), ("random", {**shared, "method": "random"})):
+        selected, table, report = select_and_report(pool, target, model, tokenizer, budget, run_options, "source")
         write_selection(output / method, selected, table, report)
         print_report(report)
         summary[method] = {"in_domain_share": report["selected_share"].get("demo/math", 0.0),
@@ -196,11 +201,13 @@ def run_demo(argv: list[str]) -> dict:
 
 def run_select(argv: list[str]) -> dict:
     """Select --budget rows of --pool for --target; write selected.jsonl, the score table and a report."""
+    types, refusal = selection_types(argv)
     args, model_args, *configs = parse(
-        argv, (SelectArguments, ModelArguments, *CONFIG_TYPES),
+        argv, (SelectArguments, ModelArguments, *types),
         "Select the pool rows that help most on the target (Influence Distillation by default; --method for "
-        "influence_distillation_exact, less, rds, random).",
-        command="select",
+        "influence_distillation_exact, less, rds, nn_cift, random). --help with --method NAME lists that method's "
+        "own options.",
+        command="select", refusal=refusal,
     )
     # Everything that can be checked without a model pass is, first: nothing is lost to a late refusal.
     budget = parse_budget(args.budget)

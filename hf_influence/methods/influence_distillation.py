@@ -27,6 +27,7 @@ from ..store import VectorStore, fingerprint_dataset
 from ..streaming import ScoreStream
 from ..robust_weighting import robust_weights
 from ..verbosity import get_logger
+from .influence_distillation_config import InfluenceDistillationConfig, InfluenceDistillationExactConfig
 from .stores import (gradient_vectors, landmark_feature_rows, optimizer_step, pool_row_gradients, pool_row_scores,
                      store_rows, target_gradient_vectors)
 
@@ -49,12 +50,12 @@ def _hessian_projected(context: Context, tracked: PerSampleGradients, rows: Data
     folder = (f"hessian_products-{fingerprint_dataset(context.target)[:16]}-"
               f"{fingerprint_dataset(rows)[:16]}")
     store = extract_hessian_products(context.model, rows, context.target, context.work_dir / folder, gradient_config,
-                                     context.config.hessian, None if step is None else step.scale,
+                                     context.method_config.hessian, None if step is None else step.scale,
                                      pad_token_id=context.tokenizer.pad_token_id, overwrite=context.config.overwrite,
                                      show_progress=context.show_progress)
     products = [store.to_tensor()]
     if extra is not None:
-        hessian = target_hessian(context.model, tracked, context.target, gradient_config, context.config.hessian,
+        hessian = target_hessian(context.model, tracked, context.target, gradient_config, context.method_config.hessian,
                                  context.tokenizer.pad_token_id)
         products.append(tracked.project(hessian.matmul(extra.to(_device(context))[None])).float().cpu())
     return torch.cat(products)
@@ -81,8 +82,8 @@ def _step_size(context: Context, step: AffineStep | None) -> float:
     """eta of the second-order term: step_size, else the optimizer's learning rate. A learning rate of 0 (a schedule
     that has decayed to its end) would silently make the weights first-order: then half the schedule's initial
     learning rate is used, as the reference implementation does, with a warning."""
-    if context.config.step_size is not None:
-        return context.config.step_size
+    if context.method_config.step_size is not None:
+        return context.method_config.step_size
     if step is None:
         raise ValueError("order=2 with optimizer_state='gd' needs step_size (the learning rate eta of the one-step objective).")
     if step.lr > 0:
@@ -98,16 +99,16 @@ def _step_size(context: Context, step: AffineStep | None) -> float:
 
 def _weights(context: Context, p: Tensor, q_factors: tuple[Tensor, Tensor] | None, eta: float) -> Tensor:
     with context.timed("robust_weights"):
-        return robust_weights(p, context.config.robust_lambda, eta=eta, Q_factors=q_factors).float()
+        return robust_weights(p, context.method_config.robust_lambda, eta=eta, Q_factors=q_factors).float()
 
 
-@register_method("influence_distillation", default_selection="round_robin", robust_weights=True, second_order=True,
-                 streams=True)
+@register_method("influence_distillation", default_selection="round_robin", robust_weights=True, streams=True,
+                 config_cls=InfluenceDistillationConfig)
 def influence_distillation(context: Context) -> MethodOutput:
     """Landmark Influence Distillation: exact gradients for k landmarks, KRR on cheap row features for the rest,
     then (first order, with a budget) an exact re-rank of the rows the regression shortlists; the landmarks and the
     shortlist together stay within exact_gradient_fraction of the pool."""
-    config, n = context.config, len(context.pool)
+    config, n = context.method_config, len(context.pool)
     if config.landmark_features != "lm":  # a model too shallow for num_blocks is refused before the warm-up runs
         truncated_decoder(context.model, context.configs[JVPConfig].num_blocks)
     plan = exact_gradient_plan(config, n, context.budget_rows)
@@ -126,7 +127,7 @@ def influence_distillation(context: Context) -> MethodOutput:
     if embeddings is None and (config.landmark_selection == "kmeans++" or config.order == 2):
         embeddings = store.to_tensor()
     k = plan.landmarks
-    landmarks = select_landmarks(n, k, config.landmark_selection, embeddings=embeddings, seed=config.selection_seed)
+    landmarks = select_landmarks(n, k, config.landmark_selection, embeddings=embeddings, seed=context.config.selection_seed)
     landmark_rows = context.pool.select(landmarks.tolist())
     preconditioner = None if step is None else step.scale
     target_vectors = target_gradient_vectors(context)
@@ -148,7 +149,7 @@ def influence_distillation(context: Context) -> MethodOutput:
         landmark_embeddings = store_rows(store, landmarks) if embeddings is None else embeddings[landmarks]
         regressor = LandmarkRegressor().fit(landmark_embeddings, regression_columns, kernel=config.kernel,
                                             ridge=config.kernel_ridge, bandwidth=config.kernel_bandwidth,
-                                            seed=config.selection_seed)
+                                            seed=context.config.selection_seed)
     landmark_mask = torch.zeros(n, dtype=torch.bool)
     landmark_mask[landmarks] = True
     # Landmark rows are ranked by their leave-one-out predictions, like every other row by an out-of-sample one;
@@ -158,7 +159,7 @@ def influence_distillation(context: Context) -> MethodOutput:
                                                                      fidelity_remedy(config, plan, n))}
     stream = ScoreStream(store if embeddings is None else embeddings, regressor,
                          {"exact_rows": landmarks, "exact_scores": regressor.loo if calibrated else regression_columns},
-                         config.chunk_rows)
+                         context.config.chunk_rows)
     exact_rows = k
     if plan.shortlist:
         stream, new, new_computed = _shortlisted(context, stream, store, landmarks, landmark_scores, target_vectors,
@@ -177,7 +178,7 @@ def influence_distillation(context: Context) -> MethodOutput:
     eta = _step_size(context, step)
     if regression_columns.shape[1] > landmark_scores.shape[1]:
         p = p - eta * predicted[:, -1]
-    transfer = regressor.transfer_matrix(embeddings, chunk_rows=config.chunk_rows)
+    transfer = regressor.transfer_matrix(embeddings, chunk_rows=context.config.chunk_rows)
     # Landmark rows of C as their scores are made: P_L itself (exact) or its leave-one-out map.
     transfer[landmarks] = regressor.loo_transfer_matrix() if calibrated else torch.eye(k, dtype=transfer.dtype)
     return MethodOutput(scores, _weights(context, p, (transfer, q_landmarks), eta), landmark_mask, details=details)
@@ -242,7 +243,7 @@ def _cost_report(context: Context, plan: ExactGradientPlan, exact_rows: int, com
     """What decided the selection and what the run's pool side cost against exact influence's: predicted from
     FEATURE_COSTS, and measured (this run's feature and gradient seconds against n gradients at this run's own
     gradient rate; None when no gradient was computed here). Warns when the run is no cheaper than exact."""
-    n, config = len(context.pool), context.config
+    n, config = len(context.pool), context.method_config
     if plan.landmarks >= n:
         decided_by = "exact ID (every pool row a landmark)"
     elif plan.shortlist:
@@ -370,7 +371,7 @@ def landmark_diagnostics(regressor: LandmarkRegressor, landmark_scores: Tensor, 
 
 
 @register_method("influence_distillation_exact", default_selection="round_robin", robust_weights=True,
-                 second_order=True)
+                 config_cls=InfluenceDistillationExactConfig)
 def influence_distillation_exact(context: Context) -> MethodOutput:
     """Influence Distillation without landmarks: gradients (and, for order 2, Hessian products) of every pool row."""
     n = len(context.pool)
@@ -380,7 +381,7 @@ def influence_distillation_exact(context: Context) -> MethodOutput:
     target_vectors = target_gradient_vectors(context)
     scores = first_order_scores(pool_vectors, target_vectors)
     p = scores.mean(1)
-    if context.config.order == 1:
+    if context.method_config.order == 1:
         return MethodOutput(scores, _weights(context, p, None, 0.0), torch.ones(n, dtype=torch.bool))
     q_pool, drift_product = _landmark_second_order(context, tracked, context.pool, pool_vectors, step, n)
     eta = _step_size(context, step)

@@ -1,6 +1,6 @@
 """NN-CIFT as a selection method: an oracle scores a block of the pool, an InfluenceNetwork fitted on that block
-predicts the rest (the work itself is `hf_influence.nn_cift_pipeline.nn_cift`). order=2 reaches an Influence Distillation
-oracle through `oracle_options`."""
+predicts the rest (the work itself is `hf_influence.nn_cift_pipeline.nn_cift`). A method oracle's own options (e.g.
+order=2 for an Influence Distillation oracle) reach it through `oracle_options`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from ..engine import Context, MethodOutput
 from ..nn_cift_pipeline import block_overrides, nn_cift
 from ..options import NNCIFTConfig, SelectionConfig
-from ..registry import METHODS, oracle_rule, register_method
+from ..registry import oracle_rule, register_method
 from ..streaming import ScoreStream
 
 # SelectionConfig fields that describe the outer selection, not how a method oracle scores a block.
@@ -21,8 +21,9 @@ _NOT_ORACLE_FIELDS = ("method", "selection", "target_task_column")
 
 def oracle_options(configs: dict[type, Any]) -> dict[str, Any]:
     """The options of a NN-CIFT method oracle: every config field except NNCIFTConfig's and the outer
-    selection's own (method, selection rule, task column). optimizer_state, step_size, selection_seed and
-    work_dir (per-block subfolders, see MethodOracle) reach the oracle."""
+    selection's own (method, selection rule, task column). The oracle method's own config (options.split_options
+    builds it beside NNCIFTConfig), optimizer_state, selection_seed and work_dir (per-block subfolders, see
+    MethodOracle) reach the oracle."""
     return {name: value for config_type, config in configs.items() if config_type is not NNCIFTConfig
             for name, value in asdict(config).items()
             if not (config_type is SelectionConfig and name in _NOT_ORACLE_FIELDS)}
@@ -33,13 +34,7 @@ def nn_cift_rule(configs: dict[type, Any]) -> str:
     return oracle_rule(configs.get(NNCIFTConfig, NNCIFTConfig()).oracle)
 
 
-def oracle_second_order(configs: dict[type, Any]) -> bool:
-    """Whether the NN-CIFT oracle has a second-order term (an Influence Distillation method oracle)."""
-    oracle = configs.get(NNCIFTConfig, NNCIFTConfig()).oracle
-    return oracle in METHODS and METHODS[oracle].has_second_order(configs)
-
-
-@register_method("nn_cift", default_selection=nn_cift_rule, second_order=oracle_second_order, streams=True)
+@register_method("nn_cift", default_selection=nn_cift_rule, streams=True, config_cls=NNCIFTConfig)
 def nn_cift_method(context: Context) -> MethodOutput:
     """NN-CIFT: an oracle (NNCIFTConfig.oracle) on a u-block, an InfluenceNetwork fitted on it predicts the rest."""
     config = context.configs[NNCIFTConfig]

@@ -26,7 +26,7 @@ def optimizer_step(context: Context, tracked: PerSampleGradients) -> AffineStep 
     warm-up's if optimizer_state="warmup" (call it once per run: each call without a user's optimizer warms up,
     or loads the warm-up saved in work_dir)."""
     optimizer = context.optimizer
-    if optimizer is None and context.config.optimizer_state == "warmup":
+    if optimizer is None and context.configs[WarmupConfig].optimizer_state == "warmup":
         # Saved in a given work_dir: a rerun (after a crash, or for another target) reuses the same state,
         # and with it the gradient stores preconditioned by it.
         cache_dir = None if context.config.work_dir is None else Path(context.config.work_dir) / "warmup"
@@ -97,7 +97,7 @@ def landmark_feature_rows(context: Context, step: AffineStep | None, tracked: Pe
     """The regression features of every pool row (SelectionConfig.landmark_features): a store for one part; for
     several, the rows [e_1 / s_1, e_2 / s_2] in memory, s_j the median pairwise distance of part j on a seeded
     sample of at most 1000 rows, so that each part weighs the same in the RBF distance whatever its units."""
-    stores = [feature_store(context, part, step, tracked) for part in context.config.landmark_features.split("+")]
+    stores = [feature_store(context, part, step, tracked) for part in context.method_config.landmark_features.split("+")]
     if len(stores) == 1:
         return stores[0]
     return concatenate_scaled([store.to_tensor() for store in stores], seed=context.config.selection_seed)
