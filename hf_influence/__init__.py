@@ -34,7 +34,8 @@ from .selection import SelectionError, resolve_budget, select_indices, weighted_
 from .store import StoreMismatchError, StoreSpec, VectorStore
 from .streaming import iter_scores, predict_scores, stream_select
 from .targets import TARGET_TASKS, load_target
-from .trainer import InfluenceSelection, InfluenceSFTConfig, InfluenceSFTTrainer
+from .trainer import InfluenceSelection, InfluenceSFTTrainer
+from .trainer_config import InfluenceSFTConfig
 
 register_dataset_method()
 

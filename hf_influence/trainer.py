@@ -45,9 +45,8 @@ import json
 import math
 import textwrap
 import time
-import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -58,164 +57,24 @@ from accelerate.utils import is_peft_model
 from datasets import Dataset
 from torch import Tensor
 from torch.utils.data import Sampler
-from transformers.utils import is_torch_bf16_gpu_available
-from trl import SFTConfig, SFTTrainer
+from trl import SFTTrainer
 
 from .cards import HUB_TAG
 from .engine import compute_scores
 from .influence import select_by_influence
-from .models import looks_like_local_path, torch_dtype
-from .options import split_options
+from .models import looks_like_local_path
 from .registry import METHODS
 from .scores import ScoreTable, json_safe, provenance_record, rows_digest
-from .selection import GROUPED_RULES, SelectionError, choose_rows, parse_budget, resolve_budget
+from .selection import GROUPED_RULES, SelectionError, choose_rows, resolve_budget
 from .store import atomic_write_bytes
+from .trainer_config import InfluenceSFTConfig, selection_options
+from .trainer_modes import MODE_STRATEGIES
 from .validation import is_int
 from .verbosity import get_logger
 
 logger = get_logger(__name__)
 
-MODES = ("select", "weight", "online")
-NORMALIZATIONS = ("sample", "token")
 IGNORE_INDEX = -100
-
-
-@dataclass
-class InfluenceSFTConfig(SFTConfig):
-    """`trl.SFTConfig` plus how the training rows are chosen or weighted by influence.
-
-    Every SFTConfig / TrainingArguments field keeps its meaning. The fields added here:
-
-    Attributes:
-        influence_mode: "select" (train on the selected rows only), "weight" (train on the whole pool with
-            per-sample loss weights) or "online" (re-select every influence_reselect_steps steps).
-        influence_budget: rows to select in select and online modes: an int count, or a pool share, a float in
-            (0, 1]. A float > 1 with no fractional part (as a command line gives "100") counts rows.
-        influence_method: a registered method of `select_by_influence` ("influence_distillation", "less",
-            "rds", "nn_cift", ...). Weight mode needs a method with robust weights (the Influence Distillation
-            ones).
-        influence_score_table: local folder or Hub dataset repo id of a ScoreTable to select or weight from,
-            with no model pass; None computes scores from the trainer's model and `target_dataset`.
-        influence_score_table_config: config name of a Hub score table (`push_score_table(config_name=...)`).
-        influence_reselect_steps: online mode: optimizer steps between re-selections (each from the current
-            model and optimizer state). The rows trained between two selections are
-            influence_reselect_steps x per_device_train_batch_size x gradient_accumulation_steps x processes;
-            the budget must not exceed that, and a smaller selection is cycled through.
-        influence_options: keyword options of `select_by_influence` / `compute_scores` (fields of the shared
-            configs SelectionConfig, FormattingConfig, GradientConfig, JVPConfig, WarmupConfig, LoraSettings and of
-            influence_method's own config, e.g. {"num_landmarks": 1024, "selection": "round_robin"} for
-            influence_distillation), or their JSON; another method's option is refused by name.
-            selection_seed defaults to `seed`; progress bars follow `disable_tqdm`.
-        influence_row_id_column: pool column of integer row ids (the ids a score table's `pool_row_id`
-            refers to). When the pool has no such column it is created with each row's position.
-        influence_weight_column: weight mode: pool column of non-negative loss weights. Used as the weights
-            when neither target_dataset nor a score table is given; otherwise the trainer writes it.
-        influence_loss_normalization: weight mode: "sample" (weighted mean over the step's samples of each
-            sample's mean token loss) or "token" (each label token weighted by its sample's weight, divided by
-            the step's label tokens; unit weights then give exactly SFTTrainer's loss).
-    """
-
-    _VALID_DICT_FIELDS = SFTConfig._VALID_DICT_FIELDS + ["influence_options"]
-
-    influence_mode: str = field(
-        default="select",
-        metadata={"help": "select (train on the selected rows), weight (per-sample loss weights on the whole pool) "
-                          "or online (re-select every influence_reselect_steps steps).", "choices": list(MODES)},
-    )
-    influence_budget: float | str = field(
-        default=0.05,
-        metadata={"help": "Rows to select: an integer count, or a pool share (float in (0, 1])."},
-    )
-    influence_method: str = field(
-        default="influence_distillation",
-        metadata={"help": "Registered selection method (influence_distillation, influence_distillation_exact, less, "
-                          "rds, nn_cift, random)."},
-    )
-    influence_score_table: str | None = field(
-        default=None,
-        metadata={"help": "Local folder or Hub dataset repo id of a score table (no model pass)."},
-    )
-    influence_score_table_config: str = field(
-        default="default", metadata={"help": "Config name of a score table on the Hub."}
-    )
-    influence_reselect_steps: int | None = field(
-        default=None, metadata={"help": "Online mode: optimizer steps between re-selections."}
-    )
-    influence_options: dict[str, Any] | str | None = field(
-        default=None,
-        metadata={"help": "Options of select_by_influence as a JSON object, e.g. '{\"num_landmarks\": 1024}'."},
-    )
-    influence_row_id_column: str = field(
-        default="row_id", metadata={"help": "Pool column of integer row ids (created from positions if missing)."}
-    )
-    influence_allow_stale_table: bool = field(
-        default=False,
-        metadata={"help": "Use a score table even when train_dataset's rows at the table's pool_row_ids are not the "
-                          "rows it scored (reordered, filtered or edited since); by default that is refused."},
-    )
-    influence_weight_column: str = field(
-        default="weight", metadata={"help": "Weight mode: pool column of per-sample loss weights."}
-    )
-    influence_loss_normalization: str = field(
-        default="sample",
-        metadata={"help": "Weight mode: sample (weighted mean of per-sample mean token losses) or token.",
-                  "choices": list(NORMALIZATIONS)},
-    )
-
-    def __post_init__(self) -> None:
-        # TRL turns an unset bf16 on, which transformers then refuses on a machine without a bf16 accelerator:
-        # unset, it follows the machine here (an explicit bf16=True is still the user's, and still refused there).
-        if self.bf16 is None and not self.fp16 and (self.use_cpu or not is_torch_bf16_gpu_available()):
-            self.bf16 = False
-        super().__post_init__()
-        if self.influence_mode not in MODES:
-            raise ValueError(f"influence_mode must be one of {list(MODES)}, got {self.influence_mode!r}.")
-        if self.influence_loss_normalization not in NORMALIZATIONS:
-            raise ValueError(f"influence_loss_normalization must be one of {list(NORMALIZATIONS)}, "
-                             f"got {self.influence_loss_normalization!r}.")
-        self.influence_budget = parse_budget(self.influence_budget, "influence_budget")
-        self.influence_options = dict(self.influence_options or {})
-        for reserved, instead in (("method", "influence_method"), ("budget", "influence_budget")):
-            if reserved in self.influence_options:
-                raise ValueError(f"influence_options must not set {reserved!r}: use {instead}.")
-        if "max_length" in self.influence_options:
-            warnings.warn("influence_options['max_length'] is deprecated: rows are scored at SFTConfig.max_length, "
-                          "the length they train at; drop it from influence_options (it still wins for now).",
-                          FutureWarning, stacklevel=3)
-        # Builds the option dataclasses once: unknown names (TypeError) and bad values fail here, not after a
-        # model pass.
-        split_options({**self.influence_options, "method": self.influence_method})
-        online = self.influence_mode == "online"
-        steps = self.influence_reselect_steps
-        if online and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-            raise ValueError(f"influence_mode='online' needs influence_reselect_steps, an integer >= 1 (optimizer "
-                             f"steps between re-selections); got {steps!r}.")
-        if not online and steps is not None:
-            raise ValueError(f"influence_reselect_steps={steps} is only used by influence_mode='online' "
-                             f"(influence_mode is {self.influence_mode!r}).")
-        if online and self.influence_score_table is not None:
-            raise ValueError("influence_mode='online' re-selects from the current model, which a fixed score table "
-                             "cannot do: pass target_dataset to the trainer instead of influence_score_table.")
-        for name in ("influence_row_id_column", "influence_weight_column"):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                raise ValueError(f"{name} must be a non-empty column name, got {getattr(self, name)!r}.")
-        if self.influence_row_id_column == self.influence_weight_column:
-            raise ValueError("influence_row_id_column and influence_weight_column must be different columns.")
-        if self.influence_mode in ("weight", "online"):
-            for name in ("packing", "padding_free"):
-                if getattr(self, name):
-                    raise ValueError(
-                        f"{name}=True cannot be combined with influence_mode={self.influence_mode!r}: it merges rows "
-                        f"into one sequence, losing the per-sample identity that "
-                        f"{'the loss weights' if self.influence_mode == 'weight' else 'online re-selection'} needs. "
-                        f"Set {name}=False, or use influence_mode='select', which selects before TRL packs.")
-        if self.influence_mode == "weight":
-            if self.loss_type != "nll":
-                raise ValueError(f"influence_mode='weight' weights the negative log-likelihood: loss_type must be "
-                                 f"'nll', got {self.loss_type!r}.")
-            if self.label_smoothing_factor > 0:
-                raise ValueError("influence_mode='weight' does not support label_smoothing_factor > 0 (that loss is "
-                                 "computed from full logits, outside the weighted per-token path).")
 
 
 @dataclass
@@ -238,30 +97,6 @@ class InfluenceSelection:
     source: str
     provenance: dict
     statistics: dict[str, float]
-
-
-class SelectionSampler(Sampler[int]):
-    """Dataset positions of the current selection, `rows_per_pass` per pass (one pass = one training epoch).
-
-    `positions()` is called once at the start of every pass, i.e. when the trainer begins an epoch, after the
-    previous epoch's last optimizer step; the pass then yields those positions in a seeded random order,
-    cycling through them when there are fewer than `rows_per_pass`.
-    """
-
-    def __init__(self, positions: Callable[[], Sequence[int]], rows_per_pass: int, seed: int):
-        self.positions, self.rows_per_pass, self.seed = positions, rows_per_pass, seed
-        self.passes = 0
-
-    def __len__(self) -> int:
-        return self.rows_per_pass
-
-    def __iter__(self):
-        chosen = list(self.positions())
-        generator = torch.Generator().manual_seed(self.seed + self.passes)
-        self.passes += 1
-        order = torch.randperm(len(chosen), generator=generator).tolist()
-        for k in range(self.rows_per_pass):
-            yield chosen[order[k % len(chosen)]]
 
 
 class PerSampleColumns:
@@ -344,109 +179,44 @@ class InfluenceSFTTrainer(SFTTrainer):
         if not isinstance(train_dataset, Dataset):
             raise TypeError(f"train_dataset (the pool) must be a datasets.Dataset, got {type(train_dataset).__name__}: "
                             f"selection needs the row count and random access.")
-        mode = args.influence_mode
-        if mode == "weight" and kwargs.get("compute_loss_func") is not None:
-            raise ValueError("influence_mode='weight' computes its own weighted loss: compute_loss_func must be None.")
+        mode = MODE_STRATEGIES[args.influence_mode]()
         table = _score_table(args, influence_score_table, target_dataset)
-        if mode != "weight" and target_dataset is None and table is None:
-            raise ValueError(f"influence_mode={mode!r} needs target_dataset (rows of the task to improve) or a "
-                             f"score table (influence_score_table): neither was given.")
-        if (mode == "weight" and target_dataset is None and table is None
-                and args.influence_weight_column not in train_dataset.column_names):
-            raise ValueError(
-                f"influence_mode='weight' needs weights: pass target_dataset (robust weights are computed), a score "
-                f"table with weights (influence_score_table), or a pool column {args.influence_weight_column!r} "
-                f"(influence_weight_column); the pool has columns {train_dataset.column_names}.")
-        if mode == "weight" and (target_dataset is not None or table is not None) \
-                and args.influence_weight_column in train_dataset.column_names:
-            raise ValueError(f"The pool already has a column {args.influence_weight_column!r} but the weights come from "
-                             f"the {'target' if table is None else 'score table'}: rename that column or set "
-                             f"influence_weight_column to a free name.")
+        mode.check(args, train_dataset, target_dataset, table, kwargs)
         row_ids = _pool_row_ids(train_dataset, args.influence_row_id_column)
         if table is not None and not args.influence_allow_stale_table:
             _check_table_content(table, train_dataset, row_ids)
-        self._influence_budget = None if mode == "weight" else resolve_budget(args.influence_budget, len(row_ids))
+        self._influence_mode = mode
+        self._influence_budget = resolve_budget(args.influence_budget, len(row_ids)) if mode.budgeted else None
         self._influence_pool = train_dataset
         self._influence_row_ids = row_ids
         self._influence_target = target_dataset
         self._influence_table = table
         self._influence_logs: dict[str, float] = {}
-        self._influence_sampler: SelectionSampler | None = None
+        self._influence_sampler: Sampler[int] | None = None  # set by a mode that chooses the rows of each pass
         self.influence_selections: list[InfluenceSelection] = []
-        if mode == "weight":
-            self.loss_is_scaled_for_ga = True  # divided by the whole step's count, see get_batch_samples
         if args.influence_row_id_column not in train_dataset.column_names:
             train_dataset = train_dataset.add_column(args.influence_row_id_column, row_ids)
-        loads_id = mode == "select" and isinstance(model, str)
-        if mode == "select":
-            # Selected before SFTTrainer is built, so that TRL's constructor prepares (tokenises, packs) only the
-            # selected rows, in selection order. A model id is loaded here, once, as TRL would: SFTTrainer then
-            # trains the object that scored.
-            quantization = kwargs.pop("quantization_config", None) if loads_id else None
-            model, processing_class = _selection_model(model, processing_class, args, quantization)
-            selection = self._select(None, args, model, processing_class, kwargs.get("peft_config"))
-            position = {row_id: i for i, row_id in enumerate(row_ids)}
-            train_dataset = train_dataset.select([position[row_id] for row_id in selection.row_ids])
+        given = model
+        model, processing_class, train_dataset = mode.before_init(self, args, model, processing_class, train_dataset,
+                                                                  kwargs)
         init_kwargs = args.model_init_kwargs
-        if loads_id:  # applied above; SFTTrainer would warn that a model object ignores them
-            args.model_init_kwargs = None
+        if isinstance(given, str) and not isinstance(model, str):  # loaded with them by the mode; SFTTrainer would
+            args.model_init_kwargs = None  # warn that a model object ignores them
         try:
             super().__init__(model, args, data_collator, train_dataset, eval_dataset, processing_class, **kwargs)
         finally:
             args.model_init_kwargs = init_kwargs
-
-        if mode == "online":
-            if not is_peft_model(self.model):
-                raise ValueError("influence_mode='online' re-scores with the trainer's AdamW state on LoRA parameters: "
-                                 "train a PEFT model (pass peft_config=LoraConfig(...) or a PeftModel).")
-            rows_per_pass = (args.influence_reselect_steps * self._train_batch_size
-                             * args.gradient_accumulation_steps * max(1, args.world_size))
-            if self._influence_budget > rows_per_pass:
-                raise ValueError(
-                    f"influence_budget ({self._influence_budget} rows) is larger than the {rows_per_pass} rows trained "
-                    f"between re-selections (influence_reselect_steps x per_device_train_batch_size x "
-                    f"gradient_accumulation_steps x processes): lower the budget or raise influence_reselect_steps.")
-        weight_dtype = {args.influence_weight_column: torch.float32} if mode == "weight" else {}
-        self.data_collator = PerSampleColumns(self.data_collator,
-                                              {args.influence_row_id_column: torch.long, **weight_dtype})
-
-        if mode == "select":
-            self._check_selected_rows_survived(selection.row_ids)
-            selection.statistics["influence/selected_rows"] = float(self._training_row_count())
-        elif mode == "weight":
-            self._attach_weights()
-        else:
-            self._select(None, args, self.model, self._tokenizer)
-            self._influence_sampler = SelectionSampler(self._online_positions, rows_per_pass, seed=args.seed)
+        self.data_collator = PerSampleColumns(self.data_collator, {args.influence_row_id_column: torch.long,
+                                                                   **mode.per_sample_columns(args)})
+        mode.after_init(self)
         self._influence_logs.update(self.influence_selections[-1].statistics)
 
     # ------------------------------------------------------------------------------------------------
     # Data
 
-    def _check_selected_rows_survived(self, selected_ids: list[int]) -> None:
-        """Refuse a selection that TRL's preparation dropped entirely; warn about the rows it dropped."""
-        prepared = self.train_dataset
-        if len(prepared) == 0:
-            raise ValueError(f"TRL's preparation dropped all {len(selected_ids)} selected rows (no trainable token "
-                             f"left, e.g. fully masked by assistant_only_loss or truncation to max_length="
-                             f"{self.args.max_length}): check those settings against the selected rows "
-                             f"{selected_ids[:10]}{'...' if len(selected_ids) > 10 else ''}.")
-        if not self.args.packing and len(prepared) < len(selected_ids):
-            logger.warning("TRL's preparation dropped %d of the %d selected rows (no trainable token left); "
-                           "training on the other %d.", len(selected_ids) - len(prepared), len(selected_ids),
-                           len(prepared))
-
-    def _training_row_count(self) -> int:
-        column = self.args.influence_row_id_column
-        if column in self.train_dataset.column_names:
-            return len(set(self.train_dataset[column]))
-        return self._influence_budget  # packed: rows are merged, TRL only drops rows with no label token
-
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        columns = [self.args.influence_row_id_column]
-        if self.args.influence_mode == "weight":
-            columns.append(self.args.influence_weight_column)
+        columns = [self.args.influence_row_id_column, *self._influence_mode.per_sample_columns(self.args)]
         self._signature_columns += [column for column in columns if column not in self._signature_columns]
 
     def _get_train_sampler(self, train_dataset=None):
@@ -457,9 +227,11 @@ class InfluenceSFTTrainer(SFTTrainer):
     # ------------------------------------------------------------------------------------------------
     # Selection
 
-    def _select(self, optimizer, args: InfluenceSFTConfig, model, tokenizer, peft_config=None) -> InfluenceSelection:
+    def _select(self, optimizer, args: InfluenceSFTConfig, model, tokenizer, peft_config=None,
+                work_subdir: str | None = None) -> InfluenceSelection:
         """Select `budget` pool rows (from the score table, or the target with `model`, to which a base model gets
-        `peft_config` as its scoring adapter); records it. Called before SFTTrainer is built in select mode."""
+        `peft_config` as its scoring adapter, keeping its stores in work_dir/work_subdir); records it. Called
+        before SFTTrainer is built in select mode."""
         start = time.perf_counter()
         step = self.state.global_step if hasattr(self, "state") else 0
         budget = self._influence_budget
@@ -473,19 +245,17 @@ class InfluenceSFTTrainer(SFTTrainer):
             # The rule the table's run selected with (recorded by select_by_influence and the CLI), else its
             # method's default.
             method = METHODS.get(provenance.get("method"))
-            rule = (_options(args).get("selection") or provenance.get("selection")
+            rule = (selection_options(args).get("selection") or provenance.get("selection")
                     or (method.selection_rule({}) if method else "round_robin"))
-            chosen = choose_rows(budget, rule, _options(args)["selection_seed"], scores=scores,
+            chosen = choose_rows(budget, rule, selection_options(args)["selection_seed"], scores=scores,
                                  weights=lambda: self._table_weights(table_ids),
                                  target_groups=self._table_groups(rule, targets))
             selected = [table_ids[i] for i in chosen.tolist()]
             source, score_ids = "score_table", table_ids
         else:
-            options = _options(args)
-            if args.influence_mode == "online" and options.get("work_dir"):
-                # Each round scores with other adapter weights and optimizer state: stores of its own, so a
-                # restarted run resumes the round it was in.
-                options["work_dir"] = str(Path(options["work_dir"]) / f"step-{step}")
+            options = selection_options(args)
+            if work_subdir is not None and options.get("work_dir"):
+                options["work_dir"] = str(Path(options["work_dir"]) / work_subdir)
             if peft_config is not None and not is_peft_model(model) and "peft_config" not in options:
                 options["peft_config"] = peft_config
             with _ScoringContext(model):
@@ -501,30 +271,13 @@ class InfluenceSFTTrainer(SFTTrainer):
         statistics = {"influence/budget": float(budget), "influence/pool_rows": float(len(self._influence_row_ids)),
                       **_score_statistics(scores, score_ids, selected),
                       "influence/selection_seconds": time.perf_counter() - start}
-        if args.influence_mode == "online":
-            statistics["influence/round"] = float(len(self.influence_selections))
         selection = InfluenceSelection(step, selected, None, source, provenance, statistics)
         self.influence_selections.append(selection)
         return selection
 
-    def _online_positions(self) -> list[int]:
-        """Positions (in the prepared pool) of the rows to train on until the next re-selection."""
-        last = self.influence_selections[-1]
-        if self.state.global_step != last.step:
-            optimizer = None if _options(self.args).get("optimizer_state") == "gd" else _unwrap(self.optimizer)
-            last = self._select(optimizer, self.args, self.model, self._tokenizer)
-            self._influence_logs.update(last.statistics)
-        position = {row_id: i for i, row_id in enumerate(self.train_dataset[self.args.influence_row_id_column])}
-        positions = [position[row_id] for row_id in last.row_ids if row_id in position]
-        if len(positions) < len(last.row_ids):
-            logger.warning("%d selected rows were dropped by TRL's preparation (no label token left) and are not "
-                           "trained on.", len(last.row_ids) - len(positions))
-        if not positions:
-            raise SelectionError("None of the selected rows survived TRL's dataset preparation: nothing to train on.")
-        return positions
-
     def _attach_weights(self) -> None:
-        """Weight mode: the weight column of the prepared pool, validated and rescaled to mean 1."""
+        """Weight mode's weights (WeightMode): the weight column of the prepared pool, validated and rescaled to
+        mean 1."""
         start = time.perf_counter()
         column, id_column = self.args.influence_weight_column, self.args.influence_row_id_column
         provenance: dict = {}
@@ -536,7 +289,7 @@ class InfluenceSFTTrainer(SFTTrainer):
             with _ScoringContext(self.model):
                 run = compute_scores(self._influence_pool, self._influence_target, model=self.model,
                                      method=self.args.influence_method, tokenizer=self._tokenizer,
-                                     **_options(self.args))
+                                     **selection_options(self.args))
             if run.output.weights is None:
                 raise ValueError(f"influence_method={self.args.influence_method!r} gives no per-sample weights; "
                                  f"influence_mode='weight' needs robust weights (influence_distillation or "
@@ -620,7 +373,7 @@ class InfluenceSFTTrainer(SFTTrainer):
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """The step's micro-batches and, in weight mode, the step's sample or label-token count (all ranks)."""
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
-        if self.args.influence_mode != "weight" or not batch_samples:
+        if not self._influence_mode.weighted_loss or not batch_samples:
             return batch_samples, num_items_in_batch
         if self.args.influence_loss_normalization == "sample":
             count = sum(len(batch["labels"]) for batch in batch_samples)
@@ -636,7 +389,7 @@ class InfluenceSFTTrainer(SFTTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs.pop(self.args.influence_row_id_column, None)
         weights = inputs.pop(self.args.influence_weight_column, None)
-        if self.args.influence_mode != "weight" or weights is None or not self.model.training:
+        if not self._influence_mode.weighted_loss or weights is None or not self.model.training:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
         factors = weights.float()
@@ -700,9 +453,8 @@ class InfluenceSFTTrainer(SFTTrainer):
             "source": last.source,
             "budget": self._influence_budget,
             "pool_rows": len(self._influence_row_ids),
-            "training_rows": len(last.row_ids) if self.args.influence_mode != "select" else self._training_row_count(),
-            "loss_normalization": (self.args.influence_loss_normalization
-                                   if self.args.influence_mode == "weight" else None),
+            "training_rows": self._influence_mode.training_rows(self),
+            "loss_normalization": self.args.influence_loss_normalization if self._influence_mode.weighted_loss else None,
             "selection_steps": [selection.step for selection in self.influence_selections],
             "model_id": last.provenance.get("model_id"),
             "model_revision": last.provenance.get("model_revision"),
@@ -710,43 +462,6 @@ class InfluenceSFTTrainer(SFTTrainer):
             "target_fingerprint": last.provenance.get("target_fingerprint"),
             "provenance": last.provenance,
         }
-
-
-def _options(args: InfluenceSFTConfig) -> dict[str, Any]:
-    """The select_by_influence options of a trainer run: influence_options, with the selection seed, the progress
-    bars and the row length taken from the SFT run's own settings unless influence_options sets them."""
-    options = dict(args.influence_options)
-    options.setdefault("selection_seed", args.seed)
-    # The selection's bars follow the SFT run's; the warm-up stays silent unless warmup_show_progress asks.
-    options.setdefault("show_progress", not args.disable_tqdm)
-    if args.max_length is not None:
-        options.setdefault("max_length", args.max_length)  # rows are scored as long as they are trained
-    return options
-
-
-def _selection_model(model, processing_class, args: InfluenceSFTConfig, quantization_config=None):
-    """Select mode's model and tokenizer, on the device the trainer will train on (`args.device`; a model placed
-    by device_map or quantization stays where it is). A model id is loaded as SFTTrainer loads one: `args.model_init_kwargs`,
-    float32 unless they name a dtype, `args.trust_remote_code`, the trainer's quantization_config, and no
-    device_map under multi-GPU DDP; its tokenizer at the same revision."""
-    from accelerate.utils import DistributedType
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if isinstance(model, str):
-        name = model
-        kwargs = {"dtype": "float32", "trust_remote_code": args.trust_remote_code, **(args.model_init_kwargs or {})}
-        if quantization_config is not None:
-            kwargs["quantization_config"] = quantization_config
-        if PartialState().distributed_type in (DistributedType.MULTI_GPU, DistributedType.DEEPSPEED):
-            kwargs["device_map"] = None  # as TRL: DDP places the model itself ("auto" fails)
-        if isinstance(kwargs["dtype"], str) and kwargs["dtype"] != "auto":
-            kwargs["dtype"] = torch_dtype(kwargs["dtype"])
-        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
-        processing_class = processing_class or AutoTokenizer.from_pretrained(
-            name, revision=kwargs.get("revision"), trust_remote_code=kwargs["trust_remote_code"])
-    if getattr(model, "hf_device_map", None) is None and not getattr(model, "is_quantized", False):
-        model.to(args.device)
-    return model, processing_class
 
 
 class _ScoringContext:
@@ -870,11 +585,6 @@ def _score_statistics(scores: Tensor, score_ids: Sequence[int], selected: Sequen
             "influence/score_mean_selected": float(chosen.mean()) if len(chosen) else math.nan}
 
 
-def _unwrap(optimizer):
-    """The torch optimizer inside accelerate's AcceleratedOptimizer wrapper."""
-    return getattr(optimizer, "optimizer", optimizer)
-
-
 def _card_section(summary: dict[str, Any], provenance: str) -> str:
     rows = [("mode", summary["mode"]), ("method", summary["method"]), ("scores from", summary["source"]),
             ("budget (rows)", summary["budget"]), ("pool rows", summary["pool_rows"]),
@@ -891,5 +601,5 @@ def _card_section(summary: dict[str, Any], provenance: str) -> str:
     )
 
 
-__all__ = ["InfluenceSFTConfig", "InfluenceSFTTrainer", "InfluenceSelection", "PerSampleColumns", "SelectionSampler"]
+__all__ = ["InfluenceSFTTrainer", "InfluenceSelection", "PerSampleColumns"]
 

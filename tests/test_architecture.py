@@ -1,5 +1,5 @@
 """The package's import graph, read from the source with `ast`: no import cycle (imports inside functions
-count: they are how a cycle hides) and no module that imports more than half of the package."""
+count: they are how a cycle hides) and no module, the CLI aside, that imports more than a third of the package."""
 
 import ast
 from pathlib import Path
@@ -74,11 +74,14 @@ def test_no_import_cycle():
     assert _cycle(graph) is None
 
 
-def test_no_module_imports_more_than_half_of_the_package():
+def test_no_module_imports_more_than_a_third_of_the_package():
+    """The command line aside (it wires every stage to flags), a module that imports a third of the package is
+    doing more than one job."""
     graph = import_graph()
     modules = [name for name in graph if not (PACKAGE.parent / name.replace(".", "/") / "__init__.py").exists()]
-    heavy = {name: len(graph[name]) for name in modules if len(graph[name]) > len(modules) / 2}
-    assert not heavy, f"modules importing more than half of the {len(modules)} modules: {heavy}"
+    heavy = {name: len(graph[name]) for name in modules
+             if len(graph[name]) > len(modules) / 3 and not name.startswith("hf_influence.cli.")}
+    assert not heavy, f"modules importing more than a third of the {len(modules)} modules: {heavy}"
 
 
 def test_no_public_name_shadows_a_module():

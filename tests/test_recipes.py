@@ -27,7 +27,8 @@ from hf_influence.models import LoraSettings
 from hf_influence.options import SHARED_CONFIG_TYPES, method_config_types
 from hf_influence.selection import select_indices
 from hf_influence.testing import tiny_causal_lm
-from hf_influence.trainer import InfluenceSFTConfig, InfluenceSFTTrainer
+from hf_influence.trainer import InfluenceSFTTrainer
+from hf_influence.trainer_config import InfluenceSFTConfig
 
 local_hub = hub_server.local_hub
 

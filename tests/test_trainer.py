@@ -29,7 +29,8 @@ from hf_influence.hub import push_score_table
 from hf_influence.engine import compute_scores
 from hf_influence.scores import provenance_record
 from hf_influence.testing import tiny_causal_lm
-from hf_influence.trainer import InfluenceSFTConfig, InfluenceSFTTrainer
+from hf_influence.trainer import InfluenceSFTTrainer
+from hf_influence.trainer_config import InfluenceSFTConfig
 
 # Small and quiet selection options (1 JVP block, a 2-step warm-up, small projections).
 FAST = {"num_blocks": 1, "warmup_fraction": 0.25, "warmup_min_steps": 2, "projection_dim": 256,
@@ -629,3 +630,12 @@ def test_text_rows_select_and_train_as_sft_trainer_takes_them(tmp_path):
     assert trainer.influence_selections[0].row_ids == expected
     assert trainer.train_dataset["row_id"] == expected and "input_ids" in trainer.train_dataset.column_names
     trainer.train()
+
+
+def test_every_mode_has_one_strategy():
+    """The trainer asks its mode's strategy object instead of comparing names: one per InfluenceSFTConfig mode."""
+    from hf_influence.trainer_config import MODES
+    from hf_influence.trainer_modes import MODE_STRATEGIES
+
+    assert tuple(MODE_STRATEGIES) == MODES
+    assert [strategy.name for strategy in MODE_STRATEGIES.values()] == list(MODES)

@@ -14,7 +14,8 @@ from ..models import LoraSettings
 from ..scores import json_safe
 from ..store import atomic_write_json
 from ..targets import load_target
-from ..trainer import InfluenceSFTConfig, InfluenceSFTTrainer
+from ..trainer import InfluenceSFTTrainer
+from ..trainer_config import InfluenceSFTConfig
 from .arguments import ModelArguments, TrainDataArguments, load_cli_model, parse
 from .select import check_writable_folder
 
