@@ -14,11 +14,11 @@ import yaml
 from datasets import Dataset
 from trl import TrlParser
 
-from .. import selection
 from ..data import load_rows
 from ..distributed import process_state
 from ..gradients import GradientConfig
 from ..models import DEFAULT_MODEL, load_model, torch_dtype
+from ..selection import SelectionError, parse_budget as parse_budget_value
 from ..options import SHARED_CONFIG_TYPES, NNCIFTConfig, SelectionConfig, method_config_types, refusal_message
 
 
@@ -367,8 +367,8 @@ def is_main_process() -> bool:
 def parse_budget(text: str, flag: str = "--budget") -> int | float:
     """selection.parse_budget, with a bad value ending the command with its one-line message (no traceback)."""
     try:
-        return selection.parse_budget(text, flag)
-    except selection.SelectionError as error:
+        return parse_budget_value(text, flag)
+    except SelectionError as error:
         raise SystemExit(str(error)) from None
 
 
