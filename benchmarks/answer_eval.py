@@ -11,7 +11,7 @@ import torch
 from datasets import Dataset
 
 from hf_influence.formatting import IGNORE_INDEX
-from hf_influence.gradients import per_sample_losses
+from hf_influence.extraction.gradients import per_sample_losses
 from hf_influence.model_passes import eval_mode, run_batches
 
 

@@ -101,8 +101,8 @@ from transformers import Trainer, TrainingArguments
 from hf_influence import DEFAULT_MODEL, ScoreTable, load_model, load_target, select_by_influence
 from hf_influence.data import load_rows, sample_rows
 from hf_influence.formatting import FormattingConfig, format_dataset, pad_batch
-from hf_influence.selection import select_indices
-from hf_influence.store import atomic_write_json
+from hf_influence.selection.rules import select_indices
+from hf_influence.extraction.store import atomic_write_json
 
 SCRIPT = Path(__file__).resolve()
 # Target name -> (load_target task, options of the selection rows' file, of the evaluation rows' file).

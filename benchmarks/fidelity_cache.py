@@ -23,11 +23,11 @@ from safetensors.torch import load_file, save_file
 from hf_influence import DEFAULT_MODEL, load_model
 from hf_influence.data import load_rows
 from hf_influence.rds_embeddings import lm_pooled_embeddings, pooled_batch
-from hf_influence.encoders import encode_rows
-from hf_influence.extract import extract_gradients, extract_jvp_embeddings
+from hf_influence.networks.encoders import encode_rows
+from hf_influence.extraction.extract import extract_gradients, extract_jvp_embeddings
 from hf_influence.formatting import FormattingConfig, format_dataset, pad_batch
-from hf_influence.gradients import GradientConfig, PerSampleGradients, causal_lm_parts
-from hf_influence.jvp import JVPConfig, JVPEmbedder
+from hf_influence.extraction.gradients import GradientConfig, PerSampleGradients, causal_lm_parts
+from hf_influence.extraction.jvp import JVPConfig, JVPEmbedder
 from hf_influence.models import LoraSettings, add_lora
 from hf_influence.optimizers import affine_step
 from hf_influence.targets import load_target

@@ -35,7 +35,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 from hf_influence import FormattingConfig, GradientConfig, JVPConfig, JVPEmbedder, PerSampleGradients, format_dataset, pad_batch  # noqa: E402
 from hf_influence.demo import demo_pool  # noqa: E402
 from hf_influence.models import LoraSettings, add_lora, load_model  # noqa: E402
-from hf_influence.projection import make_projector  # noqa: E402
+from hf_influence.extraction.projection import make_projector  # noqa: E402
 from hf_influence.testing import tiny_causal_lm  # noqa: E402
 
 SHARED_POOL = Path(__file__).resolve().parents[2] / "shared" / "data" / "pool.jsonl.gz"

@@ -52,12 +52,12 @@ from machine_info import cpu_model
 from safetensors.torch import load_file
 
 from hf_influence.data import load_rows
-from hf_influence.landmarks import LandmarkRegressor, concatenate_scaled, select_landmarks
+from hf_influence.selection.landmarks import LandmarkRegressor, concatenate_scaled, select_landmarks
 from hf_influence.registry import METHODS
 from hf_influence.methods.influence_distillation import exact_gradient_plan, landmark_diagnostics
 from hf_influence.methods.influence_distillation_config import InfluenceDistillationConfig
-from hf_influence.selection import select_indices
-from hf_influence.store import VectorStore
+from hf_influence.selection.rules import select_indices
+from hf_influence.extraction.store import VectorStore
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 IN_DOMAIN = {"gsm8k": ("flan_cot/gsm8k", "flan_cot/aqua"), "mmlu": None, "bbh": None}

@@ -27,7 +27,7 @@ import torch
 from machine_info import cpu_model
 from torch import Tensor
 
-from hf_influence.network import InfluenceNetwork
+from hf_influence.networks.network import InfluenceNetwork
 
 
 def machine() -> dict:

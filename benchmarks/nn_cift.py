@@ -61,15 +61,15 @@ from selection_quality import DEFAULT_DATA_DIR, machine
 
 from hf_influence import DEFAULT_MODEL, compute_scores, load_model, load_target
 from hf_influence.data import load_rows
-from hf_influence.encoders import encode_rows, load_encoder
+from hf_influence.networks.encoders import encode_rows, load_encoder
 from hf_influence.formatting import FormattingConfig, format_dataset
 from hf_influence.models import base_model
-from hf_influence.network import InfluenceNetwork, column_spearman, complement, standardize_columns, topk_overlap
-from hf_influence.nn_cift_pipeline import NNCIFTConfig
-from hf_influence.oracles import DeliftOracle
+from hf_influence.networks.network import InfluenceNetwork, column_spearman, complement, standardize_columns, topk_overlap
+from hf_influence.networks.nn_cift_pipeline import NNCIFTConfig
+from hf_influence.networks.oracles import DeliftOracle
 from hf_influence.rds_embeddings import cosine_scores, lm_pooled_embeddings
-from hf_influence.scores import json_safe
-from hf_influence.store import VectorStore, atomic_write_json
+from hf_influence.artifacts.scores import json_safe
+from hf_influence.extraction.store import VectorStore, atomic_write_json
 
 POOL_ROWS, MAX_LENGTH, SEED = 2048, 256, 0
 # task -> (rows, load_target options): 1,029 targets, so that u = 5% of them is 52 columns.

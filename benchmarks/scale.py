@@ -54,13 +54,13 @@ import numpy as np
 import torch
 from machine_info import cpu_model
 
-from hf_influence.landmarks import LandmarkRegressor, select_landmarks
+from hf_influence.selection.landmarks import LandmarkRegressor, select_landmarks
 from hf_influence.methods.influence_distillation import ONE_PASS_MAX_CANDIDATES, ExactGradientPlan, exact_gradient_plan
 from hf_influence.methods.stores import store_scores
 from hf_influence.methods.influence_distillation_config import InfluenceDistillationConfig
-from hf_influence.selection import key_columns
-from hf_influence.store import StoreSpec, VectorStore, atomic_write_json
-from hf_influence.streaming import ScoreStream, predict_scores, stream_select
+from hf_influence.selection.rules import key_columns
+from hf_influence.extraction.store import StoreSpec, VectorStore, atomic_write_json
+from hf_influence.selection.streaming import ScoreStream, predict_scores, stream_select
 
 BANK_ROWS = 4096  # rows of each noise bank: BANK_ROWS**2 distinct rows
 CLUSTERS = 64

@@ -52,8 +52,8 @@ from selection_quality import (
 from transformers.utils import logging as hf_logging
 
 from hf_influence import DEFAULT_MODEL, ScoreTable, load_model, select_by_influence
-from hf_influence.selection import select_indices
-from hf_influence.store import atomic_write_json
+from hf_influence.selection.rules import select_indices
+from hf_influence.extraction.store import atomic_write_json
 
 POOL_STAGES = ("jvp_embeddings", "lm_embeddings", "landmark_gradients", "shortlist_gradients", "pool_gradients")
 

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from machine_info import cpu_model  # noqa: E402
 
-from hf_influence.store import MANIFEST_NAME, StoreSpec, VectorStore, atomic_write_json  # noqa: E402
+from hf_influence.extraction.store import MANIFEST_NAME, StoreSpec, VectorStore, atomic_write_json  # noqa: E402
 
 DIM = 8192
 

@@ -4,35 +4,35 @@ Influence Distillation and NN-CIFT, native to the Hugging Face stack. Importing 
 `datasets.Dataset.select_by_influence` (an existing attribute of that name is never overwritten).
 """
 
-from .distributed import fill_store, process_state
-from .encoders import extract_sentence_embeddings
+from .extraction.distributed import fill_store, process_state
+from .networks.encoders import extract_sentence_embeddings
 from .engine import compute_scores
-from .extract import extract_gradients, extract_jvp_embeddings
+from .extraction.extract import extract_gradients, extract_jvp_embeddings
 from .formatting import FormattedDataset, FormattingConfig, FormattingError, format_dataset, pad_batch
-from .gradients import GradientConfig, GradientError, PerSampleGradients, per_sample_losses
-from .hessian import TargetHessian
-from .hub import load_score_table, push_influence_network, push_score_table
+from .extraction.gradients import GradientConfig, GradientError, PerSampleGradients, per_sample_losses
+from .extraction.hessian import TargetHessian
+from .artifacts.hub import load_score_table, push_influence_network, push_score_table
 from .influence import register_dataset_method, select_by_influence
-from .jvp import JVPConfig, JVPEmbedder
-from .landmarks import LandmarkRegressor, select_landmarks
+from .extraction.jvp import JVPConfig, JVPEmbedder
+from .selection.landmarks import LandmarkRegressor, select_landmarks
 from .methods.influence_distillation_config import InfluenceDistillationConfig, InfluenceDistillationExactConfig
 from .model_passes import target_loss
 from .models import DEFAULT_MODEL, LoraSettings, add_lora, load_model
-from .network import InfluenceNetwork
-from .nn_cift_pipeline import NNCIFTConfig, NNCIFTResult, nn_cift
-from .pretrained import load_network, network_summary, select_with_network
+from .networks.network import InfluenceNetwork
+from .networks.nn_cift_pipeline import NNCIFTConfig, NNCIFTResult, nn_cift
+from .networks.pretrained import load_network, network_summary, select_with_network
 from .optimizer_warmup import (CorruptWarmupError, WarmupConfig, WarmupMismatchError, WarmupResult, load_optimizer_state,
                                warmup)
 from .optimizers import AffineStep, OptimizerStateError, affine_step
 from .options import SelectionConfig
-from .projection import make_projector
+from .extraction.projection import make_projector
 from .rds_embeddings import cosine_scores, lm_pooled_embeddings
 from .registry import METHODS, ORACLES, register_method, register_oracle
-from .robust_weighting import robust_weights
-from .scores import ScoreTable, ScoreTableError
-from .selection import SelectionError, resolve_budget, select_indices, weighted_sample
-from .store import StoreMismatchError, StoreSpec, VectorStore
-from .streaming import iter_scores, predict_scores, stream_select
+from .selection.robust_weighting import robust_weights
+from .artifacts.scores import ScoreTable, ScoreTableError
+from .selection.rules import SelectionError, resolve_budget, select_indices, weighted_sample
+from .extraction.store import StoreMismatchError, StoreSpec, VectorStore
+from .selection.streaming import iter_scores, predict_scores, stream_select
 from .targets import TARGET_TASKS, load_target
 from .trainer import InfluenceSelection, InfluenceSFTTrainer
 from .trainer_config import InfluenceSFTConfig

@@ -21,17 +21,17 @@ from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
 from torch import Tensor, nn
 
 from .data import load_rows
-from .distributed import process_state
+from .extraction.distributed import process_state
 from .formatting import FormattingConfig, format_dataset
 from .locks import work_dir_lock
 from .models import (DEFAULT_MODEL, LoraSettings, add_lora, load_model, memoized_weights_digests, model_identity,
                      torch_dtype, weights_digest)
 from .options import SelectionConfig, split_options
 from .registry import METHODS, MethodSpec
-from .scores import ScoreTable, provenance_record, rows_digest
-from .selection import SelectionError, choose_rows
-from .store import fingerprint_dataset
-from .streaming import ScoreStream
+from .artifacts.scores import ScoreTable, provenance_record, rows_digest
+from .selection.rules import SelectionError, choose_rows
+from .extraction.store import fingerprint_dataset
+from .selection.streaming import ScoreStream
 from .verbosity import get_logger
 
 logger = get_logger(__name__)

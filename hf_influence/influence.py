@@ -3,7 +3,7 @@
     subset = select_by_influence(pool, target, model="HuggingFaceTB/SmolLM2-135M-Instruct", budget=0.05)
 
 Every method turns (pool, target) into a score matrix [pool rows, target rows] (or per-row weights), and
-one selection rule (`selection.py`) turns that into pool rows. Options are the fields of the shared config
+one selection rule (`selection/rules.py`) turns that into pool rows. Options are the fields of the shared config
 dataclasses (`SelectionConfig`, `FormattingConfig`, `GradientConfig`, `JVPConfig`, `WarmupConfig`,
 `LoraSettings`) and of the method's own (e.g. `InfluenceDistillationConfig`, `NNCIFTConfig`); their names are
 unique, so `select_by_influence(..., num_landmarks=512, projection_dim=4096)` routes each keyword to its
@@ -31,8 +31,8 @@ from . import methods  # noqa: F401  (registers every method)
 from .engine import as_dataset, compute, select_rows
 from .options import SelectionConfig, split_options
 from .registry import METHODS
-from .scores import ScoreTable
-from .selection import RULES, resolve_budget
+from .artifacts.scores import ScoreTable
+from .selection.rules import RULES, resolve_budget
 from .verbosity import get_logger
 
 logger = get_logger(__name__)

@@ -21,9 +21,9 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from .distributed import process_state, run_on_main
+from .extraction.distributed import process_state, run_on_main
 from .errors import HFInfluenceError
-from .store import atomic_write_json
+from .extraction.store import atomic_write_json
 
 LOCK_FILE, HOLDER_FILE = "work_dir.lock", "work_dir.lock.json"
 

@@ -10,7 +10,7 @@ from datasets import Dataset
 from torch import Tensor, nn
 
 from .formatting import FormattingConfig, format_dataset, pad_batch
-from .gradients import per_sample_losses
+from .extraction.gradients import per_sample_losses
 
 
 @contextmanager

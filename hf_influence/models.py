@@ -28,7 +28,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .errors import HFInfluenceError
-from .store import atomic_write_json
+from .extraction.store import atomic_write_json
 from .validation import check_fields, is_number
 from .verbosity import get_logger
 

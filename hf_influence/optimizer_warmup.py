@@ -33,9 +33,9 @@ from datasets import Dataset
 from torch import nn
 
 from .errors import HFInfluenceError
-from .distributed import process_state
+from .extraction.distributed import process_state
 from .formatting import FormattedDataset
-from .store import OVERWRITE
+from .extraction.store import OVERWRITE
 from .validation import is_int, is_number
 from .verbosity import get_logger
 
@@ -275,7 +275,7 @@ def _cache_identity(model: nn.Module, dataset: Dataset, config: WarmupConfig) ->
     """What a saved warm-up must have been made from: rows, settings, model, and the adapter's initial weights
     (they fix the LoRA seed and rank, or a user's own adapter)."""
     from .models import adapter_digest, model_identity, weights_digest
-    from .store import fingerprint_dataset
+    from .extraction.store import fingerprint_dataset
 
     # Neither changes the warm-up's result (optimizer_state="gd" runs none).
     settings = {k: v for k, v in dataclasses.asdict(config).items()
@@ -291,7 +291,7 @@ def _save_cached(result: WarmupResult, model: nn.Module, folder: Path, identity:
     and the next call retrains."""
     from safetensors.torch import save as save_tensors
 
-    from .store import atomic_write_bytes, atomic_write_json
+    from .extraction.store import atomic_write_bytes, atomic_write_json
 
     names = {id(p): name for name, p in model.named_parameters()}
     groups, tensors = [], {}

@@ -13,14 +13,14 @@ from dataclasses import dataclass, field
 from collections.abc import Iterable
 from typing import Any
 
-from .encoders import DEFAULT_ENCODER
+from .networks.encoders import DEFAULT_ENCODER
 from .formatting import FormattingConfig
-from .gradients import GradientConfig
-from .jvp import JVPConfig
+from .extraction.gradients import GradientConfig
+from .extraction.jvp import JVPConfig
 from .models import LoraSettings, kwargs_option, torch_dtype
 from .optimizer_warmup import WarmupConfig
 from .registry import METHODS, ORACLES
-from .selection import RULE_TABLE
+from .selection.rules import RULE_TABLE
 from .validation import check_fields
 
 
@@ -154,7 +154,7 @@ class NNCIFTConfig:
     network_interaction_rank: int = field(
         default=0,
         metadata={"help": "rank of the InfluenceNetwork's bilinear term (P e_i) . (Q e_j) added to the MLP; 0 for the "
-                          "paper's MLP alone (see hf_influence.network)."})
+                          "paper's MLP alone (see hf_influence.networks.network)."})
     network_label_normalization: str = field(
         default="global",
         metadata={"help": '"global" (min-max over the block: predictions in oracle units, the paper) or "column" '
@@ -193,7 +193,7 @@ class NNCIFTConfig:
                               "evaluation_fraction": (None, 1)}, optional=("network_num_threads",))
         if self.evaluation_fraction < 0:
             raise ValueError(f"NNCIFTConfig.evaluation_fraction must be in [0, 1], got {self.evaluation_fraction}")
-        if self.oracle not in ORACLES:  # registered by oracles.py (register_oracle)
+        if self.oracle not in ORACLES:  # registered by networks/oracles.py (register_oracle)
             raise ValueError(f"NNCIFTConfig.oracle must be one of {sorted(ORACLES)}, got {self.oracle!r}")
         if self.network_validation_split not in ("pairs", "held_out"):
             raise ValueError(f"NNCIFTConfig.network_validation_split must be 'pairs' or 'held_out', "

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from transformers.utils.logging import tqdm
 
 from .formatting import FormattingConfig, FormattingError, format_dataset, pad_batch
-from .gradients import causal_lm_parts
+from .extraction.gradients import causal_lm_parts
 from .models import base_model
 
 

@@ -59,14 +59,14 @@ from torch import Tensor
 from torch.utils.data import Sampler
 from trl import SFTTrainer
 
-from .cards import HUB_TAG
+from .artifacts.cards import HUB_TAG
 from .engine import compute_scores
 from .influence import select_by_influence
 from .models import looks_like_local_path
 from .registry import METHODS
-from .scores import ScoreTable, json_safe, provenance_record, rows_digest
-from .selection import GROUPED_RULES, SelectionError, choose_rows, resolve_budget
-from .store import atomic_write_bytes
+from .artifacts.scores import ScoreTable, json_safe, provenance_record, rows_digest
+from .selection.rules import GROUPED_RULES, SelectionError, choose_rows, resolve_budget
+from .extraction.store import atomic_write_bytes
 from .trainer_config import InfluenceSFTConfig, selection_options
 from .trainer_modes import MODE_STRATEGIES
 from .validation import is_int
@@ -510,7 +510,7 @@ def _score_table(args: InfluenceSFTConfig, table: ScoreTable | None, target) -> 
         if Path(location).exists():
             table = ScoreTable.load(location)
         else:
-            from .hub import load_score_table
+            from .artifacts.hub import load_score_table
 
             try:
                 table = load_score_table(location, config_name=args.influence_score_table_config)

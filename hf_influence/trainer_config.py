@@ -12,7 +12,7 @@ from transformers.utils import is_torch_bf16_gpu_available
 from trl import SFTConfig
 
 from .options import split_options
-from .selection import parse_budget
+from .selection.rules import parse_budget
 
 MODES = ("select", "weight", "online")
 NORMALIZATIONS = ("sample", "token")

@@ -19,7 +19,7 @@ from datasets import Dataset
 from torch.utils.data import Sampler
 
 from .models import torch_dtype
-from .selection import SelectionError
+from .selection.rules import SelectionError
 from .trainer_config import InfluenceSFTConfig, selection_options
 from .verbosity import get_logger
 

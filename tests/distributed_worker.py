@@ -16,11 +16,11 @@ import sys
 import torch
 from hf_influence.testing import CHAT_ROWS, lora_model
 
-from hf_influence.extract import extract_gradients, extract_jvp_embeddings, extract_sentence_embeddings
+from hf_influence.extraction.extract import extract_gradients, extract_jvp_embeddings, extract_sentence_embeddings
 from hf_influence.formatting import format_dataset
-from hf_influence.gradients import GradientConfig
-from hf_influence.jvp import JVPConfig
-from hf_influence.store import VectorStore
+from hf_influence.extraction.gradients import GradientConfig
+from hf_influence.extraction.jvp import JVPConfig
+from hf_influence.extraction.store import VectorStore
 from hf_influence.optimizer_warmup import WarmupConfig, warmup
 
 ROWS = CHAT_ROWS * 3  # 15 rows

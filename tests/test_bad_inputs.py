@@ -11,9 +11,9 @@ from hf_influence import InfluenceNetwork, NNCIFTConfig, ScoreTable, cli, select
 from hf_influence.demo import demo_pool, demo_target
 from hf_influence.errors import HFInfluenceError
 from hf_influence.formatting import FormattingConfig
-from hf_influence.gradients import GradientConfig
+from hf_influence.extraction.gradients import GradientConfig
 from hf_influence.optimizer_warmup import WarmupConfig
-from hf_influence.oracles import DeliftOracle
+from hf_influence.networks.oracles import DeliftOracle
 from hf_influence.testing import lora_model, tiny_causal_lm
 
 POOL = demo_pool(2, seed=0).to_list()  # 8 chat rows
@@ -342,7 +342,7 @@ def test_cli_refuses_bad_input_in_one_line_with_exit_code_2(files, argv, words, 
 
 
 def test_config_objects_are_accepted_beside_keywords():
-    from hf_influence.gradients import GradientConfig
+    from hf_influence.extraction.gradients import GradientConfig
     from hf_influence.options import SelectionConfig
 
     pool, target = demo_pool(3, seed=0), demo_target("math", 2, seed=1)
@@ -363,7 +363,7 @@ def test_config_objects_are_accepted_beside_keywords():
 def test_a_refused_or_failed_write_leaves_the_earlier_result_whole(tmp_path):
     """store.folder_replacement: the new result replaces the folder only once it is complete; an error while
     writing it leaves the earlier folder byte for byte, and no staging folder behind."""
-    from hf_influence.store import folder_replacement
+    from hf_influence.extraction.store import folder_replacement
 
     folder = tmp_path / "out"
     with folder_replacement(folder) as staging:

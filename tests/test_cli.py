@@ -8,7 +8,7 @@ import pytest
 
 from hf_influence import cli
 from hf_influence.cli.arguments import parse
-from hf_influence.gradients import GradientConfig
+from hf_influence.extraction.gradients import GradientConfig
 from hf_influence.testing import tiny_causal_lm
 
 local_hub = hub_server.local_hub
@@ -298,12 +298,12 @@ def test_a_commands_own_refusal_exits_with_code_2_and_one_line(tmp_path, capsys)
 def test_every_library_error_is_an_hf_influence_error():
     from hf_influence.errors import HFInfluenceError
     from hf_influence.formatting import FormattingError
-    from hf_influence.gradients import GradientError
+    from hf_influence.extraction.gradients import GradientError
     from hf_influence.optimizer_warmup import WarmupMismatchError
     from hf_influence.optimizers import OptimizerStateError
-    from hf_influence.scores import ScoreTableError
-    from hf_influence.selection import SelectionError
-    from hf_influence.store import IncompleteStoreError, StoreMismatchError
+    from hf_influence.artifacts.scores import ScoreTableError
+    from hf_influence.selection.rules import SelectionError
+    from hf_influence.extraction.store import IncompleteStoreError, StoreMismatchError
 
     for error in (FormattingError, GradientError, WarmupMismatchError, OptimizerStateError, ScoreTableError,
                   SelectionError, StoreMismatchError, IncompleteStoreError):

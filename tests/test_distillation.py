@@ -1,4 +1,4 @@
-"""Tests for hf_influence.landmarks and hf_influence.robust_weighting: first-order scores, landmark regression,
+"""Tests for hf_influence.selection.landmarks and hf_influence.selection.robust_weighting: first-order scores, landmark regression,
 robust weights."""
 
 import numpy as np
@@ -7,7 +7,7 @@ import scipy.optimize
 import scipy.stats
 import torch
 
-from hf_influence.landmarks import (
+from hf_influence.selection.landmarks import (
     BANDWIDTH_GRID,
     RIDGE_GRID,
     LandmarkRegressor,
@@ -17,7 +17,7 @@ from hf_influence.landmarks import (
     rbf_kernel,
     select_landmarks,
 )
-from hf_influence.robust_weighting import kkt_residual, project_to_simplex, robust_weights, robust_weights_first_order
+from hf_influence.selection.robust_weighting import kkt_residual, project_to_simplex, robust_weights, robust_weights_first_order
 
 
 def generator(seed):

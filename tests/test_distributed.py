@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-from hf_influence.distributed import process_state
-from hf_influence.selection import select_indices
-from hf_influence.store import StoreMismatchError, StoreSpec, VectorStore
+from hf_influence.extraction.distributed import process_state
+from hf_influence.selection.rules import select_indices
+from hf_influence.extraction.store import StoreMismatchError, StoreSpec, VectorStore
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 MODEL_KINDS = ["gradients", "jvp_embeddings"]
@@ -205,7 +205,7 @@ def test_sentence_store_is_the_cache_of_encode_rows(reference, tmp_path, monkeyp
     to encode, the same rows back."""
     from distributed_worker import ROWS, SENTENCE_BATCH
 
-    from hf_influence.encoders import encode_rows, load_encoder
+    from hf_influence.networks.encoders import encode_rows, load_encoder
 
     shutil.copytree(reference / "sentence_embeddings", tmp_path / "cache")
     encoder = load_encoder()

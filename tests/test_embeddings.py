@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from hf_influence.testing import CHAT_ROWS, lora_model
 
 from hf_influence.rds_embeddings import cosine_scores, lm_pooled_embeddings
-from hf_influence.extract import extract_lm_embeddings
+from hf_influence.extraction.extract import extract_lm_embeddings
 from hf_influence.formatting import format_dataset
 from hf_influence.testing import tiny_causal_lm
 

@@ -8,7 +8,7 @@ import torch
 from hf_influence.testing import CHAT_ROWS
 from datasets import Dataset
 
-from hf_influence.encoders import (
+from hf_influence.networks.encoders import (
     DEFAULT_ENCODER,
     FALLBACK_PACKAGE,
     encode_rows,
@@ -18,7 +18,7 @@ from hf_influence.encoders import (
     row_texts,
 )
 from hf_influence.formatting import FormattingConfig, FormattingError
-from hf_influence.store import StoreMismatchError
+from hf_influence.extraction.store import StoreMismatchError
 
 ROWS = [
     {"prompt": "How do I bake a loaf of bread at home?", "answer": "Mix flour, water, yeast and salt, knead, let it rise, "
@@ -36,7 +36,7 @@ def encoder():
 
 
 def test_default_encoder_loads_offline_from_the_pypi_copy(caplog):
-    with caplog.at_level(logging.WARNING, logger="hf_influence.encoders"):
+    with caplog.at_level(logging.WARNING, logger="hf_influence.networks.encoders"):
         encoder = load_encoder()
     assert "offline copy" in caplog.text
     model_id, revision = encoder_identity(encoder)

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from hf_influence.testing import CHAT_ROWS, formatted_batch, lora_model
-from hf_influence.extract import extract_gradients, extract_jvp_embeddings, finished_gradients
+from hf_influence.extraction.extract import extract_gradients, extract_jvp_embeddings, finished_gradients
 from hf_influence.formatting import format_dataset
-from hf_influence.gradients import GradientConfig, PerSampleGradients
-from hf_influence.jvp import JVPConfig, JVPEmbedder
-from hf_influence.store import StoreMismatchError, VectorStore
+from hf_influence.extraction.gradients import GradientConfig, PerSampleGradients
+from hf_influence.extraction.jvp import JVPConfig, JVPEmbedder
+from hf_influence.extraction.store import StoreMismatchError, VectorStore
 
 ROWS = CHAT_ROWS * 3  # 15 rows: several batches of 4, the last one short
 
@@ -59,7 +59,7 @@ def test_interrupted_gradient_extraction_resumes_byte_identical(tmp_path, monkey
     with pytest.raises(KeyboardInterrupt):
         extract_gradients(model, formatted, tmp_path / "resumed", config, show_progress=False)
     monkeypatch.setattr(PerSampleGradients, "compute", original)
-    from hf_influence.store import VectorStore
+    from hf_influence.extraction.store import VectorStore
 
     partial = VectorStore.open(tmp_path / "resumed")
     assert partial.rows_done == 8 and not partial.is_complete()
@@ -75,9 +75,9 @@ def test_killed_process_resumes_byte_identical(tmp_path):
     script = textwrap.dedent("""
         import os, sys, signal
         from hf_influence.testing import CHAT_ROWS, lora_model
-        from hf_influence.extract import extract_jvp_embeddings
+        from hf_influence.extraction.extract import extract_jvp_embeddings
         from hf_influence.formatting import format_dataset
-        from hf_influence.jvp import JVPConfig, JVPEmbedder
+        from hf_influence.extraction.jvp import JVPConfig, JVPEmbedder
         model, tokenizer = lora_model("llama")
         formatted = format_dataset(CHAT_ROWS * 3, tokenizer).dataset
         if sys.argv[2] == "kill":
@@ -95,7 +95,7 @@ def test_killed_process_resumes_byte_identical(tmp_path):
     run = lambda *args: subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True)
     killed = run(str(tmp_path / "store"), "kill")
     assert killed.returncode == -9, killed.stderr
-    from hf_influence.store import VectorStore
+    from hf_influence.extraction.store import VectorStore
 
     assert VectorStore.open(tmp_path / "store").rows_done == 8
     assert run(str(tmp_path / "store"), "resume").returncode == 0

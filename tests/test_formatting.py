@@ -54,7 +54,7 @@ def test_gsm8k_rows_train_on_the_worked_solution_and_the_response_column_overrid
 def test_text_rows_train_on_every_token_as_sft_trainer_does(tokenizer):
     """TRL's language-modelling rows (a `text` column): no template, every token a label, end of sequence added;
     an empty text is skipped like an empty response; the sentence encoder embeds the text itself."""
-    from hf_influence.encoders import row_text
+    from hf_influence.networks.encoders import row_text
 
     rows = [{"text": "The Seine flows through Paris."}, {"text": "  "}]
     formatted = format_dataset(rows, tokenizer, show_progress=False)
@@ -172,7 +172,7 @@ def test_prompt_left_truncation_is_counted_by_what_it_cut(caplog):
 
 
 def test_alpaca_rows_format_as_their_prompt_and_response():
-    from hf_influence.encoders import prompt_and_response, row_text
+    from hf_influence.networks.encoders import prompt_and_response, row_text
     from hf_influence.testing import tiny_causal_lm
 
     _, tokenizer = tiny_causal_lm("llama", seed=0)

@@ -5,7 +5,7 @@ import torch
 
 from hf_influence.testing import ATTENTION, formatted_batch, lora_model
 from hf_influence.formatting import pad_batch
-from hf_influence.gradients import GradientConfig, GradientError, PerSampleGradients
+from hf_influence.extraction.gradients import GradientConfig, GradientError, PerSampleGradients
 from hf_influence.testing import tiny_causal_lm
 
 CASES = [
@@ -43,7 +43,7 @@ def test_lora_per_sample_gradients_match_loop(arch, targets):
     for i in range(len(formatted)):
         assert relative_error(hooks[i], reference[i]) <= 1e-5, f"row {i}"
     # Per-sample gradients sum to the gradient of the summed batch loss.
-    from hf_influence.gradients import per_sample_losses
+    from hf_influence.extraction.gradients import per_sample_losses
 
     batched = torch.autograd.grad(per_sample_losses(model, batch).sum(), per_sample.parameters)
     assert relative_error(hooks.sum(0), torch.cat([g.flatten() for g in batched])) <= 1e-6

@@ -7,9 +7,9 @@ from hf_influence.testing import CHAT_ROWS, formatted_batch, lora_model
 from torch.func import functional_call
 
 from hf_influence.formatting import pad_batch
-from hf_influence.gradients import PerSampleGradients
-from hf_influence.hessian import TargetHessian
-from hf_influence.jvp import eager_attention
+from hf_influence.extraction.gradients import PerSampleGradients
+from hf_influence.extraction.hessian import TargetHessian
+from hf_influence.extraction.jvp import eager_attention
 
 
 def _setup(dtype=torch.float64):

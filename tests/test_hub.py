@@ -6,8 +6,8 @@ import torch
 from huggingface_hub import DatasetCard, HfApi
 
 from hf_influence import ScoreTable, ScoreTableError
-from hf_influence.hub import load_score_table, push_score_table
-from hf_influence.scores import provenance_record
+from hf_influence.artifacts.hub import load_score_table, push_score_table
+from hf_influence.artifacts.scores import provenance_record
 
 local_hub = hub_server.local_hub
 
@@ -67,7 +67,7 @@ def test_loading_a_repo_that_is_not_a_score_table_fails_clearly(local_hub):
 def test_scatter_svg_still_works_for_one_version_with_a_warning():
     import torch
 
-    from hf_influence.hub import scatter_svg
+    from hf_influence.artifacts.hub import scatter_svg
 
     with pytest.warns(FutureWarning, match="plot_predicted_vs_true"):
         svg = scatter_svg(torch.arange(10.0), torch.arange(10.0) + 0.5)

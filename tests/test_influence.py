@@ -8,12 +8,12 @@ import torch
 import hf_influence
 from hf_influence import InfluenceDistillationConfig, ScoreTable, SelectionError, select_by_influence
 from hf_influence.demo import demo_pool, demo_target
-from hf_influence.extract import extract_gradients
+from hf_influence.extraction.extract import extract_gradients
 from hf_influence.formatting import FormattingError
 from hf_influence.influence import register_dataset_method
-from hf_influence.landmarks import BANDWIDTH_GRID, RIDGE_GRID, LandmarkRegressor
+from hf_influence.selection.landmarks import BANDWIDTH_GRID, RIDGE_GRID, LandmarkRegressor
 from hf_influence.methods.influence_distillation import LOO_SPEARMAN_WARNING, landmark_diagnostics
-from hf_influence.selection import select_indices
+from hf_influence.selection.rules import select_indices
 from hf_influence.testing import lora_model, tiny_causal_lm
 
 # Small and quiet: 1 JVP block (the tiny model has 2), short warm-up, small projections.
@@ -190,7 +190,7 @@ def test_feature_costs_are_the_committed_measurement():
     import json
     from pathlib import Path
 
-    from hf_influence.jvp import JVPConfig
+    from hf_influence.extraction.jvp import JVPConfig
     from hf_influence.methods.influence_distillation import FEATURE_COSTS
     from hf_influence.methods.influence_distillation_config import LANDMARK_FEATURES
 
@@ -317,9 +317,9 @@ def test_streamed_selection_equals_the_score_table_selection(pool, model, tmp_pa
     """Without return_scores, first-order landmark ID streams: the scores stay a predictor over the JVP store, no
     [n, m] matrix or [n, e] embedding tensor is built, the pool is streamed once (with a shortlist too), and the
     rows and their order are those picked from the full score table."""
-    from hf_influence import streaming
-    from hf_influence.streaming import ScoreStream
-    from hf_influence.store import VectorStore
+    from hf_influence.selection import streaming
+    from hf_influence.selection.streaming import ScoreStream
+    from hf_influence.extraction.store import VectorStore
 
     tasks = demo_target("math", 3, seed=1).remove_columns("task").add_column("task", ["a", "b", "a"])
     options = {"budget": 5, "num_landmarks": 6, "selection": selection, "work_dir": str(tmp_path),
@@ -462,7 +462,7 @@ def test_work_dir_makes_a_rerun_reuse_its_stores(pool, target, model, tmp_path):
 def test_an_order_2_rerun_reads_its_hessian_products_back(pool, target, model, tmp_path, monkeypatch, method):
     """The target-Hessian products, order 2's dominant cost, are kept in work_dir: a rerun reads them (no
     Hessian-vector product at all) and scores the same; the store is what a fresh computation gives."""
-    from hf_influence.hessian import TargetHessian
+    from hf_influence.extraction.hessian import TargetHessian
 
     options = {"budget": 4, "order": 2, "method": method, "optimizer_state": "gd", "step_size": 1e-3,
                **({"num_landmarks": 8} if method == "influence_distillation" else {})}
@@ -670,7 +670,7 @@ def test_second_order_with_a_decayed_learning_rate_uses_half_the_initial_rate(po
 def test_rds_is_the_cosine_of_pooled_embeddings_and_reuses_the_pool_store(pool, target, tmp_path, monkeypatch):
     """RDS+ scores are the cosine of the base model's pooled embeddings (brute force: lm_pooled_embeddings of each
     side), and a second target on the same work_dir reads the pool's embeddings from the store."""
-    from hf_influence import extract
+    from hf_influence.extraction import extract
     from hf_influence.formatting import FormattingConfig, format_dataset
     from hf_influence.rds_embeddings import lm_pooled_embeddings
 

@@ -5,7 +5,7 @@ import torch
 
 from hf_influence.testing import formatted_batch
 from hf_influence.formatting import pad_batch
-from hf_influence.jvp import JVPConfig, JVPEmbedder, truncated_decoder
+from hf_influence.extraction.jvp import JVPConfig, JVPEmbedder, truncated_decoder
 from hf_influence.testing import tiny_causal_lm
 
 

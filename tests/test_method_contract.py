@@ -11,7 +11,7 @@ from hf_influence.testing import lora_model
 
 from hf_influence import METHODS, compute_scores, select_by_influence
 from hf_influence.demo import demo_pool, demo_target
-from hf_influence.streaming import ScoreStream
+from hf_influence.selection.streaming import ScoreStream
 from hf_influence.options import SHARED_CONFIG_TYPES, config_types, method_config_types, split_options
 from hf_influence.testing import tiny_causal_lm
 

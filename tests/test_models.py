@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from hf_influence.extract import extract_gradients, extract_jvp_embeddings
+from hf_influence.extraction.extract import extract_gradients, extract_jvp_embeddings
 from hf_influence.formatting import FormattingConfig, format_dataset, pad_batch
-from hf_influence.gradients import GradientConfig, PerSampleGradients
-from hf_influence.jvp import JVPConfig, JVPEmbedder
+from hf_influence.extraction.gradients import GradientConfig, PerSampleGradients
+from hf_influence.extraction.jvp import JVPConfig, JVPEmbedder
 from hf_influence.models import DEFAULT_MODEL, SMOLLM2_FALLBACK_REVISION, LoraSettings, add_lora, load_model, model_identity
 from hf_influence.testing import tiny_causal_lm
 

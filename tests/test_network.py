@@ -10,8 +10,8 @@ import scipy.stats
 import torch
 from huggingface_hub import HfApi, ModelCard
 
-from hf_influence import network as network_module
-from hf_influence.network import InfluenceNetwork, column_spearman, split_held_out, split_pairs
+from hf_influence.networks import network as network_module
+from hf_influence.networks.network import InfluenceNetwork, column_spearman, split_held_out, split_pairs
 
 local_hub = hub_server.local_hub
 

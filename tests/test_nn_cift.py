@@ -10,12 +10,12 @@ from huggingface_hub import HfApi, ModelCard, hf_hub_download
 
 from hf_influence import select_by_influence
 from hf_influence.demo import demo_pool, demo_target
-from hf_influence.hub import push_influence_network
-from hf_influence.network import InfluenceNetwork
-from hf_influence.nn_cift_pipeline import NNCIFTConfig, block_indices, nn_cift
-from hf_influence.oracles import DeliftSEOracle
-from hf_influence.selection import SelectionError
-from hf_influence.store import fingerprint_dataset
+from hf_influence.artifacts.hub import push_influence_network
+from hf_influence.networks.network import InfluenceNetwork
+from hf_influence.networks.nn_cift_pipeline import NNCIFTConfig, block_indices, nn_cift
+from hf_influence.networks.oracles import DeliftSEOracle
+from hf_influence.selection.rules import SelectionError
+from hf_influence.extraction.store import fingerprint_dataset
 from hf_influence.testing import lora_model
 
 local_hub = hub_server.local_hub
@@ -50,7 +50,7 @@ def test_block_keeps_the_oracle_values_and_the_rest_is_predicted(rows, distilled
 
 @pytest.mark.slow
 def test_column_normalised_network_keeps_the_block_in_standard_units(rows):
-    from hf_influence.network import standardize_columns
+    from hf_influence.networks.network import standardize_columns
 
     pool, target = rows
     config = NNCIFTConfig(oracle="delift_se", block_fraction=0.4, min_block_rows=8, network_epochs=5,
@@ -143,7 +143,7 @@ def test_each_oracle_selects_by_its_papers_rule(rows, oracle, rule):
                                           show_progress=False, return_scores=True)
     assert table.provenance["selection"] == rule
     scores = table.to_matrix()[0]
-    from hf_influence.selection import facility_location
+    from hf_influence.selection.rules import facility_location
 
     assert selected["id"] == pool.select(facility_location(scores, 6).tolist())["id"]
 
@@ -163,7 +163,7 @@ def test_unseen_only_selection_leaves_the_block_rows_out(rows):
     # The unseen-only pick is the same rule on the matrix without the block's rows.
     scores, row_ids, _ = table.to_matrix()
     keep = (~table.landmark_mask).nonzero().flatten()
-    from hf_influence.selection import select_indices
+    from hf_influence.selection.rules import select_indices
 
     expected = keep[select_indices(scores[keep], 6, rule="round_robin", seed=0)]
     assert unseen["id"] == pool.select([row_ids[i] for i in expected.tolist()])["id"]
@@ -178,7 +178,7 @@ def test_streamed_nn_cift_selection_equals_the_score_table_selection(rows, monke
     its values): the same rows in the same order as the [n, m] table path, which is never built."""
     import importlib
 
-    from hf_influence.streaming import ScoreStream
+    from hf_influence.selection.streaming import ScoreStream
 
     method_module = importlib.import_module("hf_influence.methods.nn_cift")
 

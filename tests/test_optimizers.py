@@ -109,7 +109,7 @@ def test_plain_gd_and_refusals():
 def test_a_preconditioner_restricted_to_a_truncated_model_is_that_models_own():
     """restricted_scale: the full run's Adam scale sliced to a truncated model's adapters equals the scale
     affine_step builds for those adapters directly."""
-    from hf_influence.gradients import GradientConfig, PerSampleGradients
+    from hf_influence.extraction.gradients import GradientConfig, PerSampleGradients
     from hf_influence.methods.stores import restricted_scale
     from hf_influence.optimizers import affine_step
     from hf_influence.testing import lora_model

@@ -10,9 +10,9 @@ from hf_influence.testing import CHAT_ROWS
 from datasets import Dataset
 
 from hf_influence.rds_embeddings import cosine_scores
-from hf_influence.encoders import encode_rows, load_encoder
+from hf_influence.networks.encoders import encode_rows, load_encoder
 from hf_influence.formatting import FormattingConfig, FormattingError
-from hf_influence.oracles import DeliftOracle, DeliftSEOracle, Oracle, SelectITOracle
+from hf_influence.networks.oracles import DeliftOracle, DeliftSEOracle, Oracle, SelectITOracle
 from hf_influence.registry import ORACLES
 from hf_influence.testing import tiny_causal_lm
 
@@ -266,7 +266,7 @@ def test_method_oracle_is_the_methods_score_matrix():
 
     from hf_influence import select_by_influence
     from hf_influence.demo import demo_pool, demo_target
-    from hf_influence.oracles import MethodOracle
+    from hf_influence.networks.oracles import MethodOracle
 
     pool, target = demo_pool(2, seed=0), demo_target("code", 3, seed=1)
     model, tokenizer = lora_model(seed=0)
@@ -291,7 +291,7 @@ def test_method_oracle_keeps_each_block_in_its_own_work_dir_subfolder(tmp_path):
     from hf_influence.demo import demo_pool, demo_target
     from hf_influence.methods.nn_cift import oracle_options
     from hf_influence.options import split_options
-    from hf_influence.oracles import MethodOracle
+    from hf_influence.networks.oracles import MethodOracle
 
     pool, target = demo_pool(2, seed=0), demo_target("code", 3, seed=1)
     model, tokenizer = lora_model(seed=0)
@@ -327,9 +327,9 @@ def test_every_registered_oracle_keeps_the_contract(name, tiny):
     """make_oracle builds each registered oracle from its NNCIFTConfig; its blocks are float32 [pool, target]
     ([pool, 1] pointwise), finite, oriented (sub-blocks are slices), its identity names it, and its paper's rule is
     a selection rule."""
-    from hf_influence.nn_cift_pipeline import make_oracle
+    from hf_influence.networks.nn_cift_pipeline import make_oracle
     from hf_influence.options import NNCIFTConfig
-    from hf_influence.selection import RULE_TABLE
+    from hf_influence.selection.rules import RULE_TABLE
 
     model, tokenizer = tiny
     spec = ORACLES[name]
@@ -365,7 +365,7 @@ def test_a_new_oracle_is_one_registration(monkeypatch):
     """A toy oracle registered in one place is accepted by NNCIFTConfig, built by make_oracle, distilled by
     nn_cift and selects by its declared rule; an unregistered name is refused naming the registered ones."""
     from hf_influence.demo import demo_pool, demo_target
-    from hf_influence.nn_cift_pipeline import nn_cift
+    from hf_influence.networks.nn_cift_pipeline import nn_cift
     from hf_influence.options import NNCIFTConfig
     from hf_influence.registry import register_oracle
 

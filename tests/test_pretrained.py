@@ -12,13 +12,13 @@ import torch
 
 from hf_influence import cli, load_network, network_summary, select_with_network
 from hf_influence.demo import demo_pool, demo_target
-from hf_influence.encoders import encode_rows, load_encoder
-from hf_influence.hub import push_influence_network
-from hf_influence.network import InfluenceNetwork
-from hf_influence.nn_cift_pipeline import NNCIFTConfig, nn_cift
-from hf_influence.oracles import Oracle
-from hf_influence.selection import facility_location, select_indices
-from hf_influence.streaming import predict_scores
+from hf_influence.networks.encoders import encode_rows, load_encoder
+from hf_influence.artifacts.hub import push_influence_network
+from hf_influence.networks.network import InfluenceNetwork
+from hf_influence.networks.nn_cift_pipeline import NNCIFTConfig, nn_cift
+from hf_influence.networks.oracles import Oracle
+from hf_influence.selection.rules import facility_location, select_indices
+from hf_influence.selection.streaming import predict_scores
 
 local_hub = hub_server.local_hub
 
@@ -52,7 +52,7 @@ def test_pull_from_the_hub_and_select_from_a_new_pool_and_new_targets(local_hub,
                            evaluation=fitted.evaluation, plot=fitted.evaluation_pairs)
     # A pool of other rows and targets of a domain the network never saw (classification).
     pool, target = demo_pool(12, seed=7), _targets(("classification", "math"), 3, seed=9)
-    with caplog.at_level(logging.WARNING, logger="hf_influence.pretrained"):
+    with caplog.at_level(logging.WARNING, logger="hf_influence.networks.pretrained"):
         selected, table = select_with_network(pool, target, repo_id, budget=6, show_progress=False,
                                               return_scores=True)
     # The user is told what the network is and how it did on unseen rows and targets.
@@ -98,7 +98,7 @@ def test_a_network_is_refused_for_other_texts_or_another_encoder(fitted, tmp_pat
     # Another revision of the same encoder may hold other weights: said, not refused.
     other_revision = InfluenceNetwork(**{**fitted.network.config, "embedding_revision": "0123abc"})
     other_revision.load_state_dict(fitted.network.state_dict())
-    with caplog.at_level(logging.WARNING, logger="hf_influence.pretrained"):
+    with caplog.at_level(logging.WARNING, logger="hf_influence.networks.pretrained"):
         select_with_network(pool, target, other_revision, budget=2, show_progress=False)
     assert "0123abc" in caplog.text
 
@@ -113,7 +113,7 @@ def test_load_network_names_a_missing_folder_and_reads_fit_network_outputs(fitte
 def test_a_fit_folder_is_written_and_read_by_one_class(fitted, tmp_path):
     """FitFolder writes what fit-network leaves and reads it back for load_network, predict and push; a second
     write replaces the first whole (nothing of it is left)."""
-    from hf_influence.fit_folder import FitFolder
+    from hf_influence.artifacts.fit_folder import FitFolder
 
     pool, target = demo_pool(20, seed=0), _targets(("math", "code", "qa"), 4, seed=1)
     table = fitted.score_table(pool, target, NNCIFTConfig(oracle="delift_se"))

@@ -1,4 +1,4 @@
-"""Tests for hf_influence.projection: determinism (also across processes), JL accuracy, memory budget."""
+"""Tests for hf_influence.extraction.projection: determinism (also across processes), JL accuracy, memory budget."""
 
 import math
 import os
@@ -11,7 +11,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from hf_influence.projection import (
+from hf_influence.extraction.projection import (
     PROJECTOR_KINDS,
     CountSketchProjector,
     FactoredProjector,

@@ -59,8 +59,8 @@ def offline_world(tmp_path, monkeypatch):
     def tiny_model(name_or_path=None, **kwargs):
         return tiny_causal_lm("llama", seed=0, num_layers=4)  # deep enough for the default JVP blocks
 
-    for module in (hf_influence, hf_influence.models, hf_influence.engine, hf_influence.nn_cift_pipeline,
-                   hf_influence.pretrained):
+    for module in (hf_influence, hf_influence.models, hf_influence.engine, hf_influence.networks.nn_cift_pipeline,
+                   hf_influence.networks.pretrained):
         monkeypatch.setattr(module, "load_model", tiny_model)
     hub = hub_server.LocalHub(user="me").start()
     try:

@@ -25,7 +25,7 @@ from hf_influence.cli import arguments
 from hf_influence.data import load_rows, sample_rows
 from hf_influence.models import LoraSettings
 from hf_influence.options import SHARED_CONFIG_TYPES, method_config_types
-from hf_influence.selection import select_indices
+from hf_influence.selection.rules import select_indices
 from hf_influence.testing import tiny_causal_lm
 from hf_influence.trainer import InfluenceSFTTrainer
 from hf_influence.trainer_config import InfluenceSFTConfig
@@ -299,7 +299,7 @@ def test_network_recipe_fits_and_pushes(local_hub, tmp_path):
 @pytest.mark.slow
 def test_pretrained_network_recipe_serves_new_pools_and_targets(local_hub, tmp_path, monkeypatch):
     from hf_influence import load_target, select_with_network
-    from hf_influence.oracles import Oracle
+    from hf_influence.networks.oracles import Oracle
 
     repo_id = f"{local_hub.user}/tulu-v2-nn-cift"
     report = run.main(["--targets", "gsm8k", "mmlu", "--offline", "--pretrained", "--repo_id", repo_id,

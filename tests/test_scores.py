@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from hf_influence import __version__
-from hf_influence.scores import SCHEMA, ScoreTable, ScoreTableError, provenance_record
+from hf_influence.artifacts.scores import SCHEMA, ScoreTable, ScoreTableError, provenance_record
 
 POOL_IDS = [12, 3, 40, 7, 0]
 TARGETS = ["task/gsm8k", "target/2", "target/10"]

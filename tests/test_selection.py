@@ -1,4 +1,4 @@
-"""Tests for hf_influence.selection: rules against brute-force references, streaming == in-memory, errors."""
+"""Tests for hf_influence.selection.rules: rules against brute-force references, streaming == in-memory, errors."""
 
 import math
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from hf_influence import selection
-from hf_influence.selection import (
+from hf_influence.selection import rules as selection
+from hf_influence.selection.rules import (
     GROUPED_RULES,
     RULE_TABLE,
     RULES,
@@ -453,7 +453,7 @@ def _greedy_facility_location(scores, budget):
 
 @pytest.mark.parametrize("seed", range(10))
 def test_facility_location_lazy_greedy_equals_plain_greedy(seed):
-    from hf_influence.selection import facility_location
+    from hf_influence.selection.rules import facility_location
 
     generator = torch.Generator().manual_seed(seed)
     scores = torch.randn(40, 6, generator=generator)

@@ -1,4 +1,4 @@
-"""Tests for hf_influence.store: layout, resume after crashes, identity checks, atomic writes.
+"""Tests for hf_influence.extraction.store: layout, resume after crashes, identity checks, atomic writes.
 
 Run as a script (``python tests/test_store.py MODE PATH ...``) this file is the writer process
 that the crash and multi-process tests start and kill.
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_influence.store import (
+from hf_influence.extraction.store import (
     CorruptStoreError,
     IncompleteStoreError,
     StoreMismatchError,
@@ -77,13 +77,14 @@ def dir_bytes(path: Path) -> dict[str, bytes]:
     return {file.name: file.read_bytes() for file in sorted(path.iterdir())}
 
 
-# The writer processes load store.py and the two modules it imports (errors.py, verbosity.py) from their files,
-# without the package's __init__ (which would import torch-heavy modules and take seconds per writer). Then they
-# run this file as a script.
+# The writer processes load extraction/store.py and the two modules it imports (errors.py, verbosity.py) from
+# their files, without the package's __init__ (which would import torch-heavy modules and take seconds per
+# writer). Then they run this file as a script.
 _WRITER_BOOTSTRAP = """
 import importlib.util, pathlib, runpy, sys
-for name in ("errors", "verbosity", "store"):
-    path = pathlib.Path(sys.argv[1]).with_name(name + ".py")
+package = pathlib.Path(sys.argv[1])
+for name in ("errors", "verbosity", "extraction.store"):
+    path = package.joinpath(*name.split(".")).with_suffix(".py")
     spec = importlib.util.spec_from_file_location("hf_influence." + name, path)
     sys.modules["hf_influence." + name] = module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -94,9 +95,8 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 def start_writer(*args: str) -> subprocess.Popen:
     """Start this file as a writer process (see _writer_main) with ``args``."""
-    store_path = REPO_ROOT / "hf_influence" / "store.py"
     return subprocess.Popen(
-        [sys.executable, "-c", _WRITER_BOOTSTRAP, str(store_path), __file__, *args],
+        [sys.executable, "-c", _WRITER_BOOTSTRAP, str(REPO_ROOT / "hf_influence"), __file__, *args],
         stdout=subprocess.PIPE,
         text=True,
     )

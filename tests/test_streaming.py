@@ -1,4 +1,4 @@
-"""Tests for hf_influence.streaming: streaming selection == in-memory selection, exactly; ties; errors.
+"""Tests for hf_influence.selection.streaming: streaming selection == in-memory selection, exactly; ties; errors.
 
 The in-memory reference is select_indices (itself tested against brute-force loops in test_selection.py) on the
 whole score matrix; its rows are checked against the predictors' own predict() and against closed forms.
@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from hf_influence.landmarks import LandmarkRegressor
-from hf_influence.network import InfluenceNetwork
-from hf_influence.selection import SelectionError, select_indices
-from hf_influence.store import IncompleteStoreError, StoreSpec, VectorStore
-from hf_influence.streaming import ScoreStream, iter_scores, predict_scores, stream_select
+from hf_influence.selection.landmarks import LandmarkRegressor
+from hf_influence.networks.network import InfluenceNetwork
+from hf_influence.selection.rules import SelectionError, select_indices
+from hf_influence.extraction.store import IncompleteStoreError, StoreSpec, VectorStore
+from hf_influence.selection.streaming import ScoreStream, iter_scores, predict_scores, stream_select
 
 N, DIM, LANDMARKS, TARGETS = 301, 12, 40, 6  # N is prime: no chunk or block size divides it
 GROUPS = ["b", "a", "b", "c", "a", "b"]  # one label per target column, deliberately unsorted

@@ -16,8 +16,8 @@ from hf_influence.testing import lora_model
 
 from hf_influence.demo import demo_pool, demo_target
 from hf_influence.formatting import FormattingConfig, format_dataset, pad_batch
-from hf_influence.gradients import GradientConfig, PerSampleGradients, per_sample_losses
-from hf_influence.hessian import TargetHessian
+from hf_influence.extraction.gradients import GradientConfig, PerSampleGradients, per_sample_losses
+from hf_influence.extraction.hessian import TargetHessian
 from hf_influence.optimizers import affine_step
 
 NUM_WEIGHT_VECTORS = 40

@@ -25,9 +25,9 @@ from trl import SFTConfig, SFTTrainer
 from hf_influence import ScoreTable, SelectionError, select_by_influence
 from hf_influence.demo import demo_pool, demo_target
 from hf_influence.formatting import IGNORE_INDEX, format_dataset
-from hf_influence.hub import push_score_table
+from hf_influence.artifacts.hub import push_score_table
 from hf_influence.engine import compute_scores
-from hf_influence.scores import provenance_record
+from hf_influence.artifacts.scores import provenance_record
 from hf_influence.testing import tiny_causal_lm
 from hf_influence.trainer import InfluenceSFTTrainer
 from hf_influence.trainer_config import InfluenceSFTConfig
@@ -517,7 +517,7 @@ def test_a_score_table_keeps_its_target_tasks_for_the_rules_that_group_by_them(t
                                           selection=selection, return_scores=True, show_progress=False, **FAST)
     assert set(table.provenance["target_tasks"].values()) == {"math", "code"}
     scores, row_ids, targets = table.to_matrix()
-    from hf_influence.selection import select_indices
+    from hf_influence.selection.rules import select_indices
 
     ungrouped = select_indices(scores, 5, rule="less") if selection == "less" else None
     args = config(tmp_path, influence_budget=5, influence_options={"selection": selection, "selection_seed": 0},

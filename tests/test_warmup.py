@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from hf_influence.testing import CHAT_ROWS, lora_model
 
 from hf_influence.formatting import IGNORE_INDEX, format_dataset, pad_batch
-from hf_influence.gradients import PerSampleGradients
+from hf_influence.extraction.gradients import PerSampleGradients
 from hf_influence.optimizers import affine_step
 from hf_influence.testing import tiny_causal_lm
 from hf_influence.optimizer_warmup import (

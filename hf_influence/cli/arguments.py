@@ -15,10 +15,10 @@ from datasets import Dataset
 from trl import TrlParser
 
 from ..data import load_rows
-from ..distributed import process_state
-from ..gradients import GradientConfig
+from ..extraction.distributed import process_state
+from ..extraction.gradients import GradientConfig
 from ..models import DEFAULT_MODEL, load_model, torch_dtype
-from ..selection import SelectionError, parse_budget as parse_budget_value
+from ..selection.rules import SelectionError, parse_budget as parse_budget_value
 from ..options import SHARED_CONFIG_TYPES, NNCIFTConfig, SelectionConfig, method_config_types, refusal_message
 
 

@@ -7,14 +7,14 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
-from ..fit_folder import FitFolder
-from ..hub import push_influence_network, push_score_table
+from ..artifacts.fit_folder import FitFolder
+from ..artifacts.hub import push_influence_network, push_score_table
 from ..methods.nn_cift import oracle_options
-from ..nn_cift_pipeline import nn_cift
+from ..networks.nn_cift_pipeline import nn_cift
 from ..options import NNCIFTConfig, SelectionConfig
-from ..pretrained import load_network, network_summary, select_with_network, unseen_quadrant
+from ..networks.pretrained import load_network, network_summary, select_with_network, unseen_quadrant
 from ..registry import ORACLES
-from ..scores import ScoreTable
+from ..artifacts.scores import ScoreTable
 from .arguments import (
     HubArguments,
     ModelArguments,

@@ -18,8 +18,8 @@ from ..influence import select_by_influence
 from ..models import model_identity
 from ..methods.influence_distillation_config import InfluenceDistillationConfig
 from ..options import SHARED_CONFIG_TYPES, SelectionConfig
-from ..scores import ScoreTable, is_replaceable_table_folder
-from ..store import atomic_write_bytes, atomic_write_json, folder_replacement
+from ..artifacts.scores import ScoreTable, is_replaceable_table_folder
+from ..extraction.store import atomic_write_bytes, atomic_write_json, folder_replacement
 from .arguments import (DemoArguments, ModelArguments, SelectArguments, load_cli_model, load_pool_and_target, parse,
                         parse_budget, selection_types)
 

@@ -4,10 +4,10 @@ resumable store."""
 from __future__ import annotations
 
 from ..data import load_rows
-from ..extract import extract_gradients, extract_jvp_embeddings
+from ..extraction.extract import extract_gradients, extract_jvp_embeddings
 from ..formatting import FormattingConfig, format_dataset
-from ..gradients import GradientConfig
-from ..jvp import JVPConfig
+from ..extraction.gradients import GradientConfig
+from ..extraction.jvp import JVPConfig
 from ..models import LoraSettings, add_lora
 from .arguments import DataArguments, ModelArguments, PassArguments, is_main_process, load_cli_model, parse
 

@@ -11,8 +11,8 @@ from ..data import load_rows, sample_rows
 from ..formatting import FormattingConfig
 from ..model_passes import target_loss
 from ..models import LoraSettings
-from ..scores import json_safe
-from ..store import atomic_write_json
+from ..artifacts.scores import json_safe
+from ..extraction.store import atomic_write_json
 from ..targets import load_target
 from ..trainer import InfluenceSFTTrainer
 from ..trainer_config import InfluenceSFTConfig

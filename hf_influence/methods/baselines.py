@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from ..engine import Context, MethodOutput
-from ..gradients import GradientConfig, PerSampleGradients
-from ..landmarks import first_order_scores
+from ..extraction.gradients import GradientConfig, PerSampleGradients
+from ..selection.landmarks import first_order_scores
 from ..models import base_model
 from ..rds_embeddings import cosine_scores, lm_pooled_embeddings
 from ..registry import register_method

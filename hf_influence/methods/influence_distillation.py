@@ -16,16 +16,16 @@ from datasets import Dataset
 from torch import Tensor
 
 from ..engine import Context, MethodOutput
-from ..extract import extract_hessian_products, target_hessian
-from ..gradients import GradientConfig, PerSampleGradients
-from ..jvp import JVPConfig, truncated_decoder
-from ..landmarks import LandmarkRegressor, first_order_scores, select_landmarks
+from ..extraction.extract import extract_hessian_products, target_hessian
+from ..extraction.gradients import GradientConfig, PerSampleGradients
+from ..extraction.jvp import JVPConfig, truncated_decoder
+from ..selection.landmarks import LandmarkRegressor, first_order_scores, select_landmarks
 from ..optimizers import AffineStep
 from ..registry import register_method
-from ..selection import GROUPED_RULES, RULES, key_columns
-from ..store import VectorStore, fingerprint_dataset
-from ..streaming import ScoreStream
-from ..robust_weighting import robust_weights
+from ..selection.rules import GROUPED_RULES, RULES, key_columns
+from ..extraction.store import VectorStore, fingerprint_dataset
+from ..selection.streaming import ScoreStream
+from ..selection.robust_weighting import robust_weights
 from ..verbosity import get_logger
 from .influence_distillation_config import InfluenceDistillationConfig, InfluenceDistillationExactConfig
 from .stores import (gradient_vectors, landmark_feature_rows, optimizer_step, pool_row_gradients, pool_row_scores,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from ..hessian import HESSIAN_KINDS
+from ..extraction.hessian import HESSIAN_KINDS
 from ..validation import check_fields, is_number
 
 LANDMARK_FEATURES = ("jvp", "lm", "jvp+lm", "truncated_gradient")

@@ -1,5 +1,5 @@
 """NN-CIFT as a selection method: an oracle scores a block of the pool, an InfluenceNetwork fitted on that block
-predicts the rest (the work itself is `hf_influence.nn_cift_pipeline.nn_cift`). A method oracle's own options (e.g.
+predicts the rest (the work itself is `hf_influence.networks.nn_cift_pipeline.nn_cift`). A method oracle's own options (e.g.
 order=2 for an Influence Distillation oracle) reach it through `oracle_options`."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from typing import Any
 import torch
 
 from ..engine import Context, MethodOutput
-from ..nn_cift_pipeline import block_overrides, nn_cift
+from ..networks.nn_cift_pipeline import block_overrides, nn_cift
 from ..options import NNCIFTConfig, SelectionConfig
 from ..registry import oracle_rule, register_method
-from ..streaming import ScoreStream
+from ..selection.streaming import ScoreStream
 
 # SelectionConfig fields that describe the outer selection, not how a method oracle scores a block.
 _NOT_ORACLE_FIELDS = ("method", "selection", "target_task_column")

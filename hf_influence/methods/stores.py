@@ -12,13 +12,13 @@ from datasets import Dataset
 from torch import Tensor
 
 from ..engine import Context
-from ..extract import extract_gradients, extract_jvp_embeddings, extract_lm_embeddings, finished_gradients
-from ..gradients import GradientConfig, PerSampleGradients
-from ..jvp import JVPConfig
-from ..landmarks import concatenate_scaled, first_order_scores
+from ..extraction.extract import extract_gradients, extract_jvp_embeddings, extract_lm_embeddings, finished_gradients
+from ..extraction.gradients import GradientConfig, PerSampleGradients
+from ..extraction.jvp import JVPConfig
+from ..selection.landmarks import concatenate_scaled, first_order_scores
 from ..optimizer_warmup import WarmupConfig, warmup
 from ..optimizers import AffineStep, affine_step
-from ..store import VectorStore, fingerprint_dataset
+from ..extraction.store import VectorStore, fingerprint_dataset
 
 
 def optimizer_step(context: Context, tracked: PerSampleGradients) -> AffineStep | None:

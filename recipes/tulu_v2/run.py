@@ -42,10 +42,10 @@ from transformers import HfArgumentParser
 
 from hf_influence import cli
 from hf_influence.data import load_rows, sample_rows  # the sample of `train --pool_sample`
-from hf_influence.distributed import process_state
-from hf_influence.encoders import DEFAULT_ENCODER
+from hf_influence.extraction.distributed import process_state
+from hf_influence.networks.encoders import DEFAULT_ENCODER
 from hf_influence.models import DEFAULT_MODEL
-from hf_influence.store import atomic_write_json
+from hf_influence.extraction.store import atomic_write_json
 from hf_influence.targets import TARGET_TASKS, load_target
 
 RECIPE_DIR = Path(__file__).resolve().parent

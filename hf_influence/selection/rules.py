@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .errors import HFInfluenceError
+from ..errors import HFInfluenceError
 
 
 @dataclass(frozen=True)
@@ -368,7 +368,7 @@ class Candidates:
     def replaced(self, rows: Tensor, scores: Tensor) -> "Candidates":
         """
         The candidates of the same stream with the scores of `rows` [r] (distinct pool rows) replaced by
-        `scores` [r, m] (cast to the stream's dtype first, as streaming.py's exact overrides are). Every other
+        `scores` [r, m] (cast to the stream's dtype first, as selection/streaming.py's exact overrides are). Every other
         row keeps its keys, so the best K - r rows of each column are known exactly afterwards (all of them
         when the stream was kept whole): valid drops by r.
         """

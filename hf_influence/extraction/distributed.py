@@ -36,7 +36,7 @@ from accelerate.utils import get_int_from_env, parse_flag_from_env, reduce
 from transformers.utils.logging import tqdm
 
 from .store import IncompleteStoreError, StoreSpec, VectorStore
-from .verbosity import get_logger
+from ..verbosity import get_logger
 
 logger = get_logger(__name__)
 

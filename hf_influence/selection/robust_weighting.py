@@ -13,7 +13,7 @@ import scipy.optimize
 import torch
 from torch import Tensor
 
-from .verbosity import get_logger
+from ..verbosity import get_logger
 
 logger = get_logger(__name__)
 

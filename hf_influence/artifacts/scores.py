@@ -37,8 +37,8 @@ from huggingface_hub.errors import EntryNotFoundError
 from torch import Tensor
 
 from .cards import TAGS, card_template
-from .errors import HFInfluenceError
-from .store import _fsync_dir, atomic_write_bytes
+from ..errors import HFInfluenceError
+from ..extraction.store import _fsync_dir, atomic_write_bytes
 
 FORMAT_VERSION = 1
 SCORES_NAME = "scores.parquet"
@@ -68,7 +68,7 @@ def provenance_record(**fields: Any) -> dict[str, Any]:
         ScoreTableError: a field's value cannot be written as strict JSON (the error names the key).
     """
     # Imported at call time: the package's __init__ may import this module before defining __version__.
-    from . import __version__
+    from .. import __version__
 
     record = json_safe({**fields, "hf_influence_version": __version__, "format_version": FORMAT_VERSION})
     _check_json(record)

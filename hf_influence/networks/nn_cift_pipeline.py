@@ -21,17 +21,17 @@ from datasets import Dataset
 from torch import Tensor
 
 from .encoders import row_embedder
-from .formatting import FormattingConfig
-from .hub import push_influence_network
-from .models import DEFAULT_MODEL, load_model
+from ..formatting import FormattingConfig
+from ..artifacts.hub import push_influence_network
+from ..models import DEFAULT_MODEL, load_model
 from .network import InfluenceNetwork, standardize_columns
-from .options import NNCIFTConfig, split_options
+from ..options import NNCIFTConfig, split_options
 from .oracles import Oracle
-from .registry import ORACLES, oracle_rule
-from .rds_embeddings import LM_ENCODER
-from .scores import ScoreTable, provenance_record, rows_digest
-from .store import fingerprint_dataset
-from .streaming import predict_scores
+from ..registry import ORACLES, oracle_rule
+from ..rds_embeddings import LM_ENCODER
+from ..artifacts.scores import ScoreTable, provenance_record, rows_digest
+from ..extraction.store import fingerprint_dataset
+from ..selection.streaming import predict_scores
 
 
 @dataclass

@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import HFInfluenceError
-from .formatting import IGNORE_INDEX
+from ..errors import HFInfluenceError
+from ..formatting import IGNORE_INDEX
 from .projection import FactoredProjector, Projector, derive_seed, make_projector
-from .validation import check_fields
+from ..validation import check_fields
 
 PARAMETER_MODES = ("lora", "pattern")
 

@@ -39,10 +39,10 @@ from huggingface_hub import ModelCard, PyTorchModelHubMixin, constants, hf_hub_d
 from huggingface_hub.errors import RemoteEntryNotFoundError
 from torch import Tensor, nn
 
-from .cards import HUB_TAG
-from .errors import HFInfluenceError
-from .models import looks_like_local_path
-from .selection import TopRows
+from ..artifacts.cards import HUB_TAG
+from ..errors import HFInfluenceError
+from ..models import looks_like_local_path
+from ..selection.rules import TopRows
 
 KINDS = ("pairwise", "pointwise")
 # Below this many training pairs (after the validation split) a fit is refused: there is nothing to learn
@@ -211,7 +211,7 @@ class InfluenceNetwork(
     hidden_sizes: widths of the ReLU hidden layers (default [100], the paper's network).
     embedding_model: the encoder id the embeddings come from (predict can verify it).
     embedding_revision: the encoder's revision (Hub commit, or the offline copy's version), when known.
-    text_format: how rows were turned into the encoder's text (`hf_influence.encoders.TEXT_FORMAT`).
+    text_format: how rows were turned into the encoder's text (`hf_influence.networks.encoders.TEXT_FORMAT`).
     interaction_rank: r of the bilinear term (P e_i) . (Q e_j) of a pairwise network; 0 for none (the paper).
     label_normalization: "global" (min-max over the block, the paper) or "column" (see the module docstring).
     oracle: name of the distilled influence oracle, e.g. "influence_distillation".
@@ -708,7 +708,7 @@ class InfluenceNetwork(
         """PyTorchModelHubMixin.save_pretrained, always with this network's current config (label range, metrics)
         and its real model card (README.md: oracle, encoder, measured quadrants), not the mixin's placeholder;
         after `evaluate`, with the predicted-vs-true plot of the unseen pairs beside it (PLOT_FILE)."""
-        from .hub import PLOT_FILE, plot_predicted_vs_true  # hub imports this module
+        from ..artifacts.hub import PLOT_FILE, plot_predicted_vs_true  # hub imports this module
 
         kwargs["config"] = self.config
         card_kwargs = dict(kwargs.get("model_card_kwargs") or {})
@@ -732,7 +732,7 @@ class InfluenceNetwork(
         """The card save_pretrained / push_to_hub write (`hub.influence_network_card`): the quadrant figures come
         from the network's metrics, the training block's size from its Q1 (when evaluated). Pass these through
         `save_pretrained(..., model_card_kwargs={"license": "apache-2.0"})`."""
-        from .hub import influence_network_card  # hub renders cards for tables too; imported where used
+        from ..artifacts.hub import influence_network_card  # hub renders cards for tables too; imported where used
 
         metrics = self.metrics or {}
         block = metrics.get("Q1") or {}

@@ -41,9 +41,9 @@ import torch
 from torch import Tensor
 
 from .landmarks import LandmarkRegressor
-from .network import InfluenceNetwork
-from .selection import RULES, Candidates, SelectionError, select_indices, top_candidates
-from .store import IncompleteStoreError, VectorStore
+from ..networks.network import InfluenceNetwork
+from .rules import RULES, Candidates, SelectionError, select_indices, top_candidates
+from ..extraction.store import IncompleteStoreError, VectorStore
 
 Predictor = LandmarkRegressor | InfluenceNetwork
 # Pool rows per prediction block, the default of every function here (see Exactness in the module docstring).
@@ -314,7 +314,7 @@ def stream_select(
     predictor: fitted LandmarkRegressor (its alpha holds the m targets) or InfluenceNetwork (pairwise with
         target_embeddings [m, e], or pointwise: one column).
     budget: rows to select, an int 1 <= budget <= n (resolve_budget turns a fraction into one).
-    rule: "round_robin", "round_robin_task" (needs target_groups), "mean_top_k" or "less" (see selection.py).
+    rule: "round_robin", "round_robin_task" (needs target_groups), "mean_top_k" or "less" (see selection/rules.py).
     target_groups: m task labels, one per target column (round_robin_task; optional for less).
     seed: the round-robin visiting order. chunk_rows, block_rows, compute_dtype, exact_rows, exact_scores,
         exact_columns, embedding_model: see iter_scores.
@@ -340,7 +340,7 @@ def stream_select(
 class ScoreStream:
     """Scores [n, m] left as a fitted predictor over the pool's embeddings (a VectorStore read in blocks, or a
     tensor), with the known scores (landmark rows, or NN-CIFT's oracle block) as exact values: `select` never
-    holds more than a chunk of the pool (see streaming.py)."""
+    holds more than a chunk of the pool (see selection/streaming.py)."""
 
     embeddings: VectorStore | Tensor  # [n, e]
     predictor: LandmarkRegressor | InfluenceNetwork

@@ -16,18 +16,18 @@ from pathlib import Path
 from datasets import Dataset
 
 from .encoders import row_embedder, text_format_of
-from .engine import as_dataset
-from .fit_folder import FitFolder
-from .formatting import FormattingConfig
-from .models import load_model, looks_like_local_path
+from ..engine import as_dataset
+from ..artifacts.fit_folder import FitFolder
+from ..formatting import FormattingConfig
+from ..models import load_model, looks_like_local_path
 from .network import InfluenceNetwork
-from .rds_embeddings import LM_ENCODER, LM_ENCODER_PREFIX
-from .registry import oracle_rule
-from .scores import ScoreTable, provenance_record, rows_digest
-from .selection import GROUPED_RULES, choose_rows, parse_budget, resolve_budget
-from .store import fingerprint_dataset
-from .streaming import ScoreStream
-from .verbosity import get_logger
+from ..rds_embeddings import LM_ENCODER, LM_ENCODER_PREFIX
+from ..registry import oracle_rule
+from ..artifacts.scores import ScoreTable, provenance_record, rows_digest
+from ..selection.rules import GROUPED_RULES, choose_rows, parse_budget, resolve_budget
+from ..extraction.store import fingerprint_dataset
+from ..selection.streaming import ScoreStream
+from ..verbosity import get_logger
 
 logger = get_logger(__name__)
 

@@ -32,7 +32,7 @@ Several processes may write one store at once, each its own disjoint rows; only 
 created the store (rank 0) calls :meth:`VectorStore.update_manifest`. On one host, where all of
 them share the page cache, ``VectorStore.open(path, mode="r+")`` is enough. Processes on several
 hosts over a network file system open it with ``multi_writer=True`` (see
-:meth:`VectorStore.open`); :mod:`hf_influence.distributed` does this for multi-process extraction.
+:meth:`VectorStore.open`); :mod:`hf_influence.extraction.distributed` does this for multi-process extraction.
 """
 
 import contextlib
@@ -52,8 +52,8 @@ import numpy as np
 import torch
 from numpy.lib.format import open_memmap
 
-from .errors import HFInfluenceError
-from .verbosity import get_logger
+from ..errors import HFInfluenceError
+from ..verbosity import get_logger
 
 logger = get_logger(__name__)
 

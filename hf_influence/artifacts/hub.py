@@ -77,7 +77,7 @@ def plot_predicted_vs_true(predicted: Tensor, true: Tensor, path: str | Path, wh
 
 def scatter_svg(predicted: Tensor, true: Tensor, max_points: int = 2000, size: int = 360) -> str:
     """Deprecated (the card's plot is now `PLOT_FILE`, a PNG): the same plot as SVG text. `size` is ignored."""
-    warnings.warn("hf_influence.hub.scatter_svg is deprecated and will be removed in the next version: use "
+    warnings.warn("hf_influence.artifacts.hub.scatter_svg is deprecated and will be removed in the next version: use "
                   "plot_predicted_vs_true(predicted, true, path), which draws the card's PNG.", FutureWarning,
                   stacklevel=2)
     with tempfile.TemporaryDirectory() as folder:

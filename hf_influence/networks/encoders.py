@@ -25,13 +25,13 @@ from datasets import Dataset
 from torch import Tensor
 from transformers.utils.logging import tqdm
 
-from .distributed import fill_store
-from .formatting import (FormattingConfig, FormattingError, alpaca_prompt, detect_format, is_conversational,
+from ..extraction.distributed import fill_store
+from ..formatting import (FormattingConfig, FormattingError, alpaca_prompt, detect_format, is_conversational,
                          response_column, row_messages)
-from .models import hub_reachable, hub_unreachable_reason, model_identity
-from .rds_embeddings import LM_ENCODER, LM_ENCODER_PREFIX, LM_TEXT_FORMAT, lm_row_embeddings
-from .store import StoreSpec, VectorStore, fingerprint_dataset
-from .verbosity import get_logger
+from ..models import hub_reachable, hub_unreachable_reason, model_identity
+from ..rds_embeddings import LM_ENCODER, LM_ENCODER_PREFIX, LM_TEXT_FORMAT, lm_row_embeddings
+from ..extraction.store import StoreSpec, VectorStore, fingerprint_dataset
+from ..verbosity import get_logger
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer

@@ -26,10 +26,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp, vmap
 
-from .formatting import IGNORE_INDEX
+from ..formatting import IGNORE_INDEX
 from .gradients import causal_lm_parts
 from .projection import derive_seed, make_projector
-from .validation import check_fields
+from ..validation import check_fields
 
 
 JVP_POOLINGS = ("last", "response_mean")

@@ -8,7 +8,7 @@ model (id, revision and a digest of its adapter weights), the formatted dataset'
 configuration; a store made for anything else is refused (`StoreMismatchError`) rather than silently mixed.
 
 Under `accelerate launch` / torchrun, every process calls the same function and the pending batches are
-split between them (`hf_influence.distributed`); the finished store is the same, byte for byte.
+split between them (`hf_influence.extraction.distributed`); the finished store is the same, byte for byte.
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ from datasets import Dataset
 from torch import Tensor, nn
 
 from .distributed import fill_store
-from .rds_embeddings import pooled_batch
-from .encoders import extract_sentence_embeddings  # noqa: F401  (public here with the other extractors)
-from .formatting import pad_batch
+from ..rds_embeddings import pooled_batch
+from ..networks.encoders import extract_sentence_embeddings  # noqa: F401  (public here with the other extractors)
+from ..formatting import pad_batch
 from .gradients import GradientConfig, PerSampleGradients, causal_lm_parts
 from .hessian import TargetHessian
 from .jvp import JVPConfig, JVPEmbedder
-from .models import adapter_digest, base_model, model_identity, weights_digest
+from ..models import adapter_digest, base_model, model_identity, weights_digest
 from .store import MANIFEST_NAME, StoreMismatchError, StoreSpec, VectorStore, fingerprint_dataset
 
 
@@ -52,7 +52,7 @@ def _extract(
     with_adapter: bool = True,
 ) -> VectorStore:
     """Open (or resume) the store identified by model, data and config, and fill its pending batches (split between
-    the processes of a multi-process launch, see `hf_influence.distributed`). with_adapter: `compute` runs with the
+    the processes of a multi-process launch, see `hf_influence.extraction.distributed`). with_adapter: `compute` runs with the
     model's adapter (its digest is then part of the identity); False when it runs the base model."""
     spec = _store_spec(kind, model, formatted, config_record, dim, with_adapter)
     pad_token_id = _pad_token_id(model, pad_token_id)
@@ -127,7 +127,7 @@ def extract_gradients(
         The completed VectorStore: float32 [len(formatted), output_dim], row_ids = formatted["row_id"].
 
     Under a multi-process launch every process must call it with the same arguments; each computes its share
-    of the pending batches (see `hf_influence.distributed`).
+    of the pending batches (see `hf_influence.extraction.distributed`).
     """
     config = config or GradientConfig()
     gradients = PerSampleGradients(model, config)

@@ -19,9 +19,9 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .network import InfluenceNetwork
+from ..networks.network import InfluenceNetwork
 from .scores import ScoreTable, json_safe
-from .store import atomic_write_json, folder_replacement
+from ..extraction.store import atomic_write_json, folder_replacement
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ target row, `[len(pool), len(target)]`; pointwise oracles (a score per pool row,
 what a distilled network is only valid for.
 
 - `DeliftSEOracle`: DELIFT-SE (Agarwal et al., 2025), the cosine similarity of the sentence embeddings of the
-  pool and target rows' texts (`hf_influence.encoders`).
+  pool and target rows' texts (`hf_influence.networks.encoders`).
 - `DeliftOracle`: DELIFT's in-context utility. With a valuation LM, for target j with prompt x_j and response y_j,
   u(i, j) = d(y_j | x_j) - d(y_j | example_i, x_j), where d is a distance of the model's predictions from y_j's
   tokens: by default the reference code's ||p - 1||_2 / sqrt(T) over the probabilities p of y_j's T tokens
@@ -35,16 +35,16 @@ from transformers import PreTrainedTokenizerBase
 from transformers.utils.logging import tqdm
 
 from .encoders import DEFAULT_ENCODER, TEXT_FORMAT, encode_rows, encoder_identity, load_encoder, prompt_and_response
-from .engine import compute_scores, prepare_model
-from .formatting import IGNORE_INDEX, FormattingConfig, FormattingError, format_dataset
-from .gradients import causal_lm_parts, response_token_losses
-from .model_passes import eval_mode, run_batches
-from .models import DEFAULT_MODEL, model_identity
-from .optimizer_warmup import WarmupConfig, warmup
-from .options import SelectionConfig, split_options
-from .rds_embeddings import LM_ENCODER, cosine_scores
-from .registry import METHODS, register_oracle
-from .store import fingerprint_dataset
+from ..engine import compute_scores, prepare_model
+from ..formatting import IGNORE_INDEX, FormattingConfig, FormattingError, format_dataset
+from ..extraction.gradients import causal_lm_parts, response_token_losses
+from ..model_passes import eval_mode, run_batches
+from ..models import DEFAULT_MODEL, model_identity
+from ..optimizer_warmup import WarmupConfig, warmup
+from ..options import SelectionConfig, split_options
+from ..rds_embeddings import LM_ENCODER, cosine_scores
+from ..registry import METHODS, register_oracle
+from ..extraction.store import fingerprint_dataset
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .formatting import IGNORE_INDEX
+from ..formatting import IGNORE_INDEX
 from .gradients import GradientError, causal_lm_parts, per_sample_losses
 from .jvp import eager_attention
 
