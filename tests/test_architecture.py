@@ -4,6 +4,8 @@ count: they are how a cycle hides) and no module, the CLI aside, that imports mo
 import ast
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parents[1] / "hf_influence"
 
 
@@ -96,3 +98,21 @@ def test_no_public_name_shadows_a_module():
             continue
         attribute = getattr(importlib.import_module(package), leaf, None)
         assert attribute is None or isinstance(attribute, types.ModuleType), f"{package}.{leaf} is {attribute!r}"
+
+
+@pytest.mark.parametrize("registry, readme_row, config, field", [
+    ("METHODS", "| methods (`method=`)", "SelectionConfig", "method"),
+    ("ORACLES", "| oracles |", "NNCIFTConfig", "oracle"),
+])
+def test_every_registered_name_is_documented(registry, readme_row, config, field):
+    """Where docs/architecture.md says a method or an oracle is documented: README's row and the help of the
+    option that takes its name. A registered name missing from either fails."""
+    import hf_influence
+    from hf_influence import options
+
+    readme = (PACKAGE.parent / "README.md").read_text()
+    row = next(line for line in readme.splitlines() if line.startswith(readme_row))
+    help_text = getattr(options, config).__dataclass_fields__[field].metadata["help"]
+    for name in getattr(hf_influence, registry):
+        assert f"`{name}`" in row, f"README's row {readme_row!r} does not name {name}"
+        assert f'"{name}"' in help_text, f"{config}.{field}'s help does not name {name}"

@@ -346,21 +346,6 @@ def test_every_registered_oracle_keeps_the_contract(name, tiny):
     assert json.loads(json.dumps(oracle.identity()))["name"] == name
 
 
-def test_every_registered_oracle_is_documented():
-    """Where docs/architecture.md says an oracle is documented: NNCIFTConfig.oracle's help and README's oracles
-    row. A registered oracle missing from either fails."""
-    from pathlib import Path
-
-    from hf_influence.options import NNCIFTConfig
-
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    row = next(line for line in readme.splitlines() if line.startswith("| oracles |"))
-    help_text = NNCIFTConfig.__dataclass_fields__["oracle"].metadata["help"]
-    for name in ORACLES:
-        assert f"`{name}`" in row, f"README's oracles row does not name {name}"
-        assert f'"{name}"' in help_text, f"NNCIFTConfig.oracle's help does not name {name}"
-
-
 def test_a_new_oracle_is_one_registration(monkeypatch):
     """A toy oracle registered in one place is accepted by NNCIFTConfig, built by make_oracle, distilled by
     nn_cift and selects by its declared rule; an unregistered name is refused naming the registered ones."""
