@@ -25,7 +25,7 @@ from .extraction.distributed import process_state
 from .formatting import FormattingConfig, format_dataset
 from .locks import work_dir_lock
 from .models import (DEFAULT_MODEL, LoraSettings, add_lora, load_model, memoized_weights_digests, model_identity,
-                     torch_dtype, weights_digest)
+                     weights_digest)
 from .options import SelectionConfig, split_options
 from .registry import METHODS, MethodSpec
 from .artifacts.scores import ScoreTable, provenance_record, rows_digest
@@ -110,13 +110,8 @@ def prepare_model(model, tokenizer, configs) -> tuple[nn.Module, Any, Callable[[
     lora = configs[LoraSettings]
     init = configs[SelectionConfig].model_init_kwargs
     if model is None or isinstance(model, str):
-        init = dict(init or {})
-        if isinstance(init.get("dtype"), str) and init["dtype"] != "auto":
-            init["dtype"] = torch_dtype(init["dtype"])
-        if init.get("device_map") is not None:
-            init.setdefault("device", None)  # placed while loading: leave it there
         try:
-            loaded, loaded_tokenizer = load_model(model or DEFAULT_MODEL, **init)
+            loaded, loaded_tokenizer = load_model(model or DEFAULT_MODEL, **(init or {}))
         except TypeError as error:  # a key from_pretrained does not take (transformers names it)
             raise ValueError(f"SelectionConfig.model_init_kwargs: from_pretrained refused {sorted(init)}: "
                              f"{error}") from None

