@@ -382,3 +382,27 @@ def test_the_console_script_exits_0_after_a_successful_command(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "'method': 'random'" not in done.stderr
     assert len((tmp_path / "out" / "selected.jsonl").read_text().splitlines()) == 2
+
+
+def test_select_help_shows_the_shared_groups_and_the_chosen_methods_own(capsys, tmp_path):
+    """PEFT's pattern on the command line: --method (flag or --config YAML) picks which method group --help
+    shows beside the shared ones, and another method's flag is refused naming the method it belongs to."""
+    def groups(*argv):
+        with pytest.raises(SystemExit):
+            cli.main(["select", *argv, "--help"])
+        return capsys.readouterr().out
+
+    default = groups()
+    assert "landmark Influence Distillation (InfluenceDistillationConfig)" in default and "--num_landmarks" in default
+    less = groups("--method", "less")
+    assert "selection (SelectionConfig)" in less and "warm-up (WarmupConfig)" in less
+    assert "InfluenceDistillation" not in less and "--num_landmarks" not in less
+    (tmp_path / "less.yaml").write_text("method: less\n")
+    from_yaml = groups("--config", str(tmp_path / "less.yaml"))
+    assert "(default: less)" in from_yaml and "InfluenceDistillation" not in from_yaml
+    nn_cift = groups("--method", "nn_cift", "--oracle", "influence_distillation_exact")
+    assert "NN-CIFT (NNCIFTConfig)" in nn_cift and "(InfluenceDistillationExactConfig)" in nn_cift
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["select", "--method", "less", "--num_landmarks", "8", "--pool", "p.jsonl", "--target", "t.jsonl"])
+    assert stop.value.code == 2
+    assert "'num_landmarks' is an option of InfluenceDistillationConfig" in capsys.readouterr().err
