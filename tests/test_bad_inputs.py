@@ -357,7 +357,10 @@ def test_config_objects_are_accepted_beside_keywords():
         select_by_influence(pool, target, budget=4, configs=[{"method": "random"}])
     with pytest.raises(TypeError, match="two SelectionConfig"):
         select_by_influence(pool, target, budget=4, configs=[SelectionConfig(), SelectionConfig()])
-    assert GradientConfig in __import__("hf_influence").options.split_options({}, [GradientConfig()])
+    from hf_influence.options import split_options
+
+    configs = split_options({"projection_seed": 4}, [GradientConfig(projection_dim=64, projection_seed=1)])
+    assert (configs[GradientConfig].projection_dim, configs[GradientConfig].projection_seed) == (64, 4)
 
 
 def test_a_refused_or_failed_write_leaves_the_earlier_result_whole(tmp_path):
