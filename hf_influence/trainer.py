@@ -454,7 +454,8 @@ class InfluenceSFTTrainer(SFTTrainer):
             "budget": self._influence_budget,
             "pool_rows": len(self._influence_row_ids),
             "training_rows": self._influence_mode.training_rows(self),
-            "loss_normalization": self.args.influence_loss_normalization if self._influence_mode.weighted_loss else None,
+            "loss_normalization": (self.args.influence_loss_normalization
+                                   if self._influence_mode.weighted_loss else None),
             "selection_steps": [selection.step for selection in self.influence_selections],
             "model_id": last.provenance.get("model_id"),
             "model_revision": last.provenance.get("model_revision"),

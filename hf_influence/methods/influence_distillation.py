@@ -127,7 +127,8 @@ def influence_distillation(context: Context) -> MethodOutput:
     if embeddings is None and (config.landmark_selection == "kmeans++" or config.order == 2):
         embeddings = store.to_tensor()
     k = plan.landmarks
-    landmarks = select_landmarks(n, k, config.landmark_selection, embeddings=embeddings, seed=context.config.selection_seed)
+    landmarks = select_landmarks(n, k, config.landmark_selection, embeddings=embeddings,
+                                 seed=context.config.selection_seed)
     landmark_rows = context.pool.select(landmarks.tolist())
     preconditioner = None if step is None else step.scale
     target_vectors = target_gradient_vectors(context)
@@ -184,7 +185,7 @@ def influence_distillation(context: Context) -> MethodOutput:
     return MethodOutput(scores, _weights(context, p, (transfer, q_landmarks), eta), landmark_mask, details=details)
 
 
-# Shortlist rows per budget row when SelectionConfig.shortlist_factor is None (then bounded by
+# Shortlist rows per budget row when InfluenceDistillationConfig.shortlist_factor is None (then bounded by
 # exact_gradient_fraction): benchmarks/landmark_fidelity.py measures what the re-rank buys per gradient.
 SHORTLIST_FACTOR = 4.0
 # With a shortlist, the landmarks take at most this share of the exact-gradient bound, and at least MIN_LANDMARKS

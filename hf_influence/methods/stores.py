@@ -94,10 +94,11 @@ def restricted_scale(scale: Tensor, full: PerSampleGradients, part: PerSampleGra
 
 
 def landmark_feature_rows(context: Context, step: AffineStep | None, tracked: PerSampleGradients) -> VectorStore | Tensor:
-    """The regression features of every pool row (SelectionConfig.landmark_features): a store for one part; for
-    several, the rows [e_1 / s_1, e_2 / s_2] in memory, s_j the median pairwise distance of part j on a seeded
-    sample of at most 1000 rows, so that each part weighs the same in the RBF distance whatever its units."""
-    stores = [feature_store(context, part, step, tracked) for part in context.method_config.landmark_features.split("+")]
+    """The regression features of every pool row (InfluenceDistillationConfig.landmark_features): a store for one
+    part; for several, the rows [e_1 / s_1, e_2 / s_2] in memory, s_j the median pairwise distance of part j on a
+    seeded sample of at most 1000 rows, so that each part weighs the same in the RBF distance whatever its units."""
+    parts = context.method_config.landmark_features.split("+")
+    stores = [feature_store(context, part, step, tracked) for part in parts]
     if len(stores) == 1:
         return stores[0]
     return concatenate_scaled([store.to_tensor() for store in stores], seed=context.config.selection_seed)
