@@ -48,8 +48,9 @@ def select_by_influence(
     optimizer: torch.optim.Optimizer | None = None,
     return_scores: bool = False,
     configs: Iterable[Any] | None = None,
+    return_details: bool = False,
     **options: Any,
-) -> Dataset | tuple[Dataset, ScoreTable]:
+) -> Dataset | tuple[Dataset, ScoreTable] | tuple[Dataset, dict]:
     """Select the pool rows that help most on the target.
 
     Args:
@@ -65,6 +66,9 @@ def select_by_influence(
         optimizer: a torch AdamW / SGD holding the LoRA parameters with state (e.g. your own warm-up);
             skips the built-in warm-up.
         return_scores: also return the ScoreTable (scores of every pool row for every target).
+        return_details: also return what the run reports (stage seconds with the total, landmark diagnostics,
+            what decided and its exact-gradient cost), without a score table: a streamed selection keeps it so.
+            With return_scores the table's provenance["details"] holds the same.
         configs: config dataclass instances (e.g. [SelectionConfig(method="less"), GradientConfig(...)]) as the
             defaults; keyword options override their fields.
         **options: fields of SelectionConfig, FormattingConfig, GradientConfig, JVPConfig, WarmupConfig,
@@ -74,7 +78,8 @@ def select_by_influence(
 
     Returns:
         `pool.select(indices)`: the selected rows with all pool columns, in selection order (the order the
-        rule picked them: round-robin order, or descending score); with return_scores, (dataset, ScoreTable).
+        rule picked them: round-robin order, or descending score); with return_scores, (dataset, ScoreTable);
+        with return_details, (dataset, details dict).
 
     Raises:
         SelectionError: empty pool/target, budget larger than the usable pool, bad scores.
@@ -84,6 +89,9 @@ def select_by_influence(
     """
     if method is not None:
         options["method"] = method
+    if return_scores and return_details:
+        raise ValueError("return_scores and return_details: pass one (the score table's provenance['details'] "
+                         "holds the details).")
     configs = split_options(options, configs)
     config: SelectionConfig = configs[SelectionConfig]
     pool = as_dataset(pool, "pool")
@@ -103,10 +111,10 @@ def select_by_influence(
     selected = pool.select(selected_rows)
     if "landmarks" in run.details:  # the share of landmarks among the selected rows, against their pool share
         run.details["landmarks"]["landmark_share_selected"] = float(run.output.landmark_mask[chosen].float().mean())
-    if not return_scores:
-        return selected
     run.details["seconds"]["total"] = time.perf_counter() - start
-    return selected, run.score_table(selection=rule, budget=budget_rows, selected_pool_row_ids=selected_rows)
+    if return_scores:
+        return selected, run.score_table(selection=rule, budget=budget_rows, selected_pool_row_ids=selected_rows)
+    return (selected, run.details) if return_details else selected
 
 
 def _dataset_select_by_influence(self: Dataset, target, **kwargs):

@@ -77,6 +77,8 @@ API_CASES = [
      "'num_landmarks' is an option of InfluenceDistillationConfig (method influence_distillation), which method "
      "'rds' does not read"),
     ("unknown method", lambda m: _select(m, method="nope"), ValueError, "SelectionConfig.method"),
+    ("scores and details", lambda m: _select(m, return_scores=True, return_details=True), ValueError,
+     "return_scores and return_details: pass one"),
     ("unknown rule", lambda m: _select(m, selection="nope"), ValueError, "SelectionConfig.selection"),
     ("num_landmarks 0", lambda m: _select(m, num_landmarks=0), ValueError, "num_landmarks must be an integer >= 1, got 0"),
     ("num_landmarks 4.7", lambda m: _select(m, num_landmarks=4.7), ValueError,

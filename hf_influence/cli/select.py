@@ -7,7 +7,6 @@ import collections
 import contextlib
 import json
 import tempfile
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -101,7 +100,7 @@ def print_report(report: dict, top: int | None = 20) -> None:
     print(f"\n{report['method']}: selected {report['selected_rows']} of {report['pool_rows']} pool rows "
           f"for {report['target_rows']} target rows in {seconds.get('total', 0.0):.1f} s")
     stages = [f"{stage} {value:.1f} s" for stage, value in seconds.items() if stage != "total"]
-    if stages:  # a streamed run records only its total
+    if stages:  # random records none
         print("  stages: " + ", ".join(stages))
     if "landmarks" in report:
         landmarks = report["landmarks"]
@@ -134,7 +133,6 @@ def print_report(report: dict, top: int | None = 20) -> None:
 
 def select_and_report(pool: Dataset, target: Dataset, model, tokenizer, budget, options: dict, group_column: str,
                        save_scores: bool = True, group_depth: int | None = None):
-    start = time.perf_counter()
     if save_scores:
         selected, table = select_by_influence(pool, target, model=model, tokenizer=tokenizer, budget=budget,
                                               return_scores=True, **options)
@@ -142,10 +140,11 @@ def select_and_report(pool: Dataset, target: Dataset, model, tokenizer, budget, 
                                      table.provenance["details"].get("seconds", {}))
         landmarks = table.provenance["details"].get("landmarks")
         cost = table.provenance["details"].get("exact_gradients")
-    else:  # streamed: no table, so no per-stage timings or landmark diagnostics either (the warning still logs)
-        selected = select_by_influence(pool, target, model=model, tokenizer=tokenizer, budget=budget, **options)
-        table, method, seconds = None, options["method"], {"total": time.perf_counter() - start}
-        model_id, landmarks, cost = model_identity(model)[0], None, None
+    else:  # streamed: no table; the run's details come back beside the rows
+        selected, details = select_by_influence(pool, target, model=model, tokenizer=tokenizer, budget=budget,
+                                                return_details=True, **options)
+        table, method, seconds = None, options["method"], details["seconds"]
+        model_id, landmarks, cost = model_identity(model)[0], details.get("landmarks"), details.get("exact_gradients")
     report = {
         "method": method, "model_id": model_id,
         "pool_rows": len(pool), "target_rows": len(target), "selected_rows": len(selected),
