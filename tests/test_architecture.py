@@ -116,3 +116,13 @@ def test_every_registered_name_is_documented(registry, readme_row, config, field
     for name in getattr(hf_influence, registry):
         assert f"`{name}`" in row, f"README's row {readme_row!r} does not name {name}"
         assert f'"{name}"' in help_text, f"{config}.{field}'s help does not name {name}"
+
+
+def test_every_subpackage_is_in_the_wheel():
+    """pyproject lists the packages explicitly (model_cards/ installs as hf_influence.model_cards): a new stage
+    package missing from that list would work in an editable install and be absent from the wheel."""
+    import tomllib
+
+    listed = set(tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {_module_name(path) for path in PACKAGE.rglob("__init__.py")}
+    assert found <= listed, sorted(found - listed)
