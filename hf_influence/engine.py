@@ -113,7 +113,7 @@ def prepare_model(model, tokenizer, configs) -> tuple[nn.Module, Any, Callable[[
         try:
             loaded, loaded_tokenizer = load_model(model or DEFAULT_MODEL, **(init or {}))
         except TypeError as error:  # a key from_pretrained does not take (transformers names it)
-            raise ValueError(f"SelectionConfig.model_init_kwargs: from_pretrained refused {sorted(init)}: "
+            raise ValueError(f"SelectionConfig.model_init_kwargs: from_pretrained refused {sorted(init or {})}: "
                              f"{error}") from None
         return add_lora(loaded, lora), tokenizer or loaded_tokenizer, lambda: None
     if init:

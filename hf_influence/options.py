@@ -84,13 +84,10 @@ class SelectionConfig:
                           "silences them all."})
 
     def __post_init__(self) -> None:
-        choices = {"method": tuple(METHODS), "selection": (None, *RULE_TABLE)}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"SelectionConfig.{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
         # Types first, so that a YAML `chunk_rows: 4.7` or `null` is refused here, before any model pass, and not
         # as a raw TypeError after the warm-up.
-        check_fields(self, integers={"chunk_rows": 1, "selection_seed": None})
+        check_fields(self, integers={"chunk_rows": 1, "selection_seed": None},
+                     choices={"method": tuple(METHODS), "selection": (None, *RULE_TABLE)})
         self.model_init_kwargs = kwargs_option(self.model_init_kwargs, "SelectionConfig.model_init_kwargs")
         if self.model_init_kwargs is not None:
             check_model_init_kwargs(self.model_init_kwargs, "SelectionConfig.model_init_kwargs")

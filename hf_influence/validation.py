@@ -18,7 +18,7 @@ def is_number(value) -> bool:
 
 def check_fields(config, integers: dict[str, int | None] | None = None,
                  numbers: dict[str, tuple[float | None, float | None]] | None = None,
-                 optional: tuple[str, ...] = ()) -> None:
+                 optional: tuple[str, ...] = (), choices: dict[str, tuple] | None = None) -> None:
     """Refuse, in one line naming `Class.field`, a field of the wrong type or out of range, when the config is
     built (API, YAML and command line alike), instead of a raw TypeError deep in a run.
 
@@ -27,8 +27,12 @@ def check_fields(config, integers: dict[str, int | None] | None = None,
         integers: {field: its minimum (None: any)}: must be an integer (not a bool) at least that.
         numbers: {field: (low, high)}: must be a finite number with low < value <= high (None: unbounded side).
         optional: fields that may also be None.
+        choices: {field: its allowed values}, checked first.
     """
     owner = type(config).__name__
+    for name, allowed in (choices or {}).items():
+        if getattr(config, name) not in allowed:
+            raise ValueError(f"{owner}.{name} must be one of {list(allowed)}, got {getattr(config, name)!r}")
     for name, minimum in (integers or {}).items():
         value = getattr(config, name)
         if value is None and name in optional:

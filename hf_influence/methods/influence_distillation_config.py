@@ -40,12 +40,8 @@ class InfluenceDistillationExactConfig:
                           'optimizer_state="gd" with order 2).'})
 
     def __post_init__(self) -> None:
-        owner = type(self).__name__
-        if self.order not in (1, 2):
-            raise ValueError(f"{owner}.order must be one of [1, 2], got {self.order!r}")
-        if self.hessian not in HESSIAN_KINDS:
-            raise ValueError(f"{owner}.hessian must be one of {list(HESSIAN_KINDS)}, got {self.hessian!r}")
-        check_fields(self, numbers={"robust_lambda": (0, None), "step_size": (0, None)}, optional=("step_size",))
+        check_fields(self, numbers={"robust_lambda": (0, None), "step_size": (0, None)}, optional=("step_size",),
+                     choices={"order": (1, 2), "hessian": HESSIAN_KINDS})
 
 
 @dataclass
@@ -112,14 +108,11 @@ class InfluenceDistillationConfig(InfluenceDistillationExactConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         owner = type(self).__name__
-        choices = {"landmark_selection": ("uniform", "kmeans++"), "landmark_features": LANDMARK_FEATURES,
-                   "landmark_scores": ("loo", "exact"), "kernel": ("rbf", "linear")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{owner}.{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
         # Types first, so that a YAML `num_landmarks: 4.7` or `null` is refused here, before any model pass, and
         # not as a raw TypeError after the warm-up.
-        check_fields(self, integers={"num_landmarks": 1})
+        check_fields(self, integers={"num_landmarks": 1},
+                     choices={"landmark_selection": ("uniform", "kmeans++"), "landmark_features": LANDMARK_FEATURES,
+                              "landmark_scores": ("loo", "exact"), "kernel": ("rbf", "linear")})
         for name in ("kernel_ridge", "kernel_bandwidth", "shortlist_factor", "exact_gradient_fraction"):
             value = getattr(self, name)
             if value is not None and not (is_number(value) and math.isfinite(value)):
