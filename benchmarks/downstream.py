@@ -165,22 +165,22 @@ class Settings:
     method_table: dict = field(default_factory=lambda: dict(METHODS))
 
 
-def preregistration() -> str:
-    """The pre-registered part of this module's docstring."""
-    text = __doc__
+def preregistration(text: str | None = None) -> str:
+    """The pre-registered part of a docstring (default: this module's)."""
+    text = __doc__ if text is None else text
     return text[text.index("PRE-REGISTRATION"):text.index("END OF PRE-REGISTRATION")]
 
 
-def preregistered_commit() -> dict:
-    """The commit of this script and whether the working copy differs from it (then the text is not pre-registered
-    at that commit)."""
+def preregistered_commit(script: Path = SCRIPT, text: str | None = None) -> dict:
+    """The commit of `script` (whose docstring is `text`; default this module) and whether the working copy differs
+    from it (then the text is not pre-registered at that commit)."""
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=SCRIPT.parent, capture_output=True, text=True).stdout.strip()
+        return subprocess.run(["git", *args], cwd=script.parent, capture_output=True, text=True).stdout.strip()
 
-    commit = git("log", "-1", "--format=%H", "--", SCRIPT.name) or None
-    dirty = bool(git("status", "--porcelain", "--", SCRIPT.name))
+    commit = git("log", "-1", "--format=%H", "--", script.name) or None
+    dirty = bool(git("status", "--porcelain", "--", script.name))
     return {"commit": commit, "uncommitted_changes": dirty,
-            "sha256": hashlib.sha256(preregistration().encode()).hexdigest()}
+            "sha256": hashlib.sha256(preregistration(text).encode()).hexdigest()}
 
 
 # ---------------------------------------------------------------------------------------------------------- data
@@ -426,9 +426,18 @@ def planned(settings: Settings) -> list[tuple[str, str, int, int]]:
     return runs
 
 
+def registry_or_control(data: BenchmarkData, target: str, method: str, draw: int, settings: Settings, cache: Path,
+                        model_loader: Callable, log: RunLog) -> dict:
+    """This benchmark's selections: the control from the default's draw, every other row through the registry."""
+    if settings.method_table[method].registry is None:
+        return control_selection(data, target, draw, settings, cache, log.get(f"{target}/default/draw-{draw}"))
+    return select(data, target, method, draw, settings, cache, model_loader)
+
+
 def run_benchmark(data: BenchmarkData, settings: Settings, cache: Path, model_loader: Callable,
-                  registration: dict | None = None) -> RunLog:
-    """Every missing selection and training run (a finished one is never redone)."""
+                  registration: dict | None = None, selector: Callable = registry_or_control) -> RunLog:
+    """Every missing selection (made by `selector`, with registry_or_control's arguments) and training run (a
+    finished one is never redone)."""
     log = RunLog(cache / "runs.json", settings, registration or preregistered_commit())
     for target, method, draw, train_seed in planned(settings):
         if log.get(f"{target}/before") is None:
@@ -438,10 +447,7 @@ def run_benchmark(data: BenchmarkData, settings: Settings, cache: Path, model_lo
         key = f"{target}/{method}/draw-{draw}"
         if log.get(key) is None:
             _log(f"select {key}")
-            if settings.method_table[method].registry is None:
-                log.put(key, control_selection(data, target, draw, settings, cache, log.get(f"{target}/default/draw-{draw}")))
-            else:
-                log.put(key, select(data, target, method, draw, settings, cache, model_loader))
+            log.put(key, selector(data, target, method, draw, settings, cache, model_loader, log))
         run_key = f"{key}/train-{train_seed}"
         if log.get(run_key) is None:
             record = train(data, target, log.get(key)["selected_pool_row_ids"], train_seed, settings, cache,
