@@ -15,17 +15,25 @@ from torch import Tensor, nn
 from transformers.utils.logging import tqdm
 
 from .formatting import FormattingConfig, FormattingError, format_dataset, pad_batch
-from .extraction.gradients import causal_lm_parts
+from .extraction.gradients import causal_lm_parts, first_blocks
 from .models import base_model
 
 
-def pooled_batch(decoder: nn.Module, batch: dict[str, Tensor], device: torch.device) -> Tensor:
-    """Unit-norm position-weighted mean of the decoder's last hidden state for a right-padded batch: [B, hidden]."""
+# How a row's hidden states become one vector: RDS+'s position-weighted mean, or the last real token's state.
+LM_POOLINGS = ("mean", "last")
+
+
+def pooled_batch(decoder: nn.Module, batch: dict[str, Tensor], device: torch.device, pooling: str = "mean") -> Tensor:
+    """Unit-norm pooled last hidden state of the decoder for a right-padded batch: [B, hidden]. pooling "mean": the
+    position-weighted mean; "last": the state at each row's last real token."""
     mask = batch["attention_mask"].to(device)
     hidden = decoder(input_ids=batch["input_ids"].to(device), attention_mask=mask, use_cache=False).last_hidden_state
-    # Right padding: the running count of real tokens is each real token's 1-based position.
-    weights = (mask.cumsum(1) * mask).float()
-    pooled = torch.einsum("bt,bth->bh", weights, hidden.float()) / weights.sum(1, keepdim=True)
+    if pooling == "last":
+        pooled = hidden[torch.arange(hidden.shape[0], device=device), mask.sum(1) - 1].float()
+    else:
+        # Right padding: the running count of real tokens is each real token's 1-based position.
+        weights = (mask.cumsum(1) * mask).float()
+        pooled = torch.einsum("bt,bth->bh", weights, hidden.float()) / weights.sum(1, keepdim=True)
     return F.normalize(pooled, dim=1)
 
 
@@ -35,8 +43,10 @@ def lm_pooled_embeddings(
     batch_size: int = 8,
     pad_token_id: int | None = None,
     show_progress: bool = True,
+    pooling: str = "mean",
+    num_blocks: int | None = None,
 ) -> Tensor:
-    """Position-weighted mean of the last hidden state of every formatted row, unit L2 norm.
+    """Position-weighted mean (or last-token state) of the last hidden state of every formatted row, unit L2 norm.
 
     Args:
         model: a causal LM, possibly PEFT-wrapped (its adapters are used as they are).
@@ -45,6 +55,8 @@ def lm_pooled_embeddings(
         pad_token_id: id written into padding (default 0): right padding is masked and never attended
             by real tokens, so its value does not change the result.
         show_progress: show a progress bar.
+        pooling: "mean" (position-weighted) or "last" (the last real token), see LM_POOLINGS.
+        num_blocks: run only the first this many decoder blocks, then the final norm (`first_blocks`); None: all.
 
     Returns:
         float32 [len(formatted), hidden_size] on the CPU, one unit-norm row per formatted row.
@@ -57,12 +69,12 @@ def lm_pooled_embeddings(
     model.eval()
     embeddings = []
     try:
-        with torch.no_grad(), tqdm(total=len(formatted), desc="LM embeddings", unit="rows",
-                                   disable=not show_progress) as progress:
+        with torch.no_grad(), first_blocks(model, num_blocks), tqdm(
+                total=len(formatted), desc="LM embeddings", unit="rows", disable=not show_progress) as progress:
             for start in range(0, len(formatted), batch_size):
                 rows = list(formatted.select(range(start, min(start + batch_size, len(formatted)))))
                 batch = pad_batch(rows, 0 if pad_token_id is None else pad_token_id)
-                embeddings.append(pooled_batch(decoder, batch, device).cpu())
+                embeddings.append(pooled_batch(decoder, batch, device, pooling).cpu())
                 progress.update(len(rows))
     finally:
         model.train(was_training)
@@ -105,7 +117,7 @@ LM_TEXT_FORMAT = "formatted_tokens_v1"
 
 
 def lm_row_embeddings(model: nn.Module, tokenizer, rows, formatting=None, batch_size: int = 8,
-                      show_progress: bool = True) -> Tensor:
+                      show_progress: bool = True, pooling: str = "mean", num_blocks: int | None = None) -> Tensor:
     """`lm_pooled_embeddings` of raw rows (chat or prompt/response), with the base model (a PEFT adapter switched
     off): NN-CIFT's `encoder="lm"`, the valuation model's own representation of a row.
 
@@ -113,6 +125,7 @@ def lm_row_embeddings(model: nn.Module, tokenizer, rows, formatting=None, batch_
         model, tokenizer: the causal LM and its tokenizer.
         rows: a Dataset or list of dicts.
         formatting: FormattingConfig (columns, chat template, max_length); every row must keep a response token.
+        pooling, num_blocks: as `lm_pooled_embeddings` (NNCIFTConfig.lm_pooling, lm_blocks).
 
     Returns:
         float32 [len(rows), hidden_size], unit rows, in the order of `rows`.
@@ -125,4 +138,27 @@ def lm_row_embeddings(model: nn.Module, tokenizer, rows, formatting=None, batch_
         raise FormattingError(f"Rows cannot be embedded by the LM (row: reason): {formatted.skipped}")
     with base_model(model):
         return lm_pooled_embeddings(model, formatted.dataset, batch_size=batch_size,
-                                    pad_token_id=tokenizer.pad_token_id, show_progress=show_progress)
+                                    pad_token_id=tokenizer.pad_token_id, show_progress=show_progress,
+                                    pooling=pooling, num_blocks=num_blocks)
+
+
+def lm_encoder_id(model_id: str, pooling: str = "mean", num_blocks: int | None = None) -> str:
+    """The id a network reading the LM's hidden states records: "lm:<model id>" for RDS+'s representation (the whole
+    model, mean pooling: what networks made before these options record), else with "#pooling=...,blocks=..."."""
+    options = ([f"pooling={pooling}"] if pooling != "mean" else []) + (
+        [f"blocks={num_blocks}"] if num_blocks is not None else [])
+    return f"{LM_ENCODER_PREFIX}{model_id}" + (f"#{','.join(options)}" if options else "")
+
+
+def parse_lm_encoder_id(encoder_id: str) -> tuple[str, str, int | None]:
+    """(model id, pooling, num_blocks) of an `lm_encoder_id`.
+
+    Raises:
+        ValueError: an option this version does not know (the network would read other embeddings)."""
+    model_id, _, options = encoder_id[len(LM_ENCODER_PREFIX):].partition("#")
+    values = dict(option.split("=", 1) for option in options.split(",") if option)
+    unknown = set(values) - {"pooling", "blocks"}
+    if unknown or values.get("pooling", "mean") not in LM_POOLINGS:
+        raise ValueError(f"{encoder_id!r}: this version reads LM encoders with pooling in {list(LM_POOLINGS)} and "
+                         f"blocks; update hf-influence to use this network.")
+    return model_id, values.get("pooling", "mean"), None if "blocks" not in values else int(values["blocks"])

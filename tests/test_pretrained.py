@@ -204,3 +204,38 @@ def test_a_group_column_asked_for_by_name_must_exist(fitted, tmp_path, capsys):
     with pytest.raises(SystemExit, match="'domain' is not a column of the pool"):
         cli.run_predict(["--network", str(tmp_path / "net"), "--pool", str(pool_file), "--target", str(target_file),
                          "--budget", "2", "--output", str(tmp_path / "out"), "--group_column", "domain"])
+
+
+def test_an_lm_encoder_can_read_the_last_token_of_the_first_blocks():
+    """encoder="lm" with lm_pooling="last" and lm_blocks=1: each row's state after the first decoder block (through
+    the final norm) at its last token (brute force: a one-block copy of the model, row by row, no padding); the
+    network records both, and selecting with it embeds new rows the same way."""
+    import copy
+
+    from hf_influence.formatting import FormattingConfig, format_dataset
+    from hf_influence.rds_embeddings import parse_lm_encoder_id
+    from hf_influence.testing import tiny_causal_lm
+
+    model, tokenizer = tiny_causal_lm(seed=0, num_layers=2)
+    pool, target = demo_pool(8, seed=0), _targets(("math", "qa"), 3, seed=1)
+    config = NNCIFTConfig(oracle="delift_se", encoder="lm", lm_pooling="last", lm_blocks=1, block_fraction=0.4,
+                          min_block_rows=8, network_epochs=3)
+    result = nn_cift(pool, target, config, model=model, tokenizer=tokenizer, show_progress=False)
+    one_block = copy.deepcopy(model)
+    one_block.model.layers = one_block.model.layers[:1]
+    formatted = format_dataset(pool, tokenizer, FormattingConfig(), show_progress=False).dataset
+    with torch.no_grad():
+        expected = torch.stack([torch.nn.functional.normalize(one_block.model(
+            input_ids=torch.tensor([row["input_ids"]])).last_hidden_state[0, -1], dim=0) for row in formatted])
+    torch.testing.assert_close(result.pool_embeddings, expected, rtol=1e-4, atol=1e-5)
+    assert parse_lm_encoder_id(result.network.embedding_model)[1:] == ("last", 1)
+    selected, table = select_with_network(pool, target, result.network, budget=4, model=model, tokenizer=tokenizer,
+                                          selection="round_robin", show_progress=False, return_scores=True)
+    torch.testing.assert_close(table.to_matrix()[0], predict_scores(result.pool_embeddings, result.network,
+                                                                    result.target_embeddings))
+    result.network.embedding_model += ",layer=3"  # an encoder option this version does not know
+    with pytest.raises(ValueError, match="update hf-influence"):
+        select_with_network(pool, target, result.network, budget=4, model=model, tokenizer=tokenizer,
+                            show_progress=False)
+    with pytest.raises(ValueError, match="lm_pooling"):
+        NNCIFTConfig(lm_pooling="max")

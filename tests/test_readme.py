@@ -1,8 +1,9 @@
 """Every Python snippet of README.md, run in order in one namespace as a reader pastes them, offline.
 
 What a snippet names that this machine cannot reach is stood in for, not edited out of the text: any model id
-loads the tiny test model, the Tulu mixture is the generated demo pool, `gsm8k_dev.jsonl` and the GSM8K target
-file are written from the demo's math rows, and the Hub is the loopback server (user "me"). The sizes meant for
+loads the tiny test model (except where the shipped network reads the real SmolLM2, which is offline here), the
+Tulu mixture is the generated demo pool, `gsm8k_dev.jsonl` and the GSM8K and BBH target files are written from
+the demo's rows, and the Hub is the loopback server (user "me"). The sizes meant for
 a GPU run shrink to that pool through SCALE, whose every entry must occur in the README: a changed snippet fails
 here instead of slipping past the replacement.
 """
@@ -10,6 +11,7 @@ here instead of slipping past the replacement.
 import gzip
 import json
 import re
+import shutil
 from pathlib import Path
 
 import datasets
@@ -21,6 +23,7 @@ from hf_influence.demo import demo_pool, demo_target
 from hf_influence.testing import tiny_causal_lm
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+SHIPPED_NETWORK = README.parent / "pretrained" / "nn-cift-id-smollm2-135m"
 # (text in a snippet, what it runs as here): row counts and landmark counts sized for the 100-row demo pool.
 SCALE = [("budget=10_000", "budget=8"), ("budget=50_000", "budget=8"), ("num_landmarks=4096", "num_landmarks=16")]
 
@@ -47,6 +50,11 @@ def offline_world(tmp_path, monkeypatch):
     with gzip.open(targets / "gsm8k_train.jsonl.gz", "wt") as handle:
         for row in demo_target("math", 6, seed=2):
             handle.write(json.dumps(row) + "\n")
+    with gzip.open(targets / "bbh.jsonl.gz", "wt") as handle:  # a task the shipped network never saw
+        for row in demo_target("qa", 6, seed=3):
+            handle.write(json.dumps({**row, "subtask": "qa"}) + "\n")
+    # The repository's shipped network, where a reader's clone has it (the snippet names it by its relative path).
+    shutil.copytree(SHIPPED_NETWORK, tmp_path / SHIPPED_NETWORK.relative_to(README.parent))
     monkeypatch.setenv("HF_INFLUENCE_DATA_DIR", str(tmp_path / "data"))
 
     load_dataset = datasets.load_dataset
@@ -59,8 +67,8 @@ def offline_world(tmp_path, monkeypatch):
     def tiny_model(name_or_path=None, **kwargs):
         return tiny_causal_lm("llama", seed=0, num_layers=4)  # deep enough for the default JVP blocks
 
-    for module in (hf_influence, hf_influence.models, hf_influence.engine, hf_influence.networks.nn_cift_pipeline,
-                   hf_influence.networks.pretrained):
+    # The shipped network reads the real SmolLM2 (the offline copy from PyPI): select_with_network loads it.
+    for module in (hf_influence, hf_influence.models, hf_influence.engine, hf_influence.networks.nn_cift_pipeline):
         monkeypatch.setattr(module, "load_model", tiny_model)
     hub = hub_server.LocalHub(user="me").start()
     try:
@@ -88,4 +96,5 @@ def test_every_readme_snippet_runs_as_written(offline_world, capsys):
     assert "Q4" in namespace["result"].evaluation
     assert ("me", "id-qwen-minilm") in {tuple(repo_id.split("/")) for _, repo_id in offline_world.repos}
     assert len(namespace["chosen"]) == 8
+    assert len(namespace["bbh_subset"]) == 5  # the shipped network's 5% of the 100 rows, for a task it never saw
     assert namespace["trainer"].state.global_step > 0

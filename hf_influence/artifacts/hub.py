@@ -85,7 +85,8 @@ def scatter_svg(predicted: Tensor, true: Tensor, max_points: int = 2000, size: i
 
 
 def influence_network_card(network, repo_id: str, training: dict, evaluation: dict | None = None,
-                           plot_file: str | None = None, license: str | None = None) -> ModelCard:
+                           plot_file: str | None = None, license: str | None = None,
+                           training_data: str | None = None) -> ModelCard:
     """The model card of an InfluenceNetwork, rendered from `model_cards/influence_network.md`.
 
     Args:
@@ -95,6 +96,8 @@ def influence_network_card(network, repo_id: str, training: dict, evaluation: di
         evaluation: `network.evaluate(...)` output ({"Q1": {...}, ...}); None leaves the table empty.
         plot_file: file name of the predicted-vs-true plot in the repo, if any.
         license: the card's licence (the user's call: it follows the oracle's data and models); None leaves it out.
+        training_data: Markdown for the card's "Training data" section (where the block's rows and targets came
+            from, their licences); None leaves the section out.
     """
     config = network.config
     # Figures an older network does not carry (per-target Spearman) show as n/a.
@@ -123,7 +126,7 @@ def influence_network_card(network, repo_id: str, training: dict, evaluation: di
         label_min=config["label_min"], label_max=config["label_max"], seed=config.get("seed"),
         block_rows=training.get("block_rows"), block_columns=training.get("block_columns"),
         block_fraction=training.get("block_fraction"), top_k=(evaluation or {}).get("k", 10),
-        quadrants=quadrants, plot_file=plot_file,
+        quadrants=quadrants, plot_file=plot_file, training_data=training_data,
     )
 
 

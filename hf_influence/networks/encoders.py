@@ -29,7 +29,7 @@ from ..extraction.distributed import fill_store
 from ..formatting import (FormattingConfig, FormattingError, alpaca_prompt, detect_format, is_conversational,
                          response_column, row_messages)
 from ..models import hub_reachable, hub_unreachable_reason, model_identity
-from ..rds_embeddings import LM_ENCODER, LM_ENCODER_PREFIX, LM_TEXT_FORMAT, lm_row_embeddings
+from ..rds_embeddings import LM_ENCODER, LM_ENCODER_PREFIX, LM_TEXT_FORMAT, lm_encoder_id, lm_row_embeddings
 from ..extraction.store import StoreSpec, VectorStore, fingerprint_dataset
 from ..verbosity import get_logger
 
@@ -320,19 +320,22 @@ def text_format_of(encoder_id: str | None) -> str:
 
 
 def row_embedder(encoder, model=None, tokenizer=None, formatting: FormattingConfig | None = None,
-                 batch_size: int = 64, show_progress: bool = True):
+                 batch_size: int = 64, show_progress: bool = True, lm_pooling: str = "mean",
+                 lm_blocks: int | None = None):
     """How an InfluenceNetwork reads rows, for NN-CIFT and for selecting with a pretrained network alike.
 
     Args:
         encoder: a SentenceTransformer, a name for `load_encoder`, or LM_ENCODER ("lm"): the causal LM `model`'s
-            own position-weighted mean of its last hidden states (adapter off; `rds_embeddings.lm_row_embeddings`).
+            own pooled last hidden states (adapter off; `rds_embeddings.lm_row_embeddings`).
         model, tokenizer, formatting: the LM, its tokenizer and how its rows are formatted (encoder "lm" only).
         batch_size: rows per encoder call.
+        lm_pooling, lm_blocks: encoder "lm" only: "mean" or "last", and the decoder blocks run (None: all).
 
     Returns:
         (embed(rows, cache_dir=None) -> float32 [len(rows), e], encoder id, encoder revision, text format). A
         sentence encoder keeps its embeddings in a store at cache_dir when one is given (see `encode_rows`); the LM
-        recomputes them. The LM's id is recorded as "lm:<model id>".
+        recomputes them. The LM's id is recorded as `rds_embeddings.lm_encoder_id` ("lm:<model id>", with the
+        pooling and blocks when they are not the defaults).
     """
     if encoder == LM_ENCODER:
         if model is None or tokenizer is None:
@@ -340,10 +343,10 @@ def row_embedder(encoder, model=None, tokenizer=None, formatting: FormattingConf
 
         def embed(rows, cache_dir=None):
             return lm_row_embeddings(model, tokenizer, rows, formatting, batch_size=batch_size,
-                                     show_progress=show_progress)
+                                     show_progress=show_progress, pooling=lm_pooling, num_blocks=lm_blocks)
 
         model_id, revision = model_identity(model)
-        encoder_id = f"{LM_ENCODER_PREFIX}{model_id}"
+        encoder_id = lm_encoder_id(model_id, lm_pooling, lm_blocks)
         return embed, encoder_id, revision, text_format_of(encoder_id)
     encoder = load_encoder(encoder) if isinstance(encoder, str) else encoder
 

@@ -728,17 +728,19 @@ class InfluenceNetwork(
                                    **kwargs)
 
     def generate_model_card(self, repo_id: str | None = None, training: dict | None = None,
-                            plot_file: str | None = None, license: str | None = None, **_) -> ModelCard:
+                            plot_file: str | None = None, license: str | None = None,
+                            training_data: str | None = None, **_) -> ModelCard:
         """The card save_pretrained / push_to_hub write (`hub.influence_network_card`): the quadrant figures come
         from the network's metrics, the training block's size from its Q1 (when evaluated). Pass these through
-        `save_pretrained(..., model_card_kwargs={"license": "apache-2.0"})`."""
+        `save_pretrained(..., model_card_kwargs={"license": "apache-2.0", "training_data": "..."})`:
+        training_data is Markdown saying which rows and targets the block came from and their licences."""
         from ..artifacts.hub import influence_network_card  # hub renders cards for tables too; imported where used
 
         metrics = self.metrics or {}
         block = metrics.get("Q1") or {}
         training = training or {"block_rows": block.get("rows"), "block_columns": block.get("columns")}
         return influence_network_card(self, repo_id or "influence-network", training, metrics or None, plot_file,
-                                      license)
+                                      license, training_data)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "InfluenceNetwork":

@@ -207,7 +207,8 @@ def _embeddings(pool: Dataset, target: Dataset, config: NNCIFTConfig, oracle: Or
         formatting = split_options({key: value for key, value in options.items()
                                     if key in FormattingConfig.__dataclass_fields__})[FormattingConfig]
     embed, encoder_id, revision, text_format = row_embedder(config.encoder, lm_model, lm_tokenizer, formatting,
-                                                            config.encoder_batch_size, show_progress)
+                                                            config.encoder_batch_size, show_progress,
+                                                            config.lm_pooling, config.lm_blocks)
     cache = None if options.get("work_dir") is None else Path(options["work_dir"]) / "sentence_embeddings"
     target_store = f"target-{fingerprint_dataset(target)[:16]}"
     embeddings = tuple(embed(rows, None if cache is None else cache / name)

@@ -21,7 +21,7 @@ from ..artifacts.fit_folder import FitFolder
 from ..formatting import FormattingConfig
 from ..models import load_model, looks_like_local_path
 from .network import InfluenceNetwork
-from ..rds_embeddings import LM_ENCODER, LM_ENCODER_PREFIX
+from ..rds_embeddings import LM_ENCODER, LM_ENCODER_PREFIX, parse_lm_encoder_id
 from ..registry import oracle_rule
 from ..artifacts.scores import ScoreTable, provenance_record, rows_digest
 from ..selection.rules import GROUPED_RULES, choose_rows, parse_budget, resolve_budget
@@ -140,15 +140,17 @@ def select_with_network(
     # The figures the user is trusting, shown at the default verbosity (transformers' set_verbosity_error()
     # silences them).
     logger.warning(network_summary(network))
+    lm_pooling, lm_blocks = "mean", None
     if (network.embedding_model or "").startswith(LM_ENCODER_PREFIX):
+        model_id, lm_pooling, lm_blocks = parse_lm_encoder_id(network.embedding_model)
         if model is None or isinstance(model, str):
-            model, tokenizer = load_model(model or network.embedding_model[len(LM_ENCODER_PREFIX):])
+            model, tokenizer = load_model(model or model_id)
         elif tokenizer is None:
             raise ValueError("tokenizer=... is required with a model object (pass its tokenizer).")
         encoder = LM_ENCODER
     embed, encoder_id, encoder_revision, _ = row_embedder(encoder if encoder is not None else network.embedding_model,
                                                           model, tokenizer, formatting, encoder_batch_size,
-                                                          show_progress)
+                                                          show_progress, lm_pooling, lm_blocks)
     if network.embedding_revision is not None and encoder_revision != network.embedding_revision:
         logger.warning("The encoder %s loaded at revision %s, the network was fitted on revision %s: if its weights "
                        "differ, so do the embeddings the network reads.", encoder_id, encoder_revision,
