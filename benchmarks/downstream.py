@@ -656,6 +656,22 @@ def report(data: BenchmarkData, log: RunLog, settings: Settings, started: float)
             "machine": machine(), "seconds_this_invocation": time.perf_counter() - started}
 
 
+def run_registered(args: argparse.Namespace, settings: Settings, registration: dict, data_loader: Callable,
+                   selector: Callable = registry_or_control, script: Path = SCRIPT) -> tuple[BenchmarkData, RunLog]:
+    """A pre-registered benchmark's run: refuse to start a cache while `script` differs from its commit, load the
+    fresh rows (`data_loader(data_dir, settings)`, refused if they overlap earlier uses), then run what is
+    missing, or with --report-only read what is finished."""
+    if registration["uncommitted_changes"] and not (args.cache / "runs.json").exists() and not args.allow_uncommitted:
+        raise SystemExit(f"{script.name} differs from its last commit: commit the pre-registration before the first "
+                         f"result (or pass --allow-uncommitted for a development cache)")
+    data = data_loader(args.data_dir, settings)
+    if not data.overlap_check["clean"]:
+        raise SystemExit(f"the fresh rows overlap earlier uses: {json.dumps(data.overlap_check)}")
+    if args.report_only:
+        return data, RunLog(args.cache / "runs.json", settings, registration)
+    return data, run_benchmark(data, settings, args.cache, lambda: load_model(DEFAULT_MODEL), registration, selector)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cache", type=Path, required=True, help="stores, score tables and finished runs")
@@ -673,18 +689,8 @@ def main() -> int:
         print(f"skipped: {args.data_dir / 'pool.jsonl.gz'} not found")
         return 0
     settings = Settings() if not args.targets else replace(Settings(), targets=tuple(args.targets))
-    registration = preregistered_commit()
-    if registration["uncommitted_changes"] and not (args.cache / "runs.json").exists() and not args.allow_uncommitted:
-        raise SystemExit(f"{SCRIPT.name} differs from its last commit: commit the pre-registration before the first "
-                         f"result (or pass --allow-uncommitted for a development cache)")
     started = time.perf_counter()
-    data = load_data(args.data_dir, settings)
-    if not data.overlap_check["clean"]:
-        raise SystemExit(f"the fresh rows overlap earlier uses: {json.dumps(data.overlap_check)}")
-    if args.report_only:
-        log = RunLog(args.cache / "runs.json", settings, registration)
-    else:
-        log = run_benchmark(data, settings, args.cache, lambda: load_model(DEFAULT_MODEL), registration)
+    data, log = run_registered(args, settings, preregistered_commit(), load_data)
     result = report(data, log, settings, started)
     print(markdown_table(result["targets"]))
     print(json.dumps(result["headline"]))

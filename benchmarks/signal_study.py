@@ -82,11 +82,11 @@ from pathlib import Path
 import downstream
 import torch
 from datasets import Dataset
-from downstream import (BenchmarkData, Method, RunLog, Settings, describe_selection, draw_rows, earlier_target_rows,
+from downstream import (BenchmarkData, Method, Settings, describe_selection, draw_rows, earlier_target_rows,
                         pool_prompts, preregistered_commit, select, target_file, without)
 from selection_quality import DEFAULT_DATA_DIR
 
-from hf_influence import DEFAULT_MODEL, ScoreTable, load_model
+from hf_influence import ScoreTable
 from hf_influence.data import load_rows
 from hf_influence.extraction.store import atomic_write_json
 from hf_influence.formatting import FormattingConfig, format_dataset
@@ -255,19 +255,9 @@ def main() -> int:
     methods = tuple(METHODS) if not args.configs else tuple(dict.fromkeys(
         part for name in args.configs for part in (*DERIVED.get(name, ()), name)))
     settings = study_settings(methods=methods, **({"targets": tuple(args.targets)} if args.targets else {}))
-    registration = preregistered_commit(SCRIPT, __doc__)
-    if registration["uncommitted_changes"] and not (args.cache / "runs.json").exists() and not args.allow_uncommitted:
-        raise SystemExit(f"{SCRIPT.name} differs from its last commit: commit the pre-registration before the first "
-                         f"result (or pass --allow-uncommitted for a development cache)")
     started = time.perf_counter()
-    data = load_data(args.data_dir, settings)
-    if not data.overlap_check["clean"]:
-        raise SystemExit(f"the fresh rows overlap earlier uses: {json.dumps(data.overlap_check)}")
-    if args.report_only:
-        log = RunLog(args.cache / "runs.json", settings, registration)
-    else:
-        log = downstream.run_benchmark(data, settings, args.cache, lambda: load_model(DEFAULT_MODEL), registration,
-                                       selector)
+    data, log = downstream.run_registered(args, settings, preregistered_commit(SCRIPT, __doc__), load_data, selector,
+                                          SCRIPT)
     result = downstream.report(data, log, settings, started)
     result.pop("headline")  # downstream's claim about its "default" row; this study's rule is `decision`
     result["decision"] = decide(result["targets"])

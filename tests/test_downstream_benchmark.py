@@ -256,3 +256,27 @@ def test_a_seeded_draw_of_the_target_file_is_load_targets_own_draw():
     for task, held_out in (("bbh", False), ("gsm8k", True)):
         assert sample_rows(downstream.target_file(DATA_DIR, task, held_out), 40, 3)["id"] == \
             load_target(task, data_dir=DATA_DIR, held_out=held_out, limit=40, seed=3)["id"]
+
+
+def test_a_registered_run_refuses_an_uncommitted_text_or_overlapping_rows(tmp_path):
+    import argparse
+
+    data, settings = _tiny_setup()
+    args = argparse.Namespace(cache=tmp_path, data_dir=tmp_path, report_only=True, allow_uncommitted=False)
+    loaded = []
+
+    def loader(data_dir, loader_settings):
+        loaded.append(data_dir)
+        data.overlap_check = {"clean": clean}
+        return data
+
+    clean = True
+    with pytest.raises(SystemExit, match="differs from its last commit"):
+        downstream.run_registered(args, settings, {**REGISTRATION, "uncommitted_changes": True}, loader)
+    assert not loaded  # refused before any row is read
+    clean = False
+    with pytest.raises(SystemExit, match="overlap earlier uses"):
+        downstream.run_registered(args, settings, REGISTRATION, loader)
+    clean = True
+    _, log = downstream.run_registered(args, settings, REGISTRATION, loader)  # --report-only: nothing is run
+    assert log.data["results"] == {} and not (tmp_path / "runs.json").exists()
