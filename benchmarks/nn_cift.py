@@ -107,17 +107,6 @@ INPUTS = {
     "minilm+lm8_mean+jvp": ("minilm", "lm8_mean", "jvp"),
 }
 
-
-def library_encoder(input_name: str) -> dict | None:
-    """The NNCIFTConfig encoder options that compute an input in the library (so select_with_network reads it),
-    or None (JVP features, concatenations)."""
-    if input_name == "minilm":
-        return {"encoder": DEFAULT_ENCODER}
-    if input_name.startswith("lm") and "+" not in input_name:
-        depth, pooling = input_name[2:].split("_")
-        return {"encoder": LM_ENCODER, "lm_pooling": pooling, "lm_blocks": None if int(depth) == DEPTHS[0] else
-                int(depth)}
-    return None
 # Network settings, as NNCIFTConfig overrides (plus "rows": the block's pool rows). "default": NNCIFTConfig().
 SWEEP = {
     "default": {},
@@ -138,6 +127,18 @@ SOURCE_LICENCES = {
 }
 TASK_LICENCES = {"gsm8k": "GSM8K train, MIT", "mmlu": "MMLU test, MIT", "bbh": "BIG-Bench Hard, MIT",
                  "tydiqa": "TyDiQA, Apache-2.0"}
+
+
+def library_encoder(input_name: str) -> dict | None:
+    """The NNCIFTConfig encoder options that compute an input in the library (so select_with_network reads it),
+    or None (JVP features, concatenations)."""
+    if input_name == "minilm":
+        return {"encoder": DEFAULT_ENCODER}
+    if input_name.startswith("lm") and "+" not in input_name:
+        depth, pooling = input_name[2:].split("_")
+        return {"encoder": LM_ENCODER, "lm_pooling": pooling, "lm_blocks": None if int(depth) == DEPTHS[0] else
+                int(depth)}
+    return None
 
 
 def log(message: str) -> None:
@@ -211,14 +212,14 @@ def q4_references(pool_embeddings, target_embeddings, block, rows, columns, q4_r
                                                                q4.flatten()[sample]).statistic}
 
 
-def fit_network(config: NNCIFTConfig, pool_embeddings, target_embeddings, rows, columns, block, pointwise=False):
-    network = InfluenceNetwork(kind="pointwise" if pointwise else "pairwise", embedding_dim=pool_embeddings.shape[1],
-                               hidden_sizes=list(config.network_hidden_sizes), seed=config.nn_cift_seed,
-                               interaction_rank=0 if pointwise else config.network_interaction_rank,
-                               label_normalization=config.network_label_normalization)
+def fit_network(config: NNCIFTConfig, pool_embeddings, target_embeddings, rows, columns, block, **identity):
+    """A pairwise InfluenceNetwork with config's settings, fitted on block [rows x columns]; identity: what a saved
+    network records (embedding_model, oracle, ...). Returns (network, fit seconds, history)."""
+    network = InfluenceNetwork(embedding_dim=pool_embeddings.shape[1], hidden_sizes=list(config.network_hidden_sizes),
+                               seed=config.nn_cift_seed, interaction_rank=config.network_interaction_rank,
+                               label_normalization=config.network_label_normalization, **identity)
     start = time.perf_counter()
-    history = network.fit(pool_embeddings[rows], None if pointwise else target_embeddings[columns],
-                          block.mean(1) if pointwise else block, epochs=config.network_epochs,
+    history = network.fit(pool_embeddings[rows], target_embeddings[columns], block, epochs=config.network_epochs,
                           batch_size=config.network_batch_size, lr=config.network_learning_rate,
                           patience=config.network_patience, seed=config.nn_cift_seed,
                           num_threads=config.network_num_threads, validation_split=config.network_validation_split)
@@ -262,13 +263,6 @@ def quadrants_of(predicted, labels, rows, columns, label_normalization: str) -> 
     return result
 
 
-def predicted_matrix(network, pool_embeddings, target_embeddings) -> torch.Tensor:
-    """[n, m] predictions; a pointwise network's row score is repeated over the targets."""
-    if network.kind == "pointwise":
-        return network.predict(pool_embeddings)[:, None].expand(-1, target_embeddings.shape[0])
-    return network.predict(pool_embeddings, target_embeddings)
-
-
 def summary(quadrants: dict) -> dict:
     q4 = quadrants["Q4"]
     return {"q4_spearman": q4["spearman"], "q4_column_spearman": q4.get("column_spearman"), "q4_mse": q4["mse"],
@@ -285,8 +279,6 @@ def block_indices(num_rows: int, num_columns: int, column_count: int,
     rows = torch.randperm(num_rows, generator=generator)[:row_count].sort().values
     columns = torch.randperm(num_columns, generator=generator)[:column_count].sort().values
     return rows, columns
-
-
 
 
 def hidden_state_features(model, formatted, pad_token_id: int, batch_size: int = 8) -> dict[str, torch.Tensor]:
@@ -370,11 +362,6 @@ def measure_costs(cache_dir: Path, warmed, base, tokenizer, encoder, pool, targe
         rates[side] = {name: value / len(sample) for name, value in seconds.items()}
         log(f"cost per {side} row: " + ", ".join(f"{k} {v:.3f} s" for k, v in rates[side].items()))
     return rates
-
-
-def feature_rate(feature: str, rates: dict, side: str) -> float:
-    """Seconds per row of one feature (lm<L>_* features share the depth-L forward pass)."""
-    return rates[side][feature.split("_")[0] if feature.startswith("lm") else feature]
 
 
 def input_seconds(parts: tuple[str, ...], rates: dict, n: int, m: int) -> float:
@@ -495,7 +482,7 @@ def main() -> int:
             config = replace(base_config, **settings)
             network, fit_seconds, history = fit_network(config, pool_x, target_x, rows, columns, full[rows][:, columns])
             start = time.perf_counter()
-            predicted = predicted_matrix(network, pool_x, target_x)
+            predicted = network.predict(pool_x, target_x)
             predict_seconds = time.perf_counter() - start
             quadrants = quadrants_of(predicted, full, rows, columns, network.label_normalization)
             oracle_block = rates["pool"]["gradient"] * len(rows) + rates["targets"]["gradient"] * len(columns)
@@ -563,17 +550,10 @@ def save_network(folder: Path, report: dict, features, full, tasks, rates, oracl
     block_sources = Counter(sources[i].split("/")[0] for i in rows.tolist())
     config = replace(NNCIFTConfig(oracle="influence_distillation_exact"), network_validation_split="held_out")
     encoder_id, revision, text_format = identity(input_name)
-    network = InfluenceNetwork(embedding_dim=pool_x.shape[1], hidden_sizes=list(config.network_hidden_sizes),
-                               embedding_model=encoder_id, embedding_revision=revision, text_format=text_format,
-                               oracle=config.oracle, valuation_model=DEFAULT_MODEL, seed=config.nn_cift_seed,
-                               interaction_rank=config.network_interaction_rank,
-                               label_normalization=config.network_label_normalization)
-    start = time.perf_counter()
-    network.fit(pool_x[rows], target_x[columns], full[rows][:, columns], epochs=config.network_epochs,
-                batch_size=config.network_batch_size, lr=config.network_learning_rate,
-                patience=config.network_patience, seed=config.nn_cift_seed,
-                num_threads=config.network_num_threads, validation_split=config.network_validation_split)
-    fit_seconds = time.perf_counter() - start
+    network, fit_seconds, _ = fit_network(config, pool_x, target_x, rows, columns, full[rows][:, columns],
+                                          embedding_model=encoder_id, embedding_revision=revision,
+                                          text_format=text_format, oracle=config.oracle,
+                                          valuation_model=DEFAULT_MODEL)
     metrics = network.evaluate(pool_x, target_x, full, rows, columns)
     predicted = network.predict(pool_x, target_x)
     unseen_rows, seen = complement(rows, n), set(columns.tolist())
