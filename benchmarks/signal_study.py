@@ -34,7 +34,8 @@ pool gradients; first order):
 - no_normalize: gradients not unit-normalised (each row's gradient of its mean response-token loss);
 - token_sum: the gradient of the SUM of the response-token losses, not normalised: no_normalize's gradient times
   the row's response-token count, so its scores are no_normalize's scores times that count (derived, no pass);
-- sgd: optimizer_state "gd" (no Adam preconditioning; the warm-up still moves the weights);
+- sgd: optimizer_state "warmup_gd" (the same warm-up moves the weights, then no Adam preconditioning: plain
+  gradient descent's influence);
 - warmup_4: a 4-epoch warm-up; checkpoints_4: LESS's checkpoint average, the mean of the exact ID scores after
   warm-ups of 1, 2, 3 and 4 epochs (the same seeded data order at a constant learning rate; warm-ups of 2 and 3
   epochs are run for it and reported as warmup_2, warmup_3);
@@ -108,7 +109,7 @@ CONFIGS = {
     "srht_32k": Method(EXACT, {"projection": "srht", "projection_dim": 32768}),
     "no_normalize": Method(EXACT, {"normalize": False}),
     "token_sum": Method(None),
-    "sgd": Method(EXACT, {"optimizer_state": "gd"}),
+    "sgd": Method(EXACT, {"optimizer_state": "warmup_gd"}),
     "warmup_2": Method(EXACT, {"warmup_epochs": 2.0}),
     "warmup_3": Method(EXACT, {"warmup_epochs": 3.0}),
     "warmup_4": Method(EXACT, {"warmup_epochs": 4.0}),

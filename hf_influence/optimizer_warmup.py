@@ -47,6 +47,10 @@ OPTIMIZER_FILE = "optimizer.pt"  # transformers.trainer.OPTIMIZER_NAME
 _NO_DECAY_PATTERNS = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
 
 
+# Where influence's optimizer state comes from (WarmupConfig.optimizer_state); the first two warm up.
+OPTIMIZER_STATES = ("warmup", "warmup_gd", "gd")
+
+
 @dataclass
 class WarmupConfig:
     """Where the optimizer state that preconditions influence scores comes from when no optimizer is passed: the
@@ -61,8 +65,9 @@ class WarmupConfig:
     optimizer_state: str = field(
         default="warmup",
         metadata={"help": 'where the Adam state comes from when no optimizer object is passed: "warmup" (a short '
-                          'LoRA AdamW run on a slice of the pool, the warmup_* options) or "gd" (plain gradient '
-                          "descent, no preconditioning, no warm-up)."})
+                          'LoRA AdamW run on a slice of the pool, the warmup_* options), "warmup_gd" (the same '
+                          'warm-up moves the weights, then plain gradient descent: no preconditioning) or "gd" '
+                          "(plain gradient descent, no preconditioning, no warm-up)."})
     warmup_fraction: float = field(
         default=0.05,
         metadata={"help": "share of the pool trained on during warm-up, in (0, 1] (LESS uses 0.05)."})
@@ -101,8 +106,8 @@ class WarmupConfig:
         def fail(name: str, requirement: str) -> None:
             raise ValueError(f"WarmupConfig.{name} must be {requirement}, got {getattr(self, name)!r}.")
 
-        if self.optimizer_state not in ("warmup", "gd"):
-            fail("optimizer_state", "one of ['warmup', 'gd']")
+        if self.optimizer_state not in OPTIMIZER_STATES:
+            fail("optimizer_state", f"one of {list(OPTIMIZER_STATES)}")
         if not is_number(self.warmup_fraction) or not 0 < self.warmup_fraction <= 1:
             fail("warmup_fraction", "in (0, 1]")
         if self.warmup_max_rows is not None and (not is_int(self.warmup_max_rows) or self.warmup_max_rows < 1):

@@ -184,7 +184,7 @@ class OnlineMode(InfluenceMode):
         """Positions (in the prepared pool) of the rows to train on until the next re-selection."""
         last = trainer.influence_selections[-1]
         if trainer.state.global_step != last.step:
-            gd = selection_options(trainer.args).get("optimizer_state") == "gd"
+            gd = selection_options(trainer.args).get("optimizer_state") in ("gd", "warmup_gd")
             # The torch optimizer inside accelerate's AcceleratedOptimizer wrapper.
             last = self._reselect(trainer, None if gd else getattr(trainer.optimizer, "optimizer", trainer.optimizer))
             trainer._influence_logs.update(last.statistics)

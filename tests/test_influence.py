@@ -745,3 +745,22 @@ def test_less_is_the_cosine_of_the_preconditioned_gradients(pool, target):
     keys = torch.stack(list(by_task.values())).amax(0)
     expected = keys.double().sort(descending=True, stable=True).indices[:5].tolist()
     assert less_table.provenance["selected_pool_row_ids"] == [rows[i] for i in expected]
+
+
+def test_warmup_gd_takes_plain_gradients_at_the_warmed_up_weights(pool, target, model):
+    """optimizer_state="warmup_gd": the warm-up moves the weights, then no preconditioning. Brute force: the same
+    warm-up run by hand, then plain gradient descent ("gd") on the warmed-up model gives the same scores; they
+    differ from Adam's ("warmup") and from the unwarmed model's ("gd")."""
+    from hf_influence import WarmupConfig, warmup
+    from hf_influence.formatting import FormattingConfig, format_dataset
+
+    exact = {"method": "influence_distillation_exact", "budget": 4}
+    _, table = _select(pool, target, model, optimizer_state="warmup_gd", **exact)
+    warmed, tokenizer = lora_model(seed=0)
+    warmup(warmed, tokenizer, format_dataset(pool, tokenizer, FormattingConfig(), show_progress=False),
+           WarmupConfig(warmup_fraction=FAST["warmup_fraction"], warmup_min_steps=FAST["warmup_min_steps"]))
+    _, by_hand = _select(pool, target, (warmed, tokenizer), optimizer_state="gd", **exact)
+    torch.testing.assert_close(table.to_matrix()[0], by_hand.to_matrix()[0], rtol=1e-5, atol=1e-7)
+    for other in ("warmup", "gd"):
+        _, different = _select(pool, target, lora_model(seed=0), optimizer_state=other, **exact)
+        assert not torch.allclose(table.to_matrix()[0], different.to_matrix()[0], rtol=1e-3, atol=1e-6), other

@@ -85,7 +85,8 @@ def _step_size(context: Context, step: AffineStep | None) -> float:
     if context.method_config.step_size is not None:
         return context.method_config.step_size
     if step is None:
-        raise ValueError("order=2 with optimizer_state='gd' needs step_size (the learning rate eta of the one-step objective).")
+        raise ValueError("order=2 without a preconditioning optimizer (optimizer_state 'gd' or 'warmup_gd') needs "
+                         "step_size (the learning rate eta of the one-step objective).")
     if step.lr > 0:
         return step.lr
     initial = step.initial_lr

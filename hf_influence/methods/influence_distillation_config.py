@@ -37,7 +37,7 @@ class InfluenceDistillationExactConfig:
     step_size: float | None = field(
         default=None,
         metadata={"help": "eta of the one-step objective; None uses the optimizer's learning rate (required for "
-                          'optimizer_state="gd" with order 2).'})
+                          'optimizer_state="gd" or "warmup_gd" with order 2).'})
 
     def __post_init__(self) -> None:
         check_fields(self, numbers={"robust_lambda": (0, None), "step_size": (0, None)}, optional=("step_size",),

@@ -23,17 +23,20 @@ from ..extraction.store import VectorStore, fingerprint_dataset
 
 def optimizer_step(context: Context, tracked: PerSampleGradients) -> AffineStep | None:
     """The affine step of the optimizer used for influence (None: plain GD): the user's optimizer, else the
-    warm-up's if optimizer_state="warmup" (call it once per run: each call without a user's optimizer warms up,
+    warm-up's if optimizer_state="warmup" ("warmup_gd" warms up but returns None; call it once per run: each call without a user's optimizer warms up,
     or loads the warm-up saved in work_dir)."""
     optimizer = context.optimizer
-    if optimizer is None and context.configs[WarmupConfig].optimizer_state == "warmup":
+    state = context.configs[WarmupConfig].optimizer_state
+    if optimizer is None and state != "gd":
         # Saved in a given work_dir: a rerun (after a crash, or for another target) reuses the same state,
         # and with it the gradient stores preconditioned by it.
         cache_dir = None if context.config.work_dir is None else Path(context.config.work_dir) / "warmup"
         with context.timed("warmup"):
             optimizer = warmup(context.model, context.tokenizer, context.pool, context.configs[WarmupConfig],
                                cache_dir=cache_dir, overwrite=context.config.overwrite).optimizer
-    return None if optimizer is None else affine_step(optimizer, tracked.parameters)
+    if optimizer is None or (context.optimizer is None and state == "warmup_gd"):  # weights moved, no preconditioner
+        return None
+    return affine_step(optimizer, tracked.parameters)
 
 
 def gradient_store(context: Context, rows: Dataset, name: str, preconditioner: Tensor | None,

@@ -175,7 +175,7 @@ class MethodOracle(Oracle):
         a block is a handful of rows), so blocks would disagree with each other and with the full run. With a
         work_dir the warm-up is the one a full-pool run keeps there (work_dir/warmup)."""
         selection = self.configs[SelectionConfig]
-        if self.optimizer is not None or self.configs[WarmupConfig].optimizer_state != "warmup":
+        if self.optimizer is not None or self.configs[WarmupConfig].optimizer_state == "gd":
             return
         pool = pool_rows if isinstance(pool_rows, Dataset) else Dataset.from_list(list(pool_rows))
         model, tokenizer, restore = prepare_model(self.model, self.tokenizer, self.configs)
