@@ -688,9 +688,9 @@ def test_rds_is_the_cosine_of_pooled_embeddings_and_reuses_the_pool_store(pool, 
     embedded = []  # rows embedded by either path (the pool's store or the in-memory target pass)
 
     def counting(original):
-        def pooled(decoder, batch, device):
+        def pooled(decoder, batch, *args):
             embedded.append(len(batch["input_ids"]))
-            return original(decoder, batch, device)
+            return original(decoder, batch, *args)
         return pooled
 
     from hf_influence import rds_embeddings
