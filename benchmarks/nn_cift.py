@@ -78,7 +78,7 @@ from hf_influence.networks.encoders import DEFAULT_ENCODER, encode_rows, load_en
 from hf_influence.networks.network import InfluenceNetwork, column_spearman, complement, standardize_columns, topk_overlap
 from hf_influence.networks.nn_cift_pipeline import NNCIFTConfig
 from hf_influence.optimizer_warmup import WarmupConfig, warmup
-from hf_influence.rds_embeddings import LM_ENCODER
+from hf_influence.rds_embeddings import LM_ENCODER, lm_pooled_embeddings, pool_hidden_states
 
 MAX_LENGTH, SEED, COST_ROWS = 256, 0, 64
 # task -> (rows, load_target options): 1,029 targets, so that u = 5% of them is 52 columns.
@@ -295,34 +295,21 @@ def hidden_state_features(model, formatted, pad_token_id: int, batch_size: int =
             mask = batch["attention_mask"]
             output = decoder(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False,
                              output_hidden_states=True)
-            weights = (mask.cumsum(1) * mask).float()
-            last = mask.sum(1) - 1
             for depth in DEPTHS:
                 hidden = output.last_hidden_state if depth == DEPTHS[0] else decoder.norm(output.hidden_states[depth])
-                hidden = hidden.float()
-                mean = torch.einsum("bt,bth->bh", weights, hidden) / weights.sum(1, keepdim=True)
-                features[f"lm{depth}_mean"].append(F.normalize(mean, dim=1))
-                features[f"lm{depth}_last"].append(F.normalize(hidden[torch.arange(len(last)), last], dim=1))
+                for pooling in ("mean", "last"):
+                    features[f"lm{depth}_{pooling}"].append(pool_hidden_states(hidden, mask, pooling))
     return {name: torch.cat(parts) for name, parts in features.items()}
 
 
 def check_truncation(model, formatted, pad_token_id: int) -> float:
-    """Largest |difference| between a truncated model's pooled last hidden state and the one-pass feature, over
-    depths and the first 8 rows: the features are what a model cut to L blocks computes."""
-    decoder, _ = causal_lm_parts(model)
+    """Largest |difference| between the library's truncated encoder (`lm_pooled_embeddings` with num_blocks) and
+    the one-pass feature, over depths, poolings and the first 8 rows: the features are what the library computes."""
     rows = formatted.select(range(min(8, len(formatted))))
     one_pass = hidden_state_features(model, rows, pad_token_id)
-    batch = pad_batch(list(rows), pad_token_id)
-    mask = batch["attention_mask"]
-    weights = (mask.cumsum(1) * mask).float()
-    worst = 0.0
-    with torch.no_grad():
-        for depth in DEPTHS:
-            with first_blocks(model, depth):
-                hidden = decoder(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False).last_hidden_state
-            mean = F.normalize(torch.einsum("bt,bth->bh", weights, hidden.float()) / weights.sum(1, keepdim=True), dim=1)
-            worst = max(worst, (mean - one_pass[f"lm{depth}_mean"]).abs().max().item())
-    return worst
+    return max((lm_pooled_embeddings(model, rows, pad_token_id=pad_token_id, show_progress=False, pooling=pooling,
+                                     num_blocks=depth) - one_pass[f"lm{depth}_{pooling}"]).abs().max().item()
+               for depth in DEPTHS for pooling in ("mean", "last"))
 
 
 def timed(run) -> float:

@@ -28,8 +28,13 @@ def pooled_batch(decoder: nn.Module, batch: dict[str, Tensor], device: torch.dev
     position-weighted mean; "last": the state at each row's last real token."""
     mask = batch["attention_mask"].to(device)
     hidden = decoder(input_ids=batch["input_ids"].to(device), attention_mask=mask, use_cache=False).last_hidden_state
+    return pool_hidden_states(hidden, mask, pooling)
+
+
+def pool_hidden_states(hidden: Tensor, mask: Tensor, pooling: str = "mean") -> Tensor:
+    """Unit-norm pooled rows of right-padded hidden states [B, T, h] with attention mask [B, T]: [B, h] float32."""
     if pooling == "last":
-        pooled = hidden[torch.arange(hidden.shape[0], device=device), mask.sum(1) - 1].float()
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), mask.sum(1) - 1].float()
     else:
         # Right padding: the running count of real tokens is each real token's 1-based position.
         weights = (mask.cumsum(1) * mask).float()
