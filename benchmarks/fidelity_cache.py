@@ -4,13 +4,15 @@ Everything is made with the library's own functions, in the order `select_by_inf
 default model with the default LoRA adapter, the seeded warm-up (AdamW on a slice of the pool), then the
 Adam-preconditioned per-sample gradients of *every* pool row (exact Influence Distillation; a landmark run
 takes its landmark gradients as rows of this store), the target gradients, the JVP embeddings of each JVP
-variant, the RDS+ embeddings (base model, adapter off, as `method="rds"` computes them) and the MiniLM
-sentence embeddings. Each piece is a resumable store or a safetensors file in the cache: a rerun after a
-crash resumes, and a finished piece is never recomputed.
+variant, the RDS+ embeddings (base model, adapter off, as `method="rds"` computes them), the proxy-gradient and
+hidden-state feature families of the cost-vs-fidelity frontier and the MiniLM sentence embeddings. Each piece is
+a resumable store or a safetensors file in the cache: a rerun after a crash resumes, and a finished piece is never
+recomputed.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass
@@ -26,11 +28,12 @@ from hf_influence.rds_embeddings import lm_pooled_embeddings, pooled_batch
 from hf_influence.networks.encoders import encode_rows
 from hf_influence.extraction.extract import extract_gradients, extract_jvp_embeddings
 from hf_influence.formatting import FormattingConfig, format_dataset, pad_batch
-from hf_influence.extraction.gradients import GradientConfig, PerSampleGradients, causal_lm_parts
+from hf_influence.extraction.gradients import GradientConfig, PerSampleGradients, causal_lm_parts, first_blocks
 from hf_influence.extraction.jvp import JVPConfig, JVPEmbedder
 from hf_influence.models import LoraSettings, add_lora
 from hf_influence.optimizers import affine_step
 from hf_influence.targets import load_target
+from hf_influence.extraction.store import atomic_write_json
 from hf_influence.optimizer_warmup import WarmupConfig, warmup
 
 # Target name -> load_target arguments: GSM8K test problems with worked solutions, MMLU dev questions with
@@ -66,6 +69,10 @@ PROXY_GRADIENTS = {
     "logra_tail2": GradientConfig(parameters="pattern", parameter_pattern=r"^layers\.(28|29)\.mlp\.down_proj$",
                                   projection="factored", factored_out_dim=16, factored_in_dim=16),
 }
+# (e) No derivative at all: the base model's hidden state after its first blocks, pooled (adapter off, as RDS+'s
+# embeddings; the NN-CIFT benchmark's best input was 8 blocks, last token). Pool rows only, cached as
+# NAME_pool.safetensors: a regression feature needs no target side.
+LM_STATES = {"lm8_last": {"pooling": "last", "num_blocks": 8}}
 # Rows timed side by side, in one process, for the feature costs (seconds per row / a LoRA gradient row's).
 COST_ROWS = 48
 
@@ -124,10 +131,11 @@ def _rds_embeddings(cache: Path, model, data: LabData, pad: int) -> None:
 
 def build_cache(cache: Path, data_dir: Path, pool_rows: int, target_rows: int, max_length: int, seed: int,
                 gradients: list[str], jvp_variants: list[str], variant_rows: int | None = None,
-                proxies: tuple[str, ...] = ()) -> LabData:
+                proxies: tuple[str, ...] = (), lm_states: tuple[str, ...] = ()) -> LabData:
     """Compute (or resume) every cached piece; returns the formatted data. Gradient variants other than "lora"
     cover the first `variant_rows` pool rows only when it is given (a cheaper side-by-side comparison).
-    `proxies`: PROXY_GRADIENTS features to cache; with any, the feature costs are measured too (costs.json)."""
+    `proxies` / `lm_states`: PROXY_GRADIENTS / LM_STATES features to cache; with any, the feature costs are measured
+    too (costs.json; features it lacks are measured beside the gradient again, see `_measure_costs`)."""
     cache.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_model(DEFAULT_MODEL)
     model = add_lora(model, LoraSettings())
@@ -151,13 +159,17 @@ def build_cache(cache: Path, data_dir: Path, pool_rows: int, target_rows: int, m
     # The default JVP variant and LoRA gradients first: the lab's main comparison can start while the others run.
     steps = [("jvp", v) for v in jvp_variants[:1]] + [("gradients", g) for g in gradients[:1]] + [("rds", "rds")]
     steps += [("jvp", v) for v in jvp_variants[1:]] + [("gradients", g) for g in gradients[1:]]
-    steps += [("proxy", p) for p in proxies]
+    steps += [("proxy", p) for p in proxies] + [("lm_state", name) for name in lm_states]
     for kind, variant in steps:
         started = time.perf_counter()
         if kind == "rds":
             _rds_embeddings(cache, model, data, pad)
         elif kind == "proxy":
             _proxy_gradients(cache, model, optimizer, data, variant, pad)
+        elif kind == "lm_state":
+            with model.disable_adapter():
+                _saved(cache / f"{variant}_pool.safetensors", lambda: lm_pooled_embeddings(
+                    model, data.pool, pad_token_id=pad, show_progress=False, **LM_STATES[variant]))
         elif kind == "jvp":
             extract_jvp_embeddings(model, data.pool, cache / variant, JVP_VARIANTS[variant], pad_token_id=pad,
                                    show_progress=False)
@@ -174,8 +186,8 @@ def build_cache(cache: Path, data_dir: Path, pool_rows: int, target_rows: int, m
                               pad_token_id=pad, show_progress=False)
         _log(f"{kind} {variant}: {time.perf_counter() - started:.0f} s")
         _record_seconds(cache, f"{kind}/{variant}", time.perf_counter() - started)
-    if proxies and not (cache / "costs.json").exists():
-        _measure_costs(cache, model, optimizer, data, jvp_variants, proxies, pad)
+    if proxies or lm_states:
+        _measure_costs(cache, model, optimizer, data, jvp_variants, proxies, lm_states, pad)
     return data
 
 
@@ -191,9 +203,14 @@ def _proxy_gradients(cache: Path, model, optimizer, data: LabData, name: str, pa
                       show_progress=False)
 
 
-def _measure_costs(cache: Path, model, optimizer, data: LabData, jvp_variants: list[str], proxies, pad: int) -> None:
+def _measure_costs(cache: Path, model, optimizer, data: LabData, jvp_variants: list[str], proxies, lm_states,
+                   pad: int) -> None:
     """Seconds per row of every feature and of the exact LoRA gradient, measured side by side in this process on the
-    same COST_ROWS pool rows (batches as the extraction makes them, one untimed batch first): cache/costs.json."""
+    same COST_ROWS pool rows (batches as the extraction makes them, one untimed batch first): cache/costs.json.
+    A feature that an existing costs.json lacks is measured in a later run beside the gradient again: its fraction
+    joins `fraction_of_gradient`, the run itself is appended to `later_runs`, and the earlier features keep the
+    fractions of their own run (a ratio is only comparable within one run, and re-timing them would move the
+    library's FEATURE_COSTS with the machine's load)."""
     rows = [data.pool[i] for i in range(min(COST_ROWS + 8, len(data.pool)))]
     batches = [pad_batch(rows[start:start + 8], pad) for start in range(0, len(rows), 8)]
     full = PerSampleGradients(model, GRADIENTS["lora"])
@@ -206,10 +223,19 @@ def _measure_costs(cache: Path, model, optimizer, data: LabData, jvp_variants: l
 
     decoder, _ = causal_lm_parts(model)
 
-    def lm(batch):  # the "lm" feature: the base model's pooled last hidden state, a full forward pass
-        with model.disable_adapter(), torch.no_grad():
-            return pooled_batch(decoder, batch, torch.device("cpu"))
+    def lm(batch, pooling="mean", num_blocks=None):  # "lm": the base model's pooled last hidden state, all blocks
+        with model.disable_adapter(), torch.no_grad(), first_blocks(model, num_blocks):
+            return pooled_batch(decoder, batch, torch.device("cpu"), pooling)
     compute["lm"] = lm
+    for name in lm_states:
+        compute[name] = functools.partial(lm, **LM_STATES[name])
+    path = cache / "costs.json"
+    earlier = json.loads(path.read_text()) if path.exists() else None
+    if earlier is not None:
+        compute = {name: function for name, function in compute.items()
+                   if name == "gradient" or name not in earlier["fraction_of_gradient"]}
+        if len(compute) == 1:
+            return
     seconds = {}
     model.eval()
     for name, function in compute.items():
@@ -221,6 +247,8 @@ def _measure_costs(cache: Path, model, optimizer, data: LabData, jvp_variants: l
         _log(f"cost {name}: {seconds[name] * 1000:.0f} ms per row")
     record = {"rows": sum(len(b["input_ids"]) for b in batches[1:]), "seconds_per_row": seconds,
               "fraction_of_gradient": {name: value / seconds["gradient"] for name, value in seconds.items()}}
-    tmp = cache / "costs.tmp"
-    tmp.write_text(json.dumps(record, indent=1))
-    tmp.replace(cache / "costs.json")
+    if earlier is not None:
+        earlier["fraction_of_gradient"].update(record["fraction_of_gradient"] | {"gradient": 1.0})
+        earlier["later_runs"] = [*earlier.get("later_runs", []), record]
+        record = earlier
+    atomic_write_json(path, record)

@@ -47,7 +47,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import scipy.stats
 import torch
 from datasets.utils.logging import disable_progress_bar
-from fidelity_cache import GRADIENTS, JVP_VARIANTS, PROXY_GRADIENTS, TARGETS, build_cache
+from fidelity_cache import GRADIENTS, JVP_VARIANTS, LM_STATES, PROXY_GRADIENTS, TARGETS, build_cache
 from machine_info import cpu_model
 from safetensors.torch import load_file
 
@@ -62,7 +62,7 @@ from hf_influence.extraction.store import VectorStore
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 IN_DOMAIN = {"gsm8k": ("flan_cot/gsm8k", "flan_cot/aqua"), "mmlu": None, "bbh": None}
 FEATURES = ("jvp", "jvp_reference", "jvp_response_mean", "jvp8", "lm", "minilm", "jvp+lm", "jvp+minilm",
-            *PROXY_GRADIENTS, *(f"{name}@scores" for name in PROXY_GRADIENTS))
+            *LM_STATES, *PROXY_GRADIENTS, *(f"{name}@scores" for name in PROXY_GRADIENTS))
 # "NAME@scores": the proxy gradients' inner products with the target rows' proxy gradients ([n, m], one column per
 # target row), a "proxy influence" the regression then maps to exact influence; "NAME": the proxy vectors themselves.
 # Feature names as InfluenceDistillationConfig.landmark_features spells them ("lm": the RDS+ embeddings, cached as rds_*).
@@ -70,7 +70,8 @@ CACHE_NAMES = {"lm": "rds"}
 LANDMARK_COUNTS = (32, 64, 128, 256, 512)
 BOUNDS = (0.10, 0.14, 0.25)  # exact_gradient_fraction values evaluated (0.14: the library's default)
 BUDGETS = (0.05, 0.10)
-PLOTTED_FEATURES = ("jvp", "trunc4", "tail1", "lm")  # the frontier's plot: the default, the cheapest, the best, RDS+'s
+# The frontier's plot: the default, the cheapest gradient, the best, RDS+'s embeddings, the cheapest of all.
+PLOTTED_FEATURES = ("jvp", "trunc4", "tail1", "lm", "lm8_last")
 RULES = ("round_robin", "mean_top_k")
 BUDGET_FRACTION = 0.05
 
@@ -369,7 +370,7 @@ def plot_frontier(summary: dict, path: Path) -> None:
     left.set_ylabel("k = n leave-one-out Spearman vs exact ID (grey: per target)")
     left.set_title("Regression features: cost vs ceiling")
     shown = [f for f in PLOTTED_FEATURES if any(name.split("/")[1] == f for name in summary["bounded"])]
-    for features, colour in zip(shown, ("C0", "C1", "C2", "C3")):
+    for features, colour in zip(shown, ("C0", "C1", "C2", "C3", "C4")):
         for budget, style in zip(BUDGETS, ("-", "--")):
             points = sorted((result["mean"]["round_robin"]["cost_fraction"], result["mean"]["round_robin"]["selection_jaccard"])
                             for name, result in summary["bounded"].items()
@@ -424,6 +425,8 @@ def main() -> int:
     parser.add_argument("--jvp", default=",".join(JVP_VARIANTS), help=f"JVP variants to cache: {list(JVP_VARIANTS)}.")
     parser.add_argument("--proxies", default=",".join(PROXY_GRADIENTS),
                         help=f"Proxy-gradient features to cache (and whose costs to measure): {list(PROXY_GRADIENTS)}.")
+    parser.add_argument("--lm-states", default=",".join(LM_STATES),
+                        help=f"Hidden-state features to cache (no derivative): {list(LM_STATES)}.")
     parser.add_argument("--variant-rows", type=int, default=None,
                         help="Compute gradient variants other than lora on the first N pool rows only (cheaper).")
     parser.add_argument("--features", default=",".join(FEATURES), help="Regression features to evaluate.")
@@ -440,7 +443,7 @@ def main() -> int:
     if not args.evaluate_only:
         build_cache(args.cache, args.data_dir, args.pool_rows, args.target_rows, args.max_length, args.seed,
                     args.gradients.split(","), args.jvp.split(","), args.variant_rows,
-                    tuple(p for p in args.proxies.split(",") if p))
+                    tuple(p for p in args.proxies.split(",") if p), tuple(n for n in args.lm_states.split(",") if n))
     cache_seconds = time.perf_counter() - started
     lab = Lab(args.cache, args.data_dir, args.seed)
     seeds = [int(s) for s in args.seeds.split(",")]
