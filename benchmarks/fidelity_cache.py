@@ -211,31 +211,31 @@ def _measure_costs(cache: Path, model, optimizer, data: LabData, jvp_variants: l
     joins `fraction_of_gradient`, the run itself is appended to `later_runs`, and the earlier features keep the
     fractions of their own run (a ratio is only comparable within one run, and re-timing them would move the
     library's FEATURE_COSTS with the machine's load)."""
+    path = cache / "costs.json"
+    earlier = json.loads(path.read_text()) if path.exists() else None
+    names = [*jvp_variants, *proxies, "lm", *lm_states]
+    if earlier is not None:
+        names = [name for name in names if name not in earlier["fraction_of_gradient"]]
+        if not names:
+            return
     rows = [data.pool[i] for i in range(min(COST_ROWS + 8, len(data.pool)))]
     batches = [pad_batch(rows[start:start + 8], pad) for start in range(0, len(rows), 8)]
     full = PerSampleGradients(model, GRADIENTS["lora"])
     scale = affine_step(optimizer, full.parameters).scale
-    compute = {"gradient": lambda batch: full.compute(batch, preconditioner=scale)}
-    for name in jvp_variants:
-        compute[name] = JVPEmbedder(model, JVP_VARIANTS[name]).embed
-    for name in proxies:
-        compute[name] = PerSampleGradients(model, PROXY_GRADIENTS[name]).compute
-
     decoder, _ = causal_lm_parts(model)
 
     def lm(batch, pooling="mean", num_blocks=None):  # "lm": the base model's pooled last hidden state, all blocks
         with model.disable_adapter(), torch.no_grad(), first_blocks(model, num_blocks):
             return pooled_batch(decoder, batch, torch.device("cpu"), pooling)
-    compute["lm"] = lm
-    for name in lm_states:
-        compute[name] = functools.partial(lm, **LM_STATES[name])
-    path = cache / "costs.json"
-    earlier = json.loads(path.read_text()) if path.exists() else None
-    if earlier is not None:
-        compute = {name: function for name, function in compute.items()
-                   if name == "gradient" or name not in earlier["fraction_of_gradient"]}
-        if len(compute) == 1:
-            return
+
+    def cost_function(name: str):
+        if name in JVP_VARIANTS:
+            return JVPEmbedder(model, JVP_VARIANTS[name]).embed
+        if name in PROXY_GRADIENTS:
+            return PerSampleGradients(model, PROXY_GRADIENTS[name]).compute
+        return functools.partial(lm, **LM_STATES.get(name, {}))
+    compute = {"gradient": lambda batch: full.compute(batch, preconditioner=scale),
+               **{name: cost_function(name) for name in names}}
     seconds = {}
     model.eval()
     for name, function in compute.items():
@@ -248,7 +248,7 @@ def _measure_costs(cache: Path, model, optimizer, data: LabData, jvp_variants: l
     record = {"rows": sum(len(b["input_ids"]) for b in batches[1:]), "seconds_per_row": seconds,
               "fraction_of_gradient": {name: value / seconds["gradient"] for name, value in seconds.items()}}
     if earlier is not None:
-        earlier["fraction_of_gradient"].update(record["fraction_of_gradient"] | {"gradient": 1.0})
+        earlier["fraction_of_gradient"].update(record["fraction_of_gradient"])
         earlier["later_runs"] = [*earlier.get("later_runs", []), record]
         record = earlier
     atomic_write_json(path, record)
