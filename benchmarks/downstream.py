@@ -4,7 +4,8 @@ rows, with intervals over selection draws. Version 1 (benchmarks/results/downstr
 this file's git history.
 
     python benchmarks/downstream.py --cache runs/downstream_v2 --json benchmarks/results/downstream_v2_cpu.json \
-        [--plot benchmarks/results/downstream_v2_cpu.png] [--targets gsm8k ...] [--report-only]
+        --runs benchmarks/results/downstream_v2_runs.json [--plot benchmarks/results/downstream_v2_cpu.png] \
+        [--targets gsm8k ...] [--report-only]
 
 PRE-REGISTRATION (committed before the first result; a cache records the commit that held it and the sha256 of
 this text, and a resume under another text is refused)
@@ -172,15 +173,23 @@ def preregistration(text: str | None = None) -> str:
 
 
 def preregistered_commit(script: Path = SCRIPT, text: str | None = None) -> dict:
-    """The commit of `script` (whose docstring is `text`; default this module) and whether the working copy differs
-    from it (then the text is not pre-registered at that commit)."""
+    """The pre-registration's record: the first commit of `script` (whose docstring is `text`; default this module)
+    that held this pre-registration text, whether the working copy of the script differs from its last commit (a
+    new cache is then refused), and the text's sha256."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=script.parent, capture_output=True, text=True).stdout.strip()
 
-    commit = git("log", "-1", "--format=%H", "--", script.name) or None
+    sha256 = hashlib.sha256(preregistration(text).encode()).hexdigest()
+    # The first commit whose copy of the script holds this text: later commits may change the script outside it.
+    commit = None
+    for candidate in git("log", "--reverse", "--format=%H", "--", script.name).split():
+        held = git("show", f"{candidate}:./{script.name}")
+        if "END OF PRE-REGISTRATION" in held and \
+                hashlib.sha256(preregistration(held).encode()).hexdigest() == sha256:
+            commit = candidate
+            break
     dirty = bool(git("status", "--porcelain", "--", script.name))
-    return {"commit": commit, "uncommitted_changes": dirty,
-            "sha256": hashlib.sha256(preregistration(text).encode()).hexdigest()}
+    return {"commit": commit, "uncommitted_changes": dirty, "sha256": sha256}
 
 
 # ---------------------------------------------------------------------------------------------------------- data
@@ -413,14 +422,15 @@ def train(data: BenchmarkData, target: str, row_ids: list[int], train_seed: int,
 
 
 def planned(settings: Settings) -> list[tuple[str, str, int, int]]:
-    """(target, method, draw, training seed) of every run, in the order they are made: target by target, draw by
-    draw, the methods of a draw in table order (the control after exact, whose scores it reads)."""
+    """(target, method, draw, training seed) of every run, in the order they are made: draw by draw (the draw's
+    model-side stores serve every target before the next draw's are built), the methods of a draw in table order
+    (the control after the default and exact, whose records it reads), each method for every target."""
     runs = []
-    for target in settings.targets:
-        for draw in range(max(settings.method_table[m].draws for m in settings.methods)):
-            for method in settings.methods:
-                spec = settings.method_table[method]
-                if draw < spec.draws:
+    for draw in range(max(settings.method_table[m].draws for m in settings.methods)):
+        for method in settings.methods:
+            spec = settings.method_table[method]
+            if draw < spec.draws:
+                for target in settings.targets:
                     runs += [(target, method, draw, seed) for seed in
                              (range(spec.train_seeds) if spec.train_seeds > 1 else (draw,))]
     return runs
@@ -430,15 +440,20 @@ def registry_or_control(data: BenchmarkData, target: str, method: str, draw: int
                         model_loader: Callable, log: RunLog) -> dict:
     """This benchmark's selections: the control from the default's draw, every other row through the registry."""
     if settings.method_table[method].registry is None:
+        if not (cache / "tables" / target / f"exact-{draw}").exists():
+            # a fresh checkout resuming from a committed runs log: exact ID's table of this draw is remade (the same
+            # table: the selection is deterministic), its record already logged stays as it is
+            select(data, target, "exact", draw, settings, cache, model_loader)
         return control_selection(data, target, draw, settings, cache, log.get(f"{target}/default/draw-{draw}"))
     return select(data, target, method, draw, settings, cache, model_loader)
 
 
 def run_benchmark(data: BenchmarkData, settings: Settings, cache: Path, model_loader: Callable,
-                  registration: dict | None = None, selector: Callable = registry_or_control) -> RunLog:
+                  registration: dict | None = None, selector: Callable = registry_or_control,
+                  runs: Path | None = None) -> RunLog:
     """Every missing selection (made by `selector`, with registry_or_control's arguments) and training run (a
-    finished one is never redone)."""
-    log = RunLog(cache / "runs.json", settings, registration or preregistered_commit())
+    finished one is never redone), logged in `runs` (default cache/runs.json)."""
+    log = RunLog(runs or cache / "runs.json", settings, registration or preregistered_commit())
     for target, method, draw, train_seed in planned(settings):
         if log.get(f"{target}/before") is None:
             model, tokenizer = model_loader()
@@ -661,21 +676,26 @@ def run_registered(args: argparse.Namespace, settings: Settings, registration: d
     """A pre-registered benchmark's run: refuse to start a cache while `script` differs from its commit, load the
     fresh rows (`data_loader(data_dir, settings)`, refused if they overlap earlier uses), then run what is
     missing, or with --report-only read what is finished."""
-    if registration["uncommitted_changes"] and not (args.cache / "runs.json").exists() and not args.allow_uncommitted:
+    runs = args.runs or args.cache / "runs.json"
+    if registration["uncommitted_changes"] and not runs.exists() and not args.allow_uncommitted:
         raise SystemExit(f"{script.name} differs from its last commit: commit the pre-registration before the first "
                          f"result (or pass --allow-uncommitted for a development cache)")
     data = data_loader(args.data_dir, settings)
     if not data.overlap_check["clean"]:
         raise SystemExit(f"the fresh rows overlap earlier uses: {json.dumps(data.overlap_check)}")
     if args.report_only:
-        return data, RunLog(args.cache / "runs.json", settings, registration)
-    return data, run_benchmark(data, settings, args.cache, lambda: load_model(DEFAULT_MODEL), registration, selector)
+        return data, RunLog(runs, settings, registration)
+    return data, run_benchmark(data, settings, args.cache, lambda: load_model(DEFAULT_MODEL), registration, selector,
+                               runs)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cache", type=Path, required=True, help="stores, score tables and finished runs")
     parser.add_argument("--json", type=Path, required=True)
+    parser.add_argument("--runs", type=Path,
+                        help="the runs log (default CACHE/runs.json); keep it in the repository to resume from a "
+                             "fresh checkout")
     parser.add_argument("--plot", type=Path, help="PNG with one panel per target (needs matplotlib)")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     parser.add_argument("--targets", nargs="+", choices=list(TARGETS), help="run (and report) only these targets")

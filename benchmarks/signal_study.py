@@ -5,7 +5,8 @@ defaults were never tuned on. The machinery (training, answer scoring, hierarchi
 is the downstream benchmark of record's (benchmarks/downstream.py); the rows are not its rows.
 
     python benchmarks/signal_study.py --cache runs/signal --json benchmarks/results/signal_cpu.json \
-        [--plot benchmarks/results/signal_cpu.png] [--configs default lora_mlp ...] [--report-only]
+        --runs benchmarks/results/signal_runs.json [--plot benchmarks/results/signal_cpu.png] \
+        [--configs default lora_mlp ...] [--report-only]
 
 PRE-REGISTRATION (committed before the first result; the run log records the commit that held it and the sha256
 of this text, and a resume under another text is refused)
@@ -241,6 +242,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cache", type=Path, required=True, help="stores, score tables and finished runs")
     parser.add_argument("--json", type=Path, required=True)
+    parser.add_argument("--runs", type=Path, help="the runs log (default CACHE/runs.json; the study of record keeps "
+                                                  "benchmarks/results/signal_runs.json, committed as it grows)")
     parser.add_argument("--plot", type=Path, help="PNG with one panel per target")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     parser.add_argument("--targets", nargs="+", choices=list(TARGETS), help="run (and report) only these targets")

@@ -228,6 +228,20 @@ def test_benchmark_runs_every_method_resumes_and_refuses_other_settings(tmp_path
             assert [r["answer_loss_after"] for r in other["runs"]] == [r["answer_loss_after"] for r in row["runs"]]
             assert other["loss_change_ci95"] == row["loss_change_ci95"]
 
+    # A fresh checkout: the runs log kept elsewhere (--runs, committed), the cache gone, the control's record not
+    # yet made. Nothing finished is redone; the control remakes exact ID's table (the same table) and picks the same.
+    fresh_log = json.loads((tmp_path / "full" / "runs.json").read_text())
+    fresh_log["results"] = {key: value for key, value in fresh_log["results"].items()
+                            if not key.startswith("math/control/")}
+    (tmp_path / "committed.json").write_text(json.dumps(fresh_log))
+    monkeypatch.setattr(downstream, "train", lambda *a, **k: {**log.get("math/control/draw-0/train-0")})
+    resumed = downstream.run_benchmark(data, settings, tmp_path / "fresh", _loader, REGISTRATION,
+                                       runs=tmp_path / "committed.json")
+    assert resumed.get("math/control/draw-0") == control
+    assert not (tmp_path / "fresh" / "runs.json").exists() and resumed.data["results"].keys() == \
+        log.data["results"].keys()
+    monkeypatch.setattr(downstream, "train", train)
+
     # Other settings or another pre-registration on the same cache are refused; fewer methods read a subset.
     with pytest.raises(ValueError, match="learning_rate differ"):
         downstream.run_benchmark(data, replace(settings, learning_rate=1e-3), tmp_path / "full", _loader,
@@ -248,6 +262,21 @@ def test_preregistration_text_is_the_docstring_part():
     assert set(record) == {"commit", "uncommitted_changes", "sha256"}
 
 
+def test_planned_runs_go_draw_by_draw_over_every_target():
+    """A draw's stores serve all targets before the next draw's are built; the control follows the default and
+    exact of its draw; every run is planned once."""
+    settings = downstream.Settings()
+    plan = downstream.planned(settings)
+    assert len(plan) == len(set(plan)) == 3 * 26
+    draws = [draw for _, _, draw, _ in plan]
+    assert draws == sorted(draws)
+    first = {(t, m, d): i for i, (t, m, d, _) in reversed(list(enumerate(plan)))}
+    for target in settings.targets:
+        for draw in range(3):
+            assert first[(target, "default", draw)] < first[(target, "exact", draw)] < \
+                first[(target, "control", draw)]
+
+
 @pytest.mark.skipif(not (DATA_DIR / "pool.jsonl.gz").exists(), reason="needs ../shared/data")
 def test_a_seeded_draw_of_the_target_file_is_load_targets_own_draw():
     from hf_influence import load_target
@@ -262,7 +291,7 @@ def test_a_registered_run_refuses_an_uncommitted_text_or_overlapping_rows(tmp_pa
     import argparse
 
     data, settings = _tiny_setup()
-    args = argparse.Namespace(cache=tmp_path, data_dir=tmp_path, report_only=True, allow_uncommitted=False)
+    args = argparse.Namespace(cache=tmp_path, runs=None, data_dir=tmp_path, report_only=True, allow_uncommitted=False)
     loaded = []
 
     def loader(data_dir, loader_settings):
