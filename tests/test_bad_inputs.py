@@ -155,6 +155,11 @@ API_CASES = [
      ValueError, "model is an object"),
     ("more JVP blocks than the model has", lambda m: _select(m, num_blocks=4), ValueError,
      "num_blocks=4 exceeds the model's 2 blocks"),
+    ("more hidden-state blocks than the model has", lambda m: _select(m, landmark_features="hidden_state"),
+     ValueError, "InfluenceDistillationConfig.hidden_state_blocks=8 exceeds the model's 2 decoder blocks"),
+    ("unknown hidden-state pooling", lambda m: _select(m, landmark_features="hidden_state", hidden_state_blocks=1,
+                                                       hidden_state_pooling="max"), ValueError,
+     "hidden_state_pooling"),
     ("row of an unknown format", lambda m: _select(m, pool=[{"question": "x"}] + POOL), HFInfluenceError,
      "Cannot tell the row format"),
     ("target row with an empty response", lambda m: _select(m, target=[{"prompt": "x", "completion": " "}]),
@@ -202,6 +207,8 @@ def test_too_many_jvp_blocks_are_refused_before_the_warm_up(model, monkeypatch):
     monkeypatch.setattr(stores, "warmup", no_warm_up)
     with pytest.raises(ValueError, match="num_blocks=4 exceeds the model's 2 blocks"):
         _select(model, num_blocks=4)
+    with pytest.raises(ValueError, match="hidden_state_blocks=3 exceeds the model's 2 decoder blocks"):
+        _select(model, landmark_features="hidden_state", hidden_state_blocks=3)
 
 
 @pytest.mark.parametrize(("call", "error", "words"), [case[1:] for case in API_CASES],

@@ -112,3 +112,28 @@ def test_lm_embeddings_store_equals_the_in_memory_embeddings(tmp_path):
                                     show_progress=False)
     torch.testing.assert_close(store.to_tensor(), expected)
     assert store.row_ids.tolist() == formatted["row_id"]
+
+
+def test_a_truncated_last_token_store_is_its_own_store_and_refuses_too_many_blocks(tmp_path):
+    """pooling="last" with num_blocks: the store holds lm_pooled_embeddings' rows with the same arguments, and its
+    identity names both, so the default (RDS+) store and its identity are untouched; more blocks than the model
+    has are refused instead of silently running all of them."""
+    import pytest
+
+    from hf_influence.extraction.gradients import GradientError
+
+    model, tokenizer = tiny_causal_lm("llama")
+    formatted = format_dataset(CHAT_ROWS, tokenizer).dataset
+    store = extract_lm_embeddings(model, formatted, tmp_path / "state", batch_size=2, show_progress=False,
+                                  pooling="last", num_blocks=1)
+    expected = lm_pooled_embeddings(model, formatted, batch_size=2, pad_token_id=tokenizer.pad_token_id,
+                                    show_progress=False, pooling="last", num_blocks=1)
+    torch.testing.assert_close(store.to_tensor(), expected)
+    assert store.manifest["config"] == {**store.manifest["config"], "pooling": "last_token", "num_blocks": 1}
+    whole = lm_pooled_embeddings(model, formatted, batch_size=2, pad_token_id=tokenizer.pad_token_id,
+                                 show_progress=False, pooling="last")
+    assert not torch.allclose(whole, expected)
+    rds = extract_lm_embeddings(model, formatted, tmp_path / "rds", batch_size=2, show_progress=False)
+    assert rds.manifest["config"]["pooling"] == "position_weighted_mean" and "num_blocks" not in rds.manifest["config"]
+    with pytest.raises(GradientError, match="num_blocks=3: the model has 2 decoder blocks"):
+        lm_pooled_embeddings(model, formatted, num_blocks=3, show_progress=False)

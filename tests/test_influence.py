@@ -73,16 +73,41 @@ def _copied_pool(copies: int = 4):
     return datasets.Dataset.from_list([dict(row, id=f"{row['id']}/copy{c}") for c in range(copies) for row in base])
 
 
-@pytest.mark.parametrize("landmark_features", ["lm", "jvp+lm", "truncated_gradient"])
+@pytest.mark.parametrize("landmark_features", ["lm", "jvp+lm", "truncated_gradient", "hidden_state"])
 def test_other_regression_features_reproduce_exact_influence_with_landmarks_equal_to_the_pool(
         pool, target, model, landmark_features):
     _, table = _select(pool, target, model, budget=4, num_landmarks=len(pool), landmark_features=landmark_features,
-                       exact_gradient_fraction=None)
+                       exact_gradient_fraction=None, hidden_state_blocks=1)
     _, exact = _select(pool, target, lora_model(seed=0), budget=4, method="influence_distillation_exact")
     torch.testing.assert_close(table.to_matrix()[0], exact.to_matrix()[0])
     assert table.provenance["selected_pool_row_ids"] == exact.provenance["selected_pool_row_ids"]
-    part = "truncated_gradient" if landmark_features == "truncated_gradient" else "lm"
+    part = landmark_features if landmark_features in ("truncated_gradient", "hidden_state") else "lm"
     assert f"{part}_embeddings" in table.provenance["details"]["seconds"]
+
+
+def test_hidden_state_features_are_the_base_models_truncated_last_token_states(pool, target, tmp_path):
+    """landmark_features="hidden_state" regresses on each pool row's base-model state after hidden_state_blocks
+    blocks (brute force: lm_pooled_embeddings with the adapter off), kept in work_dir/hidden_states beside (not
+    in place of) the RDS+ store; with fewer landmarks than rows its scores differ from the JVP features'."""
+    from hf_influence.formatting import FormattingConfig, format_dataset
+    from hf_influence.extraction.store import VectorStore
+    from hf_influence.rds_embeddings import lm_pooled_embeddings
+
+    network, tokenizer = lora_model(seed=0)
+    options = {"budget": 4, "num_landmarks": 8, "shortlist_factor": 0, "exact_gradient_fraction": None}
+    _, table = _select(pool, target, (network, tokenizer), **options, landmark_features="hidden_state",
+                       hidden_state_blocks=1, work_dir=str(tmp_path))
+    store = VectorStore.open(tmp_path / "hidden_states")
+    assert store.manifest["config"]["pooling"] == "last_token" and store.manifest["config"]["num_blocks"] == 1
+    formatted = format_dataset(pool, tokenizer, FormattingConfig(), show_progress=False).dataset
+    assert store.row_ids.tolist() == formatted["row_id"]
+    with network.disable_adapter():
+        expected = lm_pooled_embeddings(network, formatted, pad_token_id=tokenizer.pad_token_id,
+                                        show_progress=False, pooling="last", num_blocks=1)
+    torch.testing.assert_close(store.to_tensor(), expected)
+    assert not (tmp_path / "lm_embeddings").exists()
+    _, jvp = _select(pool, target, lora_model(seed=0), **options)
+    assert not torch.allclose(table.to_matrix()[0], jvp.to_matrix()[0])
 
 
 @pytest.mark.parametrize("rule", ["round_robin", "mean_top_k"])
@@ -192,12 +217,14 @@ def test_feature_costs_are_the_committed_measurement():
 
     from hf_influence.extraction.jvp import JVPConfig
     from hf_influence.methods.influence_distillation import FEATURE_COSTS
-    from hf_influence.methods.influence_distillation_config import LANDMARK_FEATURES
+    from hf_influence.methods.influence_distillation_config import LANDMARK_FEATURES, InfluenceDistillationConfig
 
     lab = Path(__file__).parents[1] / "benchmarks" / "results" / "landmark_fidelity_cpu.json"
     measured = json.loads(lab.read_text())["feature_costs"]["measured"]["fraction_of_gradient"]
     assert JVPConfig().num_blocks == 4
-    names = {"jvp": "jvp", "lm": "lm", "truncated_gradient": "trunc4"}
+    defaults = InfluenceDistillationConfig()  # hidden_state is the lab's lm8_last: 8 blocks, the last token
+    assert (defaults.hidden_state_blocks, defaults.hidden_state_pooling) == (8, "last")
+    names = {"jvp": "jvp", "lm": "lm", "truncated_gradient": "trunc4", "hidden_state": "lm8_last"}
     assert {part for feature in LANDMARK_FEATURES for part in feature.split("+")} == set(FEATURE_COSTS)
     assert FEATURE_COSTS == {part: round(measured[names[part]], 2) for part in FEATURE_COSTS}
 

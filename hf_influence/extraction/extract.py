@@ -26,7 +26,7 @@ from .distributed import fill_store
 from ..rds_embeddings import pooled_batch
 from ..networks.encoders import extract_sentence_embeddings  # noqa: F401  (public here with the other extractors)
 from ..formatting import pad_batch
-from .gradients import GradientConfig, PerSampleGradients, causal_lm_parts
+from .gradients import GradientConfig, PerSampleGradients, causal_lm_parts, first_blocks
 from .hessian import TargetHessian
 from .jvp import JVPConfig, JVPEmbedder
 from ..models import adapter_digest, base_model, model_identity, weights_digest
@@ -255,11 +255,14 @@ def extract_lm_embeddings(
     pad_token_id: int | None = None,
     overwrite: bool = False,
     show_progress: bool = True,
+    pooling: str = "mean",
+    num_blocks: int | None = None,
 ) -> VectorStore:
-    """RDS+ embeddings (unit-norm position-weighted mean of the last hidden state, see `rds_embeddings.py`) of every
-    formatted row, written to (or resumed in) a store at `output_dir`. The base model's: a PEFT adapter is switched
-    off for the pass and is not part of the store's identity, so a warm-up (which trains the adapter) leaves the
-    store valid.
+    """Pooled hidden states of the base model for every formatted row, unit norm, written to (or resumed in) a store
+    at `output_dir`: by default RDS+ embeddings (position-weighted mean of the last hidden state, see
+    `rds_embeddings.py`); pooling "last" takes the last real token's state, num_blocks stops after that many decoder
+    blocks (then the final norm). The base model's: a PEFT adapter is switched off for the pass and is not part of
+    the store's identity, so a warm-up (which trains the adapter) leaves the store valid.
 
     Returns:
         The completed VectorStore: float32 [len(formatted), hidden_size].
@@ -272,10 +275,14 @@ def extract_lm_embeddings(
         was_training = model.training
         model.eval()
         try:
-            with torch.no_grad(), base_model(model):
-                return pooled_batch(decoder, batch, device)
+            with torch.no_grad(), base_model(model), first_blocks(model, num_blocks):
+                return pooled_batch(decoder, batch, device, pooling)
         finally:
             model.train(was_training)
 
-    return _extract("lm_embeddings", model, formatted, output_dir, {"pooling": "position_weighted_mean"}, hidden,
-                    batch_size, pad_token_id, compute, overwrite, show_progress, with_adapter=False)
+    # RDS+'s identity is the one older stores carry: they stay valid.
+    identity = {"pooling": "position_weighted_mean" if pooling == "mean" else "last_token"}
+    if num_blocks is not None:
+        identity["num_blocks"] = num_blocks
+    return _extract("lm_embeddings", model, formatted, output_dir, identity, hidden, batch_size, pad_token_id,
+                    compute, overwrite, show_progress, with_adapter=False)

@@ -191,6 +191,11 @@ def _decoder_blocks(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
+def decoder_depth(model: nn.Module) -> int:
+    """The number of decoder blocks of a Llama/Qwen2-style causal LM (PEFT-wrapped or not)."""
+    return len(_decoder_blocks(model))
+
+
 @contextmanager
 def first_blocks(model: nn.Module, num_blocks: int | None) -> Iterator[None]:
     """Run the model with only its first `num_blocks` decoder blocks (then the final norm and the LM head), for the
@@ -200,6 +205,9 @@ def first_blocks(model: nn.Module, num_blocks: int | None) -> Iterator[None]:
         return
     decoder, _ = causal_lm_parts(model)
     layers = _decoder_blocks(model)
+    if not 1 <= num_blocks <= len(layers):  # a silent whole model would pass for the truncated one
+        raise GradientError(f"num_blocks={num_blocks}: the model has {len(layers)} decoder blocks (1 to "
+                            f"{len(layers)}, or None for all).")
     decoder.layers = nn.ModuleList(list(layers[:num_blocks]))
     try:
         yield

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..engine import Context, MethodOutput
 from ..extraction.extract import extract_hessian_products, target_hessian
-from ..extraction.gradients import GradientConfig, PerSampleGradients
+from ..extraction.gradients import GradientConfig, PerSampleGradients, decoder_depth
 from ..extraction.jvp import JVPConfig, truncated_decoder
 from ..selection.landmarks import LandmarkRegressor, first_order_scores, select_landmarks
 from ..optimizers import AffineStep
@@ -110,8 +110,12 @@ def influence_distillation(context: Context) -> MethodOutput:
     then (first order, with a budget) an exact re-rank of the rows the regression shortlists; the landmarks and the
     shortlist together stay within exact_gradient_fraction of the pool."""
     config, n = context.method_config, len(context.pool)
-    if config.landmark_features != "lm":  # a model too shallow for num_blocks is refused before the warm-up runs
+    # A model too shallow for the features' blocks is refused before the warm-up runs.
+    if set(config.landmark_features.split("+")) & {"jvp", "truncated_gradient"}:
         truncated_decoder(context.model, context.configs[JVPConfig].num_blocks)
+    if config.landmark_features == "hidden_state" and config.hidden_state_blocks > decoder_depth(context.model):
+        raise ValueError(f"InfluenceDistillationConfig.hidden_state_blocks={config.hidden_state_blocks} exceeds the "
+                         f"model's {decoder_depth(context.model)} decoder blocks.")
     plan = exact_gradient_plan(config, n, context.budget_rows)
     if plan.landmarks < 2:  # refused here, before the warm-up and feature passes it would otherwise waste
         remedy = ("use method='influence_distillation_exact' on a pool this small" if n < 2
@@ -202,7 +206,7 @@ ONE_PASS_MAX_CANDIDATES = 2**27
 # Seconds of one pool row of each regression feature / of one exact gradient row, measured side by side on the
 # 2-core CPU (benchmarks/results/landmark_fidelity_cpu.json, "feature_costs", rounded; a test keeps them equal):
 # the predicted speed-up.
-FEATURE_COSTS = {"jvp": 0.19, "lm": 0.42, "truncated_gradient": 0.16}
+FEATURE_COSTS = {"jvp": 0.19, "lm": 0.42, "truncated_gradient": 0.16, "hidden_state": 0.10}
 
 
 @dataclass(frozen=True)

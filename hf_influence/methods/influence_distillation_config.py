@@ -9,9 +9,10 @@ import math
 from dataclasses import dataclass, field
 
 from ..extraction.hessian import HESSIAN_KINDS
+from ..rds_embeddings import LM_POOLINGS
 from ..validation import check_fields, is_number
 
-LANDMARK_FEATURES = ("jvp", "lm", "jvp+lm", "truncated_gradient")
+LANDMARK_FEATURES = ("jvp", "lm", "jvp+lm", "truncated_gradient", "hidden_state")
 
 
 @dataclass
@@ -68,7 +69,19 @@ class InfluenceDistillationConfig(InfluenceDistillationExactConfig):
                           " its median pairwise distance so that both weigh the same in the kernel; held in "
                           'memory, [n, e_jvp + hidden]) or "truncated_gradient" (the run\'s per-sample gradient, '
                           "preconditioned and projected, of the model cut after JVPConfig.num_blocks blocks: the "
-                          "same truncated model as the JVP features, a backward pass instead of a forward-mode one)."})
+                          "same truncated model as the JVP features, a backward pass instead of a forward-mode one)"
+                          ' or "hidden_state" (the base model\'s hidden state after hidden_state_blocks blocks, '
+                          "pooled as hidden_state_pooling says: a forward pass through a quarter of SmolLM2, 0.10 of"
+                          " a gradient row, half the JVP's cost for the same fidelity ceiling in the fidelity lab; "
+                          "README, Landmark fidelity)."})
+    hidden_state_blocks: int = field(
+        default=8,
+        metadata={"help": 'landmark_features="hidden_state": the decoder blocks run before the final norm (8 of '
+                          "SmolLM2-135M's 30, the fidelity lab's best point per unit of cost)."})
+    hidden_state_pooling: str = field(
+        default="last",
+        metadata={"help": 'landmark_features="hidden_state": "last" (the state at the row\'s last token, which has '
+                          'seen the whole row) or "mean" (the position-weighted mean, RDS+\'s).'})
     landmark_scores: str = field(
         default="loo",
         metadata={"help": 'what landmark rows are ranked by when there are fewer landmarks than pool rows: "loo" '
@@ -110,8 +123,9 @@ class InfluenceDistillationConfig(InfluenceDistillationExactConfig):
         owner = type(self).__name__
         # Types first, so that a YAML `num_landmarks: 4.7` or `null` is refused here, before any model pass, and
         # not as a raw TypeError after the warm-up.
-        check_fields(self, integers={"num_landmarks": 1},
+        check_fields(self, integers={"num_landmarks": 1, "hidden_state_blocks": 1},
                      choices={"landmark_selection": ("uniform", "kmeans++"), "landmark_features": LANDMARK_FEATURES,
+                              "hidden_state_pooling": LM_POOLINGS,
                               "landmark_scores": ("loo", "exact"), "kernel": ("rbf", "linear")})
         for name in ("kernel_ridge", "kernel_bandwidth", "shortlist_factor", "exact_gradient_fraction"):
             value = getattr(self, name)

@@ -79,6 +79,13 @@ def feature_store(context: Context, part: str, step: AffineStep | None = None,
             return extract_gradients(context.model, context.pool, context.work_dir / "truncated_gradients", config,
                                      preconditioner=scale, pad_token_id=pad, overwrite=context.config.overwrite,
                                      show_progress=show)
+    if part == "hidden_state":  # the base model's state partway through (the warm-up's adapter is switched off)
+        config = context.method_config
+        with context.timed("hidden_state_embeddings"):
+            return extract_lm_embeddings(context.model, context.pool, context.work_dir / "hidden_states",
+                                         batch_size=context.configs[GradientConfig].batch_size, pad_token_id=pad,
+                                         overwrite=context.config.overwrite, show_progress=show,
+                                         pooling=config.hidden_state_pooling, num_blocks=config.hidden_state_blocks)
     # The base model's representation, as method="rds" computes it (the warm-up's adapter is switched off).
     with context.timed("lm_embeddings"):
         return extract_lm_embeddings(context.model, context.pool, context.work_dir / "lm_embeddings",
