@@ -66,11 +66,16 @@ gradients ~25 min per draw, RDS+ ~30 min, 78 training runs ~2.5 min each: ~9 CPU
 
 END OF PRE-REGISTRATION
 
-Resumable: each selection (its record in CACHE/runs.json, its ScoreTable in CACHE/tables) and each training run is
-kept, the JSON rewritten atomically after every run; a rerun does only what is missing and gives the same result.
-Model-side stores live in CACHE/work/draw-<d>, shared by the methods of a draw and by the three targets, so a
-method's `selection_seconds` is marginal (a store another method built is read, not recomputed): the JSON keeps
-each selection's stage seconds beside it.
+Resumable: each selection (its record in the runs log, its ScoreTable in CACHE/tables) and each training run is
+kept, the log rewritten atomically after every run; a rerun does only what is missing and gives the same result.
+The runs log (--runs, default CACHE/runs.json) holds everything the report reads (selected row ids, answer
+metrics, seconds): the benchmark of record keeps it in benchmarks/results/downstream_v2_runs.json, committed as it
+grows, so a fresh checkout without the cache resumes where the last one stopped.
+Model-side stores live in CACHE/work/draw-<d>, shared by the methods of a draw and by the three targets. Runs are
+made draw by draw, method by method (a method's selections for all three targets, then their training runs), so
+a draw's stores are built once and used up before the next draw's, and a method's `selection_seconds` is
+marginal (a store another method or target built is read, not recomputed): the JSON keeps each selection's stage
+seconds beside it.
 """
 
 from __future__ import annotations
@@ -78,6 +83,7 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
+import itertools
 import json
 import os
 import subprocess
@@ -126,15 +132,18 @@ class Method:
     train_seeds: int = 1
 
 
+# In the order a draw runs them: RDS+ (draw 0 only) before exact ID's long pool pass, so that a session too short
+# for that pass still finishes it; the control, LESS and NN-CIFT after exact ID, whose table and pool gradients
+# they read.
 METHODS = {
     "random": Method("random", draws=5),
     "default": Method("influence_distillation"),
     "paper": Method("influence_distillation", {"shortlist_factor": 0}),
+    "rds": Method("rds", draws=1, train_seeds=3),
     "exact": Method("influence_distillation_exact"),
     "control": Method(None),
     "less": Method("less"),
     "nn_cift": Method("nn_cift"),
-    "rds": Method("rds", draws=1, train_seeds=3),
 }
 # Settings that only say how many runs to make: a rerun may extend or shrink them.
 EXTENTS = ("targets", "methods")
@@ -424,7 +433,8 @@ def train(data: BenchmarkData, target: str, row_ids: list[int], train_seed: int,
 def planned(settings: Settings) -> list[tuple[str, str, int, int]]:
     """(target, method, draw, training seed) of every run, in the order they are made: draw by draw (the draw's
     model-side stores serve every target before the next draw's are built), the methods of a draw in table order
-    (the control after the default and exact, whose records it reads), each method for every target."""
+    (METHODS: the control after the default and exact, whose records it reads), each method for every target
+    (`run_benchmark` makes a method's selections for all targets before its training runs)."""
     runs = []
     for draw in range(max(settings.method_table[m].draws for m in settings.methods)):
         for method in settings.methods:
@@ -454,22 +464,28 @@ def run_benchmark(data: BenchmarkData, settings: Settings, cache: Path, model_lo
     """Every missing selection (made by `selector`, with registry_or_control's arguments) and training run (a
     finished one is never redone), logged in `runs` (default cache/runs.json)."""
     log = RunLog(runs or cache / "runs.json", settings, registration or preregistered_commit())
-    for target, method, draw, train_seed in planned(settings):
-        if log.get(f"{target}/before") is None:
-            model, tokenizer = model_loader()
-            log.put(f"{target}/before", answer_metrics(model, tokenizer, data.targets[target][1], settings.max_length,
-                                                       CHOICES.get(target)))
-        key = f"{target}/{method}/draw-{draw}"
-        if log.get(key) is None:
-            _log(f"select {key}")
-            log.put(key, selector(data, target, method, draw, settings, cache, model_loader, log))
-        run_key = f"{key}/train-{train_seed}"
-        if log.get(run_key) is None:
-            record = train(data, target, log.get(key)["selected_pool_row_ids"], train_seed, settings, cache,
-                           model_loader)
-            log.put(run_key, record)
-            change = record["answer_loss_after"] - log.get(f"{target}/before")["answer_loss"]
-            _log(f"{run_key}: answer loss change {change:+.4f} ({record['train_seconds']:.0f} s)")
+    for _, group in itertools.groupby(planned(settings), key=lambda run: run[1:3]):
+        group = list(group)
+        # A method's selections for every target before its training runs: the stores they need (lost with the
+        # cache when a session ends) are then used up first.
+        for target in dict.fromkeys(run[0] for run in group):
+            if log.get(f"{target}/before") is None:
+                model, tokenizer = model_loader()
+                log.put(f"{target}/before", answer_metrics(model, tokenizer, data.targets[target][1],
+                                                           settings.max_length, CHOICES.get(target)))
+            key = f"{target}/{group[0][1]}/draw-{group[0][2]}"
+            if log.get(key) is None:
+                _log(f"select {key}")
+                log.put(key, selector(data, target, group[0][1], group[0][2], settings, cache, model_loader, log))
+        for target, method, draw, train_seed in group:
+            key = f"{target}/{method}/draw-{draw}"
+            run_key = f"{key}/train-{train_seed}"
+            if log.get(run_key) is None:
+                record = train(data, target, log.get(key)["selected_pool_row_ids"], train_seed, settings, cache,
+                               model_loader)
+                log.put(run_key, record)
+                change = record["answer_loss_after"] - log.get(f"{target}/before")["answer_loss"]
+                _log(f"{run_key}: answer loss change {change:+.4f} ({record['train_seconds']:.0f} s)")
     return log
 
 
