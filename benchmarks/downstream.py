@@ -464,7 +464,7 @@ def run_benchmark(data: BenchmarkData, settings: Settings, cache: Path, model_lo
     """Every missing selection (made by `selector`, with registry_or_control's arguments) and training run (a
     finished one is never redone), logged in `runs` (default cache/runs.json)."""
     log = RunLog(runs or cache / "runs.json", settings, registration or preregistered_commit())
-    for _, group in itertools.groupby(planned(settings), key=lambda run: run[1:3]):
+    for (method, draw), group in itertools.groupby(planned(settings), key=lambda run: run[1:3]):
         group = list(group)
         # A method's selections for every target before its training runs: the stores they need (lost with the
         # cache when a session ends) are then used up first.
@@ -473,11 +473,11 @@ def run_benchmark(data: BenchmarkData, settings: Settings, cache: Path, model_lo
                 model, tokenizer = model_loader()
                 log.put(f"{target}/before", answer_metrics(model, tokenizer, data.targets[target][1],
                                                            settings.max_length, CHOICES.get(target)))
-            key = f"{target}/{group[0][1]}/draw-{group[0][2]}"
+            key = f"{target}/{method}/draw-{draw}"
             if log.get(key) is None:
                 _log(f"select {key}")
-                log.put(key, selector(data, target, group[0][1], group[0][2], settings, cache, model_loader, log))
-        for target, method, draw, train_seed in group:
+                log.put(key, selector(data, target, method, draw, settings, cache, model_loader, log))
+        for target, _, _, train_seed in group:
             key = f"{target}/{method}/draw-{draw}"
             run_key = f"{key}/train-{train_seed}"
             if log.get(run_key) is None:
