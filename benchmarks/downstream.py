@@ -715,6 +715,9 @@ def main() -> int:
     parser.add_argument("--plot", type=Path, help="PNG with one panel per target (needs matplotlib)")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     parser.add_argument("--targets", nargs="+", choices=list(TARGETS), help="run (and report) only these targets")
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS),
+                        help="run (and report) only these methods, e.g. the ones that need no model-side store "
+                             "(random) when a session is too short for the next store (the control needs exact)")
     parser.add_argument("--report-only", action="store_true",
                         help="write the JSON / plot from the finished runs in --cache, running nothing")
     parser.add_argument("--allow-uncommitted", action="store_true",
@@ -724,7 +727,8 @@ def main() -> int:
     if not (args.data_dir / "pool.jsonl.gz").exists():
         print(f"skipped: {args.data_dir / 'pool.jsonl.gz'} not found")
         return 0
-    settings = Settings() if not args.targets else replace(Settings(), targets=tuple(args.targets))
+    settings = replace(Settings(), **{name: tuple(value) for name, value in
+                                      (("targets", args.targets), ("methods", args.methods)) if value})
     started = time.perf_counter()
     data, log = run_registered(args, settings, preregistered_commit(), load_data)
     result = report(data, log, settings, started)
