@@ -173,3 +173,12 @@ def lora_model(arch="llama", target_modules=ATTENTION, seed=0, dtype=torch.float
 def formatted_batch(tokenizer, rows=CHAT_ROWS):
     formatted = format_dataset(rows, tokenizer, show_progress=False).dataset
     return formatted, pad_batch(list(formatted), tokenizer.pad_token_id)
+
+
+def end_distributed_worker() -> None:
+    """Ends a torchrun test worker cleanly: every rank waits for the others, then the process group (and gloo's
+    threads) is torn down before the interpreter exits. Left to interpreter exit, a rank can abort with
+    "terminate called without an active exception" after its work is done, failing the run for no reason."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

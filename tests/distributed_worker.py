@@ -14,7 +14,7 @@ import os
 import sys
 
 import torch
-from hf_influence.testing import CHAT_ROWS, lora_model
+from hf_influence.testing import CHAT_ROWS, end_distributed_worker, lora_model
 
 from hf_influence.extraction.extract import extract_gradients, extract_jvp_embeddings, extract_sentence_embeddings
 from hf_influence.formatting import format_dataset
@@ -59,10 +59,7 @@ def main(stores: str, log_dir: str, kinds: str) -> None:
     if "sentence_embeddings" in kinds:
         extract_sentence_embeddings(ROWS, os.path.join(stores, "sentence_embeddings"), batch_size=SENTENCE_BATCH,
                                     show_progress=False)
-    # A clean exit: every rank done, then the process group (and its threads) torn down before the interpreter.
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    end_distributed_worker()
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from hf_influence.formatting import IGNORE_INDEX, format_dataset
 from hf_influence.artifacts.hub import push_score_table
 from hf_influence.engine import compute_scores
 from hf_influence.artifacts.scores import provenance_record
-from hf_influence.testing import tiny_causal_lm
+from hf_influence.testing import end_distributed_worker, tiny_causal_lm
 from hf_influence.trainer import InfluenceSFTTrainer
 from hf_influence.trainer_config import InfluenceSFTConfig
 
@@ -497,6 +497,7 @@ def distributed_worker(output: Path) -> None:
     record.update(weight_seen=trainer.rows_of_steps({0}), loss=trainer.state.log_history[0]["loss"])
     save_file(recorder.gradients[0], output / f"gradients{rank}.safetensors")
     (output / f"rank{rank}.json").write_text(json.dumps(record))
+    end_distributed_worker()
 
 
 if __name__ == "__main__":
