@@ -154,9 +154,9 @@ API_CASES = [
     ("model_init_kwargs with a model object", lambda m: _select(m, model_init_kwargs={"dtype": "float16"}),
      ValueError, "model is an object"),
     ("more JVP blocks than the model has", lambda m: _select(m, num_blocks=4), ValueError,
-     "num_blocks=4 exceeds the model's 2 blocks"),
+     "JVPConfig.num_blocks=4: the model has 2 decoder blocks"),
     ("more hidden-state blocks than the model has", lambda m: _select(m, landmark_features="hidden_state"),
-     ValueError, "InfluenceDistillationConfig.hidden_state_blocks=8 exceeds the model's 2 decoder blocks"),
+     ValueError, "InfluenceDistillationConfig.hidden_state_blocks=8: the model has 2 decoder blocks"),
     ("unknown hidden-state pooling", lambda m: _select(m, landmark_features="hidden_state", hidden_state_blocks=1,
                                                        hidden_state_pooling="max"), ValueError,
      "hidden_state_pooling"),
@@ -205,9 +205,9 @@ def test_too_many_jvp_blocks_are_refused_before_the_warm_up(model, monkeypatch):
         raise AssertionError("the warm-up ran before num_blocks was checked")
 
     monkeypatch.setattr(stores, "warmup", no_warm_up)
-    with pytest.raises(ValueError, match="num_blocks=4 exceeds the model's 2 blocks"):
+    with pytest.raises(ValueError, match="JVPConfig.num_blocks=4: the model has 2 decoder blocks"):
         _select(model, num_blocks=4)
-    with pytest.raises(ValueError, match="hidden_state_blocks=3 exceeds the model's 2 decoder blocks"):
+    with pytest.raises(ValueError, match="hidden_state_blocks=3: the model has 2 decoder blocks"):
         _select(model, landmark_features="hidden_state", hidden_state_blocks=3)
 
 

@@ -104,7 +104,7 @@ def test_lora_pattern_keeps_the_matching_slice_of_the_full_gradient():
     assert relative_error(tail.raw(batch), full.raw(batch)[:, columns]) <= 1e-10
     with pytest.raises(GradientError, match="matches no LoRA layer"):
         PerSampleGradients(model, GradientConfig(parameter_pattern="no_such_layer"))
-    with pytest.raises(GradientError, match="exceeds the model's 3 blocks"):
+    with pytest.raises(GradientError, match="GradientConfig.gradient_blocks=4: the model has 3 decoder blocks"):
         PerSampleGradients(model, GradientConfig(gradient_blocks=4))
 
 

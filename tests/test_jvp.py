@@ -73,7 +73,7 @@ def test_seed_determinism_and_eager_switch_is_undone():
 
 def test_bad_configuration():
     model, _ = tiny_causal_lm("llama", num_layers=2)
-    with pytest.raises(ValueError, match="exceeds the model's 2 blocks"):
+    with pytest.raises(ValueError, match="JVPConfig.num_blocks=3: the model has 2 decoder blocks"):
         JVPEmbedder(model, JVPConfig(num_blocks=3))
     with pytest.raises(ValueError, match="JVPConfig.num_blocks must be an integer >= 1, got 0"):
         JVPConfig(num_blocks=0)

@@ -172,9 +172,7 @@ def _lora_layers(model: nn.Module, pattern: str | None = None) -> list[TrackedLa
 
 def _in_blocks(layers: list[TrackedLayer], model: nn.Module, num_blocks: int) -> list[TrackedLayer]:
     """The layers that belong to the first `num_blocks` decoder blocks."""
-    blocks = _decoder_blocks(model)
-    if num_blocks > len(blocks):
-        raise GradientError(f"GradientConfig.gradient_blocks={num_blocks} exceeds the model's {len(blocks)} blocks.")
+    blocks = checked_blocks(model, num_blocks, "GradientConfig.gradient_blocks")
     kept = {id(module) for block in blocks[:num_blocks] for module in block.modules()}
     layers = [layer for layer in layers if id(layer.module) in kept]
     if not layers:
@@ -182,18 +180,19 @@ def _in_blocks(layers: list[TrackedLayer], model: nn.Module, num_blocks: int) ->
     return layers
 
 
-def _decoder_blocks(model: nn.Module) -> nn.ModuleList:
+def checked_blocks(model: nn.Module, num_blocks: int, option: str) -> nn.ModuleList:
+    """All decoder blocks of a Llama/Qwen2-style causal LM (PEFT-wrapped or not), once `num_blocks` is checked to
+    be 1 to their number: the one check behind every truncated pass (gradient_blocks, JVP num_blocks, hidden-state
+    blocks). `option` names the setting in the error, e.g. "JVPConfig.num_blocks"."""
     decoder, _ = causal_lm_parts(model)
     layers = getattr(decoder, "layers", None)
     if not isinstance(layers, nn.ModuleList):
-        raise GradientError(f"{type(decoder).__name__} has no `layers` ModuleList: a truncated model (gradient_blocks) "
-                            f"needs a Llama/Qwen2-style decoder.")
+        raise GradientError(f"{type(decoder).__name__} has no `layers` ModuleList: {option} (a truncated model) needs "
+                            f"a Llama/Qwen2-style decoder.")
+    if not 1 <= num_blocks <= len(layers):  # a silent whole model would pass for the truncated one
+        raise GradientError(f"{option}={num_blocks}: the model has {len(layers)} decoder blocks (use 1 to "
+                            f"{len(layers)}).")
     return layers
-
-
-def decoder_depth(model: nn.Module) -> int:
-    """The number of decoder blocks of a Llama/Qwen2-style causal LM (PEFT-wrapped or not)."""
-    return len(_decoder_blocks(model))
 
 
 @contextmanager
@@ -204,10 +203,7 @@ def first_blocks(model: nn.Module, num_blocks: int | None) -> Iterator[None]:
         yield
         return
     decoder, _ = causal_lm_parts(model)
-    layers = _decoder_blocks(model)
-    if not 1 <= num_blocks <= len(layers):  # a silent whole model would pass for the truncated one
-        raise GradientError(f"num_blocks={num_blocks}: the model has {len(layers)} decoder blocks (1 to "
-                            f"{len(layers)}, or None for all).")
+    layers = checked_blocks(model, num_blocks, "num_blocks")
     decoder.layers = nn.ModuleList(list(layers[:num_blocks]))
     try:
         yield

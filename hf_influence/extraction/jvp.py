@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jvp, vmap
 
 from ..formatting import IGNORE_INDEX
-from .gradients import causal_lm_parts
+from .gradients import causal_lm_parts, checked_blocks
 from .projection import derive_seed, make_projector
 from ..validation import check_fields
 
@@ -79,11 +79,7 @@ class JVPConfig:
 def truncated_decoder(model: nn.Module, num_blocks: int) -> nn.Module:
     """A view of the model's decoder with only its first `num_blocks` blocks (parameters shared, not copied)."""
     decoder, _ = causal_lm_parts(model)
-    layers = getattr(decoder, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise TypeError(f"{type(decoder).__name__} has no `layers` ModuleList: JVP embeddings need a Llama/Qwen2-style decoder.")
-    if num_blocks > len(layers):
-        raise ValueError(f"JVPConfig.num_blocks={num_blocks} exceeds the model's {len(layers)} blocks.")
+    layers = checked_blocks(model, num_blocks, "JVPConfig.num_blocks")
     truncated = copy.copy(decoder)
     # copy.copy shares the submodule dict; give the view its own before replacing `layers`.
     truncated._modules = dict(decoder._modules)

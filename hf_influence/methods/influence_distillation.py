@@ -17,8 +17,8 @@ from torch import Tensor
 
 from ..engine import Context, MethodOutput
 from ..extraction.extract import extract_hessian_products, target_hessian
-from ..extraction.gradients import GradientConfig, PerSampleGradients, decoder_depth
-from ..extraction.jvp import JVPConfig, truncated_decoder
+from ..extraction.gradients import GradientConfig, PerSampleGradients, checked_blocks
+from ..extraction.jvp import JVPConfig
 from ..selection.landmarks import LandmarkRegressor, first_order_scores, select_landmarks
 from ..optimizers import AffineStep
 from ..registry import register_method
@@ -112,10 +112,9 @@ def influence_distillation(context: Context) -> MethodOutput:
     config, n = context.method_config, len(context.pool)
     # A model too shallow for the features' blocks is refused before the warm-up runs.
     if set(config.landmark_features.split("+")) & {"jvp", "truncated_gradient"}:
-        truncated_decoder(context.model, context.configs[JVPConfig].num_blocks)
-    if config.landmark_features == "hidden_state" and config.hidden_state_blocks > decoder_depth(context.model):
-        raise ValueError(f"InfluenceDistillationConfig.hidden_state_blocks={config.hidden_state_blocks} exceeds the "
-                         f"model's {decoder_depth(context.model)} decoder blocks.")
+        checked_blocks(context.model, context.configs[JVPConfig].num_blocks, "JVPConfig.num_blocks")
+    if config.landmark_features == "hidden_state":
+        checked_blocks(context.model, config.hidden_state_blocks, "InfluenceDistillationConfig.hidden_state_blocks")
     plan = exact_gradient_plan(config, n, context.budget_rows)
     if plan.landmarks < 2:  # refused here, before the warm-up and feature passes it would otherwise waste
         remedy = ("use method='influence_distillation_exact' on a pool this small" if n < 2
