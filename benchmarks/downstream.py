@@ -434,7 +434,7 @@ def planned(settings: Settings) -> list[tuple[str, str, int, int]]:
     """(target, method, draw, training seed) of every run, in the order they are made: draw by draw (the draw's
     model-side stores serve every target before the next draw's are built), the methods of a draw in table order
     (METHODS: the control after the default and exact, whose records it reads), each method for every target
-    (`run_benchmark` makes a method's selections for all targets before its training runs)."""
+    (`run_benchmark` makes all of a draw's selections before its training runs)."""
     runs = []
     for draw in range(max(settings.method_table[m].draws for m in settings.methods)):
         for method in settings.methods:
@@ -464,11 +464,12 @@ def run_benchmark(data: BenchmarkData, settings: Settings, cache: Path, model_lo
     """Every missing selection (made by `selector`, with registry_or_control's arguments) and training run (a
     finished one is never redone), logged in `runs` (default cache/runs.json)."""
     log = RunLog(runs or cache / "runs.json", settings, registration or preregistered_commit())
-    for (method, draw), group in itertools.groupby(planned(settings), key=lambda run: run[1:3]):
+    for _, group in itertools.groupby(planned(settings), key=lambda run: run[2]):
         group = list(group)
-        # A method's selections for every target before its training runs: the stores they need (lost with the
-        # cache when a session ends) are then used up first.
-        for target in dict.fromkeys(run[0] for run in group):
+        # Every selection of a draw before any of its training runs: selections read the draw's pool stores (lost
+        # with the cache when a session ends), training runs only the runs log, so a session that ends among the
+        # training runs leaves none that needs the stores rebuilt.
+        for target, method, draw in dict.fromkeys(run[:3] for run in group):
             if log.get(f"{target}/before") is None:
                 model, tokenizer = model_loader()
                 log.put(f"{target}/before", answer_metrics(model, tokenizer, data.targets[target][1],
@@ -477,7 +478,7 @@ def run_benchmark(data: BenchmarkData, settings: Settings, cache: Path, model_lo
             if log.get(key) is None:
                 _log(f"select {key}")
                 log.put(key, selector(data, target, method, draw, settings, cache, model_loader, log))
-        for target, _, _, train_seed in group:
+        for target, method, draw, train_seed in group:
             key = f"{target}/{method}/draw-{draw}"
             run_key = f"{key}/train-{train_seed}"
             if log.get(run_key) is None:

@@ -277,6 +277,31 @@ def test_planned_runs_go_draw_by_draw_over_every_target():
                 first[(target, "control", draw)]
 
 
+def test_a_draws_selections_all_come_before_its_training_runs(tmp_path, monkeypatch):
+    """Selections read the draw's pool stores, which a session's end loses; training runs read only the runs log.
+    So every selection of a draw is made before any of its training runs, draw after draw, each run once."""
+    data, settings = _tiny_setup()
+    events = []
+
+    def selector(data, target, method, draw, *rest):
+        events.append(("select", draw))
+        return {"selected_pool_row_ids": [draw]}
+
+    def train(data, target, selected, train_seed, *rest):
+        events.append(("train", selected[0]))
+        return {"answer_loss_after": 0.5, "train_seconds": 0.0}
+
+    monkeypatch.setattr(downstream, "answer_metrics", lambda *args: {"answer_loss": 1.0})
+    monkeypatch.setattr(downstream, "train", train)
+    downstream.run_benchmark(data, settings, tmp_path, lambda: (None, None), REGISTRATION, selector=selector)
+    plan = downstream.planned(settings)
+    assert sorted(draw for kind, draw in events if kind == "train") == sorted(run[2] for run in plan)
+    assert len([e for e in events if e[0] == "select"]) == len({run[:3] for run in plan})
+    kinds_by_draw = [(draw, kind) for kind, draw in events]
+    assert kinds_by_draw == sorted(kinds_by_draw, key=lambda e: (e[0], e[1] == "train"))
+    assert {draw for draw, _ in kinds_by_draw} == {0, 1}
+
+
 @pytest.mark.skipif(not (DATA_DIR / "pool.jsonl.gz").exists(), reason="needs ../shared/data")
 def test_a_seeded_draw_of_the_target_file_is_load_targets_own_draw():
     from hf_influence import load_target
